@@ -1,0 +1,38 @@
+import type { FastifyInstance } from 'fastify';
+
+export default async function hostRoutes(app: FastifyInstance): Promise<void> {
+  app.get(
+    '/host',
+    {
+      schema: {
+        summary: 'This host: identity, qemu, accelerator, protocol versions',
+        tags: ['host'],
+        response: {
+          200: {
+            type: 'object',
+            required: ['uuid', 'hostname', 'qemuVersion', 'accelerator', 'protocolVersions'],
+            properties: {
+              uuid: { type: 'string', format: 'uuid' },
+              hostname: { type: 'string' },
+              qemuVersion: { type: 'string' },
+              qemuBinary: { type: 'string' },
+              accelerator: { type: 'string', enum: ['kvm', 'tcg'] },
+              kvmUsable: { type: 'boolean' },
+              protocolVersions: { type: 'array', items: { type: 'integer' } },
+              machineAliases: { type: 'object', additionalProperties: { type: 'string' } },
+              migrationAddress: { type: 'string' },
+              migrationPorts: { type: 'string' },
+              quarantined: {
+                type: 'array',
+                description: 'state files found corrupt at start and set aside',
+                items: { type: 'object', properties: { file: { type: 'string' }, movedTo: { type: 'string' }, reason: { type: 'string' } } },
+              },
+            },
+          },
+          401: { $ref: 'Error#' },
+        },
+      },
+    },
+    async () => app.agent.hostInfo(),
+  );
+}

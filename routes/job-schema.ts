@@ -1,0 +1,69 @@
+import { SOURCE_PHASES, DESTINATION_PHASES } from '../src/migration/phases.js';
+import { migrationOptionsSchema } from '../src/migration/params.js';
+
+const phases = [...new Set([...SOURCE_PHASES, ...DESTINATION_PHASES])];
+const errorObject = { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' } } } as const;
+
+export const jobSchema = {
+  $id: 'Job',
+  type: 'object',
+  required: ['id', 'role', 'domain', 'status', 'phase', 'createdAt'],
+  properties: {
+    id: { type: 'string', description: 'the migration id, the same on both agents' },
+    role: { type: 'string', enum: ['source', 'destination'] },
+    domain: { type: 'string' },
+    uuid: { type: 'string' },
+    status: { type: 'string', enum: ['running', 'completed', 'failed', 'cancelled'] },
+    phase: { type: 'string', enum: phases },
+    options: migrationOptionsSchema,
+    peer: {
+      type: 'object',
+      properties: { url: { type: 'string' }, hostUuid: { type: 'string' }, hostname: { type: 'string' } },
+    },
+    uri: { type: 'string', description: 'the stream URI (qemu syntax)' },
+    error: errorObject,
+    waiting: { type: 'string', description: 'why the job waits, when it does (e.g. the peer is unreachable)' },
+    createdAt: { type: 'string', format: 'date-time' },
+    updatedAt: { type: 'string', format: 'date-time' },
+    endedAt: { type: 'string', format: 'date-time' },
+    phaseHistory: {
+      type: 'array',
+      items: { type: 'object', properties: { phase: { type: 'string' }, at: { type: 'string', format: 'date-time' } } },
+    },
+    timings: {
+      type: 'object',
+      properties: {
+        totalMs: { type: 'integer' },
+        setupMs: { type: 'integer' },
+        qemuTotalMs: { type: 'integer' },
+        qemuDowntimeMs: { type: 'integer' },
+        qemuSetupMs: { type: 'integer' },
+        switchoverMs: { type: 'integer' },
+      },
+    },
+    stats: {
+      type: 'object',
+      properties: {
+        qemuStatus: { type: 'string' },
+        transferredBytes: { type: 'integer' },
+        remainingBytes: { type: 'integer' },
+        totalBytes: { type: 'integer' },
+        throughputBytesPerSec: { type: 'integer' },
+        dirtyPagesRate: { type: 'integer' },
+        iterations: { type: 'integer' },
+        expectedDowntimeMs: { type: 'integer' },
+        percent: { type: 'integer' },
+      },
+    },
+    finish: {
+      type: 'object',
+      properties: {
+        rc: { type: 'integer' },
+        attempts: { type: 'integer' },
+        outcome: { type: 'string', enum: ['finished', 'aborted'] },
+        lastError: { type: 'string' },
+      },
+    },
+    cancelRequested: { type: 'boolean' },
+  },
+} as const;

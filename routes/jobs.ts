@@ -1,0 +1,45 @@
+import type { FastifyInstance } from 'fastify';
+import { errorResponses } from './schemas.js';
+
+export default async function jobRoutes(app: FastifyInstance): Promise<void> {
+  const { migrations } = app.agent;
+  const idParams = { type: 'object', required: ['id'], properties: { id: { type: 'string', maxLength: 64 } } } as const;
+
+  app.get(
+    '/jobs',
+    {
+      schema: {
+        summary: 'Migration jobs of this agent (both roles)',
+        tags: ['jobs'],
+        response: { 200: { type: 'array', items: { $ref: 'Job#' } }, 401: { $ref: 'Error#' } },
+      },
+    },
+    async () => migrations.jobs.list().map((j) => j.record),
+  );
+
+  app.get<{ Params: { id: string } }>(
+    '/jobs/:id',
+    {
+      schema: {
+        summary: 'One migration job: phase, status, error, timings and live statistics',
+        tags: ['jobs'],
+        params: idParams,
+        response: { 200: { $ref: 'Job#' }, ...errorResponses },
+      },
+    },
+    async (req) => migrations.jobs.require(req.params.id).record,
+  );
+
+  app.post<{ Params: { id: string } }>(
+    '/jobs/:id/cancel',
+    {
+      schema: {
+        summary: 'Abort a running migration (source side); the guest keeps running on the source',
+        tags: ['jobs'],
+        params: idParams,
+        response: { 202: { $ref: 'Job#' }, ...errorResponses },
+      },
+    },
+    async (req, reply) => reply.code(202).send((await migrations.cancel(req.params.id)).record),
+  );
+}

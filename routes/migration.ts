@@ -1,0 +1,130 @@
+import type { FastifyInstance } from 'fastify';
+import { errorResponses } from './schemas.js';
+import { migrationOptionsSchema, DEFAULT_OPTIONS, type MigrationOptions } from '../src/migration/params.js';
+import type { Finish2Request, Prepare2Request } from '../src/migration/protocol.js';
+
+const migrationId = { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' } as const;
+const busy = { 503: { $ref: 'Error#' } } as const;
+
+type PerformBody = { domain: string; destination: string; migrationId?: string; desturi?: string } & Partial<MigrationOptions>;
+
+export default async function migrationRoutes(app: FastifyInstance): Promise<void> {
+  const { migrations } = app.agent;
+  // Long enough for any migration the caller chose to wait for; the job goes on regardless.
+  const WAIT_LIMIT_MS = 6 * 3600 * 1000;
+
+  app.post<{ Body: PerformBody; Querystring: { wait?: boolean } }>(
+    '/perform',
+    {
+      schema: {
+        summary: "Migrate a running domain to another agent (the caller's entry point, on the source)",
+        tags: ['migration'],
+        querystring: { type: 'object', properties: { wait: { type: 'boolean', default: false } } },
+        body: {
+          type: 'object',
+          required: ['domain', 'destination'],
+          additionalProperties: false,
+          properties: {
+            domain: { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' },
+            destination: { type: 'string', description: "the destination agent's base URL, e.g. http://hostB:7100" },
+            migrationId,
+            ...migrationOptionsSchema.properties,
+          },
+        },
+        response: {
+          200: { type: 'object', properties: { job: { $ref: 'Job#' } } },
+          202: { type: 'object', properties: { job: { $ref: 'Job#' } } },
+          ...errorResponses,
+          ...busy,
+        },
+      },
+    },
+    async (req, reply) => {
+      const { domain, destination, migrationId: id, desturi, ...flags } = req.body;
+      const job = await migrations.perform({ domain, destination, migrationId: id, desturi, options: flags });
+      if (!req.query.wait) return reply.code(202).send({ job: job.record });
+      return reply.code(200).send({ job: await migrations.jobs.waitForEnd(job, WAIT_LIMIT_MS) });
+    },
+  );
+
+  app.post<{ Body: Omit<Prepare2Request, 'options'> & { options?: Partial<MigrationOptions> } }>(
+    '/prepare2',
+    {
+      schema: {
+        summary: 'Protocol v2 step 1 (destination): start qemu waiting for the incoming stream; answers its URI',
+        tags: ['protocol'],
+        body: {
+          type: 'object',
+          required: ['protocolVersion', 'migrationId', 'xml', 'source'],
+          additionalProperties: false,
+          properties: {
+            protocolVersion: { type: 'integer', enum: [2] },
+            migrationId,
+            xml: { type: 'string' },
+            desturi: migrationOptionsSchema.properties.desturi,
+            options: migrationOptionsSchema,
+            source: {
+              type: 'object',
+              required: ['hostUuid'],
+              properties: { hostUuid: { type: 'string' }, hostname: { type: 'string' } },
+            },
+          },
+        },
+        response: {
+          200: {
+            type: 'object',
+            required: ['migrationId', 'uri'],
+            properties: {
+              migrationId: { type: 'string' },
+              uri: { type: 'string' },
+              destination: { type: 'object', properties: { hostUuid: { type: 'string' }, hostname: { type: 'string' } } },
+            },
+          },
+          ...errorResponses,
+          ...busy,
+        },
+      },
+    },
+    async (req) =>
+      migrations.prepare2({
+        ...req.body,
+        source: { hostUuid: req.body.source.hostUuid, hostname: req.body.source.hostname ?? '' },
+        options: { ...DEFAULT_OPTIONS, ...req.body.options },
+      }),
+  );
+
+  app.post<{ Body: Finish2Request }>(
+    '/finish2',
+    {
+      schema: {
+        summary: 'Protocol v2 step 3 (destination): always sent by the source with the Perform return code',
+        tags: ['protocol'],
+        body: {
+          type: 'object',
+          required: ['migrationId', 'rc'],
+          additionalProperties: false,
+          properties: {
+            migrationId,
+            rc: { type: 'integer' },
+            error: { type: 'string', maxLength: 4096 },
+            cancelled: { type: 'boolean' },
+          },
+        },
+        response: {
+          200: {
+            type: 'object',
+            required: ['migrationId', 'outcome'],
+            properties: {
+              migrationId: { type: 'string' },
+              outcome: { type: 'string', enum: ['finished', 'aborted'] },
+              state: { type: 'string' },
+              error: { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' } } },
+            },
+          },
+          ...errorResponses,
+        },
+      },
+    },
+    async (req) => migrations.finish2(req.body),
+  );
+}

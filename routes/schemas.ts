@@ -1,0 +1,50 @@
+/** Shared JSON schemas: registered once with addSchema so the OpenAPI document names them. */
+export const errorSchema = {
+  $id: 'Error',
+  type: 'object',
+  required: ['code', 'message'],
+  properties: {
+    code: { type: 'string', description: 'stable machine-readable error code' },
+    message: { type: 'string' },
+    element: { type: 'string', description: 'the domain XML element refused, when the error is about one' },
+    domain: { type: 'string' },
+    job: { type: 'string' },
+  },
+  additionalProperties: true,
+} as const;
+
+export const domainInfoSchema = {
+  $id: 'DomainInfo',
+  type: 'object',
+  required: ['name', 'uuid', 'state', 'persistent'],
+  properties: {
+    name: { type: 'string' },
+    uuid: { type: 'string', format: 'uuid' },
+    state: { type: 'string', enum: ['shutoff', 'running', 'paused', 'migrating', 'incoming'] },
+    reason: { type: 'string', description: 'why the domain is in this state (e.g. crashed, destroyed, migrated)' },
+    persistent: { type: 'boolean' },
+    memoryKiB: { type: 'integer' },
+    vcpus: { type: 'integer' },
+    machine: { type: 'string' },
+    pid: { type: 'integer' },
+    startedAt: { type: 'string', format: 'date-time' },
+    qemuStatus: { type: 'string', description: 'the run state qemu reports over QMP (query-status)' },
+    job: {
+      type: 'object',
+      properties: { id: { type: 'string' }, role: { type: 'string', enum: ['source', 'destination'] } },
+    },
+  },
+} as const;
+
+export const errorResponses = {
+  400: { $ref: 'Error#' },
+  401: { $ref: 'Error#' },
+  404: { $ref: 'Error#' },
+  409: { $ref: 'Error#' },
+} as const;
+
+export const domainNameParams = {
+  type: 'object',
+  required: ['name'],
+  properties: { name: { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' } },
+} as const;

@@ -1,0 +1,157 @@
+import os from 'node:os';
+import { timingSafeEqual } from 'node:crypto';
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import swagger from '@fastify/swagger';
+import { AgentError } from '../errors.js';
+import { validateConfig, type AgentConfig } from '../config.js';
+import { StateStore } from '../store/state-store.js';
+import { probeQemu, kvmUsable, resolveAccel, type QemuHostInfo } from '../qemu/host.js';
+import { DomainManager } from './domain-manager.js';
+import { MigrationService } from '../migration/service.js';
+import { PROTOCOL_VERSIONS } from '../migration/phases.js';
+import { domainInfoSchema, errorSchema } from '../../routes/schemas.js';
+import healthRoutes from '../../routes/health.js';
+import hostRoutes from '../../routes/host.js';
+import domainRoutes from '../../routes/domains.js';
+import migrationRoutes from '../../routes/migration.js';
+import jobRoutes from '../../routes/jobs.js';
+import documentationRoutes from '../../routes/documentation.js';
+import { jobSchema } from '../../routes/job-schema.js';
+import { version } from './version.js';
+
+export interface HostInfo {
+  uuid: string;
+  hostname: string;
+  qemuVersion: string;
+  qemuBinary: string;
+  accelerator: 'kvm' | 'tcg';
+  kvmUsable: boolean;
+  protocolVersions: number[];
+  machineAliases: Record<string, string>;
+  migrationAddress: string;
+  migrationPorts: string;
+  quarantined: StateStore['quarantined'];
+}
+
+/** What the routes reach through `app.agent`. */
+export interface AgentContext {
+  config: AgentConfig;
+  store: StateStore;
+  qemu: QemuHostInfo;
+  domains: DomainManager;
+  migrations: MigrationService;
+  hostInfo(): HostInfo;
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    agent: AgentContext;
+  }
+  interface FastifyContextConfig {
+    /** Route served without the bearer token (only /health). */
+    public?: boolean;
+  }
+}
+
+function tokenMatches(header: string | undefined, token: string): boolean {
+  const presented = /^Bearer (.+)$/.exec(header ?? '')?.[1];
+  if (!presented) return false;
+  const a = Buffer.from(presented);
+  const b = Buffer.from(token);
+  return a.length === b.length && timingSafeEqual(a, b);
+}
+
+/**
+ * Build an agent: state store, qemu probe, domain manager, migration service and the HTTP app.
+ * Nothing listens until the caller says so (tests listen on port 0). Closing the app closes
+ * QMP connections but never ends a guest: guests outlive their agent.
+ */
+export async function buildAgent(
+  rawConfig: AgentConfig,
+  opts: { logger?: FastifyServerOptions['logger'] } = {},
+): Promise<FastifyInstance> {
+  const config = validateConfig(rawConfig);
+  const app = Fastify({
+    logger: opts.logger ?? false,
+    bodyLimit: config.bodyLimitBytes,
+    // Job and domain routes answer in milliseconds; a long ?wait=true Perform is the exception.
+    connectionTimeout: 0,
+  });
+
+  const store = new StateStore(config.stateDir);
+  await store.init();
+  const identity = await store.hostIdentity();
+  const qemu = await probeQemu(config.qemuBinary);
+  const accel = resolveAccel(config.accel, qemu.kvmUsable && kvmUsable());
+  const domains = new DomainManager({ store, qemu, accel, allowPaths: config.allowPaths, log: app.log });
+  await domains.init();
+  const hostInfo = (): HostInfo => ({
+    uuid: identity.uuid,
+    hostname: os.hostname(),
+    qemuVersion: qemu.version,
+    qemuBinary: qemu.binary,
+    accelerator: accel,
+    kvmUsable: qemu.kvmUsable,
+    protocolVersions: [...PROTOCOL_VERSIONS],
+    machineAliases: qemu.machineAliases,
+    migrationAddress: config.migrationAddress,
+    migrationPorts: `${config.migrationPorts.low}-${config.migrationPorts.high}`,
+    quarantined: store.quarantined,
+  });
+  const migrations = new MigrationService({ config, store, domains, hostInfo, log: app.log });
+  await migrations.init();
+  app.decorate('agent', { config, store, qemu, domains, migrations, hostInfo });
+
+  app.addContentTypeParser(['application/xml', 'text/xml'], { parseAs: 'string' }, (_req, body, done) => done(null, body));
+
+  app.addHook('onRequest', async (req, reply) => {
+    if (!config.token || req.routeOptions.config.public) return;
+    if (!tokenMatches(req.headers.authorization, config.token)) {
+      reply.header('www-authenticate', 'Bearer');
+      throw new AgentError(401, 'unauthorized', 'a valid bearer token is required');
+    }
+  });
+
+  app.setErrorHandler((err: Error & { statusCode?: number; code?: string; validation?: unknown }, req, reply) => {
+    if (err instanceof AgentError) {
+      const retryAfter = err.details.retryAfterSeconds;
+      if (typeof retryAfter === 'number') reply.header('retry-after', String(retryAfter));
+      return reply.code(err.statusCode).send({ code: err.code, message: err.message, ...err.details });
+    }
+    if (err.validation) return reply.code(400).send({ code: 'invalid_request', message: err.message });
+    const status = err.statusCode ?? 500;
+    if (status >= 500) req.log.error({ err }, 'request failed');
+    const code =
+      status === 413 ? 'body_too_large' : status === 415 ? 'unsupported_media_type' : status < 500 ? 'invalid_request' : 'internal';
+    return reply.code(status).send({ code, message: err.message });
+  });
+  app.setNotFoundHandler((req, reply) => reply.code(404).send({ code: 'route_not_found', message: `no route ${req.method} ${req.url}` }));
+
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.0.3',
+      info: {
+        title: 'kvm-migrate agent',
+        version,
+        description: 'Per-host agent: runs qemu guests from libvirt-style domain XML and live-migrates them (protocol version 2).',
+      },
+      components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
+      security: [{ bearer: [] }],
+    },
+  });
+  app.addSchema(errorSchema);
+  app.addSchema(domainInfoSchema);
+  app.addSchema(jobSchema);
+  await app.register(healthRoutes);
+  await app.register(hostRoutes);
+  await app.register(domainRoutes);
+  await app.register(migrationRoutes);
+  await app.register(jobRoutes);
+  await app.register(documentationRoutes);
+
+  app.addHook('onClose', async () => {
+    await migrations.close();
+    await domains.close();
+  });
+  return app;
+}

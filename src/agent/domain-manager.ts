@@ -1,0 +1,466 @@
+import { EventEmitter } from 'node:events';
+import path from 'node:path';
+import type { FastifyBaseLogger } from 'fastify';
+import { AgentError, conflict, notFound } from '../errors.js';
+import {
+  buildArgv,
+  domainFileRefs,
+  normalizeDomainXml,
+  parseDomainXml,
+  type DomainDef,
+  type HostSettings,
+} from '../domain/index.js';
+import { QmpClient } from '../qemu/qmp.js';
+import { attachQemu, killQemu, launchQemu, waitForExit, type QemuProcessRecord } from '../qemu/process.js';
+import type { QemuHostInfo } from '../qemu/host.js';
+import { StateStore, isObject } from '../store/state-store.js';
+import { checkAllowedPaths } from './paths.js';
+import { KeyedMutex } from './lock.js';
+
+export type DomainState = 'shutoff' | 'running' | 'paused' | 'migrating' | 'incoming';
+/** Why a domain is not running (libvirt keeps a reason beside each state for the same purpose). */
+export type ShutoffReason = 'defined' | 'shutdown' | 'destroyed' | 'crashed' | 'migrated' | 'failed' | 'unknown';
+
+export interface RunningQemu {
+  record: QemuProcessRecord;
+  qmp: QmpClient;
+  startedAt: string;
+  /** Started with -incoming defer and not yet handed over by a finished migration. */
+  incoming: boolean;
+  migrationId?: string;
+  /** Set before the agent ends the qemu itself, so the exit is not mistaken for a crash. */
+  expectedExit?: ShutoffReason;
+  guestShutdown: boolean;
+}
+
+export interface DomainEntry {
+  name: string;
+  uuid: string;
+  xml: string;
+  def: DomainDef;
+  /** A transient domain (an incoming one not asked to persist) has no stored definition and vanishes when it stops. */
+  persistent: boolean;
+  run?: RunningQemu;
+  lastExit?: { reason: ShutoffReason; at: string; detail?: string };
+  /** The migration job that owns this domain now, if any: lifecycle calls are refused meanwhile. */
+  activeJob?: { id: string; role: 'source' | 'destination' };
+}
+
+/** What must survive an agent restart to find a running qemu again. */
+interface RuntimeRecord {
+  name: string;
+  uuid: string;
+  xml: string;
+  persistent: boolean;
+  incoming: boolean;
+  migrationId?: string;
+  startedAt: string;
+  process: QemuProcessRecord;
+}
+
+export interface DomainInfo {
+  name: string;
+  uuid: string;
+  state: DomainState;
+  reason?: string;
+  persistent: boolean;
+  memoryKiB: number;
+  vcpus: number;
+  machine: string;
+  pid?: number;
+  startedAt?: string;
+  qemuStatus?: string;
+  job?: { id: string; role: 'source' | 'destination' };
+}
+
+const QMP_STATUS_TO_STATE: Record<string, DomainState> = {
+  running: 'running',
+  inmigrate: 'incoming',
+  'finish-migrate': 'migrating',
+};
+
+export interface DomainManagerOptions {
+  store: StateStore;
+  qemu: QemuHostInfo;
+  accel: 'kvm' | 'tcg';
+  allowPaths: string[];
+  log: FastifyBaseLogger;
+}
+
+/**
+ * Owns this host's domains: their definitions, their qemu processes and the QMP connection to
+ * each. One lifecycle operation at a time per domain (KeyedMutex); every state change is on
+ * disk before it is acted upon, so a restarted agent finds its guests again.
+ */
+export class DomainManager extends EventEmitter {
+  private readonly domains = new Map<string, DomainEntry>();
+  private readonly mutex = new KeyedMutex();
+  private readonly opts: DomainManagerOptions;
+  /** Set while the agent shuts down: QMP connections close but the guests go on running. */
+  private detaching = false;
+
+  constructor(opts: DomainManagerOptions) {
+    super();
+    this.opts = opts;
+  }
+
+  get store(): StateStore {
+    return this.opts.store;
+  }
+
+  /** Load definitions, then re-attach to every qemu that still runs; the rest are shut off. */
+  async init(): Promise<void> {
+    const { store, log } = this.opts;
+    for (const { name, xml, file } of await store.loadDefinitions()) {
+      try {
+        const def = parseDomainXml(xml);
+        if (def.name !== name) throw new Error(`file name says ${name}, XML says ${def.name}`);
+        this.domains.set(name, { name, uuid: def.uuid, xml, def, persistent: true, lastExit: { reason: 'defined', at: new Date().toISOString() } });
+      } catch (err) {
+        log.error({ file, err }, 'stored definition is unreadable; set aside');
+        await store.quarantine(file, (err as Error).message);
+      }
+    }
+    const records = await store.loadRecords<RuntimeRecord>('runtime', isRuntimeRecord);
+    for (const { id, value: rec } of records) {
+      const qmp = await attachQemu(rec.process).catch((err: unknown) => {
+        log.warn({ err, domain: rec.name }, 're-attach failed');
+        return null;
+      });
+      if (!qmp) {
+        log.warn({ domain: rec.name, pid: rec.process.pid }, 'qemu of a running domain is gone; marked shut off');
+        await store.removeRecord('runtime', id);
+        const entry = this.domains.get(rec.name);
+        if (entry) entry.lastExit = { reason: 'unknown', at: new Date().toISOString(), detail: 'qemu ended while the agent was down' };
+        continue;
+      }
+      let entry = this.domains.get(rec.name);
+      if (!entry || entry.uuid !== rec.uuid) {
+        entry = { name: rec.name, uuid: rec.uuid, xml: rec.xml, def: parseDomainXml(rec.xml), persistent: rec.persistent };
+        this.domains.set(rec.name, entry);
+      }
+      this.watch(entry, {
+        record: rec.process,
+        qmp,
+        startedAt: rec.startedAt,
+        incoming: rec.incoming,
+        migrationId: rec.migrationId,
+        guestShutdown: false,
+      });
+      log.info({ domain: rec.name, pid: rec.process.pid }, 're-attached to running qemu');
+    }
+  }
+
+  list(): DomainEntry[] {
+    return [...this.domains.values()].sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  get(name: string): DomainEntry {
+    const entry = this.domains.get(name);
+    if (!entry) throw notFound('domain_not_found', `no domain named ${name}`, { domain: name });
+    return entry;
+  }
+
+  find(name: string): DomainEntry | undefined {
+    return this.domains.get(name);
+  }
+
+  /** Run `fn` with the domain's lifecycle lock held. */
+  withLock<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    return this.mutex.run(name, fn);
+  }
+
+  hostSettings(uuid: string): HostSettings {
+    const run = this.opts.store.dir('run');
+    return {
+      qemuBinary: this.opts.qemu.binary,
+      accel: this.opts.accel,
+      qmpSocketPath: path.join(run, `${uuid}.qmp`),
+      pidfilePath: path.join(run, `${uuid}.pid`),
+    };
+  }
+
+  /** Parse, normalize (machine alias, MACs, uuid) and check paths: the same for define and Prepare2. */
+  async validate(xml: string): Promise<{ xml: string; def: DomainDef }> {
+    const { qemu } = this.opts;
+    const normalized = normalizeDomainXml(xml, {
+      machineAliases: qemu.machineAliases,
+      knownMachines: qemu.knownMachines,
+      randomBytes: (n) => Buffer.from(crypto.getRandomValues(new Uint8Array(n))),
+    });
+    await checkAllowedPaths(domainFileRefs(normalized.def), [...this.opts.allowPaths, this.opts.store.dir('run')]);
+    // Build once now so that an argv-level refusal surfaces at define time, not at start.
+    buildArgv(normalized.def, this.hostSettings(normalized.def.uuid));
+    return normalized;
+  }
+
+  async define(xml: string): Promise<DomainEntry> {
+    const { xml: normalized, def } = await this.validate(xml);
+    return this.withLock(def.name, async () => {
+      for (const other of this.domains.values()) {
+        if (other.uuid === def.uuid && other.name !== def.name) {
+          throw conflict('uuid_in_use', `uuid ${def.uuid} already belongs to domain ${other.name}`, { domain: other.name });
+        }
+      }
+      const existing = this.domains.get(def.name);
+      if (existing && existing.uuid !== def.uuid) {
+        throw conflict('domain_exists', `domain ${def.name} already exists with uuid ${existing.uuid}`, { domain: def.name });
+      }
+      if (existing?.run || existing?.activeJob) {
+        throw conflict('domain_active', `domain ${def.name} is active; shut it down before redefining it`, { domain: def.name });
+      }
+      await this.opts.store.saveDefinition(def.name, normalized);
+      const entry: DomainEntry = { name: def.name, uuid: def.uuid, xml: normalized, def, persistent: true, lastExit: existing?.lastExit ?? { reason: 'defined', at: new Date().toISOString() } };
+      this.domains.set(def.name, entry);
+      return entry;
+    });
+  }
+
+  async undefine(name: string): Promise<void> {
+    await this.withLock(name, async () => {
+      const entry = this.get(name);
+      this.refuseWhileBusy(entry, 'undefine');
+      if (entry.run) throw conflict('domain_active', `domain ${name} is running; destroy or shut it down first`, { domain: name });
+      await this.opts.store.removeDefinition(name);
+      this.domains.delete(name);
+    });
+  }
+
+  async start(name: string): Promise<DomainEntry> {
+    return this.withLock(name, async () => {
+      const entry = this.get(name);
+      this.refuseWhileBusy(entry, 'start');
+      if (entry.run) throw conflict('domain_active', `domain ${name} is already running`, { domain: name });
+      await checkAllowedPaths(domainFileRefs(entry.def), [...this.opts.allowPaths, this.opts.store.dir('run')]);
+      const run = await this.launch(entry, { incoming: false });
+      await this.applyBalloonTarget(entry, run.qmp);
+      await run.qmp.execute('cont');
+      return entry;
+    });
+  }
+
+  /** Ask the guest to power off (ACPI); the state changes when the guest actually stops. */
+  async shutdown(name: string): Promise<DomainEntry> {
+    return this.withLock(name, async () => {
+      const entry = this.get(name);
+      this.refuseWhileBusy(entry, 'shutdown');
+      const run = this.requireRunning(entry);
+      await run.qmp.execute('system_powerdown');
+      return entry;
+    });
+  }
+
+  /** Pause the guest's vCPUs (libvirt's suspend); a paused arrival is resumed the same way. */
+  async suspend(name: string): Promise<DomainEntry> {
+    return this.withLock(name, async () => {
+      const entry = this.get(name);
+      this.refuseWhileBusy(entry, 'suspend');
+      await this.requireRunning(entry).qmp.execute('stop');
+      return entry;
+    });
+  }
+
+  async resume(name: string): Promise<DomainEntry> {
+    return this.withLock(name, async () => {
+      const entry = this.get(name);
+      this.refuseWhileBusy(entry, 'resume');
+      await this.requireRunning(entry).qmp.execute('cont');
+      return entry;
+    });
+  }
+
+  async destroy(name: string): Promise<DomainEntry> {
+    return this.withLock(name, async () => {
+      const entry = this.get(name);
+      this.refuseWhileBusy(entry, 'destroy');
+      this.requireRunning(entry);
+      await this.stopQemu(entry, 'destroyed');
+      return entry;
+    });
+  }
+
+  /**
+   * Start qemu for `entry` (paused, -S; with -incoming defer when asked). The runtime record is
+   * written as soon as the pid is known, so a restarted agent can find the process again.
+   */
+  async launch(entry: DomainEntry, opts: { incoming: boolean; migrationId?: string }): Promise<RunningQemu> {
+    const host = this.hostSettings(entry.uuid);
+    const argv = buildArgv(entry.def, host, { incoming: opts.incoming });
+    const { record, qmp } = await launchQemu({
+      binary: host.qemuBinary,
+      argv,
+      logPath: path.join(this.opts.store.dir('logs'), `${entry.name}.log`),
+      pidfilePath: host.pidfilePath,
+      qmpSocketPath: host.qmpSocketPath,
+    });
+    const run: RunningQemu = {
+      record,
+      qmp,
+      startedAt: new Date().toISOString(),
+      incoming: opts.incoming,
+      migrationId: opts.migrationId,
+      guestShutdown: false,
+    };
+    try {
+      await this.saveRuntime(entry, run);
+    } catch (err) {
+      await killQemu(record, { qmp, graceMs: 1000 });
+      throw err;
+    }
+    this.watch(entry, run);
+    return run;
+  }
+
+  async saveRuntime(entry: DomainEntry, run: RunningQemu): Promise<void> {
+    const rec: RuntimeRecord = {
+      name: entry.name,
+      uuid: entry.uuid,
+      xml: entry.xml,
+      persistent: entry.persistent,
+      incoming: run.incoming,
+      migrationId: run.migrationId,
+      startedAt: run.startedAt,
+      process: run.record,
+    };
+    await this.opts.store.saveRecord('runtime', entry.name, rec);
+  }
+
+  /** End the domain's qemu (by pid) and wait until it is gone and its exit is recorded. */
+  async stopQemu(entry: DomainEntry, reason: ShutoffReason): Promise<void> {
+    const run = entry.run;
+    if (!run) return;
+    run.expectedExit = reason;
+    const exited = new Promise<void>((resolve) => {
+      const onExit = (name: string) => {
+        if (name === entry.name) {
+          this.off('exit', onExit);
+          resolve();
+        }
+      };
+      this.on('exit', onExit);
+    });
+    await killQemu(run.record, { qmp: run.qmp, graceMs: 3000 });
+    await run.qmp.close();
+    await exited;
+  }
+
+  /** Add a transient domain (an incoming migration); it becomes persistent only when asked. */
+  addTransient(xml: string, def: DomainDef): DomainEntry {
+    const entry: DomainEntry = { name: def.name, uuid: def.uuid, xml, def, persistent: false };
+    this.domains.set(def.name, entry);
+    return entry;
+  }
+
+  async makePersistent(entry: DomainEntry): Promise<void> {
+    await this.opts.store.saveDefinition(entry.name, entry.xml);
+    entry.persistent = true;
+    if (entry.run) await this.saveRuntime(entry, entry.run);
+  }
+
+  /** Forget a domain that is not running (transient after it stopped, or undefine after migrating away). */
+  async forget(entry: DomainEntry, removeDefinition: boolean): Promise<void> {
+    if (entry.run) throw new AgentError(500, 'internal', `forget of running domain ${entry.name}`);
+    if (removeDefinition && entry.persistent) await this.opts.store.removeDefinition(entry.name);
+    if (this.domains.get(entry.name) === entry) this.domains.delete(entry.name);
+  }
+
+  async info(entry: DomainEntry): Promise<DomainInfo> {
+    const base = {
+      name: entry.name,
+      uuid: entry.uuid,
+      persistent: entry.persistent,
+      memoryKiB: entry.def.memoryKiB,
+      vcpus: entry.def.vcpus,
+      machine: entry.def.machine,
+      ...(entry.activeJob ? { job: entry.activeJob } : {}),
+    };
+    const run = entry.run;
+    if (!run) return { ...base, state: 'shutoff', reason: entry.lastExit?.reason ?? 'unknown' };
+    let qemuStatus: string | undefined;
+    try {
+      qemuStatus = (await run.qmp.execute<{ status: string }>('query-status', {}, { timeoutMs: 3000 })).status;
+    } catch {
+      qemuStatus = undefined;
+    }
+    let state: DomainState;
+    if (entry.activeJob?.role === 'source') state = 'migrating';
+    else if (run.incoming) state = 'incoming';
+    else state = (qemuStatus && QMP_STATUS_TO_STATE[qemuStatus]) || (qemuStatus ? 'paused' : 'running');
+    const reason = state === 'paused' ? qemuStatus : undefined;
+    return { ...base, state, ...(reason ? { reason } : {}), pid: run.record.pid, startedAt: run.startedAt, ...(qemuStatus ? { qemuStatus } : {}) };
+  }
+
+  requireRunning(entry: DomainEntry): RunningQemu {
+    if (!entry.run) throw conflict('domain_not_running', `domain ${entry.name} is not running`, { domain: entry.name });
+    return entry.run;
+  }
+
+  private refuseWhileBusy(entry: DomainEntry, action: string): void {
+    if (entry.activeJob) {
+      throw conflict('domain_busy', `cannot ${action} domain ${entry.name}: migration job ${entry.activeJob.id} owns it`, {
+        domain: entry.name,
+        job: entry.activeJob.id,
+      });
+    }
+  }
+
+  private async applyBalloonTarget(entry: DomainEntry, qmp: QmpClient): Promise<void> {
+    if (entry.def.currentMemoryKiB < entry.def.memoryKiB && entry.def.memballoon) {
+      await qmp.execute('balloon', { value: entry.def.currentMemoryKiB * 1024 });
+    }
+  }
+
+  /** Follow one qemu until its QMP connection closes; then record why it ended. */
+  private watch(entry: DomainEntry, run: RunningQemu): void {
+    entry.run = run;
+    run.qmp.onEvent((e) => {
+      if (e.event === 'SHUTDOWN' && e.data.guest === true) run.guestShutdown = true;
+    });
+    void run.qmp.closed.then(() => this.onQmpClosed(entry, run));
+  }
+
+  /** Close every QMP connection without ending any guest (agent shutdown). */
+  async close(): Promise<void> {
+    this.detaching = true;
+    await Promise.all(this.list().map((entry) => entry.run?.qmp.close()));
+  }
+
+  private async onQmpClosed(entry: DomainEntry, run: RunningQemu): Promise<void> {
+    if (entry.run !== run || this.detaching) return;
+    const { log } = this.opts;
+    // The socket closes a moment before the process is reaped. A qemu that is still alive lost
+    // only its monitor connection: attach again rather than lose the guest.
+    if (!(await waitForExit(run.record, 3000))) {
+      const qmp = await attachQemu(run.record).catch(() => null);
+      if (qmp) {
+        log.warn({ domain: entry.name, pid: run.record.pid }, 'QMP connection lost; re-attached');
+        this.watch(entry, { ...run, qmp });
+        return;
+      }
+      log.error({ domain: entry.name, pid: run.record.pid }, 'qemu alive but unreachable over QMP; ending it');
+      await killQemu(run.record, { graceMs: 2000 });
+    }
+    const reason: ShutoffReason = run.expectedExit ?? (run.guestShutdown ? 'shutdown' : 'crashed');
+    entry.run = undefined;
+    entry.lastExit = { reason, at: new Date().toISOString() };
+    try {
+      await this.opts.store.removeRecord('runtime', entry.name);
+    } catch (err) {
+      log.error({ err, domain: entry.name }, 'could not remove runtime record');
+    }
+    if (!entry.persistent && !entry.activeJob && this.domains.get(entry.name) === entry) this.domains.delete(entry.name);
+    log.info({ domain: entry.name, reason, pid: run.record.pid }, 'qemu ended');
+    this.emit('exit', entry.name, reason);
+  }
+}
+
+function isRuntimeRecord(v: unknown): boolean {
+  return (
+    isObject(v) &&
+    typeof v.name === 'string' &&
+    typeof v.uuid === 'string' &&
+    typeof v.xml === 'string' &&
+    isObject(v.process) &&
+    typeof v.process.pid === 'number'
+  );
+}

@@ -1,0 +1,25 @@
+import { buildAgent } from './app.js';
+import { DEFAULTS } from '../config.js';
+
+/** The OpenAPI document as served at /documentation/json, rendered stably for committing. */
+export async function openapiDocument(scratchStateDir: string): Promise<string> {
+  const app = await buildAgent({
+    listenHost: '127.0.0.1',
+    listenPort: 0,
+    stateDir: scratchStateDir,
+    migrationAddress: '127.0.0.1',
+    migrationPorts: { low: 49152, high: 49215 },
+    allowPaths: [scratchStateDir],
+    accel: 'tcg',
+    incomingTimeoutSeconds: DEFAULTS.incomingTimeoutSeconds,
+    bodyLimitBytes: DEFAULTS.bodyLimitBytes,
+    maxIncoming: DEFAULTS.maxIncoming,
+    maxOutgoing: DEFAULTS.maxOutgoing,
+  });
+  try {
+    await app.ready();
+    return JSON.stringify(app.swagger(), null, 2) + '\n';
+  } finally {
+    await app.close();
+  }
+}

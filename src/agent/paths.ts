@@ -1,0 +1,54 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { DomainXmlError } from '../errors.js';
+import type { FileRef } from '../domain/index.js';
+
+function isBelow(root: string, candidate: string): boolean {
+  const rel = path.relative(root, candidate);
+  return rel === '' || (!rel.startsWith('..') && !path.isAbsolute(rel));
+}
+
+/** realpath of the longest existing prefix, with the missing rest appended (a log file not yet created). */
+async function resolveExisting(p: string): Promise<string> {
+  const missing: string[] = [];
+  let current = path.resolve(p);
+  for (;;) {
+    try {
+      return path.join(await fs.realpath(current), ...missing.reverse());
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      const parent = path.dirname(current);
+      if (parent === current) throw err;
+      missing.push(path.basename(current));
+      current = parent;
+    }
+  }
+}
+
+/**
+ * Every host path a guest touches must lie below an --allow-path root once symlinks and `..`
+ * are resolved, so domain XML cannot make qemu read or write arbitrary host files.
+ */
+export async function checkAllowedPaths(refs: FileRef[], allowRoots: string[]): Promise<void> {
+  const roots = await Promise.all(allowRoots.map((r) => resolveExisting(r)));
+  for (const ref of refs) {
+    if (!path.isAbsolute(ref.path)) {
+      throw new DomainXmlError('path_not_absolute', ref.element, `${ref.kind} path must be absolute: ${ref.path}`);
+    }
+    const resolved = await resolveExisting(ref.path);
+    if (!roots.some((root) => isBelow(root, resolved))) {
+      throw new DomainXmlError(
+        'path_not_allowed',
+        ref.element,
+        `${ref.kind} path ${ref.path} (resolved ${resolved}) is not below any --allow-path root`,
+      );
+    }
+    if (ref.mustExist) {
+      try {
+        await fs.access(resolved);
+      } catch {
+        throw new DomainXmlError('path_not_found', ref.element, `${ref.kind} path ${ref.path} does not exist`);
+      }
+    }
+  }
+}

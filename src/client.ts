@@ -1,0 +1,79 @@
+import { request } from 'undici';
+import type { JobRecord } from './migration/jobs.js';
+import type { DomainInfo } from './agent/domain-manager.js';
+
+export class AgentHttpError extends Error {
+  readonly status: number;
+  readonly code: string;
+  readonly body: Record<string, unknown>;
+  constructor(status: number, body: Record<string, unknown>, what: string) {
+    super(`${what}: ${status} ${String(body.code ?? '')} ${String(body.message ?? '')}`.trim());
+    this.status = status;
+    this.code = String(body.code ?? 'unknown');
+    this.body = body;
+  }
+}
+
+/** A small typed client for one agent: what the CLI, the demo and the tests speak. */
+export class AgentClient {
+  readonly baseUrl: string;
+  private readonly token?: string;
+
+  constructor(baseUrl: string, token?: string) {
+    this.baseUrl = baseUrl.replace(/\/+$/, '');
+    this.token = token;
+  }
+
+  async call<T>(method: string, path: string, body?: unknown, contentType = 'application/json'): Promise<T> {
+    const res = await request(this.baseUrl + path, {
+      method: method as 'GET',
+      headers: {
+        ...(body !== undefined ? { 'content-type': contentType } : {}),
+        ...(this.token ? { authorization: `Bearer ${this.token}` } : {}),
+      },
+      body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
+      headersTimeout: 0,
+      bodyTimeout: 0,
+    });
+    const text = await res.body.text();
+    const parsed = text && res.headers['content-type']?.toString().includes('json') ? JSON.parse(text) : text;
+    if (res.statusCode >= 400) {
+      throw new AgentHttpError(res.statusCode, typeof parsed === 'object' ? parsed : { message: parsed }, `${method} ${path}`);
+    }
+    return parsed as T;
+  }
+
+  host() {
+    return this.call<{ uuid: string; accelerator: string; qemuVersion: string; hostname: string }>('GET', '/host');
+  }
+  define(xml: string) {
+    return this.call<DomainInfo>('POST', '/domains', xml, 'application/xml');
+  }
+  domains() {
+    return this.call<DomainInfo[]>('GET', '/domains');
+  }
+  domain(name: string) {
+    return this.call<DomainInfo>('GET', `/domains/${encodeURIComponent(name)}`);
+  }
+  xml(name: string) {
+    return this.call<string>('GET', `/domains/${encodeURIComponent(name)}/xml`);
+  }
+  lifecycle(name: string, verb: 'start' | 'shutdown' | 'destroy' | 'suspend' | 'resume') {
+    return this.call<DomainInfo>('POST', `/domains/${encodeURIComponent(name)}/${verb}`);
+  }
+  undefine(name: string) {
+    return this.call<string>('DELETE', `/domains/${encodeURIComponent(name)}`);
+  }
+  perform(body: Record<string, unknown>, wait = false) {
+    return this.call<{ job: JobRecord }>('POST', `/perform${wait ? '?wait=true' : ''}`, body);
+  }
+  jobs() {
+    return this.call<JobRecord[]>('GET', '/jobs');
+  }
+  job(id: string) {
+    return this.call<JobRecord>('GET', `/jobs/${encodeURIComponent(id)}`);
+  }
+  cancel(id: string) {
+    return this.call<JobRecord>('POST', `/jobs/${encodeURIComponent(id)}/cancel`);
+  }
+}

@@ -1,0 +1,76 @@
+import { isIP } from 'node:net';
+import path from 'node:path';
+
+/** Everything an agent is told at start; one object so tests can build agents on port 0. */
+export interface AgentConfig {
+  listenHost: string;
+  listenPort: number;
+  stateDir: string;
+  token?: string;
+  /** Where this host's qemu listens for incoming migration streams. */
+  migrationAddress: string;
+  migrationPorts: { low: number; high: number };
+  /** Disk images, kernels, serial/log files and sockets must lie below one of these (after realpath). */
+  allowPaths: string[];
+  accel: 'auto' | 'kvm' | 'tcg';
+  /** Seconds a prepared destination waits for its stream to start, and for Finish2 after it ended. */
+  incomingTimeoutSeconds: number;
+  /** Largest request body, in bytes (domain XML included). */
+  bodyLimitBytes: number;
+  qemuBinary?: string;
+  /** How many migrations may run at once on this agent, in each direction. */
+  maxIncoming: number;
+  maxOutgoing: number;
+}
+
+export const DEFAULTS = {
+  listen: '127.0.0.1:7100',
+  migrationPorts: '49152-49215',
+  accel: 'auto' as const,
+  incomingTimeoutSeconds: 60,
+  bodyLimitBytes: 1024 * 1024,
+  maxIncoming: 4,
+  maxOutgoing: 2,
+};
+
+export function parseListen(value: string): { host: string; port: number } {
+  const m = /^(?:\[([0-9a-fA-F:]+)\]|([^:]+)):(\d{1,5})$/.exec(value);
+  if (!m) throw new Error(`--listen must be HOST:PORT, got ${JSON.stringify(value)}`);
+  const port = Number(m[3]);
+  if (port > 65535) throw new Error(`--listen port out of range: ${port}`);
+  return { host: m[1] ?? m[2]!, port };
+}
+
+export function parsePortRange(value: string): { low: number; high: number } {
+  const m = /^(\d{1,5})-(\d{1,5})$/.exec(value);
+  const low = Number(m?.[1]);
+  const high = Number(m?.[2]);
+  if (!m || low < 1 || high > 65535 || low > high) {
+    throw new Error(`--migration-ports must be LOW-HIGH within 1-65535, got ${JSON.stringify(value)}`);
+  }
+  return { low, high };
+}
+
+export function isLoopback(host: string): boolean {
+  if (host === 'localhost') return true;
+  if (isIP(host) === 4) return host.startsWith('127.');
+  return host === '::1';
+}
+
+/**
+ * Checks that hold for every agent, whoever built the config: an agent reachable from other
+ * machines must demand a token, and the unix sockets under the state dir must fit sun_path.
+ */
+export function validateConfig(config: AgentConfig): AgentConfig {
+  if (!config.token && !isLoopback(config.listenHost)) {
+    throw new Error(`refusing to listen on non-loopback address ${config.listenHost} without --token`);
+  }
+  if (!['auto', 'kvm', 'tcg'].includes(config.accel)) throw new Error(`--accel must be auto, kvm or tcg`);
+  if (!(config.incomingTimeoutSeconds > 0)) throw new Error('--incoming-timeout must be a positive number of seconds');
+  const stateDir = path.resolve(config.stateDir);
+  // run/<uuid>.qmp must fit the 108-byte sun_path of a unix socket address.
+  if (Buffer.byteLength(path.join(stateDir, 'run', `${'0'.repeat(36)}.qmp`)) > 107) {
+    throw new Error(`--state-dir path is too long for unix sockets below it: ${stateDir}`);
+  }
+  return { ...config, stateDir, allowPaths: config.allowPaths.map((p) => path.resolve(p)) };
+}

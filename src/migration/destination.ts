@@ -1,0 +1,360 @@
+import { AgentError, conflict } from '../errors.js';
+import type { DomainEntry } from '../agent/domain-manager.js';
+import { destinationCapabilities, parseDestUri } from './params.js';
+import { pickPort, portIsFree } from './ports.js';
+import type { Job } from './jobs.js';
+import type { Finish2Request, Finish2Response, MigrationContext, Prepare2Request, Prepare2Response } from './protocol.js';
+
+const ACTIVE_INCOMING_PHASES = new Set(['prepared', 'receiving', 'received']);
+
+/**
+ * The destination's half of protocol v2: Prepare2 starts an empty qemu waiting for the stream,
+ * Finish2 either hands the guest over to this host or ends that qemu. The destination never
+ * resumes a guest except on Finish2(rc=0); that single rule is what lets the source decide
+ * safely whether to resume its own copy.
+ */
+export class DestinationSide {
+  private readonly ctx: MigrationContext;
+  private readonly leases = new Map<string, NodeJS.Timeout>();
+  /** The definition a same-named inactive domain had before an incoming migration borrowed its entry. */
+  private readonly borrowed = new Map<string, { xml: string; def: DomainEntry['def'] }>();
+
+  constructor(ctx: MigrationContext) {
+    this.ctx = ctx;
+  }
+
+  async prepare(req: Prepare2Request): Promise<Prepare2Response> {
+    const { jobs } = this.ctx;
+    return jobs.locks.run(req.migrationId, async () => {
+      const existing = jobs.get(req.migrationId);
+      if (existing) return this.replayPrepare(existing);
+      return this.prepareNew(req);
+    });
+  }
+
+  private replayPrepare(job: Job): Prepare2Response {
+    const { record } = job;
+    if (record.role !== 'destination') {
+      throw new AgentError(400, 'same_host', `migration ${record.id} is an outgoing one on this agent`);
+    }
+    if (record.status === 'running' && record.uri && ACTIVE_INCOMING_PHASES.has(record.phase)) {
+      return this.prepareAnswer(record.id, record.uri);
+    }
+    throw conflict('migration_ended', `migration ${record.id} is ${record.status} (phase ${record.phase}) here`, {
+      job: record.id,
+      ...(record.error ? { cause: record.error } : {}),
+    });
+  }
+
+  private prepareAnswer(migrationId: string, uri: string): Prepare2Response {
+    const host = this.ctx.hostInfo();
+    return { migrationId, uri, destination: { hostUuid: host.uuid, hostname: host.hostname } };
+  }
+
+  private async prepareNew(req: Prepare2Request): Promise<Prepare2Response> {
+    const { config, domains, jobs, log } = this.ctx;
+    if (req.source.hostUuid === this.ctx.hostInfo().uuid) {
+      throw new AgentError(400, 'same_host', 'source and destination are the same agent');
+    }
+    if (jobs.running('destination').length >= config.maxIncoming) {
+      throw new AgentError(503, 'too_many_migrations', `this agent already receives ${config.maxIncoming} migrations`, {
+        retryAfterSeconds: 5,
+      });
+    }
+    const { xml, def } = await domains.validate(req.xml);
+    const entry = this.claimEntry(xml, def);
+    let job: Job | undefined;
+    try {
+      const listen = await this.choosePort(req.desturi);
+      job = await jobs.create(
+        {
+          id: req.migrationId,
+          role: 'destination',
+          domain: def.name,
+          uuid: def.uuid,
+          options: req.options,
+          peer: { hostUuid: req.source.hostUuid, hostname: req.source.hostname },
+        },
+        'preparing',
+      );
+      entry.activeJob = { id: job.id, role: 'destination' };
+      const run = await domains.launch(entry, { incoming: true, migrationId: job.id });
+      await run.qmp.execute('migrate-set-capabilities', { capabilities: destinationCapabilities() });
+      const listenUri = `tcp:${listen.host}:${listen.port}`;
+      await run.qmp.execute('migrate-incoming', { uri: listenUri });
+      this.followIncoming(job, entry);
+      await jobs.setPhase(job, 'prepared', { uri: listenUri });
+      this.armLease(job, 'no stream started');
+      log.info({ migration: job.id, domain: def.name, uri: listenUri }, 'prepared incoming migration');
+      return this.prepareAnswer(job.id, listenUri);
+    } catch (err) {
+      if (job) await this.abort(job, entry, { code: 'prepare_failed', message: (err as Error).message });
+      else this.releaseEntry(entry);
+      if (err instanceof AgentError) throw err;
+      throw new AgentError(500, 'prepare_failed', `could not prepare the incoming qemu: ${(err as Error).message}`);
+    }
+  }
+
+  /**
+   * The entry the incoming guest will live in: a new transient one, or a same-named domain that
+   * is defined here but inactive (its stored definition comes back if the migration fails).
+   */
+  private claimEntry(xml: string, def: DomainEntry['def']): DomainEntry {
+    const { domains } = this.ctx;
+    for (const other of domains.list()) {
+      if (other.uuid === def.uuid && other.name !== def.name) {
+        throw conflict('uuid_in_use', `uuid ${def.uuid} belongs to domain ${other.name} here`, { domain: other.name });
+      }
+    }
+    const existing = domains.find(def.name);
+    if (!existing) return domains.addTransient(xml, def);
+    if (existing.run || existing.activeJob) {
+      throw conflict('domain_active', `domain ${def.name} is already active on this host`, { domain: def.name });
+    }
+    if (existing.uuid !== def.uuid) {
+      throw conflict('domain_exists', `a different domain named ${def.name} is defined here`, { domain: def.name });
+    }
+    this.borrowed.set(def.name, { xml: existing.xml, def: existing.def });
+    existing.xml = xml;
+    existing.def = def;
+    return existing;
+  }
+
+  private releaseEntry(entry: DomainEntry): void {
+    entry.activeJob = undefined;
+    const previous = this.borrowed.get(entry.name);
+    this.borrowed.delete(entry.name);
+    if (previous) {
+      entry.xml = previous.xml;
+      entry.def = previous.def;
+    } else if (!entry.persistent && !entry.run) {
+      void this.ctx.domains.forget(entry, false);
+    }
+  }
+
+  private async choosePort(desturi?: string): Promise<{ host: string; port: number }> {
+    const { config, jobs } = this.ctx;
+    if (desturi) {
+      const wanted = parseDestUri(desturi);
+      if (!(await portIsFree(wanted.host, wanted.port))) {
+        throw conflict('port_in_use', `port ${wanted.port} on ${wanted.host} is in use`);
+      }
+      return wanted;
+    }
+    const reserved = new Set(
+      jobs.running('destination').flatMap((j) => (j.record.uri ? [Number(j.record.uri.split(':').pop())] : [])),
+    );
+    const port = await pickPort(config.migrationAddress, config.migrationPorts, reserved);
+    if (port === null) {
+      throw new AgentError(503, 'no_migration_port', `no free port in ${config.migrationPorts.low}-${config.migrationPorts.high}`, {
+        retryAfterSeconds: 5,
+      });
+    }
+    return { host: config.migrationAddress, port };
+  }
+
+  /** Follow the incoming stream through qemu's MIGRATION events and the qemu's own exit. */
+  private followIncoming(job: Job, entry: DomainEntry): void {
+    const { domains, jobs, log } = this.ctx;
+    const run = entry.run!;
+    const stopEvents = run.qmp.onEvent((e) => {
+      if (e.event !== 'MIGRATION' || job.terminal) return;
+      const status = e.data.status as string;
+      void jobs.locks
+        .run(job.id, async () => {
+          if (job.terminal) return;
+          if (status === 'active' && job.record.phase === 'prepared') {
+            this.clearLease(job);
+            await jobs.setPhase(job, 'receiving');
+          } else if (status === 'completed' && ['prepared', 'receiving'].includes(job.record.phase)) {
+            await jobs.setPhase(job, 'received');
+            this.armLease(job, 'no Finish2 after the stream ended');
+          } else if (status === 'failed') {
+            await this.abort(job, entry, { code: 'stream_failed', message: 'the incoming stream failed' });
+          }
+        })
+        .catch((err: unknown) => log.error({ err, migration: job.id }, 'incoming event handling failed'));
+    });
+    const onExit = (name: string) => {
+      if (name !== entry.name) return;
+      domains.off('exit', onExit);
+      stopEvents();
+      void jobs.locks
+        .run(job.id, async () => {
+          if (!job.terminal && job.record.phase !== 'finishing') {
+            await this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu ended before Finish2' });
+          }
+        })
+        .catch((err: unknown) => log.error({ err, migration: job.id }, 'incoming exit handling failed'));
+    };
+    domains.on('exit', onExit);
+  }
+
+  async finish(req: Finish2Request): Promise<Finish2Response> {
+    const { jobs } = this.ctx;
+    return jobs.locks.run(req.migrationId, async () => {
+      const job = jobs.get(req.migrationId);
+      if (!job || job.record.role !== 'destination') {
+        throw new AgentError(404, 'migration_not_found', `no incoming migration ${req.migrationId} here`);
+      }
+      if (job.record.finish?.outcome) return this.finishAnswer(job);
+      const entry = this.ctx.domains.find(job.record.domain);
+      if (job.terminal || !entry?.run) {
+        if (!job.terminal && entry) await this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu is gone' });
+        await jobs.update(job, { finish: { rc: req.rc, attempts: 1, outcome: 'aborted' } });
+        return this.finishAnswer(job);
+      }
+      if (req.rc !== 0) {
+        await this.abort(
+          job,
+          entry,
+          { code: req.cancelled ? 'cancelled' : 'source_failed', message: req.error ?? `the source reported rc=${req.rc}` },
+          req.cancelled ? 'cancelled' : 'failed',
+          req.rc,
+        );
+        return this.finishAnswer(job);
+      }
+      await this.handOver(job, entry);
+      return this.finishAnswer(job);
+    });
+  }
+
+  private finishAnswer(job: Job): Finish2Response {
+    const { record } = job;
+    const outcome = record.finish?.outcome ?? (record.status === 'completed' ? 'finished' : 'aborted');
+    return {
+      migrationId: record.id,
+      outcome,
+      ...(outcome === 'finished' ? { state: record.options.paused ? 'paused' : 'running' } : {}),
+      ...(record.error ? { error: record.error } : {}),
+    };
+  }
+
+  /** Finish2(rc=0): wait for the stream's tail, take ownership durably, then resume the guest. */
+  private async handOver(job: Job, entry: DomainEntry): Promise<void> {
+    const { jobs, config } = this.ctx;
+    const run = entry.run!;
+    const status = await this.waitIncomingComplete(job, run.qmp, config.incomingTimeoutSeconds * 1000);
+    if (status !== 'completed') {
+      await this.abort(job, entry, { code: 'incoming_incomplete', message: `the source said the stream completed, but here it is ${status}` }, 'failed', 0);
+      return;
+    }
+    this.clearLease(job);
+    await jobs.setPhase(job, 'finishing', { finish: { rc: 0, attempts: 1 } });
+    await this.completeHandOver(job, entry);
+  }
+
+  /** From phase `finishing` (also after a restart): the guest is this host's; start it and close the job. */
+  async completeHandOver(job: Job, entry: DomainEntry): Promise<void> {
+    const { jobs, domains, log } = this.ctx;
+    const run = entry.run;
+    try {
+      if (!run) throw new Error('the incoming qemu is gone');
+      if (job.record.options.persistDestination && !entry.persistent) await domains.makePersistent(entry);
+      this.borrowed.delete(entry.name);
+      run.incoming = false;
+      await domains.saveRuntime(entry, run);
+      if (!job.record.options.paused) await run.qmp.execute('cont');
+    } catch (err) {
+      // No running copy exists here, so aborting is safe and tells the source to resume its own.
+      log.error({ err, migration: job.id }, 'hand-over failed');
+      await this.abort(job, entry, { code: 'resume_failed', message: (err as Error).message }, 'failed', 0);
+      return;
+    }
+    entry.activeJob = undefined;
+    const stats = job.record.stats;
+    await jobs.update(job, { finish: { rc: 0, attempts: 1, outcome: 'finished' }, ...(stats ? { stats } : {}) });
+    await jobs.end(job, 'completed');
+    log.info({ migration: job.id, domain: entry.name }, 'incoming migration finished; guest owned here');
+  }
+
+  private async waitIncomingComplete(job: Job, qmp: NonNullable<DomainEntry['run']>['qmp'], timeoutMs: number): Promise<string> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      if (job.record.phase === 'received') return 'completed';
+      let status: string;
+      try {
+        status = (await qmp.execute<{ status?: string }>('query-migrate', {}, { timeoutMs: 5000 })).status ?? 'none';
+      } catch {
+        return 'gone';
+      }
+      if (status === 'completed' || status === 'failed') return status;
+      if (Date.now() > deadline) return `still ${status}`;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+
+  /** End the empty qemu, put the entry back as it was, and close the job. */
+  async abort(
+    job: Job,
+    entry: DomainEntry,
+    error: { code: string; message: string },
+    status: 'failed' | 'cancelled' = 'failed',
+    rc?: number,
+  ): Promise<void> {
+    const { jobs, domains, log } = this.ctx;
+    this.clearLease(job);
+    await jobs.setPhase(job, 'aborting', {
+      error,
+      ...(rc !== undefined ? { finish: { rc, attempts: 1, outcome: 'aborted' as const } } : {}),
+    });
+    if (entry.run) await domains.stopQemu(entry, 'failed');
+    this.releaseEntry(entry);
+    await jobs.end(job, status, error);
+    log.warn({ migration: job.id, domain: entry.name, error }, 'incoming migration aborted; its qemu is gone');
+  }
+
+  private armLease(job: Job, why: string): void {
+    this.clearLease(job);
+    const timer = setTimeout(() => {
+      this.leases.delete(job.id);
+      void this.ctx.jobs.locks
+        .run(job.id, async () => {
+          const entry = this.ctx.domains.find(job.record.domain);
+          if (job.terminal || !entry || !['prepared', 'received'].includes(job.record.phase)) return;
+          await this.abort(job, entry, {
+            code: 'incoming_timeout',
+            message: `lease of ${this.ctx.config.incomingTimeoutSeconds}s expired: ${why}`,
+          });
+        })
+        .catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'lease expiry failed'));
+    }, this.ctx.config.incomingTimeoutSeconds * 1000);
+    timer.unref();
+    this.leases.set(job.id, timer);
+  }
+
+  private clearLease(job: Job): void {
+    const timer = this.leases.get(job.id);
+    if (timer) clearTimeout(timer);
+    this.leases.delete(job.id);
+  }
+
+  /**
+   * After an agent restart: a destination job that was mid-flight. The decision to own the
+   * guest (phase finishing) is carried out; anything short of it waits for Finish2 under a
+   * fresh lease, or ends the empty qemu when it is already gone.
+   */
+  async recover(job: Job): Promise<void> {
+    const { domains } = this.ctx;
+    await this.ctx.jobs.locks.run(job.id, async () => {
+      const entry = domains.find(job.record.domain);
+      if (job.record.phase === 'finishing' && entry) return this.completeHandOver(job, entry);
+      if (!entry?.run) {
+        if (entry) return this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu ended while the agent was down' });
+        await this.ctx.jobs.end(job, 'failed', { code: 'destination_qemu_ended', message: 'the incoming qemu ended while the agent was down' });
+        return;
+      }
+      entry.activeJob = { id: job.id, role: 'destination' };
+      if (job.record.phase === 'aborting' || job.record.phase === 'preparing') {
+        return this.abort(job, entry, job.record.error ?? { code: 'agent_restarted', message: 'the agent restarted while preparing' });
+      }
+      this.followIncoming(job, entry);
+      this.armLease(job, 'agent restarted; waiting for the stream or Finish2');
+    });
+  }
+
+  close(): void {
+    for (const timer of this.leases.values()) clearTimeout(timer);
+    this.leases.clear();
+  }
+}

@@ -1,0 +1,188 @@
+import { EventEmitter } from 'node:events';
+import { AgentError } from '../errors.js';
+import { isObject, type StateStore } from '../store/state-store.js';
+import { KeyedMutex } from '../agent/lock.js';
+import { canMove, type JobRole, type JobStatus, type Phase } from './phases.js';
+import type { MigrationOptions } from './params.js';
+
+/** Progress of the stream as qemu reports it (query-migrate), in the units an operator reads. */
+export interface MigrationStats {
+  qemuStatus: string;
+  transferredBytes: number;
+  remainingBytes: number;
+  totalBytes: number;
+  /** Bytes per second over the last second, as qemu measures it. */
+  throughputBytesPerSec: number;
+  dirtyPagesRate: number;
+  iterations: number;
+  expectedDowntimeMs?: number;
+  /** How far the stream is, 0-100, from what is transferred and what remains. */
+  percent: number;
+}
+
+export interface JobTimings {
+  /** Request to terminal state, as the agent saw it. */
+  totalMs?: number;
+  /** Prepare2 round trip and source-side QMP set-up before `migrate`. */
+  setupMs?: number;
+  /** qemu's own figures: the stream's duration and the guest's stop time at switch-over. */
+  qemuTotalMs?: number;
+  qemuDowntimeMs?: number;
+  qemuSetupMs?: number;
+  /** From the source pausing (stream end) until the destination guest was running: the downtime the guest saw. */
+  switchoverMs?: number;
+}
+
+export interface JobRecord {
+  id: string;
+  role: JobRole;
+  domain: string;
+  uuid: string;
+  status: JobStatus;
+  phase: Phase;
+  options: MigrationOptions;
+  peer: { url?: string; hostUuid?: string; hostname?: string };
+  uri?: string;
+  error?: { code: string; message: string };
+  createdAt: string;
+  updatedAt: string;
+  endedAt?: string;
+  phaseHistory: Array<{ phase: Phase; at: string }>;
+  timings: JobTimings;
+  stats?: MigrationStats;
+  /** Source: the Finish2 exchange. Destination: the rc it was told and the outcome it decided. */
+  finish?: { rc: number; attempts: number; outcome?: 'finished' | 'aborted'; lastError?: string };
+  /** Why the job is waiting, when it is (e.g. the peer is unreachable and the guest stays paused). */
+  waiting?: string;
+  cancelRequested?: boolean;
+}
+
+export class Job extends EventEmitter {
+  record: JobRecord;
+  constructor(record: JobRecord) {
+    super();
+    this.record = record;
+  }
+  get id(): string {
+    return this.record.id;
+  }
+  get terminal(): boolean {
+    return this.record.status !== 'running';
+  }
+}
+
+/**
+ * All migration jobs of this agent, both roles, keyed by migration id. Phase changes go
+ * through here so they are validated against the phase model and written before acting.
+ */
+export class JobRegistry {
+  private readonly jobs = new Map<string, Job>();
+  private readonly store: StateStore;
+  readonly locks = new KeyedMutex();
+
+  constructor(store: StateStore) {
+    this.store = store;
+  }
+
+  async load(): Promise<Job[]> {
+    const loaded = await this.store.loadRecords<JobRecord>('jobs', isJobRecord);
+    for (const { value } of loaded) this.jobs.set(value.id, new Job(value));
+    return [...this.jobs.values()];
+  }
+
+  get(id: string): Job | undefined {
+    return this.jobs.get(id);
+  }
+
+  require(id: string): Job {
+    const job = this.jobs.get(id);
+    if (!job) throw new AgentError(404, 'job_not_found', `no migration job ${id}`, { job: id });
+    return job;
+  }
+
+  list(): Job[] {
+    return [...this.jobs.values()].sort((a, b) => a.record.createdAt.localeCompare(b.record.createdAt));
+  }
+
+  running(role: JobRole): Job[] {
+    return this.list().filter((j) => j.record.role === role && !j.terminal);
+  }
+
+  async create(fields: Pick<JobRecord, 'id' | 'role' | 'domain' | 'uuid' | 'options' | 'peer'>, phase: Phase): Promise<Job> {
+    const now = new Date().toISOString();
+    const job = new Job({
+      ...fields,
+      status: 'running',
+      phase,
+      createdAt: now,
+      updatedAt: now,
+      phaseHistory: [{ phase, at: now }],
+      timings: {},
+    });
+    await this.save(job);
+    this.jobs.set(job.id, job);
+    return job;
+  }
+
+  /** Move to `phase` durably; refuses a move the phase model does not allow. */
+  async setPhase(job: Job, phase: Phase, patch: Partial<JobRecord> = {}): Promise<void> {
+    const { record } = job;
+    if (record.phase !== phase && !canMove(record.role, record.phase, phase)) {
+      throw new AgentError(500, 'bad_phase_transition', `${record.role} job ${record.id}: ${record.phase} -> ${phase} is not allowed`);
+    }
+    const now = new Date().toISOString();
+    job.record = { ...record, ...patch, phase, updatedAt: now };
+    if (record.phase !== phase) job.record.phaseHistory = [...record.phaseHistory, { phase, at: now }];
+    await this.save(job);
+    job.emit('phase', phase);
+  }
+
+  async update(job: Job, patch: Partial<JobRecord>): Promise<void> {
+    job.record = { ...job.record, ...patch, updatedAt: new Date().toISOString() };
+    await this.save(job);
+    job.emit('update');
+  }
+
+  /** Stats change every poll; they are kept in memory and written with the next phase change. */
+  setStats(job: Job, stats: MigrationStats): void {
+    job.record.stats = stats;
+    job.emit('progress', stats);
+  }
+
+  async end(job: Job, status: Exclude<JobStatus, 'running'>, error?: { code: string; message: string }): Promise<void> {
+    const endedAt = new Date().toISOString();
+    const totalMs = Date.parse(endedAt) - Date.parse(job.record.createdAt);
+    await this.setPhase(job, 'done', {
+      status,
+      endedAt,
+      waiting: undefined,
+      ...(error ? { error } : {}),
+      timings: { ...job.record.timings, totalMs },
+    });
+    job.emit('end', job.record);
+  }
+
+  /** Resolve when the job reaches a terminal status (or the timeout passes). */
+  waitForEnd(job: Job, timeoutMs: number): Promise<JobRecord> {
+    if (job.terminal) return Promise.resolve(job.record);
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        job.off('end', onEnd);
+        resolve(job.record);
+      }, timeoutMs);
+      const onEnd = (rec: JobRecord) => {
+        clearTimeout(timer);
+        resolve(rec);
+      };
+      job.once('end', onEnd);
+    });
+  }
+
+  private async save(job: Job): Promise<void> {
+    await this.store.saveRecord('jobs', job.id, job.record);
+  }
+}
+
+function isJobRecord(v: unknown): boolean {
+  return isObject(v) && typeof v.id === 'string' && (v.role === 'source' || v.role === 'destination') && typeof v.phase === 'string';
+}

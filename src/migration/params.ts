@@ -1,0 +1,75 @@
+/**
+ * Migration flags and tuning parameters: what the caller may ask for, and how each maps onto
+ * qemu's migration capabilities and parameters (migrate-set-capabilities/-parameters).
+ */
+export interface MigrationOptions {
+  /** Live (default): the guest runs while memory streams. Offline: paused first, then streamed. */
+  live: boolean;
+  /** Leave the guest paused on the destination instead of resuming it. */
+  paused: boolean;
+  /** Store the definition on the destination (otherwise it arrives as a transient domain). */
+  persistDestination: boolean;
+  /** Remove the definition from the source once the destination owns the guest. */
+  undefineSource: boolean;
+  /** Stream bandwidth limit in MiB/s; absent: unlimited. */
+  bandwidthMiBps?: number;
+  /** Longest pause the guest may see at switch-over, in ms (qemu's downtime-limit). */
+  downtimeLimitMs?: number;
+  /** Throttle the guest's vCPUs when it dirties memory faster than the stream carries it. */
+  autoConverge: boolean;
+  /** `tcp://host:port`: the destination listens there instead of on a port from its range. */
+  desturi?: string;
+}
+
+export const DEFAULT_OPTIONS: MigrationOptions = {
+  live: true,
+  paused: false,
+  persistDestination: true,
+  undefineSource: false,
+  autoConverge: false,
+};
+
+/** JSON schema of the options, shared by /perform (caller) and /prepare2 (source agent). */
+export const migrationOptionsSchema = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    live: { type: 'boolean', default: true },
+    paused: { type: 'boolean', default: false, description: 'arrive paused on the destination' },
+    persistDestination: { type: 'boolean', default: true },
+    undefineSource: { type: 'boolean', default: false },
+    bandwidthMiBps: { type: 'integer', minimum: 1, maximum: 1048576 },
+    downtimeLimitMs: { type: 'integer', minimum: 1, maximum: 2000000 },
+    autoConverge: { type: 'boolean', default: false },
+    desturi: { type: 'string', pattern: '^tcp://[^/:]+:[0-9]{1,5}$' },
+  },
+} as const;
+
+// qemu's own default is 32 MiB/s, far below any modern link; unlimited unless asked, as libvirt does.
+const UNLIMITED_BYTES_PER_SEC = 1024 ** 4;
+
+export function sourceCapabilities(o: MigrationOptions): Array<{ capability: string; state: boolean }> {
+  return [
+    { capability: 'events', state: true },
+    { capability: 'auto-converge', state: o.autoConverge },
+  ];
+}
+
+/** The destination needs `events` to report the stream's progress; nothing else must match here. */
+export function destinationCapabilities(): Array<{ capability: string; state: boolean }> {
+  return [{ capability: 'events', state: true }];
+}
+
+export function sourceParameters(o: MigrationOptions): Record<string, number> {
+  return {
+    'max-bandwidth': o.bandwidthMiBps ? o.bandwidthMiBps * 1024 * 1024 : UNLIMITED_BYTES_PER_SEC,
+    ...(o.downtimeLimitMs ? { 'downtime-limit': o.downtimeLimitMs } : {}),
+  };
+}
+
+export function parseDestUri(desturi: string): { host: string; port: number } {
+  const m = /^tcp:\/\/([^/:]+):(\d{1,5})$/.exec(desturi);
+  const port = Number(m?.[2]);
+  if (!m || port < 1 || port > 65535) throw new Error(`desturi must be tcp://host:port, got ${desturi}`);
+  return { host: m[1]!, port };
+}

@@ -1,0 +1,81 @@
+import { Agent, request } from 'undici';
+import { AgentError } from '../errors.js';
+
+/** The peer answered with an HTTP error: a definite refusal, carrying the peer's code. */
+export class PeerRefusedError extends AgentError {
+  readonly peerStatus: number;
+  constructor(peerStatus: number, body: { code?: string; message?: string }, url: string, retryAfterSeconds?: number) {
+    super(
+      502,
+      body.code ?? 'peer_refused',
+      `peer ${url} refused: ${peerStatus} ${body.message ?? ''}`.trim(),
+      { peerStatus, ...(retryAfterSeconds !== undefined ? { retryAfterSeconds } : {}) },
+    );
+    this.peerStatus = peerStatus;
+  }
+  get retryAfterSeconds(): number | undefined {
+    return this.details.retryAfterSeconds as number | undefined;
+  }
+}
+
+/** The peer could not be reached or did not answer in time: the outcome of the request is unknown. */
+export class PeerUnreachableError extends AgentError {
+  constructor(url: string, cause: unknown) {
+    super(502, 'peer_unreachable', `peer ${url} unreachable: ${(cause as Error)?.message ?? String(cause)}`);
+  }
+}
+
+/** Agent-to-agent HTTP (undici), with the shared bearer token and bounded time for every call. */
+export class PeerClient {
+  private readonly dispatcher = new Agent({ connect: { timeout: 5000 }, keepAliveTimeout: 10_000 });
+  private readonly token?: string;
+
+  constructor(token?: string) {
+    this.token = token;
+  }
+
+  async call<T>(baseUrl: string, method: 'GET' | 'POST', path: string, body?: unknown, timeoutMs = 30_000): Promise<T> {
+    const url = new URL(path, baseUrl).toString();
+    let res;
+    try {
+      res = await request(url, {
+        method,
+        dispatcher: this.dispatcher,
+        headers: {
+          ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
+          ...(this.token ? { authorization: `Bearer ${this.token}` } : {}),
+        },
+        body: body !== undefined ? JSON.stringify(body) : undefined,
+        headersTimeout: timeoutMs,
+        bodyTimeout: timeoutMs,
+      });
+    } catch (err) {
+      throw new PeerUnreachableError(url, err);
+    }
+    let text: string;
+    try {
+      text = await res.body.text();
+    } catch (err) {
+      throw new PeerUnreachableError(url, err);
+    }
+    let parsed: unknown;
+    try {
+      parsed = text ? JSON.parse(text) : {};
+    } catch {
+      parsed = { message: text.slice(0, 200) };
+    }
+    // A 5xx is the peer failing, not deciding: the outcome stays unknown (503 is a retryable "not now").
+    if (res.statusCode >= 500 && res.statusCode !== 503) {
+      throw new PeerUnreachableError(url, new Error(`HTTP ${res.statusCode}: ${(parsed as { message?: string }).message ?? ''}`));
+    }
+    if (res.statusCode >= 400) {
+      const retryAfter = Number(res.headers['retry-after']);
+      throw new PeerRefusedError(res.statusCode, parsed as { code?: string }, url, Number.isFinite(retryAfter) ? retryAfter : undefined);
+    }
+    return parsed as T;
+  }
+
+  async close(): Promise<void> {
+    await this.dispatcher.close();
+  }
+}

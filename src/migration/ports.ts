@@ -1,0 +1,18 @@
+import net from 'node:net';
+
+/** True when nothing listens on host:port right now (bind and release at once). */
+export function portIsFree(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    server.once('error', () => resolve(false));
+    server.listen({ host, port, exclusive: true }, () => server.close(() => resolve(true)));
+  });
+}
+
+/** The first port of the range that is neither reserved by a running job nor bound by anyone. */
+export async function pickPort(host: string, range: { low: number; high: number }, reserved: Set<number>): Promise<number | null> {
+  for (let port = range.low; port <= range.high; port++) {
+    if (!reserved.has(port) && (await portIsFree(host, port))) return port;
+  }
+  return null;
+}

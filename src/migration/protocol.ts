@@ -1,0 +1,55 @@
+import type { FastifyBaseLogger } from 'fastify';
+import type { AgentConfig } from '../config.js';
+import type { StateStore } from '../store/state-store.js';
+import type { DomainManager } from '../agent/domain-manager.js';
+import type { HostInfo } from '../agent/app.js';
+import type { JobRegistry, JobRecord } from './jobs.js';
+import type { MigrationOptions } from './params.js';
+import type { PeerClient } from './peer-client.js';
+
+/** Messages of migration protocol version 2 between two agents. */
+export interface Prepare2Request {
+  protocolVersion: 2;
+  migrationId: string;
+  xml: string;
+  desturi?: string;
+  options: MigrationOptions;
+  source: { hostUuid: string; hostname: string };
+}
+
+export interface Prepare2Response {
+  migrationId: string;
+  /** Where the source's qemu must stream to, in qemu's URI syntax (`tcp:host:port`). */
+  uri: string;
+  destination: { hostUuid: string; hostname: string };
+}
+
+export interface Finish2Request {
+  migrationId: string;
+  /** The Perform step's return code: 0 means the stream completed. */
+  rc: number;
+  /** Why Perform failed, for the destination's job record. */
+  error?: string;
+  cancelled?: boolean;
+}
+
+export interface Finish2Response {
+  migrationId: string;
+  /** finished: the destination owns and runs (or holds paused) the guest; aborted: its qemu is gone. */
+  outcome: 'finished' | 'aborted';
+  state?: string;
+  error?: { code: string; message: string };
+}
+
+/** What both sides of the protocol share inside one agent. */
+export interface MigrationContext {
+  config: AgentConfig;
+  store: StateStore;
+  domains: DomainManager;
+  jobs: JobRegistry;
+  peers: PeerClient;
+  hostInfo: () => HostInfo;
+  log: FastifyBaseLogger;
+}
+
+export type { JobRecord };

@@ -1,0 +1,56 @@
+import type { FastifyBaseLogger } from 'fastify';
+import type { AgentConfig } from '../config.js';
+import type { StateStore } from '../store/state-store.js';
+import type { DomainManager } from '../agent/domain-manager.js';
+import type { HostInfo } from '../agent/app.js';
+import { JobRegistry, type Job } from './jobs.js';
+import { PeerClient } from './peer-client.js';
+import { DestinationSide } from './destination.js';
+import { SourceSide, type PerformRequest } from './source.js';
+import type { Finish2Request, Finish2Response, MigrationContext, Prepare2Request, Prepare2Response } from './protocol.js';
+
+/** The agent's migration entry points, for both roles; the routes call only this. */
+export class MigrationService {
+  readonly jobs: JobRegistry;
+  private readonly source: SourceSide;
+  private readonly destination: DestinationSide;
+  private readonly ctx: MigrationContext;
+
+  constructor(opts: { config: AgentConfig; store: StateStore; domains: DomainManager; hostInfo: () => HostInfo; log: FastifyBaseLogger }) {
+    this.jobs = new JobRegistry(opts.store);
+    this.ctx = { ...opts, jobs: this.jobs, peers: new PeerClient(opts.config.token) };
+    this.source = new SourceSide(this.ctx);
+    this.destination = new DestinationSide(this.ctx);
+  }
+
+  /** Load job records and drive every unfinished one to a safe end (after a restart). */
+  async init(): Promise<void> {
+    for (const job of await this.jobs.load()) {
+      if (job.terminal) continue;
+      const recovery = job.record.role === 'source' ? this.source.recover(job) : this.destination.recover(job);
+      void recovery.catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'job recovery failed'));
+    }
+  }
+
+  perform(req: PerformRequest): Promise<Job> {
+    return this.source.perform(req);
+  }
+
+  prepare2(req: Prepare2Request): Promise<Prepare2Response> {
+    return this.destination.prepare(req);
+  }
+
+  finish2(req: Finish2Request): Promise<Finish2Response> {
+    return this.destination.finish(req);
+  }
+
+  cancel(id: string): Promise<Job> {
+    return this.source.cancel(id);
+  }
+
+  async close(): Promise<void> {
+    this.source.close();
+    this.destination.close();
+    await this.ctx.peers.close();
+  }
+}

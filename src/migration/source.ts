@@ -1,0 +1,402 @@
+import { randomUUID } from 'node:crypto';
+import { AgentError, conflict } from '../errors.js';
+import type { DomainEntry } from '../agent/domain-manager.js';
+import type { QmpClient } from '../qemu/qmp.js';
+import { SOURCE_AWAITS_DESTINATION } from './phases.js';
+import { DEFAULT_OPTIONS, sourceCapabilities, sourceParameters, type MigrationOptions } from './params.js';
+import { PeerRefusedError, PeerUnreachableError } from './peer-client.js';
+import type { Job, MigrationStats } from './jobs.js';
+import type { Finish2Request, Finish2Response, MigrationContext, Prepare2Request, Prepare2Response } from './protocol.js';
+import type { HostInfo } from '../agent/app.js';
+
+export interface PerformRequest {
+  domain: string;
+  /** The destination agent's base URL, e.g. http://hostB:7100. */
+  destination: string;
+  migrationId?: string;
+  desturi?: string;
+  options?: Partial<Omit<MigrationOptions, 'desturi'>>;
+}
+
+const POLL_MS = 250;
+const TERMINAL_STREAM = new Set(['completed', 'failed', 'cancelled']);
+/** Backoff while the destination cannot tell the outcome of Finish2: retry forever, never guess. */
+const FINISH_RETRY_MS = [250, 500, 1000, 2000, 5000];
+
+class StreamEnded extends Error {
+  readonly status: 'failed' | 'cancelled';
+  readonly code: string;
+  constructor(status: 'failed' | 'cancelled', code: string, message: string) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+/**
+ * The source's half of protocol v2, and the coordinator of the whole migration (Perform):
+ * Prepare2 on the destination, `migrate` over QMP, follow the stream, then ALWAYS Finish2.
+ * After the stream completed the source guest stays paused until the destination has said
+ * who owns it; an unknown answer is asked again, never guessed.
+ */
+export class SourceSide {
+  private readonly ctx: MigrationContext;
+  private closed = false;
+
+  constructor(ctx: MigrationContext) {
+    this.ctx = ctx;
+  }
+
+  async perform(req: PerformRequest): Promise<Job> {
+    const { domains, jobs, config } = this.ctx;
+    let destination: URL;
+    try {
+      destination = new URL(req.destination);
+      if (destination.protocol !== 'http:' && destination.protocol !== 'https:') throw new Error('not http(s)');
+    } catch {
+      throw new AgentError(400, 'invalid_destination', `destination must be an http(s) agent URL, got ${req.destination}`);
+    }
+    const migrationId = req.migrationId ?? randomUUID();
+    return jobs.locks.run(migrationId, async () => {
+      const replay = jobs.get(migrationId);
+      if (replay) {
+        if (replay.record.role !== 'source' || replay.record.domain !== req.domain) {
+          throw conflict('migration_id_in_use', `migration id ${migrationId} belongs to another job here`, { job: migrationId });
+        }
+        return replay;
+      }
+      return domains.withLock(req.domain, async () => {
+        const entry = domains.get(req.domain);
+        if (entry.activeJob) {
+          throw conflict('domain_busy', `domain ${req.domain} is already migrating (job ${entry.activeJob.id})`, {
+            domain: req.domain,
+            job: entry.activeJob.id,
+          });
+        }
+        const run = domains.requireRunning(entry);
+        if (run.incoming) throw conflict('domain_incoming', `domain ${req.domain} is still arriving here`);
+        if (jobs.running('source').length >= config.maxOutgoing) {
+          throw new AgentError(503, 'too_many_migrations', `this agent already sends ${config.maxOutgoing} migrations`, {
+            retryAfterSeconds: 5,
+          });
+        }
+        const options: MigrationOptions = { ...DEFAULT_OPTIONS, ...req.options, ...(req.desturi ? { desturi: req.desturi } : {}) };
+        const job = await jobs.create(
+          { id: migrationId, role: 'source', domain: entry.name, uuid: entry.uuid, options, peer: { url: destination.toString() } },
+          'preparing',
+        );
+        entry.activeJob = { id: job.id, role: 'source' };
+        void this.run(job, entry);
+        return job;
+      });
+    });
+  }
+
+  private async run(job: Job, entry: DomainEntry): Promise<void> {
+    const { log } = this.ctx;
+    const qmp = entry.run!.qmp;
+    const wasRunning = await this.guestRunning(qmp);
+    try {
+      await this.prepareAndStream(job, entry, qmp);
+    } catch (err) {
+      const ended =
+        err instanceof StreamEnded
+          ? err
+          : new StreamEnded('failed', (err as AgentError).code ?? 'migration_failed', (err as Error).message);
+      log.warn({ migration: job.id, domain: entry.name, err: ended.message }, 'migration failed before the stream completed');
+      await this.rollBack(job, entry, wasRunning, ended);
+      return;
+    }
+    await this.finishCompleted(job, entry, wasRunning);
+  }
+
+  private async prepareAndStream(job: Job, entry: DomainEntry, qmp: QmpClient): Promise<void> {
+    const { jobs } = this.ctx;
+    const { options, peer } = job.record;
+    const started = Date.now();
+    const destHost = await this.ctx.peers.call<HostInfo>(peer.url!, 'GET', '/host', undefined, 10_000);
+    const self = this.ctx.hostInfo();
+    if (destHost.uuid === self.uuid) throw new AgentError(400, 'same_host', 'source and destination are the same agent');
+    if (!destHost.protocolVersions?.includes(2)) throw new AgentError(400, 'protocol_unsupported', 'the destination does not speak protocol version 2');
+    const prepared = await this.prepare2(job, {
+      protocolVersion: 2,
+      migrationId: job.id,
+      xml: entry.xml,
+      ...(options.desturi ? { desturi: options.desturi } : {}),
+      options,
+      source: { hostUuid: self.uuid, hostname: self.hostname },
+    });
+    await jobs.setPhase(job, 'prepared', {
+      uri: prepared.uri,
+      peer: { ...peer, hostUuid: prepared.destination.hostUuid, hostname: prepared.destination.hostname },
+    });
+    if (job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'cancelled before the stream started');
+    await qmp.execute('migrate-set-capabilities', { capabilities: sourceCapabilities(options) });
+    await qmp.execute('migrate-set-parameters', sourceParameters(options));
+    if (!options.live) await qmp.execute('stop');
+    await jobs.setPhase(job, 'streaming', { timings: { ...job.record.timings, setupMs: Date.now() - started } });
+    await qmp.execute('migrate', { uri: prepared.uri });
+    await this.followStream(job, qmp);
+  }
+
+  /** Prepare2, retried while the destination says "not now" (503 + Retry-After), bounded. */
+  private async prepare2(job: Job, body: Prepare2Request): Promise<Prepare2Response> {
+    const deadline = Date.now() + 120_000;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.ctx.peers.call<Prepare2Response>(job.record.peer.url!, 'POST', '/prepare2', body, 60_000);
+      } catch (err) {
+        const retryAfter = err instanceof PeerRefusedError && err.peerStatus === 503 ? err.retryAfterSeconds ?? 5 : undefined;
+        if (retryAfter === undefined || Date.now() + retryAfter * 1000 > deadline || job.record.cancelRequested) throw err;
+        await this.ctx.jobs.update(job, { waiting: `destination busy (attempt ${attempt}); retrying Prepare2 in ${retryAfter}s` });
+        await sleep(retryAfter * 1000);
+      }
+    }
+  }
+
+  /** Poll query-migrate (woken early by MIGRATION events) until the stream ends. */
+  private async followStream(job: Job, qmp: QmpClient): Promise<void> {
+    let wake: (() => void) | undefined;
+    const unsubscribe = qmp.onEvent((e) => {
+      if (e.event === 'MIGRATION') wake?.();
+    });
+    try {
+      for (;;) {
+        let info: QueryMigrate;
+        try {
+          info = await qmp.execute<QueryMigrate>('query-migrate', {}, { timeoutMs: 10_000 });
+        } catch (err) {
+          if (qmp.isClosed) throw new StreamEnded('failed', 'source_qemu_ended', 'the source qemu ended during the stream');
+          throw err;
+        }
+        this.ctx.jobs.setStats(job, toStats(info));
+        const status = info.status ?? 'none';
+        if (TERMINAL_STREAM.has(status)) {
+          if (status === 'completed') {
+            job.record.timings = {
+              ...job.record.timings,
+              qemuTotalMs: info['total-time'],
+              qemuDowntimeMs: info.downtime,
+              qemuSetupMs: info['setup-time'],
+            };
+            return;
+          }
+          if (status === 'cancelled' || job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'the stream was cancelled');
+          throw new StreamEnded('failed', 'stream_failed', `the stream failed: ${info['error-desc'] ?? 'no reason given by qemu'}`);
+        }
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, POLL_MS);
+          wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+      }
+    } finally {
+      unsubscribe();
+    }
+  }
+
+  /** The stream completed: the source guest is paused; the destination decides who owns it. */
+  private async finishCompleted(job: Job, entry: DomainEntry, wasRunning: boolean): Promise<void> {
+    const { jobs, log } = this.ctx;
+    const pausedAt = Date.now();
+    if (job.record.phase === 'streaming') await jobs.setPhase(job, 'stream-completed');
+    if (job.record.phase !== 'finishing') await jobs.setPhase(job, 'finishing', { finish: { rc: 0, attempts: 0 } });
+    const answer = await this.finish2Until(job, { migrationId: job.id, rc: 0 });
+    if (!answer) return; // agent shutting down: the job stays in `finishing` for the next start
+    if (answer.outcome === 'finished') {
+      await jobs.update(job, { timings: { ...job.record.timings, switchoverMs: Date.now() - pausedAt } });
+      await this.confirm(job, entry);
+    } else {
+      log.warn({ migration: job.id, error: answer.error }, 'destination aborted after the stream completed; resuming the source');
+      await this.rollBack(job, entry, wasRunning, new StreamEnded('failed', answer.error?.code ?? 'destination_aborted', answer.error?.message ?? 'the destination aborted'), true);
+    }
+  }
+
+  /** The destination owns the guest: end the paused source copy. */
+  private async confirm(job: Job, entry: DomainEntry): Promise<void> {
+    const { jobs, domains, log } = this.ctx;
+    await jobs.setPhase(job, 'confirmed');
+    await domains.stopQemu(entry, 'migrated');
+    entry.activeJob = undefined;
+    if (job.record.options.undefineSource || !entry.persistent) await domains.forget(entry, true);
+    await jobs.end(job, 'completed');
+    log.info({ migration: job.id, domain: entry.name, timings: job.record.timings }, 'migration completed');
+  }
+
+  /**
+   * The migration failed: tell the destination (Finish2 rc!=0, which ends its empty qemu) and
+   * make sure the guest runs here again. When the stream never completed, the destination cannot
+   * run the guest (it resumes only on rc=0), so resuming here is safe without waiting for it.
+   */
+  private async rollBack(job: Job, entry: DomainEntry, wasRunning: boolean, why: StreamEnded, destinationAnswered = false): Promise<void> {
+    const { jobs, log } = this.ctx;
+    await jobs.setPhase(job, 'rolling-back', { error: { code: why.code, message: why.message } });
+    if (!destinationAnswered && job.record.phaseHistory.some((p) => p.phase === 'preparing')) {
+      await this.finish2BestEffort(job, { migrationId: job.id, rc: 1, error: why.message, cancelled: why.status === 'cancelled' });
+    }
+    const run = entry.run;
+    if (run && wasRunning && !(await this.guestRunning(run.qmp))) {
+      try {
+        await run.qmp.execute('cont');
+      } catch (err) {
+        log.error({ err, migration: job.id }, 'could not resume the source guest');
+      }
+    }
+    entry.activeJob = undefined;
+    await jobs.end(job, why.status, { code: why.code, message: why.message });
+  }
+
+  /** Finish2 until the destination answers (success or a definite refusal); null if the agent closes first. */
+  private async finish2Until(job: Job, body: Finish2Request): Promise<Finish2Response | null> {
+    const { jobs, log } = this.ctx;
+    for (let attempt = 1; !this.closed; attempt++) {
+      try {
+        const answer = await this.ctx.peers.call<Finish2Response>(job.record.peer.url!, 'POST', '/finish2', body, 120_000);
+        await jobs.update(job, { waiting: undefined, finish: { rc: body.rc, attempts: attempt, outcome: answer.outcome } });
+        return answer;
+      } catch (err) {
+        if (err instanceof PeerRefusedError && err.peerStatus === 404) {
+          // The destination has no such migration: it never ran it, so it runs no copy of the guest.
+          const answer: Finish2Response = { migrationId: job.id, outcome: 'aborted', error: { code: err.code, message: err.message } };
+          await jobs.update(job, { waiting: undefined, finish: { rc: body.rc, attempts: attempt, outcome: 'aborted' } });
+          return answer;
+        }
+        const message = (err as Error).message;
+        const delay = FINISH_RETRY_MS[Math.min(attempt - 1, FINISH_RETRY_MS.length - 1)]!;
+        log.warn({ migration: job.id, attempt, err: message }, 'Finish2 outcome unknown; the guest stays paused; asking again');
+        await jobs.update(job, {
+          waiting: `Finish2 outcome unknown after ${attempt} attempt(s) (${message}); the guest stays paused here until the destination answers`,
+          finish: { rc: body.rc, attempts: attempt, lastError: message },
+        });
+        await sleep(delay);
+      }
+    }
+    return null;
+  }
+
+  /** Finish2 after a failure: a few tries; if all fail, the destination's lease ends its qemu anyway. */
+  private async finish2BestEffort(job: Job, body: Finish2Request): Promise<void> {
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      try {
+        await this.ctx.peers.call<Finish2Response>(job.record.peer.url!, 'POST', '/finish2', body, 30_000);
+        await this.ctx.jobs.update(job, { finish: { rc: body.rc, attempts: attempt, outcome: 'aborted' } });
+        return;
+      } catch (err) {
+        if (err instanceof PeerRefusedError) return; // 404: nothing was prepared there
+        if (!(err instanceof PeerUnreachableError) || attempt === 3) {
+          await this.ctx.jobs.update(job, { finish: { rc: body.rc, attempts: attempt, lastError: (err as Error).message } });
+          return;
+        }
+        await sleep(500 * attempt);
+      }
+    }
+  }
+
+  async cancel(id: string): Promise<Job> {
+    const job = this.ctx.jobs.require(id);
+    if (job.record.role !== 'source') throw conflict('not_cancellable', 'only the source side of a migration can cancel it', { job: id });
+    if (job.terminal) throw conflict('job_ended', `job ${id} already ${job.record.status}`, { job: id });
+    if ((SOURCE_AWAITS_DESTINATION as readonly string[]).includes(job.record.phase) || job.record.phase === 'confirmed') {
+      throw conflict('too_late_to_cancel', `job ${id} is past the stream (phase ${job.record.phase}); the destination decides now`, { job: id });
+    }
+    job.record.cancelRequested = true;
+    const entry = this.ctx.domains.find(job.record.domain);
+    if (job.record.phase === 'streaming' && entry?.run) await entry.run.qmp.execute('migrate_cancel');
+    return job;
+  }
+
+  private async guestRunning(qmp: QmpClient): Promise<boolean> {
+    try {
+      return (await qmp.execute<{ running: boolean }>('query-status', {}, { timeoutMs: 5000 })).running;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * After an agent restart, drive a source job that was mid-flight to a safe end by the same
+   * rules: before the stream completed -> cancel and resume; after -> ask the destination.
+   */
+  async recover(job: Job): Promise<void> {
+    const { domains, log } = this.ctx;
+    const entry = domains.find(job.record.domain);
+    if (!entry) {
+      await this.ctx.jobs.end(job, 'failed', { code: 'domain_gone', message: 'the domain vanished while the agent was down' });
+      return;
+    }
+    entry.activeJob = { id: job.id, role: 'source' };
+    const phase = job.record.phase;
+    log.warn({ migration: job.id, phase }, 'recovering source job after restart');
+    if (phase === 'confirmed') return this.confirm(job, entry);
+    if (phase === 'rolling-back') {
+      return this.rollBack(job, entry, true, new StreamEnded('failed', job.record.error?.code ?? 'agent_restarted', job.record.error?.message ?? 'agent restarted'));
+    }
+    if (phase === 'stream-completed' || phase === 'finishing') return this.finishCompleted(job, entry, true);
+    // preparing / prepared / streaming: the stream may still run inside qemu without us.
+    const qmp = entry.run?.qmp;
+    let status = 'none';
+    if (qmp) {
+      status = (await qmp.execute<QueryMigrate>('query-migrate').catch(() => ({}) as QueryMigrate)).status ?? 'none';
+      if (status === 'active' || status === 'setup' || status.startsWith('pre-switchover') || status === 'device') {
+        await qmp.execute('migrate_cancel').catch(() => undefined);
+        status = await this.settle(qmp);
+      }
+    }
+    if (status === 'completed') return this.finishCompleted(job, entry, true);
+    return this.rollBack(job, entry, true, new StreamEnded('failed', 'agent_restarted', 'the source agent restarted during the migration'));
+  }
+
+  private async settle(qmp: QmpClient): Promise<string> {
+    for (let i = 0; i < 100; i++) {
+      const status = (await qmp.execute<QueryMigrate>('query-migrate').catch(() => ({}) as QueryMigrate)).status ?? 'none';
+      if (TERMINAL_STREAM.has(status)) return status;
+      await sleep(100);
+    }
+    return 'unknown';
+  }
+
+  close(): void {
+    this.closed = true;
+  }
+}
+
+interface QueryMigrate {
+  status?: string;
+  'total-time'?: number;
+  'setup-time'?: number;
+  downtime?: number;
+  'expected-downtime'?: number;
+  'error-desc'?: string;
+  ram?: {
+    transferred: number;
+    remaining: number;
+    total: number;
+    mbps: number;
+    'dirty-pages-rate': number;
+    'dirty-sync-count': number;
+  };
+}
+
+function toStats(info: QueryMigrate): MigrationStats {
+  const ram = info.ram;
+  const transferred = ram?.transferred ?? 0;
+  const total = ram?.total ?? 0;
+  const remaining = ram?.remaining ?? 0;
+  return {
+    qemuStatus: info.status ?? 'none',
+    transferredBytes: transferred,
+    remainingBytes: remaining,
+    totalBytes: total,
+    throughputBytesPerSec: Math.round(((ram?.mbps ?? 0) * 1e6) / 8),
+    dirtyPagesRate: ram?.['dirty-pages-rate'] ?? 0,
+    iterations: ram?.['dirty-sync-count'] ?? 0,
+    ...(info['expected-downtime'] !== undefined ? { expectedDowntimeMs: info['expected-downtime'] } : {}),
+    percent: info.status === 'completed' ? 100 : total > 0 ? Math.min(99, Math.floor(((total - remaining) / total) * 100)) : 0,
+  };
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms).unref());
+}

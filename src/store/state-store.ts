@@ -1,0 +1,122 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { randomUUID } from 'node:crypto';
+import { writeFileAtomic, removeDurably } from './atomic.js';
+
+/** A file found unreadable at load: set aside under quarantine/ and reported, never fatal. */
+export interface QuarantinedFile {
+  file: string;
+  movedTo: string;
+  reason: string;
+}
+
+/**
+ * The agent's durable state below --state-dir:
+ *   host.json             the host's persisted identity
+ *   domains/<name>.xml    definitions (normalized XML)
+ *   runtime/<name>.json   what is needed to find a running qemu again (pid, start time, socket)
+ *   jobs/<id>.json        migration job records
+ *   run/                  QMP sockets and pidfiles
+ *   logs/                 qemu logs
+ *   quarantine/           corrupt files set aside at load
+ */
+export class StateStore {
+  readonly root: string;
+  readonly quarantined: QuarantinedFile[] = [];
+
+  constructor(root: string) {
+    this.root = root;
+  }
+
+  dir(kind: 'domains' | 'runtime' | 'jobs' | 'run' | 'logs' | 'quarantine'): string {
+    return path.join(this.root, kind);
+  }
+
+  async init(): Promise<void> {
+    for (const kind of ['domains', 'runtime', 'jobs', 'run', 'logs', 'quarantine'] as const) {
+      await fs.mkdir(this.dir(kind), { recursive: true, mode: 0o700 });
+    }
+    // Temp files of a write interrupted by a crash are garbage by construction.
+    for (const kind of ['domains', 'runtime', 'jobs'] as const) {
+      for (const entry of await fs.readdir(this.dir(kind))) {
+        if (entry.startsWith('.') && entry.endsWith('.tmp')) await fs.rm(path.join(this.dir(kind), entry), { force: true });
+      }
+    }
+  }
+
+  async hostIdentity(): Promise<{ uuid: string }> {
+    const file = path.join(this.root, 'host.json');
+    const loaded = await this.readJson<{ uuid: string }>(file, (v) => isObject(v) && typeof v.uuid === 'string');
+    if (loaded) return loaded;
+    const identity = { uuid: randomUUID() };
+    await writeFileAtomic(file, JSON.stringify(identity, null, 2) + '\n');
+    return identity;
+  }
+
+  // --- definitions ---
+  async saveDefinition(name: string, xml: string): Promise<void> {
+    await writeFileAtomic(path.join(this.dir('domains'), `${name}.xml`), xml);
+  }
+  async removeDefinition(name: string): Promise<void> {
+    await removeDurably(path.join(this.dir('domains'), `${name}.xml`));
+  }
+  async loadDefinitions(): Promise<Array<{ name: string; xml: string; file: string }>> {
+    const out: Array<{ name: string; xml: string; file: string }> = [];
+    for (const entry of (await fs.readdir(this.dir('domains'))).sort()) {
+      if (!entry.endsWith('.xml') || entry.startsWith('.')) continue;
+      const file = path.join(this.dir('domains'), entry);
+      out.push({ name: entry.slice(0, -4), xml: await fs.readFile(file, 'utf8'), file });
+    }
+    return out;
+  }
+
+  // --- runtime records and jobs: JSON documents keyed by a file-safe id ---
+  async saveRecord(kind: 'runtime' | 'jobs', id: string, value: unknown): Promise<void> {
+    await writeFileAtomic(path.join(this.dir(kind), `${id}.json`), JSON.stringify(value, null, 2) + '\n');
+  }
+  async removeRecord(kind: 'runtime' | 'jobs', id: string): Promise<void> {
+    await removeDurably(path.join(this.dir(kind), `${id}.json`));
+  }
+  async loadRecords<T>(kind: 'runtime' | 'jobs', valid: (v: unknown) => boolean): Promise<Array<{ id: string; value: T }>> {
+    const out: Array<{ id: string; value: T }> = [];
+    for (const entry of (await fs.readdir(this.dir(kind))).sort()) {
+      if (!entry.endsWith('.json') || entry.startsWith('.')) continue;
+      const value = await this.readJson<T>(path.join(this.dir(kind), entry), valid);
+      if (value) out.push({ id: entry.slice(0, -5), value });
+    }
+    return out;
+  }
+
+  /** Set a file aside (e.g. a definition that no longer parses) so the agent can go on. */
+  async quarantine(file: string, reason: string): Promise<void> {
+    const movedTo = path.join(this.dir('quarantine'), `${path.basename(file)}.${Date.now()}`);
+    await fs.rename(file, movedTo);
+    this.quarantined.push({ file, movedTo, reason });
+  }
+
+  private async readJson<T>(file: string, valid: (v: unknown) => boolean): Promise<T | null> {
+    let text: string;
+    try {
+      text = await fs.readFile(file, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw err;
+    }
+    let value: unknown;
+    try {
+      value = JSON.parse(text);
+    } catch (err) {
+      await this.quarantine(file, `not valid JSON: ${(err as Error).message}`);
+      return null;
+    }
+    if (!valid(value)) {
+      await this.quarantine(file, 'JSON does not have the expected shape');
+      return null;
+    }
+    return value as T;
+  }
+}
+
+export function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}

@@ -1,0 +1,109 @@
+import t from 'tap';
+import { promises as fs } from 'node:fs';
+import { AgentHttpError } from '../../src/client.js';
+import { processMatches } from '../../src/qemu/process.js';
+import { readGuestCounters, parseSerialLog } from '../guest/image.js';
+import { startAgent, testGuest, tmpDir, waitFor } from '../helpers/agents.js';
+
+t.test('define, start, observe over QMP, destroy, undefine', async (t) => {
+  const dir = await tmpDir(t);
+  const agent = await startAgent(t, dir, 'a');
+  const { client, app } = agent;
+  const guest = await testGuest(dir, 'vm1');
+
+  const defined = await client.define(guest.xml);
+  t.equal(defined.state, 'shutoff');
+  t.match(defined.machine, /^pc-i440fx-\d+\.\d+$/, 'alias machine type resolved at define time');
+  const storedXml = await client.xml('vm1');
+  t.match(storedXml, new RegExp(`machine=["']${defined.machine}["']`), 'resolved machine written into the stored XML');
+  t.match(storedXml, /<uuid>[0-9a-f-]{36}<\/uuid>/, 'uuid filled in');
+  t.same((await client.domains()).map((d) => d.name), ['vm1']);
+
+  const started = await client.lifecycle('vm1', 'start');
+  t.equal(started.state, 'running');
+  t.ok(started.pid && started.pid > 0);
+
+  // Over the agent's own QMP connection: the guest really runs and makes progress.
+  const qmp = app.agent.domains.get('vm1').run!.qmp;
+  const first = await waitFor('guest passes', async () => {
+    const c = await readGuestCounters(qmp);
+    return c.passes > 0 ? c : null;
+  });
+  const later = await waitFor('more passes', async () => {
+    const c = await readGuestCounters(qmp);
+    return c.passes > first.passes ? c : null;
+  });
+  t.equal(later.bootId, first.bootId, 'same boot');
+  const serial = await waitFor('serial boot line', async () => {
+    const parsed = parseSerialLog(await fs.readFile(guest.serialLog, 'utf8').catch(() => ''));
+    return parsed.boots.length > 0 ? parsed : null;
+  });
+  t.equal(serial.boots.length, 1, 'booted once');
+
+  // The state follows what qemu reports: pause it behind the agent's back.
+  await qmp.execute('stop');
+  const paused = await client.domain('vm1');
+  t.equal(paused.state, 'paused');
+  t.equal(paused.qemuStatus, 'paused');
+  await qmp.execute('cont');
+  t.equal((await client.domain('vm1')).state, 'running');
+
+  await t.rejects(client.lifecycle('vm1', 'start'), { status: 409, code: 'domain_active' });
+  await t.rejects(client.undefine('vm1'), { status: 409, code: 'domain_active' });
+  await t.rejects(client.define(guest.xml), { status: 409, code: 'domain_active' }, 'no redefinition while running');
+
+  const record = app.agent.domains.get('vm1').run!.record;
+  const destroyed = await client.lifecycle('vm1', 'destroy');
+  t.equal(destroyed.state, 'shutoff');
+  t.equal(destroyed.reason, 'destroyed');
+  t.notOk(processMatches(record), 'qemu process is gone');
+  await t.rejects(fs.stat(record.qmpSocketPath), { code: 'ENOENT' }, 'QMP socket removed');
+  await t.rejects(client.lifecycle('vm1', 'destroy'), { status: 409, code: 'domain_not_running' });
+
+  await client.undefine('vm1');
+  await t.rejects(client.domain('vm1'), { status: 404, code: 'domain_not_found' });
+  t.same(await fs.readdir(`${agent.config.stateDir}/domains`), [], 'definition removed from disk');
+});
+
+t.test('a guest that dies on its own is reported crashed, not running', async (t) => {
+  const dir = await tmpDir(t);
+  const { client, app } = await startAgent(t, dir, 'a');
+  const guest = await testGuest(dir, 'vm2');
+  await client.define(guest.xml);
+  await client.lifecycle('vm2', 'start');
+  const { pid } = app.agent.domains.get('vm2').run!.record;
+  process.kill(pid, 'SIGKILL');
+  const info = await waitFor('crash noticed', async () => {
+    const d = await client.domain('vm2');
+    return d.state === 'shutoff' ? d : null;
+  });
+  t.equal(info.reason, 'crashed');
+  // It can be started again.
+  t.equal((await client.lifecycle('vm2', 'start')).state, 'running');
+  await client.lifecycle('vm2', 'destroy');
+});
+
+t.test('shutdown asks the guest (ACPI power button) and leaves it to the guest', async (t) => {
+  const dir = await tmpDir(t);
+  const { client, app } = await startAgent(t, dir, 'a');
+  const guest = await testGuest(dir, 'vm3');
+  await client.define(guest.xml);
+  await client.lifecycle('vm3', 'start');
+  const qmp = app.agent.domains.get('vm3').run!.qmp;
+  const powerdown = qmp.waitForEvent('POWERDOWN', { timeoutMs: 10_000 });
+  const res = await client.call<{ state: string }>('POST', '/domains/vm3/shutdown');
+  t.equal(res.state, 'running', 'the test guest has no ACPI handler: it keeps running');
+  t.equal((await powerdown).event, 'POWERDOWN', 'qemu pressed the power button');
+  await client.lifecycle('vm3', 'destroy');
+});
+
+t.test('errors are JSON with a code', async (t) => {
+  const dir = await tmpDir(t);
+  const { client } = await startAgent(t, dir, 'a');
+  const err = (await client.domain('nope').catch((e: unknown) => e)) as AgentHttpError;
+  t.equal(err.status, 404);
+  t.equal(err.code, 'domain_not_found');
+  const route = (await client.call('GET', '/nope').catch((e: unknown) => e)) as AgentHttpError;
+  t.equal(route.status, 404);
+  t.equal(route.code, 'route_not_found');
+});

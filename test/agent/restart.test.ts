@@ -1,0 +1,70 @@
+import t from 'tap';
+import path from 'node:path';
+import { promises as fs, statSync } from 'node:fs';
+import { processMatches } from '../../src/qemu/process.js';
+import { parseSerialLog } from '../guest/image.js';
+import { freePort, qemuRecords, spawnAgent, testGuest, tmpDir, waitFor } from '../helpers/agents.js';
+
+async function lastPass(serialLog: string): Promise<number> {
+  return parseSerialLog(await fs.readFile(serialLog, 'utf8').catch(() => '')).lastPass ?? -1;
+}
+
+t.test('kill -9 the agent while a guest runs: the restarted agent re-attaches', async (t) => {
+  const dir = await tmpDir(t);
+  const stateDir = path.join(dir, 'state');
+  const port = await freePort('127.0.0.1');
+  const token = 'restart-test-token';
+  const opts = { host: '127.0.0.1', port, stateDir, allowPath: dir, token };
+  const first = await spawnAgent(t, opts);
+  const guest = await testGuest(dir, 'vm1');
+  await first.client.define(guest.xml);
+  const started = await first.client.lifecycle('vm1', 'start');
+  const [record] = await qemuRecords(stateDir);
+  t.equal(record?.pid, started.pid, 'runtime record holds the pid');
+  await waitFor('guest progress', async () => (await lastPass(guest.serialLog)) >= 0);
+
+  await first.kill9();
+  t.ok(processMatches(record!), 'the guest outlives its agent');
+  const progressWhileDown = await lastPass(guest.serialLog);
+  await waitFor('guest keeps running without an agent', async () => (await lastPass(guest.serialLog)) > progressWhileDown);
+
+  const second = await spawnAgent(t, opts);
+  const info = await second.client.domain('vm1');
+  t.equal(info.state, 'running', 're-attached and running');
+  t.equal(info.pid, started.pid, 'same qemu process');
+  t.same(parseSerialLog(await fs.readFile(guest.serialLog, 'utf8')).boots.length, 1, 'never rebooted');
+
+  // Still controllable: destroy through the new agent ends the same process.
+  const destroyed = await second.client.lifecycle('vm1', 'destroy');
+  t.equal(destroyed.state, 'shutoff');
+  t.notOk(processMatches(record!), 'qemu ended by the restarted agent');
+  t.same(await qemuRecords(stateDir), [], 'runtime record removed');
+});
+
+t.test('a guest that died while its agent was down is found shut off', async (t) => {
+  const dir = await tmpDir(t);
+  const stateDir = path.join(dir, 'state');
+  const opts = { host: '127.0.0.1', stateDir, allowPath: dir };
+  const first = await spawnAgent(t, opts);
+  const guest = await testGuest(dir, 'vm2');
+  await first.client.define(guest.xml);
+  const { pid } = await first.client.lifecycle('vm2', 'start');
+  await first.kill9();
+  process.kill(pid!, 'SIGKILL');
+  await waitFor('qemu gone', () => !fsExists(`/proc/${pid}`));
+  const second = await spawnAgent(t, { ...opts, port: await freePort('127.0.0.1') });
+  const info = await second.client.domain('vm2');
+  t.equal(info.state, 'shutoff');
+  t.same(await qemuRecords(stateDir), [], 'stale runtime record removed');
+  t.equal((await second.client.lifecycle('vm2', 'start')).state, 'running', 'startable again');
+  await second.client.lifecycle('vm2', 'destroy');
+});
+
+function fsExists(p: string): boolean {
+  try {
+    statSync(p);
+    return true;
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,45 @@
+import t from 'tap';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { writeFileAtomic } from '../../src/store/atomic.js';
+import { StateStore } from '../../src/store/state-store.js';
+import { startAgent, testGuest, tmpDir } from '../helpers/agents.js';
+
+t.test('atomic write replaces whole files and leaves no temp file', async (t) => {
+  const dir = await tmpDir(t);
+  const file = path.join(dir, 'x.json');
+  await writeFileAtomic(file, 'one');
+  await writeFileAtomic(file, 'two');
+  t.equal(await fs.readFile(file, 'utf8'), 'two');
+  t.same(await fs.readdir(dir), ['x.json']);
+});
+
+t.test('stale temp files of an interrupted write are removed at start', async (t) => {
+  const dir = await tmpDir(t);
+  const store = new StateStore(dir);
+  await store.init();
+  await fs.writeFile(path.join(dir, 'jobs', '.abc.json.123.tmp'), '{"half');
+  await new StateStore(dir).init();
+  t.same(await fs.readdir(path.join(dir, 'jobs')), []);
+});
+
+t.test('corrupt state files are set aside and reported; the agent starts', async (t) => {
+  const dir = await tmpDir(t);
+  const first = await startAgent(t, dir, 'a');
+  const guest = await testGuest(dir, 'good');
+  await first.client.define(guest.xml);
+  await first.app.close();
+  const state = first.config.stateDir;
+  await fs.writeFile(path.join(state, 'domains', 'broken.xml'), '<domain type="kvm"><name>broken</na');
+  await fs.writeFile(path.join(state, 'runtime', 'ghost.json'), '{"name": "ghost", "pid": ');
+  await fs.writeFile(path.join(state, 'jobs', 'j1.json'), '[1,2,3]');
+  await fs.writeFile(path.join(state, 'host.json'), '{"uuid":');
+
+  const second = await startAgent(t, dir, 'a');
+  const host = await second.client.call<{ quarantined: Array<{ file: string; reason: string }> }>('GET', '/host');
+  const names = host.quarantined.map((q) => path.basename(q.file)).sort();
+  t.same(names, ['broken.xml', 'ghost.json', 'host.json', 'j1.json'], 'each corrupt file reported');
+  t.same((await second.client.domains()).map((d) => d.name), ['good'], 'the good definition is still there');
+  const quarantine = await fs.readdir(path.join(state, 'quarantine'));
+  t.equal(quarantine.length, 4, 'set aside under quarantine/');
+});

@@ -1,0 +1,101 @@
+import t from 'tap';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { AgentClient, AgentHttpError } from '../../src/client.js';
+import { qemuRecords, startAgent, testGuest, tmpDir } from '../helpers/agents.js';
+
+const TOKEN = 's3cret-token';
+
+t.test('bad input is refused with the right status; nothing started, nothing stored', async (t) => {
+  const dir = await tmpDir(t);
+  const agent = await startAgent(t, dir, 'a', { token: TOKEN, bodyLimitBytes: 64 * 1024 });
+  const { client, config } = agent;
+  const outside = await fs.mkdtemp(path.join(dir, '..', 'kvm-migrate-test-outside-'));
+  t.teardown(() => fs.rm(outside, { recursive: true, force: true }));
+  const guest = await testGuest(dir, 'vm1');
+  await fs.writeFile(path.join(outside, 'secret.img'), Buffer.alloc(512));
+  await fs.symlink(path.join(outside, 'secret.img'), path.join(dir, 'link.img'));
+
+  const withDisk = (file: string) => guest.xml.replace(guest.image, file);
+  const cases: Array<{ what: string; body: string; status: number; code: RegExp; contentType?: string }> = [
+    { what: 'DOCTYPE', body: `<!DOCTYPE domain [<!ENTITY x "y">]>${guest.xml}`, status: 400, code: /invalid_xml/ },
+    { what: 'entity reference', body: guest.xml.replace('<name>vm1</name>', '<name>&x;</name>'), status: 400, code: /./ },
+    { what: 'malformed XML', body: '<domain><name>vm1</name>', status: 400, code: /invalid_xml/ },
+    { what: 'not a domain', body: '<network/>', status: 400, code: /./ },
+    { what: 'bad name', body: guest.xml.replace('<name>vm1</name>', '<name>../../etc</name>'), status: 400, code: /./ },
+    { what: 'too long name', body: guest.xml.replace('<name>vm1</name>', `<name>${'a'.repeat(65)}</name>`), status: 400, code: /./ },
+    { what: 'bad uuid', body: guest.xml.replace('<name>vm1</name>', '<name>vm1</name><uuid>not-a-uuid</uuid>'), status: 400, code: /./ },
+    { what: 'too little memory', body: guest.xml.replace(/<memory unit='MiB'>\d+<\/memory>/, "<memory unit='KiB'>1024</memory>"), status: 400, code: /./ },
+    { what: 'too much memory', body: guest.xml.replace(/<memory unit='MiB'>\d+<\/memory>/, "<memory unit='PiB'>8</memory>"), status: 400, code: /./ },
+    { what: 'zero vcpus', body: guest.xml.replace('<vcpu>1</vcpu>', '<vcpu>0</vcpu>'), status: 400, code: /./ },
+    { what: 'too many vcpus', body: guest.xml.replace('<vcpu>1</vcpu>', '<vcpu>100000</vcpu>'), status: 400, code: /./ },
+    { what: 'unknown device', body: guest.xml.replace('<devices>', "<devices><hostdev mode='subsystem' type='pci'/>"), status: 400, code: /unsupported/ },
+    { what: 'raw qemu arguments', body: guest.xml.replace("<domain type='kvm'>", "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>").replace('</devices>', "</devices><qemu:commandline><qemu:arg value='-monitor'/></qemu:commandline>"), status: 400, code: /./ },
+    { what: 'disk outside allow-path', body: withDisk(path.join(outside, 'secret.img')), status: 400, code: /path_not_allowed/ },
+    { what: 'disk via .. escape', body: withDisk(path.join(dir, '..', path.basename(outside), 'secret.img')), status: 400, code: /path_not_allowed/ },
+    { what: 'disk via symlink escape', body: withDisk(path.join(dir, 'link.img')), status: 400, code: /path_not_allowed/ },
+    { what: 'relative disk path', body: withDisk('guest.img'), status: 400, code: /./ },
+    { what: 'body too large', body: guest.xml.replace('<devices>', `<description>${'x'.repeat(70 * 1024)}</description><devices>`), status: 413, code: /body_too_large/ },
+    { what: 'wrong content type', body: guest.xml, status: 415, code: /unsupported_media_type/, contentType: 'text/plain' },
+  ];
+  for (const c of cases) {
+    const err = (await client.call('POST', '/domains', c.body, c.contentType ?? 'application/xml').catch((e: unknown) => e)) as AgentHttpError;
+    t.ok(err instanceof AgentHttpError, `${c.what}: refused`);
+    t.equal(err.status, c.status, `${c.what}: status ${c.status}`);
+    t.match(err.code, c.code, `${c.what}: code ${err.code}`);
+    t.type(err.body.message, 'string', `${c.what}: has a message`);
+  }
+  t.equal((await client.call<{ status: string }>('GET', '/health')).status, 'ok', 'agent healthy');
+  t.same(await client.domains(), [], 'nothing defined');
+  t.same(await fs.readdir(path.join(config.stateDir, 'domains')), [], 'nothing stored');
+  t.same(await qemuRecords(config.stateDir), [], 'nothing started');
+
+  // A refused element is named.
+  const named = (await client.define(guest.xml.replace('<devices>', '<devices><sound model="ich6"/>')).catch((e: unknown) => e)) as AgentHttpError;
+  t.match(String(named.body.element), /sound/, 'the refused element is named');
+
+  // Bad request bodies on the JSON routes.
+  await t.rejects(client.call('POST', '/perform', { domain: 'vm1' }), { status: 400 });
+  await t.rejects(client.call('POST', '/perform', { domain: 'x;rm', destination: 'http://127.0.0.1:1' }), { status: 400 });
+  await t.rejects(client.call('POST', '/finish2', { migrationId: 'nope', rc: 0 }), { status: 404, code: 'migration_not_found' });
+});
+
+t.test('bearer token on every route but /health', async (t) => {
+  const dir = await tmpDir(t);
+  const { url } = await startAgent(t, dir, 'a', { token: TOKEN });
+  const anonymous = new AgentClient(url);
+  const wrong = new AgentClient(url, 'wrong-token');
+  t.equal((await anonymous.call<{ status: string }>('GET', '/health')).status, 'ok', '/health is public');
+  for (const [method, route] of [
+    ['GET', '/host'],
+    ['GET', '/domains'],
+    ['POST', '/domains'],
+    ['GET', '/jobs'],
+    ['POST', '/prepare2'],
+    ['POST', '/finish2'],
+    ['POST', '/perform'],
+    ['GET', '/documentation/json'],
+  ] as const) {
+    await t.rejects(anonymous.call(method, route, method === 'POST' ? {} : undefined), { status: 401, code: 'unauthorized' }, `${method} ${route} without token`);
+    await t.rejects(wrong.call(method, route, method === 'POST' ? {} : undefined), { status: 401, code: 'unauthorized' }, `${method} ${route} wrong token`);
+  }
+  t.ok((await new AgentClient(url, TOKEN).host()).uuid, 'right token accepted');
+});
+
+t.test('non-loopback listen without a token is refused', async (t) => {
+  const dir = await tmpDir(t);
+  await t.rejects(startAgent(t, dir, 'a', { listenHost: '0.0.0.0' }), /without --token/);
+});
+
+t.test('/host reports a persisted identity', async (t) => {
+  const dir = await tmpDir(t);
+  const a = await startAgent(t, dir, 'a');
+  const host = await a.client.call<{ uuid: string; accelerator: string; qemuVersion: string; protocolVersions: number[] }>('GET', '/host');
+  t.match(host.uuid, /^[0-9a-f-]{36}$/);
+  t.match(host.qemuVersion, /^\d+\.\d+/);
+  t.ok(['kvm', 'tcg'].includes(host.accelerator));
+  t.same(host.protocolVersions, [2]);
+  await a.app.close();
+  const again = await startAgent(t, dir, 'a');
+  t.equal((await again.client.host()).uuid, host.uuid, 'same uuid after restart');
+});

@@ -1,0 +1,176 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import { buildAgent } from '../../src/agent/app.js';
+import { DEFAULTS, type AgentConfig } from '../../src/config.js';
+import { AgentClient } from '../../src/client.js';
+import { killQemu, processMatches, type QemuProcessRecord } from '../../src/qemu/process.js';
+import { packageRoot } from '../../src/agent/package-root.js';
+import { writeGuestImage, guestMemoryMiB, type GuestParams } from '../guest/image.js';
+import { testGuestXml } from '../guest/domain-xml.js';
+
+/** Every temp dir of the suite starts with this, so the leftover check can find strays. */
+export const TMP_PREFIX = 'kvm-migrate-test-';
+
+export interface TestContext {
+  teardown(fn: () => void | Promise<void>): void;
+}
+
+export async function tmpDir(t: TestContext): Promise<string> {
+  // Short: unix socket paths below it must fit in 108 bytes.
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), TMP_PREFIX));
+  t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+export async function waitFor<T>(
+  what: string,
+  probe: () => Promise<T | undefined | null | false> | T | undefined | null | false,
+  { timeoutMs = 30_000, intervalMs = 100 } = {},
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let lastError: unknown;
+  for (;;) {
+    try {
+      const v = await probe();
+      if (v) return v;
+    } catch (err) {
+      lastError = err;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${lastError ? `: ${(lastError as Error).message}` : ''}`);
+    }
+    await new Promise((r) => setTimeout(r, intervalMs));
+  }
+}
+
+export function agentConfig(dir: string, name: string, overrides: Partial<AgentConfig> = {}): AgentConfig {
+  return {
+    listenHost: '127.0.0.1',
+    listenPort: 0,
+    stateDir: path.join(dir, name),
+    migrationAddress: overrides.listenHost ?? '127.0.0.1',
+    migrationPorts: { low: 49152, high: 49215 },
+    allowPaths: [dir],
+    accel: (process.env.KVM_MIGRATE_TEST_ACCEL as AgentConfig['accel']) ?? 'auto',
+    incomingTimeoutSeconds: 30,
+    bodyLimitBytes: DEFAULTS.bodyLimitBytes,
+    maxIncoming: DEFAULTS.maxIncoming,
+    maxOutgoing: DEFAULTS.maxOutgoing,
+    ...overrides,
+  };
+}
+
+export interface TestAgent {
+  app: FastifyInstance;
+  url: string;
+  client: AgentClient;
+  config: AgentConfig;
+}
+
+/** Every qemu process record found in an agent's state dir (runtime records). */
+export async function qemuRecords(stateDir: string): Promise<QemuProcessRecord[]> {
+  const dir = path.join(stateDir, 'runtime');
+  const out: QemuProcessRecord[] = [];
+  for (const f of await fs.readdir(dir).catch(() => [] as string[])) {
+    if (!f.endsWith('.json')) continue;
+    try {
+      out.push(JSON.parse(await fs.readFile(path.join(dir, f), 'utf8')).process);
+    } catch {
+      // a record being rewritten; the in-memory list covers it
+    }
+  }
+  return out;
+}
+
+/** End, by pid, every qemu an agent started; used by teardown also when a test failed. */
+export async function killAgentQemus(app: FastifyInstance | undefined, stateDir: string): Promise<void> {
+  const records = new Map<number, QemuProcessRecord>();
+  for (const rec of await qemuRecords(stateDir)) records.set(rec.pid, rec);
+  for (const entry of app?.agent.domains.list() ?? []) if (entry.run) records.set(entry.run.record.pid, entry.run.record);
+  await Promise.all([...records.values()].filter(processMatches).map((rec) => killQemu(rec, { graceMs: 500 })));
+}
+
+/** An agent in this process, listening on port 0; its qemus are ended at teardown. */
+export async function startAgent(t: TestContext, dir: string, name: string, overrides: Partial<AgentConfig> = {}): Promise<TestAgent> {
+  const config = agentConfig(dir, name, overrides);
+  const app = await buildAgent(config);
+  t.teardown(async () => {
+    await killAgentQemus(app, config.stateDir);
+    await app.close();
+  });
+  await app.listen({ host: config.listenHost, port: 0 });
+  const { port } = app.server.address() as net.AddressInfo;
+  const url = `http://${config.listenHost}:${port}`;
+  return { app, url, client: new AgentClient(url, config.token), config };
+}
+
+export function freePort(host: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(0, host, () => {
+      const { port } = server.address() as net.AddressInfo;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+export interface AgentProcess {
+  child: ChildProcess;
+  url: string;
+  client: AgentClient;
+  stateDir: string;
+  kill9(): Promise<void>;
+}
+
+/** The real CLI agent as a child process (for kill -9 and restart). */
+export async function spawnAgent(
+  t: TestContext,
+  opts: { host: string; port?: number; stateDir: string; allowPath: string; token?: string; extra?: string[]; netns?: string },
+): Promise<AgentProcess> {
+  const port = opts.port ?? (await freePort(opts.host));
+  const cli = path.join(packageRoot, 'dist', 'bin', 'kvm-migrate.js');
+  const args = [cli, 'agent', '--listen', `${opts.host}:${port}`, '--state-dir', opts.stateDir, '--allow-path', opts.allowPath, '--log-level', 'warn', ...(opts.extra ?? [])];
+  const command = opts.netns ? 'ip' : process.execPath;
+  const argv = opts.netns ? ['netns', 'exec', opts.netns, process.execPath, ...args] : args;
+  const child = spawn(command, argv, {
+    env: { ...process.env, ...(opts.token ? { KVM_MIGRATE_TOKEN: opts.token } : {}) },
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  const kill9 = async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGKILL');
+      await exited;
+    }
+  };
+  t.teardown(async () => {
+    await kill9();
+    await killAgentQemus(undefined, opts.stateDir);
+  });
+  const url = `http://${opts.host}:${port}`;
+  const client = new AgentClient(url, opts.token);
+  await waitFor(`agent at ${url}`, async () => {
+    if (child.exitCode !== null) throw new Error(`agent exited with ${child.exitCode}`);
+    return (await client.call<{ status: string }>('GET', '/health')).status === 'ok';
+  }, { timeoutMs: 20_000 });
+  return { child, url, client, stateDir: opts.stateDir, kill9 };
+}
+
+/** A test guest image + serial log in `dir`, and its domain XML. */
+export async function testGuest(
+  dir: string,
+  name: string,
+  params: GuestParams = { fillMiB: 8, hotMiB: 1, reportEvery: 16 },
+  extra: { uuid?: string; memoryMiB?: number } = {},
+): Promise<{ xml: string; image: string; serialLog: string }> {
+  const image = path.join(dir, `${name}.img`);
+  const serialLog = path.join(dir, `${name}.serial.log`);
+  await writeGuestImage(image, params);
+  const xml = testGuestXml({ name, image, serialLog, memoryMiB: extra.memoryMiB ?? guestMemoryMiB(params) + 16, ...(extra.uuid ? { uuid: extra.uuid } : {}) });
+  return { xml, image, serialLog };
+}

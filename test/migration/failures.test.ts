@@ -1,0 +1,146 @@
+import t from 'tap';
+import { processMatches } from '../../src/qemu/process.js';
+import { freePort, testGuest, waitFor } from '../helpers/agents.js';
+import { assertOwnedBy, twoAgents, waitForPasses } from '../helpers/migration.js';
+import type { Finish2Request } from '../../src/migration/protocol.js';
+
+// A guest big enough that a bandwidth-limited stream takes a few seconds.
+const SLOW_GUEST = { fillMiB: 24, hotMiB: 1, reportEvery: 16 };
+
+t.test('destination refuses the XML', async (t) => {
+  const { dir, a, b } = await twoAgents(t, { b: { allowPaths: ['/nonexistent-allow-root'] } });
+  const guest = await testGuest(dir, 'vm1');
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm1', 'start');
+  const boot = await waitForPasses(a, 'vm1', 0);
+  const { job } = await a.client.perform({ domain: 'vm1', destination: b.url }, true);
+  t.equal(job.status, 'failed');
+  t.equal(job.error?.code, 'path_not_allowed', 'the destination refusal is carried into the job');
+  t.match(job.error?.message, /not below any --allow-path/);
+  await assertOwnedBy(t, a, b, 'vm1');
+  t.same(await b.client.domains(), [], 'nothing defined on the destination');
+  t.equal((await waitForPasses(a, 'vm1', boot.passes)).bootId, boot.bootId, 'the guest kept running on the source');
+  await a.client.lifecycle('vm1', 'destroy');
+});
+
+t.test('destination unreachable', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  const guest = await testGuest(dir, 'vm2');
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm2', 'start');
+  const boot = await waitForPasses(a, 'vm2', 0);
+  const closed = `http://127.0.0.3:${await freePort('127.0.0.3')}`;
+  const { job } = await a.client.perform({ domain: 'vm2', destination: closed }, true);
+  t.equal(job.status, 'failed');
+  t.equal(job.error?.code, 'peer_unreachable');
+  await assertOwnedBy(t, a, b, 'vm2');
+  t.equal((await waitForPasses(a, 'vm2', boot.passes)).bootId, boot.bootId);
+  await a.client.lifecycle('vm2', 'destroy');
+});
+
+t.test('destination qemu killed right after Prepare2', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  const guest = await testGuest(dir, 'vm3', SLOW_GUEST);
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm3', 'start');
+  const boot = await waitForPasses(a, 'vm3', 0);
+  const { job } = await a.client.perform({ domain: 'vm3', destination: b.url, bandwidthMiBps: 4 });
+  const destRun = await waitFor('destination qemu', () => b.app.agent.domains.find('vm3')?.run);
+  process.kill(destRun.record.pid, 'SIGKILL');
+  const ended = await a.app.agent.migrations.jobs.waitForEnd(a.app.agent.migrations.jobs.require(job.id), 60_000);
+  t.equal(ended.status, 'failed');
+  t.ok(ended.error, `clear error: ${ended.error?.code}: ${ended.error?.message}`);
+  const destJob = await waitFor('destination job ended', async () => {
+    const j = await b.client.job(job.id);
+    return j.status !== 'running' ? j : null;
+  });
+  t.equal(destJob.status, 'failed');
+  await assertOwnedBy(t, a, b, 'vm3');
+  t.equal((await waitForPasses(a, 'vm3', boot.passes)).bootId, boot.bootId, 'same guest on the source');
+  await a.client.lifecycle('vm3', 'destroy');
+});
+
+t.test('stream cancelled midway', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  const guest = await testGuest(dir, 'vm4', SLOW_GUEST);
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm4', 'start');
+  const boot = await waitForPasses(a, 'vm4', 0);
+  const { job } = await a.client.perform({ domain: 'vm4', destination: b.url, bandwidthMiBps: 4 });
+  await waitFor('stream under way', async () => {
+    const j = await a.client.job(job.id);
+    return j.phase === 'streaming' && (j.stats?.transferredBytes ?? 0) > 1024 * 1024;
+  });
+  const cancelled = await a.client.cancel(job.id);
+  t.equal(cancelled.cancelRequested, true);
+  const ended = await a.app.agent.migrations.jobs.waitForEnd(a.app.agent.migrations.jobs.require(job.id), 60_000);
+  t.equal(ended.status, 'cancelled');
+  t.equal(ended.error?.code, 'cancelled');
+  await t.rejects(a.client.cancel(job.id), { status: 409, code: 'job_ended' });
+  const destJob = await waitFor('destination job ended', async () => {
+    const j = await b.client.job(job.id);
+    return j.status !== 'running' ? j : null;
+  });
+  t.equal(destJob.status, 'cancelled', 'the destination learned it was cancelled');
+  await assertOwnedBy(t, a, b, 'vm4');
+  t.equal((await waitForPasses(a, 'vm4', boot.passes)).bootId, boot.bootId);
+  await a.client.lifecycle('vm4', 'destroy');
+});
+
+t.test('Finish2 rejected: the destination aborts after the stream completed; the source resumes', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  const guest = await testGuest(dir, 'vm5');
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm5', 'start');
+  const boot = await waitForPasses(a, 'vm5', 0);
+  // Fault at an exact protocol point: the incoming qemu dies after the stream, before Finish2 is handled.
+  const migrations = b.app.agent.migrations;
+  const realFinish2 = migrations.finish2.bind(migrations);
+  migrations.finish2 = async (req: Finish2Request) => {
+    const run = b.app.agent.domains.find('vm5')?.run;
+    if (run) {
+      process.kill(run.record.pid, 'SIGKILL');
+      await waitFor('incoming qemu gone', () => !processMatches(run.record));
+    }
+    return realFinish2(req);
+  };
+  const { job } = await a.client.perform({ domain: 'vm5', destination: b.url }, true);
+  t.equal(job.status, 'failed');
+  t.equal(job.finish?.outcome, 'aborted', 'the destination answered Finish2 with aborted');
+  t.ok(job.phaseHistory.some((p) => p.phase === 'stream-completed'), 'the stream had completed');
+  await assertOwnedBy(t, a, b, 'vm5');
+  const after = await waitForPasses(a, 'vm5', boot.passes);
+  t.equal(after.bootId, boot.bootId, 'the paused source copy was resumed, same guest');
+  await a.client.lifecycle('vm5', 'destroy');
+});
+
+t.test('Finish2 outcome unknown: the source stays paused and asks again until it learns it', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  const guest = await testGuest(dir, 'vm6');
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm6', 'start');
+  const boot = await waitForPasses(a, 'vm6', 0);
+  const migrations = b.app.agent.migrations;
+  const realFinish2 = migrations.finish2.bind(migrations);
+  let failures = 0;
+  migrations.finish2 = async (req: Finish2Request) => {
+    if (failures < 3) {
+      failures++;
+      throw new Error('injected: destination agent failed while handling Finish2');
+    }
+    return realFinish2(req);
+  };
+  const { job } = await a.client.perform({ domain: 'vm6', destination: b.url });
+  const waiting = await waitFor('source waiting on Finish2', async () => {
+    const j = await a.client.job(job.id);
+    return j.waiting ? j : null;
+  });
+  t.equal(waiting.phase, 'finishing');
+  t.equal((await a.client.domain('vm6')).qemuStatus, 'postmigrate', 'the source guest stays paused meanwhile');
+  const ended = await a.app.agent.migrations.jobs.waitForEnd(a.app.agent.migrations.jobs.require(job.id), 60_000);
+  t.equal(ended.status, 'completed');
+  t.ok(ended.finish!.attempts >= 4, `asked ${ended.finish!.attempts} times`);
+  await assertOwnedBy(t, b, a, 'vm6');
+  t.equal((await waitForPasses(b, 'vm6', boot.passes)).bootId, boot.bootId);
+  await b.client.lifecycle('vm6', 'destroy');
+});

@@ -1,0 +1,150 @@
+import t from 'tap';
+import { processMatches } from '../../src/qemu/process.js';
+import { portIsFree } from '../../src/migration/ports.js';
+import { testGuest, waitFor } from '../helpers/agents.js';
+import { assertOwnedBy, counters, twoAgents, waitForPasses } from '../helpers/migration.js';
+
+t.test('migrate A -> B -> A repeatedly; the guest keeps running and never reboots', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  const guest = await testGuest(dir, 'vm1');
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm1', 'start');
+  const boot = await waitForPasses(a, 'vm1', 0);
+  let last = boot.passes;
+  let [from, to] = [a, b];
+  for (let round = 1; round <= 4; round++) {
+    const fromPid = from.app.agent.domains.get('vm1').run!.record;
+    const { job } = await from.client.perform({ domain: 'vm1', destination: to.url }, true);
+    t.equal(job.status, 'completed', `round ${round}: source job completed`);
+    t.equal(job.role, 'source');
+    t.ok(job.timings.totalMs! > 0 && job.timings.qemuTotalMs! >= 0, 'timings recorded');
+    t.ok(job.stats && job.stats.transferredBytes > 0, 'bytes transferred recorded');
+    const destJob = await to.client.job(job.id);
+    t.equal(destJob.status, 'completed', `round ${round}: destination job completed`);
+    t.equal(destJob.role, 'destination');
+    t.equal(destJob.finish?.outcome, 'finished');
+
+    t.notOk(processMatches(fromPid), 'source qemu ended');
+    await assertOwnedBy(t, to, from, 'vm1');
+    const now = await waitForPasses(to, 'vm1', last);
+    t.equal(now.bootId, boot.bootId, `round ${round}: same boot id (no reboot)`);
+    t.ok(now.passes > last, `round ${round}: pass counter went on (${last} -> ${now.passes})`);
+    last = now.passes;
+    const port = Number(job.uri!.split(':').pop());
+    t.ok(await portIsFree(to.config.migrationAddress, port), 'incoming port released');
+    const left = await from.client.domain('vm1');
+    t.equal(left.state, 'shutoff');
+    t.equal(left.reason, 'migrated', 'the source keeps the definition, shut off (migrated)');
+    [from, to] = [to, from];
+  }
+  await from.client.lifecycle('vm1', 'destroy');
+});
+
+t.test('offline migration and paused arrival', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  const guest = await testGuest(dir, 'vm2');
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm2', 'start');
+  const boot = await waitForPasses(a, 'vm2', 0);
+
+  const offline = await a.client.perform({ domain: 'vm2', destination: b.url, live: false }, true);
+  t.equal(offline.job.status, 'completed', 'offline migration completed');
+  await assertOwnedBy(t, b, a, 'vm2');
+  const afterOffline = await waitForPasses(b, 'vm2', boot.passes);
+  t.equal(afterOffline.bootId, boot.bootId);
+
+  const paused = await b.client.perform({ domain: 'vm2', destination: a.url, paused: true, undefineSource: true }, true);
+  t.equal(paused.job.status, 'completed');
+  await assertOwnedBy(t, a, b, 'vm2', 'paused');
+  const held = await counters(a, 'vm2');
+  await new Promise((r) => setTimeout(r, 500));
+  t.equal((await counters(a, 'vm2')).passes, held.passes, 'a paused arrival does not run');
+  await t.rejects(b.client.domain('vm2'), { status: 404 }, 'undefined on the source');
+  await a.client.lifecycle('vm2', 'resume');
+  const resumed = await waitForPasses(a, 'vm2', held.passes);
+  t.equal(resumed.bootId, boot.bootId, 'resumed, same boot');
+  await a.client.lifecycle('vm2', 'destroy');
+});
+
+t.test('a transient arrival (not persisted) vanishes when it stops', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  const guest = await testGuest(dir, 'vm3');
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm3', 'start');
+  const { job } = await a.client.perform({ domain: 'vm3', destination: b.url, persistDestination: false }, true);
+  t.equal(job.status, 'completed');
+  const arrived = await b.client.domain('vm3');
+  t.equal(arrived.persistent, false);
+  await b.client.lifecycle('vm3', 'destroy');
+  await t.rejects(b.client.domain('vm3'), { status: 404 }, 'gone once stopped');
+});
+
+t.test('two guests migrate at once', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  const names = ['vm4', 'vm5'];
+  const boots = new Map<string, number>();
+  for (const name of names) {
+    await a.client.define((await testGuest(dir, name)).xml);
+    await a.client.lifecycle(name, 'start');
+    boots.set(name, (await waitForPasses(a, name, 0)).bootId);
+  }
+  const results = await Promise.all(names.map((domain) => a.client.perform({ domain, destination: b.url }, true)));
+  const ports = new Set<string>();
+  for (const [i, { job }] of results.entries()) {
+    t.equal(job.status, 'completed', `${names[i]} completed`);
+    ports.add(job.uri!);
+    await assertOwnedBy(t, b, a, names[i]!);
+    t.equal((await waitForPasses(b, names[i]!, 0)).bootId, boots.get(names[i]!));
+  }
+  t.equal(ports.size, 2, 'each incoming stream had its own port');
+  for (const name of names) await b.client.lifecycle(name, 'destroy');
+});
+
+t.test('steps are idempotent on the migration id; a second Perform of a migrating domain is refused', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  const guest = await testGuest(dir, 'vm6');
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm6', 'start');
+  // A slow stream keeps the first migration running while the others are tried.
+  const first = await a.client.perform({ domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1', bandwidthMiBps: 2 });
+  const replay = await a.client.perform({ domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1' });
+  t.equal(replay.job.id, first.job.id, 'a replayed Perform returns the recorded job');
+  await t.rejects(a.client.perform({ domain: 'vm6', destination: b.url }), { status: 409, code: 'domain_busy' }, 'second Perform refused');
+  const incoming = await waitFor('destination job', async () => {
+    const j = await b.client.job('mig-idem-1').catch(() => null);
+    return j?.uri ? j : null;
+  });
+  const replayPrepare = await b.client.call<{ uri: string }>('POST', '/prepare2', {
+    protocolVersion: 2,
+    migrationId: 'mig-idem-1',
+    xml: guest.xml,
+    source: { hostUuid: (await a.client.host()).uuid },
+  });
+  t.equal(replayPrepare.uri, incoming.uri, 'a replayed Prepare2 answers the recorded URI and starts no second qemu');
+  await t.rejects(a.client.lifecycle('vm6', 'destroy'), { status: 409, code: 'domain_busy' }, 'destroy refused while migrating');
+  const ended = await a.client.call<{ job: { status: string; id: string } }>('POST', '/perform?wait=true', { domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1' });
+  t.equal(ended.job.status, 'completed');
+  const finishAgain = await b.client.call<{ outcome: string }>('POST', '/finish2', { migrationId: 'mig-idem-1', rc: 0 });
+  t.equal(finishAgain.outcome, 'finished', 'a replayed Finish2 returns the recorded outcome');
+  const abortLate = await b.client.call<{ outcome: string }>('POST', '/finish2', { migrationId: 'mig-idem-1', rc: 1 });
+  t.equal(abortLate.outcome, 'finished', 'a late rc!=0 does not undo a finished migration');
+  await assertOwnedBy(t, b, a, 'vm6');
+  await t.rejects(
+    b.client.call('POST', '/prepare2', { protocolVersion: 2, migrationId: 'mig-idem-1', xml: guest.xml, source: { hostUuid: (await a.client.host()).uuid } }),
+    { status: 409, code: 'migration_ended' },
+    'a replayed Prepare2 of an ended migration starts nothing',
+  );
+  await b.client.lifecycle('vm6', 'destroy');
+});
+
+t.test('a migration to the same agent is refused', async (t) => {
+  const { dir, a } = await twoAgents(t);
+  const guest = await testGuest(dir, 'vm7');
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm7', 'start');
+  const { job } = await a.client.perform({ domain: 'vm7', destination: a.url }, true);
+  t.equal(job.status, 'failed');
+  t.equal(job.error?.code, 'same_host');
+  t.equal((await a.client.domain('vm7')).state, 'running');
+  await a.client.lifecycle('vm7', 'destroy');
+});

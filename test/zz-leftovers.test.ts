@@ -1,0 +1,34 @@
+import t from 'tap';
+import { promises as fs } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import os from 'node:os';
+import { TMP_PREFIX } from './helpers/agents.js';
+
+// Runs last: the suite must leave no qemu, temp dir (with its sockets) or namespace behind.
+t.test('no qemu process of the suite is left', async (t) => {
+  const leftovers: string[] = [];
+  for (const pid of await fs.readdir('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    if (cmdline.startsWith('qemu-system') || cmdline.includes('/qemu-system-')) {
+      if (cmdline.includes(TMP_PREFIX)) leftovers.push(`${pid}: ${cmdline.replace(/\0/g, ' ').slice(0, 200)}`);
+    }
+  }
+  t.same(leftovers, [], 'qemu processes started by tests');
+});
+
+t.test('no temp dir of the suite is left', async (t) => {
+  const stray = (await fs.readdir(os.tmpdir())).filter((e) => e.startsWith(TMP_PREFIX));
+  t.same(stray, [], 'temp dirs (state dirs, sockets, images)');
+});
+
+t.test('no network namespace of the suite is left', async (t) => {
+  let out = '';
+  try {
+    out = execFileSync('ip', ['netns', 'list'], { encoding: 'utf8' });
+  } catch {
+    t.skip('ip netns unavailable');
+    return;
+  }
+  t.same(out.split('\n').filter((l) => l.startsWith('kmt')), [], 'namespaces named kmt*');
+});
