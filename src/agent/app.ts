@@ -102,6 +102,8 @@ export async function buildAgent(
   await migrations.init();
   app.decorate('agent', { config, store, qemu, domains, migrations, hostInfo });
 
+  // XML or JSON only: a text/plain body is refused (415) rather than guessed at.
+  app.removeContentTypeParser('text/plain');
   app.addContentTypeParser(['application/xml', 'text/xml'], { parseAs: 'string' }, (_req, body, done) => done(null, body));
 
   app.addHook('onRequest', async (req, reply) => {

@@ -1,4 +1,5 @@
 import { EventEmitter } from 'node:events';
+import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { FastifyBaseLogger } from 'fastify';
 import { AgentError, conflict, notFound } from '../errors.js';
@@ -148,6 +149,33 @@ export class DomainManager extends EventEmitter {
         guestShutdown: false,
       });
       log.info({ domain: rec.name, pid: rec.process.pid }, 're-attached to running qemu');
+    }
+    await this.reclaimOrphans();
+  }
+
+  /**
+   * A crash between starting a qemu and writing its runtime record leaves a qemu nobody
+   * tracks; its pidfile in run/ names it. End such orphans and remove stale sockets/pidfiles.
+   */
+  private async reclaimOrphans(): Promise<void> {
+    const runDir = this.opts.store.dir('run');
+    const tracked = new Set(this.list().flatMap((e) => (e.run ? [e.run.record.pidfilePath, e.run.record.qmpSocketPath] : [])));
+    for (const file of await fs.readdir(runDir)) {
+      const full = path.join(runDir, file);
+      if (tracked.has(full)) continue;
+      if (file.endsWith('.pid')) {
+        const pid = Number((await fs.readFile(full, 'utf8').catch(() => '')).trim());
+        const cmdline = pid > 0 ? await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '') : '';
+        // Only a process started with this very pidfile is ours: a reused pid is left alone.
+        if (cmdline.split('\0').includes(full)) {
+          this.opts.log.warn({ pid, pidfile: full }, 'ending orphaned qemu (no runtime record)');
+          process.kill(pid, 'SIGKILL');
+          for (let i = 0; i < 50 && (await fs.stat(`/proc/${pid}`).then(() => true, () => false)); i++) {
+            await new Promise((r) => setTimeout(r, 100));
+          }
+        }
+      }
+      await fs.rm(full, { force: true });
     }
   }
 
@@ -438,8 +466,9 @@ export class DomainManager extends EventEmitter {
         return;
       }
       log.error({ domain: entry.name, pid: run.record.pid }, 'qemu alive but unreachable over QMP; ending it');
-      await killQemu(run.record, { graceMs: 2000 });
     }
+    // Ends it if still alive; in any case removes the socket and pidfile a killed qemu leaves.
+    await killQemu(run.record, { graceMs: 2000 }).catch((err: unknown) => log.error({ err, domain: entry.name }, 'cleanup after qemu exit failed'));
     const reason: ShutoffReason = run.expectedExit ?? (run.guestShutdown ? 'shutdown' : 'crashed');
     entry.run = undefined;
     entry.lastExit = { reason, at: new Date().toISOString() };

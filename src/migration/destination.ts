@@ -18,6 +18,8 @@ export class DestinationSide {
   private readonly leases = new Map<string, NodeJS.Timeout>();
   /** The definition a same-named inactive domain had before an incoming migration borrowed its entry. */
   private readonly borrowed = new Map<string, { xml: string; def: DomainEntry['def'] }>();
+  /** Ports handed to prepares in flight or to running jobs, so concurrent Prepare2s never pick the same one. */
+  private readonly reservedPorts = new Map<string, number>();
 
   constructor(ctx: MigrationContext) {
     this.ctx = ctx;
@@ -65,7 +67,7 @@ export class DestinationSide {
     const entry = this.claimEntry(xml, def);
     let job: Job | undefined;
     try {
-      const listen = await this.choosePort(req.desturi);
+      const listen = await this.choosePort(req.migrationId, req.desturi);
       job = await jobs.create(
         {
           id: req.migrationId,
@@ -89,7 +91,10 @@ export class DestinationSide {
       return this.prepareAnswer(job.id, listenUri);
     } catch (err) {
       if (job) await this.abort(job, entry, { code: 'prepare_failed', message: (err as Error).message });
-      else this.releaseEntry(entry);
+      else {
+        this.reservedPorts.delete(req.migrationId);
+        this.releaseEntry(entry);
+      }
       if (err instanceof AgentError) throw err;
       throw new AgentError(500, 'prepare_failed', `could not prepare the incoming qemu: ${(err as Error).message}`);
     }
@@ -132,19 +137,19 @@ export class DestinationSide {
     }
   }
 
-  private async choosePort(desturi?: string): Promise<{ host: string; port: number }> {
-    const { config, jobs } = this.ctx;
+  private async choosePort(migrationId: string, desturi?: string): Promise<{ host: string; port: number }> {
+    const { config } = this.ctx;
+    const reserved = new Set(this.reservedPorts.values());
     if (desturi) {
       const wanted = parseDestUri(desturi);
-      if (!(await portIsFree(wanted.host, wanted.port))) {
+      if (reserved.has(wanted.port) || !(await portIsFree(wanted.host, wanted.port))) {
         throw conflict('port_in_use', `port ${wanted.port} on ${wanted.host} is in use`);
       }
+      this.reservedPorts.set(migrationId, wanted.port);
       return wanted;
     }
-    const reserved = new Set(
-      jobs.running('destination').flatMap((j) => (j.record.uri ? [Number(j.record.uri.split(':').pop())] : [])),
-    );
-    const port = await pickPort(config.migrationAddress, config.migrationPorts, reserved);
+    // Reserved before the first await returns control, so a concurrent Prepare2 skips it.
+    const port = await pickPort(config.migrationAddress, config.migrationPorts, reserved, (p) => this.reservedPorts.set(migrationId, p));
     if (port === null) {
       throw new AgentError(503, 'no_migration_port', `no free port in ${config.migrationPorts.low}-${config.migrationPorts.high}`, {
         retryAfterSeconds: 5,
@@ -201,7 +206,13 @@ export class DestinationSide {
       const entry = this.ctx.domains.find(job.record.domain);
       if (job.terminal || !entry?.run) {
         if (!job.terminal && entry) await this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu is gone' });
-        await jobs.update(job, { finish: { rc: req.rc, attempts: 1, outcome: 'aborted' } });
+        // The incoming side already ended on its own (its qemu exits when the stream breaks);
+        // the source's word tells why, so the record says cancelled when it was.
+        const cancelled = req.cancelled === true && job.record.status === 'failed';
+        await jobs.update(job, {
+          finish: { rc: req.rc, attempts: 1, outcome: 'aborted' },
+          ...(cancelled ? { status: 'cancelled' as const, error: { code: 'cancelled', message: req.error ?? 'cancelled by the source' } } : {}),
+        });
         return this.finishAnswer(job);
       }
       if (req.rc !== 0) {
@@ -262,6 +273,7 @@ export class DestinationSide {
       return;
     }
     entry.activeJob = undefined;
+    this.reservedPorts.delete(job.id);
     const stats = job.record.stats;
     await jobs.update(job, { finish: { rc: 0, attempts: 1, outcome: 'finished' }, ...(stats ? { stats } : {}) });
     await jobs.end(job, 'completed');
@@ -299,6 +311,7 @@ export class DestinationSide {
       ...(rc !== undefined ? { finish: { rc, attempts: 1, outcome: 'aborted' as const } } : {}),
     });
     if (entry.run) await domains.stopQemu(entry, 'failed');
+    this.reservedPorts.delete(job.id);
     this.releaseEntry(entry);
     await jobs.end(job, status, error);
     log.warn({ migration: job.id, domain: entry.name, error }, 'incoming migration aborted; its qemu is gone');

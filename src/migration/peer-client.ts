@@ -20,8 +20,8 @@ export class PeerRefusedError extends AgentError {
 
 /** The peer could not be reached or did not answer in time: the outcome of the request is unknown. */
 export class PeerUnreachableError extends AgentError {
-  constructor(url: string, cause: unknown) {
-    super(502, 'peer_unreachable', `peer ${url} unreachable: ${(cause as Error)?.message ?? String(cause)}`);
+  constructor(url: string, cause: unknown, code = 'peer_unreachable') {
+    super(502, code, `peer ${url} ${code === 'peer_unreachable' ? 'unreachable' : 'failed'}: ${(cause as Error)?.message ?? String(cause)}`);
   }
 }
 
@@ -66,7 +66,8 @@ export class PeerClient {
     }
     // A 5xx is the peer failing, not deciding: the outcome stays unknown (503 is a retryable "not now").
     if (res.statusCode >= 500 && res.statusCode !== 503) {
-      throw new PeerUnreachableError(url, new Error(`HTTP ${res.statusCode}: ${(parsed as { message?: string }).message ?? ''}`));
+      const failed = parsed as { code?: string; message?: string };
+      throw new PeerUnreachableError(url, new Error(`HTTP ${res.statusCode}: ${failed.message ?? ''}`), failed.code ?? 'peer_failed');
     }
     if (res.statusCode >= 400) {
       const retryAfter = Number(res.headers['retry-after']);

@@ -9,10 +9,20 @@ export function portIsFree(host: string, port: number): Promise<boolean> {
   });
 }
 
-/** The first port of the range that is neither reserved by a running job nor bound by anyone. */
-export async function pickPort(host: string, range: { low: number; high: number }, reserved: Set<number>): Promise<number | null> {
+/**
+ * The first port of the range that is neither reserved nor bound by anyone. `reserve` is called
+ * for each candidate before probing it, so concurrent callers never probe the same port.
+ */
+export async function pickPort(
+  host: string,
+  range: { low: number; high: number },
+  reserved: Set<number>,
+  reserve: (port: number) => void,
+): Promise<number | null> {
   for (let port = range.low; port <= range.high; port++) {
-    if (!reserved.has(port) && (await portIsFree(host, port))) return port;
+    if (reserved.has(port)) continue;
+    reserve(port);
+    if (await portIsFree(host, port)) return port;
   }
   return null;
 }

@@ -50,7 +50,8 @@ t.test('define, start, observe over QMP, destroy, undefine', async (t) => {
 
   await t.rejects(client.lifecycle('vm1', 'start'), { status: 409, code: 'domain_active' });
   await t.rejects(client.undefine('vm1'), { status: 409, code: 'domain_active' });
-  await t.rejects(client.define(guest.xml), { status: 409, code: 'domain_active' }, 'no redefinition while running');
+  await t.rejects(client.define(storedXml), { status: 409, code: 'domain_active' }, 'no redefinition while running');
+  await t.rejects(client.define(guest.xml), { status: 409, code: 'domain_exists' }, 'same name, other (generated) uuid');
 
   const record = app.agent.domains.get('vm1').run!.record;
   const destroyed = await client.lifecycle('vm1', 'destroy');

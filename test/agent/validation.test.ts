@@ -55,8 +55,8 @@ t.test('bad input is refused with the right status; nothing started, nothing sto
   t.match(String(named.body.element), /sound/, 'the refused element is named');
 
   // Bad request bodies on the JSON routes.
-  await t.rejects(client.call('POST', '/perform', { domain: 'vm1' }), { status: 400 });
-  await t.rejects(client.call('POST', '/perform', { domain: 'x;rm', destination: 'http://127.0.0.1:1' }), { status: 400 });
+  await t.rejects(client.call('POST', '/perform', { domain: 'vm1' }), { status: 400, code: 'invalid_request' });
+  await t.rejects(client.call('POST', '/perform', { domain: 'x;rm', destination: 'http://127.0.0.1:1' }), { status: 400, code: 'invalid_request' });
   await t.rejects(client.call('POST', '/finish2', { migrationId: 'nope', rc: 0 }), { status: 404, code: 'migration_not_found' });
 });
 

@@ -59,7 +59,7 @@ t.test('offline migration and paused arrival', async (t) => {
   const held = await counters(a, 'vm2');
   await new Promise((r) => setTimeout(r, 500));
   t.equal((await counters(a, 'vm2')).passes, held.passes, 'a paused arrival does not run');
-  await t.rejects(b.client.domain('vm2'), { status: 404 }, 'undefined on the source');
+  await t.rejects(b.client.domain('vm2'), { status: 404, code: 'domain_not_found' }, 'undefined on the source');
   await a.client.lifecycle('vm2', 'resume');
   const resumed = await waitForPasses(a, 'vm2', held.passes);
   t.equal(resumed.bootId, boot.bootId, 'resumed, same boot');
@@ -76,7 +76,7 @@ t.test('a transient arrival (not persisted) vanishes when it stops', async (t) =
   const arrived = await b.client.domain('vm3');
   t.equal(arrived.persistent, false);
   await b.client.lifecycle('vm3', 'destroy');
-  await t.rejects(b.client.domain('vm3'), { status: 404 }, 'gone once stopped');
+  await t.rejects(b.client.domain('vm3'), { status: 404, code: 'domain_not_found' }, 'gone once stopped');
 });
 
 t.test('two guests migrate at once', async (t) => {

@@ -1,0 +1,178 @@
+/**
+ * Benchmark (not a test): end-to-end agent-driven migration of one guest vs a raw QEMU
+ * migration of the same guest, started by hand with the same argv, alternated in one run.
+ *
+ *   node dist/bench/migration-overhead.js [--rounds N] [--fill-mib M] [--accel auto|kvm|tcg]
+ *
+ * Agent: POST /perform?wait=true on the source agent -> answer (Prepare2, QMP set-up, stream,
+ * Finish2, source qemu ended). Raw: start the destination qemu (-incoming defer), set the same
+ * capabilities/parameters over QMP, migrate, wait for both ends, `cont` on the destination, end
+ * the source qemu. Same argv builder, same guest, same loopback addresses.
+ */
+import { parseArgs } from 'node:util';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { buildAgent } from '../src/agent/app.js';
+import { DEFAULTS, type AgentConfig } from '../src/config.js';
+import { AgentClient } from '../src/client.js';
+import { buildArgv, normalizeDomainXml, type DomainDef } from '../src/domain/index.js';
+import { launchQemu, killQemu, type QemuProcessRecord } from '../src/qemu/process.js';
+import { probeQemu, kvmUsable, resolveAccel } from '../src/qemu/host.js';
+import type { QmpClient } from '../src/qemu/qmp.js';
+import { destinationCapabilities, sourceCapabilities, sourceParameters, DEFAULT_OPTIONS } from '../src/migration/params.js';
+import { writeGuestImage, guestMemoryMiB, readGuestStatus, type GuestParams } from '../test/guest/image.js';
+import { testGuestXml } from '../test/guest/domain-xml.js';
+
+const { values } = parseArgs({
+  options: {
+    rounds: { type: 'string', default: '5' },
+    'fill-mib': { type: 'string', default: '1024' },
+    accel: { type: 'string', default: 'auto' },
+  },
+});
+const rounds = Number(values.rounds);
+const params: GuestParams = { fillMiB: Number(values['fill-mib']), hotMiB: 1, reportEvery: 0 };
+const accelMode = values.accel as AgentConfig['accel'];
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = Math.floor(s.length / 2);
+  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
+
+async function waitGuestFilled(qmp: QmpClient): Promise<void> {
+  for (let i = 0; i < 6000; i++) {
+    if ((await readGuestStatus(qmp)).state === 2) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error('guest did not finish filling its RAM');
+}
+
+async function waitMigration(qmp: QmpClient, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const { status } = await qmp.execute<{ status?: string }>('query-migrate');
+    if (status === 'completed') return;
+    if (status === 'failed' || status === 'cancelled') throw new Error(`raw migration ${status}`);
+    if (Date.now() > deadline) throw new Error('raw migration timed out');
+    await qmp.waitForEvent('MIGRATION', { timeoutMs: 250 }).catch(() => undefined);
+  }
+}
+
+interface RawGuest {
+  record: QemuProcessRecord;
+  qmp: QmpClient;
+}
+
+async function main(): Promise<void> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'kvm-migrate-bench-'));
+  const cleanups: Array<() => Promise<unknown>> = [];
+  try {
+    const image = path.join(dir, 'guest.img');
+    await writeGuestImage(image, params);
+    const memoryMiB = guestMemoryMiB(params) + 16;
+    const qemu = await probeQemu();
+    const accel = resolveAccel(accelMode, qemu.kvmUsable && kvmUsable());
+    process.stdout.write(`qemu ${qemu.version}, accel ${accel}, guest ${memoryMiB} MiB (${params.fillMiB} MiB filled), ${rounds} rounds each\n`);
+
+    // --- agent-driven ---
+    const agentConfig = (name: string, host: string, ports: { low: number; high: number }): AgentConfig => ({
+      listenHost: host,
+      listenPort: 0,
+      stateDir: path.join(dir, name),
+      migrationAddress: host,
+      migrationPorts: ports,
+      allowPaths: [dir],
+      accel: accelMode,
+      incomingTimeoutSeconds: 120,
+      bodyLimitBytes: DEFAULTS.bodyLimitBytes,
+      maxIncoming: 1,
+      maxOutgoing: 1,
+    });
+    const agents: Array<{ url: string; client: AgentClient; app: Awaited<ReturnType<typeof buildAgent>> }> = [];
+    for (const [name, host, ports] of [
+      ['a', '127.0.0.2', { low: 49152, high: 49160 }],
+      ['b', '127.0.0.3', { low: 49161, high: 49170 }],
+    ] as const) {
+      const app = await buildAgent(agentConfig(name, host, ports));
+      cleanups.push(async () => {
+        for (const d of app.agent.domains.list()) if (d.run) await killQemu(d.run.record, { graceMs: 500 });
+        await app.close();
+      });
+      const address = await app.listen({ host, port: 0 });
+      agents.push({ url: address, client: new AgentClient(address), app });
+    }
+    const xml = testGuestXml({ name: 'bench-agent', image, serialLog: path.join(dir, 'agent.serial'), memoryMiB });
+    await agents[0]!.client.define(xml);
+    await agents[0]!.client.lifecycle('bench-agent', 'start');
+
+    // --- raw: the same domain model, argv from the same builder ---
+    const { def } = normalizeDomainXml(testGuestXml({ name: 'bench-raw', image, serialLog: path.join(dir, 'raw.serial'), memoryMiB }), {
+      machineAliases: qemu.machineAliases,
+      knownMachines: qemu.knownMachines,
+      randomBytes: (n) => Buffer.alloc(n, 7),
+    });
+    const rawLaunch = async (tag: string, incoming: boolean): Promise<RawGuest> => {
+      const host = {
+        qemuBinary: qemu.binary,
+        accel,
+        qmpSocketPath: path.join(dir, `raw-${tag}.qmp`),
+        pidfilePath: path.join(dir, `raw-${tag}.pid`),
+      };
+      const g = await launchQemu({
+        binary: qemu.binary,
+        argv: buildArgv(def as DomainDef, host, { incoming }),
+        logPath: path.join(dir, `raw-${tag}.log`),
+        pidfilePath: host.pidfilePath,
+        qmpSocketPath: host.qmpSocketPath,
+      });
+      cleanups.push(() => killQemu(g.record, { graceMs: 500 }));
+      return g;
+    };
+    let raw = await rawLaunch('0', false);
+    await raw.qmp.execute('cont');
+
+    // Both guests fill their RAM before any round, so every round moves the same data.
+    await waitGuestFilled(raw.qmp);
+    await waitGuestFilled(agents[0]!.app.agent.domains.get('bench-agent').run!.qmp);
+
+    const agentMs: number[] = [];
+    const rawMs: number[] = [];
+    const rawHosts = ['127.0.0.3', '127.0.0.2'];
+    for (let round = 0; round < rounds; round++) {
+      const [from, to] = round % 2 === 0 ? [agents[0]!, agents[1]!] : [agents[1]!, agents[0]!];
+      let t0 = performance.now();
+      const { job } = await from.client.perform({ domain: 'bench-agent', destination: to.url }, true);
+      const agentTime = performance.now() - t0;
+      if (job.status !== 'completed') throw new Error(`agent migration ${job.status}: ${job.error?.message}`);
+      agentMs.push(agentTime);
+
+      t0 = performance.now();
+      const dest = await rawLaunch(String(round + 1), true);
+      await dest.qmp.execute('migrate-set-capabilities', { capabilities: destinationCapabilities() });
+      const uri = `tcp:${rawHosts[round % 2]}:${49180 + (round % 2)}`;
+      await dest.qmp.execute('migrate-incoming', { uri });
+      await raw.qmp.execute('migrate-set-capabilities', { capabilities: sourceCapabilities(DEFAULT_OPTIONS) });
+      await raw.qmp.execute('migrate-set-parameters', sourceParameters(DEFAULT_OPTIONS));
+      await raw.qmp.execute('migrate', { uri });
+      await waitMigration(raw.qmp, 600_000);
+      await waitMigration(dest.qmp, 600_000);
+      await dest.qmp.execute('cont');
+      await killQemu(raw.record, { qmp: raw.qmp, graceMs: 3000 });
+      const rawTime = performance.now() - t0;
+      rawMs.push(rawTime);
+      raw = dest;
+      process.stdout.write(
+        `round ${round + 1}: agent ${agentTime.toFixed(0)} ms (qemu stream ${job.timings.qemuTotalMs} ms, downtime ${job.timings.qemuDowntimeMs} ms, switch-over ${job.timings.switchoverMs} ms)  raw ${rawTime.toFixed(0)} ms\n`,
+      );
+    }
+    const ratio = median(agentMs) / median(rawMs);
+    process.stdout.write(`median agent ${median(agentMs).toFixed(0)} ms, median raw ${median(rawMs).toFixed(0)} ms, ratio ${ratio.toFixed(3)}\n`);
+  } finally {
+    for (const cleanup of cleanups.reverse()) await cleanup().catch(() => undefined);
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+}
+
+await main();

@@ -1,0 +1,233 @@
+/**
+ * The qemu command line of a completed domain. Pure: the same model and host settings give the
+ * same argv byte for byte, which is what lets a migration destination rebuild the source's
+ * machine exactly. Devices use -blockdev/-device with explicit bus, address and id everywhere
+ * so that nothing is left to qemu's own (version-dependent) placement.
+ */
+import type {
+  Accel,
+  ArgvOptions,
+  CharLog,
+  CharSource,
+  ControllerDef,
+  CpuDef,
+  DiskDef,
+  DomainDef,
+  HostSettings,
+  PciAddress,
+} from './model.js';
+import { kibRoundUpToMiB } from './units.js';
+
+/** qemu's option syntax: a comma inside a value is written twice. */
+export const escapeOptionValue = (s: string) => s.replace(/,/g, ',,');
+
+/** `type='kvm'` follows the host (KVM, or TCG where KVM is unavailable); `type='qemu'` is always TCG. */
+export const effectiveAccel = (def: DomainDef, host: HostSettings): Accel => (def.type === 'kvm' ? host.accel : 'tcg');
+
+export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions = {}): string[] {
+  const accel = effectiveAccel(def, host);
+  const rootBus = def.machineFamily === 'q35' ? 'pcie.0' : 'pci.0';
+  const pci = (a: PciAddress) =>
+    `bus=${rootBus},addr=0x${a.slot.toString(16)}${a.function ? `.0x${a.function.toString(16)}` : ''}${a.multifunction ? ',multifunction=on' : ''}`;
+  const argv: string[] = [];
+  const add = (...args: string[]) => argv.push(...args);
+
+  add('-name', `guest=${def.name},debug-threads=on`);
+  add('-S');
+  add('-machine', machineOption(def, accel));
+  const cpu = def.cpu && cpuOption(def.cpu, accel);
+  if (cpu) add('-cpu', cpu);
+  add('-m', `size=${kibRoundUpToMiB(def.memoryKiB)}k`);
+  add('-smp', smpOption(def));
+  add('-uuid', def.uuid);
+  add('-no-user-config', '-nodefaults');
+  add('-chardev', `socket,id=charmonitor,path=${escapeOptionValue(host.qmpSocketPath)},server=on,wait=off`);
+  add('-mon', 'chardev=charmonitor,id=monitor,mode=control');
+  add('-rtc', `base=${def.clock.offset}${def.clock.rtcTickPolicy === 'catchup' ? ',driftfix=slew' : ''}`);
+  if (def.clock.pitTickPolicy) add('-global', `kvm-pit.lost_tick_policy=${def.clock.pitTickPolicy}`);
+  add('-action', [
+    `reboot=${def.onReboot === 'restart' ? 'reset' : 'shutdown'}`,
+    `shutdown=${def.onPoweroff === 'destroy' ? 'poweroff' : 'pause'}`,
+    `panic=${def.onCrash === 'destroy' ? 'shutdown' : 'pause'}`,
+  ].join(','));
+  const menu = def.os.bootMenu;
+  add('-boot', [
+    ...(menu ? [`menu=${menu.enable ? 'on' : 'off'}`] : []),
+    ...(menu?.timeoutMs !== undefined ? [`splash-time=${menu.timeoutMs}`] : []),
+    'strict=on',
+  ].join(','));
+  if (def.os.kernel) add('-kernel', def.os.kernel);
+  if (def.os.initrd) add('-initrd', def.os.initrd);
+  if (def.os.cmdline !== undefined) add('-append', def.os.cmdline);
+
+  for (const c of def.controllers) {
+    if (!c.builtin) add('-device', `${controllerDriver(c)},id=${c.id},${pci(c.address!)}`);
+  }
+  for (const d of def.disks) {
+    if (d.source !== undefined) add(...blockdevArgs(d));
+    add('-device', diskDevice(d, def.controllers, pci));
+  }
+  for (const n of def.interfaces) {
+    const backend = n.type === 'user' ? 'user'
+      : n.type === 'bridge' ? `bridge,br=${n.bridge}`
+      : `tap,ifname=${n.targetDev},script=no,downscript=no`;
+    add('-netdev', `${backend},id=${n.netdevId}`);
+    const driver = { virtio: 'virtio-net-pci', e1000: 'e1000', rtl8139: 'rtl8139' }[n.model];
+    add('-device', `${driver},netdev=${n.netdevId},id=${n.id},mac=${n.mac},${pci(n.address)}${bootindex(n.bootIndex)}`);
+  }
+  for (const s of def.serials) {
+    add('-chardev', chardevOption(s.chardevId, s.source, s.log));
+    add('-device', `isa-serial,chardev=${s.chardevId},id=${s.id},index=${s.port}`);
+  }
+  for (const c of def.consoles) {
+    add('-chardev', chardevOption(c.chardevId, c.source, c.log));
+    add('-device', `virtconsole,chardev=${c.chardevId},id=${c.id},bus=virtio-serial${c.address.controller}.0,nr=${c.address.port}`);
+  }
+  for (const c of def.channels) {
+    add('-chardev', chardevOption(c.chardevId, c.source, c.log));
+    add('-device', `virtserialport,chardev=${c.chardevId},id=${c.id},name=${c.name},bus=virtio-serial${c.address.controller}.0,nr=${c.address.port}`);
+  }
+  for (const i of def.inputs) {
+    if (i.bus === 'ps2') continue; // the i8042 PS/2 mouse and keyboard are part of the machine
+    const driver = i.bus === 'usb'
+      ? { tablet: 'usb-tablet', mouse: 'usb-mouse', keyboard: 'usb-kbd' }[i.type]
+      : `virtio-${i.type}-pci`;
+    const where = i.address!.type === 'usb' ? `bus=usb.0,port=${i.address!.port}` : pci(i.address as PciAddress);
+    add('-device', `${driver},id=${i.id},${where}`);
+  }
+  for (const g of def.graphics) {
+    const host = g.listen.includes(':') ? `[${g.listen}]` : g.listen;
+    add('-vnc', g.autoport ? `${host}:0,to=99` : `${host}:${g.port! - 5900}`);
+  }
+  for (const v of def.videos) {
+    if (v.model === 'none') continue;
+    const driver = { vga: 'VGA', cirrus: 'cirrus-vga', virtio: 'virtio-vga' }[v.model];
+    const vgamem = v.vramKiB !== undefined ? `,vgamem_mb=${v.vramKiB / 1024}` : '';
+    add('-device', `${driver},id=${v.id}${vgamem},${pci(v.address!)}`);
+  }
+  if (def.memballoon?.model === 'virtio') add('-device', `virtio-balloon-pci,id=${def.memballoon.id},${pci(def.memballoon.address!)}`);
+  for (const r of def.rngs) {
+    add('-object', `rng-random,id=${r.objectId},filename=${r.backend}`);
+    // libvirt's default period when only bytes are limited is one second.
+    const rate = r.rate ? `,max-bytes=${r.rate.bytes},period=${r.rate.periodMs ?? 1000}` : '';
+    add('-device', `virtio-rng-pci,rng=${r.objectId},id=${r.id}${rate},${pci(r.address)}`);
+  }
+  add('-display', 'none');
+  add('-pidfile', host.pidfilePath);
+  if (opts.incoming) add('-incoming', 'defer');
+  return argv;
+}
+
+function machineOption(def: DomainDef, accel: Accel): string {
+  const parts = [def.machine, `accel=${accel}`, 'usb=off', 'dump-guest-core=off'];
+  if (!def.features.acpi) parts.push('acpi=off');
+  if (def.features.vmport !== undefined) parts.push(`vmport=${def.features.vmport ? 'on' : 'off'}`);
+  if (def.clock.hpet !== undefined) parts.push(`hpet=${def.clock.hpet ? 'on' : 'off'}`);
+  return parts.join(',');
+}
+
+function cpuOption(cpu: CpuDef, accel: Accel): string | undefined {
+  // TCG has no host CPU to pass through: 'max' is the closest it can do.
+  const name = cpu.mode === 'custom' ? cpu.model : cpu.mode === 'maximum' ? 'max' : accel === 'kvm' ? 'host' : 'max';
+  if (name === undefined) return undefined;
+  const parts = [name];
+  for (const f of cpu.features) {
+    parts.push(`${f.policy === 'disable' || f.policy === 'forbid' ? '-' : '+'}${f.name}`);
+  }
+  // check='full': refuse to start rather than silently drop a feature the host lacks.
+  if (cpu.check === 'full') parts.push('enforce');
+  return parts.join(',');
+}
+
+function smpOption(def: DomainDef): string {
+  const t = def.cpu?.topology ?? { sockets: def.vcpus, cores: 1, threads: 1 };
+  const parts = [String(def.vcpusCurrent)];
+  if (def.vcpusCurrent < def.vcpus) parts.push(`maxcpus=${def.vcpus}`);
+  parts.push(`sockets=${t.sockets}`);
+  if (t.dies !== undefined) parts.push(`dies=${t.dies}`);
+  parts.push(`cores=${t.cores}`, `threads=${t.threads}`);
+  return parts.join(',');
+}
+
+function controllerDriver(c: ControllerDef): string {
+  switch (c.type) {
+    case 'usb': return { 'piix3-uhci': 'piix3-usb-uhci', 'qemu-xhci': 'qemu-xhci', 'nec-xhci': 'nec-usb-xhci' }[c.model as string]!;
+    case 'sata': return 'ahci';
+    case 'scsi': return 'virtio-scsi-pci';
+    default: return 'virtio-serial-pci';
+  }
+}
+
+const bootindex = (i: number | undefined) => (i === undefined ? '' : `,bootindex=${i}`);
+
+/** cache mode -> (O_DIRECT, ignore flushes, guest-visible write cache), as libvirt maps it. */
+const CACHE: Record<string, [boolean, boolean, boolean]> = {
+  none: [true, false, true],
+  writethrough: [false, false, false],
+  writeback: [false, false, true],
+  directsync: [true, false, false],
+  unsafe: [false, true, true],
+};
+
+/** A protocol node (the file or block device) under a format node; JSON avoids any escaping. */
+function blockdevArgs(d: DiskDef): string[] {
+  const cache = d.cache && { direct: CACHE[d.cache]![0], 'no-flush': CACHE[d.cache]![1] };
+  const common = {
+    ...(d.readonly ? { 'read-only': true } : {}),
+    ...(cache ? { cache } : {}),
+    ...(d.discard ? { discard: d.discard } : {}),
+  };
+  const protocol = d.type === 'file' ? 'file' : d.device === 'cdrom' ? 'host_cdrom' : 'host_device';
+  const storage = { driver: protocol, filename: d.source, 'node-name': `file-${d.id}`, ...common, ...(d.io ? { aio: d.io } : {}) };
+  const format = { driver: d.format, file: `file-${d.id}`, 'node-name': `drive-${d.id}`, ...common };
+  return ['-blockdev', JSON.stringify(storage), '-blockdev', JSON.stringify(format)];
+}
+
+function diskDevice(d: DiskDef, controllers: ControllerDef[], pci: (a: PciAddress) => string): string {
+  const cd = d.device === 'cdrom';
+  let driver: string;
+  let where: string;
+  if (d.address.type === 'pci') {
+    driver = 'virtio-blk-pci';
+    where = pci(d.address);
+  } else {
+    const a = d.address;
+    if (d.bus === 'scsi') {
+      driver = cd ? 'scsi-cd' : 'scsi-hd';
+      where = `bus=scsi${a.controller}.0,channel=0,scsi-id=${a.target},lun=${a.unit}`;
+    } else {
+      driver = cd ? 'ide-cd' : 'ide-hd';
+      const ctrl = controllers.find((c) => c.type === d.bus && c.index === a.controller)!;
+      where = d.bus === 'ide' ? `bus=ide.${a.bus},unit=${a.unit}` : `bus=${ctrl.id}.${a.unit}`;
+    }
+  }
+  const parts = [driver, where];
+  if (d.source !== undefined) parts.push(`drive=drive-${d.id}`);
+  parts.push(`id=${d.id}`);
+  if (d.bootIndex !== undefined) parts.push(`bootindex=${d.bootIndex}`);
+  if (d.cache) parts.push(`write-cache=${CACHE[d.cache]![2] ? 'on' : 'off'}`);
+  if (d.shareable) parts.push('share-rw=on');
+  if (d.serial !== undefined) parts.push(`serial=${escapeOptionValue(d.serial)}`);
+  return parts.join(',');
+}
+
+function chardevOption(id: string, s: CharSource, log: CharLog | undefined): string {
+  let opt: string;
+  switch (s.type) {
+    case 'pty':
+    case 'null':
+      opt = `${s.type},id=${id}`;
+      break;
+    case 'file':
+      opt = `file,id=${id},path=${escapeOptionValue(s.path)}${s.append ? ',append=on' : ''}`;
+      break;
+    case 'unix':
+      opt = `socket,id=${id},path=${escapeOptionValue(s.path)}${s.mode === 'bind' ? ',server=on,wait=off' : ''}`;
+      break;
+    case 'tcp':
+      opt = `socket,id=${id},host=${s.host},port=${s.service}${s.mode === 'bind' ? ',server=on,wait=off' : ''}${s.protocol === 'telnet' ? ',telnet=on' : ''}`;
+      break;
+  }
+  if (log) opt += `,logfile=${escapeOptionValue(log.file)}${log.append ? ',logappend=on' : ''}`;
+  return opt;
+}

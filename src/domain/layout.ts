@@ -1,0 +1,445 @@
+/**
+ * Completes a parsed domain the way libvirt does at define time: controllers that devices need
+ * are added, every device gets an address (PCI slot, drive unit, USB port, virtio-serial port)
+ * and a libvirt-style id, and boot order becomes per-device bootindex. The result depends only
+ * on the XML; normalization writes the addresses back so that later versions of this code (or
+ * an edit that adds a device) cannot move an existing device.
+ */
+import type {
+  BootDev,
+  ChannelDef,
+  CharLog,
+  CharSource,
+  ConsoleDef,
+  ControllerDef,
+  ControllerType,
+  DeviceAddress,
+  DiskDef,
+  DomainDef,
+  DriveAddress,
+  InputDef,
+  InterfaceDef,
+  MachineFamily,
+  MemballoonDef,
+  PciAddress,
+  RngDef,
+  SerialDef,
+  UsbAddress,
+  VideoDef,
+  VirtioSerialAddress,
+} from './model.js';
+import { fail } from './walk.js';
+
+export type RawDisk = Omit<DiskDef, 'address' | 'id' | 'bootIndex'> & { address?: PciAddress | DriveAddress };
+export interface RawController {
+  element: string;
+  type: ControllerType;
+  index?: number;
+  model?: ControllerDef['model'];
+  address?: PciAddress;
+}
+/** `mac` is '' when missing (define time only). */
+export type RawInterface = Omit<InterfaceDef, 'address' | 'id' | 'netdevId' | 'bootIndex'> & { address?: PciAddress };
+export interface RawSerial {
+  element: string;
+  source: CharSource;
+  log?: CharLog;
+  port?: number;
+}
+export interface RawConsole {
+  element: string;
+  targetType: 'serial' | 'virtio';
+  source: CharSource;
+  log?: CharLog;
+  port?: number;
+  address?: VirtioSerialAddress;
+}
+export interface RawChannel {
+  element: string;
+  name: string;
+  source: CharSource;
+  log?: CharLog;
+  address?: VirtioSerialAddress;
+}
+type RawRng = Omit<RngDef, 'id' | 'objectId' | 'address'> & { address?: PciAddress };
+
+export interface RawDomain extends Omit<DomainDef,
+  'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'videos' | 'inputs' | 'memballoon' | 'rngs'> {
+  disks: RawDisk[];
+  controllers: RawController[];
+  interfaces: RawInterface[];
+  serials: RawSerial[];
+  consoles: RawConsole[];
+  channels: RawChannel[];
+  videos: Omit<VideoDef, 'id'>[];
+  inputs: Omit<InputDef, 'id'>[];
+  memballoon?: Omit<MemballoonDef, 'id'>;
+  rngs: RawRng[];
+  allowMissingIds: boolean;
+}
+
+const DEVICES = '/domain/devices';
+const USB_PORTS: Record<string, number> = { 'piix3-uhci': 2, 'qemu-xhci': 4, 'nec-xhci': 4 };
+const VIRTIO_SERIAL_PORTS = 31;
+
+export function defaultUsbModel(family: MachineFamily): 'piix3-uhci' | 'qemu-xhci' {
+  return family === 'q35' ? 'qemu-xhci' : 'piix3-uhci';
+}
+
+export function completeDomain(raw: RawDomain): DomainDef {
+  const { allowMissingIds, disks: rawDisks, controllers: rawControllers, interfaces: rawIfaces, serials: rawSerials,
+    consoles: rawConsoles, channels: rawChannels, videos: rawVideos, inputs: rawInputs, memballoon: rawBalloon,
+    rngs: rawRngs, ...base } = raw;
+  const family = raw.machineFamily;
+  const controllers = completeControllers(rawControllers, family);
+
+  const ensureController = (type: ControllerType, index: number): ControllerDef => {
+    let c = controllers.find((x) => x.type === type && x.index === index);
+    if (!c) {
+      c = controllerDef({ type, index, model: type === 'usb' ? defaultUsbModel(family) : type === 'scsi' ? 'virtio-scsi' : undefined }, family);
+      controllers.push(c);
+    }
+    return c;
+  };
+
+  const disks = completeDisks(rawDisks, family, ensureController);
+  const interfaces = rawIfaces.map((r, i): InterfaceDef => ({ ...r, address: r.address!, id: `net${i}`, netdevId: `hostnet${i}` }));
+  const macs = new Map<string, string>();
+  for (const n of interfaces) {
+    if (n.mac === '') continue;
+    if (macs.has(n.mac)) throw fail('invalid_value', `${n.element}/mac/@address`, `MAC address ${n.mac} is already used by ${macs.get(n.mac)}`);
+    macs.set(n.mac, n.element);
+  }
+  assignBootIndexes(raw.os.bootDevs, raw.os.kernel !== undefined, disks, interfaces);
+
+  const serials = completeSerials(rawSerials, rawConsoles);
+  const { consoles, channels } = completeVirtioSerial(rawConsoles, rawChannels, ensureController);
+  const inputs = completeInputs(rawInputs, controllers, ensureController);
+
+  const videos: VideoDef[] = rawVideos.map((v) => ({ ...v, id: 'video0' }));
+  // A display needs a video card; libvirt adds VGA too.
+  if (videos.length === 0 && raw.graphics.length > 0) videos.push({ model: 'vga', vramKiB: 16384, id: 'video0' });
+  const memballoon: MemballoonDef | undefined = rawBalloon && { ...rawBalloon, id: 'balloon0' };
+  const rngs = rawRngs.map((r, i): RngDef => ({ ...r, address: r.address!, id: `rng${i}`, objectId: `objrng${i}` }));
+
+  assignPciSlots(family, [
+    ...videos.filter((v) => v.model !== 'none'),
+    ...controllers.filter((c) => !c.builtin),
+    ...interfaces,
+    ...disks.filter((d) => d.bus === 'virtio'),
+    ...inputs.filter((i) => i.bus === 'virtio'),
+    ...(memballoon && memballoon.model === 'virtio' ? [memballoon] : []),
+    ...rngs,
+  ], controllers);
+
+  return { ...base, disks, controllers, interfaces, serials, consoles, channels, videos, inputs, memballoon, rngs };
+}
+
+function controllerDef(c: Omit<RawController, 'element' | 'index'> & { element?: string; index: number }, family: MachineFamily): ControllerDef {
+  const at = c.element ?? DEVICES;
+  const def: ControllerDef = { ...c, builtin: false, id: '' };
+  if (c.element === undefined) delete def.element;
+  if (c.model === undefined) delete def.model;
+  const onlyIndex0 = () => {
+    if (c.index !== 0) throw fail('unsupported_value', `${at}/@index`, `only one ${c.type} controller (index 0) is supported`);
+  };
+  const builtinAt = (slot: number, fn: number) => {
+    const a = c.address;
+    if (a && (a.slot !== slot || a.function !== fn)) {
+      throw fail('invalid_value', `${at}/address`, `the builtin ${c.type} controller sits at slot ${slot} function ${fn}`);
+    }
+    def.builtin = true;
+  };
+  switch (c.type) {
+    case 'pci':
+      onlyIndex0();
+      def.builtin = true;
+      def.id = family === 'q35' ? 'pcie.0' : 'pci.0';
+      break;
+    case 'ide':
+      if (family === 'q35') throw fail('unsupported_value', `${at}/@type`, "q35 machines have no IDE controller; use bus='sata'");
+      onlyIndex0();
+      builtinAt(1, 1);
+      def.id = 'ide';
+      break;
+    case 'sata':
+      if (family === 'q35' && c.index === 0) {
+        builtinAt(0x1f, 2);
+        def.id = 'ide'; // the ICH9 AHCI of q35 is named 'ide' by qemu
+      } else {
+        def.id = `sata${c.index}`;
+      }
+      break;
+    case 'usb':
+      onlyIndex0();
+      def.model ??= defaultUsbModel(family);
+      def.builtin = def.model === 'none';
+      def.id = 'usb';
+      break;
+    case 'scsi':
+      def.id = `scsi${c.index}`;
+      break;
+    case 'virtio-serial':
+      def.id = `virtio-serial${c.index}`;
+      break;
+  }
+  return def;
+}
+
+function completeControllers(raw: RawController[], family: MachineFamily): ControllerDef[] {
+  const taken = new Set<string>();
+  for (const c of raw) {
+    if (c.index === undefined) continue;
+    const key = `${c.type}:${c.index}`;
+    if (taken.has(key)) throw fail('invalid_value', `${c.element}/@index`, `there are two ${c.type} controllers with index ${c.index}`);
+    taken.add(key);
+  }
+  return raw.map((c) => {
+    let index = c.index;
+    if (index === undefined) {
+      index = 0;
+      while (taken.has(`${c.type}:${index}`)) index++;
+      taken.add(`${c.type}:${index}`);
+    }
+    return controllerDef({ ...c, index }, family);
+  });
+}
+
+/** libvirt's virDiskNameToIndex: vda=0 ... vdz=25, vdaa=26. */
+function diskIndex(target: string): number {
+  let idx = 0;
+  for (const ch of target.slice(2)) idx = idx * 26 + (ch.charCodeAt(0) - 96);
+  return idx - 1;
+}
+
+function completeDisks(raw: RawDisk[], family: MachineFamily, ensure: (t: ControllerType, i: number) => ControllerDef): DiskDef[] {
+  const targets = new Map<string, string>();
+  const units = new Map<string, string>();
+  return raw.map((r): DiskDef => {
+    const tpath = `${r.element}/target/@dev`;
+    if (targets.has(r.target)) throw fail('invalid_value', tpath, `target '${r.target}' is already used by ${targets.get(r.target)}`);
+    targets.set(r.target, r.element);
+    const idx = diskIndex(r.target);
+    if (r.device === 'cdrom' && r.bus === 'virtio') throw fail('unsupported_value', `${r.element}/target/@bus`, 'a cdrom cannot be on virtio');
+    if (r.device === 'disk' && r.readonly && (r.bus === 'ide' || r.bus === 'sata')) {
+      throw fail('unsupported_element', `${r.element}/readonly`, `a read-only disk is not supported on ${r.bus}`);
+    }
+    if (r.bus === 'virtio') return { ...r, address: r.address!, id: `virtio-disk${idx}` };
+
+    const apath = `${r.element}/address`;
+    let a = r.address as DriveAddress | undefined;
+    let id: string;
+    const check = (ok: boolean, what: string) => {
+      if (!ok) throw fail('invalid_value', a === r.address ? apath : tpath, `${what} (target '${r.target}')`);
+    };
+    switch (r.bus) {
+      case 'ide':
+        if (family === 'q35') throw fail('unsupported_value', `${r.element}/target/@bus`, "q35 machines have no IDE bus; use bus='sata'");
+        a ??= { type: 'drive', controller: 0, bus: Math.floor(idx / 2), target: 0, unit: idx % 2 };
+        check(a.controller === 0 && a.bus <= 1 && a.target === 0 && a.unit <= 1, 'IDE has controller 0, buses 0-1, units 0-1');
+        id = `ide0-${a.bus}-${a.unit}`;
+        break;
+      case 'sata':
+        a ??= { type: 'drive', controller: Math.floor(idx / 6), bus: 0, target: 0, unit: idx % 6 };
+        check(a.bus === 0 && a.target === 0 && a.unit <= 5, 'an AHCI controller has bus 0 and units 0-5');
+        id = `sata${a.controller}-0-${a.unit}`;
+        break;
+      default:
+        a ??= { type: 'drive', controller: 0, bus: 0, target: 0, unit: idx };
+        check(a.bus === 0 && a.unit <= 16383, 'virtio-scsi has bus 0 and units 0-16383');
+        id = `scsi${a.controller}-0-${a.target}-${a.unit}`;
+        break;
+    }
+    ensure(r.bus, a.controller);
+    const key = `${r.bus}:${a.controller}:${a.bus}:${a.target}:${a.unit}`;
+    if (units.has(key)) throw fail('invalid_value', r.address ? apath : tpath, `drive address ${id} is already used by ${units.get(key)}`);
+    units.set(key, r.element);
+    return { ...r, address: a, id };
+  });
+}
+
+function assignBootIndexes(bootDevs: BootDev[], hasKernel: boolean, disks: DiskDef[], ifaces: InterfaceDef[]): void {
+  const perDevice = [...disks, ...ifaces].filter((d) => d.bootOrder !== undefined);
+  if (perDevice.length > 0) {
+    if (bootDevs.length > 0) {
+      throw fail('invalid_value', `${perDevice[0]!.element}/boot`, 'per-device <boot order> cannot be combined with <os><boot dev>');
+    }
+    const seen = new Map<number, string>();
+    for (const d of perDevice) {
+      if (seen.has(d.bootOrder!)) throw fail('invalid_value', `${d.element}/boot/@order`, `boot order ${d.bootOrder} is already used by ${seen.get(d.bootOrder!)}`);
+      seen.set(d.bootOrder!, d.element);
+      d.bootIndex = d.bootOrder!;
+    }
+    return;
+  }
+  // libvirt: no boot element and no kernel means boot from the first hard disk.
+  const devs: BootDev[] = bootDevs.length > 0 ? bootDevs : hasKernel ? [] : ['hd'];
+  devs.forEach((dev, i) => {
+    const target = dev === 'network' ? ifaces[0] : disks.find((d) => d.device === (dev === 'hd' ? 'disk' : 'cdrom'));
+    if (target) target.bootIndex = i + 1;
+  });
+}
+
+const sameBackend = (a: { source: CharSource; log?: CharLog }, b: { source: CharSource; log?: CharLog }) =>
+  JSON.stringify([a.source, a.log ?? null]) === JSON.stringify([b.source, b.log ?? null]);
+
+function completeSerials(raw: RawSerial[], consoles: RawConsole[]): SerialDef[] {
+  const ports = new Map<number, string>();
+  for (const s of raw) {
+    if (s.port === undefined) continue;
+    if (ports.has(s.port)) throw fail('invalid_value', `${s.element}/target/@port`, `serial port ${s.port} is already used by ${ports.get(s.port)}`);
+    ports.set(s.port, s.element);
+  }
+  const serials = raw.map((s, i): SerialDef => {
+    let port = s.port;
+    if (port === undefined) {
+      port = [0, 1, 2, 3].find((p) => !ports.has(p));
+      if (port === undefined) throw fail('invalid_value', s.element, 'all four serial ports are in use');
+      ports.set(port, s.element);
+    }
+    const def: SerialDef = { element: s.element, origin: 'serial', source: s.source, port, id: `serial${i}`, chardevId: `charserial${i}` };
+    if (s.log) def.log = s.log;
+    return def;
+  });
+
+  consoles.forEach((c, i) => {
+    if (c.targetType !== 'serial') return;
+    // As in libvirt, a serial console is another view of a serial port, not a device of its own.
+    if (i > 0) throw fail('unsupported_value', `${c.element}/target/@type`, 'only the first console may be a serial console');
+    const port = c.port ?? 0;
+    if (serials.length === 0) {
+      const def: SerialDef = { element: c.element, origin: 'console', source: c.source, port, id: 'serial0', chardevId: 'charserial0' };
+      if (c.log) def.log = c.log;
+      serials.push(def);
+      return;
+    }
+    const s = serials.find((x) => x.port === port);
+    if (!s) throw fail('invalid_value', `${c.element}/target/@port`, `there is no serial port ${port} for the console`);
+    if (!sameBackend(s, c)) throw fail('invalid_value', c.element, `the serial console must have the same source as ${s.element}`);
+  });
+  return serials;
+}
+
+function completeVirtioSerial(rawConsoles: RawConsole[], rawChannels: RawChannel[], ensure: (t: ControllerType, i: number) => ControllerDef) {
+  const used = new Map<string, string>();
+  const all = [
+    ...rawConsoles.flatMap((c, i) => (c.targetType === 'virtio' ? [{ raw: c, console: true, i }] : [])),
+    ...rawChannels.map((c, i) => ({ raw: c, console: false, i })),
+  ];
+  for (const { raw, console } of all) {
+    const a = raw.address;
+    if (!a) continue;
+    if (a.port === 0 && !console) throw fail('invalid_value', `${raw.element}/address/@port`, 'virtio-serial port 0 is reserved for consoles');
+    const key = `${a.controller}:${a.port}`;
+    if (used.has(key)) throw fail('invalid_value', `${raw.element}/address`, `virtio-serial port ${a.port} is already used by ${used.get(key)}`);
+    used.set(key, raw.element);
+  }
+  const names = new Map<string, string>();
+  const consoles: ConsoleDef[] = [];
+  const channels: ChannelDef[] = [];
+  for (const { raw, console, i } of all) {
+    let a = raw.address;
+    if (!a) {
+      const port = Array.from({ length: VIRTIO_SERIAL_PORTS - 1 }, (_, k) => k + 1).find((p) => !used.has(`0:${p}`));
+      if (port === undefined) throw fail('invalid_value', raw.element, 'virtio-serial controller 0 has no free port');
+      used.set(`0:${port}`, raw.element);
+      a = { type: 'virtio-serial', controller: 0, bus: 0, port };
+    }
+    ensure('virtio-serial', a.controller);
+    const common = { element: raw.element, source: raw.source, address: a, ...(raw.log ? { log: raw.log } : {}) };
+    if (console) {
+      consoles.push({ ...common, id: `console${i}`, chardevId: `charconsole${i}` });
+    } else {
+      const name = (raw as RawChannel).name;
+      if (names.has(name)) throw fail('invalid_value', `${raw.element}/target/@name`, `channel name '${name}' is already used by ${names.get(name)}`);
+      names.set(name, raw.element);
+      channels.push({ ...common, name, id: `channel${i}`, chardevId: `charchannel${i}` });
+    }
+  }
+  return { consoles, channels };
+}
+
+function completeInputs(raw: Omit<InputDef, 'id'>[], controllers: ControllerDef[], ensure: (t: ControllerType, i: number) => ControllerDef): InputDef[] {
+  const inputs = raw.map((r, i): InputDef => ({ ...r, id: `input${i}` }));
+  const usb = inputs.filter((i) => i.bus === 'usb');
+  if (usb.length === 0) return inputs;
+  const explicitNone = controllers.find((c) => c.type === 'usb' && c.model === 'none');
+  if (explicitNone) throw fail('unsupported_value', `${usb[0]!.element}/@bus`, `the USB controller (${explicitNone.element}) is model 'none'`);
+  const ctrl = ensure('usb', 0);
+  const max = USB_PORTS[ctrl.model!]!;
+  const used = new Map<number, string>();
+  for (const i of usb) {
+    const a = i.address as UsbAddress | undefined;
+    if (!a) continue;
+    if (a.port > max) throw fail('invalid_value', `${i.element}/address/@port`, `the ${ctrl.model} controller has ports 1-${max}`);
+    if (used.has(a.port)) throw fail('invalid_value', `${i.element}/address/@port`, `USB port ${a.port} is already used by ${used.get(a.port)}`);
+    used.set(a.port, i.element);
+  }
+  for (const i of usb) {
+    if (i.address) continue;
+    const port = Array.from({ length: max }, (_, k) => k + 1).find((p) => !used.has(p));
+    if (port === undefined) throw fail('invalid_value', i.element, `the ${ctrl.model} controller has no free port`);
+    used.set(port, i.element);
+    i.address = { type: 'usb', bus: 0, port };
+  }
+  return inputs;
+}
+
+interface PciUser {
+  element?: string;
+  address?: DeviceAddress;
+}
+
+function pciAddr(slot: number, fn = 0): PciAddress {
+  return { type: 'pci', domain: 0, bus: 0, slot, function: fn, multifunction: false };
+}
+
+/**
+ * Slots: 0 is the host bridge; on i440fx slot 1 is the PIIX3 (ISA, IDE, USB at 1.2, ACPI),
+ * on q35 slot 31 is the ICH9 (LPC, SATA, SMBus). The primary video goes to slot 2 (i440fx)
+ * or 1 (q35) as libvirt places it; everything else takes the next free slot in list order.
+ */
+function assignPciSlots(family: MachineFamily, users: PciUser[], controllers: ControllerDef[]): void {
+  const used = new Map<number, Map<number, string>>();
+  const take = (slot: number, fn: number, by: string) => {
+    if (!used.has(slot)) used.set(slot, new Map());
+    used.get(slot)!.set(fn, by);
+  };
+  take(0, 0, 'the host bridge');
+  if (family === 'i440fx') for (const fn of [0, 1, 3]) take(1, fn, 'the PIIX3 chipset');
+  else for (const fn of [0, 2, 3]) take(0x1f, fn, 'the ICH9 chipset');
+
+  const uhci = controllers.find((c) => c.type === 'usb' && c.model === 'piix3-uhci');
+  if (family === 'i440fx' && uhci && !uhci.address) uhci.address = pciAddr(1, 2);
+
+  const explicit = users.filter((u) => u.address);
+  for (const u of explicit) {
+    const a = u.address as PciAddress;
+    const at = `${u.element ?? DEVICES}/address`;
+    const holder = used.get(a.slot)?.get(a.function);
+    if (holder !== undefined) throw fail('invalid_value', at, `PCI slot ${a.slot} function ${a.function} is already used by ${holder}`);
+    const chipsetSlot = family === 'i440fx' ? 1 : 0x1f;
+    if (a.slot === chipsetSlot && !(u === uhci && a.slot === 1 && a.function === 2)) {
+      throw fail('invalid_value', at, `PCI slot ${a.slot} belongs to the chipset`);
+    }
+    take(a.slot, a.function, u.element ?? 'an implicit device');
+  }
+  let next = 1;
+  const free = (slot: number) => !used.has(slot);
+  for (const u of users) {
+    if (u.address) continue;
+    const preferred = isVideo(u) ? (family === 'i440fx' ? 2 : 1) : undefined;
+    let slot: number | undefined = preferred !== undefined && free(preferred) ? preferred : undefined;
+    while (slot === undefined && next <= 31) {
+      if (free(next)) slot = next;
+      next++;
+    }
+    if (slot === undefined) throw fail('unsupported_value', u.element ?? DEVICES, 'no free PCI slot is left on the root bus');
+    u.address = pciAddr(slot);
+    take(slot, 0, u.element ?? 'an implicit device');
+  }
+}
+
+function isVideo(u: PciUser): u is VideoDef {
+  return (u as VideoDef).id === 'video0';
+}

@@ -1,0 +1,285 @@
+/**
+ * The validated domain model. `parseDomainXml` returns it *completed*: defaults filled in,
+ * implicit controllers added, every device given its address and id. `buildArgv` is then a
+ * plain translation, so the argv depends on nothing but this model and the host settings.
+ */
+
+export type DomainType = 'kvm' | 'qemu';
+export type Accel = 'kvm' | 'tcg';
+/** Chipset of the machine type: decides the PCI root bus name and the builtin controllers. */
+export type MachineFamily = 'i440fx' | 'q35';
+
+export interface PciAddress {
+  type: 'pci';
+  domain: number;
+  bus: number;
+  slot: number;
+  function: number;
+  multifunction: boolean;
+}
+export interface DriveAddress {
+  type: 'drive';
+  controller: number;
+  bus: number;
+  target: number;
+  unit: number;
+}
+export interface UsbAddress {
+  type: 'usb';
+  bus: number;
+  port: number;
+}
+export interface VirtioSerialAddress {
+  type: 'virtio-serial';
+  controller: number;
+  bus: number;
+  port: number;
+}
+export type DeviceAddress = PciAddress | DriveAddress | UsbAddress | VirtioSerialAddress;
+
+export type BootDev = 'hd' | 'cdrom' | 'network';
+
+export interface OsDef {
+  arch: 'x86_64';
+  bootDevs: BootDev[];
+  bootMenu?: { enable: boolean; timeoutMs?: number };
+  kernel?: string;
+  initrd?: string;
+  cmdline?: string;
+}
+
+export type CpuMode = 'custom' | 'host-model' | 'host-passthrough' | 'maximum';
+export type CpuFeaturePolicy = 'require' | 'force' | 'disable' | 'forbid' | 'optional';
+export interface CpuDef {
+  mode: CpuMode;
+  /** qemu model name (custom mode only). */
+  model?: string;
+  fallback?: 'allow' | 'forbid';
+  match?: 'exact' | 'strict';
+  check?: 'none' | 'partial' | 'full';
+  /** `name` is qemu's spelling (libvirt aliases such as pclmuldq are translated). */
+  features: { name: string; policy: CpuFeaturePolicy }[];
+  topology?: { sockets: number; dies?: number; cores: number; threads: number };
+}
+
+export interface FeaturesDef {
+  acpi: boolean;
+  apic: boolean;
+  pae: boolean;
+  vmport?: boolean;
+}
+
+export interface ClockDef {
+  offset: 'utc' | 'localtime';
+  rtcTickPolicy?: 'catchup' | 'delay';
+  pitTickPolicy?: 'delay' | 'discard';
+  hpet?: boolean;
+}
+
+export type CacheMode = 'none' | 'writethrough' | 'writeback' | 'directsync' | 'unsafe';
+export type DiskBus = 'virtio' | 'ide' | 'sata' | 'scsi';
+
+export interface DiskDef {
+  /** Path of the element in the XML, e.g. `/domain/devices/disk[1]`. */
+  element: string;
+  type: 'file' | 'block';
+  device: 'disk' | 'cdrom';
+  format: 'raw' | 'qcow2';
+  cache?: CacheMode;
+  io?: 'threads' | 'native';
+  discard?: 'ignore' | 'unmap';
+  /** Absent only for a cdrom with an empty tray. */
+  source?: string;
+  target: string;
+  bus: DiskBus;
+  readonly: boolean;
+  shareable: boolean;
+  serial?: string;
+  bootOrder?: number;
+  /** Effective qemu bootindex, from `<boot order>` or the `<os><boot dev>` list. */
+  bootIndex?: number;
+  address: PciAddress | DriveAddress;
+  /** qemu device id in libvirt's style: virtio-disk0, ide0-0-0, sata0-0-1, scsi0-0-0-0. */
+  id: string;
+}
+
+export type ControllerType = 'usb' | 'ide' | 'sata' | 'scsi' | 'virtio-serial' | 'pci';
+export interface ControllerDef {
+  /** Absent for a controller that was added implicitly (a device needed it). */
+  element?: string;
+  type: ControllerType;
+  index: number;
+  model?: 'none' | 'piix3-uhci' | 'qemu-xhci' | 'nec-xhci' | 'virtio-scsi' | 'pci-root' | 'pcie-root';
+  /** Provided by the machine type itself: nothing on the command line. */
+  builtin: boolean;
+  address?: PciAddress;
+  /** qemu id; buses hang below it (`usb.0`, `sata1.3`, `scsi0.0`, `virtio-serial0.0`). */
+  id: string;
+}
+
+export interface InterfaceDef {
+  element: string;
+  type: 'user' | 'bridge' | 'ethernet';
+  mac: string;
+  model: 'virtio' | 'e1000' | 'rtl8139';
+  bridge?: string;
+  targetDev?: string;
+  bootOrder?: number;
+  bootIndex?: number;
+  address: PciAddress;
+  id: string;
+  netdevId: string;
+}
+
+export type CharSource =
+  | { type: 'pty' }
+  | { type: 'null' }
+  | { type: 'file'; path: string; append?: boolean }
+  | { type: 'unix'; mode: 'bind' | 'connect'; path: string }
+  | { type: 'tcp'; mode: 'bind' | 'connect'; host: string; service: number; protocol: 'raw' | 'telnet' };
+
+export interface CharLog {
+  file: string;
+  append?: boolean;
+}
+
+export interface SerialDef {
+  element: string;
+  /** 'console' when a serial-type console with no `<serial>` became the serial port. */
+  origin: 'serial' | 'console';
+  source: CharSource;
+  log?: CharLog;
+  port: number;
+  id: string;
+  chardevId: string;
+}
+
+/** A virtio console (virtconsole). Serial-type consoles are folded into `serials`. */
+export interface ConsoleDef {
+  element: string;
+  source: CharSource;
+  log?: CharLog;
+  address: VirtioSerialAddress;
+  id: string;
+  chardevId: string;
+}
+
+export interface ChannelDef {
+  element: string;
+  source: CharSource;
+  log?: CharLog;
+  name: string;
+  address: VirtioSerialAddress;
+  id: string;
+  chardevId: string;
+}
+
+export interface GraphicsDef {
+  element: string;
+  type: 'vnc';
+  listen: string;
+  autoport: boolean;
+  /** TCP port (>= 5900) when not autoport. */
+  port?: number;
+}
+
+export interface VideoDef {
+  /** Absent for the VGA added implicitly for `<graphics>`. */
+  element?: string;
+  model: 'vga' | 'cirrus' | 'virtio' | 'none';
+  vramKiB?: number;
+  address?: PciAddress;
+  id: string;
+}
+
+export interface InputDef {
+  element: string;
+  type: 'tablet' | 'mouse' | 'keyboard';
+  bus: 'usb' | 'ps2' | 'virtio';
+  address?: PciAddress | UsbAddress;
+  id: string;
+}
+
+export interface MemballoonDef {
+  element: string;
+  model: 'virtio' | 'none';
+  address?: PciAddress;
+  id: string;
+}
+
+export interface RngDef {
+  element: string;
+  model: 'virtio';
+  backend: '/dev/random' | '/dev/urandom';
+  rate?: { bytes: number; periodMs?: number };
+  address: PciAddress;
+  id: string;
+  objectId: string;
+}
+
+export type LifecycleAction = 'destroy' | 'restart' | 'preserve';
+
+export interface DomainDef {
+  type: DomainType;
+  name: string;
+  /** Canonical form: lower case, hyphenated. */
+  uuid: string;
+  title?: string;
+  description?: string;
+  /** The `<metadata>` children, serialized; never interpreted. */
+  metadata?: string;
+  memoryKiB: number;
+  currentMemoryKiB: number;
+  /** Maximum vcpus (`<vcpu>`); `vcpusCurrent` are online at start. */
+  vcpus: number;
+  vcpusCurrent: number;
+  machine: string;
+  machineFamily: MachineFamily;
+  os: OsDef;
+  cpu?: CpuDef;
+  features: FeaturesDef;
+  clock: ClockDef;
+  onPoweroff: 'destroy' | 'preserve';
+  onReboot: 'restart' | 'destroy';
+  onCrash: 'destroy' | 'preserve';
+  emulator?: string;
+  disks: DiskDef[];
+  controllers: ControllerDef[];
+  interfaces: InterfaceDef[];
+  serials: SerialDef[];
+  consoles: ConsoleDef[];
+  channels: ChannelDef[];
+  graphics: GraphicsDef[];
+  videos: VideoDef[];
+  inputs: InputDef[];
+  memballoon?: MemballoonDef;
+  rngs: RngDef[];
+}
+
+export interface FileRef {
+  kind: 'disk' | 'kernel' | 'initrd' | 'serial' | 'console' | 'channel' | 'log';
+  path: string;
+  /** Path of the XML element or attribute that names the file. */
+  element: string;
+  /** false: qemu creates it (output files, listening sockets); its directory must exist. */
+  mustExist: boolean;
+}
+
+export interface NormalizeHost {
+  /** e.g. { pc: 'pc-i440fx-7.2', q35: 'pc-q35-7.2' } */
+  machineAliases: Record<string, string>;
+  knownMachines: string[];
+  randomBytes: (n: number) => Buffer;
+}
+
+export interface HostSettings {
+  qemuBinary: string;
+  accel: Accel;
+  qmpSocketPath: string;
+  pidfilePath: string;
+}
+
+export interface ArgvOptions {
+  /** Add `-incoming defer` (the destination of a migration). */
+  incoming?: boolean;
+}

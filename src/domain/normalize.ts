@@ -1,0 +1,131 @@
+/**
+ * Define-time normalization, as libvirt does it: the alias machine type becomes the versioned
+ * one, a missing uuid and missing MACs are generated, and every default and address chosen by
+ * the layout (implicit controllers, PCI slots, drive units, ports) is written into the XML.
+ * The stored XML then pins the machine: a destination with a newer qemu, or a newer version of
+ * this code, rebuilds the same guest. Normalizing the result again changes nothing.
+ */
+import type { DeviceAddress, DomainDef, NormalizeHost } from './model.js';
+import { machineFamily, parseInternal } from './parse.js';
+import { fail } from './walk.js';
+import { element, serializeXmlTree, type XElement } from './xml.js';
+
+const childEl = (el: XElement, name: string) =>
+  el.children.find((c): c is XElement => c.kind === 'element' && c.name === name);
+
+const hex = (n: number, width: number) => `0x${n.toString(16).padStart(width, '0')}`;
+
+function addressElement(a: DeviceAddress): XElement {
+  switch (a.type) {
+    case 'pci':
+      return element('address', [['type', 'pci'], ['domain', hex(a.domain, 4)], ['bus', hex(a.bus, 2)], ['slot', hex(a.slot, 2)],
+        ['function', hex(a.function, 1)], ...(a.multifunction ? [['multifunction', 'on'] as [string, string]] : [])]);
+    case 'drive':
+      return element('address', [['type', 'drive'], ['controller', String(a.controller)], ['bus', String(a.bus)],
+        ['target', String(a.target)], ['unit', String(a.unit)]]);
+    case 'usb':
+      return element('address', [['type', 'usb'], ['bus', String(a.bus)], ['port', String(a.port)]]);
+    case 'virtio-serial':
+      return element('address', [['type', 'virtio-serial'], ['controller', String(a.controller)], ['bus', String(a.bus)],
+        ['port', String(a.port)]]);
+  }
+}
+
+function generateUuid(randomBytes: NormalizeHost['randomBytes']): string {
+  const b = Buffer.from(randomBytes(16));
+  b[6] = (b[6]! & 0x0f) | 0x40; // version 4
+  b[8] = (b[8]! & 0x3f) | 0x80; // RFC 4122 variant
+  const h = b.toString('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20, 32)}`;
+}
+
+function generateMac(randomBytes: NormalizeHost['randomBytes'], used: Set<string>): string {
+  for (let attempt = 0; attempt < 64; attempt++) {
+    const mac = `52:54:00:${[...Buffer.from(randomBytes(3)).subarray(0, 3)].map((x) => x.toString(16).padStart(2, '0')).join(':')}`;
+    if (!used.has(mac)) return mac;
+  }
+  throw new Error('randomBytes keeps returning MAC addresses that are already in use');
+}
+
+export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: string; def: DomainDef } {
+  const { def, root, nodes } = parseInternal(xml, { allowMissingIds: true });
+  const node = (path: string) => nodes.get(path)!;
+
+  const typeEl = childEl(childEl(root, 'os')!, 'type')!;
+  const given = typeEl.attrs.get('machine') ?? 'pc';
+  const machine = host.machineAliases[given] ?? given;
+  const machinePath = '/domain/os/type/@machine';
+  if (!host.knownMachines.includes(machine)) {
+    throw fail('unsupported_value', machinePath, `machine type '${machine}' is not provided by this host's qemu`);
+  }
+  if (machineFamily(machine, machinePath) !== def.machineFamily) {
+    throw fail('unsupported_value', machinePath, `alias '${given}' resolves to '${machine}', a different chipset`);
+  }
+  typeEl.attrs.set('machine', machine);
+
+  if (!childEl(root, 'uuid')) {
+    const at = root.children.indexOf(childEl(root, 'name')!) + 1;
+    root.children.splice(at, 0, element('uuid', [], [{ kind: 'text', text: generateUuid(host.randomBytes) }]));
+  }
+
+  const addAddress = (path: string | undefined, a: DeviceAddress | undefined) => {
+    if (path === undefined || a === undefined) return;
+    const el = node(path);
+    if (!childEl(el, 'address')) el.children.push(addressElement(a));
+  };
+
+  const macs = new Set(def.interfaces.map((n) => n.mac).filter((m) => m !== ''));
+  for (const n of def.interfaces) {
+    const el = node(n.element);
+    if (!childEl(el, 'mac')) {
+      const mac = generateMac(host.randomBytes, macs);
+      macs.add(mac);
+      el.children.unshift(element('mac', [['address', mac]]));
+    }
+    if (!childEl(el, 'model')) el.children.push(element('model', [['type', n.model]]));
+    addAddress(n.element, n.address);
+  }
+  for (const d of def.disks) {
+    const target = node(`${d.element}/target`);
+    if (!target.attrs.has('bus')) target.attrs.set('bus', d.bus);
+    addAddress(d.element, d.address);
+  }
+  const devices = childEl(root, 'devices');
+  for (const c of def.controllers) {
+    if (c.element === undefined) {
+      const attrs: [string, string][] = [['type', c.type], ['index', String(c.index)]];
+      if (c.model) attrs.push(['model', c.model]);
+      devices!.children.push(element('controller', attrs, c.address ? [addressElement(c.address)] : []));
+      continue;
+    }
+    const el = node(c.element);
+    if (!el.attrs.has('index')) el.attrs.set('index', String(c.index));
+    if (c.model && !el.attrs.has('model')) el.attrs.set('model', c.model);
+    addAddress(c.element, c.address);
+  }
+  for (const s of def.serials) {
+    if (s.origin !== 'serial') continue;
+    const el = node(s.element);
+    let target = childEl(el, 'target');
+    if (!target) {
+      target = element('target');
+      el.children.push(target);
+    }
+    if (!target.attrs.has('port')) target.attrs.set('port', String(s.port));
+  }
+  for (const c of [...def.consoles, ...def.channels]) addAddress(c.element, c.address);
+  for (const v of def.videos) {
+    if (v.element !== undefined) {
+      addAddress(v.element, v.address);
+      continue;
+    }
+    const model = element('model', [['type', v.model], ['vram', String(v.vramKiB)], ['heads', '1'], ['primary', 'yes']]);
+    devices!.children.push(element('video', [], [model, addressElement(v.address!)]));
+  }
+  for (const i of def.inputs) addAddress(i.element, i.address);
+  addAddress(def.memballoon?.element, def.memballoon?.address);
+  for (const r of def.rngs) addAddress(r.element, r.address);
+
+  const out = serializeXmlTree(root);
+  return { xml: out, def: parseInternal(out, { allowMissingIds: false }).def };
+}

@@ -1,0 +1,779 @@
+/**
+ * Strict walk of libvirt domain XML into raw device lists (what the user wrote, defaults filled),
+ * then `completeDomain` adds implicit controllers, addresses and ids. Everything not understood
+ * is refused with the element's path; nothing that could change the guest is ever dropped.
+ */
+import { qemuFeatureName, CPU_MODELS } from './cpu.js';
+import {
+  completeDomain,
+  type RawChannel,
+  type RawConsole,
+  type RawController,
+  type RawDisk,
+  type RawDomain,
+  type RawInterface,
+  type RawSerial,
+} from './layout.js';
+import type {
+  BootDev,
+  CharLog,
+  CharSource,
+  ClockDef,
+  CpuDef,
+  DiskBus,
+  DomainDef,
+  DriveAddress,
+  FeaturesDef,
+  GraphicsDef,
+  InputDef,
+  MachineFamily,
+  MemballoonDef,
+  OsDef,
+  PciAddress,
+  RngDef,
+  UsbAddress,
+  VideoDef,
+  VirtioSerialAddress,
+} from './model.js';
+import { bytesToKiBCeil, scaledToBytes } from './units.js';
+import { fail, Node } from './walk.js';
+import { parseXmlTree, serializeChildren, type XElement } from './xml.js';
+
+export const MIN_MEMORY_KIB = 16 * 1024;
+export const MAX_MEMORY_KIB = 4 * 1024 * 1024 * 1024;
+export const MAX_VCPUS = 255;
+
+const NAME_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+const UUID_RE = /^([0-9a-fA-F]{8})-?([0-9a-fA-F]{4})-?([0-9a-fA-F]{4})-?([0-9a-fA-F]{4})-?([0-9a-fA-F]{12})$/;
+const MAC_RE = /^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$/;
+const IFNAME_RE = /^[A-Za-z0-9_.:-]{1,15}$/;
+const HOST_RE = /^[A-Za-z0-9.:-]{1,253}$/;
+const MACHINE_RE = /^(pc|q35|pc-i440fx-[0-9]+\.[0-9]+(\.[0-9]+)?|pc-q35-[0-9]+\.[0-9]+(\.[0-9]+)?)$/;
+const EMULATORS = ['qemu-system-x86_64', 'qemu-kvm', 'kvm'];
+
+export interface ParseResult {
+  def: DomainDef;
+  root: XElement;
+  /** XML element of every device and of a few writable sub-elements, by model `element` path. */
+  nodes: Map<string, XElement>;
+}
+
+export interface ParseOptions {
+  /** Define time: a missing uuid or MAC is filled in by the caller afterwards. */
+  allowMissingIds: boolean;
+}
+
+/** Parses and validates domain XML into the completed model. Throws DomainXmlError. */
+export function parseDomainXml(xml: string): DomainDef {
+  return parseInternal(xml, { allowMissingIds: false }).def;
+}
+
+export function parseInternal(xml: string, opts: ParseOptions): ParseResult {
+  const root = parseXmlTree(xml);
+  if (root.name !== 'domain') throw fail('unsupported_element', `/${root.name}`, 'the root element must be <domain>');
+  const nodes = new Map<string, XElement>();
+  const raw = parseDomain(new Node(root, '/domain'), opts, nodes);
+  return { def: completeDomain(raw), root, nodes };
+}
+
+export function machineFamily(machine: string, path: string): MachineFamily {
+  if (!MACHINE_RE.test(machine)) {
+    throw fail('unsupported_value', path, `machine type '${machine}' is not supported (pc, q35, pc-i440fx-X.Y, pc-q35-X.Y)`);
+  }
+  return machine === 'q35' || machine.startsWith('pc-q35-') ? 'q35' : 'i440fx';
+}
+
+export function canonicalUuid(v: string): string | undefined {
+  const m = UUID_RE.exec(v);
+  if (!m) return undefined;
+  const u = m.slice(1).join('-').toLowerCase();
+  return /^[0-]+$/.test(u) ? undefined : u;
+}
+
+/** Absolute host path without '.'/'..' components or control characters. */
+function hostPath(value: string, path: string): string {
+  if (!value.startsWith('/') || /[\u0000-\u001f\u007f]/.test(value) || value.split('/').some((s) => s === '.' || s === '..')) {
+    throw fail('invalid_value', path, `'${value}' must be an absolute path without '.' or '..' components`);
+  }
+  return value;
+}
+
+function scaledKiB(node: Node): bigint {
+  node.expect({ attrs: ['unit'], text: true });
+  try {
+    return bytesToKiBCeil(scaledToBytes(node.requireText(), node.attr('unit')));
+  } catch (e) {
+    if (e instanceof RangeError) throw fail('invalid_value', node.path, e.message);
+    throw e;
+  }
+}
+
+function memoryKiB(node: Node, what: string): number {
+  const kib = scaledKiB(node);
+  if (kib < BigInt(MIN_MEMORY_KIB) || kib > BigInt(MAX_MEMORY_KIB)) {
+    throw fail('invalid_value', node.path, `${what} must be between 16 MiB and 4 TiB`);
+  }
+  return Number(kib);
+}
+
+function parseDomain(d: Node, opts: ParseOptions, nodes: Map<string, XElement>): RawDomain {
+  d.expect({
+    attrs: ['type'],
+    children: ['name', 'uuid', 'title', 'description', 'metadata', 'memory', 'currentMemory', 'vcpu', 'cpu', 'os',
+      'features', 'clock', 'on_poweroff', 'on_reboot', 'on_crash', 'devices'],
+  });
+  const type = d.requireEnumAttr('type', ['kvm', 'qemu'] as const);
+
+  const nameNode = d.requireChild('name').expect({ text: true });
+  const name = nameNode.text();
+  if (!NAME_RE.test(name)) throw fail('invalid_value', nameNode.path, `domain name '${name}' must match [A-Za-z0-9_.-]{1,64}`);
+
+  let uuid = '';
+  const uuidNode = d.child('uuid');
+  if (uuidNode) {
+    uuidNode.expect({ text: true });
+    const u = canonicalUuid(uuidNode.text());
+    if (!u) throw fail('invalid_value', uuidNode.path, `'${uuidNode.text()}' is not a valid UUID`);
+    uuid = u;
+  } else if (!opts.allowMissingIds) {
+    throw fail('missing_element', '/domain/uuid', 'the domain needs a <uuid>');
+  }
+
+  const titleNode = d.child('title')?.expect({ text: true });
+  const title = titleNode?.text();
+  if (title !== undefined && /[\r\n]/.test(title)) throw fail('invalid_value', titleNode!.path, 'the title must be a single line');
+  const description = d.child('description')?.expect({ text: true }).text();
+  const metadataNode = d.child('metadata');
+  // Metadata belongs to applications: kept verbatim, never interpreted.
+  let metadata: string | undefined;
+  if (metadataNode) {
+    const names = metadataNode.el.children.flatMap((c) => (c.kind === 'element' ? [c.name] : []));
+    metadataNode.expect({ children: names, repeated: names, text: true });
+    metadata = serializeChildren(metadataNode.el);
+  }
+
+  const memoryKiBValue = memoryKiB(d.requireChild('memory'), 'memory');
+  const curNode = d.child('currentMemory');
+  const currentMemoryKiB = curNode ? memoryKiB(curNode, 'currentMemory') : memoryKiBValue;
+  if (currentMemoryKiB > memoryKiBValue) throw fail('invalid_value', curNode!.path, 'currentMemory must not exceed memory');
+
+  const vcpuNode = d.requireChild('vcpu').expect({ attrs: ['placement', 'current'], text: true });
+  vcpuNode.enumAttr('placement', ['static'] as const);
+  const vcpus = Number(vcpuNode.requireText());
+  if (!/^[0-9]+$/.test(vcpuNode.text()) || vcpus < 1 || vcpus > MAX_VCPUS) {
+    throw fail('invalid_value', vcpuNode.path, `vcpu must be an integer in 1..${MAX_VCPUS}`);
+  }
+  const vcpusCurrent = vcpuNode.intAttr('current', 1, vcpus) ?? vcpus;
+
+  const osNode = d.requireChild('os');
+  const { os, machine } = parseOs(osNode);
+  const family = machineFamily(machine, `${osNode.path}/type/@machine`);
+  const cpuNode = d.child('cpu');
+  const cpu = cpuNode ? parseCpu(cpuNode, vcpus) : undefined;
+
+  const devicesNode = d.child('devices');
+  const raw: RawDomain = {
+    type, name, uuid, title, description, metadata,
+    memoryKiB: memoryKiBValue, currentMemoryKiB, vcpus, vcpusCurrent,
+    machine, machineFamily: family, os, cpu,
+    features: parseFeatures(d.child('features')),
+    clock: parseClock(d.child('clock')),
+    ...parseLifecycle(d),
+    disks: [], controllers: [], interfaces: [], serials: [], consoles: [], channels: [],
+    graphics: [], videos: [], inputs: [], rngs: [],
+    allowMissingIds: opts.allowMissingIds,
+  };
+  if (devicesNode) parseDevices(devicesNode, raw, nodes);
+  return raw;
+}
+
+function parseOs(n: Node): { os: OsDef; machine: string } {
+  n.expect({ children: ['type', 'boot', 'bootmenu', 'kernel', 'initrd', 'cmdline'], repeated: ['boot'] });
+  const t = n.requireChild('type').expect({ attrs: ['arch', 'machine'], text: true });
+  if (t.text() !== 'hvm') throw fail('unsupported_value', t.path, `os type '${t.text()}' is not supported (hvm)`);
+  t.enumAttr('arch', ['x86_64'] as const);
+  const machine = t.attr('machine') ?? 'pc';
+
+  const bootDevs: BootDev[] = [];
+  for (const b of n.children('boot')) {
+    b.expect({ attrs: ['dev'] });
+    const dev = b.requireEnumAttr('dev', ['hd', 'cdrom', 'network'] as const);
+    if (bootDevs.includes(dev)) throw fail('invalid_value', b.attrPath('dev'), `boot device '${dev}' is listed twice`);
+    bootDevs.push(dev);
+  }
+  const os: OsDef = { arch: 'x86_64', bootDevs };
+  const menu = n.child('bootmenu');
+  if (menu) {
+    menu.expect({ attrs: ['enable', 'timeout'] });
+    const enable = menu.requireEnumAttr('enable', ['yes', 'no'] as const) === 'yes';
+    const timeoutMs = menu.intAttr('timeout', 0, 65535);
+    os.bootMenu = timeoutMs === undefined ? { enable } : { enable, timeoutMs };
+  }
+  for (const key of ['kernel', 'initrd'] as const) {
+    const k = n.child(key)?.expect({ text: true });
+    if (k) os[key] = hostPath(k.requireText(), k.path);
+  }
+  const cmdline = n.child('cmdline')?.expect({ text: true });
+  if (cmdline) os.cmdline = cmdline.text();
+  if (!os.kernel && (os.initrd !== undefined || os.cmdline !== undefined)) {
+    throw fail('missing_element', `${n.path}/kernel`, 'initrd and cmdline need a <kernel>');
+  }
+  return { os, machine };
+}
+
+function parseCpu(n: Node, vcpus: number): CpuDef {
+  n.expect({ attrs: ['mode', 'match', 'check'], children: ['model', 'topology', 'feature'], repeated: ['feature'] });
+  const mode = n.enumAttr('mode', ['custom', 'host-model', 'host-passthrough', 'maximum'] as const) ?? 'custom';
+  const cpu: CpuDef = { mode, features: [] };
+  const modelNode = n.child('model');
+  if (mode === 'custom') {
+    // 'minimum' would let the host add features: the guest CPU would differ between hosts.
+    const match = n.enumAttr('match', ['exact', 'strict'] as const);
+    if (match) cpu.match = match;
+    const check = n.enumAttr('check', ['none', 'partial', 'full'] as const);
+    if (check) cpu.check = check;
+    if (modelNode) {
+      modelNode.expect({ attrs: ['fallback'], text: true });
+      const model = modelNode.requireText();
+      if (model === 'host') cpu.mode = 'host-passthrough';
+      else if (model === 'max') cpu.mode = 'maximum';
+      else if (!CPU_MODELS.has(model)) throw fail('unsupported_value', modelNode.path, `CPU model '${model}' is not known to qemu`);
+      else cpu.model = model;
+      const fallback = modelNode.enumAttr('fallback', ['allow', 'forbid'] as const);
+      if (fallback) cpu.fallback = fallback;
+    }
+  } else {
+    for (const a of ['match', 'check']) {
+      if (n.attr(a) !== undefined) throw fail('unsupported_attribute', n.attrPath(a), `${a} only applies to mode='custom'`);
+    }
+    if (modelNode) throw fail('unsupported_element', modelNode.path, `<model> only applies to mode='custom'`);
+  }
+
+  const seen = new Set<string>();
+  for (const f of n.children('feature')) {
+    f.expect({ attrs: ['policy', 'name'] });
+    const policy = f.enumAttr('policy', ['require', 'force', 'disable', 'forbid', 'optional'] as const) ?? 'require';
+    const fname = f.requireAttr('name');
+    const q = qemuFeatureName(fname);
+    if (!q) throw fail('unsupported_value', f.attrPath('name'), `CPU feature '${fname}' is not known to qemu`);
+    if (seen.has(q)) throw fail('invalid_value', f.attrPath('name'), `CPU feature '${fname}' is listed twice`);
+    seen.add(q);
+    cpu.features.push({ name: q, policy });
+  }
+  if (cpu.mode === 'custom' && !cpu.model && cpu.features.length > 0) {
+    throw fail('missing_element', `${n.path}/model`, 'CPU features need a <model>');
+  }
+
+  const topo = n.child('topology');
+  if (topo) {
+    topo.expect({ attrs: ['sockets', 'dies', 'cores', 'threads'] });
+    for (const a of ['sockets', 'cores', 'threads']) topo.requireAttr(a);
+    const t = {
+      sockets: topo.intAttr('sockets', 1, MAX_VCPUS)!,
+      cores: topo.intAttr('cores', 1, MAX_VCPUS)!,
+      threads: topo.intAttr('threads', 1, MAX_VCPUS)!,
+    };
+    const dies = topo.intAttr('dies', 1, MAX_VCPUS);
+    if (t.sockets * t.cores * t.threads * (dies ?? 1) !== vcpus) {
+      throw fail('invalid_value', topo.path, `sockets*dies*cores*threads must equal the vcpu count ${vcpus}`);
+    }
+    cpu.topology = dies === undefined ? t : { sockets: t.sockets, dies, cores: t.cores, threads: t.threads };
+  }
+  return cpu;
+}
+
+function parseFeatures(n: Node | undefined): FeaturesDef {
+  const f: FeaturesDef = { acpi: false, apic: false, pae: false };
+  if (!n) return f;
+  n.expect({ children: ['acpi', 'apic', 'pae', 'vmport'] });
+  for (const key of ['acpi', 'apic', 'pae'] as const) {
+    const c = n.child(key);
+    if (c) {
+      c.expect({});
+      f[key] = true;
+    }
+  }
+  const vmport = n.child('vmport');
+  if (vmport) f.vmport = vmport.expect({ attrs: ['state'] }).requireEnumAttr('state', ['on', 'off'] as const) === 'on';
+  return f;
+}
+
+function parseClock(n: Node | undefined): ClockDef {
+  if (!n) return { offset: 'utc' };
+  n.expect({ attrs: ['offset'], children: ['timer'], repeated: ['timer'] });
+  const clock: ClockDef = { offset: n.enumAttr('offset', ['utc', 'localtime'] as const) ?? 'utc' };
+  const seen = new Set<string>();
+  for (const t of n.children('timer')) {
+    t.expect({ attrs: ['name', 'tickpolicy', 'present'] });
+    const name = t.requireEnumAttr('name', ['rtc', 'pit', 'hpet'] as const);
+    if (seen.has(name)) throw fail('invalid_value', t.attrPath('name'), `timer '${name}' is listed twice`);
+    seen.add(name);
+    if (name === 'hpet') {
+      if (t.attr('tickpolicy') !== undefined) throw fail('unsupported_attribute', t.attrPath('tickpolicy'), 'the hpet timer has no tick policy');
+      const present = t.boolAttr('present', 'yes', 'no');
+      if (present !== undefined) clock.hpet = present;
+      continue;
+    }
+    // Removing the RTC or the PIT is not supported.
+    t.enumAttr('present', ['yes'] as const);
+    if (name === 'rtc') {
+      const p = t.enumAttr('tickpolicy', ['catchup', 'delay'] as const);
+      if (p) clock.rtcTickPolicy = p;
+    } else {
+      const p = t.enumAttr('tickpolicy', ['delay', 'discard'] as const);
+      if (p) clock.pitTickPolicy = p;
+    }
+  }
+  return clock;
+}
+
+function parseLifecycle(d: Node): Pick<RawDomain, 'onPoweroff' | 'onReboot' | 'onCrash'> {
+  const action = <T extends string>(name: string, allowed: readonly T[], dflt: T): T => {
+    const n = d.child(name)?.expect({ text: true });
+    if (!n) return dflt;
+    const v = n.text();
+    if (!(allowed as readonly string[]).includes(v)) {
+      throw fail('unsupported_value', n.path, `${name} '${v}' cannot be done by qemu here (supported: ${allowed.join(', ')})`);
+    }
+    return v as T;
+  };
+  const onPoweroff = action('on_poweroff', ['destroy', 'preserve'] as const, 'destroy');
+  const onReboot = action('on_reboot', ['restart', 'destroy'] as const, 'restart');
+  const onCrash = action('on_crash', ['destroy', 'preserve'] as const, 'destroy');
+  // qemu turns a reboot (reboot=shutdown) and a panic (panic=shutdown) into a shutdown, and
+  // the shutdown action then applies: with on_poweroff='preserve' they would pause instead.
+  if (onPoweroff === 'preserve') {
+    if (onReboot === 'destroy') throw fail('unsupported_value', '/domain/on_reboot', "on_reboot='destroy' needs on_poweroff='destroy'");
+    if (onCrash === 'destroy') throw fail('unsupported_value', '/domain/on_crash', "on_crash='destroy' needs on_poweroff='destroy'");
+  }
+  return { onPoweroff, onReboot, onCrash };
+}
+
+// ---- devices -------------------------------------------------------------------------------
+
+const DEVICE_KINDS = ['emulator', 'disk', 'controller', 'interface', 'serial', 'console', 'channel', 'graphics',
+  'video', 'input', 'memballoon', 'rng'];
+
+function parseDevices(n: Node, raw: RawDomain, nodes: Map<string, XElement>): void {
+  n.expect({ children: DEVICE_KINDS, indexAll: { except: ['emulator'] } });
+  for (const dev of n.elements()) {
+    if (dev.name !== 'emulator') nodes.set(dev.path, dev.el);
+    switch (dev.name) {
+      case 'emulator': {
+        const path = hostPath(dev.expect({ text: true }).requireText(), dev.path);
+        if (!EMULATORS.includes(path.slice(path.lastIndexOf('/') + 1))) {
+          throw fail('unsupported_value', dev.path, `emulator must be one of ${EMULATORS.join(', ')}`);
+        }
+        raw.emulator = path;
+        break;
+      }
+      case 'disk': raw.disks.push(parseDisk(dev, nodes)); break;
+      case 'controller': raw.controllers.push(parseController(dev, raw.machineFamily)); break;
+      case 'interface': raw.interfaces.push(parseInterface(dev, raw.allowMissingIds)); break;
+      case 'serial': raw.serials.push(parseSerial(dev, nodes)); break;
+      case 'console': raw.consoles.push(parseConsole(dev)); break;
+      case 'channel': raw.channels.push(parseChannel(dev)); break;
+      case 'graphics': raw.graphics.push(parseGraphics(dev)); break;
+      case 'video': raw.videos.push(parseVideo(dev)); break;
+      case 'input': raw.inputs.push(parseInput(dev)); break;
+      case 'memballoon': {
+        if (raw.memballoon) throw fail('duplicate_element', dev.path, 'only one <memballoon> is allowed');
+        raw.memballoon = parseMemballoon(dev);
+        break;
+      }
+      case 'rng': raw.rngs.push(parseRng(dev)); break;
+    }
+  }
+  for (const [list, what] of [[raw.graphics, 'graphics'], [raw.videos, 'video']] as const) {
+    if (list.length > 1) throw fail('duplicate_element', `${n.path}/${what}[2]`, `only one <${what}> is supported`);
+  }
+}
+
+type AddressKind = 'pci' | 'drive' | 'usb' | 'virtio-serial';
+type AddressOf<K extends AddressKind> = K extends 'pci' ? PciAddress : K extends 'drive' ? DriveAddress
+  : K extends 'usb' ? UsbAddress : VirtioSerialAddress;
+
+function parseAddress<K extends AddressKind>(dev: Node, kinds: readonly K[]): AddressOf<K> | undefined {
+  const a = dev.child('address');
+  if (!a) return undefined;
+  if (kinds.length === 0) throw fail('unsupported_element', a.path, `<${dev.name}> of this kind takes no <address>`);
+  const type = a.requireEnumAttr('type', kinds);
+  let addr: PciAddress | DriveAddress | UsbAddress | VirtioSerialAddress;
+  switch (type as AddressKind) {
+    case 'pci': {
+      a.expect({ attrs: ['type', 'domain', 'bus', 'slot', 'function', 'multifunction'] });
+      a.requireAttr('slot');
+      addr = {
+        type: 'pci',
+        domain: a.intAttr('domain', 0, 0) ?? 0,
+        bus: a.intAttr('bus', 0, 0) ?? 0,
+        slot: a.intAttr('slot', 1, 31)!,
+        function: a.intAttr('function', 0, 7) ?? 0,
+        multifunction: a.boolAttr('multifunction', 'on', 'off') ?? false,
+      };
+      break;
+    }
+    case 'drive':
+      a.expect({ attrs: ['type', 'controller', 'bus', 'target', 'unit'] });
+      addr = {
+        type: 'drive',
+        controller: a.intAttr('controller', 0, 31) ?? 0,
+        bus: a.intAttr('bus', 0, 1) ?? 0,
+        target: a.intAttr('target', 0, 255) ?? 0,
+        unit: a.intAttr('unit', 0, 16383) ?? 0,
+      };
+      break;
+    case 'usb':
+      a.expect({ attrs: ['type', 'bus', 'port'] });
+      a.requireAttr('port');
+      addr = { type: 'usb', bus: a.intAttr('bus', 0, 0) ?? 0, port: a.intAttr('port', 1, 8)! };
+      break;
+    case 'virtio-serial':
+      a.expect({ attrs: ['type', 'controller', 'bus', 'port'] });
+      a.requireAttr('port');
+      addr = {
+        type: 'virtio-serial',
+        controller: a.intAttr('controller', 0, 31) ?? 0,
+        bus: a.intAttr('bus', 0, 0) ?? 0,
+        port: a.intAttr('port', 0, 30) ?? 0,
+      };
+      break;
+  }
+  return addr as AddressOf<K>;
+}
+
+function parseBootOrder(dev: Node): number | undefined {
+  const b = dev.child('boot');
+  if (!b) return undefined;
+  b.expect({ attrs: ['order'] });
+  b.requireAttr('order');
+  return b.intAttr('order', 1, 999);
+}
+
+const DISK_PREFIX: Record<string, DiskBus> = { vd: 'virtio', hd: 'ide', sd: 'scsi' };
+
+function parseDisk(dev: Node, nodes: Map<string, XElement>): RawDisk {
+  dev.expect({ attrs: ['type', 'device'], children: ['driver', 'source', 'target', 'readonly', 'shareable', 'serial', 'boot', 'address'] });
+  const type = dev.requireEnumAttr('type', ['file', 'block'] as const);
+  const device = dev.enumAttr('device', ['disk', 'cdrom'] as const) ?? 'disk';
+
+  const driver = dev.child('driver');
+  driver?.expect({ attrs: ['name', 'type', 'cache', 'io', 'discard'] });
+  driver?.enumAttr('name', ['qemu'] as const);
+  const format = driver?.enumAttr('type', ['raw', 'qcow2'] as const) ?? 'raw';
+  const cache = driver?.enumAttr('cache', ['none', 'writethrough', 'writeback', 'directsync', 'unsafe'] as const);
+  const io = driver?.enumAttr('io', ['threads', 'native'] as const);
+  const discard = driver?.enumAttr('discard', ['ignore', 'unmap'] as const);
+  if (io === 'native' && cache !== 'none' && cache !== 'directsync') {
+    throw fail('unsupported_value', driver!.attrPath('io'), "io='native' needs cache='none' or cache='directsync'");
+  }
+
+  const attrName = type === 'file' ? 'file' : 'dev';
+  const src = dev.child('source');
+  src?.expect({ attrs: [attrName] });
+  let source = src?.attr(attrName);
+  if (source !== undefined) source = hostPath(source, src!.attrPath(attrName));
+  else if (device === 'disk') {
+    throw fail('missing_element', src ? src.attrPath(attrName) : `${dev.path}/source`, 'a disk needs a source (only a cdrom may be empty)');
+  }
+
+  const tgt = dev.requireChild('target').expect({ attrs: ['dev', 'bus'] });
+  nodes.set(tgt.path, tgt.el);
+  const target = tgt.requireAttr('dev');
+  const prefixBus = DISK_PREFIX[target.slice(0, 2)];
+  if (!/^[a-z]{3,5}$/.test(target) || !prefixBus) {
+    throw fail('invalid_value', tgt.attrPath('dev'), `target dev '${target}' must be vdX, hdX or sdX`);
+  }
+  const bus = tgt.enumAttr('bus', ['virtio', 'ide', 'sata', 'scsi'] as const) ?? prefixBus;
+  const expectPrefix = { virtio: 'vd', ide: 'hd', sata: 'sd', scsi: 'sd' }[bus];
+  if (!target.startsWith(expectPrefix)) {
+    throw fail('invalid_value', tgt.attrPath('dev'), `target dev '${target}' does not fit bus '${bus}' (use ${expectPrefix}X)`);
+  }
+
+  for (const flag of ['readonly', 'shareable']) dev.child(flag)?.expect({});
+  const serialNode = dev.child('serial')?.expect({ text: true });
+  const serial = serialNode?.text();
+  if (serial !== undefined && !/^[A-Za-z0-9_.+ -]{1,20}$/.test(serial)) {
+    throw fail('invalid_value', serialNode!.path, 'a disk serial is 1-20 characters of [A-Za-z0-9_.+ -]');
+  }
+  const disk: RawDisk = {
+    element: dev.path, type, device, format, target, bus,
+    readonly: device === 'cdrom' || dev.child('readonly') !== undefined,
+    shareable: dev.child('shareable') !== undefined,
+  };
+  if (cache) disk.cache = cache;
+  if (io) disk.io = io;
+  if (discard) disk.discard = discard;
+  if (source !== undefined) disk.source = source;
+  if (serial !== undefined) disk.serial = serial;
+  const bootOrder = parseBootOrder(dev);
+  if (bootOrder !== undefined) disk.bootOrder = bootOrder;
+  const address = parseAddress(dev, bus === 'virtio' ? ['pci'] as const : ['drive'] as const);
+  if (address) disk.address = address;
+  return disk;
+}
+
+function parseController(dev: Node, family: MachineFamily): RawController {
+  dev.expect({ attrs: ['type', 'index', 'model'], children: ['address'] });
+  const type = dev.requireEnumAttr('type', ['usb', 'ide', 'sata', 'scsi', 'virtio-serial', 'pci'] as const);
+  const c: RawController = { element: dev.path, type };
+  const index = dev.intAttr('index', 0, 31);
+  if (index !== undefined) c.index = index;
+  switch (type) {
+    case 'usb': {
+      const m = dev.enumAttr('model', ['none', 'piix3-uhci', 'qemu-xhci', 'nec-xhci'] as const);
+      if (m) c.model = m;
+      break;
+    }
+    case 'scsi':
+      c.model = dev.enumAttr('model', ['virtio-scsi'] as const) ?? 'virtio-scsi';
+      break;
+    case 'pci': {
+      const root = family === 'q35' ? 'pcie-root' : 'pci-root';
+      c.model = dev.requireEnumAttr('model', [root] as const);
+      break;
+    }
+    default:
+      if (dev.attr('model') !== undefined) {
+        throw fail('unsupported_attribute', dev.attrPath('model'), `<controller type='${type}'> takes no model`);
+      }
+  }
+  const address = parseAddress(dev, type === 'pci' || (type === 'usb' && c.model === 'none') ? [] : ['pci'] as const);
+  if (address) c.address = address;
+  return c;
+}
+
+function parseInterface(dev: Node, allowMissingIds: boolean): RawInterface {
+  dev.expect({ attrs: ['type'], children: ['mac', 'model', 'source', 'target', 'boot', 'address'] });
+  const type = dev.requireEnumAttr('type', ['user', 'bridge', 'ethernet'] as const);
+  const iface: RawInterface = { element: dev.path, type, mac: '', model: 'rtl8139' };
+
+  const macNode = dev.child('mac');
+  if (macNode) {
+    macNode.expect({ attrs: ['address'] });
+    const mac = macNode.requireAttr('address').toLowerCase();
+    if (!MAC_RE.test(mac)) throw fail('invalid_value', macNode.attrPath('address'), `'${mac}' is not a MAC address`);
+    if (parseInt(mac.slice(0, 2), 16) & 1) throw fail('invalid_value', macNode.attrPath('address'), `'${mac}' is a multicast MAC address`);
+    iface.mac = mac;
+  } else if (!allowMissingIds) {
+    throw fail('missing_element', `${dev.path}/mac`, 'the interface needs a <mac address>');
+  }
+  // libvirt's default NIC for x86 qemu guests; normalization writes it into the XML.
+  const modelNode = dev.child('model');
+  if (modelNode) iface.model = modelNode.expect({ attrs: ['type'] }).requireEnumAttr('type', ['virtio', 'e1000', 'rtl8139'] as const);
+
+  const src = dev.child('source');
+  const tgt = dev.child('target');
+  if (type === 'bridge') {
+    const s = dev.requireChild('source').expect({ attrs: ['bridge'] });
+    iface.bridge = ifname(s.requireAttr('bridge'), s.attrPath('bridge'));
+  } else if (src) {
+    throw fail('unsupported_element', src.path, `<source> is not supported for interface type '${type}'`);
+  }
+  if (type === 'ethernet') {
+    const t = dev.requireChild('target').expect({ attrs: ['dev', 'managed'] });
+    t.enumAttr('managed', ['no'] as const);
+    iface.targetDev = ifname(t.requireAttr('dev'), t.attrPath('dev'));
+  } else if (tgt) {
+    throw fail('unsupported_element', tgt.path, `<target> is not supported for interface type '${type}'`);
+  }
+  const bootOrder = parseBootOrder(dev);
+  if (bootOrder !== undefined) iface.bootOrder = bootOrder;
+  const address = parseAddress(dev, ['pci'] as const);
+  if (address) iface.address = address;
+  return iface;
+}
+
+function ifname(v: string, path: string): string {
+  if (!IFNAME_RE.test(v) || v === '.' || v === '..') throw fail('invalid_value', path, `'${v}' is not a valid network interface name`);
+  return v;
+}
+
+/** The character-device backend shared by serial, console and channel. */
+function parseCharSource(dev: Node): { source: CharSource; log?: CharLog } {
+  const type = dev.requireEnumAttr('type', ['pty', 'null', 'file', 'unix', 'tcp'] as const);
+  const src = dev.child('source');
+  const proto = dev.child('protocol');
+  if (proto && type !== 'tcp') throw fail('unsupported_element', proto.path, '<protocol> only applies to tcp');
+  let source: CharSource;
+  switch (type) {
+    case 'pty':
+      // A live domain reports its pty as <source path>; it is output, not configuration.
+      src?.expect({ attrs: ['path'] });
+      source = { type };
+      break;
+    case 'null':
+      if (src) throw fail('unsupported_element', src.path, "type 'null' takes no <source>");
+      source = { type };
+      break;
+    case 'file': {
+      const s = dev.requireChild('source').expect({ attrs: ['path', 'append'] });
+      source = { type, path: hostPath(s.requireAttr('path'), s.attrPath('path')) };
+      const append = s.boolAttr('append', 'on', 'off');
+      if (append !== undefined) source.append = append;
+      break;
+    }
+    case 'unix': {
+      const s = dev.requireChild('source').expect({ attrs: ['mode', 'path'] });
+      source = { type, mode: s.requireEnumAttr('mode', ['bind', 'connect'] as const), path: hostPath(s.requireAttr('path'), s.attrPath('path')) };
+      break;
+    }
+    case 'tcp': {
+      const s = dev.requireChild('source').expect({ attrs: ['mode', 'host', 'service'] });
+      const host = s.requireAttr('host');
+      if (!HOST_RE.test(host)) throw fail('invalid_value', s.attrPath('host'), `'${host}' is not a host name or address`);
+      s.requireAttr('service');
+      const protocol = proto?.expect({ attrs: ['type'] }).requireEnumAttr('type', ['raw', 'telnet'] as const) ?? 'raw';
+      source = { type, mode: s.requireEnumAttr('mode', ['bind', 'connect'] as const), host, service: s.intAttr('service', 1, 65535)!, protocol };
+      break;
+    }
+  }
+  const logNode = dev.child('log');
+  if (!logNode) return { source };
+  logNode.expect({ attrs: ['file', 'append'] });
+  const log: CharLog = { file: hostPath(logNode.requireAttr('file'), logNode.attrPath('file')) };
+  const append = logNode.boolAttr('append', 'on', 'off');
+  if (append !== undefined) log.append = append;
+  return { source, log };
+}
+
+const CHAR_CHILDREN = ['source', 'protocol', 'log', 'target'];
+
+function parseSerial(dev: Node, nodes: Map<string, XElement>): RawSerial {
+  dev.expect({ attrs: ['type'], children: CHAR_CHILDREN });
+  const serial: RawSerial = { element: dev.path, ...parseCharSource(dev) };
+  const t = dev.child('target');
+  if (t) {
+    t.expect({ attrs: ['type', 'port'], children: ['model'] });
+    nodes.set(t.path, t.el);
+    t.enumAttr('type', ['isa-serial'] as const);
+    t.child('model')?.expect({ attrs: ['name'] }).requireEnumAttr('name', ['isa-serial'] as const);
+    const port = t.intAttr('port', 0, 3);
+    if (port !== undefined) serial.port = port;
+  }
+  return serial;
+}
+
+function parseConsole(dev: Node): RawConsole {
+  dev.expect({ attrs: ['type'], children: [...CHAR_CHILDREN, 'address'] });
+  const con: RawConsole = { element: dev.path, targetType: 'serial', ...parseCharSource(dev) };
+  const t = dev.child('target');
+  if (t) {
+    t.expect({ attrs: ['type', 'port'] });
+    con.targetType = t.enumAttr('type', ['serial', 'virtio'] as const) ?? 'serial';
+    // For a virtio console the port is only libvirt's console number: the virtio-serial
+    // <address> decides where it sits.
+    const port = t.intAttr('port', 0, con.targetType === 'serial' ? 3 : 30);
+    if (port !== undefined && con.targetType === 'serial') con.port = port;
+  }
+  const address = parseAddress(dev, con.targetType === 'virtio' ? ['virtio-serial'] as const : []);
+  if (address) con.address = address;
+  return con;
+}
+
+function parseChannel(dev: Node): RawChannel {
+  dev.expect({ attrs: ['type'], children: [...CHAR_CHILDREN, 'address'] });
+  const t = dev.requireChild('target').expect({ attrs: ['type', 'name'] });
+  t.requireEnumAttr('type', ['virtio'] as const);
+  const name = t.requireAttr('name');
+  if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) throw fail('invalid_value', t.attrPath('name'), `'${name}' is not a valid channel name`);
+  const ch: RawChannel = { element: dev.path, name, ...parseCharSource(dev) };
+  const address = parseAddress(dev, ['virtio-serial'] as const);
+  if (address) ch.address = address;
+  return ch;
+}
+
+const IPV4_RE = /^(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){3}$/;
+const IPV6_RE = /^[0-9a-fA-F:.]*:[0-9a-fA-F:.]*$/;
+
+function parseGraphics(dev: Node): GraphicsDef {
+  dev.expect({ attrs: ['type', 'port', 'autoport', 'listen'], children: ['listen'] });
+  dev.requireEnumAttr('type', ['vnc'] as const);
+  const portAttr = dev.attr('port');
+  const port = portAttr === '-1' ? undefined : dev.intAttr('port', 5900, 65535);
+  const autoport = dev.boolAttr('autoport', 'yes', 'no') ?? port === undefined;
+  if (!autoport && port === undefined) throw fail('missing_attribute', dev.attrPath('port'), "autoport='no' needs a port");
+  let listen = dev.attr('listen');
+  let listenPath = dev.attrPath('listen');
+  const l = dev.child('listen');
+  if (l) {
+    l.expect({ attrs: ['type', 'address'] });
+    l.requireEnumAttr('type', ['address'] as const);
+    const addr = l.requireAttr('address');
+    if (listen !== undefined && listen !== addr) throw fail('invalid_value', l.attrPath('address'), 'the <listen> address differs from the listen attribute');
+    listen = addr;
+    listenPath = l.attrPath('address');
+  }
+  listen ??= '127.0.0.1';
+  if (!IPV4_RE.test(listen) && !IPV6_RE.test(listen)) throw fail('invalid_value', listenPath, `'${listen}' is not an IP address`);
+  const g: GraphicsDef = { element: dev.path, type: 'vnc', listen, autoport };
+  if (!autoport) g.port = port!;
+  return g;
+}
+
+function parseVideo(dev: Node): Omit<VideoDef, 'id'> {
+  dev.expect({ children: ['model', 'address'] });
+  const m = dev.requireChild('model').expect({ attrs: ['type', 'vram', 'heads', 'primary'] });
+  const model = m.requireEnumAttr('type', ['vga', 'cirrus', 'virtio', 'none'] as const);
+  m.enumAttr('heads', ['1'] as const);
+  m.enumAttr('primary', ['yes'] as const);
+  const v: Omit<VideoDef, 'id'> = { element: dev.path, model };
+  const vram = m.attr('vram');
+  if (model === 'vga' || model === 'cirrus') {
+    // qemu takes whole MiB as a power of two; cirrus only 4, 8 or 16.
+    const allowed = model === 'vga' ? [1, 2, 4, 8, 16, 32, 64, 128, 256] : [4, 8, 16];
+    const kib = vram === undefined ? 16384 : m.intAttr('vram', 1024, 262144)!;
+    if (!allowed.includes(kib / 1024)) {
+      throw fail('invalid_value', m.attrPath('vram'), `vram for ${model} must be one of ${allowed.map((x) => x * 1024).join(', ')} KiB`);
+    }
+    v.vramKiB = kib;
+  } else if (vram !== undefined) {
+    throw fail('unsupported_attribute', m.attrPath('vram'), `vram does not apply to model '${model}'`);
+  }
+  const address = parseAddress(dev, model === 'none' ? [] : ['pci'] as const);
+  if (address) v.address = address;
+  return v;
+}
+
+function parseInput(dev: Node): Omit<InputDef, 'id'> {
+  dev.expect({ attrs: ['type', 'bus'], children: ['address'] });
+  const type = dev.requireEnumAttr('type', ['tablet', 'mouse', 'keyboard'] as const);
+  const bus = dev.enumAttr('bus', ['usb', 'ps2', 'virtio'] as const) ?? (type === 'tablet' ? 'usb' : 'ps2');
+  if (type === 'tablet' && bus === 'ps2') throw fail('unsupported_value', dev.attrPath('bus'), 'there is no ps2 tablet');
+  const input: Omit<InputDef, 'id'> = { element: dev.path, type, bus };
+  const address = parseAddress(dev, bus === 'usb' ? ['usb'] as const : bus === 'virtio' ? ['pci'] as const : []);
+  if (address) input.address = address;
+  return input;
+}
+
+function parseMemballoon(dev: Node): Omit<MemballoonDef, 'id'> {
+  dev.expect({ attrs: ['model'], children: ['address'] });
+  const model = dev.requireEnumAttr('model', ['virtio', 'none'] as const);
+  const b: Omit<MemballoonDef, 'id'> = { element: dev.path, model };
+  const address = parseAddress(dev, model === 'none' ? [] : ['pci'] as const);
+  if (address) b.address = address;
+  return b;
+}
+
+function parseRng(dev: Node): Omit<RngDef, 'id' | 'objectId' | 'address'> & { address?: PciAddress } {
+  dev.expect({ attrs: ['model'], children: ['backend', 'rate', 'address'] });
+  dev.requireEnumAttr('model', ['virtio'] as const);
+  const b = dev.requireChild('backend').expect({ attrs: ['model'], text: true });
+  b.requireEnumAttr('model', ['random'] as const);
+  const path = b.text() || '/dev/urandom';
+  if (path !== '/dev/random' && path !== '/dev/urandom') {
+    throw fail('unsupported_value', b.path, 'the random backend must be /dev/random or /dev/urandom');
+  }
+  const rng: Omit<RngDef, 'id' | 'objectId' | 'address'> & { address?: PciAddress } = { element: dev.path, model: 'virtio', backend: path };
+  const rate = dev.child('rate');
+  if (rate) {
+    rate.expect({ attrs: ['bytes', 'period'] });
+    rate.requireAttr('bytes');
+    const bytes = rate.intAttr('bytes', 1, 2 ** 31)!;
+    const periodMs = rate.intAttr('period', 1, 2 ** 31);
+    rng.rate = periodMs === undefined ? { bytes } : { bytes, periodMs };
+  }
+  const address = parseAddress(dev, ['pci'] as const);
+  if (address) rng.address = address;
+  return rng;
+}

@@ -1,0 +1,22 @@
+/** Every host path a domain makes qemu open or create, for the caller's --allow-path checks. */
+import type { CharLog, CharSource, DomainDef, FileRef } from './model.js';
+
+export function domainFileRefs(def: DomainDef): FileRef[] {
+  const refs: FileRef[] = [];
+  if (def.os.kernel) refs.push({ kind: 'kernel', path: def.os.kernel, element: '/domain/os/kernel', mustExist: true });
+  if (def.os.initrd) refs.push({ kind: 'initrd', path: def.os.initrd, element: '/domain/os/initrd', mustExist: true });
+  for (const d of def.disks) {
+    if (d.source === undefined) continue;
+    refs.push({ kind: 'disk', path: d.source, element: `${d.element}/source/@${d.type === 'file' ? 'file' : 'dev'}`, mustExist: true });
+  }
+  const chardev = (kind: FileRef['kind'], element: string, source: CharSource, log: CharLog | undefined) => {
+    if (source.type === 'file') refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: false });
+    // qemu creates a listening socket; it connects to an existing one.
+    if (source.type === 'unix') refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: source.mode === 'connect' });
+    if (log) refs.push({ kind: 'log', path: log.file, element: `${element}/log/@file`, mustExist: false });
+  };
+  for (const s of def.serials) chardev(s.origin, s.element, s.source, s.log);
+  for (const c of def.consoles) chardev('console', c.element, c.source, c.log);
+  for (const c of def.channels) chardev('channel', c.element, c.source, c.log);
+  return refs;
+}

@@ -1,0 +1,271 @@
+/**
+ * qemu processes: started detached so that guests outlive the agent (a restart, a kill -9),
+ * found again by pid + start time, and ended only by PID.
+ */
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { execa } from 'execa';
+import { QmpClient, type QmpConnectOptions } from './qmp.js';
+
+export interface QemuLaunch {
+  binary: string;
+  /**
+   * The guest's command line. launchQemu appends `-pidfile pidfilePath` and a QMP monitor on
+   * qmpSocketPath unless argv already has them (a `-pidfile` must then name pidfilePath).
+   */
+  argv: string[];
+  /** qemu's stdout/stderr are appended here. */
+  logPath: string;
+  pidfilePath: string;
+  qmpSocketPath: string;
+  /** Until QMP answers; default 30 s. */
+  startTimeoutMs?: number;
+}
+
+export interface QemuProcessRecord {
+  pid: number;
+  /** /proc/<pid>/stat field 22 (clock ticks after boot): tells our qemu from a reused pid. */
+  startTime: number;
+  qmpSocketPath: string;
+  pidfilePath: string;
+  binary: string;
+}
+
+/** qemu did not come up; `logTail` is what it wrote while starting (its own error text). */
+export class QemuStartError extends Error {
+  readonly logTail: string;
+  constructor(message: string, logTail: string) {
+    super(logTail ? `${message}: ${logTail}` : message);
+    this.name = 'QemuStartError';
+    this.logTail = logTail;
+  }
+}
+
+const DEFAULT_START_TIMEOUT_MS = 30_000;
+const DEFAULT_GRACE_MS = 10_000;
+// After SIGKILL only uninterruptible I/O (D state) delays the exit; libvirt waits about as long.
+const KILL_WAIT_MS = 15_000;
+const POLL_MS = 25;
+const LOG_TAIL_BYTES = 4096;
+const QMP_CHARDEV_ID = 'kvmm-qmp';
+
+export async function launchQemu(l: QemuLaunch): Promise<{ record: QemuProcessRecord; qmp: QmpClient }> {
+  const argv = [...l.argv, ...controlArgs(l)];
+  await removeStaleFiles(l);
+
+  const logFd = fs.openSync(l.logPath, 'a');
+  let logStart: number;
+  let child: ReturnType<typeof spawnDetached>;
+  try {
+    fs.writeSync(logFd, `${new Date().toISOString()} starting: ${[l.binary, ...argv].join(' ')}\n`);
+    logStart = fs.fstatSync(logFd).size;
+    child = spawnDetached(l.binary, argv, logFd);
+  } finally {
+    // The child holds its own copy of the descriptor.
+    fs.closeSync(logFd);
+  }
+  const pid = child.pid;
+  if (pid === undefined) {
+    const result = await child;
+    throw new QemuStartError(`could not start ${l.binary}`, result.shortMessage ?? '');
+  }
+
+  const fail = async (message: string): Promise<never> => {
+    // qemu is our child and unreaped until `child` settles, so this pid cannot have been reused.
+    if (child.exitCode === null && child.signalCode === null) process.kill(pid, 'SIGKILL');
+    await child;
+    await removeFiles(l);
+    throw new QemuStartError(message, await readLogTail(l.logPath, logStart));
+  };
+
+  const abort = new AbortController();
+  let qmp: QmpClient;
+  try {
+    qmp = await Promise.race([
+      QmpClient.connect(l.qmpSocketPath, { connectTimeoutMs: l.startTimeoutMs ?? DEFAULT_START_TIMEOUT_MS, signal: abort.signal }),
+      child.then((r) => {
+        throw new Error(`qemu exited during startup (${r.signal ? `signal ${r.signal}` : `exit code ${r.exitCode}`})`);
+      }),
+    ]);
+  } catch (err) {
+    abort.abort();
+    return fail((err as Error).message);
+  }
+  const record = readProcessRecord(pid, l);
+  if (typeof record === 'string') {
+    await qmp.close();
+    return fail(record);
+  }
+  // Only now: until here the child handle must keep the event loop alive for `fail`.
+  child.unref();
+  return { record, qmp };
+}
+
+/** True while the recorded qemu runs: the pid is alive (not a zombie) and started when recorded. */
+export function processMatches(rec: QemuProcessRecord): boolean {
+  const st = readProcStat(rec.pid);
+  return st !== null && isRunningState(st.state) && st.startTime === rec.startTime;
+}
+
+/** Re-attach to a qemu after an agent restart; null when the process is gone. */
+export async function attachQemu(rec: QemuProcessRecord, opts?: QmpConnectOptions): Promise<QmpClient | null> {
+  if (!processMatches(rec)) return null;
+  try {
+    return await QmpClient.connect(rec.qmpSocketPath, opts);
+  } catch (err) {
+    if (!processMatches(rec)) return null;
+    throw err;
+  }
+}
+
+/**
+ * Asks qemu to quit (QMP `quit` when a live client is given, else SIGTERM), SIGKILLs it after
+ * graceMs, waits until it is really gone, then removes its socket and pidfile.
+ */
+export async function killQemu(rec: QemuProcessRecord, opts?: { graceMs?: number; qmp?: QmpClient }): Promise<void> {
+  const graceMs = opts?.graceMs ?? DEFAULT_GRACE_MS;
+  if (processMatches(rec)) {
+    const deadline = Date.now() + graceMs;
+    const qmp = opts?.qmp;
+    const quitSent =
+      qmp !== undefined && !qmp.isClosed && (await qmp.execute('quit', undefined, { timeoutMs: Math.max(graceMs, 1) }).then(() => true, () => false));
+    if (!quitSent) signal(rec, 'SIGTERM');
+    if (!(await waitForExit(rec, Math.max(deadline - Date.now(), 0)))) {
+      signal(rec, 'SIGKILL');
+      if (!(await waitForExit(rec, KILL_WAIT_MS))) throw new Error(`qemu pid ${rec.pid} is still alive ${KILL_WAIT_MS} ms after SIGKILL`);
+    }
+  }
+  // A newer qemu may have been started on the same paths since: its files are not ours to remove.
+  if (pidfileOwner(rec.pidfilePath) === null) await removeFiles(rec);
+}
+
+/** Polls /proc until the recorded qemu is gone; false if it still runs after timeoutMs. */
+export async function waitForExit(rec: QemuProcessRecord, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (processMatches(rec)) {
+    if (Date.now() >= deadline) return false;
+    await sleep(POLL_MS);
+  }
+  return true;
+}
+
+function spawnDetached(binary: string, argv: string[], logFd: number) {
+  // A raw descriptor, not execa's `{file}`: that pipes through this process, so qemu's output
+  // (and qemu itself, on EPIPE) would depend on the agent staying alive. execa's types list
+  // only descriptors up to 9, but any number is handed to spawn() unchanged.
+  const fd = logFd as 3;
+  return execa(binary, argv, { detached: true, cleanup: false, stdin: 'ignore', stdout: fd, stderr: fd, reject: false });
+}
+
+function controlArgs(l: QemuLaunch): string[] {
+  if (l.argv.includes('-daemonize')) throw new Error('qemu argv must not contain -daemonize: the agent tracks the pid it starts');
+  const extra: string[] = [];
+  const p = l.argv.indexOf('-pidfile');
+  if (p === -1) extra.push('-pidfile', l.pidfilePath);
+  else if (l.argv[p + 1] !== l.pidfilePath) {
+    throw new Error(`qemu argv has -pidfile ${l.argv[p + 1]}, but the launch names ${l.pidfilePath}`);
+  }
+  const sockOpt = `path=${l.qmpSocketPath.replaceAll(',', ',,')}`;
+  const hasQmp = l.argv.some((a) => `,${a},`.includes(`,${sockOpt},`) || a.startsWith(`unix:${l.qmpSocketPath}`));
+  if (!hasQmp) {
+    extra.push('-chardev', `socket,id=${QMP_CHARDEV_ID},${sockOpt},server=on,wait=off`, '-mon', `chardev=${QMP_CHARDEV_ID},mode=control`);
+  }
+  return extra;
+}
+
+/**
+ * Clears a socket/pidfile left by a qemu that died without cleanup (SIGKILL, or a failed start,
+ * which leaves the socket). Refuses when a live qemu still uses them: deleting its socket would
+ * make that guest unreachable.
+ */
+async function removeStaleFiles(l: QemuLaunch): Promise<void> {
+  const owner = pidfileOwner(l.pidfilePath);
+  if (owner !== null) throw new Error(`qemu pid ${owner} is still running with pidfile ${l.pidfilePath}`);
+  await removeFiles(l);
+}
+
+/** The pid the pidfile names, if that process is alive and was started with this pidfile. */
+function pidfileOwner(pidfilePath: string): number | null {
+  let pid: number;
+  try {
+    pid = Number.parseInt(fs.readFileSync(pidfilePath, 'utf8'), 10);
+  } catch {
+    return null;
+  }
+  const st = readProcStat(pid);
+  return st !== null && isRunningState(st.state) && readCmdline(pid).includes(pidfilePath) ? pid : null;
+}
+
+async function removeFiles(f: { qmpSocketPath: string; pidfilePath: string }): Promise<void> {
+  await Promise.all([fsp.rm(f.qmpSocketPath, { force: true }), fsp.rm(f.pidfilePath, { force: true })]);
+}
+
+/** The record of a qemu that just answered QMP, or why it cannot be trusted. */
+function readProcessRecord(pid: number, l: QemuLaunch): QemuProcessRecord | string {
+  const st = readProcStat(pid);
+  if (st === null) return `qemu pid ${pid} vanished right after startup`;
+  // qemu writes its pidfile before it creates the QMP socket, so it is there by now.
+  let fromFile = '';
+  try {
+    fromFile = fs.readFileSync(l.pidfilePath, 'utf8').trim();
+  } catch {
+    // reported below
+  }
+  if (fromFile !== String(pid)) return `pidfile ${l.pidfilePath} holds '${fromFile}', expected qemu's pid ${pid}`;
+  return { pid, startTime: st.startTime, qmpSocketPath: l.qmpSocketPath, pidfilePath: l.pidfilePath, binary: l.binary };
+}
+
+function signal(rec: QemuProcessRecord, sig: NodeJS.Signals): void {
+  // Checked right before sending so a pid reused since the last poll is never hit.
+  if (!processMatches(rec)) return;
+  try {
+    process.kill(rec.pid, sig);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+  }
+}
+
+function readProcStat(pid: number): { state: string; startTime: number } | null {
+  // pid 0 or negative would address process groups in kill(); never treat them as a qemu.
+  if (!Number.isSafeInteger(pid) || pid <= 1) return null;
+  let stat: string;
+  try {
+    stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return null;
+  }
+  // comm (field 2) may contain spaces and parentheses; the fields after its last ')' are plain.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return { state: fields[0] ?? '', startTime: Number(fields[19]) };
+}
+
+// A zombie has exited already; it only waits to be reaped by its parent.
+function isRunningState(state: string): boolean {
+  return state !== 'Z' && state !== 'X';
+}
+
+function readCmdline(pid: number): string[] {
+  try {
+    return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+  } catch {
+    return [];
+  }
+}
+
+async function readLogTail(logPath: string, from: number): Promise<string> {
+  try {
+    const fh = await fsp.open(logPath, 'r');
+    try {
+      const { size } = await fh.stat();
+      const start = Math.max(from, size - LOG_TAIL_BYTES);
+      const buf = Buffer.alloc(size - start);
+      await fh.read(buf, 0, buf.length, start);
+      return buf.toString('utf8').trim();
+    } finally {
+      await fh.close();
+    }
+  } catch {
+    return '';
+  }
+}
