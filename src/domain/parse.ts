@@ -453,9 +453,10 @@ function parseBootOrder(dev: Node): number | undefined {
 const DISK_PREFIX: Record<string, DiskBus> = { vd: 'virtio', hd: 'ide', sd: 'scsi' };
 
 function parseDisk(dev: Node, nodes: Map<string, XElement>): RawDisk {
-  dev.expect({ attrs: ['type', 'device'], children: ['driver', 'source', 'target', 'readonly', 'shareable', 'serial', 'boot', 'address'] });
+  // The discriminating attributes first: what else is allowed depends on them.
   const type = dev.requireEnumAttr('type', ['file', 'block'] as const);
   const device = dev.enumAttr('device', ['disk', 'cdrom'] as const) ?? 'disk';
+  dev.expect({ attrs: ['type', 'device'], children: ['driver', 'source', 'target', 'readonly', 'shareable', 'serial', 'boot', 'address'] });
 
   const driver = dev.child('driver');
   driver?.expect({ attrs: ['name', 'type', 'cache', 'io', 'discard'] });
@@ -514,8 +515,8 @@ function parseDisk(dev: Node, nodes: Map<string, XElement>): RawDisk {
 }
 
 function parseController(dev: Node, family: MachineFamily): RawController {
-  dev.expect({ attrs: ['type', 'index', 'model'], children: ['address'] });
   const type = dev.requireEnumAttr('type', ['usb', 'ide', 'sata', 'scsi', 'virtio-serial', 'pci'] as const);
+  dev.expect({ attrs: ['type', 'index', 'model'], children: ['address'] });
   const c: RawController = { element: dev.path, type };
   const index = dev.intAttr('index', 0, 31);
   if (index !== undefined) c.index = index;
@@ -544,8 +545,8 @@ function parseController(dev: Node, family: MachineFamily): RawController {
 }
 
 function parseInterface(dev: Node, allowMissingIds: boolean): RawInterface {
-  dev.expect({ attrs: ['type'], children: ['mac', 'model', 'source', 'target', 'boot', 'address'] });
   const type = dev.requireEnumAttr('type', ['user', 'bridge', 'ethernet'] as const);
+  dev.expect({ attrs: ['type'], children: ['mac', 'model', 'source', 'target', 'boot', 'address'] });
   const iface: RawInterface = { element: dev.path, type, mac: '', model: 'rtl8139' };
 
   const macNode = dev.child('mac');
@@ -591,7 +592,7 @@ function ifname(v: string, path: string): string {
 
 /** The character-device backend shared by serial, console and channel. */
 function parseCharSource(dev: Node): { source: CharSource; log?: CharLog } {
-  const type = dev.requireEnumAttr('type', ['pty', 'null', 'file', 'unix', 'tcp'] as const);
+  const type = dev.requireEnumAttr('type', CHAR_TYPES);
   const src = dev.child('source');
   const proto = dev.child('protocol');
   if (proto && type !== 'tcp') throw fail('unsupported_element', proto.path, '<protocol> only applies to tcp');
@@ -638,15 +639,17 @@ function parseCharSource(dev: Node): { source: CharSource; log?: CharLog } {
 }
 
 const CHAR_CHILDREN = ['source', 'protocol', 'log', 'target'];
+const CHAR_TYPES = ['pty', 'null', 'file', 'unix', 'tcp'] as const;
 
 function parseSerial(dev: Node, nodes: Map<string, XElement>): RawSerial {
+  dev.requireEnumAttr('type', CHAR_TYPES);
   dev.expect({ attrs: ['type'], children: CHAR_CHILDREN });
   const serial: RawSerial = { element: dev.path, ...parseCharSource(dev) };
   const t = dev.child('target');
   if (t) {
+    t.enumAttr('type', ['isa-serial'] as const);
     t.expect({ attrs: ['type', 'port'], children: ['model'] });
     nodes.set(t.path, t.el);
-    t.enumAttr('type', ['isa-serial'] as const);
     t.child('model')?.expect({ attrs: ['name'] }).requireEnumAttr('name', ['isa-serial'] as const);
     const port = t.intAttr('port', 0, 3);
     if (port !== undefined) serial.port = port;
@@ -655,12 +658,13 @@ function parseSerial(dev: Node, nodes: Map<string, XElement>): RawSerial {
 }
 
 function parseConsole(dev: Node): RawConsole {
+  dev.requireEnumAttr('type', CHAR_TYPES);
   dev.expect({ attrs: ['type'], children: [...CHAR_CHILDREN, 'address'] });
   const con: RawConsole = { element: dev.path, targetType: 'serial', ...parseCharSource(dev) };
   const t = dev.child('target');
   if (t) {
-    t.expect({ attrs: ['type', 'port'] });
     con.targetType = t.enumAttr('type', ['serial', 'virtio'] as const) ?? 'serial';
+    t.expect({ attrs: ['type', 'port'] });
     // For a virtio console the port is only libvirt's console number: the virtio-serial
     // <address> decides where it sits.
     const port = t.intAttr('port', 0, con.targetType === 'serial' ? 3 : 30);
@@ -672,9 +676,11 @@ function parseConsole(dev: Node): RawConsole {
 }
 
 function parseChannel(dev: Node): RawChannel {
+  dev.requireEnumAttr('type', CHAR_TYPES);
   dev.expect({ attrs: ['type'], children: [...CHAR_CHILDREN, 'address'] });
-  const t = dev.requireChild('target').expect({ attrs: ['type', 'name'] });
+  const t = dev.requireChild('target');
   t.requireEnumAttr('type', ['virtio'] as const);
+  t.expect({ attrs: ['type', 'name'] });
   const name = t.requireAttr('name');
   if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) throw fail('invalid_value', t.attrPath('name'), `'${name}' is not a valid channel name`);
   const ch: RawChannel = { element: dev.path, name, ...parseCharSource(dev) };
@@ -687,8 +693,8 @@ const IPV4_RE = /^(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[
 const IPV6_RE = /^[0-9a-fA-F:.]*:[0-9a-fA-F:.]*$/;
 
 function parseGraphics(dev: Node): GraphicsDef {
-  dev.expect({ attrs: ['type', 'port', 'autoport', 'listen'], children: ['listen'] });
   dev.requireEnumAttr('type', ['vnc'] as const);
+  dev.expect({ attrs: ['type', 'port', 'autoport', 'listen'], children: ['listen'] });
   const portAttr = dev.attr('port');
   const port = portAttr === '-1' ? undefined : dev.intAttr('port', 5900, 65535);
   const autoport = dev.boolAttr('autoport', 'yes', 'no') ?? port === undefined;
@@ -697,8 +703,8 @@ function parseGraphics(dev: Node): GraphicsDef {
   let listenPath = dev.attrPath('listen');
   const l = dev.child('listen');
   if (l) {
-    l.expect({ attrs: ['type', 'address'] });
     l.requireEnumAttr('type', ['address'] as const);
+    l.expect({ attrs: ['type', 'address'] });
     const addr = l.requireAttr('address');
     if (listen !== undefined && listen !== addr) throw fail('invalid_value', l.attrPath('address'), 'the <listen> address differs from the listen attribute');
     listen = addr;
@@ -713,8 +719,9 @@ function parseGraphics(dev: Node): GraphicsDef {
 
 function parseVideo(dev: Node): Omit<VideoDef, 'id'> {
   dev.expect({ children: ['model', 'address'] });
-  const m = dev.requireChild('model').expect({ attrs: ['type', 'vram', 'heads', 'primary'] });
+  const m = dev.requireChild('model');
   const model = m.requireEnumAttr('type', ['vga', 'cirrus', 'virtio', 'none'] as const);
+  m.expect({ attrs: ['type', 'vram', 'heads', 'primary'] });
   m.enumAttr('heads', ['1'] as const);
   m.enumAttr('primary', ['yes'] as const);
   const v: Omit<VideoDef, 'id'> = { element: dev.path, model };
@@ -736,9 +743,9 @@ function parseVideo(dev: Node): Omit<VideoDef, 'id'> {
 }
 
 function parseInput(dev: Node): Omit<InputDef, 'id'> {
-  dev.expect({ attrs: ['type', 'bus'], children: ['address'] });
   const type = dev.requireEnumAttr('type', ['tablet', 'mouse', 'keyboard'] as const);
   const bus = dev.enumAttr('bus', ['usb', 'ps2', 'virtio'] as const) ?? (type === 'tablet' ? 'usb' : 'ps2');
+  dev.expect({ attrs: ['type', 'bus'], children: ['address'] });
   if (type === 'tablet' && bus === 'ps2') throw fail('unsupported_value', dev.attrPath('bus'), 'there is no ps2 tablet');
   const input: Omit<InputDef, 'id'> = { element: dev.path, type, bus };
   const address = parseAddress(dev, bus === 'usb' ? ['usb'] as const : bus === 'virtio' ? ['pci'] as const : []);
@@ -747,8 +754,8 @@ function parseInput(dev: Node): Omit<InputDef, 'id'> {
 }
 
 function parseMemballoon(dev: Node): Omit<MemballoonDef, 'id'> {
-  dev.expect({ attrs: ['model'], children: ['address'] });
   const model = dev.requireEnumAttr('model', ['virtio', 'none'] as const);
+  dev.expect({ attrs: ['model'], children: ['address'] });
   const b: Omit<MemballoonDef, 'id'> = { element: dev.path, model };
   const address = parseAddress(dev, model === 'none' ? [] : ['pci'] as const);
   if (address) b.address = address;
@@ -756,10 +763,11 @@ function parseMemballoon(dev: Node): Omit<MemballoonDef, 'id'> {
 }
 
 function parseRng(dev: Node): Omit<RngDef, 'id' | 'objectId' | 'address'> & { address?: PciAddress } {
-  dev.expect({ attrs: ['model'], children: ['backend', 'rate', 'address'] });
   dev.requireEnumAttr('model', ['virtio'] as const);
-  const b = dev.requireChild('backend').expect({ attrs: ['model'], text: true });
+  dev.expect({ attrs: ['model'], children: ['backend', 'rate', 'address'] });
+  const b = dev.requireChild('backend');
   b.requireEnumAttr('model', ['random'] as const);
+  b.expect({ attrs: ['model'], text: true });
   const path = b.text() || '/dev/urandom';
   if (path !== '/dev/random' && path !== '/dev/urandom') {
     throw fail('unsupported_value', b.path, 'the random backend must be /dev/random or /dev/urandom');

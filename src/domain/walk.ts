@@ -57,7 +57,7 @@ export class Node {
         throw fail('unsupported_element', path, `element <${child.name}> is not supported here`);
       }
       if (n > 1 && !this.isRepeated(child.name)) {
-        throw fail('duplicate_element', path, `element <${child.name}> may appear only once`);
+        throw fail('duplicate_element', `${this.path}/${child.name}[${n}]`, `element <${child.name}> may appear only once`);
       }
     }
     return this;
