@@ -69,8 +69,11 @@ async function main(): Promise<void> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'kvm-migrate-bench-'));
   const cleanups: Array<() => Promise<unknown>> = [];
   try {
-    const image = path.join(dir, 'guest.img');
+    // One image each: a running qemu holds its disk's write lock.
+    const image = path.join(dir, 'agent-guest.img');
+    const rawImage = path.join(dir, 'raw-guest.img');
     await writeGuestImage(image, params);
+    await writeGuestImage(rawImage, params);
     const memoryMiB = guestMemoryMiB(params) + 16;
     const qemu = await probeQemu();
     const accel = resolveAccel(accelMode, qemu.kvmUsable && kvmUsable());
@@ -108,7 +111,7 @@ async function main(): Promise<void> {
     await agents[0]!.client.lifecycle('bench-agent', 'start');
 
     // --- raw: the same domain model, argv from the same builder ---
-    const { def } = normalizeDomainXml(testGuestXml({ name: 'bench-raw', image, serialLog: path.join(dir, 'raw.serial'), memoryMiB }), {
+    const { def } = normalizeDomainXml(testGuestXml({ name: 'bench-raw', image: rawImage, serialLog: path.join(dir, 'raw.serial'), memoryMiB }), {
       machineAliases: qemu.machineAliases,
       knownMachines: qemu.knownMachines,
       randomBytes: (n) => Buffer.alloc(n, 7),

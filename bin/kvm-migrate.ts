@@ -12,6 +12,7 @@ const USAGE = `usage:
   kvm-migrate agent [--listen HOST:PORT] [--state-dir DIR] [--token TOKEN] [--allow-path DIR]...
                     [--migration-address ADDR] [--migration-ports LOW-HIGH] [--accel auto|kvm|tcg]
                     [--incoming-timeout SECONDS] [--max-incoming N] [--max-outgoing N] [--log-level LEVEL]
+                    [--debug-hold prepare2|before-finish2|finish2]...   (fault-injection rigs only)
   kvm-migrate migrate DOMAIN --from URL --to URL [--token TOKEN] [--offline] [--paused]
                     [--bandwidth MiB/s] [--downtime MS] [--auto-converge] [--undefine-source]
                     [--no-persist] [--desturi tcp://HOST:PORT] [--migration-id ID]
@@ -50,6 +51,7 @@ async function agentCommand(args: string[]): Promise<void> {
       'max-outgoing': { type: 'string' },
       'log-level': { type: 'string' },
       'qemu-binary': { type: 'string' },
+      'debug-hold': { type: 'string', multiple: true },
     },
   });
   const listen = parseListen(flag(values, 'listen') ?? DEFAULTS.listen);
@@ -75,6 +77,7 @@ async function agentCommand(args: string[]): Promise<void> {
     qemuBinary: flag(values, 'qemu-binary'),
     maxIncoming: intFlag(values, 'max-incoming', DEFAULTS.maxIncoming)!,
     maxOutgoing: intFlag(values, 'max-outgoing', DEFAULTS.maxOutgoing)!,
+    debugHolds: values['debug-hold'] ?? process.env.KVM_MIGRATE_DEBUG_HOLD?.split(',').filter(Boolean) ?? [],
   };
   const app = await buildAgent(config, { logger: { level: flag(values, 'log-level') ?? 'info' } });
   await app.listen({ host: config.listenHost, port: config.listenPort });

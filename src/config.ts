@@ -1,5 +1,6 @@
 import { isIP } from 'node:net';
 import path from 'node:path';
+import { HOLD_POINTS } from './migration/holds.js';
 
 /** Everything an agent is told at start; one object so tests can build agents on port 0. */
 export interface AgentConfig {
@@ -21,6 +22,8 @@ export interface AgentConfig {
   /** How many migrations may run at once on this agent, in each direction. */
   maxIncoming: number;
   maxOutgoing: number;
+  /** Debug hold points for fault-injection rigs (see src/migration/holds.ts); empty in production. */
+  debugHolds?: string[];
 }
 
 export const DEFAULTS = {
@@ -67,6 +70,9 @@ export function validateConfig(config: AgentConfig): AgentConfig {
   }
   if (!['auto', 'kvm', 'tcg'].includes(config.accel)) throw new Error(`--accel must be auto, kvm or tcg`);
   if (!(config.incomingTimeoutSeconds > 0)) throw new Error('--incoming-timeout must be a positive number of seconds');
+  for (const hold of config.debugHolds ?? []) {
+    if (!(HOLD_POINTS as readonly string[]).includes(hold)) throw new Error(`--debug-hold must be one of ${HOLD_POINTS.join(', ')}`);
+  }
   const stateDir = path.resolve(config.stateDir);
   // run/<uuid>.qmp must fit the 108-byte sun_path of a unix socket address.
   if (Buffer.byteLength(path.join(stateDir, 'run', `${'0'.repeat(36)}.qmp`)) > 107) {

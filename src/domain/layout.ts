@@ -82,7 +82,7 @@ const DEVICES = '/domain/devices';
 const USB_PORTS: Record<string, number> = { 'piix3-uhci': 2, 'qemu-xhci': 4, 'nec-xhci': 4 };
 const VIRTIO_SERIAL_PORTS = 31;
 
-export function defaultUsbModel(family: MachineFamily): 'piix3-uhci' | 'qemu-xhci' {
+function defaultUsbModel(family: MachineFamily): 'piix3-uhci' | 'qemu-xhci' {
   return family === 'q35' ? 'qemu-xhci' : 'piix3-uhci';
 }
 
@@ -132,7 +132,7 @@ export function completeDomain(raw: RawDomain): DomainDef {
     ...rngs,
   ], controllers);
 
-  return { ...base, disks, controllers, interfaces, serials, consoles, channels, videos, inputs, memballoon, rngs };
+  return { ...base, disks, controllers, interfaces, serials, consoles, channels, videos, inputs, ...(memballoon ? { memballoon } : {}), rngs };
 }
 
 function controllerDef(c: Omit<RawController, 'element' | 'index'> & { element?: string; index: number }, family: MachineFamily): ControllerDef {

@@ -217,8 +217,6 @@ export interface RngDef {
   objectId: string;
 }
 
-export type LifecycleAction = 'destroy' | 'restart' | 'preserve';
-
 export interface DomainDef {
   type: DomainType;
   name: string;

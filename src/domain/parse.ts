@@ -173,9 +173,13 @@ function parseDomain(d: Node, opts: ParseOptions, nodes: Map<string, XElement>):
 
   const devicesNode = d.child('devices');
   const raw: RawDomain = {
-    type, name, uuid, title, description, metadata,
+    type, name, uuid,
+    ...(title !== undefined ? { title } : {}),
+    ...(description !== undefined ? { description } : {}),
+    ...(metadata !== undefined ? { metadata } : {}),
     memoryKiB: memoryKiBValue, currentMemoryKiB, vcpus, vcpusCurrent,
-    machine, machineFamily: family, os, cpu,
+    machine, machineFamily: family, os,
+    ...(cpu ? { cpu } : {}),
     features: parseFeatures(d.child('features')),
     clock: parseClock(d.child('clock')),
     ...parseLifecycle(d),

@@ -152,7 +152,7 @@ export class Node {
   }
 }
 
-export function parseUnsigned(v: string): number | undefined {
+function parseUnsigned(v: string): number | undefined {
   if (/^[0-9]{1,15}$/.test(v)) return Number(v);
   if (/^0x[0-9a-fA-F]{1,12}$/.test(v)) return parseInt(v.slice(2), 16);
   return undefined;

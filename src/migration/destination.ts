@@ -87,6 +87,7 @@ export class DestinationSide {
       this.followIncoming(job, entry);
       await jobs.setPhase(job, 'prepared', { uri: listenUri });
       this.armLease(job, 'no stream started');
+      await this.ctx.hold('prepare2', job.id);
       log.info({ migration: job.id, domain: def.name, uri: listenUri }, 'prepared incoming migration');
       return this.prepareAnswer(job.id, listenUri);
     } catch (err) {
@@ -252,6 +253,7 @@ export class DestinationSide {
     }
     this.clearLease(job);
     await jobs.setPhase(job, 'finishing', { finish: { rc: 0, attempts: 1 } });
+    await this.ctx.hold('finish2', job.id);
     await this.completeHandOver(job, entry);
   }
 
@@ -360,6 +362,11 @@ export class DestinationSide {
       entry.activeJob = { id: job.id, role: 'destination' };
       if (job.record.phase === 'aborting' || job.record.phase === 'preparing') {
         return this.abort(job, entry, job.record.error ?? { code: 'agent_restarted', message: 'the agent restarted while preparing' });
+      }
+      // The stream may have ended while the agent was down, without us seeing its event.
+      if (job.record.phase === 'receiving') {
+        const status = (await entry.run.qmp.execute<{ status?: string }>('query-migrate').catch(() => ({ status: undefined }))).status;
+        if (status === 'completed') await this.ctx.jobs.setPhase(job, 'received');
       }
       this.followIncoming(job, entry);
       this.armLease(job, 'agent restarted; waiting for the stream or Finish2');

@@ -6,6 +6,7 @@ import type { HostInfo } from '../agent/app.js';
 import type { JobRegistry, JobRecord } from './jobs.js';
 import type { MigrationOptions } from './params.js';
 import type { PeerClient } from './peer-client.js';
+import type { HoldPoint } from './holds.js';
 
 /** Messages of migration protocol version 2 between two agents. */
 export interface Prepare2Request {
@@ -50,6 +51,7 @@ export interface MigrationContext {
   peers: PeerClient;
   hostInfo: () => HostInfo;
   log: FastifyBaseLogger;
+  hold: (point: HoldPoint, migrationId: string) => Promise<void>;
 }
 
 export type { JobRecord };

@@ -5,6 +5,7 @@ import type { DomainManager } from '../agent/domain-manager.js';
 import type { HostInfo } from '../agent/app.js';
 import { JobRegistry, type Job } from './jobs.js';
 import { PeerClient } from './peer-client.js';
+import { holdAt } from './holds.js';
 import { DestinationSide } from './destination.js';
 import { SourceSide, type PerformRequest } from './source.js';
 import type { Finish2Request, Finish2Response, MigrationContext, Prepare2Request, Prepare2Response } from './protocol.js';
@@ -18,7 +19,13 @@ export class MigrationService {
 
   constructor(opts: { config: AgentConfig; store: StateStore; domains: DomainManager; hostInfo: () => HostInfo; log: FastifyBaseLogger }) {
     this.jobs = new JobRegistry(opts.store);
-    this.ctx = { ...opts, jobs: this.jobs, peers: new PeerClient(opts.config.token) };
+    const holds = opts.config.debugHolds ?? [];
+    this.ctx = {
+      ...opts,
+      jobs: this.jobs,
+      peers: new PeerClient(opts.config.token),
+      hold: (point, migrationId) => holdAt(point, holds, opts.config.stateDir, migrationId),
+    };
     this.source = new SourceSide(this.ctx);
     this.destination = new DestinationSide(this.ctx);
   }

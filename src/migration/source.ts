@@ -203,6 +203,7 @@ export class SourceSide {
     const pausedAt = Date.now();
     if (job.record.phase === 'streaming') await jobs.setPhase(job, 'stream-completed');
     if (job.record.phase !== 'finishing') await jobs.setPhase(job, 'finishing', { finish: { rc: 0, attempts: 0 } });
+    await this.ctx.hold('before-finish2', job.id);
     const answer = await this.finish2Until(job, { migrationId: job.id, rc: 0 });
     if (!answer) return; // agent shutting down: the job stays in `finishing` for the next start
     if (answer.outcome === 'finished') {

@@ -130,9 +130,19 @@ export interface AgentProcess {
 /** The real CLI agent as a child process (for kill -9 and restart). */
 export async function spawnAgent(
   t: TestContext,
-  opts: { host: string; port?: number; stateDir: string; allowPath: string; token?: string; extra?: string[]; netns?: string },
+  opts: {
+    host: string;
+    port?: number;
+    stateDir: string;
+    allowPath: string;
+    token?: string;
+    extra?: string[];
+    netns?: string;
+    /** Where the test reaches the agent, when that is not the listen host (0.0.0.0 in a namespace). */
+    urlHost?: string;
+  },
 ): Promise<AgentProcess> {
-  const port = opts.port ?? (await freePort(opts.host));
+  const port = opts.port ?? (opts.netns ? 7100 : await freePort(opts.host));
   const cli = path.join(packageRoot, 'dist', 'bin', 'kvm-migrate.js');
   const args = [cli, 'agent', '--listen', `${opts.host}:${port}`, '--state-dir', opts.stateDir, '--allow-path', opts.allowPath, '--log-level', 'warn', ...(opts.extra ?? [])];
   const command = opts.netns ? 'ip' : process.execPath;
@@ -152,7 +162,7 @@ export async function spawnAgent(
     await kill9();
     await killAgentQemus(undefined, opts.stateDir);
   });
-  const url = `http://${opts.host}:${port}`;
+  const url = `http://${opts.urlHost ?? opts.host}:${port}`;
   const client = new AgentClient(url, opts.token);
   await waitFor(`agent at ${url}`, async () => {
     if (child.exitCode !== null) throw new Error(`agent exited with ${child.exitCode}`);

@@ -1,0 +1,166 @@
+import t from 'tap';
+import { buildArgv, escapeOptionValue, normalizeDomainXml, parseDomainXml } from '../../src/domain/index.js';
+import { countingHost, domainXml, KVM_HOST, readFixture, TCG_HOST, UUID, VDA } from './helpers.js';
+
+const argvOf = (xml: string, host = KVM_HOST) => buildArgv(parseDomainXml(xml), host);
+const opt = (argv: string[], flag: string) => {
+  const i = argv.indexOf(flag);
+  return i < 0 ? undefined : argv[i + 1];
+};
+const all = (argv: string[], flag: string) => argv.flatMap((a, i) => (a === flag ? [argv[i + 1]!] : []));
+
+t.test('fixed parts', async (t) => {
+  const argv = argvOf(domainXml());
+  t.same(argv.slice(0, 3), ['-name', 'guest=t1,debug-threads=on', '-S']);
+  t.equal(opt(argv, '-uuid'), UUID);
+  t.ok(argv.includes('-no-user-config') && argv.includes('-nodefaults'));
+  t.equal(opt(argv, '-display'), 'none');
+  t.equal(opt(argv, '-pidfile'), KVM_HOST.pidfilePath);
+  t.equal(opt(argv, '-mon'), 'chardev=charmonitor,id=monitor,mode=control');
+  t.equal(all(argv, '-chardev')[0], `socket,id=charmonitor,path=${KVM_HOST.qmpSocketPath},server=on,wait=off`);
+  t.equal(opt(argv, '-machine'), 'pc-i440fx-7.2,accel=kvm,usb=off,dump-guest-core=off,acpi=off');
+  t.equal(opt(argv, '-m'), 'size=65536k');
+  t.equal(opt(argv, '-smp'), '1,sockets=1,cores=1,threads=1');
+  t.equal(opt(argv, '-rtc'), 'base=utc');
+  t.equal(opt(argv, '-action'), 'reboot=reset,shutdown=poweroff,panic=shutdown');
+  t.notOk(argv.includes('-cpu'), 'no <cpu>: the machine type default CPU');
+  t.notOk(argv.includes('-incoming'));
+  t.notOk(argv.includes('qemu-system-x86_64'), 'the binary is not part of argv');
+});
+
+t.test('incoming', async (t) => {
+  const argv = buildArgv(parseDomainXml(domainXml()), KVM_HOST, { incoming: true });
+  t.same(argv.slice(-2), ['-incoming', 'defer']);
+  t.same(buildArgv(parseDomainXml(domainXml()), KVM_HOST, { incoming: false }), argvOf(domainXml()));
+});
+
+t.test('accelerator: kvm domains follow the host, qemu domains are TCG', async (t) => {
+  t.match(opt(argvOf(domainXml(), TCG_HOST), '-machine'), /,accel=tcg,/);
+  t.match(opt(argvOf(domainXml({ attrs: "type='qemu'" }), KVM_HOST), '-machine'), /,accel=tcg,/);
+  t.match(opt(argvOf(domainXml({ attrs: "type='qemu'" }), TCG_HOST), '-machine'), /,accel=tcg,/);
+});
+
+t.test('cpu modes', async (t) => {
+  const cpu = (body: string, host = KVM_HOST) => opt(argvOf(domainXml({ body }), host), '-cpu');
+  t.equal(cpu("<cpu mode='host-passthrough'/>"), 'host');
+  t.equal(cpu("<cpu mode='host-passthrough'/>", TCG_HOST), 'max');
+  t.equal(cpu("<cpu mode='host-model'/>"), 'host');
+  t.equal(cpu("<cpu mode='host-model'/>", TCG_HOST), 'max');
+  t.equal(cpu("<cpu mode='maximum'/>"), 'max');
+  t.equal(cpu('<cpu><model>host</model></cpu>', TCG_HOST), 'max');
+  t.equal(cpu('<cpu><model>max</model></cpu>'), 'max');
+  t.equal(cpu("<cpu mode='custom'><model fallback='allow'>qemu64</model></cpu>"), 'qemu64');
+  t.equal(cpu("<cpu check='full'><model>Skylake-Client-v4</model><feature policy='force' name='tsc_adjust'/></cpu>"), 'Skylake-Client-v4,+tsc-adjust,enforce');
+  t.equal(cpu("<cpu mode='host-passthrough'><feature policy='disable' name='vmx'/></cpu>"), 'host,-vmx');
+  t.equal(cpu("<cpu><topology sockets='1' cores='1' threads='1'/></cpu>"), undefined);
+});
+
+t.test('vcpus and topology', async (t) => {
+  const smp = (vcpu: string, body = '') =>
+    opt(argvOf(domainXml({ head: `<name>t1</name><uuid>${UUID}</uuid><memory unit='MiB'>64</memory>${vcpu}`, body })), '-smp');
+  t.equal(smp('<vcpu>4</vcpu>'), '4,sockets=4,cores=1,threads=1');
+  t.equal(smp("<vcpu current='1'>4</vcpu>"), '1,maxcpus=4,sockets=4,cores=1,threads=1');
+  t.equal(smp("<vcpu current='2'>8</vcpu>", "<cpu><topology sockets='2' dies='2' cores='1' threads='2'/></cpu>"), '2,maxcpus=8,sockets=2,dies=2,cores=1,threads=2');
+});
+
+t.test('memory is rounded up to a whole MiB', async (t) => {
+  const m = (mem: string) => opt(argvOf(domainXml({ head: `<name>t1</name><uuid>${UUID}</uuid>${mem}<vcpu>1</vcpu>` })), '-m');
+  t.equal(m("<memory unit='KiB'>65537</memory>"), 'size=66560k');
+  t.equal(m("<memory unit='b'>16777217</memory>"), 'size=17408k');
+  t.equal(m("<memory unit='GiB'>1</memory>"), 'size=1048576k');
+});
+
+t.test('features and clock', async (t) => {
+  t.equal(opt(argvOf(domainXml({ body: '<features><acpi/><apic/><pae/></features>' })), '-machine'), 'pc-i440fx-7.2,accel=kvm,usb=off,dump-guest-core=off');
+  t.equal(opt(argvOf(domainXml({ body: "<features><acpi/><vmport state='on'/></features><clock><timer name='hpet' present='yes'/></clock>" })), '-machine'),
+    'pc-i440fx-7.2,accel=kvm,usb=off,dump-guest-core=off,vmport=on,hpet=on');
+  const clock = argvOf(domainXml({ body: "<clock offset='localtime'><timer name='rtc' tickpolicy='delay'/><timer name='pit' tickpolicy='discard'/></clock>" }));
+  t.equal(opt(clock, '-rtc'), 'base=localtime');
+  t.equal(opt(clock, '-global'), 'kvm-pit.lost_tick_policy=discard');
+});
+
+t.test('lifecycle actions', async (t) => {
+  const action = (body: string) => opt(argvOf(domainXml({ body })), '-action');
+  t.equal(action('<on_reboot>destroy</on_reboot>'), 'reboot=shutdown,shutdown=poweroff,panic=shutdown');
+  t.equal(action('<on_poweroff>preserve</on_poweroff><on_crash>preserve</on_crash>'), 'reboot=reset,shutdown=pause,panic=pause');
+  t.equal(action('<on_crash>preserve</on_crash>'), 'reboot=reset,shutdown=poweroff,panic=pause');
+});
+
+t.test('boot options', async (t) => {
+  const os = (inner: string) => `<os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type>${inner}</os>`;
+  t.equal(opt(argvOf(domainXml({ os: os("<bootmenu enable='yes'/>") })), '-boot'), 'menu=on,strict=on');
+  t.equal(opt(argvOf(domainXml({ os: os("<bootmenu enable='no' timeout='10'/>") })), '-boot'), 'menu=off,splash-time=10,strict=on');
+  const k = argvOf(domainXml({ os: os('<kernel>/k/vm,linuz</kernel><cmdline>a=b,c</cmdline>') }));
+  t.equal(opt(k, '-kernel'), '/k/vm,linuz', '-kernel takes a plain file name: no comma doubling');
+  t.equal(opt(k, '-append'), 'a=b,c');
+  t.notOk(k.includes('-initrd'));
+  const cd = "<disk type='file' device='cdrom'><source file='/iso/x.iso'/><target dev='hdc' bus='ide'/></disk>";
+  const nic = "<interface type='user'><mac address='52:54:00:00:00:01'/></interface>";
+  const order = argvOf(domainXml({ os: os("<boot dev='network'/><boot dev='cdrom'/>"), devices: VDA + cd + nic }));
+  const devs = all(order, '-device');
+  t.match(devs.find((x) => x.startsWith('rtl8139')), /,bootindex=1$/);
+  t.match(devs.find((x) => x.startsWith('ide-cd')), /,bootindex=2$/);
+  t.notMatch(devs.find((x) => x.startsWith('virtio-blk-pci')), /bootindex/);
+  const dflt = all(argvOf(domainXml({ devices: cd + VDA })), '-device');
+  t.match(dflt.find((x) => x.startsWith('virtio-blk-pci')), /,bootindex=1$/, 'no <boot>: the first hard disk');
+  t.notMatch(dflt.find((x) => x.startsWith('ide-cd')), /bootindex/);
+  const kernelOnly = all(argvOf(domainXml({ os: os('<kernel>/k</kernel>'), devices: VDA })), '-device');
+  t.notMatch(kernelOnly.join(' '), /bootindex/, 'direct kernel boot with no <boot>: no bootindex');
+});
+
+t.test('disk cache modes', async (t) => {
+  const devOf = (cache: string) => {
+    const argv = argvOf(domainXml({ devices: `<disk type='file' device='disk'><driver name='qemu' type='raw' cache='${cache}'/><source file='/v/a.img'/><target dev='vda'/></disk>` }));
+    return { blockdev: JSON.parse(all(argv, '-blockdev')[0]!) as { cache: unknown }, device: all(argv, '-device')[0]! };
+  };
+  const expected: [string, boolean, boolean, string][] = [
+    ['none', true, false, 'on'], ['writethrough', false, false, 'off'], ['writeback', false, false, 'on'],
+    ['directsync', true, false, 'off'], ['unsafe', false, true, 'on'],
+  ];
+  for (const [mode, direct, noFlush, wc] of expected) {
+    const { blockdev, device } = devOf(mode);
+    t.same(blockdev.cache, { direct, 'no-flush': noFlush }, mode);
+    t.match(device, `,write-cache=${wc}`, mode);
+  }
+  const plain = all(argvOf(domainXml({ devices: VDA })), '-device')[0]!;
+  t.notMatch(plain, 'write-cache', 'no cache attribute: qemu default (writeback)');
+});
+
+t.test('user strings are escaped in option values', async (t) => {
+  t.equal(escapeOptionValue('/a,b,,c'), '/a,,b,,,,c');
+  const argv = buildArgv(parseDomainXml(domainXml({ devices: "<serial type='unix'><source mode='bind' path='/run/a,b.sock'/><log file='/l/x,y'/></serial>" })),
+    { ...KVM_HOST, qmpSocketPath: '/run/q,mp.sock', pidfilePath: '/run/p,id' });
+  t.equal(all(argv, '-chardev')[0], 'socket,id=charmonitor,path=/run/q,,mp.sock,server=on,wait=off');
+  t.equal(all(argv, '-chardev')[1], 'socket,id=charserial0,path=/run/a,,b.sock,server=on,wait=off,logfile=/l/x,,y');
+  t.equal(opt(argv, '-pidfile'), '/run/p,id', '-pidfile takes a plain file name');
+  const disk = all(argvOf(domainXml({ devices: "<disk type='file' device='disk'><source file='/v/a,b &quot;c&quot;.img'/><target dev='vda'/></disk>" })), '-blockdev')[0]!;
+  t.equal(JSON.parse(disk).filename, '/v/a,b "c".img', 'blockdev JSON carries the path verbatim');
+});
+
+t.test('the builder is deterministic and pure', async (t) => {
+  for (const name of ['full-i440fx', 'q35', 'chardevs', 'explicit-addresses']) {
+    const xml = readFixture(`${name}.xml`);
+    const a = normalizeDomainXml(xml, countingHost());
+    const b = normalizeDomainXml(xml, countingHost());
+    const before = JSON.stringify(a.def);
+    t.same(buildArgv(a.def, KVM_HOST, { incoming: true }), buildArgv(b.def, KVM_HOST, { incoming: true }), name);
+    t.equal(JSON.stringify(a.def), before, `${name}: the model is not modified`);
+  }
+});
+
+t.test('normalization writes back exactly the layout the builder chose', async (t) => {
+  for (const name of ['full-i440fx', 'explicit-addresses', 'console-only', 'chardevs']) {
+    const xml = readFixture(`${name}.xml`);
+    if (!/machine='pc-/.test(xml)) {
+      t.pass(`${name}: alias machine, compared via golden files`);
+      continue;
+    }
+    t.same(buildArgv(parseDomainXml(normalizeDomainXml(xml, countingHost()).xml), KVM_HOST), buildArgv(parseDomainXml(xml), KVM_HOST), name);
+  }
+});
+
+t.test('formatting of the XML does not matter', async (t) => {
+  const a = `<domain type='kvm'><name>t1</name><uuid>${UUID}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os><devices>${VDA}</devices></domain>`;
+  const b = `<?xml version="1.0"?>\n<domain type="kvm">\n  <!-- c -->\n  <devices>\n    <disk device="disk" type="file">\n      <target bus="virtio" dev="vda"/>\n      <source file="/v/a.img"/>\n    </disk>\n  </devices>\n  <os>\n    <type machine="pc-i440fx-7.2" arch="x86_64">  hvm  </type>\n  </os>\n  <vcpu> 1 </vcpu>\n  <memory unit="KiB">65536</memory>\n  <uuid>${UUID.toUpperCase()}</uuid>\n  <name>t1</name>\n</domain>\n`;
+  t.same(argvOf(b), argvOf(a));
+});
