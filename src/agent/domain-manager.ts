@@ -268,41 +268,29 @@ export class DomainManager extends EventEmitter {
   }
 
   /** Ask the guest to power off (ACPI); the state changes when the guest actually stops. */
-  async shutdown(name: string): Promise<DomainEntry> {
-    return this.withLock(name, async () => {
-      const entry = this.get(name);
-      this.refuseWhileBusy(entry, 'shutdown');
-      const run = this.requireRunning(entry);
-      await run.qmp.execute('system_powerdown');
-      return entry;
-    });
+  shutdown(name: string): Promise<DomainEntry> {
+    return this.onRunning(name, 'shutdown', (run) => run.qmp.execute('system_powerdown'));
   }
 
   /** Pause the guest's vCPUs (libvirt's suspend); a paused arrival is resumed the same way. */
-  async suspend(name: string): Promise<DomainEntry> {
-    return this.withLock(name, async () => {
-      const entry = this.get(name);
-      this.refuseWhileBusy(entry, 'suspend');
-      await this.requireRunning(entry).qmp.execute('stop');
-      return entry;
-    });
+  suspend(name: string): Promise<DomainEntry> {
+    return this.onRunning(name, 'suspend', (run) => run.qmp.execute('stop'));
   }
 
-  async resume(name: string): Promise<DomainEntry> {
-    return this.withLock(name, async () => {
-      const entry = this.get(name);
-      this.refuseWhileBusy(entry, 'resume');
-      await this.requireRunning(entry).qmp.execute('cont');
-      return entry;
-    });
+  resume(name: string): Promise<DomainEntry> {
+    return this.onRunning(name, 'resume', (run) => run.qmp.execute('cont'));
   }
 
-  async destroy(name: string): Promise<DomainEntry> {
+  destroy(name: string): Promise<DomainEntry> {
+    return this.onRunning(name, 'destroy', (_run, entry) => this.stopQemu(entry, 'destroyed'));
+  }
+
+  /** A lifecycle action on a running domain that no migration owns, under its lock. */
+  private onRunning(name: string, action: string, fn: (run: RunningQemu, entry: DomainEntry) => Promise<unknown>): Promise<DomainEntry> {
     return this.withLock(name, async () => {
       const entry = this.get(name);
-      this.refuseWhileBusy(entry, 'destroy');
-      this.requireRunning(entry);
-      await this.stopQemu(entry, 'destroyed');
+      this.refuseWhileBusy(entry, action);
+      await fn(this.requireRunning(entry), entry);
       return entry;
     });
   }

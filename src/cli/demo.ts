@@ -1,28 +1,17 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { AgentClient } from '../client.js';
 import { followJob, summarize } from './progress.js';
+import { freePort } from '../migration/ports.js';
 import { writeGuestImage, parseSerialLog, guestMemoryMiB, type GuestParams } from '../../test/guest/image.js';
 import { testGuestXml } from '../../test/guest/domain-xml.js';
 
 const GUEST: GuestParams = { fillMiB: 64, hotMiB: 4, reportEvery: 64 };
 const CLI = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'kvm-migrate.js');
-
-function freePort(host: string): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, host, () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 interface DemoAgent {
   name: string;

@@ -294,7 +294,8 @@ export class DestinationSide {
       }
       if (status === 'completed' || status === 'failed') return status;
       if (Date.now() > deadline) return `still ${status}`;
-      await new Promise((r) => setTimeout(r, 100));
+      // The tail is usually loaded within milliseconds of the source finishing.
+      await new Promise((r) => setTimeout(r, 10));
     }
   }
 

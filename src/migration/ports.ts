@@ -26,3 +26,15 @@ export async function pickPort(
   }
   return null;
 }
+
+/** A port the kernel reports free right now on `host` (bind to port 0 and release). */
+export function freePort(host: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(0, host, () => {
+      const { port } = server.address() as net.AddressInfo;
+      server.close(() => resolve(port));
+    });
+  });
+}

@@ -9,6 +9,8 @@ import { DEFAULTS, type AgentConfig } from '../../src/config.js';
 import { AgentClient } from '../../src/client.js';
 import { killQemu, processMatches, type QemuProcessRecord } from '../../src/qemu/process.js';
 import { packageRoot } from '../../src/agent/package-root.js';
+import { freePort } from '../../src/migration/ports.js';
+export { freePort };
 import { writeGuestImage, guestMemoryMiB, type GuestParams } from '../guest/image.js';
 import { testGuestXml } from '../guest/domain-xml.js';
 
@@ -108,17 +110,6 @@ export async function startAgent(t: TestContext, dir: string, name: string, over
   return { app, url, client: new AgentClient(url, config.token), config };
 }
 
-export function freePort(host: string): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, host, () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
-
 export interface AgentProcess {
   child: ChildProcess;
   url: string;
@@ -144,7 +135,8 @@ export async function spawnAgent(
 ): Promise<AgentProcess> {
   const port = opts.port ?? (opts.netns ? 7100 : await freePort(opts.host));
   const cli = path.join(packageRoot, 'dist', 'bin', 'kvm-migrate.js');
-  const args = [cli, 'agent', '--listen', `${opts.host}:${port}`, '--state-dir', opts.stateDir, '--allow-path', opts.allowPath, '--log-level', 'warn', ...(opts.extra ?? [])];
+  const accel = process.env.KVM_MIGRATE_TEST_ACCEL ? ['--accel', process.env.KVM_MIGRATE_TEST_ACCEL] : [];
+  const args = [cli, 'agent', '--listen', `${opts.host}:${port}`, '--state-dir', opts.stateDir, '--allow-path', opts.allowPath, '--log-level', 'warn', ...accel, ...(opts.extra ?? [])];
   const command = opts.netns ? 'ip' : process.execPath;
   const argv = opts.netns ? ['netns', 'exec', opts.netns, process.execPath, ...args] : args;
   const child = spawn(command, argv, {

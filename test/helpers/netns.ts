@@ -10,8 +10,9 @@ function ip(...args: string[]): void {
  * Two test hosts in network namespaces of their own, joined by a veth pair (the "wire", which a
  * test can cut), plus one control veth from this namespace into each, so the test keeps talking
  * to both agents while the wire is down. Addresses exist only inside these namespaces.
- *   wire:    A 10.77.0.1  <->  B 10.77.0.2
- *   control: this 10.78.0.1 <-> A 10.78.0.2,   this 10.78.0.5 <-> B 10.78.0.6
+ *   wire:    A 10.77.N.1  <->  B 10.77.N.2
+ *   control: this 10.78.N.1 <-> A 10.78.N.2,   this 10.78.N.5 <-> B 10.78.N.6
+ * N differs per rig, so a rig left by a killed run cannot capture another rig's traffic.
  */
 export interface TwoHostRig {
   nsA: string;
@@ -36,7 +37,9 @@ export function canMakeNamespaces(): boolean {
 }
 
 export function makeTwoHostRig(t: TestContext): TwoHostRig {
-  const id = randomBytes(2).toString('hex');
+  const bytes = randomBytes(2);
+  const id = bytes.toString('hex');
+  const n = 1 + (bytes[0]! % 250);
   const nsA = `kmt${id}a`;
   const nsB = `kmt${id}b`;
   const made: string[] = [];
@@ -58,13 +61,13 @@ export function makeTwoHostRig(t: TestContext): TwoHostRig {
   ip('link', 'add', wire[0]!, 'type', 'veth', 'peer', 'name', wire[1]!);
   ip('link', 'set', wire[0]!, 'netns', nsA);
   ip('link', 'set', wire[1]!, 'netns', nsB);
-  ip('-n', nsA, 'addr', 'add', '10.77.0.1/24', 'dev', wire[0]!);
-  ip('-n', nsB, 'addr', 'add', '10.77.0.2/24', 'dev', wire[1]!);
+  ip('-n', nsA, 'addr', 'add', `10.77.${n}.1/24`, 'dev', wire[0]!);
+  ip('-n', nsB, 'addr', 'add', `10.77.${n}.2/24`, 'dev', wire[1]!);
   ip('-n', nsA, 'link', 'set', wire[0]!, 'up');
   ip('-n', nsB, 'link', 'set', wire[1]!, 'up');
   for (const [ns, root, inner, rootAddr, innerAddr] of [
-    [nsA, `kmt${id}ca`, `kmt${id}ia`, '10.78.0.1/30', '10.78.0.2/30'],
-    [nsB, `kmt${id}cb`, `kmt${id}ib`, '10.78.0.5/30', '10.78.0.6/30'],
+    [nsA, `kmt${id}ca`, `kmt${id}ia`, `10.78.${n}.1/30`, `10.78.${n}.2/30`],
+    [nsB, `kmt${id}cb`, `kmt${id}ib`, `10.78.${n}.5/30`, `10.78.${n}.6/30`],
   ] as const) {
     ip('link', 'add', root, 'type', 'veth', 'peer', 'name', inner);
     ip('link', 'set', inner, 'netns', ns);
@@ -76,10 +79,10 @@ export function makeTwoHostRig(t: TestContext): TwoHostRig {
   return {
     nsA,
     nsB,
-    wireA: '10.77.0.1',
-    wireB: '10.77.0.2',
-    controlA: '10.78.0.2',
-    controlB: '10.78.0.6',
+    wireA: `10.77.${n}.1`,
+    wireB: `10.77.${n}.2`,
+    controlA: `10.78.${n}.2`,
+    controlB: `10.78.${n}.6`,
     cut: () => ip('-n', nsA, 'link', 'set', wire[0]!, 'down'),
     restore: () => ip('-n', nsA, 'link', 'set', wire[0]!, 'up'),
   };
