@@ -424,6 +424,15 @@ function assignPciSlots(family: MachineFamily, users: PciUser[], controllers: Co
     }
     take(a.slot, a.function, u.element ?? 'an implicit device');
   }
+  // qemu only shows functions 1-7 of a slot whose function 0 is a multifunction device.
+  for (const u of explicit) {
+    const a = u.address as PciAddress;
+    if (a.function === 0 || u === uhci) continue;
+    const f0 = explicit.find((x) => (x.address as PciAddress).slot === a.slot && (x.address as PciAddress).function === 0);
+    if (!f0 || !(f0.address as PciAddress).multifunction) {
+      throw fail('invalid_value', `${u.element ?? DEVICES}/address`, `slot ${a.slot} needs a device at function 0 with multifunction='on'`);
+    }
+  }
   let next = 1;
   const free = (slot: number) => !used.has(slot);
   for (const u of users) {

@@ -47,7 +47,7 @@ const NAME_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const UUID_RE = /^([0-9a-fA-F]{8})-?([0-9a-fA-F]{4})-?([0-9a-fA-F]{4})-?([0-9a-fA-F]{4})-?([0-9a-fA-F]{12})$/;
 const MAC_RE = /^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$/;
 const IFNAME_RE = /^[A-Za-z0-9_.:-]{1,15}$/;
-const HOST_RE = /^[A-Za-z0-9.:-]{1,253}$/;
+const HOST_RE = /^[A-Za-z0-9:][A-Za-z0-9.:-]{0,252}$/;
 const MACHINE_RE = /^(pc|q35|pc-i440fx-[0-9]+\.[0-9]+(\.[0-9]+)?|pc-q35-[0-9]+\.[0-9]+(\.[0-9]+)?)$/;
 const EMULATORS = ['qemu-system-x86_64', 'qemu-kvm', 'kvm'];
 

@@ -106,7 +106,14 @@ export function parseXmlTree(xml: string): XElement {
   if (valid !== true) {
     throw invalid(`malformed XML: ${valid.err.msg} (line ${valid.err.line}, column ${valid.err.col})`);
   }
-  const top = convert(parser.parse(xml) as RawNode[]);
+  let parsed: RawNode[];
+  try {
+    parsed = parser.parse(xml) as RawNode[];
+  } catch (e) {
+    // e.g. the parser's nesting limit: still bad input, not an agent failure
+    throw invalid(`malformed XML: ${(e as Error).message}`);
+  }
+  const top = convert(parsed);
   const roots = top.filter((c): c is XElement => c.kind === 'element');
   if (roots.length !== 1) throw invalid(`expected exactly one root element, found ${roots.length}`);
   if (top.some((c) => c.kind === 'text')) throw invalid('text outside the root element');

@@ -1,7 +1,7 @@
 import t from 'tap';
 import path from 'node:path';
 import { promises as fs, statSync } from 'node:fs';
-import { processMatches } from '../../src/qemu/process.js';
+import { killQemu, launchQemu, processMatches } from '../../src/qemu/process.js';
 import { parseSerialLog } from '../guest/image.js';
 import { freePort, qemuRecords, spawnAgent, testGuest, tmpDir, waitFor } from '../helpers/agents.js';
 
@@ -68,3 +68,24 @@ function fsExists(p: string): boolean {
     return false;
   }
 }
+
+t.test('an orphaned qemu (started, but no runtime record written before a crash) is ended at start', async (t) => {
+  const dir = await tmpDir(t);
+  const stateDir = path.join(dir, 'state');
+  const runDir = path.join(stateDir, 'run');
+  await fs.mkdir(runDir, { recursive: true });
+  const pidfile = path.join(runDir, '00000000-0000-4000-8000-00000000beef.pid');
+  const { record } = await launchQemu({
+    binary: 'qemu-system-x86_64',
+    argv: ['-S', '-nodefaults', '-display', 'none', '-machine', 'pc,accel=tcg', '-m', '32', '-pidfile', pidfile],
+    logPath: path.join(dir, 'orphan.log'),
+    pidfilePath: pidfile,
+    qmpSocketPath: path.join(runDir, '00000000-0000-4000-8000-00000000beef.qmp'),
+  });
+  t.teardown(() => killQemu(record, { graceMs: 100 }));
+  t.ok(processMatches(record), 'orphan runs');
+  const agent = await spawnAgent(t, { host: '127.0.0.1', stateDir, allowPath: dir });
+  await waitFor('orphan ended', () => !processMatches(record));
+  t.same(await fs.readdir(runDir), [], 'its pidfile and socket removed');
+  t.same(await agent.client.domains(), []);
+});

@@ -266,6 +266,8 @@ const cases: Case[] = [
   ['pci slot of the chipset', d({ devices: NIC(mac(1), "<address type='pci' slot='0x01' function='0x4'/>") }), 'invalid_value', '/domain/devices/interface[1]/address'],
   ['q35 chipset slot', d({ os: os('', "arch='x86_64' machine='q35'"), devices: NIC(mac(1), "<address type='pci' slot='0x1f' function='0x5'/>") }), 'invalid_value', '/domain/devices/interface[1]/address'],
   ['same pci slot twice', d({ devices: NIC(mac(1), "<address type='pci' slot='5'/>") + NIC(mac(2), "<address type='pci' slot='0x05'/>") }), 'invalid_value', '/domain/devices/interface[2]/address'],
+  ['function 1 without function 0', d({ devices: NIC(mac(1), "<address type='pci' slot='5' function='1'/>") }), 'invalid_value', '/domain/devices/interface[1]/address'],
+  ['function 1 without multifunction', d({ devices: NIC(mac(1), "<address type='pci' slot='5'/>") + NIC(mac(2), "<address type='pci' slot='5' function='1'/>") }), 'invalid_value', '/domain/devices/interface[2]/address'],
   ['ccw address', d({ devices: NIC(mac(1), "<address type='ccw' cssid='0xfe'/>") }), 'unsupported_value', '/domain/devices/interface[1]/address/@type'],
   ['address zpci child', d({ devices: NIC(mac(1), "<address type='pci' slot='5'><zpci uid='1'/></address>") }), 'unsupported_element', '/domain/devices/interface[1]/address/zpci'],
 
@@ -287,6 +289,7 @@ const cases: Case[] = [
   ['tcp tls', d({ devices: serial("<source mode='bind' host='127.0.0.1' service='4555' tls='yes'/>", 'tcp') }), 'unsupported_attribute', '/domain/devices/serial[1]/source/@tls'],
   ['tcp port 0', d({ devices: serial("<source mode='bind' host='127.0.0.1' service='0'/>", 'tcp') }), 'invalid_value', '/domain/devices/serial[1]/source/@service'],
   ['tcp bad host', d({ devices: serial("<source mode='bind' host='a,b' service='1'/>", 'tcp') }), 'invalid_value', '/domain/devices/serial[1]/source/@host'],
+  ['tcp host like an option', d({ devices: serial("<source mode='connect' host='-x' service='1'/>", 'tcp') }), 'invalid_value', '/domain/devices/serial[1]/source/@host'],
   ['protocol on a pty', d({ devices: serial("<protocol type='raw'/>") }), 'unsupported_element', '/domain/devices/serial[1]/protocol'],
   ['null with a source', d({ devices: serial("<source path='/x'/>", 'null') }), 'unsupported_element', '/domain/devices/serial[1]/source'],
   ['log without file', d({ devices: serial("<log append='on'/>") }), 'missing_attribute', '/domain/devices/serial[1]/log/@file'],

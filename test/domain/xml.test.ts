@@ -36,6 +36,11 @@ t.test('attribute values with newlines, tabs and quotes survive normalization', 
   t.equal(normalizeDomainXml(n.xml, countingHost()).xml, n.xml);
 });
 
+t.test('absurd nesting is refused as bad XML', async (t) => {
+  const deep = `<domain type='kvm'><name>t</name><metadata>${'<a>'.repeat(5000)}${'</a>'.repeat(5000)}</metadata></domain>`;
+  t.match(refusal(() => parseDomainXml(deep)), { code: 'invalid_xml', element: '/' });
+});
+
 t.test('the root element and the document shape', async (t) => {
   t.match(refusal(() => parseDomainXml('<domain type="kvm">')), { code: 'invalid_xml' });
   t.match(refusal(() => parseDomainXml(`${domainXml()}trailing`)), { code: 'invalid_xml' });
