@@ -20,6 +20,8 @@ export class DestinationSide {
   private readonly borrowed = new Map<string, { xml: string; def: DomainEntry['def'] }>();
   /** Ports handed to prepares in flight or to running jobs, so concurrent Prepare2s never pick the same one. */
   private readonly reservedPorts = new Map<string, number>();
+  /** Prepare2s admitted but whose job record is not written yet. */
+  private readonly admitting = new Set<string>();
 
   constructor(ctx: MigrationContext) {
     this.ctx = ctx;
@@ -54,15 +56,26 @@ export class DestinationSide {
   }
 
   private async prepareNew(req: Prepare2Request): Promise<Prepare2Response> {
-    const { config, domains, jobs, log } = this.ctx;
+    const { config, jobs } = this.ctx;
     if (req.source.hostUuid === this.ctx.hostInfo().uuid) {
       throw new AgentError(400, 'same_host', 'source and destination are the same agent');
     }
-    if (jobs.running('destination').length >= config.maxIncoming) {
+    // Counted synchronously with the prepares still in flight, so concurrent Prepare2s cannot all slip in.
+    if (jobs.running('destination').length + this.admitting.size >= config.maxIncoming) {
       throw new AgentError(503, 'too_many_migrations', `this agent already receives ${config.maxIncoming} migrations`, {
         retryAfterSeconds: 5,
       });
     }
+    this.admitting.add(req.migrationId);
+    try {
+      return await this.prepareAdmitted(req);
+    } finally {
+      this.admitting.delete(req.migrationId);
+    }
+  }
+
+  private async prepareAdmitted(req: Prepare2Request): Promise<Prepare2Response> {
+    const { domains, jobs, log } = this.ctx;
     const { xml, def } = await domains.validate(req.xml);
     const entry = this.claimEntry(xml, def);
     let job: Job | undefined;

@@ -42,6 +42,7 @@ class StreamEnded extends Error {
 export class SourceSide {
   private readonly ctx: MigrationContext;
   private closed = false;
+  private readonly starting = new Set<string>();
 
   constructor(ctx: MigrationContext) {
     this.ctx = ctx;
@@ -75,16 +76,20 @@ export class SourceSide {
         }
         const run = domains.requireRunning(entry);
         if (run.incoming) throw conflict('domain_incoming', `domain ${req.domain} is still arriving here`);
-        if (jobs.running('source').length >= config.maxOutgoing) {
+        // Counted with the Performs whose job record is still being written (other domains' locks differ).
+        if (jobs.running('source').length + this.starting.size >= config.maxOutgoing) {
           throw new AgentError(503, 'too_many_migrations', `this agent already sends ${config.maxOutgoing} migrations`, {
             retryAfterSeconds: 5,
           });
         }
         const options: MigrationOptions = { ...DEFAULT_OPTIONS, ...req.options, ...(req.desturi ? { desturi: req.desturi } : {}) };
-        const job = await jobs.create(
-          { id: migrationId, role: 'source', domain: entry.name, uuid: entry.uuid, options, peer: { url: destination.toString() } },
-          'preparing',
-        );
+        this.starting.add(migrationId);
+        const job = await jobs
+          .create(
+            { id: migrationId, role: 'source', domain: entry.name, uuid: entry.uuid, options, peer: { url: destination.toString() } },
+            'preparing',
+          )
+          .finally(() => this.starting.delete(migrationId));
         entry.activeJob = { id: job.id, role: 'source' };
         void this.run(job, entry);
         return job;

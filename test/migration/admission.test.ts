@@ -6,22 +6,25 @@ import { assertOwnedBy, twoAgents, waitForPasses } from '../helpers/migration.js
 t.test('admission: beyond --max-incoming the destination answers 503 + Retry-After and the source retries', async (t) => {
   const { dir, a, b } = await twoAgents(t, { b: { maxIncoming: 1 } });
   for (const name of ['vm1', 'vm2']) {
-    await a.client.define((await testGuest(dir, name)).xml);
+    await a.client.define((await testGuest(dir, name, { fillMiB: 24, hotMiB: 1, reportEvery: 16 })).xml);
     await a.client.lifecycle(name, 'start');
     await waitForPasses(a, name, 0);
   }
   // The first stream is slowed so the second Prepare2 meets a full destination.
-  const first = await a.client.perform({ domain: 'vm1', destination: b.url, bandwidthMiBps: 3 });
+  const first = await a.client.perform({ domain: 'vm1', destination: b.url, bandwidthMiBps: 8 });
   const second = await a.client.perform({ domain: 'vm2', destination: b.url });
-  const waited = await (async () => {
+  // Whichever Prepare2 came second met a full destination and waits, saying so.
+  const waiting = await (async () => {
     for (let i = 0; i < 200; i++) {
-      const j = await a.client.job(second.job.id);
-      if (j.waiting || j.status !== 'running') return j;
-      await new Promise((r) => setTimeout(r, 50));
+      for (const id of [first.job.id, second.job.id]) {
+        const j = await a.client.job(id);
+        if (j.waiting) return j.waiting;
+      }
+      await new Promise((r) => setTimeout(r, 25));
     }
-    return a.client.job(second.job.id);
+    return '';
   })();
-  t.match(waited.waiting ?? '', /destination busy/, 'the source says it waits for the destination');
+  t.match(waiting, /destination busy/, 'the source says it waits for the destination');
   const jobs = a.app.agent.migrations.jobs;
   const [r1, r2] = await Promise.all([
     jobs.waitForEnd(jobs.require(first.job.id), 120_000),
@@ -40,7 +43,7 @@ t.test('admission: beyond --max-outgoing Perform answers 503 with Retry-After', 
     await a.client.define((await testGuest(dir, name)).xml);
     await a.client.lifecycle(name, 'start');
   }
-  const first = await a.client.perform({ domain: 'vm3', destination: b.url, bandwidthMiBps: 3 });
+  const first = await a.client.perform({ domain: 'vm3', destination: b.url, bandwidthMiBps: 8 });
   const err = (await a.client.perform({ domain: 'vm4', destination: b.url }).catch((e: unknown) => e)) as AgentHttpError;
   t.equal(err.status, 503);
   t.equal(err.code, 'too_many_migrations');
@@ -61,8 +64,8 @@ t.test('races: concurrent Performs of one domain -> one wins, the other 409; des
   await a.client.define((await testGuest(dir, 'vm5')).xml);
   await a.client.lifecycle('vm5', 'start');
   const results = await Promise.allSettled([
-    a.client.perform({ domain: 'vm5', destination: b.url, bandwidthMiBps: 3 }),
-    a.client.perform({ domain: 'vm5', destination: b.url, bandwidthMiBps: 3 }),
+    a.client.perform({ domain: 'vm5', destination: b.url, bandwidthMiBps: 8 }),
+    a.client.perform({ domain: 'vm5', destination: b.url, bandwidthMiBps: 8 }),
     a.client.lifecycle('vm5', 'destroy'),
   ]);
   const performs = results.slice(0, 2);

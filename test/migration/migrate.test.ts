@@ -102,11 +102,11 @@ t.test('two guests migrate at once', async (t) => {
 
 t.test('steps are idempotent on the migration id; a second Perform of a migrating domain is refused', async (t) => {
   const { dir, a, b } = await twoAgents(t);
-  const guest = await testGuest(dir, 'vm6');
+  const guest = await testGuest(dir, 'vm6', { fillMiB: 24, hotMiB: 1, reportEvery: 16 });
   await a.client.define(guest.xml);
   await a.client.lifecycle('vm6', 'start');
   // A slow stream keeps the first migration running while the others are tried.
-  const first = await a.client.perform({ domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1', bandwidthMiBps: 2 });
+  const first = await a.client.perform({ domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1', bandwidthMiBps: 8 });
   const replay = await a.client.perform({ domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1' });
   t.equal(replay.job.id, first.job.id, 'a replayed Perform returns the recorded job');
   await t.rejects(a.client.perform({ domain: 'vm6', destination: b.url }), { status: 409, code: 'domain_busy' }, 'second Perform refused');
