@@ -15,7 +15,7 @@ const USAGE = `usage:
                     [--debug-hold prepare2|before-finish2|finish2]...   (fault-injection rigs only)
   kvm-migrate migrate DOMAIN --from URL --to URL [--token TOKEN] [--offline] [--paused]
                     [--bandwidth MiB/s] [--downtime MS] [--auto-converge] [--undefine-source]
-                    [--no-persist] [--desturi tcp://HOST:PORT] [--migration-id ID]
+                    [--no-persist] [--desturi tcp://HOST:PORT] [--migration-id ID] [--progress-timeout SECONDS]
   kvm-migrate demo [--keep-going]
 Every flag can also be set as KVM_MIGRATE_<FLAG> (e.g. KVM_MIGRATE_TOKEN); --allow-path takes a
 colon-separated list there.`;
@@ -107,6 +107,7 @@ async function migrateCommand(args: string[]): Promise<number> {
       'no-persist': { type: 'boolean' },
       desturi: { type: 'string' },
       'migration-id': { type: 'string' },
+      'progress-timeout': { type: 'string' },
     },
   });
   const domain = positionals[0];
@@ -126,6 +127,7 @@ async function migrateCommand(args: string[]): Promise<number> {
     persistDestination: values['no-persist'] !== true,
     ...(bandwidth ? { bandwidthMiBps: bandwidth } : {}),
     ...(downtime ? { downtimeLimitMs: downtime } : {}),
+    ...(values['progress-timeout'] !== undefined ? { progressTimeoutSeconds: Number(values['progress-timeout']) } : {}),
     ...(values.desturi ? { desturi: values.desturi } : {}),
     ...(values['migration-id'] ? { migrationId: values['migration-id'] } : {}),
   });

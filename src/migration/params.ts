@@ -17,6 +17,8 @@ export interface MigrationOptions {
   downtimeLimitMs?: number;
   /** Throttle the guest's vCPUs when it dirties memory faster than the stream carries it. */
   autoConverge: boolean;
+  /** Cancel the stream (the guest stays on the source) when what remains has not reached a new low for this long; 0: never. */
+  progressTimeoutSeconds: number;
   /** `tcp://host:port`: the destination listens there instead of on a port from its range. */
   desturi?: string;
 }
@@ -27,6 +29,8 @@ export const DEFAULT_OPTIONS: MigrationOptions = {
   persistDestination: true,
   undefineSource: false,
   autoConverge: false,
+  // KubeVirt's default: long enough for any converging stream to make a new low.
+  progressTimeoutSeconds: 150,
 };
 
 /** JSON schema of the options, shared by /perform (caller) and /prepare2 (source agent). */
@@ -41,6 +45,7 @@ export const migrationOptionsSchema = {
     bandwidthMiBps: { type: 'integer', minimum: 1, maximum: 1048576 },
     downtimeLimitMs: { type: 'integer', minimum: 1, maximum: 2000000 },
     autoConverge: { type: 'boolean', default: false },
+    progressTimeoutSeconds: { type: 'integer', minimum: 0, maximum: 86400, default: 150 },
     desturi: { type: 'string', pattern: '^tcp://[^/:]+:[0-9]{1,5}$' },
   },
 } as const;

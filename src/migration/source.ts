@@ -161,6 +161,13 @@ export class SourceSide {
 
   /** Poll query-migrate (woken early by MIGRATION events) until the stream ends. */
   private async followStream(job: Job, qmp: QmpClient): Promise<void> {
+    // Progress = what remains reaching a new low. A guest that dirties memory faster than the
+    // stream carries it never gets there; past the progress timeout the stream is cancelled
+    // (the guest keeps running here) instead of streaming for ever.
+    const progressTimeoutMs = (job.record.options.progressTimeoutSeconds ?? 0) * 1000;
+    let lowestRemaining = Infinity;
+    let lastProgressAt = Date.now();
+    let stalled = false;
     let wake: (() => void) | undefined;
     const unsubscribe = qmp.onEvent((e) => {
       if (e.event === 'MIGRATION') wake?.();
@@ -174,8 +181,20 @@ export class SourceSide {
           if (qmp.isClosed) throw new StreamEnded('failed', 'source_qemu_ended', 'the source qemu ended during the stream');
           throw err;
         }
-        this.ctx.jobs.setStats(job, toStats(info));
+        // A cancelled or failed stream reports no RAM figures: keep the last ones seen.
+        const previous = job.record.stats;
+        this.ctx.jobs.setStats(job, info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status ?? 'none' });
         const status = info.status ?? 'none';
+        const remaining = info.ram?.remaining;
+        if (status === 'active' && remaining !== undefined) {
+          if (remaining < lowestRemaining) {
+            lowestRemaining = remaining;
+            lastProgressAt = Date.now();
+          } else if (progressTimeoutMs > 0 && !stalled && Date.now() - lastProgressAt > progressTimeoutMs) {
+            stalled = true;
+            await qmp.execute('migrate_cancel');
+          }
+        }
         if (TERMINAL_STREAM.has(status)) {
           if (status === 'completed') {
             job.record.timings = {
@@ -185,6 +204,14 @@ export class SourceSide {
               qemuSetupMs: info['setup-time'],
             };
             return;
+          }
+          if (stalled && !job.record.cancelRequested) {
+            throw new StreamEnded(
+              'failed',
+              'not_converging',
+              `no progress for ${progressTimeoutMs / 1000}s: the guest dirties memory faster than the stream carries it ` +
+                `(never less than ${(lowestRemaining / 1048576).toFixed(1)} MiB left); try autoConverge, more bandwidth or a higher downtime limit`,
+            );
           }
           if (status === 'cancelled' || job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'the stream was cancelled');
           throw new StreamEnded('failed', 'stream_failed', `the stream failed: ${info['error-desc'] ?? 'no reason given by qemu'}`);

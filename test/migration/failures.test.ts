@@ -144,3 +144,20 @@ t.test('Finish2 outcome unknown: the source stays paused and asks again until it
   t.equal((await waitForPasses(b, 'vm6', boot.passes)).bootId, boot.bootId);
   await b.client.lifecycle('vm6', 'destroy');
 });
+
+t.test('a guest that never converges: the stream is cancelled after the progress timeout, the guest stays', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  // 4 MiB rewritten continuously against a 1 MiB/s stream: what remains can never reach a new low.
+  const guest = await testGuest(dir, 'vm7', { fillMiB: 8, hotMiB: 4, reportEvery: 64 });
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm7', 'start');
+  const boot = await waitForPasses(a, 'vm7', 0);
+  const { job } = await a.client.perform({ domain: 'vm7', destination: b.url, bandwidthMiBps: 1, progressTimeoutSeconds: 3 }, true);
+  t.equal(job.status, 'failed');
+  t.equal(job.error?.code, 'not_converging');
+  t.match(job.error?.message, /no progress for 3s/);
+  t.ok(job.stats!.iterations > 1, `several iterations were tried (${job.stats!.iterations})`);
+  await assertOwnedBy(t, a, b, 'vm7');
+  t.equal((await waitForPasses(a, 'vm7', boot.passes)).bootId, boot.bootId, 'same guest, running on the source');
+  await a.client.lifecycle('vm7', 'destroy');
+});

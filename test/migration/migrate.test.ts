@@ -105,6 +105,7 @@ t.test('steps are idempotent on the migration id; a second Perform of a migratin
   const guest = await testGuest(dir, 'vm6', { fillMiB: 24, hotMiB: 1, reportEvery: 16 });
   await a.client.define(guest.xml);
   await a.client.lifecycle('vm6', 'start');
+  await waitForPasses(a, 'vm6', 0); // RAM filled: the stream below takes seconds
   // A slow stream keeps the first migration running while the others are tried.
   const first = await a.client.perform({ domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1', bandwidthMiBps: 8 });
   const replay = await a.client.perform({ domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1' });
