@@ -7,7 +7,6 @@ import { DEFAULT_OPTIONS, sourceCapabilities, sourceParameters, type MigrationOp
 import { PeerRefusedError, PeerUnreachableError } from './peer-client.js';
 import type { Job, MigrationStats } from './jobs.js';
 import type { Finish2Request, Finish2Response, MigrationContext, Prepare2Request, Prepare2Response } from './protocol.js';
-import type { HostInfo } from '../agent/app.js';
 
 export interface PerformRequest {
   domain: string;
@@ -119,10 +118,8 @@ export class SourceSide {
     const { jobs } = this.ctx;
     const { options, peer } = job.record;
     const started = Date.now();
-    const destHost = await this.ctx.peers.call<HostInfo>(peer.url!, 'GET', '/host', undefined, 10_000);
     const self = this.ctx.hostInfo();
-    if (destHost.uuid === self.uuid) throw new AgentError(400, 'same_host', 'source and destination are the same agent');
-    if (!destHost.protocolVersions?.includes(2)) throw new AgentError(400, 'protocol_unsupported', 'the destination does not speak protocol version 2');
+    // The destination refuses a Prepare2 from itself (same_host) and any protocol but 2 (400).
     const prepared = await this.prepare2(job, {
       protocolVersion: 2,
       migrationId: job.id,
