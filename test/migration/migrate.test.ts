@@ -107,7 +107,12 @@ t.test('steps are idempotent on the migration id; a second Perform of a migratin
   await a.client.lifecycle('vm6', 'start');
   await waitForPasses(a, 'vm6', 0); // RAM filled: the stream below takes seconds
   // A slow stream keeps the first migration running while the others are tried.
-  const first = await a.client.perform({ domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1', bandwidthMiBps: 8 });
+  const first = await a.client.perform({ domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1', bandwidthMiBps: 8, downtimeLimitMs: 250 });
+  const params = await waitFor('parameters set on the source qemu', async () => {
+    const p = await a.app.agent.domains.get('vm6').run!.qmp.execute<Record<string, number>>('query-migrate-parameters');
+    return p['max-bandwidth'] === 8 * 1024 * 1024 ? p : null;
+  });
+  t.equal(params['downtime-limit'], 250, 'downtime limit passed to qemu');
   const replay = await a.client.perform({ domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1' });
   t.equal(replay.job.id, first.job.id, 'a replayed Perform returns the recorded job');
   await t.rejects(a.client.perform({ domain: 'vm6', destination: b.url }), { status: 409, code: 'domain_busy' }, 'second Perform refused');

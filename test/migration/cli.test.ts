@@ -1,0 +1,40 @@
+import t from 'tap';
+import { execFile } from 'node:child_process';
+import path from 'node:path';
+import { packageRoot } from '../../src/agent/package-root.js';
+import { testGuest } from '../helpers/agents.js';
+import { assertOwnedBy, twoAgents, waitForPasses } from '../helpers/migration.js';
+
+const CLI = path.join(packageRoot, 'dist', 'bin', 'kvm-migrate.js');
+
+function runCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [CLI, ...args], { timeout: 120_000 }, (err, stdout, stderr) => {
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+    });
+  });
+}
+
+t.test('kvm-migrate migrate: progress while it runs, a summary and exit 0 when completed', async (t) => {
+  const { dir, a, b } = await twoAgents(t, { a: { token: 'cli-token' }, b: { token: 'cli-token' } });
+  await a.client.define((await testGuest(dir, 'vm1', { fillMiB: 16, hotMiB: 1, reportEvery: 16 })).xml);
+  await a.client.lifecycle('vm1', 'start');
+  await waitForPasses(a, 'vm1', 0);
+  const res = await runCli(['migrate', 'vm1', '--from', a.url, '--to', b.url, '--token', 'cli-token', '--bandwidth', '16', '--downtime', '500']);
+  t.equal(res.code, 0, `exit 0 (stderr: ${res.stderr.slice(-300)})`);
+  t.match(res.stderr, /migration [0-9a-f-]{36}: vm1/, 'names the migration');
+  t.match(res.stderr, /\[[#-]{30}\]\s+\d+%\s+streaming/, 'draws the progress bar while streaming');
+  t.match(res.stdout, /^completed, total \d+ ms/, 'summary on stdout');
+  await assertOwnedBy(t, b, a, 'vm1');
+  const job = (await a.client.jobs())[0]!;
+  t.equal(job.options.bandwidthMiBps, 16, 'bandwidth flag carried');
+  t.equal(job.options.downtimeLimitMs, 500, 'downtime flag carried');
+
+  const failed = await runCli(['migrate', 'vm1', '--from', b.url, '--to', 'http://127.0.0.3:1', '--token', 'cli-token']);
+  t.equal(failed.code, 1, 'exit 1 when the migration failed');
+  t.match(failed.stdout, /failed.*peer_unreachable/);
+  const refused = await runCli(['migrate', 'vm1', '--from', b.url, '--to', a.url]);
+  t.equal(refused.code, 1, 'exit 1 without the token');
+  t.match(refused.stderr, /401 unauthorized/);
+  await b.client.lifecycle('vm1', 'destroy');
+});
