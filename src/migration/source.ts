@@ -90,7 +90,8 @@ export class SourceSide {
           )
           .finally(() => this.starting.delete(migrationId));
         entry.activeJob = { id: job.id, role: 'source' };
-        void this.run(job, entry);
+        // Errors are handled inside; this only keeps an unexpected one from taking the agent down.
+        void this.run(job, entry).catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'migration job crashed'));
         return job;
       });
     });

@@ -4,7 +4,8 @@ import type { Test } from 'tap';
 import type { AgentConfig } from '../../src/config.js';
 import { processMatches } from '../../src/qemu/process.js';
 import { readGuestCounters, type GuestCounters } from '../guest/image.js';
-import { qemuRecords, startAgent, tmpDir, waitFor, type TestAgent, type TestContext } from './agents.js';
+import { qemuRecords, startAgent, testGuest, tmpDir, waitFor, type TestAgent, type TestContext } from './agents.js';
+import type { GuestParams } from '../guest/image.js';
 
 /** Two in-process agents on their own loopback addresses, state dirs and port ranges. */
 export async function twoAgents(
@@ -65,4 +66,13 @@ export async function assertOwnedBy(
   const sockets = (await fs.readdir(path.join(other.config.stateDir, 'run'))).filter((f) => f.startsWith(info.uuid));
   t.same(sockets, [], 'no socket or pidfile left on the other agent');
   t.same(other.app.agent.migrations.jobs.running('source').concat(other.app.agent.migrations.jobs.running('destination')).map((j) => j.id), [], 'no running job on the other agent');
+}
+
+/** Define and start the test guest on `agent`, and wait until it runs its passes (RAM filled). */
+export async function startGuest(agent: TestAgent, dir: string, name: string, params?: GuestParams) {
+  const guest = await testGuest(dir, name, params);
+  await agent.client.define(guest.xml);
+  await agent.client.lifecycle(name, 'start');
+  const boot = await waitForPasses(agent, name, 0);
+  return { guest, boot };
 }

@@ -1,7 +1,7 @@
 import t from 'tap';
 import { processMatches } from '../../src/qemu/process.js';
-import { freePort, testGuest, waitFor } from '../helpers/agents.js';
-import { assertOwnedBy, twoAgents, waitForPasses } from '../helpers/migration.js';
+import { freePort, waitFor } from '../helpers/agents.js';
+import { assertOwnedBy, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
 import type { Finish2Request } from '../../src/migration/protocol.js';
 
 // A guest big enough that a bandwidth-limited stream takes a few seconds.
@@ -9,10 +9,7 @@ const SLOW_GUEST = { fillMiB: 24, hotMiB: 1, reportEvery: 16 };
 
 t.test('destination refuses the XML', async (t) => {
   const { dir, a, b } = await twoAgents(t, { b: { allowPaths: ['/nonexistent-allow-root'] } });
-  const guest = await testGuest(dir, 'vm1');
-  await a.client.define(guest.xml);
-  await a.client.lifecycle('vm1', 'start');
-  const boot = await waitForPasses(a, 'vm1', 0);
+  const { boot } = await startGuest(a, dir, 'vm1');
   const { job } = await a.client.perform({ domain: 'vm1', destination: b.url }, true);
   t.equal(job.status, 'failed');
   t.equal(job.error?.code, 'path_not_allowed', 'the destination refusal is carried into the job');
@@ -25,10 +22,7 @@ t.test('destination refuses the XML', async (t) => {
 
 t.test('destination unreachable', async (t) => {
   const { dir, a, b } = await twoAgents(t);
-  const guest = await testGuest(dir, 'vm2');
-  await a.client.define(guest.xml);
-  await a.client.lifecycle('vm2', 'start');
-  const boot = await waitForPasses(a, 'vm2', 0);
+  const { boot } = await startGuest(a, dir, 'vm2');
   const closed = `http://127.0.0.3:${await freePort('127.0.0.3')}`;
   const { job } = await a.client.perform({ domain: 'vm2', destination: closed }, true);
   t.equal(job.status, 'failed');
@@ -40,10 +34,7 @@ t.test('destination unreachable', async (t) => {
 
 t.test('destination qemu killed right after Prepare2', async (t) => {
   const { dir, a, b } = await twoAgents(t);
-  const guest = await testGuest(dir, 'vm3', SLOW_GUEST);
-  await a.client.define(guest.xml);
-  await a.client.lifecycle('vm3', 'start');
-  const boot = await waitForPasses(a, 'vm3', 0);
+  const { boot } = await startGuest(a, dir, 'vm3', SLOW_GUEST);
   const { job } = await a.client.perform({ domain: 'vm3', destination: b.url, bandwidthMiBps: 4 });
   const destRun = await waitFor('destination qemu', () => b.app.agent.domains.find('vm3')?.run);
   process.kill(destRun.record.pid, 'SIGKILL');
@@ -62,10 +53,7 @@ t.test('destination qemu killed right after Prepare2', async (t) => {
 
 t.test('stream cancelled midway', async (t) => {
   const { dir, a, b } = await twoAgents(t);
-  const guest = await testGuest(dir, 'vm4', SLOW_GUEST);
-  await a.client.define(guest.xml);
-  await a.client.lifecycle('vm4', 'start');
-  const boot = await waitForPasses(a, 'vm4', 0);
+  const { boot } = await startGuest(a, dir, 'vm4', SLOW_GUEST);
   const { job } = await a.client.perform({ domain: 'vm4', destination: b.url, bandwidthMiBps: 4 });
   await waitFor('stream under way', async () => {
     const j = await a.client.job(job.id);
@@ -89,10 +77,7 @@ t.test('stream cancelled midway', async (t) => {
 
 t.test('Finish2 rejected: the destination aborts after the stream completed; the source resumes', async (t) => {
   const { dir, a, b } = await twoAgents(t);
-  const guest = await testGuest(dir, 'vm5');
-  await a.client.define(guest.xml);
-  await a.client.lifecycle('vm5', 'start');
-  const boot = await waitForPasses(a, 'vm5', 0);
+  const { boot } = await startGuest(a, dir, 'vm5');
   // Fault at an exact protocol point: the incoming qemu dies after the stream, before Finish2 is handled.
   const migrations = b.app.agent.migrations;
   const realFinish2 = migrations.finish2.bind(migrations);
@@ -116,10 +101,7 @@ t.test('Finish2 rejected: the destination aborts after the stream completed; the
 
 t.test('Finish2 outcome unknown: the source stays paused and asks again until it learns it', async (t) => {
   const { dir, a, b } = await twoAgents(t);
-  const guest = await testGuest(dir, 'vm6');
-  await a.client.define(guest.xml);
-  await a.client.lifecycle('vm6', 'start');
-  const boot = await waitForPasses(a, 'vm6', 0);
+  const { boot } = await startGuest(a, dir, 'vm6');
   const migrations = b.app.agent.migrations;
   const realFinish2 = migrations.finish2.bind(migrations);
   let failures = 0;
@@ -148,10 +130,7 @@ t.test('Finish2 outcome unknown: the source stays paused and asks again until it
 t.test('a guest that never converges: the stream is cancelled after the progress timeout, the guest stays', async (t) => {
   const { dir, a, b } = await twoAgents(t);
   // 4 MiB rewritten continuously against a 1 MiB/s stream: what remains can never reach a new low.
-  const guest = await testGuest(dir, 'vm7', { fillMiB: 8, hotMiB: 4, reportEvery: 64 });
-  await a.client.define(guest.xml);
-  await a.client.lifecycle('vm7', 'start');
-  const boot = await waitForPasses(a, 'vm7', 0);
+  const { boot } = await startGuest(a, dir, 'vm7', { fillMiB: 8, hotMiB: 4, reportEvery: 64 });
   const { job } = await a.client.perform({ domain: 'vm7', destination: b.url, bandwidthMiBps: 1, progressTimeoutSeconds: 3 }, true);
   t.equal(job.status, 'failed');
   t.equal(job.error?.code, 'not_converging');

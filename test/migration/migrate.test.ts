@@ -2,14 +2,11 @@ import t from 'tap';
 import { processMatches } from '../../src/qemu/process.js';
 import { portIsFree } from '../../src/migration/ports.js';
 import { testGuest, waitFor } from '../helpers/agents.js';
-import { assertOwnedBy, counters, twoAgents, waitForPasses } from '../helpers/migration.js';
+import { assertOwnedBy, counters, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
 
 t.test('migrate A -> B -> A repeatedly; the guest keeps running and never reboots', async (t) => {
   const { dir, a, b } = await twoAgents(t);
-  const guest = await testGuest(dir, 'vm1');
-  await a.client.define(guest.xml);
-  await a.client.lifecycle('vm1', 'start');
-  const boot = await waitForPasses(a, 'vm1', 0);
+  const { boot } = await startGuest(a, dir, 'vm1');
   let last = boot.passes;
   let [from, to] = [a, b];
   for (let round = 1; round <= 4; round++) {
@@ -42,10 +39,7 @@ t.test('migrate A -> B -> A repeatedly; the guest keeps running and never reboot
 
 t.test('offline migration and paused arrival', async (t) => {
   const { dir, a, b } = await twoAgents(t);
-  const guest = await testGuest(dir, 'vm2');
-  await a.client.define(guest.xml);
-  await a.client.lifecycle('vm2', 'start');
-  const boot = await waitForPasses(a, 'vm2', 0);
+  const { boot } = await startGuest(a, dir, 'vm2');
 
   const offline = await a.client.perform({ domain: 'vm2', destination: b.url, live: false }, true);
   t.equal(offline.job.status, 'completed', 'offline migration completed');
