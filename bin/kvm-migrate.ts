@@ -16,6 +16,7 @@ const USAGE = `usage:
   kvm-migrate migrate DOMAIN --from URL --to URL [--token TOKEN] [--offline] [--paused]
                     [--bandwidth MiB/s] [--downtime MS] [--auto-converge] [--undefine-source]
                     [--no-persist] [--desturi tcp://HOST:PORT] [--migration-id ID] [--progress-timeout SECONDS]
+                    [--max-downtime MS]   (convergence: raise the downtime limit up to MS when stuck)
   kvm-migrate demo [--keep-going]
 Every flag can also be set as KVM_MIGRATE_<FLAG> (e.g. KVM_MIGRATE_TOKEN); --allow-path takes a
 colon-separated list there.`;
@@ -108,6 +109,7 @@ async function migrateCommand(args: string[]): Promise<number> {
       desturi: { type: 'string' },
       'migration-id': { type: 'string' },
       'progress-timeout': { type: 'string' },
+      'max-downtime': { type: 'string' },
     },
   });
   const domain = positionals[0];
@@ -127,6 +129,7 @@ async function migrateCommand(args: string[]): Promise<number> {
     persistDestination: values['no-persist'] !== true,
     ...(bandwidth ? { bandwidthMiBps: bandwidth } : {}),
     ...(downtime ? { downtimeLimitMs: downtime } : {}),
+    ...(values['max-downtime'] !== undefined ? { maxDowntimeMs: Number(values['max-downtime']) } : {}),
     ...(values['progress-timeout'] !== undefined ? { progressTimeoutSeconds: Number(values['progress-timeout']) } : {}),
     ...(values.desturi ? { desturi: values.desturi } : {}),
     ...(values['migration-id'] ? { migrationId: values['migration-id'] } : {}),

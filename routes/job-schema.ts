@@ -52,6 +52,7 @@ export const jobSchema = {
         dirtyPagesRate: { type: 'integer' },
         iterations: { type: 'integer' },
         expectedDowntimeMs: { type: 'integer' },
+        downtimeLimitMs: { type: 'integer' },
         percent: { type: 'integer' },
       },
     },

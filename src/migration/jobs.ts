@@ -16,6 +16,8 @@ export interface MigrationStats {
   dirtyPagesRate: number;
   iterations: number;
   expectedDowntimeMs?: number;
+  /** The downtime limit in force (it rises when the convergence policy escalates it). */
+  downtimeLimitMs?: number;
   /** How far the stream is, 0-100, from what is transferred and what remains. */
   percent: number;
 }

@@ -19,6 +19,11 @@ export interface MigrationOptions {
   autoConverge: boolean;
   /** Cancel the stream (the guest stays on the source) when what remains has not reached a new low for this long; 0: never. */
   progressTimeoutSeconds: number;
+  /**
+   * Convergence: when the stream makes no progress, raise the downtime limit step by step (x2)
+   * up to this many ms, so a busy guest can still switch over; absent: the limit never moves.
+   */
+  maxDowntimeMs?: number;
   /** `tcp://host:port`: the destination listens there instead of on a port from its range. */
   desturi?: string;
 }
@@ -46,9 +51,15 @@ export const migrationOptionsSchema = {
     downtimeLimitMs: { type: 'integer', minimum: 1, maximum: 2000000 },
     autoConverge: { type: 'boolean', default: false },
     progressTimeoutSeconds: { type: 'integer', minimum: 0, maximum: 86400, default: 150 },
+    maxDowntimeMs: { type: 'integer', minimum: 1, maximum: 2000000 },
     desturi: { type: 'string', pattern: '^tcp://[^/:]+:[0-9]{1,5}$' },
   },
 } as const;
+
+/** qemu's default downtime-limit, the starting point when the caller gives none. */
+export const QEMU_DEFAULT_DOWNTIME_MS = 300;
+/** How long without a new low before the downtime limit is raised (convergence). */
+export const ESCALATE_AFTER_MS = 3000;
 
 // qemu's own default is 32 MiB/s, far below any modern link; unlimited unless asked, as libvirt does.
 const UNLIMITED_BYTES_PER_SEC = 1024 ** 4;

@@ -3,7 +3,14 @@ import { AgentError, conflict } from '../errors.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
 import type { QmpClient } from '../qemu/qmp.js';
 import { SOURCE_AWAITS_DESTINATION } from './phases.js';
-import { DEFAULT_OPTIONS, sourceCapabilities, sourceParameters, type MigrationOptions } from './params.js';
+import {
+  DEFAULT_OPTIONS,
+  ESCALATE_AFTER_MS,
+  QEMU_DEFAULT_DOWNTIME_MS,
+  sourceCapabilities,
+  sourceParameters,
+  type MigrationOptions,
+} from './params.js';
 import { PeerRefusedError, PeerUnreachableError } from './peer-client.js';
 import type { Job, MigrationStats } from './jobs.js';
 import type { Finish2Request, Finish2Response, MigrationContext, Prepare2Request, Prepare2Response } from './protocol.js';
@@ -162,7 +169,9 @@ export class SourceSide {
     // Progress = what remains reaching a new low. A guest that dirties memory faster than the
     // stream carries it never gets there; past the progress timeout the stream is cancelled
     // (the guest keeps running here) instead of streaming for ever.
-    const progressTimeoutMs = (job.record.options.progressTimeoutSeconds ?? 0) * 1000;
+    const { options } = job.record;
+    const progressTimeoutMs = (options.progressTimeoutSeconds ?? 0) * 1000;
+    let downtimeLimitMs = options.downtimeLimitMs ?? QEMU_DEFAULT_DOWNTIME_MS;
     let lowestRemaining = Infinity;
     let lastProgressAt = Date.now();
     let stalled = false;
@@ -181,14 +190,24 @@ export class SourceSide {
         }
         // A cancelled or failed stream reports no RAM figures: keep the last ones seen.
         const previous = job.record.stats;
-        this.ctx.jobs.setStats(job, info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status ?? 'none' });
+        this.ctx.jobs.setStats(job, {
+          ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status ?? 'none' }),
+          downtimeLimitMs,
+        });
         const status = info.status ?? 'none';
         const remaining = info.ram?.remaining;
         if (status === 'active' && remaining !== undefined) {
+          const sinceProgress = Date.now() - lastProgressAt;
           if (remaining < lowestRemaining) {
             lowestRemaining = remaining;
             lastProgressAt = Date.now();
-          } else if (progressTimeoutMs > 0 && !stalled && Date.now() - lastProgressAt > progressTimeoutMs) {
+          } else if (options.maxDowntimeMs && downtimeLimitMs < options.maxDowntimeMs && sinceProgress > ESCALATE_AFTER_MS) {
+            // Convergence: allow a longer pause at switch-over, within what the caller accepted.
+            downtimeLimitMs = Math.min(downtimeLimitMs * 2, options.maxDowntimeMs);
+            await qmp.execute('migrate-set-parameters', { 'downtime-limit': downtimeLimitMs });
+            this.ctx.log.info({ migration: job.id, downtimeLimitMs }, 'stream not converging; downtime limit raised');
+            lastProgressAt = Date.now();
+          } else if (progressTimeoutMs > 0 && !stalled && sinceProgress > progressTimeoutMs) {
             stalled = true;
             await qmp.execute('migrate_cancel');
           }

@@ -140,3 +140,16 @@ t.test('a guest that never converges: the stream is cancelled after the progress
   t.equal((await waitForPasses(a, 'vm7', boot.passes)).bootId, boot.bootId, 'same guest, running on the source');
   await a.client.lifecycle('vm7', 'destroy');
 });
+
+t.test('a busy guest converges when the caller allows a longer pause: the downtime limit is raised step by step', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  // 4 MiB rewritten continuously at 8 MiB/s needs ~500 ms of pause: more than qemu's 300 ms.
+  const { boot } = await startGuest(a, dir, 'vm8', { fillMiB: 8, hotMiB: 4, reportEvery: 64 });
+  const { job } = await a.client.perform({ domain: 'vm8', destination: b.url, bandwidthMiBps: 8, maxDowntimeMs: 2400, progressTimeoutSeconds: 60 }, true);
+  t.equal(job.status, 'completed', `completed (${job.error?.message ?? ''})`);
+  t.ok(job.stats!.downtimeLimitMs! > 300, `downtime limit raised to ${job.stats!.downtimeLimitMs} ms`);
+  t.ok(job.stats!.downtimeLimitMs! <= 2400, 'never beyond what the caller allowed');
+  await assertOwnedBy(t, b, a, 'vm8');
+  t.equal((await waitForPasses(b, 'vm8', boot.passes)).bootId, boot.bootId, 'same guest on the destination');
+  await b.client.lifecycle('vm8', 'destroy');
+});
