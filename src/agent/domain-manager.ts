@@ -357,7 +357,8 @@ export class DomainManager extends EventEmitter {
     });
     await killQemu(run.record, { qmp: run.qmp, graceMs: 3000 });
     await run.qmp.close();
-    await exited;
+    // The exit is recorded by onQmpClosed; bounded, since an agent shutting down records none.
+    await Promise.race([exited, new Promise((r) => setTimeout(r, 20_000).unref())]);
   }
 
   /** Add a transient domain (an incoming migration); it becomes persistent only when asked. */
