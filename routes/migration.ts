@@ -66,7 +66,11 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
             source: {
               type: 'object',
               required: ['hostUuid'],
-              properties: { hostUuid: { type: 'string' }, hostname: { type: 'string' } },
+              properties: {
+                hostUuid: { type: 'string' },
+                hostname: { type: 'string' },
+                accelerator: { type: 'string', enum: ['kvm', 'tcg'], description: 'what the guest runs on at the source' },
+              },
             },
           },
         },
@@ -88,7 +92,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
     async (req) =>
       migrations.prepare2({
         ...req.body,
-        source: { hostUuid: req.body.source.hostUuid, hostname: req.body.source.hostname ?? '' },
+        source: { ...req.body.source, hostname: req.body.source.hostname ?? '' },
         options: { ...DEFAULT_OPTIONS, ...req.body.options },
       }),
   );

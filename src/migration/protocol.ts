@@ -15,7 +15,8 @@ export interface Prepare2Request {
   xml: string;
   desturi?: string;
   options: MigrationOptions;
-  source: { hostUuid: string; hostname: string };
+  /** accelerator: what the guest runs on at the source; the destination must run it on the same. */
+  source: { hostUuid: string; hostname: string; accelerator?: 'kvm' | 'tcg' };
 }
 
 export interface Prepare2Response {

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { AgentError, conflict } from '../errors.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
+import { effectiveAccel } from '../domain/index.js';
 import type { QmpClient } from '../qemu/qmp.js';
 import { SOURCE_AWAITS_DESTINATION } from './phases.js';
 import {
@@ -134,7 +135,7 @@ export class SourceSide {
       xml: entry.xml,
       ...(options.desturi ? { desturi: options.desturi } : {}),
       options,
-      source: { hostUuid: self.uuid, hostname: self.hostname },
+      source: { hostUuid: self.uuid, hostname: self.hostname, accelerator: effectiveAccel(entry.def, this.ctx.domains.hostSettings(entry.uuid)) },
     });
     await jobs.setPhase(job, 'prepared', {
       uri: prepared.uri,

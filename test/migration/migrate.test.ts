@@ -148,3 +148,22 @@ t.test('a migration to the same agent is refused', async (t) => {
   t.equal((await a.client.domain('vm7')).state, 'running');
   await a.client.lifecycle('vm7', 'destroy');
 });
+
+t.test('a destination that would run the guest on another accelerator refuses it', async (t) => {
+  const kvm = await (async () => {
+    const { probeQemu, kvmUsable } = await import('../../src/qemu/host.js');
+    return (await probeQemu()).kvmUsable && kvmUsable();
+  })();
+  if (!kvm) {
+    t.comment('no usable KVM here: only TCG, nothing to mismatch');
+    t.pass('skipped without KVM');
+    return;
+  }
+  const { dir, a, b } = await twoAgents(t, { a: { accel: 'kvm' }, b: { accel: 'tcg' } });
+  await startGuest(a, dir, 'vm8');
+  const { job } = await a.client.perform({ domain: 'vm8', destination: b.url }, true);
+  t.equal(job.status, 'failed');
+  t.equal(job.error?.code, 'accelerator_mismatch');
+  await assertOwnedBy(t, a, b, 'vm8');
+  await a.client.lifecycle('vm8', 'destroy');
+});
