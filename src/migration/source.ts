@@ -109,6 +109,8 @@ export class SourceSide {
     const { log } = this.ctx;
     const qmp = entry.run!.qmp;
     const wasRunning = await this.guestRunning(qmp);
+    // A guest paused here arrives paused, whatever the flags say (as libvirt keeps it).
+    if (!wasRunning && !job.record.options.paused) await this.ctx.jobs.update(job, { options: { ...job.record.options, paused: true } });
     try {
       await this.prepareAndStream(job, entry, qmp);
     } catch (err) {

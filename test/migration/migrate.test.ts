@@ -167,3 +167,16 @@ t.test('a destination that would run the guest on another accelerator refuses it
   await assertOwnedBy(t, a, b, 'vm8');
   await a.client.lifecycle('vm8', 'destroy');
 });
+
+t.test('a suspended guest arrives suspended', async (t) => {
+  const { dir, a, b } = await twoAgents(t);
+  const { boot } = await startGuest(a, dir, 'vm9');
+  await a.client.lifecycle('vm9', 'suspend');
+  const { job } = await a.client.perform({ domain: 'vm9', destination: b.url }, true);
+  t.equal(job.status, 'completed');
+  t.equal(job.options.paused, true, 'recorded as a paused arrival');
+  await assertOwnedBy(t, b, a, 'vm9', 'paused');
+  await b.client.lifecycle('vm9', 'resume');
+  t.equal((await waitForPasses(b, 'vm9', boot.passes)).bootId, boot.bootId);
+  await b.client.lifecycle('vm9', 'destroy');
+});
