@@ -28,7 +28,6 @@ export interface RunningQemu {
   startedAt: string;
   /** Started with -incoming defer and not yet handed over by a finished migration. */
   incoming: boolean;
-  migrationId?: string;
   /** Set before the agent ends the qemu itself, so the exit is not mistaken for a crash. */
   expectedExit?: ShutoffReason;
   guestShutdown: boolean;
@@ -42,7 +41,7 @@ export interface DomainEntry {
   /** A transient domain (an incoming one not asked to persist) has no stored definition and vanishes when it stops. */
   persistent: boolean;
   run?: RunningQemu;
-  lastExit?: { reason: ShutoffReason; at: string; detail?: string };
+  lastExit?: { reason: ShutoffReason; at: string };
   /** The migration job that owns this domain now, if any: lifecycle calls are refused meanwhile. */
   activeJob?: { id: string; role: 'source' | 'destination' };
 }
@@ -54,7 +53,6 @@ interface RuntimeRecord {
   xml: string;
   persistent: boolean;
   incoming: boolean;
-  migrationId?: string;
   startedAt: string;
   process: QemuProcessRecord;
 }
@@ -105,10 +103,6 @@ export class DomainManager extends EventEmitter {
     this.opts = opts;
   }
 
-  get store(): StateStore {
-    return this.opts.store;
-  }
-
   /** Load definitions, then re-attach to every qemu that still runs; the rest are shut off. */
   async init(): Promise<void> {
     const { store, log } = this.opts;
@@ -132,7 +126,7 @@ export class DomainManager extends EventEmitter {
         log.warn({ domain: rec.name, pid: rec.process.pid }, 'qemu of a running domain is gone; marked shut off');
         await store.removeRecord('runtime', id);
         const entry = this.domains.get(rec.name);
-        if (entry) entry.lastExit = { reason: 'unknown', at: new Date().toISOString(), detail: 'qemu ended while the agent was down' };
+        if (entry) entry.lastExit = { reason: 'unknown', at: new Date().toISOString() };
         continue;
       }
       let entry = this.domains.get(rec.name);
@@ -145,7 +139,6 @@ export class DomainManager extends EventEmitter {
         qmp,
         startedAt: rec.startedAt,
         incoming: rec.incoming,
-        migrationId: rec.migrationId,
         guestShutdown: false,
       });
       log.info({ domain: rec.name, pid: rec.process.pid }, 're-attached to running qemu');
@@ -216,10 +209,15 @@ export class DomainManager extends EventEmitter {
       knownMachines: qemu.knownMachines,
       randomBytes: (n) => Buffer.from(crypto.getRandomValues(new Uint8Array(n))),
     });
-    await checkAllowedPaths(domainFileRefs(normalized.def), [...this.opts.allowPaths, this.opts.store.dir('run')]);
+    await this.checkPaths(normalized.def);
     // Build once now so that an argv-level refusal surfaces at define time, not at start.
     buildArgv(normalized.def, this.hostSettings(normalized.def.uuid));
     return normalized;
+  }
+
+  /** Every host path of the guest must lie below an --allow-path root (or this agent's run/ for sockets). */
+  private checkPaths(def: DomainDef): Promise<void> {
+    return checkAllowedPaths(domainFileRefs(def), [...this.opts.allowPaths, this.opts.store.dir('run')]);
   }
 
   async define(xml: string): Promise<DomainEntry> {
@@ -259,7 +257,8 @@ export class DomainManager extends EventEmitter {
       const entry = this.get(name);
       this.refuseWhileBusy(entry, 'start');
       if (entry.run) throw conflict('domain_active', `domain ${name} is already running`, { domain: name });
-      await checkAllowedPaths(domainFileRefs(entry.def), [...this.opts.allowPaths, this.opts.store.dir('run')]);
+      // Again at start: symlinks and --allow-path may have changed since the definition.
+      await this.checkPaths(entry.def);
       const run = await this.launch(entry, { incoming: false });
       await this.applyBalloonTarget(entry, run.qmp);
       await run.qmp.execute('cont');
@@ -299,7 +298,7 @@ export class DomainManager extends EventEmitter {
    * Start qemu for `entry` (paused, -S; with -incoming defer when asked). The runtime record is
    * written as soon as the pid is known, so a restarted agent can find the process again.
    */
-  async launch(entry: DomainEntry, opts: { incoming: boolean; migrationId?: string }): Promise<RunningQemu> {
+  async launch(entry: DomainEntry, opts: { incoming: boolean }): Promise<RunningQemu> {
     const host = this.hostSettings(entry.uuid);
     const argv = buildArgv(entry.def, host, { incoming: opts.incoming });
     const { record, qmp } = await launchQemu({
@@ -314,7 +313,6 @@ export class DomainManager extends EventEmitter {
       qmp,
       startedAt: new Date().toISOString(),
       incoming: opts.incoming,
-      migrationId: opts.migrationId,
       guestShutdown: false,
     };
     try {
@@ -334,7 +332,6 @@ export class DomainManager extends EventEmitter {
       xml: entry.xml,
       persistent: entry.persistent,
       incoming: run.incoming,
-      migrationId: run.migrationId,
       startedAt: run.startedAt,
       process: run.record,
     };
@@ -346,19 +343,21 @@ export class DomainManager extends EventEmitter {
     const run = entry.run;
     if (!run) return;
     run.expectedExit = reason;
+    let onExit: (name: string) => void = () => undefined;
     const exited = new Promise<void>((resolve) => {
-      const onExit = (name: string) => {
-        if (name === entry.name) {
-          this.off('exit', onExit);
-          resolve();
-        }
+      onExit = (name) => {
+        if (name === entry.name) resolve();
       };
       this.on('exit', onExit);
     });
-    await killQemu(run.record, { qmp: run.qmp, graceMs: 3000 });
-    await run.qmp.close();
-    // The exit is recorded by onQmpClosed; bounded, since an agent shutting down records none.
-    await Promise.race([exited, new Promise((r) => setTimeout(r, 20_000).unref())]);
+    try {
+      await killQemu(run.record, { qmp: run.qmp, graceMs: 3000 });
+      await run.qmp.close();
+      // The exit is recorded by onQmpClosed; bounded, since an agent shutting down records none.
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 20_000).unref())]);
+    } finally {
+      this.off('exit', onExit);
+    }
   }
 
   /** Add a transient domain (an incoming migration); it becomes persistent only when asked. */

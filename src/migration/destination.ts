@@ -19,10 +19,11 @@ export class DestinationSide {
   private readonly leases = new Map<string, NodeJS.Timeout>();
   /** The definition a same-named inactive domain had before an incoming migration borrowed its entry. */
   private readonly borrowed = new Map<string, { xml: string; def: DomainEntry['def'] }>();
-  /** Ports handed to prepares in flight or to running jobs, so concurrent Prepare2s never pick the same one. */
-  private readonly reservedPorts = new Map<string, number>();
-  /** Prepare2s admitted but whose job record is not written yet. */
-  private readonly admitting = new Set<string>();
+  /**
+   * Prepare2s admitted but not yet answered, with the port each has picked: they count against
+   * --max-incoming and hold their port before their job record names it (see reservedPorts).
+   */
+  private readonly inFlight = new Map<string, number | undefined>();
 
   constructor(ctx: MigrationContext) {
     this.ctx = ctx;
@@ -62,16 +63,16 @@ export class DestinationSide {
       throw new AgentError(400, 'same_host', 'source and destination are the same agent');
     }
     // Counted synchronously with the prepares still in flight, so concurrent Prepare2s cannot all slip in.
-    if (jobs.running('destination').length + this.admitting.size >= config.maxIncoming) {
+    if (jobs.running('destination').length + this.inFlight.size >= config.maxIncoming) {
       throw new AgentError(503, 'too_many_migrations', `this agent already receives ${config.maxIncoming} migrations`, {
         retryAfterSeconds: 5,
       });
     }
-    this.admitting.add(req.migrationId);
+    this.inFlight.set(req.migrationId, undefined);
     try {
       return await this.prepareAdmitted(req);
     } finally {
-      this.admitting.delete(req.migrationId);
+      this.inFlight.delete(req.migrationId);
     }
   }
 
@@ -99,7 +100,7 @@ export class DestinationSide {
         'preparing',
       );
       entry.activeJob = { id: job.id, role: 'destination' };
-      const run = await domains.launch(entry, { incoming: true, migrationId: job.id });
+      const run = await domains.launch(entry, { incoming: true });
       await run.qmp.execute('migrate-set-capabilities', { capabilities: destinationCapabilities() });
       const listenUri = `tcp:${listen.host}:${listen.port}`;
       await run.qmp.execute('migrate-incoming', { uri: listenUri });
@@ -111,10 +112,7 @@ export class DestinationSide {
       return this.prepareAnswer(job.id, listenUri);
     } catch (err) {
       if (job) await this.abort(job, entry, { code: 'prepare_failed', message: (err as Error).message });
-      else {
-        this.reservedPorts.delete(req.migrationId);
-        this.releaseEntry(entry);
-      }
+      else this.releaseEntry(entry);
       if (err instanceof AgentError) throw err;
       throw new AgentError(500, 'prepare_failed', `could not prepare the incoming qemu: ${(err as Error).message}`);
     }
@@ -157,19 +155,26 @@ export class DestinationSide {
     }
   }
 
+  /** Ports of running incoming jobs (from their URI) and of prepares still in flight. */
+  private reservedPorts(): Set<number> {
+    const ofJobs = this.ctx.jobs.running('destination').flatMap((j) => (j.record.uri ? [Number(j.record.uri.split(':').pop())] : []));
+    const ofPrepares = [...this.inFlight.values()].filter((p): p is number => p !== undefined);
+    return new Set([...ofJobs, ...ofPrepares]);
+  }
+
   private async choosePort(migrationId: string, desturi?: string): Promise<{ host: string; port: number }> {
     const { config } = this.ctx;
-    const reserved = new Set(this.reservedPorts.values());
+    const reserved = this.reservedPorts();
     if (desturi) {
       const wanted = parseDestUri(desturi);
       if (reserved.has(wanted.port) || !(await portIsFree(wanted.host, wanted.port))) {
         throw conflict('port_in_use', `port ${wanted.port} on ${wanted.host} is in use`);
       }
-      this.reservedPorts.set(migrationId, wanted.port);
+      this.inFlight.set(migrationId, wanted.port);
       return wanted;
     }
     // Reserved before the first await returns control, so a concurrent Prepare2 skips it.
-    const port = await pickPort(config.migrationAddress, config.migrationPorts, reserved, (p) => this.reservedPorts.set(migrationId, p));
+    const port = await pickPort(config.migrationAddress, config.migrationPorts, reserved, (p) => this.inFlight.set(migrationId, p));
     if (port === null) {
       throw new AgentError(503, 'no_migration_port', `no free port in ${config.migrationPorts.low}-${config.migrationPorts.high}`, {
         retryAfterSeconds: 5,
@@ -294,7 +299,6 @@ export class DestinationSide {
       return;
     }
     entry.activeJob = undefined;
-    this.reservedPorts.delete(job.id);
     const stats = job.record.stats;
     await jobs.update(job, { finish: { rc: 0, attempts: 1, outcome: 'finished' }, ...(stats ? { stats } : {}) });
     await jobs.end(job, 'completed');
@@ -333,7 +337,6 @@ export class DestinationSide {
       ...(rc !== undefined ? { finish: { rc, attempts: 1, outcome: 'aborted' as const } } : {}),
     });
     if (entry.run) await domains.stopQemu(entry, 'failed');
-    this.reservedPorts.delete(job.id);
     this.releaseEntry(entry);
     await jobs.end(job, status, error);
     log.warn({ migration: job.id, domain: entry.name, error }, 'incoming migration aborted; its qemu is gone');

@@ -1,6 +1,5 @@
 import type { FastifyBaseLogger } from 'fastify';
 import type { AgentConfig } from '../config.js';
-import type { StateStore } from '../store/state-store.js';
 import type { DomainManager } from '../agent/domain-manager.js';
 import type { HostInfo } from '../agent/app.js';
 import type { JobRegistry, JobRecord } from './jobs.js';
@@ -46,7 +45,6 @@ export interface Finish2Response {
 /** What both sides of the protocol share inside one agent. */
 export interface MigrationContext {
   config: AgentConfig;
-  store: StateStore;
   domains: DomainManager;
   jobs: JobRegistry;
   peers: PeerClient;

@@ -286,7 +286,7 @@ export class SourceSide {
   private async rollBack(job: Job, entry: DomainEntry, wasRunning: boolean, why: StreamEnded, destinationAnswered = false): Promise<void> {
     const { jobs, log } = this.ctx;
     await jobs.setPhase(job, 'rolling-back', { error: { code: why.code, message: why.message } });
-    if (!destinationAnswered && job.record.phaseHistory.some((p) => p.phase === 'preparing')) {
+    if (!destinationAnswered) {
       await this.finish2BestEffort(job, { migrationId: job.id, rc: 1, error: why.message, cancelled: why.status === 'cancelled' });
     }
     const run = entry.run;
@@ -392,7 +392,7 @@ export class SourceSide {
     let status = 'none';
     if (qmp) {
       status = (await qmp.execute<QueryMigrate>('query-migrate').catch(() => ({}) as QueryMigrate)).status ?? 'none';
-      if (status === 'active' || status === 'setup' || status.startsWith('pre-switchover') || status === 'device') {
+      if (status !== 'none' && !TERMINAL_STREAM.has(status)) {
         await qmp.execute('migrate_cancel').catch(() => undefined);
         status = await this.settle(qmp);
       }
