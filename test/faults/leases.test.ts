@@ -4,7 +4,7 @@ import path from 'node:path';
 import { processMatches } from '../../src/qemu/process.js';
 import { portIsFree } from '../../src/migration/ports.js';
 import { parseSerialLog } from '../guest/image.js';
-import { freePort, qemuRecords, spawnAgent, startAgent, testGuest, tmpDir, waitFor } from '../helpers/agents.js';
+import { freePort, qemuRecords, spawnAgent, startAgent, testGuest, tmpDir, waitFor, waitForJobEnd } from '../helpers/agents.js';
 
 t.test('lease: a prepared destination whose stream never starts ends its empty qemu', async (t) => {
   const dir = await tmpDir(t);
@@ -19,10 +19,7 @@ t.test('lease: a prepared destination whose stream never starts ends its empty q
   });
   const run = b.app.agent.domains.find('vm1')!.run!;
   t.equal((await b.client.domain('vm1')).state, 'incoming');
-  const job = await waitFor('lease expiry', async () => {
-    const j = await b.client.job('lease-no-stream');
-    return j.status !== 'running' ? j : null;
-  }, { timeoutMs: 20_000 });
+  const job = await waitForJobEnd(b.client, 'lease-no-stream', 'lease expiry', 20_000);
   t.equal(job.status, 'failed');
   t.equal(job.error?.code, 'incoming_timeout');
   t.notOk(processMatches(run.record), 'the empty qemu was ended');
@@ -49,20 +46,14 @@ t.test('lease: the stream ended but the source agent died before Finish2', async
   await waitFor('stream completed, source holding', () => fs.access(path.join(aState, 'hold.before-finish2')).then(() => true));
   await a.kill9();
   // The destination's lease runs out: it ends its copy, and records that it did.
-  const destJob = await waitFor('destination lease expiry', async () => {
-    const j = await b.client.job('lease-no-finish');
-    return j.status !== 'running' ? j : null;
-  }, { timeoutMs: 20_000 });
+  const destJob = await waitForJobEnd(b.client, 'lease-no-finish', 'destination lease expiry', 20_000);
   t.equal(destJob.error?.code, 'incoming_timeout');
   t.same((await qemuRecords(b.stateDir)).filter(processMatches), [], 'no qemu on the destination');
   t.same((await qemuRecords(aState)).filter(processMatches).length, 1, 'the paused source copy is still there');
   // The source comes back, asks, learns "aborted", and resumes its copy: never zero, never two.
   await fs.rm(path.join(aState, 'hold.before-finish2'), { force: true });
   a = await spawnAgent(t, aArgs);
-  const srcJob = await waitFor('source recovery', async () => {
-    const j = await a.client.job('lease-no-finish');
-    return j.status !== 'running' ? j : null;
-  }, { timeoutMs: 30_000 });
+  const srcJob = await waitForJobEnd(a.client, 'lease-no-finish', 'source recovery', 30_000);
   t.equal(srcJob.status, 'failed');
   t.equal(srcJob.finish?.outcome, 'aborted');
   const info = await a.client.domain('vm2');

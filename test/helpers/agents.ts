@@ -7,6 +7,7 @@ import type { FastifyInstance } from 'fastify';
 import { buildAgent } from '../../src/agent/app.js';
 import { DEFAULTS, type AgentConfig } from '../../src/config.js';
 import { AgentClient } from '../../src/client.js';
+import type { JobRecord } from '../../src/migration/jobs.js';
 import { killQemu, processMatches, type QemuProcessRecord } from '../../src/qemu/process.js';
 import { packageRoot } from '../../src/agent/package-root.js';
 import { freePort } from '../../src/migration/ports.js';
@@ -47,6 +48,14 @@ export async function waitFor<T>(
     }
     await new Promise((r) => setTimeout(r, intervalMs));
   }
+}
+
+/** A migration job as one agent records it, once it has ended (status not running). */
+export function waitForJobEnd(client: AgentClient, id: string, what: string, timeoutMs = 60_000): Promise<JobRecord> {
+  return waitFor(what, async () => {
+    const j = await client.job(id);
+    return j.status !== 'running' ? j : null;
+  }, { timeoutMs, intervalMs: 200 });
 }
 
 export function agentConfig(dir: string, name: string, overrides: Partial<AgentConfig> = {}): AgentConfig {

@@ -1,6 +1,6 @@
 import t from 'tap';
 import { processMatches } from '../../src/qemu/process.js';
-import { freePort, waitFor } from '../helpers/agents.js';
+import { freePort, waitFor, waitForJobEnd } from '../helpers/agents.js';
 import { assertOwnedBy, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
 import type { Finish2Request } from '../../src/migration/protocol.js';
 
@@ -41,10 +41,7 @@ t.test('destination qemu killed right after Prepare2', async (t) => {
   const ended = await a.app.agent.migrations.jobs.waitForEnd(a.app.agent.migrations.jobs.require(job.id), 60_000);
   t.equal(ended.status, 'failed');
   t.ok(ended.error, `clear error: ${ended.error?.code}: ${ended.error?.message}`);
-  const destJob = await waitFor('destination job ended', async () => {
-    const j = await b.client.job(job.id);
-    return j.status !== 'running' ? j : null;
-  });
+  const destJob = await waitForJobEnd(b.client, job.id, 'destination job ended');
   t.equal(destJob.status, 'failed');
   await assertOwnedBy(t, a, b, 'vm3');
   t.equal((await waitForPasses(a, 'vm3', boot.passes)).bootId, boot.bootId, 'same guest on the source');
@@ -65,10 +62,7 @@ t.test('stream cancelled midway', async (t) => {
   t.equal(ended.status, 'cancelled');
   t.equal(ended.error?.code, 'cancelled');
   await t.rejects(a.client.cancel(job.id), { status: 409, code: 'job_ended' });
-  const destJob = await waitFor('destination job ended', async () => {
-    const j = await b.client.job(job.id);
-    return j.status !== 'running' ? j : null;
-  });
+  const destJob = await waitForJobEnd(b.client, job.id, 'destination job ended');
   t.equal(destJob.status, 'cancelled', 'the destination learned it was cancelled');
   await assertOwnedBy(t, a, b, 'vm4');
   t.equal((await waitForPasses(a, 'vm4', boot.passes)).bootId, boot.bootId);
