@@ -3,6 +3,7 @@ import { AgentError, conflict } from '../errors.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
 import { effectiveAccel } from '../domain/index.js';
 import type { QmpClient } from '../qemu/qmp.js';
+import { resumeAfterMigration } from '../qemu/resume.js';
 import { SOURCE_AWAITS_DESTINATION } from './phases.js';
 import {
   DEFAULT_OPTIONS,
@@ -29,6 +30,8 @@ const POLL_MS = 250;
 const TERMINAL_STREAM = new Set(['completed', 'failed', 'cancelled']);
 /** Backoff while the destination cannot tell the outcome of Finish2: retry forever, never guess. */
 const FINISH_RETRY_MS = [250, 500, 1000, 2000, 5000];
+/** How long qemu may take to leave finish-migrate before the source guest can run again. */
+const RESUME_TIMEOUT_MS = 10_000;
 
 class StreamEnded extends Error {
   readonly status: 'failed' | 'cancelled';
@@ -289,16 +292,17 @@ export class SourceSide {
     if (!destinationAnswered) {
       await this.finish2BestEffort(job, { migrationId: job.id, rc: 1, error: why.message, cancelled: why.status === 'cancelled' });
     }
+    let message = why.message;
     const run = entry.run;
-    if (run && wasRunning && !(await this.guestRunning(run.qmp))) {
-      try {
-        await run.qmp.execute('cont');
-      } catch (err) {
-        log.error({ err, migration: job.id }, 'could not resume the source guest');
+    if (run && wasRunning) {
+      const notResumed = await resumeAfterMigration(run.qmp, RESUME_TIMEOUT_MS);
+      if (notResumed) {
+        log.error({ err: notResumed, migration: job.id }, 'could not resume the source guest');
+        message += `; the source guest stays paused, resume it by hand: ${notResumed.message}`;
       }
     }
     entry.activeJob = undefined;
-    await jobs.end(job, why.status, { code: why.code, message: why.message });
+    await jobs.end(job, why.status, { code: why.code, message });
   }
 
   /** Finish2 until the destination answers (success or a definite refusal); null if the agent closes first. */
