@@ -261,6 +261,8 @@ export interface FileRef {
   element: string;
   /** false: qemu creates it (output files, listening sockets); its directory must exist. */
   mustExist: boolean;
+  /** Disks only: the image format, whose header may name further files (qcow2 backing chain). */
+  format?: 'raw' | 'qcow2';
 }
 
 export interface NormalizeHost {

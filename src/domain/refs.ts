@@ -7,7 +7,7 @@ export function domainFileRefs(def: DomainDef): FileRef[] {
   if (def.os.initrd) refs.push({ kind: 'initrd', path: def.os.initrd, element: '/domain/os/initrd', mustExist: true });
   for (const d of def.disks) {
     if (d.source === undefined) continue;
-    refs.push({ kind: 'disk', path: d.source, element: `${d.element}/source/@${d.type === 'file' ? 'file' : 'dev'}`, mustExist: true });
+    refs.push({ kind: 'disk', path: d.source, element: `${d.element}/source/@${d.type === 'file' ? 'file' : 'dev'}`, mustExist: true, format: d.format });
   }
   const chardev = (kind: FileRef['kind'], element: string, source: CharSource, log: CharLog | undefined) => {
     if (source.type === 'file') refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: false });

@@ -1,9 +1,12 @@
 import t from 'tap';
+import { execa } from 'execa';
 import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { AgentHttpError } from '../../src/client.js';
 import { processMatches } from '../../src/qemu/process.js';
 import { readGuestCounters, parseSerialLog } from '../guest/image.js';
-import { startAgent, testGuest, tmpDir, waitFor } from '../helpers/agents.js';
+import { qemuRecords, startAgent, testGuest, tmpDir, waitFor } from '../helpers/agents.js';
 
 t.test('define, start, observe over QMP, destroy, undefine', async (t) => {
   const dir = await tmpDir(t);
@@ -82,6 +85,54 @@ t.test('a guest that dies on its own is reported crashed, not running', async (t
   // It can be started again.
   t.equal((await client.lifecycle('vm2', 'start')).state, 'running');
   await client.lifecycle('vm2', 'destroy');
+});
+
+t.test('a qcow2 overlay boots from its backing file; the whole chain must lie under --allow-path', async (t) => {
+  const dir = await tmpDir(t);
+  const outside = await fs.mkdtemp(path.join(os.tmpdir(), 'kvm-migrate-test-outside-'));
+  t.teardown(() => fs.rm(outside, { recursive: true, force: true }));
+  const { client, app, config } = await startAgent(t, dir, 'a');
+  const guest = await testGuest(dir, 'vm4');
+  const overlay = path.join(dir, 'vm4.qcow2');
+  await execa('qemu-img', ['create', '-f', 'qcow2', '-b', guest.image, '-F', 'raw', overlay]);
+  const overlayXml = guest.xml.replace("type='raw'", "type='qcow2'").replace(guest.image, overlay);
+
+  await client.define(overlayXml);
+  await client.lifecycle('vm4', 'start');
+  const qmp = app.agent.domains.get('vm4').run!.qmp;
+  const blocks = await qmp.execute<Array<{ inserted?: { image: { filename: string; 'backing-image'?: { filename: string } } } }>>('query-block');
+  const image = blocks.find((b) => b.inserted)?.inserted?.image;
+  t.equal(image?.filename, overlay, 'qemu runs the overlay');
+  t.equal(image?.['backing-image']?.filename, guest.image, 'over the raw test image');
+  const running = await waitFor('guest passes from the overlay', async () => {
+    const c = await readGuestCounters(qmp);
+    return c.passes > 0 ? c : null;
+  });
+  t.ok(running.bootId !== 0, 'the test guest booted from the backing file');
+  await client.lifecycle('vm4', 'destroy');
+
+  // Rebased (unsafely, as a user could) onto a file outside the roots: refused at start, nothing runs.
+  const secret = path.join(outside, 'secret.raw');
+  await fs.copyFile(guest.image, secret);
+  await execa('qemu-img', ['rebase', '-u', '-b', secret, '-F', 'raw', overlay]);
+  const atStart = (await client.lifecycle('vm4', 'start').catch((e: unknown) => e)) as AgentHttpError;
+  t.equal(atStart.status, 400);
+  t.equal(atStart.code, 'path_not_allowed');
+  t.match(atStart.body.message, `backing file of ${overlay}`);
+  t.match(String(atStart.body.element), /disk/, 'names the disk element');
+  t.same((await qemuRecords(config.stateDir)).filter(processMatches), [], 'no qemu started');
+  await client.undefine('vm4');
+
+  // The same at define time, also through a symlink inside the root.
+  await t.rejects(client.define(overlayXml), { status: 400, code: 'path_not_allowed' });
+  await fs.symlink(secret, path.join(dir, 'link.raw'));
+  await execa('qemu-img', ['rebase', '-u', '-b', 'link.raw', '-F', 'raw', overlay]);
+  await t.rejects(client.define(overlayXml), { status: 400, code: 'path_not_allowed' }, 'a symlink out of the root');
+  await execa('qemu-img', ['rebase', '-u', '-b', 'nbd://127.0.0.1:1/x', '-F', 'raw', overlay]);
+  await t.rejects(client.define(overlayXml), { status: 400, code: 'image_protocol_refused' }, 'a network backing file');
+  await execa('qemu-img', ['rebase', '-u', '-b', path.join(dir, 'missing.raw'), '-F', 'raw', overlay]);
+  await t.rejects(client.define(overlayXml), { status: 400, code: 'path_not_found' }, 'a missing backing file');
+  t.same(await client.domains(), [], 'nothing defined');
 });
 
 t.test('shutdown asks the guest (ACPI power button) and leaves it to the guest', async (t) => {

@@ -1,0 +1,163 @@
+/**
+ * The files a disk image makes qemu open besides itself. A qcow2 header can name a backing file
+ * (and a v3 one an external data file) that qemu opens on its own when the domain XML names only
+ * the top image; the agent reads those names here so that they pass the same --allow-path check
+ * as the paths the XML names.
+ */
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+
+export type ImageFormat = 'raw' | 'qcow2';
+
+export interface ImageFileRef {
+  role: 'backing' | 'data-file';
+  /** As resolved by qemu: relative names are taken relative to the directory of the image naming them. */
+  path: string;
+  /** The image that names it. */
+  from: string;
+  format?: ImageFormat;
+}
+
+export class ImageError extends Error {
+  readonly code: string;
+  constructor(code: string, message: string) {
+    super(message);
+    this.name = 'ImageError';
+    this.code = code;
+  }
+}
+
+const QCOW2_MAGIC = 0x514649fb; // 'QFI\xfb'
+const QCOW2_V2_HEADER_LENGTH = 72;
+const EXT_END = 0;
+const EXT_BACKING_FORMAT = 0xe2792aca;
+const EXT_DATA_FILE = 0x44415441;
+/** qemu's own limit on a backing file name. */
+const MAX_NAME_BYTES = 1023;
+const QCOW2_V3_HEADER_LENGTH = 104;
+/** Clusters are 512 bytes to 2 MiB; header and extensions lie in the first one. */
+const MIN_CLUSTER_BITS = 9;
+const MAX_CLUSTER_BITS = 21;
+/** Longer chains than this are refused rather than followed (and loops end here too). */
+export const MAX_CHAIN_DEPTH = 16;
+/** qemu's own probe looks at the first bytes for a format magic. */
+const PROBE_BYTES = 4;
+
+interface Qcow2Header {
+  backing?: string;
+  backingFormat?: string;
+  dataFile?: string;
+}
+
+async function readAt(file: fs.FileHandle, position: number, length: number): Promise<Buffer> {
+  const buf = Buffer.alloc(length);
+  const { bytesRead } = await file.read(buf, 0, length, position);
+  return buf.subarray(0, bytesRead);
+}
+
+function name(buf: Buffer, image: string, what: string): string {
+  const text = buf.toString('utf8');
+  if (text.includes('\0')) throw new ImageError('image_invalid', `${image}: the ${what} name holds a NUL byte`);
+  return text;
+}
+
+async function readQcow2Header(image: string): Promise<Qcow2Header> {
+  const file = await fs.open(image, 'r');
+  try {
+    const fixed = await readAt(file, 0, QCOW2_V3_HEADER_LENGTH);
+    if (fixed.length < QCOW2_V2_HEADER_LENGTH || fixed.readUInt32BE(0) !== QCOW2_MAGIC) {
+      throw new ImageError('image_format_mismatch', `${image} is declared qcow2 but has no qcow2 header`);
+    }
+    const version = fixed.readUInt32BE(4);
+    if (version !== 2 && version !== 3) throw new ImageError('image_invalid', `${image}: unsupported qcow2 version ${version}`);
+    const clusterBits = fixed.readUInt32BE(20);
+    if (clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) throw new ImageError('image_invalid', `${image}: cluster_bits ${clusterBits} out of range`);
+    const header: Qcow2Header = {};
+    const backingOffset = Number(fixed.readBigUInt64BE(8));
+    const backingSize = fixed.readUInt32BE(16);
+    if (backingOffset !== 0 && backingSize !== 0) {
+      if (backingSize > MAX_NAME_BYTES) throw new ImageError('image_invalid', `${image}: backing file name longer than ${MAX_NAME_BYTES} bytes`);
+      const raw = await readAt(file, backingOffset, backingSize);
+      if (raw.length !== backingSize) throw new ImageError('image_invalid', `${image}: backing file name lies past the end of the image`);
+      header.backing = name(raw, image, 'backing file');
+    }
+    // Header extensions follow the header (v3 says how long it is), within the first cluster
+    // and before the backing file name, up to the end marker (as qemu reads them).
+    const headerLength = version === 3 && fixed.length >= QCOW2_V3_HEADER_LENGTH ? fixed.readUInt32BE(100) : QCOW2_V2_HEADER_LENGTH;
+    const clusterSize = 2 ** clusterBits;
+    const extEnd = backingOffset > 0 && backingOffset < clusterSize ? backingOffset : clusterSize;
+    const exts = await readAt(file, 0, extEnd);
+    for (let offset = headerLength; offset + 8 <= exts.length; ) {
+      const type = exts.readUInt32BE(offset);
+      const length = exts.readUInt32BE(offset + 4);
+      if (type === EXT_END) break;
+      const data = offset + 8 + length <= exts.length ? exts.subarray(offset + 8, offset + 8 + length) : null;
+      if (!data) throw new ImageError('image_invalid', `${image}: header extension runs past the first cluster`);
+      if (type === EXT_BACKING_FORMAT) header.backingFormat = name(data, image, 'backing format');
+      if (type === EXT_DATA_FILE) header.dataFile = name(data, image, 'data file');
+      offset += 8 + Math.ceil(length / 8) * 8;
+    }
+    return header;
+  } finally {
+    await file.close();
+  }
+}
+
+/** qemu's probe, for the two formats the agent runs: a qcow2 magic means qcow2, anything else raw. */
+async function probeFormat(image: string): Promise<ImageFormat> {
+  const file = await fs.open(image, 'r');
+  try {
+    const head = await readAt(file, 0, PROBE_BYTES);
+    return head.length === PROBE_BYTES && head.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
+  } finally {
+    await file.close();
+  }
+}
+
+/** A name qemu would hand to a protocol driver (nbd:, http:, json:{...}) instead of opening a local file. */
+function hasProtocol(filename: string): boolean {
+  const colon = filename.indexOf(':');
+  const slash = filename.indexOf('/');
+  return colon > 0 && (slash < 0 || colon < slash);
+}
+
+function resolveRelative(from: string, filename: string): string {
+  return path.isAbsolute(filename) ? filename : path.join(path.dirname(from), filename);
+}
+
+/**
+ * Every file the image makes qemu open beyond itself, following the backing chain to its end.
+ * `check` sees each one before it is opened, so a file outside the allowed roots is never read.
+ */
+export async function imageFileRefs(image: string, format: ImageFormat, check: (ref: ImageFileRef) => Promise<void>): Promise<ImageFileRef[]> {
+  const refs: ImageFileRef[] = [];
+  const seen = new Set<string>();
+  let current = image;
+  let currentFormat: ImageFormat = format;
+  for (let depth = 0; currentFormat === 'qcow2'; depth++) {
+    const real = await fs.realpath(current);
+    if (seen.has(real)) throw new ImageError('image_invalid', `${image}: the backing chain loops back to ${current}`);
+    seen.add(real);
+    if (depth >= MAX_CHAIN_DEPTH) throw new ImageError('image_invalid', `${image}: backing chain deeper than ${MAX_CHAIN_DEPTH}`);
+    const header = await readQcow2Header(current);
+    if (header.dataFile !== undefined) {
+      if (hasProtocol(header.dataFile)) throw new ImageError('image_protocol_refused', `${current}: data file ${header.dataFile} is not a local file`);
+      const ref: ImageFileRef = { role: 'data-file', path: resolveRelative(current, header.dataFile), from: current };
+      await check(ref);
+      refs.push(ref);
+    }
+    if (header.backing === undefined) break;
+    if (hasProtocol(header.backing)) throw new ImageError('image_protocol_refused', `${current}: backing file ${header.backing} is not a local file`);
+    const backing = resolveRelative(current, header.backing);
+    const ref: ImageFileRef = { role: 'backing', path: backing, from: current };
+    await check(ref);
+    if (header.backingFormat !== undefined && header.backingFormat !== 'raw' && header.backingFormat !== 'qcow2') {
+      throw new ImageError('image_format_refused', `${current}: backing format ${header.backingFormat} is not one the agent runs (raw, qcow2)`);
+    }
+    ref.format = (header.backingFormat as ImageFormat | undefined) ?? (await probeFormat(backing));
+    refs.push(ref);
+    current = backing;
+    currentFormat = ref.format;
+  }
+  return refs;
+}
