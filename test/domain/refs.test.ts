@@ -6,7 +6,7 @@ const refsOf = (name: string) => domainFileRefs(normalizeDomainXml(readFixture(`
 
 t.test('the minimal test guest', async (t) => {
   t.same(refsOf('minimal'), [
-    { kind: 'disk', path: '/var/lib/x/guest.img', element: '/domain/devices/disk[1]/source/@file', mustExist: true },
+    { kind: 'disk', path: '/var/lib/x/guest.img', element: '/domain/devices/disk[1]/source/@file', mustExist: true, format: 'raw' },
     { kind: 'serial', path: '/var/lib/x/serial.log', element: '/domain/devices/serial[1]/source/@path', mustExist: false },
   ]);
 });
@@ -15,16 +15,16 @@ t.test('kernel, initrd and disks', async (t) => {
   t.same(refsOf('kernel-boot'), [
     { kind: 'kernel', path: '/var/lib/x/vmlinuz', element: '/domain/os/kernel', mustExist: true },
     { kind: 'initrd', path: '/var/lib/x/initrd.img', element: '/domain/os/initrd', mustExist: true },
-    { kind: 'disk', path: '/var/lib/x/root.img', element: '/domain/devices/disk[1]/source/@file', mustExist: true },
+    { kind: 'disk', path: '/var/lib/x/root.img', element: '/domain/devices/disk[1]/source/@file', mustExist: true, format: 'raw' },
     { kind: 'serial', path: '/var/lib/x/kboot-serial.log', element: '/domain/devices/serial[1]/source/@path', mustExist: false },
   ]);
 });
 
 t.test('block devices, an empty cdrom, and a console that is the serial port', async (t) => {
   t.same(refsOf('console-only'), [
-    { kind: 'disk', path: '/dev/vg0/console-only', element: '/domain/devices/disk[1]/source/@dev', mustExist: true },
-    { kind: 'disk', path: '/dev/sr0', element: '/domain/devices/disk[2]/source/@dev', mustExist: true },
-    { kind: 'disk', path: '/srv/vm/console-only-ro.raw', element: '/domain/devices/disk[3]/source/@file', mustExist: true },
+    { kind: 'disk', path: '/dev/vg0/console-only', element: '/domain/devices/disk[1]/source/@dev', mustExist: true, format: 'raw' },
+    { kind: 'disk', path: '/dev/sr0', element: '/domain/devices/disk[2]/source/@dev', mustExist: true, format: 'raw' },
+    { kind: 'disk', path: '/srv/vm/console-only-ro.raw', element: '/domain/devices/disk[3]/source/@file', mustExist: true, format: 'raw' },
   ]);
   const c = domainFileRefs(parseDomainXml(domainXml({ devices: "<console type='file'><source path='/l/console.log'/></console>" })));
   t.same(c, [{ kind: 'console', path: '/l/console.log', element: '/domain/devices/console[1]/source/@path', mustExist: false }]);
@@ -49,4 +49,10 @@ t.test('character devices: files, sockets and logs', async (t) => {
     ['console', '/run/vm/web-01.console'],
     ['channel', '/run/vm/web-01.agent'],
   ]);
+});
+
+t.test('a disk ref carries its image format, so the caller can follow a qcow2 backing chain', async (t) => {
+  const disks = refsOf('q35').filter((r) => r.kind === 'disk');
+  t.ok(disks.some((r) => r.format === 'qcow2'), 'the qcow2 disk is marked qcow2');
+  t.ok(disks.every((r) => r.format === 'qcow2' || r.format === 'raw'));
 });
