@@ -23,6 +23,11 @@ export const jobSchema = {
     uri: { type: 'string', description: 'the stream URI (qemu syntax)' },
     error: errorObject,
     waiting: { type: 'string', description: 'why the job waits, when it does (e.g. the peer is unreachable)' },
+    resolution: {
+      type: 'object',
+      description: "an operator's decision for a source job whose Finish2 outcome stayed unknown (POST /jobs/{id}/resolve)",
+      properties: { outcome: { type: 'string', enum: ['finished', 'aborted'] }, reason: { type: 'string' }, at: { type: 'string', format: 'date-time' } },
+    },
     createdAt: { type: 'string', format: 'date-time' },
     updatedAt: { type: 'string', format: 'date-time' },
     endedAt: { type: 'string', format: 'date-time' },

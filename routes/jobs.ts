@@ -42,4 +42,30 @@ export default async function jobRoutes(app: FastifyInstance): Promise<void> {
     },
     async (req, reply) => reply.code(202).send((await migrations.cancel(req.params.id)).record),
   );
+
+  app.post<{ Params: { id: string }; Body: { outcome: 'finished' | 'aborted'; reason: string } }>(
+    '/jobs/:id/resolve',
+    {
+      schema: {
+        summary: 'Decide a source job whose Finish2 outcome stays unknown (destination unreachable; the guest paused here)',
+        description:
+          'For an operator who has checked the destination host: `finished` when the guest runs there (the paused copy here ' +
+          'is ended), `aborted` when it does not (the guest resumes here). Refused unless the job is waiting for Finish2. ' +
+          'A wrong decision means two running copies or none: check first.',
+        tags: ['jobs'],
+        params: idParams,
+        body: {
+          type: 'object',
+          required: ['outcome', 'reason'],
+          additionalProperties: false,
+          properties: {
+            outcome: { type: 'string', enum: ['finished', 'aborted'] },
+            reason: { type: 'string', minLength: 1, maxLength: 1024, description: 'what the operator checked, kept in the job record' },
+          },
+        },
+        response: { 200: { $ref: 'Job#' }, ...errorResponses },
+      },
+    },
+    async (req) => (await migrations.resolve(req.params.id, req.body.outcome, req.body.reason)).record,
+  );
 }

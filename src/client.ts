@@ -76,4 +76,8 @@ export class AgentClient {
   cancel(id: string) {
     return this.call<JobRecord>('POST', `/jobs/${encodeURIComponent(id)}/cancel`);
   }
+
+  resolve(id: string, outcome: 'finished' | 'aborted', reason: string) {
+    return this.call<JobRecord>('POST', `/jobs/${encodeURIComponent(id)}/resolve`, { outcome, reason });
+  }
 }

@@ -57,6 +57,11 @@ export interface JobRecord {
   /** Why the job is waiting, when it is (e.g. the peer is unreachable and the guest stays paused). */
   waiting?: string;
   cancelRequested?: boolean;
+  /**
+   * Source only: an operator's decision while the Finish2 outcome stayed unknown (the destination
+   * unreachable for good), applied instead of the destination's answer.
+   */
+  resolution?: { outcome: 'finished' | 'aborted'; reason: string; at: string };
 }
 
 export class Job extends EventEmitter {

@@ -34,7 +34,7 @@ export class PeerClient {
     this.token = token;
   }
 
-  async call<T>(baseUrl: string, method: 'GET' | 'POST', path: string, body?: unknown, timeoutMs = 30_000): Promise<T> {
+  async call<T>(baseUrl: string, method: 'GET' | 'POST', path: string, body?: unknown, timeoutMs = 30_000, signal?: AbortSignal): Promise<T> {
     const url = new URL(path, baseUrl).toString();
     let res;
     try {
@@ -48,6 +48,7 @@ export class PeerClient {
         body: body !== undefined ? JSON.stringify(body) : undefined,
         headersTimeout: timeoutMs,
         bodyTimeout: timeoutMs,
+        ...(signal ? { signal } : {}),
       });
     } catch (err) {
       throw new PeerUnreachableError(url, err);

@@ -55,6 +55,10 @@ export class MigrationService {
     return this.source.cancel(id);
   }
 
+  resolve(id: string, outcome: 'finished' | 'aborted', reason: string): Promise<Job> {
+    return this.source.resolve(id, outcome, reason);
+  }
+
   async close(): Promise<void> {
     this.source.close();
     this.destination.close();

@@ -30,8 +30,13 @@ const POLL_MS = 250;
 const TERMINAL_STREAM = new Set(['completed', 'failed', 'cancelled']);
 /** Backoff while the destination cannot tell the outcome of Finish2: retry forever, never guess. */
 const FINISH_RETRY_MS = [250, 500, 1000, 2000, 5000];
-/** How long qemu may take to leave finish-migrate before the source guest can run again. */
-const RESUME_TIMEOUT_MS = 10_000;
+/**
+ * How long a rollback may wait to run the source guest again: qemu finalizing the migration, or
+ * the destination's qemu still holding the disks (until its lease, --incoming-timeout, ends it).
+ */
+const RESUME_TIMEOUT_MS = 5 * 60_000;
+/** How long POST /jobs/{id}/resolve waits for the decision to be carried out before answering. */
+const RESOLVE_WAIT_MS = 30_000;
 
 class StreamEnded extends Error {
   readonly status: 'failed' | 'cancelled';
@@ -53,6 +58,8 @@ export class SourceSide {
   private readonly ctx: MigrationContext;
   private closed = false;
   private readonly starting = new Set<string>();
+  /** Interrupts the Finish2 retries of a job when an operator resolves it. */
+  private readonly finishWaits = new Map<string, AbortController>();
 
   constructor(ctx: MigrationContext) {
     this.ctx = ctx;
@@ -295,7 +302,9 @@ export class SourceSide {
     let message = why.message;
     const run = entry.run;
     if (run && wasRunning) {
-      const notResumed = await resumeAfterMigration(run.qmp, RESUME_TIMEOUT_MS);
+      const notResumed = await resumeAfterMigration(run.qmp, RESUME_TIMEOUT_MS, (reason) =>
+        jobs.update(job, { waiting: `the guest resumes here as soon as it can: ${reason}` }),
+      );
       if (notResumed) {
         log.error({ err: notResumed, migration: job.id }, 'could not resume the source guest');
         message += `; the source guest stays paused, resume it by hand: ${notResumed.message}`;
@@ -305,32 +314,73 @@ export class SourceSide {
     await jobs.end(job, why.status, { code: why.code, message });
   }
 
-  /** Finish2 until the destination answers (success or a definite refusal); null if the agent closes first. */
+  /**
+   * Finish2 until the destination answers (success or a definite refusal) or an operator
+   * resolves the job; null if the agent closes first.
+   */
   private async finish2Until(job: Job, body: Finish2Request): Promise<Finish2Response | null> {
     const { jobs, log } = this.ctx;
-    for (let attempt = 1; !this.closed; attempt++) {
-      try {
-        const answer = await this.ctx.peers.call<Finish2Response>(job.record.peer.url!, 'POST', '/finish2', body, 120_000);
-        await jobs.update(job, { waiting: undefined, finish: { rc: body.rc, attempts: attempt, outcome: answer.outcome } });
-        return answer;
-      } catch (err) {
-        if (err instanceof PeerRefusedError && err.peerStatus === 404) {
-          // The destination has no such migration: it never ran it, so it runs no copy of the guest.
-          const answer: Finish2Response = { migrationId: job.id, outcome: 'aborted', error: { code: err.code, message: err.message } };
-          await jobs.update(job, { waiting: undefined, finish: { rc: body.rc, attempts: attempt, outcome: 'aborted' } });
-          return answer;
+    const interrupt = new AbortController();
+    this.finishWaits.set(job.id, interrupt);
+    try {
+      for (let attempt = 1; !this.closed; attempt++) {
+        const decided = job.record.resolution;
+        if (decided) {
+          await jobs.update(job, { waiting: undefined, finish: { rc: body.rc, attempts: attempt - 1, outcome: decided.outcome } });
+          const error = { code: 'operator_aborted', message: `an operator resolved the migration as aborted: ${decided.reason}` };
+          return { migrationId: job.id, outcome: decided.outcome, ...(decided.outcome === 'aborted' ? { error } : {}) };
         }
-        const message = (err as Error).message;
-        const delay = FINISH_RETRY_MS[Math.min(attempt - 1, FINISH_RETRY_MS.length - 1)]!;
-        log.warn({ migration: job.id, attempt, err: message }, 'Finish2 outcome unknown; the guest stays paused; asking again');
-        await jobs.update(job, {
-          waiting: `Finish2 outcome unknown after ${attempt} attempt(s) (${message}); the guest stays paused here until the destination answers`,
-          finish: { rc: body.rc, attempts: attempt, lastError: message },
-        });
-        await sleep(delay);
+        try {
+          const answer = await this.ctx.peers.call<Finish2Response>(job.record.peer.url!, 'POST', '/finish2', body, 120_000, interrupt.signal);
+          await jobs.update(job, { waiting: undefined, finish: { rc: body.rc, attempts: attempt, outcome: answer.outcome } });
+          return answer;
+        } catch (err) {
+          if (err instanceof PeerRefusedError && err.peerStatus === 404) {
+            // The destination has no such migration: it never ran it, so it runs no copy of the guest.
+            const answer: Finish2Response = { migrationId: job.id, outcome: 'aborted', error: { code: err.code, message: err.message } };
+            await jobs.update(job, { waiting: undefined, finish: { rc: body.rc, attempts: attempt, outcome: 'aborted' } });
+            return answer;
+          }
+          if (job.record.resolution) continue;
+          const message = (err as Error).message;
+          const delay = FINISH_RETRY_MS[Math.min(attempt - 1, FINISH_RETRY_MS.length - 1)]!;
+          log.warn({ migration: job.id, attempt, err: message }, 'Finish2 outcome unknown; the guest stays paused; asking again');
+          await jobs.update(job, {
+            waiting:
+              `Finish2 outcome unknown after ${attempt} attempt(s) (${message}); the guest stays paused here until the destination ` +
+              `answers, or until an operator who checked the destination resolves the job (POST /jobs/${job.id}/resolve)`,
+            finish: { rc: body.rc, attempts: attempt, lastError: message },
+          });
+          await sleep(delay, interrupt.signal);
+        }
       }
+      return null;
+    } finally {
+      this.finishWaits.delete(job.id);
     }
-    return null;
+  }
+
+  /**
+   * An operator's way out when the destination stays unreachable and the source guest paused:
+   * `finished` (the guest runs on the destination: end the paused copy here) or `aborted` (it
+   * does not: resume it here). Only while the source is asking Finish2 with no answer; the
+   * operator must have checked the destination, since this decides who owns the guest.
+   */
+  async resolve(id: string, outcome: 'finished' | 'aborted', reason: string): Promise<Job> {
+    const { jobs } = this.ctx;
+    const job = jobs.require(id);
+    if (job.record.role !== 'source' || job.terminal || job.record.phase !== 'finishing' || !job.record.waiting || job.record.resolution) {
+      throw conflict(
+        'not_waiting_on_destination',
+        `job ${id} is not a source job waiting for an unknown Finish2 outcome (status ${job.record.status}, phase ${job.record.phase})`,
+        { job: id },
+      );
+    }
+    await jobs.update(job, { resolution: { outcome, reason, at: new Date().toISOString() } });
+    this.ctx.log.warn({ migration: id, outcome, reason }, 'an operator resolved the migration');
+    this.finishWaits.get(id)?.abort();
+    await jobs.waitForEnd(job, RESOLVE_WAIT_MS);
+    return job;
   }
 
   /** Finish2 after a failure: a few tries; if all fail, the destination's lease ends its qemu anyway. */
@@ -454,6 +504,16 @@ function toStats(info: QueryMigrate): MigrationStats {
   };
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms).unref());
+/** Resolves after `ms`, or as soon as `signal` aborts. */
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal?.aborted) return resolve();
+    const timer = setTimeout(done, ms).unref();
+    signal?.addEventListener('abort', done, { once: true });
+    function done() {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    }
+  });
 }

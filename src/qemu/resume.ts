@@ -1,14 +1,31 @@
 import { QmpError, type QmpClient } from './qmp.js';
 
-const RETRY_MS = 20;
+const RETRY_MS = 100;
+
+/** Why `cont` cannot run the guest yet, for the errors that pass on their own; null for any other. */
+function passingReason(err: unknown): string | null {
+  if (!(err instanceof QmpError) || err.errorClass !== 'GenericError') return null;
+  if (/not finalized/.test(err.desc)) return 'qemu is still finalizing the migration';
+  // Another qemu (the destination's, on shared storage) still holds the images it took over.
+  if (/Failed to get .*lock/.test(err.desc)) return `another qemu still holds the disk images (${err.desc})`;
+  return null;
+}
 
 /**
- * Run a guest again whose outgoing migration ended; the error if it could not be. Right after a
- * completed stream qemu stays in `finish-migrate` for a moment and refuses `cont` ("Migration is
- * not finalized yet") although it already sent the MIGRATION completed event, so wait that out.
+ * Run a guest again whose outgoing migration ended; the error if it could not be within
+ * `timeoutMs`. Two refusals of `cont` pass on their own and are waited out: right after a
+ * completed stream qemu stays in `finish-migrate` for a moment ("Migration is not finalized
+ * yet") although it already sent the MIGRATION completed event, and after a completed stream
+ * the disks can be re-activated only once the destination's qemu, which took them over, is gone.
+ * `onWait` hears why it waits, once per reason.
  */
-export async function resumeAfterMigration(qmp: QmpClient, timeoutMs: number): Promise<Error | null> {
+export async function resumeAfterMigration(
+  qmp: QmpClient,
+  timeoutMs: number,
+  onWait: (reason: string) => Promise<void> | void = () => undefined,
+): Promise<Error | null> {
   const deadline = Date.now() + timeoutMs;
+  let lastReason = '';
   for (;;) {
     try {
       const { running, status } = await qmp.execute<{ running: boolean; status: string }>('query-status', {}, { timeoutMs: 5000 });
@@ -18,8 +35,11 @@ export async function resumeAfterMigration(qmp: QmpClient, timeoutMs: number): P
         return null;
       }
     } catch (err) {
-      const finalizing = err instanceof QmpError && err.errorClass === 'GenericError' && /not finalized/.test(err.desc);
-      if (!finalizing) return err as Error;
+      const reason = passingReason(err);
+      if (!reason) return err as Error;
+      if (Date.now() >= deadline) return err as Error;
+      if (reason !== lastReason) await onWait(reason);
+      lastReason = reason;
     }
     if (Date.now() >= deadline) return new Error(`qemu did not leave finish-migrate within ${timeoutMs} ms`);
     await new Promise((resolve) => setTimeout(resolve, RETRY_MS));

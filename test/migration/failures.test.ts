@@ -121,6 +121,50 @@ t.test('Finish2 outcome unknown: the source stays paused and asks again until it
   await b.client.lifecycle('vm6', 'destroy');
 });
 
+t.test('Finish2 unanswerable for good: an operator who checked the destination resolves the job', async (t) => {
+  // The destination's answers never arrive. In the first round it never took the guest; in
+  // the second it did. The operator's decision is applied; the destination's lease ends a shell.
+  for (const runsOnDestination of [false, true]) {
+    await t.test(runsOnDestination ? 'the guest runs on the destination: finished' : 'it does not: aborted', async (t) => {
+      const { dir, a, b } = await twoAgents(t, { b: { incomingTimeoutSeconds: 2 } });
+      const name = runsOnDestination ? 'vm8b' : 'vm8a';
+      const { boot } = await startGuest(a, dir, name);
+      const migrations = b.app.agent.migrations;
+      const realFinish2 = migrations.finish2.bind(migrations);
+      migrations.finish2 = async (req: Finish2Request) => {
+        if (runsOnDestination) await realFinish2(req);
+        throw new Error('injected: the answer is lost');
+      };
+      const { job } = await a.client.perform({ domain: name, destination: b.url });
+      await waitFor('source waiting on Finish2', async () => ((await a.client.job(job.id)).waiting ? true : null));
+      t.equal((await a.client.domain(name)).qemuStatus, 'postmigrate', 'paused meanwhile');
+
+      await t.rejects(a.client.resolve(job.id, 'maybe' as 'aborted', 'x'), { status: 400, code: 'invalid_request' }, 'only finished or aborted');
+      await t.rejects(b.client.resolve(job.id, 'aborted', 'x'), { status: 409, code: 'not_waiting_on_destination' }, 'not on the destination');
+
+      const resolved = await a.client.resolve(job.id, runsOnDestination ? 'finished' : 'aborted', `checked ${b.url} by hand`);
+      t.equal(resolved.status, runsOnDestination ? 'completed' : 'failed');
+      t.match(resolved.resolution, { outcome: runsOnDestination ? 'finished' : 'aborted', reason: `checked ${b.url} by hand` });
+      t.notOk(resolved.waiting, 'no longer waiting');
+      await t.rejects(a.client.resolve(job.id, 'aborted', 'again'), { status: 409, code: 'not_waiting_on_destination' }, 'once only');
+      if (runsOnDestination) {
+        await assertOwnedBy(t, b, a, name);
+        t.equal((await waitForPasses(b, name, boot.passes)).bootId, boot.bootId, 'same guest on the destination');
+        await b.client.lifecycle(name, 'destroy');
+      } else {
+        t.equal(resolved.error?.code, 'operator_aborted');
+        t.notMatch(resolved.error?.message, /stays paused/, 'resumed once the shell holding the disk was gone');
+        // The destination got no Finish2: its lease ends the shell, which holds the disk until then.
+        const destJob = await waitForJobEnd(b.client, job.id, 'destination lease ended the shell');
+        t.equal(destJob.status, 'failed');
+        await assertOwnedBy(t, a, b, name);
+        t.equal((await waitForPasses(a, name, boot.passes)).bootId, boot.bootId, 'same guest resumed on the source');
+        await a.client.lifecycle(name, 'destroy');
+      }
+    });
+  }
+});
+
 t.test('a guest that never converges: the stream is cancelled after the progress timeout, the guest stays', async (t) => {
   const { dir, a, b } = await twoAgents(t);
   // 4 MiB rewritten continuously against a 1 MiB/s stream: what remains can never reach a new low.

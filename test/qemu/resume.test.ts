@@ -1,7 +1,10 @@
 /** Resuming a guest right after its outgoing stream completed, on real qemu. */
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
 import t from 'tap';
 import { resumeAfterMigration } from '../../src/qemu/resume.js';
-import { GuestTracker, launchSpec, tmpDir } from './helpers.js';
+import { freePort, waitFor } from '../helpers/agents.js';
+import { fullArgv, GuestTracker, launchSpec, tmpDir } from './helpers.js';
 
 const guests = new GuestTracker();
 
@@ -23,6 +26,38 @@ t.test('resume right at the MIGRATION completed event: waits out finish-migrate,
     t.equal((await qmp.execute<{ status: string }>('query-status')).status, 'running', `round ${round}: running`);
   }
   t.comment(`${insideWindow} of ${ROUNDS} rounds found qemu still in finish-migrate`);
+});
+
+t.test('after a completed stream the disks come back only when the destination qemu is gone: waited out', async (t) => {
+  const dir = await tmpDir(t);
+  const disk = path.join(dir, 'disk.raw');
+  await fs.writeFile(disk, Buffer.alloc(1024 * 1024));
+  const drive = ['-drive', `file=${disk},format=raw,if=ide`];
+  const srcDir = path.join(dir, 'src');
+  const dstDir = path.join(dir, 'dst');
+  await Promise.all([fs.mkdir(srcDir), fs.mkdir(dstDir)]);
+  const src = await guests.launch(t, launchSpec(srcDir, [...fullArgv(srcDir), ...drive]));
+  const dst = await guests.launch(t, launchSpec(dstDir, [...fullArgv(dstDir), ...drive, '-incoming', 'defer']));
+  const port = await freePort('127.0.0.1');
+  await src.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+  await dst.qmp.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${port}` });
+  await src.qmp.execute('cont');
+  const completed = src.qmp.waitForEvent('MIGRATION', { timeoutMs: 30_000, predicate: (e) => e.data?.status === 'completed' });
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await completed;
+  await waitFor('incoming side complete', async () => (await dst.qmp.execute<{ status?: string }>('query-migrate')).status === 'completed');
+
+  const reasons: string[] = [];
+  const early = await resumeAfterMigration(src.qmp, 1500, (reason) => {
+    reasons.push(reason);
+  });
+  t.match(early?.message, /lock/, 'the destination holds the disk: not resumed within the bound');
+  t.match(reasons, [/another qemu still holds the disk images/], 'and it said why it waited');
+
+  const resumed = resumeAfterMigration(src.qmp, 30_000);
+  process.kill(dst.record.pid, 'SIGKILL');
+  t.equal(await resumed, null, 'resumed once the destination qemu is gone');
+  t.equal((await src.qmp.execute<{ status: string }>('query-status')).status, 'running');
 });
 
 t.test('a paused guest runs again, a running one is left alone, a dead one gives the error', async (t) => {
