@@ -93,6 +93,7 @@ async function main(): Promise<void> {
       bodyLimitBytes: DEFAULTS.bodyLimitBytes,
       maxIncoming: 1,
       maxOutgoing: 1,
+      jobHistory: DEFAULTS.jobHistory,
     });
     const agents: Array<{ url: string; client: AgentClient; app: Awaited<ReturnType<typeof buildAgent>> }> = [];
     for (const [name, host, ports] of [

@@ -11,7 +11,7 @@ import { runDemo } from '../src/cli/demo.js';
 const USAGE = `usage:
   kvm-migrate agent [--listen HOST:PORT] [--state-dir DIR] [--token TOKEN] [--allow-path DIR]...
                     [--migration-address ADDR] [--migration-ports LOW-HIGH] [--accel auto|kvm|tcg]
-                    [--incoming-timeout SECONDS] [--max-incoming N] [--max-outgoing N] [--log-level LEVEL]
+                    [--incoming-timeout SECONDS] [--max-incoming N] [--max-outgoing N] [--job-history N] [--log-level LEVEL]
                     [--debug-hold prepare2|before-finish2|finish2]...   (fault-injection rigs only)
   kvm-migrate migrate DOMAIN --from URL --to URL [--token TOKEN] [--offline] [--paused]
                     [--bandwidth MiB/s] [--downtime MS] [--auto-converge] [--undefine-source]
@@ -50,6 +50,7 @@ async function agentCommand(args: string[]): Promise<void> {
       'incoming-timeout': { type: 'string' },
       'max-incoming': { type: 'string' },
       'max-outgoing': { type: 'string' },
+      'job-history': { type: 'string' },
       'log-level': { type: 'string' },
       'qemu-binary': { type: 'string' },
       'debug-hold': { type: 'string', multiple: true },
@@ -78,6 +79,7 @@ async function agentCommand(args: string[]): Promise<void> {
     qemuBinary: flag(values, 'qemu-binary'),
     maxIncoming: intFlag(values, 'max-incoming', DEFAULTS.maxIncoming)!,
     maxOutgoing: intFlag(values, 'max-outgoing', DEFAULTS.maxOutgoing)!,
+    jobHistory: intFlag(values, 'job-history', DEFAULTS.jobHistory)!,
     debugHolds: values['debug-hold'] ?? process.env.KVM_MIGRATE_DEBUG_HOLD?.split(',').filter(Boolean) ?? [],
   };
   const app = await buildAgent(config, { logger: { level: flag(values, 'log-level') ?? 'info' } });

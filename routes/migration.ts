@@ -4,6 +4,7 @@ import { migrationOptionsSchema, DEFAULT_OPTIONS, type MigrationOptions } from '
 import type { Finish2Request, Prepare2Request } from '../src/migration/protocol.js';
 
 const migrationId = { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' } as const;
+const uuid = { type: 'string', pattern: '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' } as const;
 const busy = { 503: { $ref: 'Error#' } } as const;
 
 type PerformBody = { domain: string; destination: string; migrationId?: string; desturi?: string } & Partial<MigrationOptions>;
@@ -112,6 +113,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
             rc: { type: 'integer' },
             error: { type: 'string', maxLength: 4096 },
             cancelled: { type: 'boolean' },
+            uuid,
           },
         },
         response: {

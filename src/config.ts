@@ -22,6 +22,8 @@ export interface AgentConfig {
   /** How many migrations may run at once on this agent, in each direction. */
   maxIncoming: number;
   maxOutgoing: number;
+  /** Ended jobs kept per domain (newest first); older records are removed. */
+  jobHistory: number;
   /** Debug hold points for fault-injection rigs (see src/migration/holds.ts); empty in production. */
   debugHolds?: string[];
 }
@@ -34,6 +36,7 @@ export const DEFAULTS = {
   bodyLimitBytes: 1024 * 1024,
   maxIncoming: 4,
   maxOutgoing: 2,
+  jobHistory: 20,
 };
 
 export function parseListen(value: string): { host: string; port: number } {

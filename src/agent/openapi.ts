@@ -15,6 +15,7 @@ export async function openapiDocument(scratchStateDir: string): Promise<string> 
     bodyLimitBytes: DEFAULTS.bodyLimitBytes,
     maxIncoming: DEFAULTS.maxIncoming,
     maxOutgoing: DEFAULTS.maxOutgoing,
+    jobHistory: DEFAULTS.jobHistory,
   });
   try {
     await app.ready();

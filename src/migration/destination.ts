@@ -225,6 +225,16 @@ export class DestinationSide {
     return jobs.locks.run(req.migrationId, async () => {
       const job = jobs.get(req.migrationId);
       if (!job || job.record.role !== 'destination') {
+        // No record (never prepared here, or removed as old history). "Never ran here" is what the
+        // source will conclude, so say it only when no qemu of this guest runs here.
+        const active = req.uuid ? this.ctx.domains.list().find((d) => d.uuid === req.uuid && d.run) : undefined;
+        if (active) {
+          throw conflict(
+            'guest_active_here',
+            `no record of migration ${req.migrationId} here, but domain ${active.name} (uuid ${req.uuid}) runs here: the outcome cannot be told`,
+            { domain: active.name },
+          );
+        }
         throw new AgentError(404, 'migration_not_found', `no incoming migration ${req.migrationId} here`);
       }
       if (job.record.finish?.outcome) return this.finishAnswer(job);

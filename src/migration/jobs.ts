@@ -85,10 +85,13 @@ export class Job extends EventEmitter {
 export class JobRegistry {
   private readonly jobs = new Map<string, Job>();
   private readonly store: StateStore;
+  private readonly history: number;
   readonly locks = new KeyedMutex();
 
-  constructor(store: StateStore) {
+  /** `history`: ended jobs kept per domain; older ones are removed when another one ends. */
+  constructor(store: StateStore, history: number) {
     this.store = store;
+    this.history = history;
   }
 
   async load(): Promise<Job[]> {
@@ -167,6 +170,27 @@ export class JobRegistry {
       timings: { ...job.record.timings, totalMs },
     });
     job.emit('end', job.record);
+    await this.prune(job.record.domain);
+  }
+
+  /**
+   * Remove the ended jobs of `domain` beyond the newest `history` ones (all domains when none is
+   * given), so records do not pile up. A Finish2 replay for a removed destination job is then
+   * unknown here; the UUID it carries keeps that from being taken for "never ran here".
+   */
+  async prune(domain?: string): Promise<void> {
+    const ended = new Map<string, Job[]>();
+    for (const job of this.jobs.values()) {
+      if (!job.terminal || (domain !== undefined && job.record.domain !== domain)) continue;
+      ended.set(job.record.domain, [...(ended.get(job.record.domain) ?? []), job]);
+    }
+    for (const jobs of ended.values()) {
+      jobs.sort((x, y) => (y.record.endedAt ?? '').localeCompare(x.record.endedAt ?? ''));
+      for (const old of jobs.slice(this.history)) {
+        this.jobs.delete(old.id);
+        await this.store.removeRecord('jobs', old.id);
+      }
+    }
   }
 
   /** Resolve when the job reaches a terminal status (or the timeout passes). */

@@ -32,6 +32,8 @@ export interface Finish2Request {
   /** Why Perform failed, for the destination's job record. */
   error?: string;
   cancelled?: boolean;
+  /** The guest's UUID: lets a destination that no longer holds the job tell whether it runs the guest. */
+  uuid?: string;
 }
 
 export interface Finish2Response {

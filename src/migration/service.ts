@@ -18,7 +18,7 @@ export class MigrationService {
   private readonly ctx: MigrationContext;
 
   constructor(opts: { config: AgentConfig; store: StateStore; domains: DomainManager; hostInfo: () => HostInfo; log: FastifyBaseLogger }) {
-    this.jobs = new JobRegistry(opts.store);
+    this.jobs = new JobRegistry(opts.store, opts.config.jobHistory);
     const holds = opts.config.debugHolds ?? [];
     this.ctx = {
       ...opts,
@@ -32,7 +32,9 @@ export class MigrationService {
 
   /** Load job records and drive every unfinished one to a safe end (after a restart). */
   async init(): Promise<void> {
-    for (const job of await this.jobs.load()) {
+    const loaded = await this.jobs.load();
+    await this.jobs.prune();
+    for (const job of loaded) {
       if (job.terminal) continue;
       const recovery = job.record.role === 'source' ? this.source.recover(job) : this.destination.recover(job);
       void recovery.catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'job recovery failed'));

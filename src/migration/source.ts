@@ -266,7 +266,7 @@ export class SourceSide {
     if (job.record.phase === 'streaming') await jobs.setPhase(job, 'stream-completed');
     if (job.record.phase !== 'finishing') await jobs.setPhase(job, 'finishing', { finish: { rc: 0, attempts: 0 } });
     await this.ctx.hold('before-finish2', job.id);
-    const answer = await this.finish2Until(job, { migrationId: job.id, rc: 0 });
+    const answer = await this.finish2Until(job, { migrationId: job.id, rc: 0, uuid: job.record.uuid });
     if (!answer) return; // agent shutting down: the job stays in `finishing` for the next start
     if (answer.outcome === 'finished') {
       await jobs.update(job, { timings: { ...job.record.timings, switchoverMs: Date.now() - pausedAt } });
@@ -297,7 +297,7 @@ export class SourceSide {
     const { jobs, log } = this.ctx;
     await jobs.setPhase(job, 'rolling-back', { error: { code: why.code, message: why.message } });
     if (!destinationAnswered) {
-      await this.finish2BestEffort(job, { migrationId: job.id, rc: 1, error: why.message, cancelled: why.status === 'cancelled' });
+      await this.finish2BestEffort(job, { migrationId: job.id, rc: 1, error: why.message, cancelled: why.status === 'cancelled', uuid: job.record.uuid });
     }
     let message = why.message;
     const run = entry.run;
@@ -345,9 +345,11 @@ export class SourceSide {
           const message = (err as Error).message;
           const delay = FINISH_RETRY_MS[Math.min(attempt - 1, FINISH_RETRY_MS.length - 1)]!;
           log.warn({ migration: job.id, attempt, err: message }, 'Finish2 outcome unknown; the guest stays paused; asking again');
+          // 409 guest_active_here: the destination forgot the job but runs a guest with this UUID.
+          const why = err instanceof PeerRefusedError && err.code === 'guest_active_here' ? 'the destination cannot tell' : 'outcome unknown';
           await jobs.update(job, {
             waiting:
-              `Finish2 outcome unknown after ${attempt} attempt(s) (${message}); the guest stays paused here until the destination ` +
+              `Finish2 ${why} after ${attempt} attempt(s) (${message}); the guest stays paused here until the destination ` +
               `answers, or until an operator who checked the destination resolves the job (POST /jobs/${job.id}/resolve)`,
             finish: { rc: body.rc, attempts: attempt, lastError: message },
           });

@@ -70,6 +70,7 @@ export function agentConfig(dir: string, name: string, overrides: Partial<AgentC
     incomingTimeoutSeconds: 30,
     bodyLimitBytes: DEFAULTS.bodyLimitBytes,
     maxIncoming: DEFAULTS.maxIncoming,
+    jobHistory: DEFAULTS.jobHistory,
     maxOutgoing: DEFAULTS.maxOutgoing,
     ...overrides,
   };
