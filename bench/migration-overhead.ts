@@ -69,6 +69,14 @@ interface RawGuest {
 async function main(): Promise<void> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'kvm-migrate-bench-'));
   const cleanups: Array<() => Promise<unknown>> = [];
+  const cleanUp = async () => {
+    for (const cleanup of cleanups.splice(0).reverse()) await cleanup().catch(() => undefined);
+    await fs.rm(dir, { recursive: true, force: true });
+  };
+  // Interrupted (Ctrl-C, timeout): end the qemus it started and remove its files all the same.
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(signal, () => void cleanUp().finally(() => process.exit(130)));
+  }
   try {
     // One image each: a running qemu holds its disk's write lock.
     const image = path.join(dir, 'agent-guest.img');
@@ -193,8 +201,7 @@ async function main(): Promise<void> {
         `agent median ${median(agentAroundMs).toFixed(0)} ms (n=${agentAroundMs.length}), raw median ${median(rawAroundMs).toFixed(0)} ms (n=${rawAroundMs.length})\n`,
     );
   } finally {
-    for (const cleanup of cleanups.reverse()) await cleanup().catch(() => undefined);
-    await fs.rm(dir, { recursive: true, force: true });
+    await cleanUp();
   }
 }
 
