@@ -151,28 +151,41 @@ async function main(): Promise<void> {
     await waitGuestFilled(agents[0]!.app.agent.domains.get('bench-agent').run!.qmp);
 
     const agentMs: number[] = [];
+    const rawMs: number[] = [];
     // End-to-end minus qemu's own stream time (when qemu reports one): the cost around the stream.
     const agentAroundMs: number[] = [];
     const rawAroundMs: number[] = [];
     // The first two rounds (one each way) are warm-ups, not counted: a guest's first migration
     // out of the qemu it booted in is consistently slower (seen for raw and agent alike).
     const warmUp = 2;
-    const rawMs: number[] = [];
     const rawHosts = ['127.0.0.3', '127.0.0.2'];
-    for (let round = 0; round < rounds + warmUp; round++) {
-      const [from, to] = round % 2 === 0 ? [agents[0]!, agents[1]!] : [agents[1]!, agents[0]!];
-      // Only the guest being migrated runs: the other one's busy vCPU would compete for the cores.
-      await raw.qmp.execute('stop');
-      let t0 = performance.now();
-      const { job } = await from.client.perform({ domain: 'bench-agent', destination: to.url }, true);
-      const agentTime = performance.now() - t0;
-      if (job.status !== 'completed') throw new Error(`agent migration ${job.status}: ${job.error?.message}`);
-      if (round >= warmUp) agentMs.push(agentTime);
-      if (round >= warmUp && job.timings.qemuTotalMs) agentAroundMs.push(agentTime - job.timings.qemuTotalMs);
-      await raw.qmp.execute('cont');
-      await to.client.lifecycle('bench-agent', 'suspend');
+    const agentGuestOn = () => agents.find((a) => a.app.agent.domains.find('bench-agent')?.run)!;
 
-      t0 = performance.now();
+    // Only the guest being measured runs: the other one's busy vCPU would compete for the cores.
+    const measureAgent = async (round: number) => {
+      const [from, to] = round % 2 === 0 ? [agents[0]!, agents[1]!] : [agents[1]!, agents[0]!];
+      await from.client.lifecycle('bench-agent', 'resume');
+      const t0 = performance.now();
+      const { job } = await from.client.perform({ domain: 'bench-agent', destination: to.url }, true);
+      const ms = performance.now() - t0;
+      if (job.status !== 'completed') throw new Error(`agent migration ${job.status}: ${job.error?.message}`);
+      await to.client.lifecycle('bench-agent', 'suspend');
+      if (round >= warmUp) agentMs.push(ms);
+      if (round >= warmUp && job.timings.qemuTotalMs) agentAroundMs.push(ms - job.timings.qemuTotalMs);
+      // Where the agent's time went: from each phase to the next (the request's own trip before).
+      const at = job.phaseHistory.map((p) => Date.parse(p.at));
+      const phases = job.phaseHistory
+        .slice(0, -1)
+        .map((p, i) => `${p.phase} ${at[i + 1]! - at[i]!}`)
+        .join(', ');
+      return (
+        `agent ${ms.toFixed(0)} ms (qemu stream ${job.timings.qemuTotalMs} ms, downtime ${job.timings.qemuDowntimeMs} ms, ` +
+        `switch-over ${job.timings.switchoverMs} ms; phases ms: ${phases})`
+      );
+    };
+    const measureRaw = async (round: number) => {
+      await raw.qmp.execute('cont');
+      const t0 = performance.now();
       const dest = await rawLaunch(String(round + 1), true);
       await dest.qmp.execute('migrate-set-capabilities', { capabilities: destinationCapabilities() });
       const uri = `tcp:${rawHosts[round % 2]}:${49180 + (round % 2)}`;
@@ -181,18 +194,26 @@ async function main(): Promise<void> {
       await raw.qmp.execute('migrate-set-parameters', sourceParameters(DEFAULT_OPTIONS));
       await raw.qmp.execute('migrate', { uri });
       await waitMigration(raw.qmp, 600_000);
-      const rawInfo = await raw.qmp.execute<{ 'total-time'?: number; downtime?: number }>('query-migrate');
+      const info = await raw.qmp.execute<{ 'total-time'?: number; downtime?: number }>('query-migrate');
       await waitMigration(dest.qmp, 600_000);
       await dest.qmp.execute('cont');
       await killQemu(raw.record, { qmp: raw.qmp, graceMs: 3000 });
-      const rawTime = performance.now() - t0;
-      if (round >= warmUp) rawMs.push(rawTime);
-      if (round >= warmUp && rawInfo['total-time']) rawAroundMs.push(rawTime - rawInfo['total-time']);
+      const ms = performance.now() - t0;
       raw = dest;
-      await to.client.lifecycle('bench-agent', 'resume');
-      process.stdout.write(
-        `${round < warmUp ? 'warm-up' : `round ${round - warmUp + 1}`}: agent ${agentTime.toFixed(0)} ms (qemu stream ${job.timings.qemuTotalMs} ms, downtime ${job.timings.qemuDowntimeMs} ms, switch-over ${job.timings.switchoverMs} ms)  raw ${rawTime.toFixed(0)} ms (qemu stream ${rawInfo['total-time']} ms, downtime ${rawInfo.downtime} ms)\n`,
-      );
+      await raw.qmp.execute('stop');
+      if (round >= warmUp) rawMs.push(ms);
+      if (round >= warmUp && info['total-time']) rawAroundMs.push(ms - info['total-time']);
+      return `raw ${ms.toFixed(0)} ms (qemu stream ${info['total-time']} ms, downtime ${info.downtime} ms)`;
+    };
+
+    await raw.qmp.execute('stop');
+    await agentGuestOn().client.lifecycle('bench-agent', 'suspend');
+    for (let round = 0; round < rounds + warmUp; round++) {
+      // Which one goes first alternates, so neither gains from what the other left behind.
+      const agentFirst = round % 2 === 0;
+      const first = agentFirst ? await measureAgent(round) : await measureRaw(round);
+      const second = agentFirst ? await measureRaw(round) : await measureAgent(round);
+      process.stdout.write(`${round < warmUp ? 'warm-up' : `round ${round - warmUp + 1}`}: ${first}  ${second}\n`);
     }
     const ratio = median(agentMs) / median(rawMs);
     process.stdout.write(`median agent ${median(agentMs).toFixed(0)} ms, median raw ${median(rawMs).toFixed(0)} ms, ratio ${ratio.toFixed(3)}\n`);

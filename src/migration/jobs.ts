@@ -31,7 +31,11 @@ export interface JobTimings {
   qemuTotalMs?: number;
   qemuDowntimeMs?: number;
   qemuSetupMs?: number;
-  /** From the source pausing (stream end) until the destination guest was running: the downtime the guest saw. */
+  /**
+   * From the source vCPUs stopping for the switch-over (qemu's STOP event; for a guest already
+   * paused, the stream's end) until the destination guest was running: the pause the guest saw,
+   * qemu's downtime included.
+   */
   switchoverMs?: number;
 }
 

@@ -121,8 +121,9 @@ export class SourceSide {
     const wasRunning = await this.guestRunning(qmp);
     // A guest paused here arrives paused, whatever the flags say (as libvirt keeps it).
     if (!wasRunning && !job.record.options.paused) await this.ctx.jobs.update(job, { options: { ...job.record.options, paused: true } });
+    let pausedAt: number | undefined;
     try {
-      await this.prepareAndStream(job, entry, qmp);
+      pausedAt = await this.prepareAndStream(job, entry, qmp);
     } catch (err) {
       const ended =
         err instanceof StreamEnded
@@ -132,10 +133,11 @@ export class SourceSide {
       await this.rollBack(job, entry, wasRunning, ended);
       return;
     }
-    await this.finishCompleted(job, entry, wasRunning);
+    await this.finishCompleted(job, entry, wasRunning, pausedAt);
   }
 
-  private async prepareAndStream(job: Job, entry: DomainEntry, qmp: QmpClient): Promise<void> {
+  /** Prepare2, QMP set-up and the stream; when the source vCPUs stopped for the switch-over, if qemu said. */
+  private async prepareAndStream(job: Job, entry: DomainEntry, qmp: QmpClient): Promise<number | undefined> {
     const { jobs } = this.ctx;
     const { options, peer } = job.record;
     const started = Date.now();
@@ -159,7 +161,7 @@ export class SourceSide {
     if (!options.live) await qmp.execute('stop');
     await jobs.setPhase(job, 'streaming', { timings: { ...job.record.timings, setupMs: Date.now() - started } });
     await qmp.execute('migrate', { uri: prepared.uri });
-    await this.followStream(job, qmp);
+    return this.followStream(job, qmp);
   }
 
   /** Prepare2, retried while the destination says "not now" (503 + Retry-After), bounded. */
@@ -177,8 +179,11 @@ export class SourceSide {
     }
   }
 
-  /** Poll query-migrate (woken early by MIGRATION events) until the stream ends. */
-  private async followStream(job: Job, qmp: QmpClient): Promise<void> {
+  /**
+   * Poll query-migrate (woken early by MIGRATION events) until the stream ends. Returns when
+   * the source vCPUs stopped for the switch-over (qemu's STOP event), if that happened here.
+   */
+  private async followStream(job: Job, qmp: QmpClient): Promise<number | undefined> {
     // Progress = what remains reaching a new low. A guest that dirties memory faster than the
     // stream carries it never gets there; past the progress timeout the stream is cancelled
     // (the guest keeps running here) instead of streaming for ever.
@@ -189,11 +194,19 @@ export class SourceSide {
     let lastProgressAt = Date.now();
     let stalled = false;
     let wake: (() => void) | undefined;
+    // An event that arrives while query-migrate is in flight must still cut the next wait short.
+    let eventPending = false;
+    let stoppedAt: number | undefined;
     const unsubscribe = qmp.onEvent((e) => {
-      if (e.event === 'MIGRATION') wake?.();
+      if (e.event === 'STOP') stoppedAt = e.timestamp.seconds * 1000 + Math.floor(e.timestamp.microseconds / 1000);
+      if (e.event === 'MIGRATION') {
+        eventPending = true;
+        wake?.();
+      }
     });
     try {
       for (;;) {
+        eventPending = false;
         let info: QueryMigrate;
         try {
           info = await qmp.execute<QueryMigrate>('query-migrate', {}, { timeoutMs: 10_000 });
@@ -233,7 +246,7 @@ export class SourceSide {
               qemuDowntimeMs: info.downtime,
               qemuSetupMs: info['setup-time'],
             };
-            return;
+            return stoppedAt;
           }
           if (stalled && !job.record.cancelRequested) {
             throw new StreamEnded(
@@ -246,6 +259,7 @@ export class SourceSide {
           if (status === 'cancelled' || job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'the stream was cancelled');
           throw new StreamEnded('failed', 'stream_failed', `the stream failed: ${info['error-desc'] ?? 'no reason given by qemu'}`);
         }
+        if (eventPending) continue;
         await new Promise<void>((resolve) => {
           const timer = setTimeout(resolve, POLL_MS);
           wake = () => {
@@ -259,10 +273,12 @@ export class SourceSide {
     }
   }
 
-  /** The stream completed: the source guest is paused; the destination decides who owns it. */
-  private async finishCompleted(job: Job, entry: DomainEntry, wasRunning: boolean): Promise<void> {
+  /**
+   * The stream completed: the source guest is paused; the destination decides who owns it.
+   * `pausedAt`: when the source vCPUs stopped, for the switch-over time the guest saw.
+   */
+  private async finishCompleted(job: Job, entry: DomainEntry, wasRunning: boolean, pausedAt = Date.now()): Promise<void> {
     const { jobs, log } = this.ctx;
-    const pausedAt = Date.now();
     if (job.record.phase === 'streaming') await jobs.setPhase(job, 'stream-completed');
     if (job.record.phase !== 'finishing') await jobs.setPhase(job, 'finishing', { finish: { rc: 0, attempts: 0 } });
     await this.ctx.hold('before-finish2', job.id);

@@ -15,6 +15,10 @@ t.test('migrate A -> B -> A repeatedly; the guest keeps running and never reboot
     t.equal(job.status, 'completed', `round ${round}: source job completed`);
     t.equal(job.role, 'source');
     t.ok(job.timings.totalMs! > 0 && job.timings.qemuTotalMs! >= 0, 'timings recorded');
+    // The pause the guest saw runs from the source's STOP to the destination running: qemu's
+    // downtime plus the agents' hand-over, never less than qemu's own figure.
+    const { switchoverMs, qemuDowntimeMs, totalMs } = job.timings;
+    t.ok(switchoverMs! + 1 >= (qemuDowntimeMs ?? 0) && switchoverMs! < totalMs!, `switch-over ${switchoverMs} ms >= qemu downtime ${qemuDowntimeMs} ms`);
     t.ok(job.stats && job.stats.transferredBytes > 0, 'bytes transferred recorded');
     const destJob = await to.client.job(job.id);
     t.equal(destJob.status, 'completed', `round ${round}: destination job completed`);
