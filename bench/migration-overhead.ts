@@ -155,8 +155,8 @@ async function main(): Promise<void> {
     // End-to-end minus qemu's own stream time (when qemu reports one): the cost around the stream.
     const agentAroundMs: number[] = [];
     const rawAroundMs: number[] = [];
-    // The first two rounds (one each way) are warm-ups, not counted: a guest's first migration
-    // out of the qemu it booted in is consistently slower (seen for raw and agent alike).
+    // The first two rounds (one each way) are warm-ups, not counted: the run's first migration
+    // is 3-4x slower inside qemu's own stream time, whichever side goes first (a host effect).
     const warmUp = 2;
     const rawHosts = ['127.0.0.3', '127.0.0.2'];
     const agentGuestOn = () => agents.find((a) => a.app.agent.domains.find('bench-agent')?.run)!;
