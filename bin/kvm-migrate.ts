@@ -17,6 +17,10 @@ const USAGE = `usage:
                     [--bandwidth MiB/s] [--downtime MS] [--auto-converge] [--undefine-source]
                     [--no-persist] [--desturi tcp://HOST:PORT] [--migration-id ID] [--progress-timeout SECONDS]
                     [--max-downtime MS]   (convergence: raise the downtime limit up to MS when stuck)
+  kvm-migrate jobs --on URL [--token TOKEN]      (one line per migration job of that agent)
+  kvm-migrate resolve JOB --on URL --outcome finished|aborted --reason TEXT [--token TOKEN]
+                    (a source job stuck on Finish2, the destination checked by hand: finished =
+                    the guest runs there, end the paused copy here; aborted = resume it here)
   kvm-migrate demo [--keep-going]
 Every flag can also be set as KVM_MIGRATE_<FLAG> (e.g. KVM_MIGRATE_TOKEN); --allow-path takes a
 colon-separated list there.`;
@@ -149,6 +153,36 @@ async function migrateCommand(args: string[]): Promise<number> {
   return final.status === 'completed' ? 0 : final.status === 'cancelled' ? 2 : 1;
 }
 
+async function jobsCommand(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { on: { type: 'string' }, token: { type: 'string' } } });
+  const on = flag(values, 'on');
+  if (!on) throw new Error('jobs needs --on URL');
+  for (const job of await new AgentClient(on, flag(values, 'token')).jobs()) {
+    const fields = [job.id, job.role, job.domain, job.status, job.phase, job.createdAt];
+    if (job.status !== 'running') fields.push(summarize(job));
+    if (job.waiting) fields.push(`WAITING: ${job.waiting}`);
+    process.stdout.write(`${fields.join('  ')}\n`);
+  }
+  return 0;
+}
+
+async function resolveCommand(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: { on: { type: 'string' }, token: { type: 'string' }, outcome: { type: 'string' }, reason: { type: 'string' } },
+  });
+  const [id] = positionals;
+  const on = flag(values, 'on');
+  const { outcome, reason } = values;
+  if (!id || !on || (outcome !== 'finished' && outcome !== 'aborted') || !reason) {
+    throw new Error('resolve needs JOB, --on URL, --outcome finished|aborted and --reason TEXT');
+  }
+  const job = await new AgentClient(on, flag(values, 'token')).resolve(id, outcome, reason);
+  process.stdout.write(`${summarize(job)}${job.waiting ? `; waiting: ${job.waiting}` : ''}\n`);
+  return job.status === 'running' ? 3 : 0;
+}
+
 async function main(): Promise<number> {
   const [command, ...rest] = process.argv.slice(2);
   switch (command) {
@@ -157,6 +191,10 @@ async function main(): Promise<number> {
       return -1; // keeps running
     case 'migrate':
       return migrateCommand(rest);
+    case 'jobs':
+      return jobsCommand(rest);
+    case 'resolve':
+      return resolveCommand(rest);
     case 'demo':
       return runDemo(process.stdout);
     case undefined:

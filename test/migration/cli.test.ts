@@ -1,19 +1,7 @@
 import t from 'tap';
-import { execFile } from 'node:child_process';
-import path from 'node:path';
-import { packageRoot } from '../../src/agent/package-root.js';
 import { testGuest } from '../helpers/agents.js';
+import { runCli } from '../helpers/cli.js';
 import { assertOwnedBy, twoAgents, waitForPasses } from '../helpers/migration.js';
-
-const CLI = path.join(packageRoot, 'dist', 'bin', 'kvm-migrate.js');
-
-function runCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [CLI, ...args], { timeout: 120_000 }, (err, stdout, stderr) => {
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
-}
 
 t.test('kvm-migrate migrate: progress while it runs, a summary and exit 0 when completed', async (t) => {
   const { dir, a, b } = await twoAgents(t, { a: { token: 'cli-token' }, b: { token: 'cli-token' } });
@@ -36,5 +24,14 @@ t.test('kvm-migrate migrate: progress while it runs, a summary and exit 0 when c
   const refused = await runCli(['migrate', 'vm1', '--from', b.url, '--to', a.url]);
   t.equal(refused.code, 1, 'exit 1 without the token');
   t.match(refused.stderr, /401 unauthorized/);
+
+  const listed = await runCli(['jobs', '--on', a.url, '--token', 'cli-token']);
+  t.equal(listed.code, 0);
+  t.match(listed.stdout, new RegExp(`^${job.id}  source  vm1  completed  done  .*completed, total \\d+ ms`, 'm'), 'a line per job');
+  const notStuck = await runCli(['resolve', job.id, '--on', a.url, '--token', 'cli-token', '--outcome', 'aborted', '--reason', 'x']);
+  t.equal(notStuck.code, 1, 'resolve refused for a job that is not stuck');
+  t.match(notStuck.stderr, /not_waiting_on_destination|not a source job waiting/);
+  const incomplete = await runCli(['resolve', job.id, '--on', a.url, '--outcome', 'maybe', '--reason', 'x']);
+  t.match(incomplete.stderr, /--outcome finished\|aborted/, 'only finished or aborted');
   await b.client.lifecycle('vm1', 'destroy');
 });

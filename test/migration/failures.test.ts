@@ -1,6 +1,7 @@
 import t from 'tap';
 import { processMatches } from '../../src/qemu/process.js';
 import { freePort, waitFor, waitForJobEnd } from '../helpers/agents.js';
+import { runCli } from '../helpers/cli.js';
 import { assertOwnedBy, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
 import type { Finish2Request } from '../../src/migration/protocol.js';
 
@@ -142,7 +143,16 @@ t.test('Finish2 unanswerable for good: an operator who checked the destination r
       await t.rejects(a.client.resolve(job.id, 'maybe' as 'aborted', 'x'), { status: 400, code: 'invalid_request' }, 'only finished or aborted');
       await t.rejects(b.client.resolve(job.id, 'aborted', 'x'), { status: 409, code: 'not_waiting_on_destination' }, 'not on the destination');
 
-      const resolved = await a.client.resolve(job.id, runsOnDestination ? 'finished' : 'aborted', `checked ${b.url} by hand`);
+      const outcome = runsOnDestination ? 'finished' : 'aborted';
+      // The operator's two ways in: the CLI, and the HTTP API.
+      if (runsOnDestination) {
+        const cli = await runCli(['resolve', job.id, '--on', a.url, '--outcome', outcome, '--reason', `checked ${b.url} by hand`]);
+        t.equal(cli.code, 0, `kvm-migrate resolve: ${cli.stdout}${cli.stderr}`);
+        t.match(cli.stdout, /^completed/);
+      } else {
+        await a.client.resolve(job.id, outcome, `checked ${b.url} by hand`);
+      }
+      const resolved = await a.client.job(job.id);
       t.equal(resolved.status, runsOnDestination ? 'completed' : 'failed');
       t.match(resolved.resolution, { outcome: runsOnDestination ? 'finished' : 'aborted', reason: `checked ${b.url} by hand` });
       t.notOk(resolved.waiting, 'no longer waiting');
