@@ -46,7 +46,10 @@ const DEFAULT_START_TIMEOUT_MS = 30_000;
 const DEFAULT_GRACE_MS = 10_000;
 // After SIGKILL only uninterruptible I/O (D state) delays the exit; libvirt waits about as long.
 const KILL_WAIT_MS = 15_000;
-const POLL_MS = 25;
+// Exit polling: often done within milliseconds of the request (it is on the path of every
+// migration's end), so look soon at first, then back off.
+const EXIT_POLL_FIRST_MS = 2;
+const EXIT_POLL_MAX_MS = 25;
 const LOG_TAIL_BYTES = 4096;
 const QMP_CHARDEV_ID = 'kvmm-qmp';
 
@@ -143,9 +146,9 @@ export async function killQemu(rec: QemuProcessRecord, opts?: { graceMs?: number
 /** Polls /proc until the recorded qemu is gone; false if it still runs after timeoutMs. */
 export async function waitForExit(rec: QemuProcessRecord, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
-  while (processMatches(rec)) {
+  for (let pollMs = EXIT_POLL_FIRST_MS; processMatches(rec); pollMs = Math.min(pollMs * 2, EXIT_POLL_MAX_MS)) {
     if (Date.now() >= deadline) return false;
-    await sleep(POLL_MS);
+    await sleep(pollMs);
   }
   return true;
 }

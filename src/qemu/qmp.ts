@@ -62,7 +62,10 @@ export interface QmpConnectOptions {
 
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
 const DEFAULT_COMMAND_TIMEOUT_MS = 30_000;
-const CONNECT_RETRY_MS = 50;
+// qemu listens some tens of ms after exec: retry soon at first (each wait is on the critical
+// path of a guest start and of Prepare2), then back off.
+const CONNECT_RETRY_FIRST_MS = 2;
+const CONNECT_RETRY_MAX_MS = 50;
 // qemu creates the socket asynchronously after exec; these mean "not listening yet".
 const RETRYABLE_CONNECT_ERRORS = new Set(['ENOENT', 'ECONNREFUSED']);
 
@@ -353,18 +356,18 @@ export class QmpClient {
 }
 
 async function openSocket(path: string, deadline: number, timeoutMs: number, signal?: AbortSignal): Promise<net.Socket> {
-  for (;;) {
+  for (let retryMs = CONNECT_RETRY_FIRST_MS; ; retryMs = Math.min(retryMs * 2, CONNECT_RETRY_MAX_MS)) {
     signal?.throwIfAborted();
     try {
       return await connectOnce(path, Math.max(deadline - Date.now(), 1));
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code ?? '';
       if (!RETRYABLE_CONNECT_ERRORS.has(code)) throw err;
-      if (Date.now() + CONNECT_RETRY_MS > deadline) {
+      if (Date.now() + retryMs > deadline) {
         throw new QmpTimeoutError('connect', timeoutMs, `could not connect to QMP socket ${path} within ${timeoutMs} ms (${code})`);
       }
       // An abort ends the sleep early; the loop head then throws the abort reason.
-      await sleep(CONNECT_RETRY_MS, undefined, { signal }).catch(() => undefined);
+      await sleep(retryMs, undefined, { signal }).catch(() => undefined);
     }
   }
 }
