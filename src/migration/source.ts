@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { setTimeout as delay } from 'node:timers/promises';
 import { AgentError, conflict } from '../errors.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
 import { effectiveAccel } from '../domain/index.js';
@@ -359,7 +360,7 @@ export class SourceSide {
           }
           if (job.record.resolution) continue;
           const message = (err as Error).message;
-          const delay = FINISH_RETRY_MS[Math.min(attempt - 1, FINISH_RETRY_MS.length - 1)]!;
+          const retryInMs = FINISH_RETRY_MS[Math.min(attempt - 1, FINISH_RETRY_MS.length - 1)]!;
           log.warn({ migration: job.id, attempt, err: message }, 'Finish2 outcome unknown; the guest stays paused; asking again');
           // 409 guest_active_here: the destination forgot the job but runs a guest with this UUID.
           const why = err instanceof PeerRefusedError && err.code === 'guest_active_here' ? 'the destination cannot tell' : 'outcome unknown';
@@ -369,7 +370,7 @@ export class SourceSide {
               `answers, or until an operator who checked the destination resolves the job (POST /jobs/${job.id}/resolve)`,
             finish: { rc: body.rc, attempts: attempt, lastError: message },
           });
-          await sleep(delay, interrupt.signal);
+          await sleep(retryInMs, interrupt.signal);
         }
       }
       return null;
@@ -522,16 +523,7 @@ function toStats(info: QueryMigrate): MigrationStats {
   };
 }
 
-/** Resolves after `ms`, or as soon as `signal` aborts. */
+/** Resolves after `ms`, or as soon as `signal` aborts; never keeps the process alive. */
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const timer = setTimeout(done, ms).unref();
-    signal?.addEventListener('abort', done, { once: true });
-    function done() {
-      clearTimeout(timer);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    }
-  });
+  return delay(ms, undefined, { ref: false, signal }).catch(() => undefined);
 }
