@@ -1,8 +1,12 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
 import t from 'tap';
 import { processMatches } from '../../src/qemu/process.js';
-import { freePort, waitFor, waitForJobEnd } from '../helpers/agents.js';
+import { parseSerialLog } from '../guest/image.js';
+import { freePort, spawnAgent, testGuest, waitFor, waitForJobEnd } from '../helpers/agents.js';
 import { runCli } from '../helpers/cli.js';
 import { assertOwnedBy, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
+import type { JobRecord } from '../../src/migration/jobs.js';
 import type { Finish2Request } from '../../src/migration/protocol.js';
 
 // A guest big enough that a bandwidth-limited stream takes a few seconds.
@@ -184,6 +188,44 @@ t.test('Finish2 unanswerable for good: an operator who checked the destination r
       }
     });
   }
+});
+
+t.test("an operator's decision written just before the source agent died is carried out after its restart", async (t) => {
+  const { dir, b } = await twoAgents(t, { b: { incomingTimeoutSeconds: 2 } });
+  const stateDir = path.join(dir, 'a-proc');
+  const opts = { host: '127.0.0.2', port: await freePort('127.0.0.2'), stateDir, allowPath: dir };
+  const a = await spawnAgent(t, opts);
+  const guest = await testGuest(dir, 'vm9');
+  await a.client.define(guest.xml);
+  await a.client.lifecycle('vm9', 'start');
+  const lastPass = async () => parseSerialLog(await fs.readFile(guest.serialLog, 'utf8').catch(() => '')).lastPass ?? -1;
+  await waitFor('guest running', async () => (await lastPass()) >= 0);
+  b.app.agent.migrations.finish2 = async () => {
+    throw new Error('injected: the answer is lost');
+  };
+  const { job } = await a.client.perform({ domain: 'vm9', destination: b.url });
+  await waitFor('source waiting on Finish2', async () => ((await a.client.job(job.id)).waiting ? true : null));
+
+  // The crash comes right after the decision was written, before it was acted on.
+  await a.kill9();
+  const recordPath = path.join(stateDir, 'jobs', `${job.id}.json`);
+  const record = JSON.parse(await fs.readFile(recordPath, 'utf8')) as JobRecord;
+  record.resolution = { outcome: 'aborted', reason: 'checked hostB: no guest there', at: new Date().toISOString() };
+  await fs.writeFile(recordPath, JSON.stringify(record));
+
+  const restarted = await spawnAgent(t, opts);
+  const ended = await waitForJobEnd(restarted.client, job.id, 'the recovered job carried out the decision');
+  t.equal(ended.status, 'failed');
+  t.equal(ended.error?.code, 'operator_aborted');
+  t.match(ended.resolution, { outcome: 'aborted', reason: 'checked hostB: no guest there' });
+  t.equal((await restarted.client.domain('vm9')).state, 'running', 'the guest runs again on the source');
+  const before = await lastPass();
+  await waitFor('guest makes progress again', async () => (await lastPass()) > before);
+  await waitForJobEnd(b.client, job.id, 'destination lease ended its shell');
+  t.notOk(b.app.agent.domains.find('vm9')?.run, 'no qemu of vm9 on the destination');
+  const log = parseSerialLog(await fs.readFile(guest.serialLog, 'utf8'));
+  t.equal(log.boots.length, 1, 'never rebooted');
+  await restarted.client.lifecycle('vm9', 'destroy');
 });
 
 t.test('a guest that never converges: the stream is cancelled after the progress timeout, the guest stays', async (t) => {
