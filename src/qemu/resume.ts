@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { QmpError, type QmpClient } from './qmp.js';
 
 const RETRY_MS = 100;
@@ -28,20 +29,15 @@ export async function resumeAfterMigration(
   let lastReason = '';
   for (;;) {
     try {
-      const { running, status } = await qmp.execute<{ running: boolean; status: string }>('query-status', {}, { timeoutMs: 5000 });
-      if (running) return null;
-      if (status !== 'finish-migrate') {
-        await qmp.execute('cont');
-        return null;
-      }
+      const { running } = await qmp.execute<{ running: boolean }>('query-status', {}, { timeoutMs: 5000 });
+      if (!running) await qmp.execute('cont');
+      return null;
     } catch (err) {
       const reason = passingReason(err);
-      if (!reason) return err as Error;
-      if (Date.now() >= deadline) return err as Error;
+      if (!reason || Date.now() >= deadline) return err as Error;
       if (reason !== lastReason) await onWait(reason);
       lastReason = reason;
     }
-    if (Date.now() >= deadline) return new Error(`qemu did not leave finish-migrate within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, RETRY_MS));
+    await sleep(RETRY_MS);
   }
 }
