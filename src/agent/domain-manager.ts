@@ -12,7 +12,7 @@ import {
   type HostSettings,
 } from '../domain/index.js';
 import { QmpClient } from '../qemu/qmp.js';
-import { attachQemu, killQemu, launchQemu, waitForExit, type QemuProcessRecord } from '../qemu/process.js';
+import { attachQemu, endPidfileOwner, killQemu, launchQemu, removeQemuFiles, waitForExit, type QemuProcessRecord } from '../qemu/process.js';
 import type { QemuHostInfo } from '../qemu/host.js';
 import { StateStore, isObject } from '../store/state-store.js';
 import { checkAllowedPaths } from './paths.js';
@@ -152,22 +152,12 @@ export class DomainManager extends EventEmitter {
    */
   private async reclaimOrphans(): Promise<void> {
     const runDir = this.opts.store.dir('run');
-    const tracked = new Set(this.list().flatMap((e) => (e.run ? [e.run.record.pidfilePath, e.run.record.qmpSocketPath] : [])));
+    const tracked = new Set([...this.domains.values()].flatMap((e) => (e.run ? [e.run.record.pidfilePath, e.run.record.qmpSocketPath] : [])));
     for (const file of await fs.readdir(runDir)) {
       const full = path.join(runDir, file);
       if (tracked.has(full)) continue;
-      if (file.endsWith('.pid')) {
-        const pid = Number((await fs.readFile(full, 'utf8').catch(() => '')).trim());
-        const cmdline = pid > 0 ? await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '') : '';
-        // Only a process started with this very pidfile is ours: a reused pid is left alone.
-        if (cmdline.split('\0').includes(full)) {
-          this.opts.log.warn({ pid, pidfile: full }, 'ending orphaned qemu (no runtime record)');
-          process.kill(pid, 'SIGKILL');
-          for (let i = 0; i < 50 && (await fs.stat(`/proc/${pid}`).then(() => true, () => false)); i++) {
-            await new Promise((r) => setTimeout(r, 100));
-          }
-        }
-      }
+      const pid = file.endsWith('.pid') ? await endPidfileOwner(full) : null;
+      if (pid !== null) this.opts.log.warn({ pid, pidfile: full }, 'ended orphaned qemu (no runtime record)');
       await fs.rm(full, { force: true });
     }
   }
@@ -454,9 +444,11 @@ export class DomainManager extends EventEmitter {
         return;
       }
       log.error({ domain: entry.name, pid: run.record.pid }, 'qemu alive but unreachable over QMP; ending it');
+      await killQemu(run.record, { graceMs: 2000 }).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not end qemu'));
+    } else {
+      // A killed qemu leaves its socket and pidfile.
+      await removeQemuFiles(run.record).catch((err: unknown) => log.error({ err, domain: entry.name }, 'cleanup after qemu exit failed'));
     }
-    // Ends it if still alive; in any case removes the socket and pidfile a killed qemu leaves.
-    await killQemu(run.record, { graceMs: 2000 }).catch((err: unknown) => log.error({ err, domain: entry.name }, 'cleanup after qemu exit failed'));
     const reason: ShutoffReason = run.expectedExit ?? (run.guestShutdown ? 'shutdown' : 'crashed');
     entry.run = undefined;
     entry.lastExit = { reason, at: new Date().toISOString() };

@@ -23,6 +23,9 @@ export interface QemuLaunch {
   startTimeoutMs?: number;
 }
 
+/** What tells one process from a later one with the same pid. */
+export type ProcessIdentity = Pick<QemuProcessRecord, 'pid' | 'startTime'>;
+
 export interface QemuProcessRecord {
   pid: number;
   /** /proc/<pid>/stat field 22 (clock ticks after boot): tells our qemu from a reused pid. */
@@ -106,7 +109,7 @@ export async function launchQemu(l: QemuLaunch): Promise<{ record: QemuProcessRe
 }
 
 /** True while the recorded qemu runs: the pid is alive (not a zombie) and started when recorded. */
-export function processMatches(rec: QemuProcessRecord): boolean {
+export function processMatches(rec: ProcessIdentity): boolean {
   const st = readProcStat(rec.pid);
   return st !== null && isRunningState(st.state) && st.startTime === rec.startTime;
 }
@@ -139,12 +142,32 @@ export async function killQemu(rec: QemuProcessRecord, opts?: { graceMs?: number
       if (!(await waitForExit(rec, KILL_WAIT_MS))) throw new Error(`qemu pid ${rec.pid} is still alive ${KILL_WAIT_MS} ms after SIGKILL`);
     }
   }
+  await removeQemuFiles(rec);
+}
+
+/** Removes the socket and pidfile of an ended qemu (a killed one leaves them). */
+export async function removeQemuFiles(rec: QemuProcessRecord): Promise<void> {
   // A newer qemu may have been started on the same paths since: its files are not ours to remove.
   if (pidfileOwner(rec.pidfilePath) === null) await removeFiles(rec);
 }
 
+/**
+ * Ends, by pid, a qemu that no record tracks but its pidfile names (the agent died between
+ * starting it and writing its record). Only a live process started with this very pidfile is
+ * ended, so a reused pid is left alone. The pid it ended, or null.
+ */
+export async function endPidfileOwner(pidfilePath: string): Promise<number | null> {
+  const pid = pidfileOwner(pidfilePath);
+  const st = pid === null ? null : readProcStat(pid);
+  if (pid === null || st === null) return null;
+  const owner = { pid, startTime: st.startTime };
+  signal(owner, 'SIGKILL');
+  if (!(await waitForExit(owner, KILL_WAIT_MS))) throw new Error(`qemu pid ${pid} is still alive ${KILL_WAIT_MS} ms after SIGKILL`);
+  return pid;
+}
+
 /** Polls /proc until the recorded qemu is gone; false if it still runs after timeoutMs. */
-export async function waitForExit(rec: QemuProcessRecord, timeoutMs: number): Promise<boolean> {
+export async function waitForExit(rec: ProcessIdentity, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
   for (let pollMs = EXIT_POLL_FIRST_MS; processMatches(rec); pollMs = Math.min(pollMs * 2, EXIT_POLL_MAX_MS)) {
     if (Date.now() >= deadline) return false;
@@ -219,7 +242,7 @@ function readProcessRecord(pid: number, l: QemuLaunch): QemuProcessRecord | stri
   return { pid, startTime: st.startTime, qmpSocketPath: l.qmpSocketPath, pidfilePath: l.pidfilePath, binary: l.binary };
 }
 
-function signal(rec: QemuProcessRecord, sig: NodeJS.Signals): void {
+function signal(rec: ProcessIdentity, sig: NodeJS.Signals): void {
   // Checked right before sending so a pid reused since the last poll is never hit.
   if (!processMatches(rec)) return;
   try {
