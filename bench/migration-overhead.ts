@@ -19,7 +19,7 @@ import { DEFAULTS, type AgentConfig } from '../src/config.js';
 import { AgentClient } from '../src/client.js';
 import { buildArgv, normalizeDomainXml, type DomainDef } from '../src/domain/index.js';
 import { launchQemu, killQemu, type QemuProcessRecord } from '../src/qemu/process.js';
-import { probeQemu, kvmUsable, resolveAccel } from '../src/qemu/host.js';
+import { probeQemu, resolveAccel } from '../src/qemu/host.js';
 import type { QmpClient } from '../src/qemu/qmp.js';
 import { destinationCapabilities, sourceCapabilities, sourceParameters, DEFAULT_OPTIONS } from '../src/migration/params.js';
 import { writeGuestImage, guestMemoryMiB, readGuestStatus, type GuestParams } from '../test/guest/image.js';
@@ -85,7 +85,7 @@ async function main(): Promise<void> {
     await writeGuestImage(rawImage, params);
     const memoryMiB = guestMemoryMiB(params) + 16;
     const qemu = await probeQemu();
-    const accel = resolveAccel(accelMode, qemu.kvmUsable && kvmUsable());
+    const accel = resolveAccel(accelMode, qemu.kvmUsable);
     process.stdout.write(`qemu ${qemu.version}, accel ${accel}, guest ${memoryMiB} MiB (${params.fillMiB} MiB filled), ${rounds} rounds each\n`);
 
     // --- agent-driven ---

@@ -5,7 +5,7 @@ import swagger from '@fastify/swagger';
 import { AgentError } from '../errors.js';
 import { validateConfig, type AgentConfig } from '../config.js';
 import { StateStore } from '../store/state-store.js';
-import { probeQemu, kvmUsable, resolveAccel, type QemuHostInfo } from '../qemu/host.js';
+import { probeQemu, resolveAccel, type QemuHostInfo } from '../qemu/host.js';
 import { DomainManager } from './domain-manager.js';
 import { MigrationService } from '../migration/service.js';
 import { PROTOCOL_VERSIONS } from '../migration/phases.js';
@@ -82,7 +82,7 @@ export async function buildAgent(
   await store.init();
   const identity = await store.hostIdentity();
   const qemu = await probeQemu(config.qemuBinary);
-  const accel = resolveAccel(config.accel, qemu.kvmUsable && kvmUsable());
+  const accel = resolveAccel(config.accel, qemu.kvmUsable);
   const domains = new DomainManager({ store, qemu, accel, allowPaths: config.allowPaths, log: app.log });
   await domains.init();
   const hostInfo = (): HostInfo => ({

@@ -40,8 +40,6 @@ const MIN_CLUSTER_BITS = 9;
 const MAX_CLUSTER_BITS = 21;
 /** Longer chains than this are refused rather than followed (and loops end here too). */
 export const MAX_CHAIN_DEPTH = 16;
-/** qemu's own probe looks at the first bytes for a format magic. */
-const PROBE_BYTES = 4;
 
 interface Qcow2Header {
   backing?: string;
@@ -61,13 +59,12 @@ function name(buf: Buffer, image: string, what: string): string {
   return text;
 }
 
-async function readQcow2Header(image: string): Promise<Qcow2Header> {
+/** The names a qcow2 header holds; null when the file has no qcow2 magic (qemu's probe says raw). */
+async function readQcow2Header(image: string): Promise<Qcow2Header | null> {
   const file = await fs.open(image, 'r');
   try {
     const fixed = await readAt(file, 0, QCOW2_V3_HEADER_LENGTH);
-    if (fixed.length < QCOW2_V2_HEADER_LENGTH || fixed.readUInt32BE(0) !== QCOW2_MAGIC) {
-      throw new ImageError('image_format_mismatch', `${image} is declared qcow2 but has no qcow2 header`);
-    }
+    if (fixed.length < QCOW2_V2_HEADER_LENGTH || fixed.readUInt32BE(0) !== QCOW2_MAGIC) return null;
     const version = fixed.readUInt32BE(4);
     if (version !== 2 && version !== 3) throw new ImageError('image_invalid', `${image}: unsupported qcow2 version ${version}`);
     const clusterBits = fixed.readUInt32BE(20);
@@ -86,29 +83,18 @@ async function readQcow2Header(image: string): Promise<Qcow2Header> {
     const headerLength = version === 3 && fixed.length >= QCOW2_V3_HEADER_LENGTH ? fixed.readUInt32BE(100) : QCOW2_V2_HEADER_LENGTH;
     const clusterSize = 2 ** clusterBits;
     const extEnd = backingOffset > 0 && backingOffset < clusterSize ? backingOffset : clusterSize;
-    const exts = await readAt(file, 0, extEnd);
-    for (let offset = headerLength; offset + 8 <= exts.length; ) {
+    const exts = await readAt(file, headerLength, Math.max(extEnd - headerLength, 0));
+    for (let offset = 0; offset + 8 <= exts.length; ) {
       const type = exts.readUInt32BE(offset);
       const length = exts.readUInt32BE(offset + 4);
       if (type === EXT_END) break;
-      const data = offset + 8 + length <= exts.length ? exts.subarray(offset + 8, offset + 8 + length) : null;
-      if (!data) throw new ImageError('image_invalid', `${image}: header extension runs past the first cluster`);
+      if (offset + 8 + length > exts.length) throw new ImageError('image_invalid', `${image}: header extension runs past the first cluster`);
+      const data = exts.subarray(offset + 8, offset + 8 + length);
       if (type === EXT_BACKING_FORMAT) header.backingFormat = name(data, image, 'backing format');
       if (type === EXT_DATA_FILE) header.dataFile = name(data, image, 'data file');
       offset += 8 + Math.ceil(length / 8) * 8;
     }
     return header;
-  } finally {
-    await file.close();
-  }
-}
-
-/** qemu's probe, for the two formats the agent runs: a qcow2 magic means qcow2, anything else raw. */
-async function probeFormat(image: string): Promise<ImageFormat> {
-  const file = await fs.open(image, 'r');
-  try {
-    const head = await readAt(file, 0, PROBE_BYTES);
-    return head.length === PROBE_BYTES && head.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
   } finally {
     await file.close();
   }
@@ -132,14 +118,15 @@ function resolveRelative(from: string, filename: string): string {
 export async function imageFileRefs(image: string, format: ImageFormat, check: (ref: ImageFileRef) => Promise<void>): Promise<ImageFileRef[]> {
   const refs: ImageFileRef[] = [];
   const seen = new Set<string>();
+  const notQcow2 = (file: string) => new ImageError('image_format_mismatch', `${file} is declared qcow2 but has no qcow2 header`);
   let current = image;
-  let currentFormat: ImageFormat = format;
-  for (let depth = 0; currentFormat === 'qcow2'; depth++) {
+  let header = format === 'qcow2' ? await readQcow2Header(image) : null;
+  if (format === 'qcow2' && !header) throw notQcow2(image);
+  for (let depth = 0; header; depth++) {
     const real = await fs.realpath(current);
     if (seen.has(real)) throw new ImageError('image_invalid', `${image}: the backing chain loops back to ${current}`);
     seen.add(real);
     if (depth >= MAX_CHAIN_DEPTH) throw new ImageError('image_invalid', `${image}: backing chain deeper than ${MAX_CHAIN_DEPTH}`);
-    const header = await readQcow2Header(current);
     if (header.dataFile !== undefined) {
       if (hasProtocol(header.dataFile)) throw new ImageError('image_protocol_refused', `${current}: data file ${header.dataFile} is not a local file`);
       const ref: ImageFileRef = { role: 'data-file', path: resolveRelative(current, header.dataFile), from: current };
@@ -151,13 +138,17 @@ export async function imageFileRefs(image: string, format: ImageFormat, check: (
     const backing = resolveRelative(current, header.backing);
     const ref: ImageFileRef = { role: 'backing', path: backing, from: current };
     await check(ref);
-    if (header.backingFormat !== undefined && header.backingFormat !== 'raw' && header.backingFormat !== 'qcow2') {
-      throw new ImageError('image_format_refused', `${current}: backing format ${header.backingFormat} is not one the agent runs (raw, qcow2)`);
+    const recorded = header.backingFormat;
+    if (recorded !== undefined && recorded !== 'raw' && recorded !== 'qcow2') {
+      throw new ImageError('image_format_refused', `${current}: backing format ${recorded} is not one the agent runs (raw, qcow2)`);
     }
-    ref.format = (header.backingFormat as ImageFormat | undefined) ?? (await probeFormat(backing));
+    // A raw backing file is opened as it is; otherwise its header is read (and, with no format recorded, probed).
+    const next = recorded === 'raw' ? null : await readQcow2Header(backing);
+    if (recorded === 'qcow2' && !next) throw notQcow2(backing);
+    ref.format = next ? 'qcow2' : 'raw';
     refs.push(ref);
     current = backing;
-    currentFormat = ref.format;
+    header = next;
   }
   return refs;
 }
