@@ -62,8 +62,10 @@ export class DestinationSide {
     if (req.source.hostUuid === this.ctx.hostInfo().uuid) {
       throw new AgentError(400, 'same_host', 'source and destination are the same agent');
     }
-    // Counted synchronously with the prepares still in flight, so concurrent Prepare2s cannot all slip in.
-    if (jobs.running('destination').length + this.inFlight.size >= config.maxIncoming) {
+    // Counted synchronously with the prepares still in flight, so concurrent Prepare2s cannot all
+    // slip in; a prepare whose job record exists already is in both, and counts once.
+    const admitted = new Set([...jobs.running('destination').map((j) => j.id), ...this.inFlight.keys()]);
+    if (admitted.size >= config.maxIncoming) {
       throw new AgentError(503, 'too_many_migrations', `this agent already receives ${config.maxIncoming} migrations`, {
         retryAfterSeconds: 5,
       });

@@ -133,8 +133,14 @@ export class JobRegistry {
       phaseHistory: [{ phase, at: now }],
       timings: {},
     });
-    await this.save(job);
+    // Registered before the write, so that admission counts it from the first moment.
     this.jobs.set(job.id, job);
+    try {
+      await this.save(job);
+    } catch (err) {
+      this.jobs.delete(job.id);
+      throw err;
+    }
     return job;
   }
 

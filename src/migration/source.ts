@@ -58,7 +58,6 @@ class StreamEnded extends Error {
 export class SourceSide {
   private readonly ctx: MigrationContext;
   private closed = false;
-  private readonly starting = new Set<string>();
   /** Interrupts the Finish2 retries of a job when an operator resolves it. */
   private readonly finishWaits = new Map<string, AbortController>();
 
@@ -94,20 +93,17 @@ export class SourceSide {
         }
         const run = domains.requireRunning(entry);
         if (run.incoming) throw conflict('domain_incoming', `domain ${req.domain} is still arriving here`);
-        // Counted with the Performs whose job record is still being written (other domains' locks differ).
-        if (jobs.running('source').length + this.starting.size >= config.maxOutgoing) {
+        // No await between this count and jobs.create registering the job: concurrent Performs cannot all slip in.
+        if (jobs.running('source').length >= config.maxOutgoing) {
           throw new AgentError(503, 'too_many_migrations', `this agent already sends ${config.maxOutgoing} migrations`, {
             retryAfterSeconds: 5,
           });
         }
         const options: MigrationOptions = { ...DEFAULT_OPTIONS, ...req.options, ...(req.desturi ? { desturi: req.desturi } : {}) };
-        this.starting.add(migrationId);
-        const job = await jobs
-          .create(
-            { id: migrationId, role: 'source', domain: entry.name, uuid: entry.uuid, options, peer: { url: destination.toString() } },
-            'preparing',
-          )
-          .finally(() => this.starting.delete(migrationId));
+        const job = await jobs.create(
+          { id: migrationId, role: 'source', domain: entry.name, uuid: entry.uuid, options, peer: { url: destination.toString() } },
+          'preparing',
+        );
         entry.activeJob = { id: job.id, role: 'source' };
         // Errors are handled inside; this only keeps an unexpected one from taking the agent down.
         void this.run(job, entry).catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'migration job crashed'));
