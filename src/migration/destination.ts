@@ -311,9 +311,7 @@ export class DestinationSide {
       return;
     }
     entry.activeJob = undefined;
-    const stats = job.record.stats;
-    await jobs.update(job, { finish: { rc: 0, attempts: 1, outcome: 'finished' }, ...(stats ? { stats } : {}) });
-    await jobs.end(job, 'completed');
+    await jobs.end(job, 'completed', undefined, { finish: { rc: 0, attempts: 1, outcome: 'finished' } });
     log.info({ migration: job.id, domain: entry.name }, 'incoming migration finished; guest owned here');
   }
 

@@ -144,35 +144,43 @@ export class JobRegistry {
     return job;
   }
 
-  /** Move to `phase` durably; refuses a move the phase model does not allow. */
-  async setPhase(job: Job, phase: Phase, patch: Partial<JobRecord> = {}): Promise<void> {
+  /**
+   * Move to `phase` durably, passing through the phases in `via` (kept in the history) in the
+   * same write; refuses a move the phase model does not allow.
+   */
+  async setPhase(job: Job, phase: Phase, patch: Partial<JobRecord> = {}, via: readonly Phase[] = []): Promise<void> {
     const { record } = job;
-    if (record.phase !== phase && !canMove(record.role, record.phase, phase)) {
-      throw new AgentError(500, 'bad_phase_transition', `${record.role} job ${record.id}: ${record.phase} -> ${phase} is not allowed`);
-    }
     const now = new Date().toISOString();
-    job.record = { ...record, ...patch, phase, updatedAt: now };
-    if (record.phase !== phase) job.record.phaseHistory = [...record.phaseHistory, { phase, at: now }];
+    const phaseHistory = [...record.phaseHistory];
+    let from = record.phase;
+    for (const next of [...via, phase]) {
+      if (next === from) continue;
+      if (!canMove(record.role, from, next)) {
+        throw new AgentError(500, 'bad_phase_transition', `${record.role} job ${record.id}: ${from} -> ${next} is not allowed`);
+      }
+      phaseHistory.push({ phase: next, at: now });
+      from = next;
+    }
+    job.record = { ...record, ...patch, phase, updatedAt: now, phaseHistory };
     await this.save(job);
-    job.emit('phase', phase);
   }
 
   async update(job: Job, patch: Partial<JobRecord>): Promise<void> {
     job.record = { ...job.record, ...patch, updatedAt: new Date().toISOString() };
     await this.save(job);
-    job.emit('update');
   }
 
   /** Stats change every poll; they are kept in memory and written with the next phase change. */
   setStats(job: Job, stats: MigrationStats): void {
     job.record.stats = stats;
-    job.emit('progress', stats);
   }
 
-  async end(job: Job, status: Exclude<JobStatus, 'running'>, error?: { code: string; message: string }): Promise<void> {
+  /** Close the job (phase `done`), with `patch` in the same write. */
+  async end(job: Job, status: Exclude<JobStatus, 'running'>, error?: { code: string; message: string }, patch: Partial<JobRecord> = {}): Promise<void> {
     const endedAt = new Date().toISOString();
     const totalMs = Date.parse(endedAt) - Date.parse(job.record.createdAt);
     await this.setPhase(job, 'done', {
+      ...patch,
       status,
       endedAt,
       waiting: undefined,

@@ -15,7 +15,7 @@ import {
   type MigrationOptions,
 } from './params.js';
 import { PeerRefusedError, PeerUnreachableError } from './peer-client.js';
-import type { Job, MigrationStats } from './jobs.js';
+import type { Job, JobRecord, MigrationStats } from './jobs.js';
 import type { Finish2Request, Finish2Response, MigrationContext, Prepare2Request, Prepare2Response } from './protocol.js';
 
 export interface PerformRequest {
@@ -276,24 +276,27 @@ export class SourceSide {
    */
   private async finishCompleted(job: Job, entry: DomainEntry, wasRunning: boolean, pausedAt = Date.now()): Promise<void> {
     const { jobs, log } = this.ctx;
-    if (job.record.phase === 'streaming') await jobs.setPhase(job, 'stream-completed');
-    if (job.record.phase !== 'finishing') await jobs.setPhase(job, 'finishing', { finish: { rc: 0, attempts: 0 } });
+    // One write while the guest is paused: both phases precede the same action, Finish2.
+    if (job.record.phase !== 'finishing') {
+      await jobs.setPhase(job, 'finishing', { finish: { rc: 0, attempts: 0 } }, job.record.phase === 'streaming' ? ['stream-completed'] : []);
+    }
     await this.ctx.hold('before-finish2', job.id);
-    const answer = await this.finish2Until(job, { migrationId: job.id, rc: 0, uuid: job.record.uuid });
-    if (!answer) return; // agent shutting down: the job stays in `finishing` for the next start
+    const outcome = await this.finish2Until(job, { migrationId: job.id, rc: 0, uuid: job.record.uuid });
+    if (!outcome) return; // agent shutting down: the job stays in `finishing` for the next start
+    const { answer, finish } = outcome;
     if (answer.outcome === 'finished') {
-      await jobs.update(job, { timings: { ...job.record.timings, switchoverMs: Date.now() - pausedAt } });
-      await this.confirm(job, entry);
+      await this.confirm(job, entry, { waiting: undefined, finish, timings: { ...job.record.timings, switchoverMs: Date.now() - pausedAt } });
     } else {
       log.warn({ migration: job.id, error: answer.error }, 'destination aborted after the stream completed; resuming the source');
-      await this.rollBack(job, entry, wasRunning, new StreamEnded('failed', answer.error?.code ?? 'destination_aborted', answer.error?.message ?? 'the destination aborted'), true);
+      const why = new StreamEnded('failed', answer.error?.code ?? 'destination_aborted', answer.error?.message ?? 'the destination aborted');
+      await this.rollBack(job, entry, wasRunning, why, { waiting: undefined, finish });
     }
   }
 
-  /** The destination owns the guest: end the paused source copy. */
-  private async confirm(job: Job, entry: DomainEntry): Promise<void> {
+  /** The destination owns the guest: end the paused source copy. `answered`: the Finish2 exchange, recorded with the phase. */
+  private async confirm(job: Job, entry: DomainEntry, answered: Partial<JobRecord> = {}): Promise<void> {
     const { jobs, domains, log } = this.ctx;
-    await jobs.setPhase(job, 'confirmed');
+    await jobs.setPhase(job, 'confirmed', answered);
     await domains.stopQemu(entry, 'migrated');
     entry.activeJob = undefined;
     if (job.record.options.undefineSource || !entry.persistent) await domains.forget(entry, true);
@@ -305,11 +308,12 @@ export class SourceSide {
    * The migration failed: tell the destination (Finish2 rc!=0, which ends its empty qemu) and
    * make sure the guest runs here again. When the stream never completed, the destination cannot
    * run the guest (it resumes only on rc=0), so resuming here is safe without waiting for it.
+   * `answered`: the destination already answered Finish2 (the exchange, recorded with the phase).
    */
-  private async rollBack(job: Job, entry: DomainEntry, wasRunning: boolean, why: StreamEnded, destinationAnswered = false): Promise<void> {
+  private async rollBack(job: Job, entry: DomainEntry, wasRunning: boolean, why: StreamEnded, answered?: Partial<JobRecord>): Promise<void> {
     const { jobs, log } = this.ctx;
-    await jobs.setPhase(job, 'rolling-back', { error: { code: why.code, message: why.message } });
-    if (!destinationAnswered) {
+    await jobs.setPhase(job, 'rolling-back', { ...answered, error: { code: why.code, message: why.message } });
+    if (!answered) {
       await this.finish2BestEffort(job, { migrationId: job.id, rc: 1, error: why.message, cancelled: why.status === 'cancelled', uuid: job.record.uuid });
     }
     let message = why.message;
@@ -329,9 +333,10 @@ export class SourceSide {
 
   /**
    * Finish2 until the destination answers (success or a definite refusal) or an operator
-   * resolves the job; null if the agent closes first.
+   * resolves the job: the answer and the exchange for the job record (the caller writes it with
+   * the phase that acts on it); null if the agent closes first.
    */
-  private async finish2Until(job: Job, body: Finish2Request): Promise<Finish2Response | null> {
+  private async finish2Until(job: Job, body: Finish2Request): Promise<{ answer: Finish2Response; finish: NonNullable<JobRecord['finish']> } | null> {
     const { jobs, log } = this.ctx;
     const interrupt = new AbortController();
     this.finishWaits.set(job.id, interrupt);
@@ -339,20 +344,18 @@ export class SourceSide {
       for (let attempt = 1; !this.closed; attempt++) {
         const decided = job.record.resolution;
         if (decided) {
-          await jobs.update(job, { waiting: undefined, finish: { rc: body.rc, attempts: attempt - 1, outcome: decided.outcome } });
           const error = { code: 'operator_aborted', message: `an operator resolved the migration as aborted: ${decided.reason}` };
-          return { migrationId: job.id, outcome: decided.outcome, ...(decided.outcome === 'aborted' ? { error } : {}) };
+          const answer = { migrationId: job.id, outcome: decided.outcome, ...(decided.outcome === 'aborted' ? { error } : {}) };
+          return { answer, finish: { rc: body.rc, attempts: attempt - 1, outcome: answer.outcome } };
         }
         try {
           const answer = await this.ctx.peers.call<Finish2Response>(job.record.peer.url!, 'POST', '/finish2', body, 120_000, interrupt.signal);
-          await jobs.update(job, { waiting: undefined, finish: { rc: body.rc, attempts: attempt, outcome: answer.outcome } });
-          return answer;
+          return { answer, finish: { rc: body.rc, attempts: attempt, outcome: answer.outcome } };
         } catch (err) {
           if (err instanceof PeerRefusedError && err.peerStatus === 404) {
             // The destination has no such migration: it never ran it, so it runs no copy of the guest.
             const answer: Finish2Response = { migrationId: job.id, outcome: 'aborted', error: { code: err.code, message: err.message } };
-            await jobs.update(job, { waiting: undefined, finish: { rc: body.rc, attempts: attempt, outcome: 'aborted' } });
-            return answer;
+            return { answer, finish: { rc: body.rc, attempts: attempt, outcome: 'aborted' } };
           }
           if (job.record.resolution) continue;
           const message = (err as Error).message;
