@@ -6,8 +6,10 @@ import { AgentError, conflict, notFound } from '../errors.js';
 import {
   buildArgv,
   domainFileRefs,
+  effectiveAccel,
   normalizeDomainXml,
   parseDomainXml,
+  type Accel,
   type DomainDef,
   type HostSettings,
 } from '../domain/index.js';
@@ -200,9 +202,12 @@ export class DomainManager extends EventEmitter {
       randomBytes: (n) => Buffer.from(crypto.getRandomValues(new Uint8Array(n))),
     });
     await this.checkPaths(normalized.def);
-    // Build once now so that an argv-level refusal surfaces at define time, not at start.
-    buildArgv(normalized.def, this.hostSettings(normalized.def.uuid));
     return normalized;
+  }
+
+  /** The accelerator the guest runs on here: part of its machine (host-passthrough is `host` on KVM, `max` on TCG). */
+  accelOf(def: DomainDef): Accel {
+    return effectiveAccel(def, this.opts.accel);
   }
 
   /** Every host path of the guest must lie below an --allow-path root (or this agent's run/ for sockets). */

@@ -22,10 +22,10 @@ import { kibRoundUpToMiB } from './units.js';
 export const escapeOptionValue = (s: string) => s.replace(/,/g, ',,');
 
 /** `type='kvm'` follows the host (KVM, or TCG where KVM is unavailable); `type='qemu'` is always TCG. */
-export const effectiveAccel = (def: DomainDef, host: HostSettings): Accel => (def.type === 'kvm' ? host.accel : 'tcg');
+export const effectiveAccel = (def: DomainDef, hostAccel: Accel): Accel => (def.type === 'kvm' ? hostAccel : 'tcg');
 
 export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions = {}): string[] {
-  const accel = effectiveAccel(def, host);
+  const accel = effectiveAccel(def, host.accel);
   const rootBus = def.machineFamily === 'q35' ? 'pcie.0' : 'pci.0';
   const pci = (a: PciAddress) =>
     `bus=${rootBus},addr=0x${a.slot.toString(16)}${a.function ? `.0x${a.function.toString(16)}` : ''}${a.multifunction ? ',multifunction=on' : ''}`;

@@ -31,7 +31,7 @@ export const CPU_MODELS: ReadonlySet<string> = new Set([
 ]);
 
 /** CPUID feature flags in qemu's spelling. */
-export const CPU_FEATURES: ReadonlySet<string> = new Set([
+const CPU_FEATURES: ReadonlySet<string> = new Set([
   '3dnow', '3dnowext', '3dnowprefetch', 'abm', 'ace2', 'ace2-en', 'acpi', 'adx', 'aes', 'amd-no-ssb',
   'amd-ssbd', 'amd-stibp', 'amx-bf16', 'amx-int8', 'amx-tile', 'apic', 'arat', 'arch-capabilities',
   'arch-lbr', 'avic', 'avx', 'avx-vnni', 'avx2', 'avx512-4fmaps', 'avx512-4vnniw', 'avx512-bf16',

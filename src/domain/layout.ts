@@ -75,7 +75,6 @@ export interface RawDomain extends Omit<DomainDef,
   inputs: Omit<InputDef, 'id'>[];
   memballoon?: Omit<MemballoonDef, 'id'>;
   rngs: RawRng[];
-  allowMissingIds: boolean;
 }
 
 const DEVICES = '/domain/devices';
@@ -87,7 +86,7 @@ function defaultUsbModel(family: MachineFamily): 'piix3-uhci' | 'qemu-xhci' {
 }
 
 export function completeDomain(raw: RawDomain): DomainDef {
-  const { allowMissingIds, disks: rawDisks, controllers: rawControllers, interfaces: rawIfaces, serials: rawSerials,
+  const { disks: rawDisks, controllers: rawControllers, interfaces: rawIfaces, serials: rawSerials,
     consoles: rawConsoles, channels: rawChannels, videos: rawVideos, inputs: rawInputs, memballoon: rawBalloon,
     rngs: rawRngs, ...base } = raw;
   const family = raw.machineFamily;
@@ -96,7 +95,7 @@ export function completeDomain(raw: RawDomain): DomainDef {
   const ensureController = (type: ControllerType, index: number): ControllerDef => {
     let c = controllers.find((x) => x.type === type && x.index === index);
     if (!c) {
-      c = controllerDef({ type, index, model: type === 'usb' ? defaultUsbModel(family) : type === 'scsi' ? 'virtio-scsi' : undefined }, family);
+      c = controllerDef({ type, index }, family);
       controllers.push(c);
     }
     return c;
@@ -177,6 +176,7 @@ function controllerDef(c: Omit<RawController, 'element' | 'index'> & { element?:
       def.id = 'usb';
       break;
     case 'scsi':
+      def.model ??= 'virtio-scsi';
       def.id = `scsi${c.index}`;
       break;
     case 'virtio-serial':

@@ -8,10 +8,9 @@
 import type { DeviceAddress, DomainDef, NormalizeHost } from './model.js';
 import { machineFamily, parseInternal } from './parse.js';
 import { fail } from './walk.js';
-import { element, serializeXmlTree, type XElement } from './xml.js';
+import { childElements, element, serializeXmlTree, type XElement } from './xml.js';
 
-const childEl = (el: XElement, name: string) =>
-  el.children.find((c): c is XElement => c.kind === 'element' && c.name === name);
+const childEl = (el: XElement, name: string): XElement | undefined => childElements(el, name)[0];
 
 const hex = (n: number, width: number) => `0x${n.toString(16).padStart(width, '0')}`;
 
@@ -52,7 +51,7 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
   const node = (path: string) => nodes.get(path)!;
 
   const typeEl = childEl(childEl(root, 'os')!, 'type')!;
-  const given = typeEl.attrs.get('machine') ?? 'pc';
+  const given = def.machine;
   const machine = host.machineAliases[given] ?? given;
   const machinePath = '/domain/os/type/@machine';
   if (!host.knownMachines.includes(machine)) {
@@ -86,7 +85,7 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
     addAddress(n.element, n.address);
   }
   for (const d of def.disks) {
-    const target = node(`${d.element}/target`);
+    const target = childEl(node(d.element), 'target')!;
     if (!target.attrs.has('bus')) target.attrs.set('bus', d.bus);
     addAddress(d.element, d.address);
   }

@@ -39,9 +39,9 @@ import { bytesToKiBCeil, scaledToBytes } from './units.js';
 import { fail, Node } from './walk.js';
 import { parseXmlTree, serializeChildren, type XElement } from './xml.js';
 
-export const MIN_MEMORY_KIB = 16 * 1024;
-export const MAX_MEMORY_KIB = 4 * 1024 * 1024 * 1024;
-export const MAX_VCPUS = 255;
+const MIN_MEMORY_KIB = 16 * 1024;
+const MAX_MEMORY_KIB = 4 * 1024 * 1024 * 1024;
+const MAX_VCPUS = 255;
 
 const NAME_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const UUID_RE = /^([0-9a-fA-F]{8})-?([0-9a-fA-F]{4})-?([0-9a-fA-F]{4})-?([0-9a-fA-F]{4})-?([0-9a-fA-F]{12})$/;
@@ -83,7 +83,7 @@ export function machineFamily(machine: string, path: string): MachineFamily {
   return machine === 'q35' || machine.startsWith('pc-q35-') ? 'q35' : 'i440fx';
 }
 
-export function canonicalUuid(v: string): string | undefined {
+function canonicalUuid(v: string): string | undefined {
   const m = UUID_RE.exec(v);
   if (!m) return undefined;
   const u = m.slice(1).join('-').toLowerCase();
@@ -185,9 +185,8 @@ function parseDomain(d: Node, opts: ParseOptions, nodes: Map<string, XElement>):
     ...parseLifecycle(d),
     disks: [], controllers: [], interfaces: [], serials: [], consoles: [], channels: [],
     graphics: [], videos: [], inputs: [], rngs: [],
-    allowMissingIds: opts.allowMissingIds,
   };
-  if (devicesNode) parseDevices(devicesNode, raw, nodes);
+  if (devicesNode) parseDevices(devicesNode, raw, nodes, opts);
   return raw;
 }
 
@@ -358,7 +357,7 @@ function parseLifecycle(d: Node): Pick<RawDomain, 'onPoweroff' | 'onReboot' | 'o
 const DEVICE_KINDS = ['emulator', 'disk', 'controller', 'interface', 'serial', 'console', 'channel', 'graphics',
   'video', 'input', 'memballoon', 'rng'];
 
-function parseDevices(n: Node, raw: RawDomain, nodes: Map<string, XElement>): void {
+function parseDevices(n: Node, raw: RawDomain, nodes: Map<string, XElement>, opts: ParseOptions): void {
   n.expect({ children: DEVICE_KINDS, indexAll: { except: ['emulator'] } });
   for (const dev of n.elements()) {
     if (dev.name !== 'emulator') nodes.set(dev.path, dev.el);
@@ -371,10 +370,10 @@ function parseDevices(n: Node, raw: RawDomain, nodes: Map<string, XElement>): vo
         raw.emulator = path;
         break;
       }
-      case 'disk': raw.disks.push(parseDisk(dev, nodes)); break;
+      case 'disk': raw.disks.push(parseDisk(dev)); break;
       case 'controller': raw.controllers.push(parseController(dev, raw.machineFamily)); break;
-      case 'interface': raw.interfaces.push(parseInterface(dev, raw.allowMissingIds)); break;
-      case 'serial': raw.serials.push(parseSerial(dev, nodes)); break;
+      case 'interface': raw.interfaces.push(parseInterface(dev, opts.allowMissingIds)); break;
+      case 'serial': raw.serials.push(parseSerial(dev)); break;
       case 'console': raw.consoles.push(parseConsole(dev)); break;
       case 'channel': raw.channels.push(parseChannel(dev)); break;
       case 'graphics': raw.graphics.push(parseGraphics(dev)); break;
@@ -456,7 +455,7 @@ function parseBootOrder(dev: Node): number | undefined {
 
 const DISK_PREFIX: Record<string, DiskBus> = { vd: 'virtio', hd: 'ide', sd: 'scsi' };
 
-function parseDisk(dev: Node, nodes: Map<string, XElement>): RawDisk {
+function parseDisk(dev: Node): RawDisk {
   // The discriminating attributes first: what else is allowed depends on them.
   const type = dev.requireEnumAttr('type', ['file', 'block'] as const);
   const device = dev.enumAttr('device', ['disk', 'cdrom'] as const) ?? 'disk';
@@ -483,7 +482,6 @@ function parseDisk(dev: Node, nodes: Map<string, XElement>): RawDisk {
   }
 
   const tgt = dev.requireChild('target').expect({ attrs: ['dev', 'bus'] });
-  nodes.set(tgt.path, tgt.el);
   const target = tgt.requireAttr('dev');
   const prefixBus = DISK_PREFIX[target.slice(0, 2)];
   if (!/^[a-z]{3,5}$/.test(target) || !prefixBus) {
@@ -530,9 +528,11 @@ function parseController(dev: Node, family: MachineFamily): RawController {
       if (m) c.model = m;
       break;
     }
-    case 'scsi':
-      c.model = dev.enumAttr('model', ['virtio-scsi'] as const) ?? 'virtio-scsi';
+    case 'scsi': {
+      const m = dev.enumAttr('model', ['virtio-scsi'] as const);
+      if (m) c.model = m;
       break;
+    }
     case 'pci': {
       const root = family === 'q35' ? 'pcie-root' : 'pci-root';
       c.model = dev.requireEnumAttr('model', [root] as const);
@@ -595,8 +595,7 @@ function ifname(v: string, path: string): string {
 }
 
 /** The character-device backend shared by serial, console and channel. */
-function parseCharSource(dev: Node): { source: CharSource; log?: CharLog } {
-  const type = dev.requireEnumAttr('type', CHAR_TYPES);
+function parseCharSource(dev: Node, type: (typeof CHAR_TYPES)[number]): { source: CharSource; log?: CharLog } {
   const src = dev.child('source');
   const proto = dev.child('protocol');
   if (proto && type !== 'tcp') throw fail('unsupported_element', proto.path, '<protocol> only applies to tcp');
@@ -645,15 +644,14 @@ function parseCharSource(dev: Node): { source: CharSource; log?: CharLog } {
 const CHAR_CHILDREN = ['source', 'protocol', 'log', 'target'];
 const CHAR_TYPES = ['pty', 'null', 'file', 'unix', 'tcp'] as const;
 
-function parseSerial(dev: Node, nodes: Map<string, XElement>): RawSerial {
-  dev.requireEnumAttr('type', CHAR_TYPES);
+function parseSerial(dev: Node): RawSerial {
+  const type = dev.requireEnumAttr('type', CHAR_TYPES);
   dev.expect({ attrs: ['type'], children: CHAR_CHILDREN });
-  const serial: RawSerial = { element: dev.path, ...parseCharSource(dev) };
+  const serial: RawSerial = { element: dev.path, ...parseCharSource(dev, type) };
   const t = dev.child('target');
   if (t) {
     t.enumAttr('type', ['isa-serial'] as const);
     t.expect({ attrs: ['type', 'port'], children: ['model'] });
-    nodes.set(t.path, t.el);
     t.child('model')?.expect({ attrs: ['name'] }).requireEnumAttr('name', ['isa-serial'] as const);
     const port = t.intAttr('port', 0, 3);
     if (port !== undefined) serial.port = port;
@@ -662,9 +660,9 @@ function parseSerial(dev: Node, nodes: Map<string, XElement>): RawSerial {
 }
 
 function parseConsole(dev: Node): RawConsole {
-  dev.requireEnumAttr('type', CHAR_TYPES);
+  const type = dev.requireEnumAttr('type', CHAR_TYPES);
   dev.expect({ attrs: ['type'], children: [...CHAR_CHILDREN, 'address'] });
-  const con: RawConsole = { element: dev.path, targetType: 'serial', ...parseCharSource(dev) };
+  const con: RawConsole = { element: dev.path, targetType: 'serial', ...parseCharSource(dev, type) };
   const t = dev.child('target');
   if (t) {
     con.targetType = t.enumAttr('type', ['serial', 'virtio'] as const) ?? 'serial';
@@ -680,14 +678,14 @@ function parseConsole(dev: Node): RawConsole {
 }
 
 function parseChannel(dev: Node): RawChannel {
-  dev.requireEnumAttr('type', CHAR_TYPES);
+  const type = dev.requireEnumAttr('type', CHAR_TYPES);
   dev.expect({ attrs: ['type'], children: [...CHAR_CHILDREN, 'address'] });
   const t = dev.requireChild('target');
   t.requireEnumAttr('type', ['virtio'] as const);
   t.expect({ attrs: ['type', 'name'] });
   const name = t.requireAttr('name');
   if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) throw fail('invalid_value', t.attrPath('name'), `'${name}' is not a valid channel name`);
-  const ch: RawChannel = { element: dev.path, name, ...parseCharSource(dev) };
+  const ch: RawChannel = { element: dev.path, name, ...parseCharSource(dev, type) };
   const address = parseAddress(dev, ['virtio-serial'] as const);
   if (address) ch.address = address;
   return ch;

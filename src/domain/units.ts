@@ -19,10 +19,10 @@ export function unitToBytes(unit: string): bigint {
   throw new RangeError(`unknown unit '${unit}'`);
 }
 
-/** `value` (a non-negative decimal integer) in `unit` (default `defaultUnit`) as bytes. */
-export function scaledToBytes(value: string, unit: string | undefined, defaultUnit = 'KiB'): bigint {
+/** `value` (a non-negative decimal integer) in `unit` (libvirt's default: KiB) as bytes. */
+export function scaledToBytes(value: string, unit: string | undefined): bigint {
   if (!/^[0-9]+$/.test(value)) throw new RangeError(`'${value}' is not a non-negative integer`);
-  return BigInt(value) * unitToBytes(unit ?? defaultUnit);
+  return BigInt(value) * unitToBytes(unit ?? 'KiB');
 }
 
 /** Bytes to KiB, rounding up to a whole KiB as libvirt does. */

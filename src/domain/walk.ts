@@ -3,7 +3,7 @@
  * and anything else is a DomainXmlError naming the element (XPath-like, `disk[2]/driver/@cache`).
  */
 import { DomainXmlError } from '../errors.js';
-import type { XElement } from './xml.js';
+import { childElements, type XElement } from './xml.js';
 
 export const fail = (code: string, element: string, message: string) => new DomainXmlError(code, element, message);
 
@@ -73,7 +73,7 @@ export class Node {
   }
 
   child(name: string): Node | undefined {
-    const el = this.el.children.find((c): c is XElement => c.kind === 'element' && c.name === name);
+    const [el] = childElements(this.el, name);
     return el ? new Node(el, this.childPath(name, 1)) : undefined;
   }
 
@@ -84,21 +84,17 @@ export class Node {
   }
 
   children(name: string): Node[] {
-    return this.el.children
-      .filter((c): c is XElement => c.kind === 'element' && c.name === name)
-      .map((el, i) => new Node(el, this.childPath(name, i + 1)));
+    return childElements(this.el, name).map((el, i) => new Node(el, this.childPath(name, i + 1)));
   }
 
   /** All element children in document order (for `<devices>`). */
   elements(): Node[] {
     const counts = new Map<string, number>();
-    return this.el.children
-      .filter((c): c is XElement => c.kind === 'element')
-      .map((el) => {
-        const n = (counts.get(el.name) ?? 0) + 1;
-        counts.set(el.name, n);
-        return new Node(el, this.childPath(el.name, n));
-      });
+    return childElements(this.el).map((el) => {
+      const n = (counts.get(el.name) ?? 0) + 1;
+      counts.set(el.name, n);
+      return new Node(el, this.childPath(el.name, n));
+    });
   }
 
   attr(name: string): string | undefined {

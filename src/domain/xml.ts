@@ -159,6 +159,11 @@ export function serializeChildren(el: XElement): string {
   return el.children.map((c) => (c.kind === 'element' ? block(c, '') : `${inline(c)}\n`)).join('');
 }
 
+/** The element children of `el`, only those named `name` when given. */
+export function childElements(el: XElement, name?: string): XElement[] {
+  return el.children.filter((c): c is XElement => c.kind === 'element' && (name === undefined || c.name === name));
+}
+
 export function element(name: string, attrs: [string, string][] = [], children: XChild[] = []): XElement {
   return { kind: 'element', name, attrs: new Map(attrs), children };
 }

@@ -1,6 +1,5 @@
 import { AgentError, conflict } from '../errors.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
-import { effectiveAccel } from '../domain/index.js';
 import { destinationCapabilities, parseDestUri } from './params.js';
 import { pickPort, portIsFree } from './ports.js';
 import type { Job } from './jobs.js';
@@ -81,8 +80,7 @@ export class DestinationSide {
   private async prepareAdmitted(req: Prepare2Request): Promise<Prepare2Response> {
     const { domains, jobs, log } = this.ctx;
     const { xml, def } = await domains.validate(req.xml);
-    // The accelerator is part of the guest's machine (host-passthrough is `host` on KVM, `max` on TCG).
-    const accelerator = effectiveAccel(def, domains.hostSettings(def.uuid));
+    const accelerator = domains.accelOf(def);
     if (req.source.accelerator && req.source.accelerator !== accelerator) {
       throw conflict('accelerator_mismatch', `the guest runs on ${req.source.accelerator} at the source but would run on ${accelerator} here`);
     }

@@ -2,7 +2,6 @@ import { randomUUID } from 'node:crypto';
 import { setTimeout as delay } from 'node:timers/promises';
 import { AgentError, conflict } from '../errors.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
-import { effectiveAccel } from '../domain/index.js';
 import type { QmpClient } from '../qemu/qmp.js';
 import { resumeAfterMigration } from '../qemu/resume.js';
 import { SOURCE_AWAITS_DESTINATION } from './phases.js';
@@ -146,7 +145,7 @@ export class SourceSide {
       xml: entry.xml,
       ...(options.desturi ? { desturi: options.desturi } : {}),
       options,
-      source: { hostUuid: self.uuid, hostname: self.hostname, accelerator: effectiveAccel(entry.def, this.ctx.domains.hostSettings(entry.uuid)) },
+      source: { hostUuid: self.uuid, hostname: self.hostname, accelerator: this.ctx.domains.accelOf(entry.def) },
     });
     await jobs.setPhase(job, 'prepared', {
       uri: prepared.uri,
