@@ -243,34 +243,23 @@ export class QmpClient {
   ): Promise<QmpEvent> {
     const names = new Set(typeof name === 'string' ? [name] : name);
     const label = [...names].join('|');
-    return new Promise<QmpEvent>((resolve, reject) => {
-      if (opts.signal?.aborted) return reject(opts.signal.reason);
-      if (this.#isClosed) return reject(new QmpClosedError(`QMP connection is closed; cannot wait for ${label}`));
-      const settle = (fn: () => void) => {
-        clearTimeout(timer);
-        unsubscribe();
-        this.#closeListeners.delete(onClose);
-        opts.signal?.removeEventListener('abort', onAbort);
-        fn();
-      };
-      const unsubscribe = this.onEvent((e) => {
-        if (!names.has(e.event)) return;
-        try {
-          if (opts.predicate && !opts.predicate(e)) return;
-        } catch (err) {
-          return settle(() => reject(err));
-        }
-        settle(() => resolve(e));
-      });
-      const timer = setTimeout(
-        () => settle(() => reject(new QmpTimeoutError(`event ${label}`, opts.timeoutMs, `no ${label} event within ${opts.timeoutMs} ms`))),
-        opts.timeoutMs,
-      );
-      const onClose = () =>
-        settle(() => reject(new QmpClosedError(`QMP connection closed while waiting for ${label}`, { cause: this.#closeCause })));
-      this.#closeListeners.add(onClose);
-      const onAbort = () => settle(() => reject(opts.signal!.reason));
-      opts.signal?.addEventListener('abort', onAbort, { once: true });
+    if (opts.signal?.aborted) return Promise.reject(opts.signal.reason);
+    if (this.#isClosed) return Promise.reject(new QmpClosedError(`QMP connection is closed; cannot wait for ${label}`));
+    return this.#settleOnce<QmpEvent>({
+      timeoutMs: opts.timeoutMs,
+      onTimeout: () => new QmpTimeoutError(`event ${label}`, opts.timeoutMs, `no ${label} event within ${opts.timeoutMs} ms`),
+      onClose: () => new QmpClosedError(`QMP connection closed while waiting for ${label}`, { cause: this.#closeCause }),
+      signal: opts.signal,
+      arm: (resolve, reject) =>
+        this.onEvent((e) => {
+          if (!names.has(e.event)) return;
+          try {
+            if (opts.predicate && !opts.predicate(e)) return;
+          } catch (err) {
+            return reject(err);
+          }
+          resolve(e);
+        }),
     });
   }
 
@@ -327,30 +316,55 @@ export class QmpClient {
   }
 
   #waitForGreeting(path: string, deadline: number, timeoutMs: number, signal?: AbortSignal): Promise<QmpGreeting> {
-    return new Promise<QmpGreeting>((resolve, reject) => {
+    return this.#settleOnce<QmpGreeting>({
+      timeoutMs: Math.max(deadline - Date.now(), 1),
+      onTimeout: () =>
+        new QmpTimeoutError('greeting', timeoutMs, `connected to ${path} but got no QMP greeting within ${timeoutMs} ms (is another client connected?)`),
+      onClose: () => new QmpClosedError('QMP connection closed before the greeting', { cause: this.#closeCause }),
+      signal,
+      arm: (resolve, reject) => {
+        this.#onGreeting = (msg) => {
+          const qmp = msg.QMP as QmpGreeting | undefined;
+          if (qmp && typeof qmp === 'object') resolve(qmp);
+          else reject(new Error(`expected a QMP greeting, got: ${JSON.stringify(msg).slice(0, 200)}`));
+        };
+        return () => {
+          this.#onGreeting = null;
+        };
+      },
+    });
+  }
+
+  /**
+   * The frame of every wait on this connection: settles once, on what `arm` reports, on the
+   * timeout, on the connection closing or on the signal, and always removes what it added.
+   * `arm` installs the listener and returns how to remove it.
+   */
+  #settleOnce<T>(o: {
+    timeoutMs: number;
+    onTimeout: () => Error;
+    onClose: () => Error;
+    signal?: AbortSignal;
+    arm: (resolve: (value: T) => void, reject: (err: unknown) => void) => () => void;
+  }): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      let disarm = () => {};
       const settle = (fn: () => void) => {
         clearTimeout(timer);
-        this.#onGreeting = null;
+        disarm();
         this.#closeListeners.delete(onClose);
-        signal?.removeEventListener('abort', onAbort);
+        o.signal?.removeEventListener('abort', onAbort);
         fn();
       };
-      this.#onGreeting = (msg) => {
-        const qmp = msg.QMP as QmpGreeting | undefined;
-        if (qmp && typeof qmp === 'object') return settle(() => resolve(qmp));
-        settle(() => reject(new Error(`expected a QMP greeting, got: ${JSON.stringify(msg).slice(0, 200)}`)));
-      };
-      const timer = setTimeout(
-        () => {
-          const msg = `connected to ${path} but got no QMP greeting within ${timeoutMs} ms (is another client connected?)`;
-          settle(() => reject(new QmpTimeoutError('greeting', timeoutMs, msg)));
-        },
-        Math.max(deadline - Date.now(), 1),
-      );
-      const onClose = () => settle(() => reject(new QmpClosedError('QMP connection closed before the greeting', { cause: this.#closeCause })));
+      const timer = setTimeout(() => settle(() => reject(o.onTimeout())), o.timeoutMs);
+      const onClose = () => settle(() => reject(o.onClose()));
       this.#closeListeners.add(onClose);
-      const onAbort = () => settle(() => reject(signal!.reason));
-      signal?.addEventListener('abort', onAbort, { once: true });
+      const onAbort = () => settle(() => reject(o.signal!.reason));
+      o.signal?.addEventListener('abort', onAbort, { once: true });
+      disarm = o.arm(
+        (value) => settle(() => resolve(value)),
+        (err) => settle(() => reject(err)),
+      );
     });
   }
 }
