@@ -14,16 +14,14 @@ import { parseArgs } from 'node:util';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { buildAgent } from '../src/agent/app.js';
-import { DEFAULTS, type AgentConfig } from '../src/config.js';
-import { AgentClient } from '../src/client.js';
+import type { AgentConfig } from '../src/config.js';
 import { buildArgv, normalizeDomainXml, type DomainDef } from '../src/domain/index.js';
 import { launchQemu, killQemu, type QemuProcessRecord } from '../src/qemu/process.js';
 import { probeQemu, resolveAccel } from '../src/qemu/host.js';
 import type { QmpClient } from '../src/qemu/qmp.js';
 import { destinationCapabilities, sourceCapabilities, sourceParameters, DEFAULT_OPTIONS } from '../src/migration/params.js';
-import { writeGuestImage, guestMemoryMiB, readGuestStatus, type GuestParams } from '../test/guest/image.js';
-import { testGuestXml } from '../test/guest/domain-xml.js';
+import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus, type GuestParams } from '../test/guest/image.js';
+import { startAgent, testGuest, type TestAgent } from '../test/helpers/agents.js';
 
 const { values } = parseArgs({
   options: {
@@ -44,7 +42,7 @@ function median(xs: number[]): number {
 
 async function waitGuestFilled(qmp: QmpClient): Promise<void> {
   for (let i = 0; i < 6000; i++) {
-    if ((await readGuestStatus(qmp)).state === 2) return;
+    if ((await readGuestStatus(qmp)).state === GUEST_STATE_RUNNING) return;
     await new Promise((r) => setTimeout(r, 100));
   }
   throw new Error('guest did not finish filling its RAM');
@@ -79,49 +77,29 @@ async function main(): Promise<void> {
   }
   try {
     // One image each: a running qemu holds its disk's write lock.
-    const image = path.join(dir, 'agent-guest.img');
-    const rawImage = path.join(dir, 'raw-guest.img');
-    await writeGuestImage(image, params);
-    await writeGuestImage(rawImage, params);
     const memoryMiB = guestMemoryMiB(params) + 16;
+    const agentGuest = await testGuest(dir, 'bench-agent', params, { memoryMiB });
+    const rawGuest = await testGuest(dir, 'bench-raw', params, { memoryMiB });
     const qemu = await probeQemu();
     const accel = resolveAccel(accelMode, qemu.kvmUsable);
     process.stdout.write(`qemu ${qemu.version}, accel ${accel}, guest ${memoryMiB} MiB (${params.fillMiB} MiB filled), ${rounds} rounds each\n`);
 
     // --- agent-driven ---
-    const agentConfig = (name: string, host: string, ports: { low: number; high: number }): AgentConfig => ({
-      listenHost: host,
-      listenPort: 0,
-      stateDir: path.join(dir, name),
-      migrationAddress: host,
-      migrationPorts: ports,
-      allowPaths: [dir],
-      accel: accelMode,
-      incomingTimeoutSeconds: 120,
-      bodyLimitBytes: DEFAULTS.bodyLimitBytes,
-      maxIncoming: 1,
-      maxOutgoing: 1,
-      jobHistory: DEFAULTS.jobHistory,
-    });
-    const agents: Array<{ url: string; client: AgentClient; app: Awaited<ReturnType<typeof buildAgent>> }> = [];
+    // The tests' agent factory; what it arranges to end at teardown is ended by this run's clean-up.
+    const teardowns = { teardown: (fn: () => void | Promise<void>) => void cleanups.push(async () => fn()) };
+    const agents: TestAgent[] = [];
     for (const [name, host, ports] of [
       ['a', '127.0.0.2', { low: 49152, high: 49160 }],
       ['b', '127.0.0.3', { low: 49161, high: 49170 }],
     ] as const) {
-      const app = await buildAgent(agentConfig(name, host, ports));
-      cleanups.push(async () => {
-        for (const d of app.agent.domains.list()) if (d.run) await killQemu(d.run.record, { graceMs: 500 });
-        await app.close();
-      });
-      const address = await app.listen({ host, port: 0 });
-      agents.push({ url: address, client: new AgentClient(address), app });
+      const overrides = { listenHost: host, migrationAddress: host, migrationPorts: ports, accel: accelMode, incomingTimeoutSeconds: 120, maxIncoming: 1, maxOutgoing: 1 };
+      agents.push(await startAgent(teardowns, dir, name, overrides));
     }
-    const xml = testGuestXml({ name: 'bench-agent', image, serialLog: path.join(dir, 'agent.serial'), memoryMiB });
-    await agents[0]!.client.define(xml);
+    await agents[0]!.client.define(agentGuest.xml);
     await agents[0]!.client.lifecycle('bench-agent', 'start');
 
     // --- raw: the same domain model, argv from the same builder ---
-    const { def } = normalizeDomainXml(testGuestXml({ name: 'bench-raw', image: rawImage, serialLog: path.join(dir, 'raw.serial'), memoryMiB }), {
+    const { def } = normalizeDomainXml(rawGuest.xml, {
       machineAliases: qemu.machineAliases,
       knownMachines: qemu.knownMachines,
       randomBytes: (n) => Buffer.alloc(n, 7),

@@ -32,11 +32,11 @@ function flag(values: Record<string, unknown>, name: string): string | undefined
   return process.env[`KVM_MIGRATE_${name.toUpperCase().replace(/-/g, '_')}`];
 }
 
-function intFlag(values: Record<string, unknown>, name: string, fallback?: number): number | undefined {
+function intFlag(values: Record<string, unknown>, name: string, fallback?: number, min = 1): number | undefined {
   const v = flag(values, name);
   if (v === undefined) return fallback;
   const n = Number(v);
-  if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} must be a positive number, got ${v}`);
+  if (!Number.isFinite(n) || n < min) throw new Error(`--${name} must be a number of at least ${min}, got ${v}`);
   return n;
 }
 
@@ -125,6 +125,8 @@ async function migrateCommand(args: string[]): Promise<number> {
   const client = new AgentClient(from, flag(values, 'token'));
   const bandwidth = intFlag(values, 'bandwidth');
   const downtime = intFlag(values, 'downtime');
+  const maxDowntime = intFlag(values, 'max-downtime');
+  const progressTimeout = intFlag(values, 'progress-timeout', undefined, 0); // 0 = never
   const { job } = await client.perform({
     domain,
     destination: to,
@@ -135,8 +137,8 @@ async function migrateCommand(args: string[]): Promise<number> {
     persistDestination: values['no-persist'] !== true,
     ...(bandwidth ? { bandwidthMiBps: bandwidth } : {}),
     ...(downtime ? { downtimeLimitMs: downtime } : {}),
-    ...(values['max-downtime'] !== undefined ? { maxDowntimeMs: Number(values['max-downtime']) } : {}),
-    ...(values['progress-timeout'] !== undefined ? { progressTimeoutSeconds: Number(values['progress-timeout']) } : {}),
+    ...(maxDowntime !== undefined ? { maxDowntimeMs: maxDowntime } : {}),
+    ...(progressTimeout !== undefined ? { progressTimeoutSeconds: progressTimeout } : {}),
     ...(values.desturi ? { desturi: values.desturi } : {}),
     ...(values['migration-id'] ? { migrationId: values['migration-id'] } : {}),
   });

@@ -200,7 +200,9 @@ export class JobRegistry {
     const ended = new Map<string, Job[]>();
     for (const job of this.jobs.values()) {
       if (!job.terminal || (domain !== undefined && job.record.domain !== domain)) continue;
-      ended.set(job.record.domain, [...(ended.get(job.record.domain) ?? []), job]);
+      const list = ended.get(job.record.domain) ?? [];
+      list.push(job);
+      ended.set(job.record.domain, list);
     }
     for (const jobs of ended.values()) {
       jobs.sort((x, y) => (y.record.endedAt ?? '').localeCompare(x.record.endedAt ?? ''));
