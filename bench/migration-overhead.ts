@@ -20,7 +20,7 @@ import { launchQemu, killQemu, type QemuProcessRecord } from '../src/qemu/proces
 import { probeQemu, resolveAccel } from '../src/qemu/host.js';
 import type { QmpClient } from '../src/qemu/qmp.js';
 import { destinationCapabilities, sourceCapabilities, sourceParameters, DEFAULT_OPTIONS } from '../src/migration/params.js';
-import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus, type GuestParams } from '../test/guest/image.js';
+import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus, type GuestParams } from '../src/guest/image.js';
 import { startAgent, testGuest, type TestAgent } from '../test/helpers/agents.js';
 
 const { values } = parseArgs({

@@ -1,148 +1,189 @@
 #!/usr/bin/env node
-import { parseArgs } from 'node:util';
-import { promises as fs } from 'node:fs';
+import { readFileSync } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { buildAgent } from '../src/agent/app.js';
-import { DEFAULTS, parseListen, parsePortRange, type AgentConfig } from '../src/config.js';
-import { AgentClient } from '../src/client.js';
+import { DEFAULTS, parseListen, parsePortRange, validateConfig, type AgentConfig } from '../src/config.js';
+import { AgentClient, AgentUnreachableError } from '../src/client.js';
 import { followJob, summarize } from '../src/cli/progress.js';
 import { runDemo } from '../src/cli/demo.js';
+import { EXIT, EXIT_CODES_HELP, UsageError } from '../src/cli/exit-codes.js';
+import { chooseAccel } from '../src/qemu/accel-probe.js';
+import { probeQemu } from '../src/qemu/host.js';
+import { HOLD_POINTS } from '../src/migration/holds.js';
+import { version } from '../src/agent/version.js';
 
-const USAGE = `usage:
-  kvm-migrate agent [--listen HOST:PORT] [--state-dir DIR] [--token TOKEN] [--allow-path DIR]...
-                    [--migration-address ADDR] [--migration-ports LOW-HIGH] [--accel auto|kvm|tcg]
-                    [--incoming-timeout SECONDS] [--max-incoming N] [--max-outgoing N] [--job-history N] [--log-level LEVEL]
-                    [--debug-hold prepare2|before-finish2|finish2]...   (fault-injection rigs only)
-  kvm-migrate migrate DOMAIN --from URL --to URL [--token TOKEN] [--offline] [--paused]
-                    [--bandwidth MiB/s] [--downtime MS] [--auto-converge] [--undefine-source]
-                    [--no-persist] [--desturi tcp://HOST:PORT] [--migration-id ID] [--progress-timeout SECONDS]
-                    [--max-downtime MS]   (convergence: raise the downtime limit up to MS when stuck)
-  kvm-migrate jobs --on URL [--token TOKEN]      (one line per migration job of that agent)
-  kvm-migrate resolve JOB --on URL --outcome finished|aborted --reason TEXT [--token TOKEN]
-                    (a source job stuck on Finish2, the destination checked by hand: finished =
-                    the guest runs there, end the paused copy here; aborted = resume it here)
-  kvm-migrate demo [--keep-going]
-Every flag can also be set as KVM_MIGRATE_<FLAG> (e.g. KVM_MIGRATE_TOKEN); --allow-path takes a
-colon-separated list there.`;
+const ENV_PREFIX = 'KVM_MIGRATE_';
+const envName = (flag: string) => ENV_PREFIX + flag.toUpperCase().replace(/-/g, '_');
 
-/** A flag's value: the command line first, then KVM_MIGRATE_<FLAG>. */
-function flag(values: Record<string, unknown>, name: string): string | undefined {
-  const v = values[name];
-  if (typeof v === 'string') return v;
-  return process.env[`KVM_MIGRATE_${name.toUpperCase().replace(/-/g, '_')}`];
+/** A flag with a value, also settable as KVM_MIGRATE_<FLAG>. */
+function valueOption(flags: string, description: string): Option {
+  const long = /--([a-z-]+)/.exec(flags)![1]!;
+  return new Option(flags, description).env(envName(long));
 }
 
-function intFlag(values: Record<string, unknown>, name: string, fallback?: number, min = 1): number | undefined {
-  const v = flag(values, name);
-  if (v === undefined) return fallback;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n < min) throw new Error(`--${name} must be a number of at least ${min}, got ${v}`);
-  return n;
-}
-
-async function agentCommand(args: string[]): Promise<void> {
-  const { values } = parseArgs({
-    args,
-    options: {
-      listen: { type: 'string' },
-      'state-dir': { type: 'string' },
-      token: { type: 'string' },
-      'allow-path': { type: 'string', multiple: true },
-      'migration-address': { type: 'string' },
-      'migration-ports': { type: 'string' },
-      accel: { type: 'string' },
-      'incoming-timeout': { type: 'string' },
-      'max-incoming': { type: 'string' },
-      'max-outgoing': { type: 'string' },
-      'job-history': { type: 'string' },
-      'log-level': { type: 'string' },
-      'qemu-binary': { type: 'string' },
-      'debug-hold': { type: 'string', multiple: true },
-    },
-  });
-  const listen = parseListen(flag(values, 'listen') ?? DEFAULTS.listen);
-  const stateDir = path.resolve(flag(values, 'state-dir') ?? '/var/lib/kvm-migrate');
-  const allowFromEnv = process.env.KVM_MIGRATE_ALLOW_PATH?.split(':').filter(Boolean) ?? [];
-  const allowPaths = values['allow-path']?.length ? values['allow-path'] : allowFromEnv;
-  if (allowPaths.length === 0) {
-    const images = path.join(stateDir, 'images');
-    await fs.mkdir(images, { recursive: true });
-    allowPaths.push(images);
-  }
-  const config: AgentConfig = {
-    listenHost: listen.host,
-    listenPort: listen.port,
-    stateDir,
-    token: flag(values, 'token'),
-    migrationAddress: flag(values, 'migration-address') ?? listen.host,
-    migrationPorts: parsePortRange(flag(values, 'migration-ports') ?? DEFAULTS.migrationPorts),
-    allowPaths,
-    accel: (flag(values, 'accel') ?? DEFAULTS.accel) as AgentConfig['accel'],
-    incomingTimeoutSeconds: intFlag(values, 'incoming-timeout', DEFAULTS.incomingTimeoutSeconds)!,
-    bodyLimitBytes: DEFAULTS.bodyLimitBytes,
-    qemuBinary: flag(values, 'qemu-binary'),
-    maxIncoming: intFlag(values, 'max-incoming', DEFAULTS.maxIncoming)!,
-    maxOutgoing: intFlag(values, 'max-outgoing', DEFAULTS.maxOutgoing)!,
-    jobHistory: intFlag(values, 'job-history', DEFAULTS.jobHistory)!,
-    debugHolds: values['debug-hold'] ?? process.env.KVM_MIGRATE_DEBUG_HOLD?.split(',').filter(Boolean) ?? [],
+function wholeNumber(min: number) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!/^\d+$/.test(value.trim()) || n < min) throw new InvalidArgumentError(`must be a whole number of at least ${min}`);
+    return n;
   };
-  const app = await buildAgent(config, { logger: { level: flag(values, 'log-level') ?? 'info' } });
+}
+
+function oneOf<T extends string>(choices: readonly T[]) {
+  return (value: string): T => {
+    if (!(choices as readonly string[]).includes(value)) throw new InvalidArgumentError(`must be one of ${choices.join(', ')}`);
+    return value as T;
+  };
+}
+
+function collect(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value];
+}
+
+const BOOLEAN_ENV = /^(?:1|true|yes|on)$|^(?:0|false|no|off)$/i;
+
+/**
+ * Commander turns a boolean flag on whenever its variable is set at all (KVM_MIGRATE_OFFLINE=0
+ * too); read the variables of boolean flags given no value on the command line strictly instead.
+ */
+function applyBooleanEnv(cmd: Command): void {
+  for (const option of cmd.options) {
+    if (option.required || option.optional || option.long === '--help') continue;
+    const key = option.attributeName();
+    if (cmd.getOptionValueSource(key) === 'cli') continue;
+    const name = envName(option.long!.slice(2));
+    const raw = process.env[name];
+    if (raw === undefined) continue;
+    if (!BOOLEAN_ENV.test(raw)) throw new UsageError(`${name} (for ${option.long}) must be 1/true/yes/on or 0/false/no/off, got ${JSON.stringify(raw)}`);
+    const on = /^(?:1|true|yes|on)$/i.test(raw);
+    // KVM_MIGRATE_NO_PERSIST=1 means --no-persist given: the option's value turns false.
+    cmd.setOptionValueWithSource(key, option.negate ? !on : on, 'env');
+  }
+}
+
+/** The operator credential: --token-file (or its variable) or KVM_MIGRATE_TOKEN; never needed on the command line. */
+function readToken(o: { token?: string; tokenFile?: string }): string | undefined {
+  if (o.tokenFile) {
+    let text: string;
+    try {
+      text = readFileSync(o.tokenFile, 'utf8');
+    } catch (err) {
+      throw new UsageError(`--token-file ${o.tokenFile}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+    const token = text.trim();
+    if (!token) throw new UsageError(`--token-file ${o.tokenFile} is empty`);
+    return token;
+  }
+  return o.token;
+}
+
+function tokenOptions(cmd: Command): Command {
+  return cmd
+    .addOption(valueOption('--token <token>', 'bearer token (prefer --token-file or KVM_MIGRATE_TOKEN: a flag shows in ps)'))
+    .addOption(valueOption('--token-file <file>', 'read the bearer token from this file'));
+}
+
+interface AgentOptions {
+  listen: string;
+  stateDir: string;
+  token?: string;
+  tokenFile?: string;
+  allowPath?: string[];
+  migrationAddress?: string;
+  migrationPorts: string;
+  accel: AgentConfig['accel'];
+  incomingTimeout: number;
+  maxIncoming: number;
+  maxOutgoing: number;
+  jobHistory: number;
+  logLevel: string;
+  qemuBinary?: string;
+  debugHold?: string[];
+}
+
+async function agentAction(o: AgentOptions): Promise<number> {
+  let config: AgentConfig;
+  try {
+    const listen = parseListen(o.listen);
+    const stateDir = path.resolve(o.stateDir);
+    const allowFromEnv = process.env.KVM_MIGRATE_ALLOW_PATH?.split(':').filter(Boolean) ?? [];
+    const allowPaths = o.allowPath?.length ? o.allowPath : allowFromEnv;
+    if (allowPaths.length === 0) {
+      const images = path.join(stateDir, 'images');
+      await mkdir(images, { recursive: true });
+      allowPaths.push(images);
+    }
+    config = validateConfig({
+      listenHost: listen.host,
+      listenPort: listen.port,
+      stateDir,
+      token: readToken(o),
+      migrationAddress: o.migrationAddress ?? listen.host,
+      migrationPorts: parsePortRange(o.migrationPorts),
+      allowPaths,
+      accel: o.accel,
+      incomingTimeoutSeconds: o.incomingTimeout,
+      bodyLimitBytes: DEFAULTS.bodyLimitBytes,
+      qemuBinary: o.qemuBinary,
+      maxIncoming: o.maxIncoming,
+      maxOutgoing: o.maxOutgoing,
+      jobHistory: o.jobHistory,
+      debugHolds: o.debugHold ?? process.env.KVM_MIGRATE_DEBUG_HOLD?.split(',').filter(Boolean) ?? [],
+    });
+  } catch (err) {
+    throw err instanceof UsageError ? err : new UsageError((err as Error).message);
+  }
+  const app = await buildAgent(config, { logger: { level: o.logLevel } });
   await app.listen({ host: config.listenHost, port: config.listenPort });
   // Guests outlive the agent: stopping it only closes connections.
   const stop = (signal: string) => {
     app.log.info({ signal }, 'stopping agent; guests keep running');
-    void app.close().then(() => process.exit(0));
+    void app.close().then(() => process.exit(EXIT.ok));
   };
   process.once('SIGTERM', () => stop('SIGTERM'));
   process.once('SIGINT', () => stop('SIGINT'));
+  return -1; // keeps running
 }
 
-async function migrateCommand(args: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: {
-      from: { type: 'string' },
-      to: { type: 'string' },
-      token: { type: 'string' },
-      offline: { type: 'boolean' },
-      paused: { type: 'boolean' },
-      bandwidth: { type: 'string' },
-      downtime: { type: 'string' },
-      'auto-converge': { type: 'boolean' },
-      'undefine-source': { type: 'boolean' },
-      'no-persist': { type: 'boolean' },
-      desturi: { type: 'string' },
-      'migration-id': { type: 'string' },
-      'progress-timeout': { type: 'string' },
-      'max-downtime': { type: 'string' },
-    },
-  });
-  const domain = positionals[0];
-  const from = flag(values, 'from');
-  const to = flag(values, 'to');
-  if (!domain || !from || !to) throw new Error('migrate needs DOMAIN, --from URL and --to URL');
-  const client = new AgentClient(from, flag(values, 'token'));
-  const bandwidth = intFlag(values, 'bandwidth');
-  const downtime = intFlag(values, 'downtime');
-  const maxDowntime = intFlag(values, 'max-downtime');
-  const progressTimeout = intFlag(values, 'progress-timeout', undefined, 0); // 0 = never
+interface MigrateOptions {
+  from: string;
+  to: string;
+  token?: string;
+  tokenFile?: string;
+  offline?: boolean;
+  paused?: boolean;
+  bandwidth?: number;
+  downtime?: number;
+  maxDowntime?: number;
+  autoConverge?: boolean;
+  undefineSource?: boolean;
+  persist: boolean;
+  desturi?: string;
+  migrationId?: string;
+  progressTimeout?: number;
+}
+
+async function migrateAction(domain: string, o: MigrateOptions): Promise<number> {
+  const client = new AgentClient(o.from, readToken(o));
   const { job } = await client.perform({
     domain,
-    destination: to,
-    live: !values.offline,
-    paused: values.paused === true,
-    autoConverge: values['auto-converge'] === true,
-    undefineSource: values['undefine-source'] === true,
-    persistDestination: values['no-persist'] !== true,
-    ...(bandwidth ? { bandwidthMiBps: bandwidth } : {}),
-    ...(downtime ? { downtimeLimitMs: downtime } : {}),
-    ...(maxDowntime !== undefined ? { maxDowntimeMs: maxDowntime } : {}),
-    ...(progressTimeout !== undefined ? { progressTimeoutSeconds: progressTimeout } : {}),
-    ...(values.desturi ? { desturi: values.desturi } : {}),
-    ...(values['migration-id'] ? { migrationId: values['migration-id'] } : {}),
+    destination: o.to,
+    live: !o.offline,
+    paused: o.paused === true,
+    autoConverge: o.autoConverge === true,
+    undefineSource: o.undefineSource === true,
+    persistDestination: o.persist,
+    ...(o.bandwidth !== undefined ? { bandwidthMiBps: o.bandwidth } : {}),
+    ...(o.downtime !== undefined ? { downtimeLimitMs: o.downtime } : {}),
+    ...(o.maxDowntime !== undefined ? { maxDowntimeMs: o.maxDowntime } : {}),
+    ...(o.progressTimeout !== undefined ? { progressTimeoutSeconds: o.progressTimeout } : {}),
+    ...(o.desturi ? { desturi: o.desturi } : {}),
+    ...(o.migrationId ? { migrationId: o.migrationId } : {}),
   });
-  process.stderr.write(`migration ${job.id}: ${domain} ${from} -> ${to}\n`);
+  process.stderr.write(`migration ${job.id}: ${domain} ${o.from} -> ${o.to}\n`);
   // Ctrl-C cancels the migration (the guest stays on the source) instead of abandoning it.
   const onInterrupt = () => {
     process.stderr.write('\ncancelling...\n');
@@ -152,71 +193,159 @@ async function migrateCommand(args: string[]): Promise<number> {
   const final = await followJob(client, job.id, process.stderr);
   process.off('SIGINT', onInterrupt);
   process.stdout.write(`${summarize(final)}\n`);
-  return final.status === 'completed' ? 0 : final.status === 'cancelled' ? 2 : 1;
+  return final.status === 'completed' ? EXIT.ok : final.status === 'cancelled' ? EXIT.cancelled : EXIT.failed;
 }
 
-async function jobsCommand(args: string[]): Promise<number> {
-  const { values } = parseArgs({ args, options: { on: { type: 'string' }, token: { type: 'string' } } });
-  const on = flag(values, 'on');
-  if (!on) throw new Error('jobs needs --on URL');
-  for (const job of await new AgentClient(on, flag(values, 'token')).jobs()) {
+async function jobsAction(o: { on: string; token?: string; tokenFile?: string }): Promise<number> {
+  for (const job of await new AgentClient(o.on, readToken(o)).jobs()) {
     const fields = [job.id, job.role, job.domain, job.status, job.phase, job.createdAt];
     if (job.status !== 'running') fields.push(summarize(job));
     if (job.waiting) fields.push(`WAITING: ${job.waiting}`);
     process.stdout.write(`${fields.join('  ')}\n`);
   }
-  return 0;
+  return EXIT.ok;
 }
 
-async function resolveCommand(args: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: { on: { type: 'string' }, token: { type: 'string' }, outcome: { type: 'string' }, reason: { type: 'string' } },
-  });
-  const [id] = positionals;
-  const on = flag(values, 'on');
-  const { outcome, reason } = values;
-  if (!id || !on || (outcome !== 'finished' && outcome !== 'aborted') || !reason) {
-    throw new Error('resolve needs JOB, --on URL, --outcome finished|aborted and --reason TEXT');
-  }
-  const job = await new AgentClient(on, flag(values, 'token')).resolve(id, outcome, reason);
+async function resolveAction(id: string, o: { on: string; token?: string; tokenFile?: string; outcome: 'finished' | 'aborted'; reason: string }): Promise<number> {
+  const job = await new AgentClient(o.on, readToken(o)).resolve(id, o.outcome, o.reason);
   process.stdout.write(`${summarize(job)}${job.waiting ? `; waiting: ${job.waiting}` : ''}\n`);
-  return job.status === 'running' ? 3 : 0;
+  return job.status === 'running' ? EXIT.inProgress : EXIT.ok;
 }
 
-async function main(): Promise<number> {
-  const [command, ...rest] = process.argv.slice(2);
-  switch (command) {
-    case 'agent':
-      await agentCommand(rest);
-      return -1; // keeps running
-    case 'migrate':
-      return migrateCommand(rest);
-    case 'jobs':
-      return jobsCommand(rest);
-    case 'resolve':
-      return resolveCommand(rest);
-    case 'demo':
-      return runDemo(process.stdout);
-    case undefined:
-    case '-h':
-    case '--help':
-    case 'help':
-      process.stdout.write(USAGE + '\n');
-      return command === undefined ? 64 : 0;
-    default:
-      process.stderr.write(`unknown command ${command}\n${USAGE}\n`);
-      return 64;
+async function demoAction(): Promise<number> {
+  const abort = new AbortController();
+  let interruptedBy: NodeJS.Signals | undefined;
+  const onSignal = (signal: NodeJS.Signals) => {
+    interruptedBy ??= signal;
+    abort.abort(signal);
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  const code = await runDemo(process.stdout, abort.signal);
+  return interruptedBy ? 128 + os.constants.signals[interruptedBy] : code;
+}
+
+async function checkAccelAction(o: { qemuBinary?: string }): Promise<number> {
+  const qemu = await probeQemu(o.qemuBinary);
+  const choice = await chooseAccel(qemu.binary, qemu.kvmUsable);
+  process.stderr.write(`accelerator ${choice.reason}\n`);
+  process.stdout.write(`${choice.accel}\n`);
+  return EXIT.ok;
+}
+
+function buildProgram(run: (code: Promise<number>) => void): Command {
+  const program = new Command('kvm-migrate')
+    .description('Per-host agent that runs qemu guests from libvirt domain XML and live-migrates them (protocol v2), and its client.')
+    .version(version, '-V, --version')
+    .addHelpText('after', `\nEvery flag can also be set as ${ENV_PREFIX}<FLAG> (e.g. ${ENV_PREFIX}TOKEN_FILE); boolean flags take 1/0, true/false, yes/no, on/off.\n${EXIT_CODES_HELP}`)
+    .showHelpAfterError('(add --help for usage)')
+    .exitOverride();
+
+  program
+    .command('agent')
+    .description('run the agent of this host')
+    .addOption(valueOption('--listen <host:port>', 'HTTP address; a non-loopback one requires a token').default(DEFAULTS.listen))
+    .addOption(valueOption('--state-dir <dir>', 'definitions, runtime records, jobs, sockets, logs (one agent per directory)').default('/var/lib/kvm-migrate'))
+    .addOption(new Option('--allow-path <dir>', `disks, kernels, serial/log files must lie below one (repeatable; ${ENV_PREFIX}ALLOW_PATH: colon-separated; default STATE_DIR/images)`).argParser(collect))
+    .addOption(valueOption('--migration-address <addr>', 'the address peers send migration streams to (default: the listen host; required when that is 0.0.0.0 or ::)'))
+    .addOption(valueOption('--migration-ports <low-high>', 'incoming stream ports').default(DEFAULTS.migrationPorts))
+    .addOption(valueOption('--accel <accel>', 'auto: KVM where it works (measured at start; GET /host says how fast), else TCG').argParser(oneOf(['auto', 'kvm', 'tcg'] as const)).default(DEFAULTS.accel))
+    .addOption(valueOption('--incoming-timeout <seconds>', 'lease of a prepared destination').argParser(wholeNumber(1)).default(DEFAULTS.incomingTimeoutSeconds))
+    .addOption(valueOption('--max-incoming <n>', 'concurrent incoming migrations').argParser(wholeNumber(1)).default(DEFAULTS.maxIncoming))
+    .addOption(valueOption('--max-outgoing <n>', 'concurrent outgoing migrations').argParser(wholeNumber(1)).default(DEFAULTS.maxOutgoing))
+    .addOption(valueOption('--job-history <n>', 'ended migration jobs kept per domain').argParser(wholeNumber(1)).default(DEFAULTS.jobHistory))
+    .addOption(valueOption('--log-level <level>', 'fatal, error, warn, info, debug, trace').argParser(oneOf(['fatal', 'error', 'warn', 'info', 'debug', 'trace'] as const)).default('info'))
+    .addOption(valueOption('--qemu-binary <path>', 'qemu-system-x86_64 to run (default: from PATH)'))
+    .addOption(new Option('--debug-hold <point>', `fault-injection rigs only: stop at ${HOLD_POINTS.join('|')} until STATE_DIR/hold.POINT is removed (repeatable; ${ENV_PREFIX}DEBUG_HOLD: comma-separated)`).argParser(collect).hideHelp())
+    .addHelpText('after', '\nThe agent keeps running until SIGTERM or SIGINT; guests outlive it.')
+    .action((o: AgentOptions) => run(agentAction(o)));
+  tokenOptions(program.commands.at(-1)!);
+
+  tokenOptions(
+    program
+      .command('migrate')
+      .description('live-migrate DOMAIN from one agent to another, with a progress bar; Ctrl-C cancels')
+      .argument('<domain>', 'the domain to migrate')
+      .addOption(valueOption('--from <url>', 'the source agent').makeOptionMandatory())
+      .addOption(valueOption('--to <url>', 'the destination agent').makeOptionMandatory())
+      .option('--offline', 'pause the guest before the stream (not live)')
+      .option('--paused', 'leave the guest paused on the destination')
+      .addOption(valueOption('--bandwidth <MiB/s>', 'stream bandwidth limit').argParser(wholeNumber(1)))
+      .addOption(valueOption('--downtime <ms>', 'downtime limit').argParser(wholeNumber(1)))
+      .addOption(valueOption('--max-downtime <ms>', 'convergence: raise the downtime limit up to this when the stream is stuck').argParser(wholeNumber(1)))
+      .option('--auto-converge', "throttle the guest's vCPUs when the stream does not converge")
+      .option('--undefine-source', 'remove the definition from the source afterwards')
+      .option('--no-persist', 'do not store the definition on the destination (transient there)')
+      .addOption(valueOption('--desturi <uri>', 'tcp://HOST:PORT the destination listens on'))
+      .addOption(valueOption('--migration-id <id>', 'idempotency key'))
+      .addOption(valueOption('--progress-timeout <seconds>', 'cancel a stream that makes no progress for this long (0 = never)').argParser(wholeNumber(0)))
+      .addHelpText('after', `\nExit codes: 0 completed, 1 failed, 2 cancelled, 64 usage error, 69 agent unreachable.`)
+      .action((domain: string, _opts: MigrateOptions, cmd: Command) => {
+        applyBooleanEnv(cmd);
+        run(migrateAction(domain, cmd.opts<MigrateOptions>()));
+      }),
+  );
+
+  tokenOptions(
+    program
+      .command('jobs')
+      .description("one line per migration job of an agent; WAITING and why when one is stuck")
+      .addOption(valueOption('--on <url>', 'the agent').makeOptionMandatory())
+      .action((o: { on: string; token?: string; tokenFile?: string }) => run(jobsAction(o))),
+  );
+
+  tokenOptions(
+    program
+      .command('resolve')
+      .description('decide a source job stuck on Finish2 after checking the destination by hand')
+      .argument('<job>', 'the job id on the source agent')
+      .addOption(valueOption('--on <url>', 'the source agent').makeOptionMandatory())
+      .addOption(valueOption('--outcome <outcome>', 'finished: the guest runs there, end the paused copy here; aborted: resume it here').argParser(oneOf(['finished', 'aborted'] as const)).makeOptionMandatory())
+      .addOption(valueOption('--reason <text>', 'why; kept in the job record').makeOptionMandatory())
+      .addHelpText('after', '\nExit codes: 0 carried out, 1 refused, 3 recorded and still being carried out, 64 usage error, 69 agent unreachable.')
+      .action((id: string, o: { on: string; token?: string; tokenFile?: string; outcome: 'finished' | 'aborted'; reason: string }) => run(resolveAction(id, o))),
+  );
+
+  program
+    .command('demo')
+    .description("start two agents on 127.0.0.2 and 127.0.0.3 and migrate the project's test guest there and back; everything it starts is ended on exit, Ctrl-C included")
+    .addHelpText('after', '\nExit codes: 0 passed, 1 failed, 130/143 interrupted by SIGINT/SIGTERM (after ending what it started).')
+    .action(() => run(demoAction()));
+
+  program
+    .command('check-accel')
+    .description('measure KVM and TCG with the test guest; print the faster usable one on stdout and the figures on stderr')
+    .addOption(valueOption('--qemu-binary <path>', 'qemu-system-x86_64 to measure (default: from PATH)'))
+    .action((o: { qemuBinary?: string }) => run(checkAccelAction(o)));
+
+  return program;
+}
+
+function exitCodeOf(err: unknown): number {
+  if (err instanceof CommanderError) {
+    return ['commander.helpDisplayed', 'commander.version', 'commander.help'].includes(err.code) ? EXIT.ok : EXIT.usage;
   }
+  if (err instanceof UsageError) return EXIT.usage;
+  if (err instanceof AgentUnreachableError) return EXIT.unreachable;
+  return EXIT.failed;
 }
 
-main().then(
-  (code) => {
-    if (code >= 0) process.exit(code);
-  },
-  (err: Error) => {
-    process.stderr.write(`kvm-migrate: ${err.message}\n`);
-    process.exit(1);
-  },
-);
+function finish(err: unknown): void {
+  if (!(err instanceof CommanderError)) process.stderr.write(`kvm-migrate: ${(err as Error).message}\n`);
+  process.exit(exitCodeOf(err));
+}
+
+const program = buildProgram((code) => {
+  code.then((c) => {
+    if (c >= 0) process.exit(c);
+  }, finish);
+});
+try {
+  if (process.argv.length <= 2) {
+    program.outputHelp({ error: true });
+    process.exit(EXIT.usage);
+  }
+  program.parse(process.argv);
+} catch (err) {
+  finish(err);
+}

@@ -22,6 +22,20 @@ export default async function hostRoutes(app: FastifyInstance): Promise<void> {
               machineAliases: { type: 'object', additionalProperties: { type: 'string' } },
               migrationAddress: { type: 'string' },
               migrationPorts: { type: 'string' },
+              accelProbe: {
+                type: 'object',
+                description:
+                  'with --accel auto: how fast KVM and TCG ran the test guest touching fillMiB of RAM, measured once after start (KVM can work and be far slower than TCG, e.g. nested without EPT)',
+                required: ['state'],
+                properties: {
+                  state: { type: 'string', enum: ['not-measured', 'measuring', 'measured'] },
+                  accel: { type: 'string', enum: ['kvm', 'tcg'], description: 'what the measurement would choose' },
+                  kvmSlow: { type: 'boolean', description: 'guests run on KVM here, but TCG measured faster' },
+                  reason: { type: 'string' },
+                  kvm: { $ref: 'FillMeasurement#' },
+                  tcg: { $ref: 'FillMeasurement#' },
+                },
+              },
               quarantined: {
                 type: 'array',
                 description: 'state files found corrupt at start and set aside',

@@ -48,3 +48,15 @@ export const domainNameParams = {
   required: ['name'],
   properties: { name: { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' } },
 } as const;
+
+export const fillMeasurementSchema = {
+  $id: 'FillMeasurement',
+  type: 'object',
+  required: ['accel', 'fillMiB'],
+  properties: {
+    accel: { type: 'string', enum: ['kvm', 'tcg'] },
+    fillMiB: { type: 'integer' },
+    fillMs: { type: 'integer', description: "from the guest's boot to the end of its fill; absent when it did not finish within the bound" },
+    failure: { type: 'string' },
+  },
+} as const;

@@ -5,6 +5,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || { echo "0 passed, 1 failed"; exit 1; }
 
+# One measurement for the whole suite: KVM only where it is fast enough (see src/qemu/accel-probe.ts).
+if [ -z "${KVM_MIGRATE_TEST_ACCEL:-}" ]; then
+  KVM_MIGRATE_TEST_ACCEL=$(node dist/bin/kvm-migrate.js check-accel) || { echo "0 passed, 1 failed"; exit 1; }
+  export KVM_MIGRATE_TEST_ACCEL
+else
+  echo "accelerator $KVM_MIGRATE_TEST_ACCEL (set by KVM_MIGRATE_TEST_ACCEL)" >&2
+fi
+
 mapfile -t files < <(find dist/test -name '*.test.js' ! -name 'zz-*' | sort)
 files+=(dist/test/zz-leftovers.test.js)
 log=$(mktemp)

@@ -14,6 +14,16 @@ export class AgentHttpError extends Error {
   }
 }
 
+/** No answer at all from the agent (refused, no route, name unknown, timed out). */
+export class AgentUnreachableError extends Error {
+  readonly url: string;
+  constructor(url: string, cause: Error) {
+    super(`cannot reach the agent at ${url}: ${(cause as NodeJS.ErrnoException).code ?? cause.message}`, { cause });
+    this.name = 'AgentUnreachableError';
+    this.url = url;
+  }
+}
+
 /** A small typed client for one agent: what the CLI, the demo and the tests speak. */
 export class AgentClient {
   readonly baseUrl: string;
@@ -34,6 +44,8 @@ export class AgentClient {
       body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
       headersTimeout: 0,
       bodyTimeout: 0,
+    }).catch((err: Error) => {
+      throw new AgentUnreachableError(this.baseUrl, err);
     });
     const text = await res.body.text();
     const parsed = text && res.headers['content-type']?.toString().includes('json') ? JSON.parse(text) : text;

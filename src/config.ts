@@ -63,6 +63,11 @@ export function isLoopback(host: string): boolean {
   return host === '::1';
 }
 
+/** 0.0.0.0, :: and the like: fine to listen on, meaningless to hand a peer. */
+export function isUnspecified(host: string): boolean {
+  return host === '' || host === '0.0.0.0' || host === '::' || host === '[::]' || /^0+(\.0+){0,3}$/.test(host) || /^(0*:)+0*$/.test(host);
+}
+
 /**
  * Checks that hold for every agent, whoever built the config: an agent reachable from other
  * machines must demand a token, and the unix sockets under the state dir must fit sun_path.
@@ -70,6 +75,11 @@ export function isLoopback(host: string): boolean {
 export function validateConfig(config: AgentConfig): AgentConfig {
   if (!config.token && !isLoopback(config.listenHost)) {
     throw new Error(`refusing to listen on non-loopback address ${config.listenHost} without --token`);
+  }
+  if (isUnspecified(config.migrationAddress)) {
+    throw new Error(
+      `the migration address ${JSON.stringify(config.migrationAddress)} is no address a peer can reach (it is what Prepare2 hands the source to stream to); set --migration-address to this host's address on the migration network`,
+    );
   }
   if (!['auto', 'kvm', 'tcg'].includes(config.accel)) throw new Error(`--accel must be auto, kvm or tcg`);
   if (!(config.incomingTimeoutSeconds > 0)) throw new Error('--incoming-timeout must be a positive number of seconds');

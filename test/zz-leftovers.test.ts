@@ -4,6 +4,9 @@ import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import { TMP_PREFIX } from './helpers/agents.js';
 
+// The tests' own temp dirs, and those of the accelerator probe and the demo that tests run.
+const SUITE_PREFIXES = [TMP_PREFIX, 'kvm-migrate-probe-', 'kvm-migrate-demo-'];
+
 // Runs last: the suite must leave no qemu, temp dir (with its sockets) or namespace behind.
 t.test('no qemu process of the suite is left', async (t) => {
   const leftovers: string[] = [];
@@ -11,14 +14,14 @@ t.test('no qemu process of the suite is left', async (t) => {
     if (!/^\d+$/.test(pid)) continue;
     const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
     if (cmdline.startsWith('qemu-system') || cmdline.includes('/qemu-system-')) {
-      if (cmdline.includes(TMP_PREFIX)) leftovers.push(`${pid}: ${cmdline.replace(/\0/g, ' ').slice(0, 200)}`);
+      if (SUITE_PREFIXES.some((prefix) => cmdline.includes(prefix))) leftovers.push(`${pid}: ${cmdline.replace(/\0/g, ' ').slice(0, 200)}`);
     }
   }
   t.same(leftovers, [], 'qemu processes started by tests');
 });
 
 t.test('no temp dir of the suite is left', async (t) => {
-  const stray = (await fs.readdir(os.tmpdir())).filter((e) => e.startsWith(TMP_PREFIX));
+  const stray = (await fs.readdir(os.tmpdir())).filter((e) => SUITE_PREFIXES.some((prefix) => e.startsWith(prefix)));
   t.same(stray, [], 'temp dirs (state dirs, sockets, images)');
 });
 

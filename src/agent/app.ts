@@ -1,15 +1,18 @@
+import { mkdir } from 'node:fs/promises';
 import os from 'node:os';
 import { timingSafeEqual } from 'node:crypto';
-import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import swagger from '@fastify/swagger';
 import { AgentError } from '../errors.js';
 import { validateConfig, type AgentConfig } from '../config.js';
 import { StateStore } from '../store/state-store.js';
+import { StateDirLock } from '../store/dir-lock.js';
 import { probeQemu, resolveAccel, type QemuHostInfo } from '../qemu/host.js';
+import { chooseAccel, type AccelChoice } from '../qemu/accel-probe.js';
 import { DomainManager } from './domain-manager.js';
 import { MigrationService } from '../migration/service.js';
 import { PROTOCOL_VERSIONS } from '../migration/phases.js';
-import { domainInfoSchema, errorSchema } from '../../routes/schemas.js';
+import { domainInfoSchema, errorSchema, fillMeasurementSchema } from '../../routes/schemas.js';
 import healthRoutes from '../../routes/health.js';
 import hostRoutes from '../../routes/host.js';
 import domainRoutes from '../../routes/domains.js';
@@ -31,7 +34,14 @@ export interface HostInfo {
   migrationAddress: string;
   migrationPorts: string;
   quarantined: StateStore['quarantined'];
+  accelProbe: AccelProbeReport;
 }
+
+/** The start-time measurement behind --accel auto (see src/qemu/accel-probe.ts). */
+export type AccelProbeReport =
+  | { state: 'not-measured'; reason: string }
+  | { state: 'measuring' }
+  | ({ state: 'measured'; kvmSlow: boolean } & AccelChoice);
 
 /** What the routes reach through `app.agent`. */
 export interface AgentContext {
@@ -51,6 +61,60 @@ declare module 'fastify' {
     /** Route served without the bearer token (only /health). */
     public?: boolean;
   }
+}
+
+/**
+ * --accel auto runs guests on KVM wherever it works, but KVM can work and still be far slower
+ * than TCG (nested without EPT); the agent measures once, after start, says so in its log and in
+ * GET /host. Off the start path: it takes up to a few seconds on exactly such hosts.
+ */
+class BackgroundAccelProbe {
+  report: AccelProbeReport;
+  private readonly abort = new AbortController();
+  private readonly done: Promise<void> = Promise.resolve();
+
+  constructor(app: FastifyInstance, config: AgentConfig, qemu: QemuHostInfo, accel: 'kvm' | 'tcg') {
+    if (config.accel !== 'auto') {
+      this.report = { state: 'not-measured', reason: `--accel ${config.accel} was given` };
+      return;
+    }
+    this.report = { state: 'measuring' };
+    this.done = chooseAccel(qemu.binary, qemu.kvmUsable, { signal: this.abort.signal }).then(
+      (choice) => {
+        if (this.abort.signal.aborted) return;
+        const kvmSlow = accel === 'kvm' && choice.accel === 'tcg';
+        this.report = { state: 'measured', kvmSlow, ...choice };
+        if (kvmSlow) app.log.warn({ accelProbe: choice }, `KVM is slow on this host, guests would run faster with --accel tcg: ${choice.reason}`);
+        else app.log.info({ accelProbe: choice }, `accelerator measured: ${choice.reason}`);
+      },
+      (err: Error) => {
+        this.report = { state: 'not-measured', reason: `the measurement failed: ${err.message}` };
+      },
+    );
+  }
+
+  async stop(): Promise<void> {
+    this.abort.abort();
+    await this.done;
+  }
+}
+
+/** A request that failed its schema; unknown properties are named, all of them. */
+function validationError(err: FastifyError): { code: string; message: string; unknownProperties?: string[] } {
+  const unknown = (err.validation ?? []).filter((v) => v.keyword === 'additionalProperties');
+  if (unknown.length === 0) return { code: 'invalid_request', message: err.message };
+  const names = unknown.flatMap((v) => {
+    const known = Object.keys((v as { parentSchema?: { properties?: object } }).parentSchema?.properties ?? {});
+    const data = (v as { data?: unknown }).data;
+    const extra = data && typeof data === 'object' ? Object.keys(data).filter((k) => !known.includes(k)) : [String(v.params.additionalProperty)];
+    return extra.map((k) => (v.instancePath ? `${v.instancePath.slice(1).replace(/\//g, '.')}.${k}` : k));
+  });
+  const where = err.validationContext ?? 'request';
+  return {
+    code: 'unknown_property',
+    message: `unknown ${where} propert${names.length === 1 ? 'y' : 'ies'}: ${names.join(', ')}`,
+    unknownProperties: names,
+  };
 }
 
 function tokenMatches(header: string | undefined, token: string): boolean {
@@ -76,8 +140,24 @@ export async function buildAgent(
     bodyLimit: config.bodyLimitBytes,
     // Job and domain routes answer in milliseconds; a long ?wait=true Perform is the exception.
     connectionTimeout: 0,
+    // Fastify's default strips unknown properties, so a misspelled option (`bandwidht`) would
+    // silently run the migration with defaults; refuse them instead, naming them (verbose gives
+    // the error its schema, which says which properties are known).
+    ajv: { customOptions: { removeAdditional: false, verbose: true } },
   });
 
+  await mkdir(config.stateDir, { recursive: true, mode: 0o700 });
+  // Before anything below reads or repairs the directory: a second agent on it stops here.
+  const lock = StateDirLock.acquire(config.stateDir);
+  try {
+    return await assemble(app, config, lock);
+  } catch (err) {
+    lock.release();
+    throw err;
+  }
+}
+
+async function assemble(app: FastifyInstance, config: AgentConfig, lock: StateDirLock): Promise<FastifyInstance> {
   const store = new StateStore(config.stateDir);
   await store.init();
   const identity = await store.hostIdentity();
@@ -85,6 +165,7 @@ export async function buildAgent(
   const accel = resolveAccel(config.accel, qemu.kvmUsable);
   const domains = new DomainManager({ store, qemu, accel, allowPaths: config.allowPaths, log: app.log });
   await domains.init();
+  const accelProbe = new BackgroundAccelProbe(app, config, qemu, accel);
   const hostInfo = (): HostInfo => ({
     uuid: identity.uuid,
     hostname: os.hostname(),
@@ -97,6 +178,7 @@ export async function buildAgent(
     migrationAddress: config.migrationAddress,
     migrationPorts: `${config.migrationPorts.low}-${config.migrationPorts.high}`,
     quarantined: store.quarantined,
+    accelProbe: accelProbe.report,
   });
   const migrations = new MigrationService({ config, store, domains, hostInfo, log: app.log });
   await migrations.init();
@@ -120,7 +202,7 @@ export async function buildAgent(
       if (typeof retryAfter === 'number') reply.header('retry-after', String(retryAfter));
       return reply.code(err.statusCode).send({ code: err.code, message: err.message, ...err.details });
     }
-    if (err.validation) return reply.code(400).send({ code: 'invalid_request', message: err.message });
+    if (err.validation) return reply.code(400).send(validationError(err as FastifyError));
     const status = err.statusCode ?? 500;
     if (status >= 500) req.log.error({ err }, 'request failed');
     const code =
@@ -144,6 +226,7 @@ export async function buildAgent(
   app.addSchema(errorSchema);
   app.addSchema(domainInfoSchema);
   app.addSchema(jobSchema);
+  app.addSchema(fillMeasurementSchema);
   await app.register(healthRoutes);
   await app.register(hostRoutes);
   await app.register(domainRoutes);
@@ -152,8 +235,10 @@ export async function buildAgent(
   await app.register(documentationRoutes);
 
   app.addHook('onClose', async () => {
+    await accelProbe.stop();
     await migrations.close();
     await domains.close();
+    lock.release();
   });
   return app;
 }

@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { AgentClient } from '../client.js';
 import type { JobRecord } from '../migration/jobs.js';
 
@@ -22,7 +23,7 @@ export function renderProgress(job: JobRecord): string {
  * Follow a job until it ends, drawing a progress bar: redrawn in place on a terminal, one line
  * per phase or 10% step otherwise (logs stay readable).
  */
-export async function followJob(client: AgentClient, id: string, out: NodeJS.WriteStream, pollMs = 250): Promise<JobRecord> {
+export async function followJob(client: AgentClient, id: string, out: NodeJS.WriteStream, opts: { pollMs?: number; signal?: AbortSignal } = {}): Promise<JobRecord> {
   const tty = out.isTTY === true;
   let lastLine = '';
   let lastKey = '';
@@ -41,7 +42,7 @@ export async function followJob(client: AgentClient, id: string, out: NodeJS.Wri
       if (tty) out.write('\n');
       return job;
     }
-    await new Promise((r) => setTimeout(r, pollMs));
+    await sleep(opts.pollMs ?? 250, undefined, { signal: opts.signal });
   }
 }
 

@@ -2,6 +2,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { writeFileAtomic, removeDurably } from './atomic.js';
+import type { QemuProcessRecord } from '../qemu/process.js';
 
 /** A file found unreadable at load: set aside under quarantine/ and reported, never fatal. */
 export interface QuarantinedFile {
@@ -115,6 +116,25 @@ export class StateStore {
     }
     return value as T;
   }
+}
+
+/**
+ * The qemu process records below a state directory, read without an agent (and without
+ * quarantining anything): what a tool that started agents ends by pid when they are gone.
+ */
+export async function readQemuRecords(stateDir: string): Promise<QemuProcessRecord[]> {
+  const dir = path.join(stateDir, 'runtime');
+  const out: QemuProcessRecord[] = [];
+  for (const f of await fs.readdir(dir).catch(() => [] as string[])) {
+    if (!f.endsWith('.json')) continue;
+    try {
+      const rec = JSON.parse(await fs.readFile(path.join(dir, f), 'utf8')) as { process?: QemuProcessRecord };
+      if (rec.process && typeof rec.process.pid === 'number') out.push(rec.process);
+    } catch {
+      // a record being rewritten, or not one
+    }
+  }
+  return out;
 }
 
 export function isObject(v: unknown): v is Record<string, unknown> {

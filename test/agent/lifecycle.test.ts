@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { AgentHttpError } from '../../src/client.js';
 import { processMatches } from '../../src/qemu/process.js';
-import { readGuestCounters, parseSerialLog } from '../guest/image.js';
+import { readGuestCounters, parseSerialLog } from '../../src/guest/image.js';
 import { qemuRecords, startAgent, testGuest, tmpDir, waitFor } from '../helpers/agents.js';
 
 t.test('define, start, observe over QMP, destroy, undefine', async (t) => {

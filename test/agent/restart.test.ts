@@ -2,7 +2,7 @@ import t from 'tap';
 import path from 'node:path';
 import { promises as fs, statSync } from 'node:fs';
 import { killQemu, launchQemu, processMatches } from '../../src/qemu/process.js';
-import { parseSerialLog } from '../guest/image.js';
+import { parseSerialLog } from '../../src/guest/image.js';
 import { freePort, qemuRecords, spawnAgent, testGuest, tmpDir, waitFor } from '../helpers/agents.js';
 
 async function lastPass(serialLog: string): Promise<number> {

@@ -3,7 +3,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { processMatches } from '../../src/qemu/process.js';
 import { portIsFree } from '../../src/migration/ports.js';
-import { parseSerialLog } from '../guest/image.js';
+import { parseSerialLog } from '../../src/guest/image.js';
 import { freePort, qemuRecords, spawnAgent, startAgent, testGuest, tmpDir, waitFor, waitForJobEnd } from '../helpers/agents.js';
 
 t.test('lease: a prepared destination whose stream never starts ends its empty qemu', async (t) => {

@@ -2,7 +2,7 @@ import t, { type Test } from 'tap';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { processMatches } from '../../src/qemu/process.js';
-import { parseSerialLog } from '../guest/image.js';
+import { parseSerialLog } from '../../src/guest/image.js';
 import { qemuRecords, spawnAgent, testGuest, tmpDir, waitFor, type AgentProcess, type TestContext } from '../helpers/agents.js';
 import { canMakeNamespaces, makeTwoHostRig, type TwoHostRig } from '../helpers/netns.js';
 import type { JobRecord } from '../../src/migration/jobs.js';
@@ -47,9 +47,7 @@ async function startHost(t: TestContext, rig: TwoHostRig, which: 'A' | 'B', dir:
     stateDir,
     allowPath: dir,
     token: TOKEN,
-    // TCG unless told otherwise: the fault semantics do not depend on the accelerator, and a
-    // nested-KVM guest fills its RAM far slower than TCG does.
-    extra: ['--accel', process.env.KVM_MIGRATE_TEST_ACCEL ?? 'tcg', '--migration-address', which === 'A' ? rig.wireA : rig.wireB, '--incoming-timeout', '20', ...holds.flatMap((h) => ['--debug-hold', h])],
+    extra: ['--migration-address', which === 'A' ? rig.wireA : rig.wireB, '--incoming-timeout', '20', ...holds.flatMap((h) => ['--debug-hold', h])],
   };
   return { agent: await spawnAgent(t, spawnArgs), stateDir, spawnArgs };
 }

@@ -30,7 +30,7 @@ import {
   readGuestWords,
   writeGuestImage,
   type GuestParams,
-} from './image.js';
+} from '../../src/guest/image.js';
 
 const QEMU = 'qemu-system-x86_64';
 const MiB = 1024 * 1024;
@@ -209,7 +209,7 @@ t.test('boot.bin in the repo is exactly what boot.S assembles to', { skip: noBin
   tt.equal(r.status, 0, `build.sh succeeds ${r.stderr}`);
   const [built, committed] = await Promise.all([readFile(out), readFile(bootBinPath())]);
   tt.equal(built.length, 512);
-  tt.ok(built.equals(committed), 'boot.bin is up to date (run test/guest/build.sh)');
+  tt.ok(built.equals(committed), 'boot.bin is up to date (run src/guest/build.sh)');
 });
 
 t.test('writeGuestImage patches the parameter block and pads to 1 MiB', async (tt) => {

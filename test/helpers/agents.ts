@@ -10,10 +10,25 @@ import { AgentClient } from '../../src/client.js';
 import type { JobRecord } from '../../src/migration/jobs.js';
 import { killQemu, processMatches, type QemuProcessRecord } from '../../src/qemu/process.js';
 import { packageRoot } from '../../src/agent/package-root.js';
+import { readQemuRecords } from '../../src/store/state-store.js';
+import { chooseAccel } from '../../src/qemu/accel-probe.js';
+import { probeQemu } from '../../src/qemu/host.js';
 import { freePort } from '../../src/migration/ports.js';
-export { freePort };
-import { writeGuestImage, guestMemoryMiB, type GuestParams } from '../guest/image.js';
-import { testGuestXml } from '../guest/domain-xml.js';
+export { freePort, readQemuRecords as qemuRecords };
+import { writeGuestImage, guestMemoryMiB, type GuestParams } from '../../src/guest/image.js';
+import { testGuestXml } from '../../src/guest/domain-xml.js';
+
+/**
+ * The accelerator the suite's guests run on: KVM_MIGRATE_TEST_ACCEL (scripts/test.sh sets it
+ * from one measurement for the whole suite), else measured here, once per test process.
+ */
+export const TEST_ACCEL: 'kvm' | 'tcg' = await (async () => {
+  const forced = process.env.KVM_MIGRATE_TEST_ACCEL;
+  if (forced === 'kvm' || forced === 'tcg') return forced;
+  if (forced) throw new Error(`KVM_MIGRATE_TEST_ACCEL must be kvm or tcg, got ${forced}`);
+  const qemu = await probeQemu();
+  return (await chooseAccel(qemu.binary, qemu.kvmUsable)).accel;
+})();
 
 /** Every temp dir of the suite starts with this, so the leftover check can find strays. */
 export const TMP_PREFIX = 'kvm-migrate-test-';
@@ -66,7 +81,7 @@ export function agentConfig(dir: string, name: string, overrides: Partial<AgentC
     migrationAddress: overrides.listenHost ?? '127.0.0.1',
     migrationPorts: { low: 49152, high: 49215 },
     allowPaths: [dir],
-    accel: (process.env.KVM_MIGRATE_TEST_ACCEL as AgentConfig['accel']) ?? 'auto',
+    accel: TEST_ACCEL,
     incomingTimeoutSeconds: 30,
     bodyLimitBytes: DEFAULTS.bodyLimitBytes,
     maxIncoming: DEFAULTS.maxIncoming,
@@ -83,25 +98,10 @@ export interface TestAgent {
   config: AgentConfig;
 }
 
-/** Every qemu process record found in an agent's state dir (runtime records). */
-export async function qemuRecords(stateDir: string): Promise<QemuProcessRecord[]> {
-  const dir = path.join(stateDir, 'runtime');
-  const out: QemuProcessRecord[] = [];
-  for (const f of await fs.readdir(dir).catch(() => [] as string[])) {
-    if (!f.endsWith('.json')) continue;
-    try {
-      out.push(JSON.parse(await fs.readFile(path.join(dir, f), 'utf8')).process);
-    } catch {
-      // a record being rewritten; the in-memory list covers it
-    }
-  }
-  return out;
-}
-
 /** End, by pid, every qemu an agent started; used by teardown also when a test failed. */
 export async function killAgentQemus(app: FastifyInstance | undefined, stateDir: string): Promise<void> {
   const records = new Map<number, QemuProcessRecord>();
-  for (const rec of await qemuRecords(stateDir)) records.set(rec.pid, rec);
+  for (const rec of await readQemuRecords(stateDir)) records.set(rec.pid, rec);
   for (const entry of app?.agent.domains.list() ?? []) if (entry.run) records.set(entry.run.record.pid, entry.run.record);
   await Promise.all([...records.values()].filter(processMatches).map((rec) => killQemu(rec, { graceMs: 500 })));
 }
@@ -145,8 +145,7 @@ export async function spawnAgent(
 ): Promise<AgentProcess> {
   const port = opts.port ?? (opts.netns ? 7100 : await freePort(opts.host));
   const cli = path.join(packageRoot, 'dist', 'bin', 'kvm-migrate.js');
-  const accel = process.env.KVM_MIGRATE_TEST_ACCEL ? ['--accel', process.env.KVM_MIGRATE_TEST_ACCEL] : [];
-  const args = [cli, 'agent', '--listen', `${opts.host}:${port}`, '--state-dir', opts.stateDir, '--allow-path', opts.allowPath, '--log-level', 'warn', ...accel, ...(opts.extra ?? [])];
+  const args = [cli, 'agent', '--listen', `${opts.host}:${port}`, '--state-dir', opts.stateDir, '--allow-path', opts.allowPath, '--log-level', 'warn', '--accel', TEST_ACCEL, ...(opts.extra ?? [])];
   const command = opts.netns ? 'ip' : process.execPath;
   const argv = opts.netns ? ['netns', 'exec', opts.netns, process.execPath, ...args] : args;
   const child = spawn(command, argv, {

@@ -4,10 +4,10 @@ import { packageRoot } from '../../src/agent/package-root.js';
 
 const CLI = path.join(packageRoot, 'dist', 'bin', 'kvm-migrate.js');
 
-/** The real `kvm-migrate` command line, run to its end (bounded). */
-export function runCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+/** The real `kvm-migrate` command line, run to its end (bounded); `env` adds to the test's own. */
+export function runCli(args: string[], env: Record<string, string> = {}): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    execFile(process.execPath, [CLI, ...args], { timeout: 120_000 }, (err, stdout, stderr) => {
+    execFile(process.execPath, [CLI, ...args], { timeout: 120_000, env: { ...process.env, ...env } }, (err, stdout, stderr) => {
       resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
     });
   });

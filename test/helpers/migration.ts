@@ -3,9 +3,9 @@ import path from 'node:path';
 import type { Test } from 'tap';
 import type { AgentConfig } from '../../src/config.js';
 import { processMatches } from '../../src/qemu/process.js';
-import { readGuestCounters, type GuestCounters } from '../guest/image.js';
+import { readGuestCounters, type GuestCounters } from '../../src/guest/image.js';
 import { qemuRecords, startAgent, testGuest, tmpDir, waitFor, type TestAgent, type TestContext } from './agents.js';
-import type { GuestParams } from '../guest/image.js';
+import type { GuestParams } from '../../src/guest/image.js';
 
 /** Two in-process agents on their own loopback addresses, state dirs and port ranges. */
 export async function twoAgents(

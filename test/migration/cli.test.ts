@@ -1,4 +1,6 @@
 import t from 'tap';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
 import { testGuest } from '../helpers/agents.js';
 import { runCli } from '../helpers/cli.js';
 import { assertOwnedBy, twoAgents, waitForPasses } from '../helpers/migration.js';
@@ -32,6 +34,16 @@ t.test('kvm-migrate migrate: progress while it runs, a summary and exit 0 when c
   t.equal(notStuck.code, 1, 'resolve refused for a job that is not stuck');
   t.match(notStuck.stderr, /not_waiting_on_destination|not a source job waiting/);
   const incomplete = await runCli(['resolve', job.id, '--on', a.url, '--outcome', 'maybe', '--reason', 'x']);
-  t.match(incomplete.stderr, /--outcome finished\|aborted/, 'only finished or aborted');
-  await b.client.lifecycle('vm1', 'destroy');
+  t.match(incomplete.stderr, /must be one of finished, aborted/, 'only finished or aborted');
+  t.equal(incomplete.code, 64, 'a usage error');
+
+  // Flags from the environment, booleans included, and the token from a file.
+  const tokenFile = path.join(dir, 'token');
+  await fs.writeFile(tokenFile, 'cli-token\n', { mode: 0o600 });
+  const fromEnv = await runCli(['migrate', 'vm1', '--from', b.url, '--to', a.url], { KVM_MIGRATE_TOKEN_FILE: tokenFile, KVM_MIGRATE_PAUSED: 'yes', KVM_MIGRATE_NO_PERSIST: '1', KVM_MIGRATE_BANDWIDTH: '32' });
+  t.equal(fromEnv.code, 0, `exit 0 (stderr: ${fromEnv.stderr.slice(-300)})`);
+  const back = (await b.client.jobs()).find((j) => j.role === 'source' && j.status === 'completed')!;
+  t.match(back.options, { paused: true, persistDestination: false, bandwidthMiBps: 32 }, 'KVM_MIGRATE_PAUSED, _NO_PERSIST and _BANDWIDTH carried');
+  await assertOwnedBy(t, a, b, 'vm1', 'paused');
+  await a.client.lifecycle('vm1', 'destroy');
 });

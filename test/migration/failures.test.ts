@@ -2,7 +2,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import { processMatches } from '../../src/qemu/process.js';
-import { parseSerialLog } from '../guest/image.js';
+import { parseSerialLog } from '../../src/guest/image.js';
 import { freePort, spawnAgent, testGuest, waitFor, waitForJobEnd } from '../helpers/agents.js';
 import { runCli } from '../helpers/cli.js';
 import { assertOwnedBy, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';

@@ -1,5 +1,5 @@
 import t from 'tap';
-import { ramDigest, expectedRegionDigest, guestStaticRegion, guestMemoryMiB } from '../guest/image.js';
+import { ramDigest, expectedRegionDigest, guestStaticRegion, guestMemoryMiB } from '../../src/guest/image.js';
 import { testGuest, tmpDir, waitFor } from '../helpers/agents.js';
 import { guestQmp, twoAgents, waitForPasses } from '../helpers/migration.js';
 import type { Finish2Request } from '../../src/migration/protocol.js';

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Assemble the test guest boot sector: test/guest/boot.S -> test/guest/boot.bin
+# Assemble the test guest boot sector: src/guest/boot.S -> src/guest/boot.bin
 # (or to the path given as $1; the tests use that to check that boot.bin in
 # the repo is exactly what boot.S assembles to).  Needs GNU as + ld (binutils).
 set -euo pipefail

@@ -1,5 +1,5 @@
-// The project's own test guest: a 512-byte boot sector (test/guest/boot.S,
-// prebuilt as test/guest/boot.bin) that proves across a migration that the
+// The project's own test guest: a 512-byte boot sector (src/guest/boot.S,
+// prebuilt as src/guest/boot.bin) that proves across a migration that the
 // guest ran, kept running, did not reboot, and that its RAM arrived intact.
 //
 // Guest-physical memory map (must match boot.S):
@@ -17,10 +17,10 @@
 // With hotMiB = 0 each pass spins ~4M TSC ticks instead (~hundreds of passes/s).
 
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, existsSync } from 'node:fs';
+import { createReadStream } from 'node:fs';
 import { readFile, rm, writeFile } from 'node:fs/promises';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { packageRoot } from '../agent/package-root.js';
 
 export interface GuestParams {
   fillMiB: number;
@@ -51,20 +51,9 @@ const MiB = 1024 * 1024;
 const PAT_MUL = 0x9e3779b1;
 const PAT_XOR = 0xdeadbeef;
 
-/** Directory holding package.json, found by walking up from `from` (default: this module). */
-export function repoRoot(from: string = import.meta.url): string {
-  let dir = dirname(from.startsWith('file:') ? fileURLToPath(from) : resolve(from));
-  for (;;) {
-    if (existsSync(join(dir, 'package.json'))) return dir;
-    const parent = dirname(dir);
-    if (parent === dir) throw new Error(`no package.json above ${from}`);
-    dir = parent;
-  }
-}
-
-/** test/guest/ in the source tree (boot.S, boot.bin, build.sh), also when running from dist/. */
+/** src/guest/ in the package (boot.S, boot.bin, build.sh), also when running from dist/. */
 export function guestSourceDir(): string {
-  return join(repoRoot(), 'test', 'guest');
+  return join(packageRoot, 'src', 'guest');
 }
 
 export function bootBinPath(): string {
