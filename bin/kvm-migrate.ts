@@ -16,6 +16,7 @@ import { HOLD_POINTS } from '../src/migration/holds.js';
 import { version } from '../src/agent/version.js';
 
 const ENV_PREFIX = 'KVM_MIGRATE_';
+const DEFAULT_IMAGES_DIR = 'images';
 const envName = (flag: string) => ENV_PREFIX + flag.toUpperCase().replace(/-/g, '_');
 
 /** A flag with a value, also settable as KVM_MIGRATE_<FLAG>. */
@@ -111,11 +112,7 @@ async function agentAction(o: AgentOptions): Promise<number> {
     const stateDir = path.resolve(o.stateDir);
     const allowFromEnv = process.env.KVM_MIGRATE_ALLOW_PATH?.split(':').filter(Boolean) ?? [];
     const allowPaths = o.allowPath?.length ? o.allowPath : allowFromEnv;
-    if (allowPaths.length === 0) {
-      const images = path.join(stateDir, 'images');
-      await mkdir(images, { recursive: true });
-      allowPaths.push(images);
-    }
+    if (allowPaths.length === 0) allowPaths.push(path.join(stateDir, DEFAULT_IMAGES_DIR));
     config = validateConfig({
       listenHost: listen.host,
       listenPort: listen.port,
@@ -136,6 +133,8 @@ async function agentAction(o: AgentOptions): Promise<number> {
   } catch (err) {
     throw err instanceof UsageError ? err : new UsageError((err as Error).message);
   }
+  // Only for a configuration that will run: a refused one leaves nothing behind.
+  if (config.allowPaths[0] === path.join(config.stateDir, DEFAULT_IMAGES_DIR)) await mkdir(config.allowPaths[0], { recursive: true, mode: 0o700 });
   const app = await buildAgent(config, { logger: { level: o.logLevel } });
   await app.listen({ host: config.listenHost, port: config.listenPort });
   // Guests outlive the agent: stopping it only closes connections.

@@ -15,6 +15,14 @@ import {
 } from '../domain/index.js';
 import { QmpClient } from '../qemu/qmp.js';
 import { attachQemu, endPidfileOwner, killQemu, launchQemu, removeQemuFiles, waitForExit, type QemuProcessRecord } from '../qemu/process.js';
+
+/**
+ * Host policy, not guest ABI (so not part of the domain's argv): qemu's seccomp filter refuses
+ * obsolete syscalls, setuid and friends, fork/exec and scheduler/affinity changes. Whatever a
+ * peer, a guest or a bug gets qemu to attempt (an `exec:` migration URI, a helper program), it
+ * cannot start a process.
+ */
+export const QEMU_SANDBOX_ARGS = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'];
 import type { QemuHostInfo } from '../qemu/host.js';
 import { StateStore, isObject } from '../store/state-store.js';
 import { checkAllowedPaths } from './paths.js';
@@ -295,7 +303,7 @@ export class DomainManager extends EventEmitter {
    */
   async launch(entry: DomainEntry, opts: { incoming: boolean }): Promise<RunningQemu> {
     const host = this.hostSettings(entry.uuid);
-    const argv = buildArgv(entry.def, host, { incoming: opts.incoming });
+    const argv = [...buildArgv(entry.def, host, { incoming: opts.incoming }), ...QEMU_SANDBOX_ARGS];
     const { record, qmp } = await launchQemu({
       binary: host.qemuBinary,
       argv,

@@ -1,4 +1,4 @@
-import { AgentError, conflict } from '../errors.js';
+import { AgentError, badRequest, conflict } from '../errors.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
 import { destinationCapabilities, parseDestUri } from './params.js';
 import { pickPort, portIsFree } from './ports.js';
@@ -167,6 +167,11 @@ export class DestinationSide {
     const reserved = this.reservedPorts();
     if (desturi) {
       const wanted = parseDestUri(desturi);
+      // A caller may pick the port, never another address or a port outside the range.
+      const { low, high } = config.migrationPorts;
+      if (wanted.host !== config.migrationAddress || wanted.port < low || wanted.port > high) {
+        throw badRequest('desturi_not_allowed', `desturi must be tcp://${config.migrationAddress}:PORT with PORT in ${low}-${high} (--migration-address, --migration-ports), got ${desturi}`);
+      }
       if (reserved.has(wanted.port) || !(await portIsFree(wanted.host, wanted.port))) {
         throw conflict('port_in_use', `port ${wanted.port} on ${wanted.host} is in use`);
       }

@@ -1,3 +1,6 @@
+import { isIP } from 'node:net';
+import { isUnspecified } from '../config.js';
+import { badRequest } from '../errors.js';
 /**
  * Migration flags and tuning parameters: what the caller may ask for, and how each maps onto
  * qemu's migration capabilities and parameters (migrate-set-capabilities/-parameters).
@@ -83,9 +86,36 @@ export function sourceParameters(o: MigrationOptions): Record<string, number> {
   };
 }
 
+/**
+ * The stream address from a destination's Prepare2 answer, and the only URI the source gives
+ * qemu's `migrate`: rebuilt from a checked host and port, so nothing a peer writes (`exec:`,
+ * `unix:`, `fd:`, `file:`, `rdma:`, options after the port) ever reaches qemu.
+ */
+export function streamUriFromPeer(answer: unknown): string {
+  const m = typeof answer === 'string' ? /^tcp:(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})$/.exec(answer) : null;
+  const host = m?.[1] ?? '';
+  const bare = host.replace(/^\[|\]$/g, '');
+  const port = Number(m?.[2]);
+  // An address literal must be a valid one; anything else must be a DNS name, not digits and dots.
+  const validHost = host.startsWith('[') ? isIP(bare) === 6 : isIP(bare) === 4 || (/^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$/.test(bare) && !/^[0-9.]+$/.test(bare));
+  if (!m || !validHost || port < 1 || port > 65535 || isUnspecified(bare)) {
+    throw new PeerProtocolError(`the destination answered a stream URI the source does not use: ${JSON.stringify(answer).slice(0, 120)} (only tcp:HOST:PORT)`);
+  }
+  return `tcp:${host}:${port}`;
+}
+
+/** A peer that broke the protocol: its answer is refused, the migration fails on the source. */
+export class PeerProtocolError extends Error {
+  readonly code = 'bad_peer_answer';
+  constructor(message: string) {
+    super(message);
+    this.name = 'PeerProtocolError';
+  }
+}
+
 export function parseDestUri(desturi: string): { host: string; port: number } {
   const m = /^tcp:\/\/([^/:]+):(\d{1,5})$/.exec(desturi);
   const port = Number(m?.[2]);
-  if (!m || port < 1 || port > 65535) throw new Error(`desturi must be tcp://host:port, got ${desturi}`);
+  if (!m || port < 1 || port > 65535) throw badRequest('invalid_desturi', `desturi must be tcp://HOST:PORT with a port in 1-65535, got ${desturi}`);
   return { host: m[1]!, port };
 }

@@ -11,6 +11,8 @@ import {
   QEMU_DEFAULT_DOWNTIME_MS,
   sourceCapabilities,
   sourceParameters,
+  parseDestUri,
+  streamUriFromPeer,
   type MigrationOptions,
 } from './params.js';
 import { PeerRefusedError, PeerUnreachableError } from './peer-client.js';
@@ -73,6 +75,7 @@ export class SourceSide {
     } catch {
       throw new AgentError(400, 'invalid_destination', `destination must be an http(s) agent URL, got ${req.destination}`);
     }
+    if (req.desturi) parseDestUri(req.desturi);
     const migrationId = req.migrationId ?? randomUUID();
     return jobs.locks.run(migrationId, async () => {
       const replay = jobs.get(migrationId);
@@ -147,8 +150,9 @@ export class SourceSide {
       options,
       source: { hostUuid: self.uuid, hostname: self.hostname, accelerator: this.ctx.domains.accelOf(entry.def) },
     });
+    const uri = streamUriFromPeer(prepared.uri);
     await jobs.setPhase(job, 'prepared', {
-      uri: prepared.uri,
+      uri,
       peer: { ...peer, hostUuid: prepared.destination.hostUuid, hostname: prepared.destination.hostname },
     });
     if (job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'cancelled before the stream started');
@@ -156,7 +160,7 @@ export class SourceSide {
     await qmp.execute('migrate-set-parameters', sourceParameters(options));
     if (!options.live) await qmp.execute('stop');
     await jobs.setPhase(job, 'streaming', { timings: { ...job.record.timings, setupMs: Date.now() - started } });
-    await qmp.execute('migrate', { uri: prepared.uri });
+    await qmp.execute('migrate', { uri });
     return this.followStream(job, qmp);
   }
 

@@ -54,6 +54,15 @@ t.test('bad input is refused with the right status; nothing started, nothing sto
   const named = (await client.define(guest.xml.replace('<devices>', '<devices><sound model="ich6"/>')).catch((e: unknown) => e)) as AgentHttpError;
   t.match(String(named.body.element), /sound/, 'the refused element is named');
 
+  // A misspelled option is refused by name, never dropped (the migration would run with defaults).
+  await t.rejects(client.call('POST', '/perform', { domain: 'vm1', destination: 'http://127.0.0.1:1', bandwidht: 16, dowtnimeLimitMs: 300 }), {
+    status: 400,
+    code: 'unknown_property',
+    message: 'unknown body properties: bandwidht, dowtnimeLimitMs',
+    body: { unknownProperties: ['bandwidht', 'dowtnimeLimitMs'] },
+  });
+  await t.rejects(client.call('POST', '/jobs/x/resolve', { outcome: 'aborted', reason: 'r', force: true }), { status: 400, code: 'unknown_property', message: /force/ });
+
   // Bad request bodies on the JSON routes.
   await t.rejects(client.call('POST', '/perform', { domain: 'vm1' }), { status: 400, code: 'invalid_request' });
   await t.rejects(client.call('POST', '/perform', { domain: 'x;rm', destination: 'http://127.0.0.1:1' }), { status: 400, code: 'invalid_request' });
