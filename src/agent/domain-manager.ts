@@ -218,9 +218,12 @@ export class DomainManager extends EventEmitter {
     return effectiveAccel(def, this.opts.accel);
   }
 
-  /** Every host path of the guest must lie below an --allow-path root (or this agent's run/ for sockets). */
+  /**
+   * Every host path of the guest must lie below an --allow-path root, and never in the agent's
+   * own state: a guest's serial chardev on another guest's QMP socket would drive that monitor.
+   */
   private checkPaths(def: DomainDef): Promise<void> {
-    return checkAllowedPaths(domainFileRefs(def), [...this.opts.allowPaths, this.opts.store.dir('run')]);
+    return checkAllowedPaths(domainFileRefs(def), this.opts.allowPaths, this.opts.store.internalPaths());
   }
 
   async define(xml: string): Promise<DomainEntry> {

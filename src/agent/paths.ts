@@ -9,15 +9,25 @@ function isBelow(root: string, candidate: string): boolean {
   return rel === '' || (!rel.startsWith('..') && !path.isAbsolute(rel));
 }
 
-/** realpath of the longest existing prefix, with the missing rest appended (a log file not yet created). */
-async function resolveExisting(p: string): Promise<string> {
+/**
+ * realpath of the longest existing prefix, with the missing rest appended (a log file not yet
+ * created). A missing component that is a symlink (dangling) is refused: qemu would follow it
+ * and create its target wherever it points.
+ */
+async function resolveExisting(p: string, element: string): Promise<string> {
   const missing: string[] = [];
   let current = path.resolve(p);
   for (;;) {
     try {
       return path.join(await fs.realpath(current), ...missing.reverse());
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code !== 'ENOENT') {
+        throw new DomainXmlError('path_unresolvable', element, `${p} cannot be resolved (${code ?? (err as Error).message}): give an existing directory, without symlink loops`);
+      }
+      if (await fs.lstat(current).then((st) => st.isSymbolicLink(), () => false)) {
+        throw new DomainXmlError('path_dangling_symlink', element, `${current} is a symlink to a file that does not exist; qemu would create it wherever the link points`);
+      }
       const parent = path.dirname(current);
       if (parent === current) throw err;
       missing.push(path.basename(current));
@@ -26,10 +36,13 @@ async function resolveExisting(p: string): Promise<string> {
   }
 }
 
-async function checkOne(roots: string[], p: string, describe: string, element: string, mustExist: boolean): Promise<string> {
-  const resolved = await resolveExisting(p);
+async function checkOne(roots: string[], forbidden: string[], p: string, describe: string, element: string, mustExist: boolean): Promise<string> {
+  const resolved = await resolveExisting(p, element);
   if (!roots.some((root) => isBelow(root, resolved))) {
     throw new DomainXmlError('path_not_allowed', element, `${describe} ${p} (resolved ${resolved}) is not below any --allow-path root`);
+  }
+  if (forbidden.some((dir) => isBelow(dir, resolved))) {
+    throw new DomainXmlError('path_not_allowed', element, `${describe} ${p} (resolved ${resolved}) is inside the agent's own state (sockets, records, logs): never a guest's file`);
   }
   if (mustExist) {
     try {
@@ -47,17 +60,18 @@ async function checkOne(roots: string[], p: string, describe: string, element: s
  * the files a qcow2 image names in its header (backing chain, external data file), which qemu
  * opens on its own.
  */
-export async function checkAllowedPaths(refs: FileRef[], allowRoots: string[]): Promise<void> {
-  const roots = await Promise.all(allowRoots.map((r) => resolveExisting(r)));
+export async function checkAllowedPaths(refs: FileRef[], allowRoots: string[], forbiddenRoots: string[]): Promise<void> {
+  const roots = await Promise.all(allowRoots.map((r) => resolveExisting(r, '--allow-path')));
+  const forbidden = await Promise.all(forbiddenRoots.map((r) => resolveExisting(r, 'state directory')));
   for (const ref of refs) {
     if (!path.isAbsolute(ref.path)) {
       throw new DomainXmlError('path_not_absolute', ref.element, `${ref.kind} path must be absolute: ${ref.path}`);
     }
-    const resolved = await checkOne(roots, ref.path, `${ref.kind} path`, ref.element, ref.mustExist);
+    const resolved = await checkOne(roots, forbidden, ref.path, `${ref.kind} path`, ref.element, ref.mustExist);
     if (ref.format !== 'qcow2') continue;
     try {
       await imageFileRefs(resolved, 'qcow2', async (file) => {
-        await checkOne(roots, file.path, `${file.role === 'backing' ? 'backing file' : 'data file'} of ${file.from}:`, ref.element, true);
+        await checkOne(roots, forbidden, file.path, `${file.role === 'backing' ? 'backing file' : 'data file'} of ${file.from}:`, ref.element, true);
       });
     } catch (err) {
       if (err instanceof ImageError) throw new DomainXmlError(err.code, ref.element, err.message);

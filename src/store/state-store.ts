@@ -33,6 +33,15 @@ export class StateStore {
     return path.join(this.root, kind);
   }
 
+  /** What belongs to the agent alone: no guest's file may lie here, whatever --allow-path says. */
+  internalPaths(): string[] {
+    return [
+      ...(['domains', 'runtime', 'jobs', 'run', 'logs', 'quarantine'] as const).map((kind) => this.dir(kind)),
+      path.join(this.root, 'host.json'),
+      path.join(this.root, 'agent.lock'),
+    ];
+  }
+
   async init(): Promise<void> {
     for (const kind of ['domains', 'runtime', 'jobs', 'run', 'logs', 'quarantine'] as const) {
       await fs.mkdir(this.dir(kind), { recursive: true, mode: 0o700 });

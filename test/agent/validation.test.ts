@@ -69,6 +69,38 @@ t.test('bad input is refused with the right status; nothing started, nothing sto
   await t.rejects(client.call('POST', '/finish2', { migrationId: 'nope', rc: 0 }), { status: 404, code: 'migration_not_found' });
 });
 
+t.test("a guest's files never reach into the agent's state or through a dangling symlink", async (t) => {
+  const dir = await tmpDir(t);
+  // The allow-path root (dir) contains the state directory (dir/a), as it may on a real host.
+  const { client, config } = await startAgent(t, dir, 'a');
+  const neighbour = await testGuest(dir, 'vm1');
+  await client.define(neighbour.xml);
+  await client.lifecycle('vm1', 'start');
+  const qmpSocket = path.join(config.stateDir, 'run', `${(await client.domain('vm1')).uuid}.qmp`);
+  await fs.access(qmpSocket);
+  const guest = await testGuest(dir, 'vm2');
+  const withSerial = (serial: string) => guest.xml.replace(/<serial type='file'>[\s\S]*?<\/serial>/, serial);
+  const outside = await fs.mkdtemp(path.join(dir, '..', 'kvm-migrate-test-outside-'));
+  t.teardown(() => fs.rm(outside, { recursive: true, force: true }));
+  await fs.symlink(path.join(outside, 'cron-job'), path.join(dir, 'dangling.log'));
+  await fs.symlink(path.join(dir, 'loop-b'), path.join(dir, 'loop-a'));
+  await fs.symlink(path.join(dir, 'loop-a'), path.join(dir, 'loop-b'));
+  const cases = [
+    { what: "a serial chardev on the neighbour's QMP socket", xml: withSerial(`<serial type='unix'><source mode='connect' path='${qmpSocket}'/><target port='0'/></serial>`), code: 'path_not_allowed', message: /inside the agent's own state/ },
+    { what: 'a serial log in the state dir', xml: withSerial(`<serial type='file'><source path='${path.join(config.stateDir, 'logs', 'x.log')}'/><target port='0'/></serial>`), code: 'path_not_allowed', message: /inside the agent's own state/ },
+    { what: 'the disk of the job records', xml: guest.xml.replace(guest.image, path.join(config.stateDir, 'host.json')), code: 'path_not_allowed', message: /inside the agent's own state/ },
+    { what: 'a serial log through a dangling symlink', xml: withSerial(`<serial type='file'><source path='${path.join(dir, 'dangling.log')}'/><target port='0'/></serial>`), code: 'path_dangling_symlink', message: /symlink to a file that does not exist/ },
+    { what: 'a symlink loop', xml: withSerial(`<serial type='file'><source path='${path.join(dir, 'loop-a', 'x.log')}'/><target port='0'/></serial>`), code: 'path_unresolvable', message: /ELOOP/ },
+    { what: 'a name too long', xml: withSerial(`<serial type='file'><source path='${path.join(dir, 'x'.repeat(300))}'/><target port='0'/></serial>`), code: 'path_unresolvable', message: /ENAMETOOLONG/ },
+    { what: 'a file as a directory', xml: withSerial(`<serial type='file'><source path='${path.join(guest.image, 'x.log')}'/><target port='0'/></serial>`), code: 'path_unresolvable', message: /ENOTDIR/ },
+  ];
+  for (const c of cases) {
+    await t.rejects(client.define(c.xml), { status: 400, code: c.code, message: c.message }, `${c.what}: refused`);
+  }
+  t.notOk(await fs.lstat(path.join(outside, 'cron-job')).catch(() => null), 'nothing was created through the link');
+  await client.lifecycle('vm1', 'destroy');
+});
+
 t.test('bearer token on every route but /health', async (t) => {
   const dir = await tmpDir(t);
   const { url } = await startAgent(t, dir, 'a', { token: TOKEN });
