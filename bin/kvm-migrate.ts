@@ -103,6 +103,7 @@ interface AgentOptions {
   logLevel: string;
   qemuBinary?: string;
   debugHold?: string[];
+  allowedHost?: string[];
 }
 
 async function agentAction(o: AgentOptions): Promise<number> {
@@ -124,6 +125,8 @@ async function agentAction(o: AgentOptions): Promise<number> {
       accel: o.accel,
       incomingTimeoutSeconds: o.incomingTimeout,
       bodyLimitBytes: DEFAULTS.bodyLimitBytes,
+      requestTimeoutMs: DEFAULTS.requestTimeoutMs,
+      allowedHosts: o.allowedHost ?? process.env.KVM_MIGRATE_ALLOWED_HOST?.split(',').filter(Boolean) ?? [],
       qemuBinary: o.qemuBinary,
       maxIncoming: o.maxIncoming,
       maxOutgoing: o.maxOutgoing,
@@ -247,6 +250,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(valueOption('--state-dir <dir>', 'definitions, runtime records, jobs, sockets, logs (one agent per directory)').default('/var/lib/kvm-migrate'))
     .addOption(new Option('--allow-path <dir>', `disks, kernels, serial/log files must lie below one (repeatable; ${ENV_PREFIX}ALLOW_PATH: colon-separated; default STATE_DIR/images)`).argParser(collect))
     .addOption(valueOption('--migration-address <addr>', 'the address peers send migration streams to (default: the listen host; required when that is 0.0.0.0 or ::)'))
+    .addOption(new Option('--allowed-host <name>', `a DNS name callers and peers use for this agent, besides its addresses, localhost and ${'`hostname`'} (repeatable; ${ENV_PREFIX}ALLOWED_HOST: comma-separated); any other Host header is refused (DNS rebinding)`).argParser(collect))
     .addOption(valueOption('--migration-ports <low-high>', 'incoming stream ports').default(DEFAULTS.migrationPorts))
     .addOption(valueOption('--accel <accel>', 'auto: KVM where it works (measured at start; GET /host says how fast), else TCG').argParser(oneOf(['auto', 'kvm', 'tcg'] as const)).default(DEFAULTS.accel))
     .addOption(valueOption('--incoming-timeout <seconds>', 'lease of a prepared destination').argParser(wholeNumber(1)).default(DEFAULTS.incomingTimeoutSeconds))

@@ -16,6 +16,10 @@ export interface AgentConfig {
   accel: 'auto' | 'kvm' | 'tcg';
   /** Seconds a prepared destination waits for its stream to start, and for Finish2 after it ended. */
   incomingTimeoutSeconds: number;
+  /** Names (besides addresses, localhost and this host's name) callers may use in Host. */
+  allowedHosts: string[];
+  /** Receiving one request, headers and body, must end within this. */
+  requestTimeoutMs: number;
   /** Largest request body, in bytes (domain XML included). */
   bodyLimitBytes: number;
   qemuBinary?: string;
@@ -34,6 +38,7 @@ export const DEFAULTS = {
   accel: 'auto' as const,
   incomingTimeoutSeconds: 60,
   bodyLimitBytes: 1024 * 1024,
+  requestTimeoutMs: 30_000,
   maxIncoming: 4,
   maxOutgoing: 2,
   jobHistory: 20,

@@ -1,4 +1,5 @@
 import { mkdir } from 'node:fs/promises';
+import { isIP } from 'node:net';
 import os from 'node:os';
 import { timingSafeEqual } from 'node:crypto';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions } from 'fastify';
@@ -99,6 +100,12 @@ class BackgroundAccelProbe {
   }
 }
 
+/** The name or address in a Host header, without port or IPv6 brackets; undefined when malformed. */
+function hostnameOf(header: string | undefined): string | undefined {
+  const m = header ? /^(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]+))(?::\d{1,5})?$/.exec(header) : null;
+  return m ? (m[1] ?? m[2]!).toLowerCase() : undefined;
+}
+
 /** A request that failed its schema; unknown properties are named, all of them. */
 function validationError(err: FastifyError): { code: string; message: string; unknownProperties?: string[] } {
   const unknown = (err.validation ?? []).filter((v) => v.keyword === 'additionalProperties');
@@ -140,6 +147,10 @@ export async function buildAgent(
     bodyLimit: config.bodyLimitBytes,
     // Job and domain routes answer in milliseconds; a long ?wait=true Perform is the exception.
     connectionTimeout: 0,
+    // Receiving a request (headers and body) is bounded, so slow senders cannot hold sockets;
+    // answering is not (a ?wait=true Perform answers when its migration ends).
+    requestTimeout: config.requestTimeoutMs,
+    http: { headersTimeout: Math.min(config.requestTimeoutMs, 10_000), connectionsCheckingInterval: Math.min(config.requestTimeoutMs, 1000) },
     // Fastify's default strips unknown properties, so a misspelled option (`bandwidht`) would
     // silently run the migration with defaults; refuse them instead, naming them (verbose gives
     // the error its schema, which says which properties are known).
@@ -187,6 +198,17 @@ async function assemble(app: FastifyInstance, config: AgentConfig, lock: StateDi
   // XML or JSON only: a text/plain body is refused (415) rather than guessed at.
   app.removeContentTypeParser('text/plain');
   app.addContentTypeParser(['application/xml', 'text/xml'], { parseAs: 'string' }, (_req, body, done) => done(null, body));
+
+  // A browser on a page of any site can be made to talk to this agent through a DNS name it
+  // controls (DNS rebinding); such requests carry that name in Host. Addresses, localhost, this
+  // host's name and the names given with --allowed-host are what callers and peers use.
+  const allowedHosts = new Set(['localhost', os.hostname().toLowerCase(), ...config.allowedHosts.map((h) => h.toLowerCase())]);
+  app.addHook('onRequest', async (req) => {
+    const host = hostnameOf(req.headers.host);
+    if (host === undefined || !(isIP(host) !== 0 || allowedHosts.has(host))) {
+      throw new AgentError(403, 'host_not_allowed', `Host ${JSON.stringify(req.headers.host ?? '')} is not a name of this agent: use its address, or add the name with --allowed-host`);
+    }
+  });
 
   app.addHook('onRequest', async (req, reply) => {
     if (!config.token || req.routeOptions.config.public) return;

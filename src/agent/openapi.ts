@@ -13,6 +13,8 @@ export async function openapiDocument(scratchStateDir: string): Promise<string> 
     accel: 'tcg',
     incomingTimeoutSeconds: DEFAULTS.incomingTimeoutSeconds,
     bodyLimitBytes: DEFAULTS.bodyLimitBytes,
+    requestTimeoutMs: DEFAULTS.requestTimeoutMs,
+    allowedHosts: [],
     maxIncoming: DEFAULTS.maxIncoming,
     maxOutgoing: DEFAULTS.maxOutgoing,
     jobHistory: DEFAULTS.jobHistory,

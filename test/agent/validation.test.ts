@@ -1,5 +1,7 @@
 import t from 'tap';
 import { promises as fs } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { AgentClient, AgentHttpError } from '../../src/client.js';
 import { qemuRecords, startAgent, testGuest, tmpDir } from '../helpers/agents.js';
@@ -121,6 +123,50 @@ t.test('bearer token on every route but /health', async (t) => {
     await t.rejects(wrong.call(method, route, method === 'POST' ? {} : undefined), { status: 401, code: 'unauthorized' }, `${method} ${route} wrong token`);
   }
   t.ok((await new AgentClient(url, TOKEN).host()).uuid, 'right token accepted');
+});
+
+/** One raw HTTP/1.1 exchange, to set the Host header and pace the body as a client may. */
+function rawRequest(port: number, text: string, opts: { endAfterMs?: number } = {}): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, '127.0.0.1', () => socket.write(text));
+    let answer = '';
+    socket.setEncoding('utf8');
+    socket.on('data', (c: string) => (answer += c));
+    socket.on('error', reject);
+    socket.on('close', () => resolve(answer));
+    const timer = setTimeout(() => socket.destroy(), opts.endAfterMs ?? 10_000);
+    socket.on('close', () => clearTimeout(timer));
+  });
+}
+
+t.test('DNS rebinding: a Host that is no name of the agent is refused', async (t) => {
+  const dir = await tmpDir(t);
+  const { app } = await startAgent(t, dir, 'a', { allowedHosts: ['agent-a.example'] });
+  const port = (app.server.address() as net.AddressInfo).port;
+  const ask = (host: string) => rawRequest(port, `GET /domains HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`);
+  for (const host of ['attacker.example', `attacker.example:${port}`, 'localhost.attacker.example', '127.0.0.1.nip.example']) {
+    const answer = await ask(host);
+    t.match(answer, /^HTTP\/1\.1 403 /, `Host ${host}: 403`);
+    t.match(answer, /"code":"host_not_allowed"/, 'with its code');
+  }
+  for (const host of [`127.0.0.1:${port}`, `localhost:${port}`, 'localhost', `[::1]:${port}`, `agent-a.example:${port}`, `${os.hostname()}:${port}`]) {
+    t.match(await ask(host), /^HTTP\/1\.1 200 /, `Host ${host}: served`);
+  }
+  t.match(await rawRequest(port, 'GET /health HTTP/1.0\r\n\r\n'), /^HTTP\/1\.1 403 /, 'no Host at all: refused');
+});
+
+t.test('a request body that never completes is cut off', async (t) => {
+  const dir = await tmpDir(t);
+  const { app, client } = await startAgent(t, dir, 'a', { requestTimeoutMs: 1000 });
+  const port = (app.server.address() as net.AddressInfo).port;
+  const started = Date.now();
+  const answer = await rawRequest(port, `POST /domains HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/xml\r\nContent-Length: 1000\r\n\r\n<domain>`, { endAfterMs: 15_000 });
+  const took = Date.now() - started;
+  t.match(answer, /^HTTP\/1\.1 408 /, 'answered 408 Request Timeout');
+  t.ok(took >= 900 && took < 5000, `after ${took} ms`);
+  const headersOnly = await rawRequest(port, `GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n`, { endAfterMs: 15_000 });
+  t.match(headersOnly, /^HTTP\/1\.1 408 /, 'headers that never end: 408 too');
+  t.equal((await client.call<{ status: string }>('GET', '/health')).status, 'ok', 'the agent serves on');
 });
 
 t.test('non-loopback listen without a token is refused', async (t) => {

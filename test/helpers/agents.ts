@@ -84,6 +84,8 @@ export function agentConfig(dir: string, name: string, overrides: Partial<AgentC
     accel: TEST_ACCEL,
     incomingTimeoutSeconds: 30,
     bodyLimitBytes: DEFAULTS.bodyLimitBytes,
+    requestTimeoutMs: DEFAULTS.requestTimeoutMs,
+    allowedHosts: [],
     maxIncoming: DEFAULTS.maxIncoming,
     jobHistory: DEFAULTS.jobHistory,
     maxOutgoing: DEFAULTS.maxOutgoing,
