@@ -25,6 +25,8 @@ export class PeerUnreachableError extends AgentError {
   }
 }
 
+const MAX_ANSWER_BYTES = 1024 * 1024;
+
 /** Agent-to-agent HTTP (undici), with the shared bearer token and bounded time for every call. */
 export class PeerClient {
   private readonly dispatcher = new Agent({ connect: { timeout: 5000 }, keepAliveTimeout: 10_000 });
@@ -55,9 +57,20 @@ export class PeerClient {
     }
     let text: string;
     try {
-      text = await res.body.text();
+      const chunks: Buffer[] = [];
+      let size = 0;
+      for await (const chunk of res.body) {
+        size += (chunk as Buffer).length;
+        // Protocol answers are a few hundred bytes; a peer that sends more is not a peer.
+        if (size > MAX_ANSWER_BYTES) {
+          res.body.destroy();
+          throw new PeerUnreachableError(url, new Error(`answer larger than ${MAX_ANSWER_BYTES} bytes`), 'peer_failed');
+        }
+        chunks.push(chunk as Buffer);
+      }
+      text = Buffer.concat(chunks).toString('utf8');
     } catch (err) {
-      throw new PeerUnreachableError(url, err);
+      throw err instanceof PeerUnreachableError ? err : new PeerUnreachableError(url, err);
     }
     let parsed: unknown;
     try {

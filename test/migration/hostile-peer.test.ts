@@ -64,6 +64,17 @@ t.test('a Prepare2 answer with any URI but tcp:HOST:PORT never reaches qemu', as
   await a.client.lifecycle('vm1', 'destroy');
 });
 
+t.test('a peer answer is read up to 1 MiB, no further', async (t) => {
+  const { dir, a } = await twoAgents(t);
+  await startGuest(a, dir, 'vm4');
+  const fake = await fakeDestination(t, `tcp:127.0.0.4:${'9'.repeat(4 * 1024 * 1024)}`);
+  const { job } = await a.client.perform({ domain: 'vm4', destination: fake.url }, true);
+  t.equal(job.status, 'failed');
+  t.match(job.error, { code: 'peer_failed', message: /answer larger than 1048576 bytes/ }, 'refused by size, not parsed');
+  t.equal((await a.client.domain('vm4')).state, 'running', 'the guest stays on the source');
+  await a.client.lifecycle('vm4', 'destroy');
+});
+
 t.test("the agent's qemu runs under its seccomp sandbox: even an exec: migration cannot spawn", async (t) => {
   const { dir, a } = await twoAgents(t);
   await startGuest(a, dir, 'vm2');
