@@ -65,9 +65,14 @@ function applyBooleanEnv(cmd: Command): void {
   }
 }
 
-/** The operator credential: --token-file (or its variable) or KVM_MIGRATE_TOKEN; never needed on the command line. */
-function readToken(o: { token?: string; tokenFile?: string }): string | undefined {
-  if (o.tokenFile) {
+/**
+ * The operator credential: --token-file or --token, each also from its variable; the command
+ * line wins over the environment, and both on the command line is a usage error.
+ */
+function readToken(o: { token?: string; tokenFile?: string }, cmd: Command): string | undefined {
+  const fromCli = (key: string) => cmd.getOptionValueSource(key) === 'cli';
+  if (o.token && o.tokenFile && fromCli('token') && fromCli('tokenFile')) throw new UsageError('give --token or --token-file, not both');
+  if (o.tokenFile && !(o.token && fromCli('token'))) {
     let text: string;
     try {
       text = readFileSync(o.tokenFile, 'utf8');
@@ -106,7 +111,7 @@ interface AgentOptions {
   allowedHost?: string[];
 }
 
-async function agentAction(o: AgentOptions): Promise<number> {
+async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
   let config: AgentConfig;
   try {
     const listen = parseListen(o.listen);
@@ -118,7 +123,7 @@ async function agentAction(o: AgentOptions): Promise<number> {
       listenHost: listen.host,
       listenPort: listen.port,
       stateDir,
-      token: readToken(o),
+      token: readToken(o, cmd),
       migrationAddress: o.migrationAddress ?? listen.host,
       migrationPorts: parsePortRange(o.migrationPorts),
       allowPaths,
@@ -168,8 +173,8 @@ interface MigrateOptions {
   progressTimeout?: number;
 }
 
-async function migrateAction(domain: string, o: MigrateOptions): Promise<number> {
-  const client = new AgentClient(o.from, readToken(o));
+async function migrateAction(domain: string, o: MigrateOptions, cmd: Command): Promise<number> {
+  const client = new AgentClient(o.from, readToken(o, cmd));
   const { job } = await client.perform({
     domain,
     destination: o.to,
@@ -198,8 +203,8 @@ async function migrateAction(domain: string, o: MigrateOptions): Promise<number>
   return final.status === 'completed' ? EXIT.ok : final.status === 'cancelled' ? EXIT.cancelled : EXIT.failed;
 }
 
-async function jobsAction(o: { on: string; token?: string; tokenFile?: string }): Promise<number> {
-  for (const job of await new AgentClient(o.on, readToken(o)).jobs()) {
+async function jobsAction(o: { on: string; token?: string; tokenFile?: string }, cmd: Command): Promise<number> {
+  for (const job of await new AgentClient(o.on, readToken(o, cmd)).jobs()) {
     const fields = [job.id, job.role, job.domain, job.status, job.phase, job.createdAt];
     if (job.status !== 'running') fields.push(summarize(job));
     if (job.waiting) fields.push(`WAITING: ${job.waiting}`);
@@ -208,8 +213,8 @@ async function jobsAction(o: { on: string; token?: string; tokenFile?: string })
   return EXIT.ok;
 }
 
-async function resolveAction(id: string, o: { on: string; token?: string; tokenFile?: string; outcome: 'finished' | 'aborted'; reason: string }): Promise<number> {
-  const job = await new AgentClient(o.on, readToken(o)).resolve(id, o.outcome, o.reason);
+async function resolveAction(id: string, o: { on: string; token?: string; tokenFile?: string; outcome: 'finished' | 'aborted'; reason: string }, cmd: Command): Promise<number> {
+  const job = await new AgentClient(o.on, readToken(o, cmd)).resolve(id, o.outcome, o.reason);
   process.stdout.write(`${summarize(job)}${job.waiting ? `; waiting: ${job.waiting}` : ''}\n`);
   return job.status === 'running' ? EXIT.inProgress : EXIT.ok;
 }
@@ -261,7 +266,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(valueOption('--qemu-binary <path>', 'qemu-system-x86_64 to run (default: from PATH)'))
     .addOption(new Option('--debug-hold <point>', `fault-injection rigs only: stop at ${HOLD_POINTS.join('|')} until STATE_DIR/hold.POINT is removed (repeatable; ${ENV_PREFIX}DEBUG_HOLD: comma-separated)`).argParser(collect).hideHelp())
     .addHelpText('after', '\nThe agent keeps running until SIGTERM or SIGINT; guests outlive it.')
-    .action((o: AgentOptions) => run(agentAction(o)));
+    .action((o: AgentOptions, cmd: Command) => run(agentAction(o, cmd)));
   tokenOptions(program.commands.at(-1)!);
 
   tokenOptions(
@@ -285,7 +290,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
       .addHelpText('after', `\nExit codes: 0 completed, 1 failed, 2 cancelled, 64 usage error, 69 agent unreachable.`)
       .action((domain: string, _opts: MigrateOptions, cmd: Command) => {
         applyBooleanEnv(cmd);
-        run(migrateAction(domain, cmd.opts<MigrateOptions>()));
+        run(migrateAction(domain, cmd.opts<MigrateOptions>(), cmd));
       }),
   );
 
@@ -294,7 +299,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
       .command('jobs')
       .description("one line per migration job of an agent; WAITING and why when one is stuck")
       .addOption(valueOption('--on <url>', 'the agent').makeOptionMandatory())
-      .action((o: { on: string; token?: string; tokenFile?: string }) => run(jobsAction(o))),
+      .action((o: { on: string; token?: string; tokenFile?: string }, cmd: Command) => run(jobsAction(o, cmd))),
   );
 
   tokenOptions(
@@ -306,7 +311,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
       .addOption(valueOption('--outcome <outcome>', 'finished: the guest runs there, end the paused copy here; aborted: resume it here').argParser(oneOf(['finished', 'aborted'] as const)).makeOptionMandatory())
       .addOption(valueOption('--reason <text>', 'why; kept in the job record').makeOptionMandatory())
       .addHelpText('after', '\nExit codes: 0 carried out, 1 refused, 3 recorded and still being carried out, 64 usage error, 69 agent unreachable.')
-      .action((id: string, o: { on: string; token?: string; tokenFile?: string; outcome: 'finished' | 'aborted'; reason: string }) => run(resolveAction(id, o))),
+      .action((id: string, o: { on: string; token?: string; tokenFile?: string; outcome: 'finished' | 'aborted'; reason: string }, cmd: Command) => run(resolveAction(id, o, cmd))),
   );
 
   program

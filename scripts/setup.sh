@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# npm would only warn (EBADENGINE) and the build fail later, less clearly: bookworm's own nodejs is 18.
+if ! node -e 'const [a, b, c] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && (b > 18 || (b === 18 && c >= 1))) ? 0 : 1)'; then
+  echo "setup: Node >= 20.18.1 is needed, this is $(node --version 2>/dev/null || echo 'no node'); see README.md, Prerequisites" >&2
+  exit 1
+fi
+
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v ip >/dev/null || need+=(iproute2)

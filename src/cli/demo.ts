@@ -28,6 +28,11 @@ interface DemoAgent {
   child: ChildProcess;
 }
 
+/** The demo's agents take their settings from the demo alone, none from the caller's KVM_MIGRATE_* variables. */
+function agentEnv(): NodeJS.ProcessEnv {
+  return Object.fromEntries(Object.entries(process.env).filter(([name]) => !name.startsWith('KVM_MIGRATE_')));
+}
+
 async function startAgent(name: string, host: string, dir: string, token: string, ports: string, accel: Accelerator, signal: AbortSignal): Promise<DemoAgent> {
   const port = await freePort(host);
   const stateDir = path.join(dir, name);
@@ -35,7 +40,7 @@ async function startAgent(name: string, host: string, dir: string, token: string
   const child = spawn(
     process.execPath,
     [CLI, 'agent', '--listen', `${host}:${port}`, '--state-dir', stateDir, '--allow-path', dir, '--migration-ports', ports, '--accel', accel, '--log-level', 'warn'],
-    { env: { ...process.env, KVM_MIGRATE_TOKEN: token }, stdio: ['ignore', 'inherit', 'inherit'], detached: true },
+    { env: { ...agentEnv(), KVM_MIGRATE_TOKEN: token }, stdio: ['ignore', 'inherit', 'inherit'], detached: true },
   );
   const agent = { name, url: `http://${host}:${port}`, stateDir, client: new AgentClient(`http://${host}:${port}`, token), child };
   const deadline = Date.now() + AGENT_UP_MS;

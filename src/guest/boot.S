@@ -2,7 +2,7 @@
 #
 # Proves to the migration tests that the guest runs, keeps running across a
 # migration, never reboots, and that its RAM arrives intact.  Layout (keep in
-# sync with test/guest/image.ts):
+# sync with src/guest/image.ts):
 #
 #   0x9000 u32  magic 'KMGT' (0x4B4D4754)
 #   0x9004 u32  boot id (RDTSC at boot; differs per boot, never 0)

@@ -43,12 +43,19 @@ t.test('usage errors exit 64 and name the flag', async (t) => {
     { args: ['agent'], env: { KVM_MIGRATE_MAX_INCOMING: 'many' }, says: /'--max-incoming <n>' value 'many' from env 'KVM_MIGRATE_MAX_INCOMING' is invalid/ },
     { args: ['agent', '--listen', '0.0.0.0:7199', '--token', 'x', '--state-dir', path.join(os.tmpdir(), 'kvm-migrate-test-never')], says: /set --migration-address/ },
     { args: ['jobs', '--on', 'http://127.0.0.1:1', '--token-file', '/nonexistent/token'], says: /--token-file \/nonexistent\/token: ENOENT/ },
+    { args: ['jobs', '--on', 'http://127.0.0.1:1', '--token', 't', '--token-file', '/nonexistent/token'], says: /give --token or --token-file, not both/ },
   ];
   for (const c of cases) {
     const r = await runCli(c.args, c.env);
     t.equal(r.code, 64, `${c.args.join(' ')}: exit 64`);
     t.match(r.stderr, c.says, r.stderr.split('\n')[0]!);
   }
+});
+
+t.test('--token on the command line wins over KVM_MIGRATE_TOKEN_FILE', async (t) => {
+  // The file does not exist: were it read, the command would fail with a usage error.
+  const r = await runCli(['jobs', '--on', 'http://127.0.0.1:1', '--token', 't'], { KVM_MIGRATE_TOKEN_FILE: '/nonexistent/token' });
+  t.equal(r.code, 69, 'the flag was used, the variable ignored');
 });
 
 t.test('an unreachable agent exits 69', async (t) => {
