@@ -215,6 +215,10 @@ function parseOs(n: Node): { os: OsDef; machine: string } {
   for (const key of ['kernel', 'initrd'] as const) {
     const k = n.child(key)?.expect({ text: true });
     if (k) os[key] = hostPath(k.requireText(), k.path);
+    // qemu reads -initrd of a multiboot kernel as a comma-separated module list (each module
+    // "FILE ARGS"), while the Linux loader takes it as one file name: no escaping serves both,
+    // so the initrd path may hold neither commas nor blanks (-kernel is always one file name).
+    if (k && key === 'initrd' && /[,\s]/.test(os.initrd!)) throw fail('invalid_value', k.path, `initrd path must not contain commas or blanks: ${os.initrd}`);
   }
   const cmdline = n.child('cmdline')?.expect({ text: true });
   if (cmdline) os.cmdline = cmdline.text();

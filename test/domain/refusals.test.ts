@@ -100,6 +100,9 @@ const cases: Case[] = [
   ['cmdline without kernel', d({ os: os('<cmdline>quiet</cmdline>') }), 'missing_element', '/domain/os/kernel'],
   ['relative kernel', d({ os: os('<kernel>boot/vmlinuz</kernel>') }), 'invalid_value', '/domain/os/kernel'],
   ['kernel with ..', d({ os: os('<kernel>/srv/../etc/shadow</kernel>') }), 'invalid_value', '/domain/os/kernel'],
+  // A multiboot kernel would load every comma-separated "FILE ARGS" of -initrd as a module.
+  ['initrd with a comma', d({ os: os('<kernel>/v/vmlinuz</kernel><initrd>/v/initrd.img,/etc/shadow</initrd>') }), 'invalid_value', '/domain/os/initrd'],
+  ['initrd with a blank', d({ os: os('<kernel>/v/vmlinuz</kernel><initrd>/v/initrd.img /etc/shadow</initrd>') }), 'invalid_value', '/domain/os/initrd'],
 
   // features
   ['hyperv', d({ body: "<features><hyperv><relaxed state='on'/></hyperv></features>" }), 'unsupported_element', '/domain/features/hyperv'],
