@@ -1,3 +1,4 @@
+import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { AgentError, badRequest, conflict } from '../errors.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
 import { destinationCapabilities, parseDestUri } from './params.js';
@@ -43,7 +44,7 @@ export class DestinationSide {
       throw new AgentError(400, 'same_host', `migration ${record.id} is an outgoing one on this agent`);
     }
     if (record.status === 'running' && record.uri && ACTIVE_INCOMING_PHASES.has(record.phase)) {
-      return this.prepareAnswer(record.id, record.uri);
+      return this.prepareAnswer(record.id, record.uri, record.finishToken!);
     }
     throw conflict('migration_ended', `migration ${record.id} is ${record.status} (phase ${record.phase}) here`, {
       job: record.id,
@@ -51,9 +52,9 @@ export class DestinationSide {
     });
   }
 
-  private prepareAnswer(migrationId: string, uri: string): Prepare2Response {
+  private prepareAnswer(migrationId: string, uri: string, finishToken: string): Prepare2Response {
     const host = this.ctx.hostInfo();
-    return { migrationId, uri, destination: { hostUuid: host.uuid, hostname: host.hostname } };
+    return { migrationId, uri, destination: { hostUuid: host.uuid, hostname: host.hostname }, finishToken };
   }
 
   private async prepareNew(req: Prepare2Request): Promise<Prepare2Response> {
@@ -96,6 +97,7 @@ export class DestinationSide {
           uuid: def.uuid,
           options: req.options,
           peer: { hostUuid: req.source.hostUuid, hostname: req.source.hostname },
+          finishToken: randomBytes(32).toString('hex'),
         },
         'preparing',
       );
@@ -109,7 +111,7 @@ export class DestinationSide {
       this.armLease(job, 'no stream started');
       await this.ctx.hold('prepare2', job.id);
       log.info({ migration: job.id, domain: def.name, uri: listenUri }, 'prepared incoming migration');
-      return this.prepareAnswer(job.id, listenUri);
+      return this.prepareAnswer(job.id, listenUri, job.record.finishToken!);
     } catch (err) {
       if (job) await this.abort(job, entry, { code: 'prepare_failed', message: (err as Error).message });
       else this.releaseEntry(entry);
@@ -241,6 +243,9 @@ export class DestinationSide {
           );
         }
         throw new AgentError(404, 'migration_not_found', `no incoming migration ${req.migrationId} here`);
+      }
+      if (!finishTokenMatches(job.record.finishToken, req.finishToken)) {
+        throw new AgentError(403, 'finish2_not_from_source', `Finish2 for migration ${req.migrationId} does not carry the finishToken of its Prepare2 answer: only the source that prepared it may end it`);
       }
       if (job.record.finish?.outcome) return this.finishAnswer(job);
       const entry = this.ctx.domains.find(job.record.domain);
@@ -413,4 +418,11 @@ export class DestinationSide {
     for (const timer of this.leases.values()) clearTimeout(timer);
     this.leases.clear();
   }
+}
+
+function finishTokenMatches(expected: string | undefined, presented: string | undefined): boolean {
+  if (!expected || !presented) return false;
+  const a = Buffer.from(expected);
+  const b = Buffer.from(presented);
+  return a.length === b.length && timingSafeEqual(a, b);
 }

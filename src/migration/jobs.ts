@@ -66,6 +66,8 @@ export interface JobRecord {
    * unreachable for good), applied instead of the destination's answer.
    */
   resolution?: { outcome: 'finished' | 'aborted'; reason: string; at: string };
+  /** The Prepare2 answer's finishToken (both roles); never served by the API. */
+  finishToken?: string;
 }
 
 export class Job extends EventEmitter {
@@ -122,7 +124,7 @@ export class JobRegistry {
     return this.list().filter((j) => j.record.role === role && !j.terminal);
   }
 
-  async create(fields: Pick<JobRecord, 'id' | 'role' | 'domain' | 'uuid' | 'options' | 'peer'>, phase: Phase): Promise<Job> {
+  async create(fields: Pick<JobRecord, 'id' | 'role' | 'domain' | 'uuid' | 'options' | 'peer'> & Partial<Pick<JobRecord, 'finishToken'>>, phase: Phase): Promise<Job> {
     const now = new Date().toISOString();
     const job = new Job({
       ...fields,

@@ -23,6 +23,11 @@ export interface Prepare2Response {
   /** Where the source's qemu must stream to, in qemu's URI syntax (`tcp:host:port`). */
   uri: string;
   destination: { hostUuid: string; hostname: string };
+  /**
+   * A secret for this migration: Finish2 is acted on only with it, so only whoever got this
+   * answer (the source that sent Prepare2) can end the migration, not any holder of a credential.
+   */
+  finishToken: string;
 }
 
 export interface Finish2Request {
@@ -32,6 +37,8 @@ export interface Finish2Request {
   /** Why Perform failed, for the destination's job record. */
   error?: string;
   cancelled?: boolean;
+  /** The finishToken of the Prepare2 answer. */
+  finishToken?: string;
   /** The guest's UUID: lets a destination that no longer holds the job tell whether it runs the guest. */
   uuid?: string;
 }

@@ -12,6 +12,7 @@ import {
   sourceCapabilities,
   sourceParameters,
   parseDestUri,
+  PeerProtocolError,
   streamUriFromPeer,
   type MigrationOptions,
 } from './params.js';
@@ -151,8 +152,12 @@ export class SourceSide {
       source: { hostUuid: self.uuid, hostname: self.hostname, accelerator: this.ctx.domains.accelOf(entry.def) },
     });
     const uri = streamUriFromPeer(prepared.uri);
+    if (typeof prepared.finishToken !== 'string' || !/^[0-9a-f]{64}$/.test(prepared.finishToken)) {
+      throw new PeerProtocolError('the destination answered Prepare2 without a finishToken');
+    }
     await jobs.setPhase(job, 'prepared', {
       uri,
+      finishToken: prepared.finishToken,
       peer: { ...peer, hostUuid: prepared.destination.hostUuid, hostname: prepared.destination.hostname },
     });
     if (job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'cancelled before the stream started');
@@ -284,7 +289,7 @@ export class SourceSide {
       await jobs.setPhase(job, 'finishing', { finish: { rc: 0, attempts: 0 } }, job.record.phase === 'streaming' ? ['stream-completed'] : []);
     }
     await this.ctx.hold('before-finish2', job.id);
-    const outcome = await this.finish2Until(job, { migrationId: job.id, rc: 0, uuid: job.record.uuid });
+    const outcome = await this.finish2Until(job, { migrationId: job.id, rc: 0, uuid: job.record.uuid, finishToken: job.record.finishToken });
     if (!outcome) return; // agent shutting down: the job stays in `finishing` for the next start
     const { answer, finish } = outcome;
     if (answer.outcome === 'finished') {
@@ -317,7 +322,7 @@ export class SourceSide {
     const { jobs, log } = this.ctx;
     await jobs.setPhase(job, 'rolling-back', { ...answered, error: { code: why.code, message: why.message } });
     if (!answered) {
-      await this.finish2BestEffort(job, { migrationId: job.id, rc: 1, error: why.message, cancelled: why.status === 'cancelled', uuid: job.record.uuid });
+      await this.finish2BestEffort(job, { migrationId: job.id, rc: 1, error: why.message, cancelled: why.status === 'cancelled', uuid: job.record.uuid, finishToken: job.record.finishToken });
     }
     let message = why.message;
     const run = entry.run;

@@ -11,7 +11,7 @@ t.test('lease: a prepared destination whose stream never starts ends its empty q
   const b = await startAgent(t, dir, 'b', { incomingTimeoutSeconds: 2 });
   const guest = await testGuest(dir, 'vm1');
   // A source that sends Prepare2 and then vanishes.
-  const prepared = await b.client.call<{ uri: string }>('POST', '/prepare2', {
+  const prepared = await b.client.call<{ uri: string; finishToken: string }>('POST', '/prepare2', {
     protocolVersion: 2,
     migrationId: 'lease-no-stream',
     xml: guest.xml,
@@ -26,8 +26,9 @@ t.test('lease: a prepared destination whose stream never starts ends its empty q
   await t.rejects(b.client.domain('vm1'), { status: 404, code: 'domain_not_found' }, 'the transient incoming domain is forgotten');
   t.ok(await portIsFree('127.0.0.1', Number(prepared.uri.split(':').pop())), 'its port is free');
   t.same(await fs.readdir(path.join(b.config.stateDir, 'run')), [], 'no socket or pidfile left');
-  const late = await b.client.call<{ outcome: string }>('POST', '/finish2', { migrationId: 'lease-no-stream', rc: 0 });
+  const late = await b.client.call<{ outcome: string }>('POST', '/finish2', { migrationId: 'lease-no-stream', rc: 0, finishToken: prepared.finishToken });
   t.equal(late.outcome, 'aborted', 'a late Finish2 learns the recorded outcome');
+  await t.rejects(b.client.call('POST', '/finish2', { migrationId: 'lease-no-stream', rc: 0 }), { status: 403, code: 'finish2_not_from_source' }, 'not without its finishToken');
 });
 
 t.test('lease: the stream ended but the source agent died before Finish2', async (t) => {

@@ -5,7 +5,7 @@ import http from 'node:http';
 import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { freePort, waitFor, waitForJobEnd } from '../helpers/agents.js';
+import { freePort, testGuest, waitFor, waitForJobEnd } from '../helpers/agents.js';
 import { guestQmp, startGuest, twoAgents } from '../helpers/migration.js';
 import type { Finish2Request } from '../../src/migration/protocol.js';
 
@@ -106,4 +106,29 @@ t.test('desturi may choose a port of the range on the migration address, nothing
   t.equal(job.uri, `tcp:127.0.0.3:${port}`);
   await waitForJobEnd(b.client, job.id, 'the destination job');
   await b.client.lifecycle('vm3', 'destroy');
+});
+
+t.test('a forged Finish2 ends nothing: only the finishToken of the Prepare2 answer counts', async (t) => {
+  const { dir, b } = await twoAgents(t);
+  const guest = await testGuest(dir, 'vm5');
+  const prepared = await b.client.call<{ uri: string; finishToken: string }>('POST', '/prepare2', {
+    protocolVersion: 2,
+    migrationId: 'forged-finish',
+    xml: guest.xml,
+    source: { hostUuid: '00000000-0000-4000-8000-00000000000a', hostname: 'the real source' },
+  });
+  t.match(prepared.finishToken, /^[0-9a-f]{64}$/, 'the answer carries a finishToken');
+  const served = JSON.stringify([await b.client.jobs(), await b.client.job('forged-finish')]);
+  t.notMatch(served, prepared.finishToken, 'the API never serves it');
+  for (const finishToken of [undefined, '0'.repeat(64), prepared.finishToken.replace(/.$/, (c) => (c === '0' ? '1' : '0'))]) {
+    await t.rejects(
+      b.client.call('POST', '/finish2', { migrationId: 'forged-finish', rc: 1, ...(finishToken ? { finishToken } : {}) }),
+      { status: 403, code: 'finish2_not_from_source' },
+      `finishToken ${finishToken ?? 'missing'}: refused`,
+    );
+  }
+  t.equal((await b.client.domain('vm5')).state, 'incoming', 'the incoming qemu still waits for its stream');
+  const real = await b.client.call<{ outcome: string }>('POST', '/finish2', { migrationId: 'forged-finish', rc: 1, finishToken: prepared.finishToken });
+  t.equal(real.outcome, 'aborted', 'the real source can end it');
+  await t.rejects(b.client.domain('vm5'), { status: 404, code: 'domain_not_found' }, 'and its empty qemu is gone');
 });

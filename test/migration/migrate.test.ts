@@ -118,7 +118,7 @@ t.test('steps are idempotent on the migration id; a second Perform of a migratin
     const j = await b.client.job('mig-idem-1').catch(() => null);
     return j?.uri ? j : null;
   });
-  const replayPrepare = await b.client.call<{ uri: string }>('POST', '/prepare2', {
+  const replayPrepare = await b.client.call<{ uri: string; finishToken: string }>('POST', '/prepare2', {
     protocolVersion: 2,
     migrationId: 'mig-idem-1',
     xml: guest.xml,
@@ -128,9 +128,11 @@ t.test('steps are idempotent on the migration id; a second Perform of a migratin
   await t.rejects(a.client.lifecycle('vm6', 'destroy'), { status: 409, code: 'domain_busy' }, 'destroy refused while migrating');
   const ended = await a.client.call<{ job: { status: string; id: string } }>('POST', '/perform?wait=true', { domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1' });
   t.equal(ended.job.status, 'completed');
-  const finishAgain = await b.client.call<{ outcome: string }>('POST', '/finish2', { migrationId: 'mig-idem-1', rc: 0 });
+  const { finishToken } = replayPrepare;
+  t.equal(finishToken, a.app.agent.migrations.jobs.get('mig-idem-1')!.record.finishToken, 'the replayed answer carries the same finishToken');
+  const finishAgain = await b.client.call<{ outcome: string }>('POST', '/finish2', { migrationId: 'mig-idem-1', rc: 0, finishToken });
   t.equal(finishAgain.outcome, 'finished', 'a replayed Finish2 returns the recorded outcome');
-  const abortLate = await b.client.call<{ outcome: string }>('POST', '/finish2', { migrationId: 'mig-idem-1', rc: 1 });
+  const abortLate = await b.client.call<{ outcome: string }>('POST', '/finish2', { migrationId: 'mig-idem-1', rc: 1, finishToken });
   t.equal(abortLate.outcome, 'finished', 'a late rc!=0 does not undo a finished migration');
   await assertOwnedBy(t, b, a, 'vm6');
   await t.rejects(
