@@ -109,6 +109,17 @@ interface AgentOptions {
   qemuBinary?: string;
   debugHold?: string[];
   allowedHost?: string[];
+  peer?: string[];
+  tlsCert?: string;
+  tlsKey?: string;
+  tlsCa?: string;
+}
+
+function tlsFiles(o: { tlsCert?: string; tlsKey?: string; tlsCa?: string }): { tls?: { certFile: string; keyFile: string; caFile: string } } {
+  const given = [o.tlsCert, o.tlsKey, o.tlsCa].filter(Boolean).length;
+  if (given === 0) return {};
+  if (given < 3) throw new UsageError('--tls-cert, --tls-key and --tls-ca go together');
+  return { tls: { certFile: path.resolve(o.tlsCert!), keyFile: path.resolve(o.tlsKey!), caFile: path.resolve(o.tlsCa!) } };
 }
 
 async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
@@ -132,6 +143,8 @@ async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
       bodyLimitBytes: DEFAULTS.bodyLimitBytes,
       requestTimeoutMs: DEFAULTS.requestTimeoutMs,
       allowedHosts: o.allowedHost ?? process.env.KVM_MIGRATE_ALLOWED_HOST?.split(',').filter(Boolean) ?? [],
+      peers: o.peer ?? process.env.KVM_MIGRATE_PEER?.split(',').filter(Boolean) ?? [],
+      ...tlsFiles(o),
       qemuBinary: o.qemuBinary,
       maxIncoming: o.maxIncoming,
       maxOutgoing: o.maxOutgoing,
@@ -256,6 +269,10 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(new Option('--allow-path <dir>', `disks, kernels, serial/log files must lie below one (repeatable; ${ENV_PREFIX}ALLOW_PATH: colon-separated; default STATE_DIR/images)`).argParser(collect))
     .addOption(valueOption('--migration-address <addr>', 'the address peers send migration streams to (default: the listen host; required when that is 0.0.0.0 or ::)'))
     .addOption(new Option('--allowed-host <name>', `a DNS name callers and peers use for this agent, besides its addresses, localhost and ${'`hostname`'} (repeatable; ${ENV_PREFIX}ALLOWED_HOST: comma-separated); any other Host header is refused (DNS rebinding)`).argParser(collect))
+    .addOption(valueOption('--tls-cert <file>', "this agent's certificate (from the fleet's CA; scripts/make-certs.sh): HTTPS, mutual TLS to peers, qemu's TLS stream"))
+    .addOption(valueOption('--tls-key <file>', 'its private key'))
+    .addOption(valueOption('--tls-ca <file>', "the fleet's CA certificate: peers must present a certificate it signed"))
+    .addOption(new Option('--peer <url>', `without TLS: an agent URL this one may migrate to (repeatable; ${ENV_PREFIX}PEER: comma-separated); an agent on loopback may also reach any loopback one`).argParser(collect))
     .addOption(valueOption('--migration-ports <low-high>', 'incoming stream ports').default(DEFAULTS.migrationPorts))
     .addOption(valueOption('--accel <accel>', 'auto: KVM where it works (measured at start; GET /host says how fast), else TCG').argParser(oneOf(['auto', 'kvm', 'tcg'] as const)).default(DEFAULTS.accel))
     .addOption(valueOption('--incoming-timeout <seconds>', 'lease of a prepared destination').argParser(wholeNumber(1)).default(DEFAULTS.incomingTimeoutSeconds))

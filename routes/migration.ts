@@ -51,6 +51,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
   app.post<{ Body: Omit<Prepare2Request, 'options'> & { options?: Partial<MigrationOptions> } }>(
     '/prepare2',
     {
+      config: { peer: true },
       schema: {
         summary: 'Protocol v2 step 1 (destination): start qemu waiting for the incoming stream; answers its URI',
         tags: ['protocol'],
@@ -102,6 +103,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
   app.post<{ Body: Finish2Request }>(
     '/finish2',
     {
+      config: { peer: true },
       schema: {
         summary: 'Protocol v2 step 3 (destination): always sent by the source with the Perform return code',
         tags: ['protocol'],

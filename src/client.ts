@@ -1,4 +1,4 @@
-import { request } from 'undici';
+import { Agent, request } from 'undici';
 import type { JobRecord } from './migration/jobs.js';
 import type { DomainInfo } from './agent/domain-manager.js';
 
@@ -28,10 +28,13 @@ export class AgentUnreachableError extends Error {
 export class AgentClient {
   readonly baseUrl: string;
   private readonly token?: string;
+  private readonly dispatcher?: Agent;
 
-  constructor(baseUrl: string, token?: string) {
+  /** `ca`: trust this CA for an https agent (otherwise the system's, and NODE_EXTRA_CA_CERTS). */
+  constructor(baseUrl: string, token?: string, opts: { ca?: Buffer } = {}) {
     this.baseUrl = baseUrl.replace(/\/+$/, '');
     this.token = token;
+    if (opts.ca) this.dispatcher = new Agent({ connect: { ca: opts.ca } });
   }
 
   async call<T>(method: string, path: string, body?: unknown, contentType = 'application/json'): Promise<T> {
@@ -44,6 +47,7 @@ export class AgentClient {
       body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
       headersTimeout: 0,
       bodyTimeout: 0,
+      ...(this.dispatcher ? { dispatcher: this.dispatcher } : {}),
     }).catch((err: Error) => {
       throw new AgentUnreachableError(this.baseUrl, err);
     });

@@ -1,6 +1,7 @@
 import { isIP } from 'node:net';
 import path from 'node:path';
 import { HOLD_POINTS } from './migration/holds.js';
+import type { TlsFiles } from './agent/tls.js';
 
 /** Everything an agent is told at start; one object so tests can build agents on port 0. */
 export interface AgentConfig {
@@ -16,6 +17,16 @@ export interface AgentConfig {
   accel: 'auto' | 'kvm' | 'tcg';
   /** Seconds a prepared destination waits for its stream to start, and for Finish2 after it ended. */
   incomingTimeoutSeconds: number;
+  /**
+   * Peer trust by certificates of the fleet's CA: HTTPS with mutual TLS, the protocol routes
+   * only for a peer's certificate, qemu's stream over TLS. Without it, see `peers`.
+   */
+  tls?: TlsFiles;
+  /**
+   * Without TLS: the agent URLs this one may migrate to (origins). An agent on loopback may also
+   * migrate to any loopback address (one machine, a test rig).
+   */
+  peers: string[];
   /** Names (besides addresses, localhost and this host's name) callers may use in Host. */
   allowedHosts: string[];
   /** Receiving one request, headers and body, must end within this. */
@@ -85,6 +96,15 @@ export function validateConfig(config: AgentConfig): AgentConfig {
     throw new Error(
       `the migration address ${JSON.stringify(config.migrationAddress)} is no address a peer can reach (it is what Prepare2 hands the source to stream to); set --migration-address to this host's address on the migration network`,
     );
+  }
+  for (const peer of config.peers) {
+    let url: URL | undefined;
+    try {
+      url = new URL(peer);
+    } catch {
+      // refused below
+    }
+    if (!url || (url.protocol !== 'http:' && url.protocol !== 'https:')) throw new Error(`--peer must be an agent URL (http://HOST:PORT), got ${peer}`);
   }
   if (!['auto', 'kvm', 'tcg'].includes(config.accel)) throw new Error(`--accel must be auto, kvm or tcg`);
   if (!(config.incomingTimeoutSeconds > 0)) throw new Error('--incoming-timeout must be a positive number of seconds');

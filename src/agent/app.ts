@@ -1,13 +1,16 @@
 import { mkdir } from 'node:fs/promises';
 import { isIP } from 'node:net';
+import type { TLSSocket } from 'node:tls';
 import os from 'node:os';
-import { timingSafeEqual } from 'node:crypto';
-import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import { constants as cryptoConstants, timingSafeEqual } from 'node:crypto';
+import type { Server } from 'node:http';
+import Fastify, { type FastifyError, type FastifyHttpOptions, type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import swagger from '@fastify/swagger';
 import { AgentError } from '../errors.js';
 import { validateConfig, type AgentConfig } from '../config.js';
 import { StateStore } from '../store/state-store.js';
 import { StateDirLock } from '../store/dir-lock.js';
+import { loadTls, writeQemuTlsDir, type TlsMaterial } from './tls.js';
 import { probeQemu, resolveAccel, type QemuHostInfo } from '../qemu/host.js';
 import { chooseAccel, type AccelChoice } from '../qemu/accel-probe.js';
 import { DomainManager } from './domain-manager.js';
@@ -61,6 +64,8 @@ declare module 'fastify' {
   interface FastifyContextConfig {
     /** Route served without the bearer token (only /health). */
     public?: boolean;
+    /** A protocol route between agents (Prepare2, Finish2): with TLS, for peers' certificates only. */
+    peer?: boolean;
   }
 }
 
@@ -124,6 +129,11 @@ function validationError(err: FastifyError): { code: string; message: string; un
   };
 }
 
+/** A verified certificate of the fleet's CA on this very connection (not merely `authorized`). */
+function presentsFleetCertificate(socket: TLSSocket): boolean {
+  return socket.authorized && !socket.isSessionReused() && Object.keys(socket.getPeerCertificate()).length > 0;
+}
+
 function tokenMatches(header: string | undefined, token: string): boolean {
   const presented = /^Bearer (.+)$/.exec(header ?? '')?.[1];
   if (!presented) return false;
@@ -142,7 +152,16 @@ export async function buildAgent(
   opts: { logger?: FastifyServerOptions['logger'] } = {},
 ): Promise<FastifyInstance> {
   const config = validateConfig(rawConfig);
-  const app = Fastify({
+  const tls = config.tls ? loadTls(config.tls) : undefined;
+  const serverTimeouts = { headersTimeout: Math.min(config.requestTimeoutMs, 10_000), connectionsCheckingInterval: Math.min(config.requestTimeoutMs, 1000) };
+  // With TLS every caller must speak HTTPS; a client certificate is asked for, and required
+  // (checked per route) only on the protocol routes: operators authenticate with the token.
+  // No session tickets: Node reports a resumed session as authorized though no certificate was
+  // shown on it, and without tickets (and no session cache) every connection shows its own.
+  const https = tls
+    ? { key: tls.key, cert: tls.cert, ca: tls.ca, requestCert: true, rejectUnauthorized: false, secureOptions: cryptoConstants.SSL_OP_NO_TICKET, ...serverTimeouts }
+    : null;
+  const options = {
     logger: opts.logger ?? false,
     bodyLimit: config.bodyLimitBytes,
     // Job and domain routes answer in milliseconds; a long ?wait=true Perform is the exception.
@@ -150,27 +169,31 @@ export async function buildAgent(
     // Receiving a request (headers and body) is bounded, so slow senders cannot hold sockets;
     // answering is not (a ?wait=true Perform answers when its migration ends).
     requestTimeout: config.requestTimeoutMs,
-    http: { headersTimeout: Math.min(config.requestTimeoutMs, 10_000), connectionsCheckingInterval: Math.min(config.requestTimeoutMs, 1000) },
+    http: serverTimeouts,
+    https,
     // Fastify's default strips unknown properties, so a misspelled option (`bandwidht`) would
     // silently run the migration with defaults; refuse them instead, naming them (verbose gives
     // the error its schema, which says which properties are known).
     ajv: { customOptions: { removeAdditional: false, verbose: true } },
-  });
+  };
+  // One agent, HTTP or HTTPS: Fastify's types tell the two apart by server type alone.
+  const app = Fastify(options as unknown as FastifyHttpOptions<Server>);
 
   await mkdir(config.stateDir, { recursive: true, mode: 0o700 });
   // Before anything below reads or repairs the directory: a second agent on it stops here.
   const lock = StateDirLock.acquire(config.stateDir);
   try {
-    return await assemble(app, config, lock);
+    return await assemble(app, config, lock, tls);
   } catch (err) {
     lock.release();
     throw err;
   }
 }
 
-async function assemble(app: FastifyInstance, config: AgentConfig, lock: StateDirLock): Promise<FastifyInstance> {
+async function assemble(app: FastifyInstance, config: AgentConfig, lock: StateDirLock, tls: TlsMaterial | undefined): Promise<FastifyInstance> {
   const store = new StateStore(config.stateDir);
   await store.init();
+  if (tls) await writeQemuTlsDir(store.dir('tls'), tls);
   const identity = await store.hostIdentity();
   const qemu = await probeQemu(config.qemuBinary);
   const accel = resolveAccel(config.accel, qemu.kvmUsable);
@@ -191,7 +214,7 @@ async function assemble(app: FastifyInstance, config: AgentConfig, lock: StateDi
     quarantined: store.quarantined,
     accelProbe: accelProbe.report,
   });
-  const migrations = new MigrationService({ config, store, domains, hostInfo, log: app.log });
+  const migrations = new MigrationService({ config, store, domains, hostInfo, log: app.log, tls });
   await migrations.init();
   app.decorate('agent', { config, store, qemu, domains, migrations, hostInfo });
 
@@ -211,7 +234,16 @@ async function assemble(app: FastifyInstance, config: AgentConfig, lock: StateDi
   });
 
   app.addHook('onRequest', async (req, reply) => {
-    if (!config.token || req.routeOptions.config.public) return;
+    if (req.routeOptions.config.public) return;
+    // Two credentials, two jobs: with TLS, a peer's certificate for the protocol routes and only
+    // there; the operator's token for everything else (a peer's certificate opens nothing else).
+    if (tls && req.routeOptions.config.peer) {
+      if (!presentsFleetCertificate(req.raw.socket as TLSSocket)) {
+        throw new AgentError(401, 'peer_certificate_required', "the protocol routes answer only an agent presenting a certificate of this fleet's CA");
+      }
+      return;
+    }
+    if (!config.token) return;
     if (!tokenMatches(req.headers.authorization, config.token)) {
       reply.header('www-authenticate', 'Bearer');
       throw new AgentError(401, 'unauthorized', 'a valid bearer token is required');

@@ -15,6 +15,7 @@ export async function openapiDocument(scratchStateDir: string): Promise<string> 
     bodyLimitBytes: DEFAULTS.bodyLimitBytes,
     requestTimeoutMs: DEFAULTS.requestTimeoutMs,
     allowedHosts: [],
+    peers: [],
     maxIncoming: DEFAULTS.maxIncoming,
     maxOutgoing: DEFAULTS.maxOutgoing,
     jobHistory: DEFAULTS.jobHistory,

@@ -1,5 +1,6 @@
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { AgentError, badRequest, conflict } from '../errors.js';
+import { useQemuTls } from '../agent/tls.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
 import { destinationCapabilities, parseDestUri } from './params.js';
 import { pickPort, portIsFree } from './ports.js';
@@ -104,6 +105,7 @@ export class DestinationSide {
       entry.activeJob = { id: job.id, role: 'destination' };
       const run = await domains.launch(entry, { incoming: true });
       await run.qmp.execute('migrate-set-capabilities', { capabilities: destinationCapabilities() });
+      if (this.ctx.qemuTlsDir) await useQemuTls(run.qmp, this.ctx.qemuTlsDir, 'server');
       const listenUri = `tcp:${listen.host}:${listen.port}`;
       await run.qmp.execute('migrate-incoming', { uri: listenUri });
       this.followIncoming(job, entry);

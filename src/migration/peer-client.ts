@@ -1,5 +1,6 @@
 import { Agent, request } from 'undici';
 import { AgentError } from '../errors.js';
+import type { TlsMaterial } from '../agent/tls.js';
 
 /** The peer answered with an HTTP error: a definite refusal, carrying the peer's code. */
 export class PeerRefusedError extends AgentError {
@@ -27,13 +28,20 @@ export class PeerUnreachableError extends AgentError {
 
 const MAX_ANSWER_BYTES = 1024 * 1024;
 
-/** Agent-to-agent HTTP (undici), with the shared bearer token and bounded time for every call. */
+/**
+ * Agent-to-agent HTTP (undici), bounded in time for every call. With TLS the agent is known by
+ * its certificate (mutual TLS, the peer's checked against the fleet's CA and the host it is
+ * called by) and presents no token; without TLS it presents its own token. It never carries a
+ * caller's credential.
+ */
 export class PeerClient {
-  private readonly dispatcher = new Agent({ connect: { timeout: 5000 }, keepAliveTimeout: 10_000 });
+  private readonly dispatcher: Agent;
   private readonly token?: string;
 
-  constructor(token?: string) {
-    this.token = token;
+  constructor(opts: { token?: string; tls?: TlsMaterial }) {
+    this.token = opts.tls ? undefined : opts.token;
+    const tls = opts.tls ? { ca: opts.tls.ca, cert: opts.tls.cert, key: opts.tls.key } : {};
+    this.dispatcher = new Agent({ connect: { timeout: 5000, ...tls }, keepAliveTimeout: 10_000 });
   }
 
   async call<T>(baseUrl: string, method: 'GET' | 'POST', path: string, body?: unknown, timeoutMs = 30_000, signal?: AbortSignal): Promise<T> {
@@ -76,7 +84,8 @@ export class PeerClient {
     try {
       parsed = text ? JSON.parse(text) : {};
     } catch {
-      parsed = { message: text.slice(0, 200) };
+      // Not an agent's answer: say what it was, not what it said (a caller-chosen URL could be any service).
+      parsed = { message: `a non-JSON answer of ${text.length} bytes` };
     }
     // A 5xx is the peer failing, not deciding: the outcome stays unknown (503 is a retryable "not now").
     if (res.statusCode >= 500 && res.statusCode !== 503) {

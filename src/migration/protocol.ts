@@ -60,6 +60,8 @@ export interface MigrationContext {
   hostInfo: () => HostInfo;
   log: FastifyBaseLogger;
   hold: (point: HoldPoint, migrationId: string) => Promise<void>;
+  /** With TLS: the directory of qemu's stream credentials (both ends use TLS then). */
+  qemuTlsDir?: string;
 }
 
 export type { JobRecord };

@@ -5,6 +5,7 @@ import type { DomainManager } from '../agent/domain-manager.js';
 import type { HostInfo } from '../agent/app.js';
 import { JobRegistry, type Job } from './jobs.js';
 import { PeerClient } from './peer-client.js';
+import type { TlsMaterial } from '../agent/tls.js';
 import { holdAt } from './holds.js';
 import { DestinationSide } from './destination.js';
 import { SourceSide, type PerformRequest } from './source.js';
@@ -17,13 +18,25 @@ export class MigrationService {
   private readonly destination: DestinationSide;
   private readonly ctx: MigrationContext;
 
-  constructor(opts: { config: AgentConfig; store: StateStore; domains: DomainManager; hostInfo: () => HostInfo; log: FastifyBaseLogger }) {
+  constructor(opts: {
+    config: AgentConfig;
+    store: StateStore;
+    domains: DomainManager;
+    hostInfo: () => HostInfo;
+    log: FastifyBaseLogger;
+    /** The agent's certificate material, when it runs with TLS. */
+    tls?: TlsMaterial;
+  }) {
     this.jobs = new JobRegistry(opts.store, opts.config.jobHistory);
     const holds = opts.config.debugHolds ?? [];
     this.ctx = {
-      ...opts,
+      config: opts.config,
+      domains: opts.domains,
+      hostInfo: opts.hostInfo,
+      log: opts.log,
       jobs: this.jobs,
-      peers: new PeerClient(opts.config.token),
+      peers: new PeerClient({ token: opts.config.token, tls: opts.tls }),
+      qemuTlsDir: opts.tls ? opts.store.dir('tls') : undefined,
       hold: (point, migrationId) => holdAt(point, holds, opts.config.stateDir, migrationId),
     };
     this.source = new SourceSide(this.ctx);

@@ -17,6 +17,8 @@ import {
   type MigrationOptions,
 } from './params.js';
 import { PeerRefusedError, PeerUnreachableError } from './peer-client.js';
+import { useQemuTls } from '../agent/tls.js';
+import { isLoopback, type AgentConfig } from '../config.js';
 import type { Job, JobRecord, MigrationStats } from './jobs.js';
 import type { Finish2Request, Finish2Response, MigrationContext, Prepare2Request, Prepare2Response } from './protocol.js';
 
@@ -77,6 +79,7 @@ export class SourceSide {
       throw new AgentError(400, 'invalid_destination', `destination must be an http(s) agent URL, got ${req.destination}`);
     }
     if (req.desturi) parseDestUri(req.desturi);
+    checkKnownPeer(config, destination);
     const migrationId = req.migrationId ?? randomUUID();
     return jobs.locks.run(migrationId, async () => {
       const replay = jobs.get(migrationId);
@@ -163,6 +166,8 @@ export class SourceSide {
     if (job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'cancelled before the stream started');
     await qmp.execute('migrate-set-capabilities', { capabilities: sourceCapabilities(options) });
     await qmp.execute('migrate-set-parameters', sourceParameters(options));
+    // The destination's qemu demands the stream over TLS; its certificate must name the host streamed to.
+    if (this.ctx.qemuTlsDir) await useQemuTls(qmp, this.ctx.qemuTlsDir, 'client', uri.slice('tcp:'.length, uri.lastIndexOf(':')).replace(/^\[|\]$/g, ''));
     if (!options.live) await qmp.execute('stop');
     await jobs.setPhase(job, 'streaming', { timings: { ...job.record.timings, setupMs: Date.now() - started } });
     await qmp.execute('migrate', { uri });
@@ -533,4 +538,23 @@ function toStats(info: QueryMigrate): MigrationStats {
 /** Resolves after `ms`, or as soon as `signal` aborts; never keeps the process alive. */
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   return delay(ms, undefined, { ref: false, signal }).catch(() => undefined);
+}
+
+/**
+ * A caller names the destination; before anything is sent to it, it must be a peer: with TLS an
+ * https agent (its certificate is then checked against the fleet's CA and this host name), without
+ * TLS a URL given with --peer, or, for an agent on loopback, another loopback address.
+ */
+function checkKnownPeer(config: AgentConfig, destination: URL): void {
+  const refuse = (why: string) => {
+    throw new AgentError(400, 'destination_not_a_peer', `${destination.origin} is not a known peer: ${why}`);
+  };
+  if (config.tls) {
+    if (destination.protocol !== 'https:') refuse('this agent runs with TLS and speaks to peers over https only');
+    return;
+  }
+  if (config.peers.some((p) => new URL(p).origin === destination.origin)) return;
+  const host = destination.hostname.replace(/^\[|\]$/g, '');
+  if (isLoopback(config.listenHost) && isLoopback(host)) return;
+  refuse('give it with --peer, or run the agents with --tls-cert/--tls-key/--tls-ca');
 }

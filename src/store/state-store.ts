@@ -29,14 +29,14 @@ export class StateStore {
     this.root = root;
   }
 
-  dir(kind: 'domains' | 'runtime' | 'jobs' | 'run' | 'logs' | 'quarantine'): string {
+  dir(kind: 'domains' | 'runtime' | 'jobs' | 'run' | 'logs' | 'quarantine' | 'tls'): string {
     return path.join(this.root, kind);
   }
 
   /** What belongs to the agent alone: no guest's file may lie here, whatever --allow-path says. */
   internalPaths(): string[] {
     return [
-      ...(['domains', 'runtime', 'jobs', 'run', 'logs', 'quarantine'] as const).map((kind) => this.dir(kind)),
+      ...(['domains', 'runtime', 'jobs', 'run', 'logs', 'quarantine', 'tls'] as const).map((kind) => this.dir(kind)),
       path.join(this.root, 'host.json'),
       path.join(this.root, 'agent.lock'),
     ];

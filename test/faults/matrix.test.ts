@@ -47,7 +47,8 @@ async function startHost(t: TestContext, rig: TwoHostRig, which: 'A' | 'B', dir:
     stateDir,
     allowPath: dir,
     token: TOKEN,
-    extra: ['--migration-address', which === 'A' ? rig.wireA : rig.wireB, '--incoming-timeout', '20', ...holds.flatMap((h) => ['--debug-hold', h])],
+    // Plain HTTP between the hosts: each names the other as its peer.
+    extra: ['--migration-address', which === 'A' ? rig.wireA : rig.wireB, '--peer', `http://${which === 'A' ? rig.wireB : rig.wireA}:7100`, '--incoming-timeout', '20', ...holds.flatMap((h) => ['--debug-hold', h])],
   };
   return { agent: await spawnAgent(t, spawnArgs), stateDir, spawnArgs };
 }

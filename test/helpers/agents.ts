@@ -86,6 +86,7 @@ export function agentConfig(dir: string, name: string, overrides: Partial<AgentC
     bodyLimitBytes: DEFAULTS.bodyLimitBytes,
     requestTimeoutMs: DEFAULTS.requestTimeoutMs,
     allowedHosts: [],
+    peers: [],
     maxIncoming: DEFAULTS.maxIncoming,
     jobHistory: DEFAULTS.jobHistory,
     maxOutgoing: DEFAULTS.maxOutgoing,
@@ -118,8 +119,9 @@ export async function startAgent(t: TestContext, dir: string, name: string, over
   });
   await app.listen({ host: config.listenHost, port: 0 });
   const { port } = app.server.address() as net.AddressInfo;
-  const url = `http://${config.listenHost}:${port}`;
-  return { app, url, client: new AgentClient(url, config.token), config };
+  const url = `${config.tls ? 'https' : 'http'}://${config.listenHost}:${port}`;
+  const ca = config.tls ? await fs.readFile(config.tls.caFile) : undefined;
+  return { app, url, client: new AgentClient(url, config.token, { ca }), config };
 }
 
 export interface AgentProcess {

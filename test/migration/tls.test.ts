@@ -1,0 +1,97 @@
+// Two credentials, two jobs: operators use the token, agents know each other by certificates of
+// the fleet's CA (mutual TLS), and qemu's stream runs over TLS too.
+import t from 'tap';
+import { execFile } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { packageRoot } from '../../src/agent/package-root.js';
+import { AgentClient } from '../../src/client.js';
+import type { AgentConfig } from '../../src/config.js';
+import { qemuTlsCredsId } from '../../src/agent/tls.js';
+import { startAgent, tmpDir, type TestContext } from '../helpers/agents.js';
+import { assertOwnedBy, guestQmp, startGuest, waitForPasses } from '../helpers/migration.js';
+
+const run = promisify(execFile);
+
+/** The README's how-to: scripts/make-certs.sh makes the CA and one certificate per agent. */
+async function makeCerts(dir: string, ...hosts: string[]): Promise<void> {
+  await run('bash', [path.join(packageRoot, 'scripts', 'make-certs.sh'), dir, ...hosts]);
+}
+
+function tlsOf(certs: string, name: string): Pick<AgentConfig, 'tls'> {
+  return { tls: { certFile: path.join(certs, `${name}.pem`), keyFile: path.join(certs, `${name}-key.pem`), caFile: path.join(certs, 'ca.pem') } };
+}
+
+async function tlsAgent(t: TestContext, dir: string, name: string, ip: string, low: number, certs: string, certName = name, token = `${name}-operator-token`) {
+  return startAgent(t, dir, name, { listenHost: ip, migrationAddress: ip, migrationPorts: { low, high: low + 15 }, token, ...tlsOf(certs, certName) });
+}
+
+t.test('a migration A->B->A over mutual TLS, with a TLS stream; each agent has its own operator token', async (t) => {
+  const dir = await tmpDir(t);
+  const certs = path.join(dir, 'certs');
+  await makeCerts(certs, 'hosta=127.0.0.2', 'hostb=127.0.0.3');
+  const a = await tlsAgent(t, dir, 'hosta', '127.0.0.2', 49152, certs);
+  const b = await tlsAgent(t, dir, 'hostb', '127.0.0.3', 49184, certs);
+  t.match(a.url, /^https:/);
+  const { boot } = await startGuest(a, dir, 'vm1');
+
+  let passes = boot.passes;
+  for (const [from, to] of [[a, b], [b, a]] as const) {
+    const { job } = await from.client.perform({ domain: 'vm1', destination: to.url }, true);
+    t.equal(job.status, 'completed', `${from.url} -> ${to.url}: ${job.error?.message ?? 'completed'}`);
+    await assertOwnedBy(t, to, from, 'vm1');
+    const params = await guestQmp(to, 'vm1').execute<{ 'tls-creds'?: string }>('query-migrate-parameters');
+    t.equal(params['tls-creds'], qemuTlsCredsId('server'), 'the destination qemu took the stream over TLS only');
+    const after = await waitForPasses(to, 'vm1', passes);
+    t.equal(after.bootId, boot.bootId, 'same boot: the guest kept running');
+    passes = after.passes;
+  }
+  await a.client.lifecycle('vm1', 'destroy');
+});
+
+t.test('peers are known by certificate: a wrong one is refused before anything is sent', async (t) => {
+  const dir = await tmpDir(t);
+  const fleet = path.join(dir, 'fleet');
+  const rogue = path.join(dir, 'rogue');
+  await makeCerts(fleet, 'hosta=127.0.0.2', 'hostb=127.0.0.3', 'other=127.0.0.9');
+  await makeCerts(rogue, 'hostc=127.0.0.4');
+  const a = await tlsAgent(t, dir, 'hosta', '127.0.0.2', 49152, fleet);
+  // A CA of its own, and the fleet's certificate of another host: neither is the peer at 127.0.0.4.
+  const ownCa = await tlsAgent(t, dir, 'hostc', '127.0.0.4', 49184, rogue);
+  const wrongHost = await startAgent(t, dir, 'misnamed', { listenHost: '127.0.0.5', migrationAddress: '127.0.0.5', migrationPorts: { low: 49200, high: 49215 }, token: 'x', ...tlsOf(fleet, 'other') });
+  await startGuest(a, dir, 'vm2');
+  for (const peer of [ownCa, wrongHost]) {
+    const { job } = await a.client.perform({ domain: 'vm2', destination: peer.url }, true);
+    t.equal(job.status, 'failed', `${peer.url}: refused`);
+    t.equal(job.error?.code, 'peer_unreachable', 'the TLS handshake fails');
+    t.match(job.error?.message, /certificate|altnames|self-signed|unable to verify/i, job.error?.message ?? '');
+    t.same(peer.app.agent.migrations.jobs.list(), [], 'the peer got no Prepare2');
+    t.equal((await a.client.domain('vm2')).state, 'running', 'the guest stays on the source');
+  }
+  await t.rejects(a.client.perform({ domain: 'vm2', destination: 'http://127.0.0.3:7100' }), { status: 400, code: 'destination_not_a_peer' }, 'plain http to a peer is refused outright');
+  await a.client.lifecycle('vm2', 'destroy');
+});
+
+t.test('the protocol routes answer peers only, the operator routes operators only', async (t) => {
+  const dir = await tmpDir(t);
+  const certs = path.join(dir, 'certs');
+  await makeCerts(certs, 'hosta=127.0.0.2');
+  const a = await tlsAgent(t, dir, 'hosta', '127.0.0.2', 49152, certs, 'hosta', 'the-operator-token');
+  const ca = await fs.readFile(path.join(certs, 'ca.pem'));
+  const operator = new AgentClient(a.url, 'the-operator-token', { ca });
+  await t.rejects(operator.call('POST', '/finish2', { migrationId: 'x', rc: 1 }), { status: 401, code: 'peer_certificate_required' }, 'the token opens no protocol route');
+  await t.rejects(operator.call('POST', '/prepare2', {}), { status: 401, code: 'peer_certificate_required' });
+  t.ok((await operator.host()).uuid, 'the token opens the operator routes');
+  await t.rejects(new AgentClient(a.url, undefined, { ca }).call('GET', '/domains'), { status: 401, code: 'unauthorized' }, 'nothing without it');
+});
+
+t.test('without TLS, a destination must be a --peer (or loopback for an agent on loopback)', async (t) => {
+  const dir = await tmpDir(t);
+  const a = await startAgent(t, dir, 'a', { listenHost: '127.0.0.2', migrationAddress: '127.0.0.2' });
+  await startGuest(a, dir, 'vm3');
+  for (const destination of ['http://192.0.2.1:7100', 'http://example.invalid:7100']) {
+    await t.rejects(a.client.perform({ domain: 'vm3', destination }), { status: 400, code: 'destination_not_a_peer' }, `${destination}: refused before anything is sent`);
+  }
+  await a.client.lifecycle('vm3', 'destroy');
+});
