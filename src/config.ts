@@ -8,6 +8,7 @@ export interface AgentConfig {
   listenHost: string;
   listenPort: number;
   stateDir: string;
+  /** The operator credential; required (every route but /health demands it). */
   token?: string;
   /** Where this host's qemu listens for incoming migration streams. */
   migrationAddress: string;
@@ -89,8 +90,9 @@ export function isUnspecified(host: string): boolean {
  * machines must demand a token, and the unix sockets under the state dir must fit sun_path.
  */
 export function validateConfig(config: AgentConfig): AgentConfig {
-  if (!config.token && !isLoopback(config.listenHost)) {
-    throw new Error(`refusing to listen on non-loopback address ${config.listenHost} without --token`);
+  // Loopback is no boundary: every local user, and any web page a local browser opens, reaches it.
+  if (!config.token) {
+    throw new Error('an agent needs an operator token: --token-file FILE (or KVM_MIGRATE_TOKEN / KVM_MIGRATE_TOKEN_FILE); e.g. (umask 077; head -c 32 /dev/urandom | base64 > /etc/kvm-migrate/token)');
   }
   if (isUnspecified(config.migrationAddress)) {
     throw new Error(

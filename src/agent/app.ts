@@ -243,8 +243,7 @@ async function assemble(app: FastifyInstance, config: AgentConfig, lock: StateDi
       }
       return;
     }
-    if (!config.token) return;
-    if (!tokenMatches(req.headers.authorization, config.token)) {
+    if (!tokenMatches(req.headers.authorization, config.token!)) {
       reply.header('www-authenticate', 'Bearer');
       throw new AgentError(401, 'unauthorized', 'a valid bearer token is required');
     }

@@ -4,6 +4,8 @@ import { DEFAULTS } from '../config.js';
 /** The OpenAPI document as served at /documentation/json, rendered stably for committing. */
 export async function openapiDocument(scratchStateDir: string): Promise<string> {
   const app = await buildAgent({
+    // Never listens: the document only needs a valid configuration.
+    token: 'openapi-document',
     listenHost: '127.0.0.1',
     listenPort: 0,
     stateDir: scratchStateDir,

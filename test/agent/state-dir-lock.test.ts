@@ -11,7 +11,7 @@ t.test('one agent per state directory', async (t) => {
 
   await t.rejects(buildAgent(agentConfig(dir, 'a')), { name: 'StateDirBusyError', message: /state directory .*\/a is in use by another agent \(pid \d+\)/ }, 'a second agent in this process is refused');
 
-  const cli = await runCli(['agent', '--listen', '127.0.0.1:0', '--state-dir', path.join(dir, 'a'), '--allow-path', dir, '--accel', 'tcg']);
+  const cli = await runCli(['agent', '--listen', '127.0.0.1:0', '--state-dir', path.join(dir, 'a'), '--allow-path', dir, '--accel', 'tcg'], { KVM_MIGRATE_TOKEN: 'x' });
   t.equal(cli.code, 1, 'the CLI agent exits 1');
   t.match(cli.stderr, new RegExp(`in use by another agent \\(pid ${process.pid}\\); one agent per state directory`), 'and says who holds it');
   t.equal((await first.client.host()).uuid, uuid, 'the first agent runs on, unchanged');

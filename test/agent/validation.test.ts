@@ -4,7 +4,8 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { AgentClient, AgentHttpError } from '../../src/client.js';
-import { qemuRecords, startAgent, testGuest, tmpDir } from '../helpers/agents.js';
+import { qemuRecords, startAgent, TEST_TOKEN, testGuest, tmpDir } from '../helpers/agents.js';
+import { runCli } from '../helpers/cli.js';
 
 const TOKEN = 's3cret-token';
 
@@ -143,7 +144,7 @@ t.test('DNS rebinding: a Host that is no name of the agent is refused', async (t
   const dir = await tmpDir(t);
   const { app } = await startAgent(t, dir, 'a', { allowedHosts: ['agent-a.example'] });
   const port = (app.server.address() as net.AddressInfo).port;
-  const ask = (host: string) => rawRequest(port, `GET /domains HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`);
+  const ask = (host: string) => rawRequest(port, `GET /domains HTTP/1.1\r\nHost: ${host}\r\nAuthorization: Bearer ${TEST_TOKEN}\r\nConnection: close\r\n\r\n`);
   for (const host of ['attacker.example', `attacker.example:${port}`, 'localhost.attacker.example', '127.0.0.1.nip.example']) {
     const answer = await ask(host);
     t.match(answer, /^HTTP\/1\.1 403 /, `Host ${host}: 403`);
@@ -160,7 +161,7 @@ t.test('a request body that never completes is cut off', async (t) => {
   const { app, client } = await startAgent(t, dir, 'a', { requestTimeoutMs: 1000 });
   const port = (app.server.address() as net.AddressInfo).port;
   const started = Date.now();
-  const answer = await rawRequest(port, `POST /domains HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/xml\r\nContent-Length: 1000\r\n\r\n<domain>`, { endAfterMs: 15_000 });
+  const answer = await rawRequest(port, `POST /domains HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${TEST_TOKEN}\r\nContent-Type: application/xml\r\nContent-Length: 1000\r\n\r\n<domain>`, { endAfterMs: 15_000 });
   const took = Date.now() - started;
   t.match(answer, /^HTTP\/1\.1 408 /, 'answered 408 Request Timeout');
   t.ok(took >= 900 && took < 5000, `after ${took} ms`);
@@ -169,9 +170,14 @@ t.test('a request body that never completes is cut off', async (t) => {
   t.equal((await client.call<{ status: string }>('GET', '/health')).status, 'ok', 'the agent serves on');
 });
 
-t.test('non-loopback listen without a token is refused', async (t) => {
+t.test('no agent runs without an operator token, loopback included', async (t) => {
   const dir = await tmpDir(t);
-  await t.rejects(startAgent(t, dir, 'a', { listenHost: '0.0.0.0' }), /without --token/);
+  for (const listenHost of ['127.0.0.1', '0.0.0.0']) {
+    await t.rejects(startAgent(t, dir, 'a', { listenHost, migrationAddress: '127.0.0.1', token: undefined }), /an agent needs an operator token: --token-file FILE/, `${listenHost}: refused`);
+  }
+  const cli = await runCli(['agent', '--listen', '127.0.0.1:0', '--state-dir', path.join(dir, 'cli'), '--allow-path', dir]);
+  t.equal(cli.code, 64, 'the CLI: a usage error');
+  t.match(cli.stderr, /needs an operator token/);
 });
 
 t.test('/host reports a persisted identity', async (t) => {

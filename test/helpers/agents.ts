@@ -73,8 +73,12 @@ export function waitForJobEnd(client: AgentClient, id: string, what: string, tim
   }, { timeoutMs, intervalMs: 200 });
 }
 
+/** The operator token of the suite's agents unless a test gives its own: every agent needs one. */
+export const TEST_TOKEN = 'kvm-migrate-test-token';
+
 export function agentConfig(dir: string, name: string, overrides: Partial<AgentConfig> = {}): AgentConfig {
   return {
+    token: TEST_TOKEN,
     listenHost: '127.0.0.1',
     listenPort: 0,
     stateDir: path.join(dir, name),
@@ -153,7 +157,7 @@ export async function spawnAgent(
   const command = opts.netns ? 'ip' : process.execPath;
   const argv = opts.netns ? ['netns', 'exec', opts.netns, process.execPath, ...args] : args;
   const child = spawn(command, argv, {
-    env: { ...process.env, ...(opts.token ? { KVM_MIGRATE_TOKEN: opts.token } : {}) },
+    env: { ...process.env, KVM_MIGRATE_TOKEN: opts.token ?? TEST_TOKEN },
     stdio: ['ignore', 'ignore', 'inherit'],
   });
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
@@ -168,7 +172,7 @@ export async function spawnAgent(
     await killAgentQemus(undefined, opts.stateDir);
   });
   const url = `http://${opts.urlHost ?? opts.host}:${port}`;
-  const client = new AgentClient(url, opts.token);
+  const client = new AgentClient(url, opts.token ?? TEST_TOKEN);
   await waitFor(`agent at ${url}`, async () => {
     if (child.exitCode !== null) throw new Error(`agent exited with ${child.exitCode}`);
     return (await client.call<{ status: string }>('GET', '/health')).status === 'ok';
