@@ -110,6 +110,7 @@ interface AgentOptions {
   debugHold?: string[];
   allowedHost?: string[];
   peer?: string[];
+  maxDomains: number;
   tlsCert?: string;
   tlsKey?: string;
   tlsCa?: string;
@@ -142,6 +143,7 @@ async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
       incomingTimeoutSeconds: o.incomingTimeout,
       bodyLimitBytes: DEFAULTS.bodyLimitBytes,
       requestTimeoutMs: DEFAULTS.requestTimeoutMs,
+      maxDomains: o.maxDomains,
       allowedHosts: o.allowedHost ?? process.env.KVM_MIGRATE_ALLOWED_HOST?.split(',').filter(Boolean) ?? [],
       peers: o.peer ?? process.env.KVM_MIGRATE_PEER?.split(',').filter(Boolean) ?? [],
       ...tlsFiles(o),
@@ -264,7 +266,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
   program
     .command('agent')
     .description('run the agent of this host')
-    .addOption(valueOption('--listen <host:port>', 'HTTP address; a non-loopback one requires a token').default(DEFAULTS.listen))
+    .addOption(valueOption('--listen <host:port>', 'HTTP(S) address').default(DEFAULTS.listen))
     .addOption(valueOption('--state-dir <dir>', 'definitions, runtime records, jobs, sockets, logs (one agent per directory)').default('/var/lib/kvm-migrate'))
     .addOption(new Option('--allow-path <dir>', `disks, kernels, serial/log files must lie below one (repeatable; ${ENV_PREFIX}ALLOW_PATH: colon-separated; default STATE_DIR/images)`).argParser(collect))
     .addOption(valueOption('--migration-address <addr>', 'the address peers send migration streams to (default: the listen host; required when that is 0.0.0.0 or ::)'))
@@ -278,6 +280,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(valueOption('--incoming-timeout <seconds>', 'lease of a prepared destination').argParser(wholeNumber(1)).default(DEFAULTS.incomingTimeoutSeconds))
     .addOption(valueOption('--max-incoming <n>', 'concurrent incoming migrations').argParser(wholeNumber(1)).default(DEFAULTS.maxIncoming))
     .addOption(valueOption('--max-outgoing <n>', 'concurrent outgoing migrations').argParser(wholeNumber(1)).default(DEFAULTS.maxOutgoing))
+    .addOption(valueOption('--max-domains <n>', 'domains this agent holds at most, defined and arriving').argParser(wholeNumber(1)).default(DEFAULTS.maxDomains))
     .addOption(valueOption('--job-history <n>', 'ended migration jobs kept per domain').argParser(wholeNumber(1)).default(DEFAULTS.jobHistory))
     .addOption(valueOption('--log-level <level>', 'fatal, error, warn, info, debug, trace').argParser(oneOf(['fatal', 'error', 'warn', 'info', 'debug', 'trace'] as const)).default('info'))
     .addOption(valueOption('--qemu-binary <path>', 'qemu-system-x86_64 to run (default: from PATH)'))

@@ -5,6 +5,9 @@ interface NameParams {
   name: string;
 }
 
+/** The largest domain XML accepted, at define and in Prepare2. */
+export const MAX_DOMAIN_XML_BYTES = 256 * 1024;
+
 export default async function domainRoutes(app: FastifyInstance): Promise<void> {
   const { domains } = app.agent;
   const one = { 200: { $ref: 'DomainInfo#' }, ...errorResponses } as const;
@@ -12,6 +15,8 @@ export default async function domainRoutes(app: FastifyInstance): Promise<void> 
   app.post<{ Body: string }>(
     '/domains',
     {
+      // Real domain XML is a few KiB; parsing is synchronous, so the bound also bounds the loop's stall.
+      bodyLimit: Math.min(app.agent.config.bodyLimitBytes, MAX_DOMAIN_XML_BYTES),
       schema: {
         summary: 'Define (or redefine, while shut off) a domain from libvirt-style domain XML',
         tags: ['domains'],

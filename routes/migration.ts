@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { errorResponses } from './schemas.js';
+import { MAX_DOMAIN_XML_BYTES } from './domains.js';
 import { migrationOptionsSchema, DEFAULT_OPTIONS, type MigrationOptions } from '../src/migration/params.js';
 import type { Finish2Request, Prepare2Request } from '../src/migration/protocol.js';
 
@@ -62,7 +63,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
           properties: {
             protocolVersion: { type: 'integer', enum: [2] },
             migrationId,
-            xml: { type: 'string' },
+            xml: { type: 'string', maxLength: MAX_DOMAIN_XML_BYTES },
             desturi: migrationOptionsSchema.properties.desturi,
             options: migrationOptionsSchema,
             source: {

@@ -11,12 +11,16 @@
 #   kvm-migrate agent --tls-cert NAME.pem --tls-key NAME-key.pem --tls-ca ca.pem ...
 # Keep ca-key.pem off the agents.
 set -euo pipefail
-[ $# -ge 2 ] || { sed -n '2,13p' "$0" >&2; exit 64; }
+[ $# -ge 2 ] || { sed -n '2,12p' "$0" >&2; exit 64; }
 dir=$1; shift
 mkdir -p "$dir"
 umask 077
 days=825
 
+if [ -f "$dir/ca.pem" ] && [ ! -f "$dir/ca-key.pem" ]; then
+  echo "make-certs: $dir/ca.pem is there but not its key ca-key.pem: new certificates cannot be signed" >&2
+  exit 1
+fi
 if [ ! -f "$dir/ca.pem" ]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days "$days" \
     -subj "/CN=kvm-migrate fleet CA" -keyout "$dir/ca-key.pem" -out "$dir/ca.pem" \

@@ -28,6 +28,8 @@ export interface AgentConfig {
    * migrate to any loopback address (one machine, a test rig).
    */
   peers: string[];
+  /** Domains the agent holds at most. */
+  maxDomains: number;
   /** Names (besides addresses, localhost and this host's name) callers may use in Host. */
   allowedHosts: string[];
   /** Receiving one request, headers and body, must end within this. */
@@ -51,6 +53,7 @@ export const DEFAULTS = {
   incomingTimeoutSeconds: 60,
   bodyLimitBytes: 1024 * 1024,
   requestTimeoutMs: 30_000,
+  maxDomains: 256,
   maxIncoming: 4,
   maxOutgoing: 2,
   jobHistory: 20,

@@ -1,8 +1,9 @@
 import { EventEmitter } from 'node:events';
 import { promises as fs } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import type { FastifyBaseLogger } from 'fastify';
-import { AgentError, conflict, notFound } from '../errors.js';
+import { AgentError, DomainXmlError, conflict, notFound } from '../errors.js';
 import {
   buildArgv,
   domainFileRefs,
@@ -94,6 +95,8 @@ export interface DomainManagerOptions {
   accel: 'kvm' | 'tcg';
   allowPaths: string[];
   log: FastifyBaseLogger;
+  /** Domains this agent holds at most (defined and arriving). */
+  maxDomains: number;
 }
 
 /**
@@ -209,6 +212,11 @@ export class DomainManager extends EventEmitter {
       knownMachines: qemu.knownMachines,
       randomBytes: (n) => Buffer.from(crypto.getRandomValues(new Uint8Array(n))),
     });
+    // A guest larger than the whole host can never run here (qemu would only fail later, or the host).
+    const hostKiB = Math.floor(os.totalmem() / 1024);
+    if (normalized.def.memoryKiB > hostKiB) {
+      throw new DomainXmlError('exceeds_host_memory', '/domain/memory', `the guest's ${normalized.def.memoryKiB} KiB exceed this host's ${hostKiB} KiB of RAM`);
+    }
     await this.checkPaths(normalized.def);
     return normalized;
   }
@@ -241,6 +249,7 @@ export class DomainManager extends EventEmitter {
       if (existing?.run || existing?.activeJob) {
         throw conflict('domain_active', `domain ${def.name} is active; shut it down before redefining it`, { domain: def.name });
       }
+      if (!existing) this.refuseBeyondMaxDomains();
       await this.opts.store.saveDefinition(def.name, normalized);
       const entry: DomainEntry = { name: def.name, uuid: def.uuid, xml: normalized, def, persistent: true, lastExit: existing?.lastExit ?? { reason: 'defined', at: new Date().toISOString() } };
       this.domains.set(def.name, entry);
@@ -304,7 +313,18 @@ export class DomainManager extends EventEmitter {
    * Start qemu for `entry` (paused, -S; with -incoming defer when asked). The runtime record is
    * written as soon as the pid is known, so a restarted agent can find the process again.
    */
+  private refuseBeyondMaxDomains(): void {
+    if (this.domains.size >= this.opts.maxDomains) {
+      throw conflict('too_many_domains', `this agent holds ${this.domains.size} domains, its limit (--max-domains ${this.opts.maxDomains})`);
+    }
+  }
+
   async launch(entry: DomainEntry, opts: { incoming: boolean }): Promise<RunningQemu> {
+    // Memory the host cannot give now: the guest would start and be killed by the OOM killer later, or take others with it.
+    const availableKiB = await memAvailableKiB();
+    if (availableKiB !== undefined && entry.def.memoryKiB > availableKiB) {
+      throw conflict('insufficient_host_memory', `the guest needs ${entry.def.memoryKiB} KiB; this host has ${availableKiB} KiB available`, { domain: entry.name });
+    }
     const host = this.hostSettings(entry.uuid);
     const argv = [...buildArgv(entry.def, host, { incoming: opts.incoming }), ...QEMU_SANDBOX_ARGS];
     const { record, qmp } = await launchQemu({
@@ -368,6 +388,7 @@ export class DomainManager extends EventEmitter {
 
   /** Add a transient domain (an incoming migration); it becomes persistent only when asked. */
   addTransient(xml: string, def: DomainDef): DomainEntry {
+    this.refuseBeyondMaxDomains();
     const entry: DomainEntry = { name: def.name, uuid: def.uuid, xml, def, persistent: false };
     this.domains.set(def.name, entry);
     return entry;
@@ -488,4 +509,11 @@ function isRuntimeRecord(v: unknown): boolean {
     isObject(v.process) &&
     typeof v.process.pid === 'number'
   );
+}
+
+/** MemAvailable of /proc/meminfo, in KiB (undefined where the kernel does not say). */
+async function memAvailableKiB(): Promise<number | undefined> {
+  const text = await fs.readFile('/proc/meminfo', 'utf8').catch(() => '');
+  const m = /^MemAvailable:\s+(\d+) kB$/m.exec(text);
+  return m ? Number(m[1]) : undefined;
 }

@@ -18,6 +18,7 @@ export async function openapiDocument(scratchStateDir: string): Promise<string> 
     requestTimeoutMs: DEFAULTS.requestTimeoutMs,
     allowedHosts: [],
     peers: [],
+    maxDomains: DEFAULTS.maxDomains,
     maxIncoming: DEFAULTS.maxIncoming,
     maxOutgoing: DEFAULTS.maxOutgoing,
     jobHistory: DEFAULTS.jobHistory,

@@ -16,7 +16,8 @@ function isBelow(root: string, candidate: string): boolean {
  */
 async function resolveExisting(p: string, element: string): Promise<string> {
   const missing: string[] = [];
-  let current = path.resolve(p);
+  // Not path.resolve: it folds `..` as text, where the kernel first follows a symlink before it.
+  let current = path.isAbsolute(p) ? p : path.resolve(p);
   for (;;) {
     try {
       return path.join(await fs.realpath(current), ...missing.reverse());

@@ -246,7 +246,8 @@ export class DestinationSide {
         }
         throw new AgentError(404, 'migration_not_found', `no incoming migration ${req.migrationId} here`);
       }
-      if (!finishTokenMatches(job.record.finishToken, req.finishToken)) {
+      // A record without one was prepared before agents had finishTokens (an upgrade mid-migration).
+      if (job.record.finishToken !== undefined && !finishTokenMatches(job.record.finishToken, req.finishToken)) {
         throw new AgentError(403, 'finish2_not_from_source', `Finish2 for migration ${req.migrationId} does not carry the finishToken of its Prepare2 answer: only the source that prepared it may end it`);
       }
       if (job.record.finish?.outcome) return this.finishAnswer(job);
@@ -422,8 +423,8 @@ export class DestinationSide {
   }
 }
 
-function finishTokenMatches(expected: string | undefined, presented: string | undefined): boolean {
-  if (!expected || !presented) return false;
+function finishTokenMatches(expected: string, presented: string | undefined): boolean {
+  if (!presented) return false;
   const a = Buffer.from(expected);
   const b = Buffer.from(presented);
   return a.length === b.length && timingSafeEqual(a, b);

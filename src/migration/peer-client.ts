@@ -85,7 +85,7 @@ export class PeerClient {
       parsed = text ? JSON.parse(text) : {};
     } catch {
       // Not an agent's answer: say what it was, not what it said (a caller-chosen URL could be any service).
-      parsed = { message: `a non-JSON answer of ${text.length} bytes` };
+      parsed = { message: `a non-JSON answer of ${Buffer.byteLength(text)} bytes` };
     }
     // A 5xx is the peer failing, not deciding: the outcome stays unknown (503 is a retryable "not now").
     if (res.statusCode >= 500 && res.statusCode !== 503) {

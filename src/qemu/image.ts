@@ -107,8 +107,12 @@ function hasProtocol(filename: string): boolean {
   return colon > 0 && (slash < 0 || colon < slash);
 }
 
+/**
+ * Where qemu looks for a relative name: beside the naming image. Not normalised: `lnk/../x`
+ * must reach the checks as the kernel will walk it (through the link), not as text folds it.
+ */
 function resolveRelative(from: string, filename: string): string {
-  return path.isAbsolute(filename) ? filename : path.join(path.dirname(from), filename);
+  return path.isAbsolute(filename) ? filename : `${path.dirname(from)}/${filename}`;
 }
 
 /**
@@ -139,10 +143,17 @@ export async function imageFileRefs(image: string, format: ImageFormat, check: (
     const ref: ImageFileRef = { role: 'backing', path: backing, from: current };
     await check(ref);
     const recorded = header.backingFormat;
-    if (recorded !== undefined && recorded !== 'raw' && recorded !== 'qcow2') {
+    // qemu would probe such a file, and a probe can take it for a VMDK descriptor that names any file.
+    if (recorded === undefined) {
+      throw new ImageError(
+        'image_backing_format_missing',
+        `${current}: no format recorded for its backing file ${header.backing}; record it: qemu-img rebase -u -b ${header.backing} -F raw|qcow2 ${current}`,
+      );
+    }
+    if (recorded !== 'raw' && recorded !== 'qcow2') {
       throw new ImageError('image_format_refused', `${current}: backing format ${recorded} is not one the agent runs (raw, qcow2)`);
     }
-    // A raw backing file is opened as it is; otherwise its header is read (and, with no format recorded, probed).
+    // A raw backing file is opened as it is; a qcow2 one is read for the next link.
     const next = recorded === 'raw' ? null : await readQcow2Header(backing);
     if (recorded === 'qcow2' && !next) throw notQcow2(backing);
     ref.format = next ? 'qcow2' : 'raw';

@@ -104,6 +104,35 @@ t.test("a guest's files never reach into the agent's state or through a dangling
   await client.lifecycle('vm1', 'destroy');
 });
 
+t.test('bounds: domains per agent, guests the host cannot hold, XML size', async (t) => {
+  const dir = await tmpDir(t);
+  const { client } = await startAgent(t, dir, 'a', { maxDomains: 2 });
+  const vm1 = await testGuest(dir, 'vm1');
+  await client.define(vm1.xml);
+  await client.define((await testGuest(dir, 'vm2')).xml);
+  await t.rejects(client.define((await testGuest(dir, 'vm3')).xml), { status: 409, code: 'too_many_domains', message: /--max-domains 2/ });
+  const { uuid } = await client.domain('vm1');
+  await client.define(vm1.xml.replace('<vcpu>1</vcpu>', `<uuid>${uuid}</uuid><vcpu>2</vcpu>`));
+  t.pass('redefining one it holds is no new domain');
+  await client.undefine('vm2');
+
+  const meminfo = await fs.readFile('/proc/meminfo', 'utf8');
+  const kib = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB$`, 'm').exec(meminfo)![1]);
+  const guest = await testGuest(dir, 'big');
+  const withMemory = (k: number) => guest.xml.replace(/<memory unit='MiB'>\d+<\/memory>/, `<memory unit='KiB'>${k}</memory>`);
+  await t.rejects(client.define(withMemory(Math.floor(os.totalmem() / 1024) + 1024 * 1024)), { status: 400, code: 'exceeds_host_memory', body: { element: '/domain/memory' } }, 'more than the host has: refused at define');
+  const [total, available] = [kib('MemTotal'), kib('MemAvailable')];
+  if (total - available > 512 * 1024) {
+    await client.define(withMemory(Math.floor((total + available) / 2)));
+    await t.rejects(client.lifecycle('big', 'start'), { status: 409, code: 'insufficient_host_memory' }, 'more than it has available: refused at start, no qemu started');
+    t.same((await qemuRecords(path.join(dir, 'a'))).length, 0, 'nothing started');
+  } else {
+    t.comment('nearly all host memory is available: the start-time check cannot be provoked here');
+  }
+  const bulky = guest.xml.replace('<devices>', `<description>${'x'.repeat(300 * 1024)}</description><devices>`);
+  await t.rejects(client.define(bulky), { status: 413, code: 'body_too_large' }, 'domain XML over 256 KiB is refused before it is parsed');
+});
+
 t.test('bearer token on every route but /health', async (t) => {
   const dir = await tmpDir(t);
   const { url } = await startAgent(t, dir, 'a', { token: TOKEN });

@@ -91,6 +91,7 @@ export function agentConfig(dir: string, name: string, overrides: Partial<AgentC
     requestTimeoutMs: DEFAULTS.requestTimeoutMs,
     allowedHosts: [],
     peers: [],
+    maxDomains: DEFAULTS.maxDomains,
     maxIncoming: DEFAULTS.maxIncoming,
     jobHistory: DEFAULTS.jobHistory,
     maxOutgoing: DEFAULTS.maxOutgoing,

@@ -1,6 +1,6 @@
 import t from 'tap';
 import { AgentHttpError } from '../../src/client.js';
-import { testGuest } from '../helpers/agents.js';
+import { TEST_TOKEN, testGuest } from '../helpers/agents.js';
 import { assertOwnedBy, twoAgents, waitForPasses } from '../helpers/migration.js';
 
 t.test('admission: beyond --max-incoming the destination answers 503 + Retry-After and the source retries', async (t) => {
@@ -49,7 +49,7 @@ t.test('admission: beyond --max-outgoing Perform answers 503 with Retry-After', 
   t.equal(err.code, 'too_many_migrations');
   const res = await fetch(`${a.url}/perform`, {
     method: 'POST',
-    headers: { 'content-type': 'application/json' },
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${TEST_TOKEN}` },
     body: JSON.stringify({ domain: 'vm4', destination: b.url }),
   });
   t.equal(res.status, 503);

@@ -3,7 +3,7 @@ import path from 'node:path';
 import t from 'tap';
 import { processMatches } from '../../src/qemu/process.js';
 import { parseSerialLog } from '../../src/guest/image.js';
-import { freePort, spawnAgent, testGuest, waitFor, waitForJobEnd } from '../helpers/agents.js';
+import { freePort, spawnAgent, TEST_TOKEN, testGuest, waitFor, waitForJobEnd } from '../helpers/agents.js';
 import { runCli } from '../helpers/cli.js';
 import { assertOwnedBy, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
 import type { JobRecord } from '../../src/migration/jobs.js';
@@ -161,7 +161,7 @@ t.test('Finish2 unanswerable for good: an operator who checked the destination r
       const outcome = runsOnDestination ? 'finished' : 'aborted';
       // The operator's two ways in: the CLI, and the HTTP API.
       if (runsOnDestination) {
-        const cli = await runCli(['resolve', job.id, '--on', a.url, '--outcome', outcome, '--reason', `checked ${b.url} by hand`]);
+        const cli = await runCli(['resolve', job.id, '--on', a.url, '--outcome', outcome, '--reason', `checked ${b.url} by hand`], { KVM_MIGRATE_TOKEN: TEST_TOKEN });
         t.equal(cli.code, 0, `kvm-migrate resolve: ${cli.stdout}${cli.stderr}`);
         t.match(cli.stdout, /^completed/);
       } else {
