@@ -26,7 +26,7 @@ import { attachQemu, endPidfileOwner, killQemu, launchQemu, removeQemuFiles, wai
 export const QEMU_SANDBOX_ARGS = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'];
 import type { QemuHostInfo } from '../qemu/host.js';
 import { StateStore, isObject } from '../store/state-store.js';
-import { checkAllowedPaths } from './paths.js';
+import { checkAllowedPaths, sharedWrittenFile } from './paths.js';
 import { KeyedMutex } from './lock.js';
 
 export type DomainState = 'shutoff' | 'running' | 'paused' | 'migrating' | 'incoming';
@@ -230,8 +230,14 @@ export class DomainManager extends EventEmitter {
    * Every host path of the guest must lie below an --allow-path root, and never in the agent's
    * own state: a guest's serial chardev on another guest's QMP socket would drive that monitor.
    */
-  private checkPaths(def: DomainDef): Promise<void> {
-    return checkAllowedPaths(domainFileRefs(def), this.opts.allowPaths, this.opts.store.internalPaths());
+  private async checkPaths(def: DomainDef): Promise<void> {
+    const refs = domainFileRefs(def);
+    await checkAllowedPaths(refs, this.opts.allowPaths, this.opts.store.internalPaths());
+    const others = [...this.domains.values()].filter((d) => d.name !== def.name && d.uuid !== def.uuid).map((d) => ({ domain: d.name, refs: domainFileRefs(d.def) }));
+    const shared = await sharedWrittenFile(refs, others);
+    if (shared) {
+      throw new DomainXmlError('file_in_use', shared.ref.element, `${shared.ref.path} is also ${shared.other.kind === 'disk' ? 'a disk' : `the ${shared.other.kind} file`} of domain ${shared.domain} (${shared.other.element}), and one of them writes it`);
+    }
   }
 
   async define(xml: string): Promise<DomainEntry> {

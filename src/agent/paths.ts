@@ -69,6 +69,12 @@ export async function checkAllowedPaths(refs: FileRef[], allowRoots: string[], f
       throw new DomainXmlError('path_not_absolute', ref.element, `${ref.kind} path must be absolute: ${ref.path}`);
     }
     const resolved = await checkOne(roots, forbidden, ref.path, `${ref.kind} path`, ref.element, ref.mustExist);
+    if (ref.listens) {
+      const st = await fs.lstat(resolved).catch(() => null);
+      if (st && !st.isSocket()) {
+        throw new DomainXmlError('path_not_a_socket', ref.element, `${ref.path} exists and is no socket: qemu removes what is at a listening socket's path before it binds`);
+      }
+    }
     if (ref.format !== 'qcow2') continue;
     try {
       await imageFileRefs(resolved, 'qcow2', async (file) => {
@@ -79,4 +85,26 @@ export async function checkAllowedPaths(refs: FileRef[], allowRoots: string[], f
       throw err;
     }
   }
+}
+
+/**
+ * The first file this domain would share with another one where either writes it (a serial log
+ * over a neighbour's disk truncates it); two <shareable/> disks may share. Paths as the kernel
+ * resolves them; a file of the other domain that cannot be resolved now is passed over.
+ */
+export async function sharedWrittenFile(mine: FileRef[], others: Array<{ domain: string; refs: FileRef[] }>): Promise<{ ref: FileRef; domain: string; other: FileRef } | undefined> {
+  const resolve = async (ref: FileRef) => resolveExisting(ref.path, ref.element).catch(() => undefined);
+  const theirs: Array<{ domain: string; ref: FileRef; resolved: string }> = [];
+  for (const o of others) {
+    for (const ref of o.refs) {
+      const resolved = await resolve(ref);
+      if (resolved) theirs.push({ domain: o.domain, ref, resolved });
+    }
+  }
+  for (const ref of mine) {
+    const resolved = await resolve(ref);
+    const clash = theirs.find((t) => t.resolved === resolved && (ref.writes || t.ref.writes) && !(ref.shareable && t.ref.shareable));
+    if (clash) return { ref, domain: clash.domain, other: clash.ref };
+  }
+  return undefined;
 }

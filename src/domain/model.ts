@@ -263,6 +263,12 @@ export interface FileRef {
   mustExist: boolean;
   /** Disks only: the image format, whose header may name further files (qcow2 backing chain). */
   format?: 'raw' | 'qcow2';
+  /** qemu writes (or creates) it: no other domain may name it too. */
+  writes: boolean;
+  /** A disk marked <shareable/>: other shareable disks may name the same file. */
+  shareable?: boolean;
+  /** A unix socket qemu listens on: qemu unlinks whatever is at the path first. */
+  listens?: boolean;
 }
 
 export interface NormalizeHost {

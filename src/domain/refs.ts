@@ -3,17 +3,28 @@ import type { CharLog, CharSource, DomainDef, FileRef } from './model.js';
 
 export function domainFileRefs(def: DomainDef): FileRef[] {
   const refs: FileRef[] = [];
-  if (def.os.kernel) refs.push({ kind: 'kernel', path: def.os.kernel, element: '/domain/os/kernel', mustExist: true });
-  if (def.os.initrd) refs.push({ kind: 'initrd', path: def.os.initrd, element: '/domain/os/initrd', mustExist: true });
+  if (def.os.kernel) refs.push({ kind: 'kernel', path: def.os.kernel, element: '/domain/os/kernel', mustExist: true, writes: false });
+  if (def.os.initrd) refs.push({ kind: 'initrd', path: def.os.initrd, element: '/domain/os/initrd', mustExist: true, writes: false });
   for (const d of def.disks) {
     if (d.source === undefined) continue;
-    refs.push({ kind: 'disk', path: d.source, element: `${d.element}/source/@${d.type === 'file' ? 'file' : 'dev'}`, mustExist: true, format: d.format });
+    refs.push({
+      kind: 'disk',
+      path: d.source,
+      element: `${d.element}/source/@${d.type === 'file' ? 'file' : 'dev'}`,
+      mustExist: true,
+      format: d.format,
+      writes: !d.readonly,
+      ...(d.shareable ? { shareable: true } : {}),
+    });
   }
   const chardev = (kind: FileRef['kind'], element: string, source: CharSource, log: CharLog | undefined) => {
-    if (source.type === 'file') refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: false });
+    if (source.type === 'file') refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: false, writes: true });
     // qemu creates a listening socket; it connects to an existing one.
-    if (source.type === 'unix') refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: source.mode === 'connect' });
-    if (log) refs.push({ kind: 'log', path: log.file, element: `${element}/log/@file`, mustExist: false });
+    if (source.type === 'unix') {
+      const listens = source.mode !== 'connect';
+      refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: !listens, writes: listens, ...(listens ? { listens } : {}) });
+    }
+    if (log) refs.push({ kind: 'log', path: log.file, element: `${element}/log/@file`, mustExist: false, writes: true });
   };
   for (const s of def.serials) chardev(s.origin, s.element, s.source, s.log);
   for (const c of def.consoles) chardev('console', c.element, c.source, c.log);

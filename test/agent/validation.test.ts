@@ -101,6 +101,18 @@ t.test("a guest's files never reach into the agent's state or through a dangling
     await t.rejects(client.define(c.xml), { status: 400, code: c.code, message: c.message }, `${c.what}: refused`);
   }
   t.notOk(await fs.lstat(path.join(outside, 'cron-job')).catch(() => null), 'nothing was created through the link');
+
+  // No file is written by one domain and named by another; a listening socket never replaces a file.
+  const neighbourDisk = `<serial type='file'><source path='${neighbour.image}'/><target port='0'/></serial>`;
+  await t.rejects(client.define(withSerial(neighbourDisk)), { status: 400, code: 'file_in_use', message: /also a disk of domain vm1/ }, "a serial log on the neighbour's disk");
+  await t.rejects(client.define(guest.xml.replace(guest.image, neighbour.image)), { status: 400, code: 'file_in_use' }, "the neighbour's disk as a disk");
+  await t.rejects(client.define(withSerial(`<serial type='file'><source path='${neighbour.serialLog}'/><target port='0'/></serial>`)), { status: 400, code: 'file_in_use', message: /serial file of domain vm1/ }, "the neighbour's serial log");
+  const precious = path.join(dir, 'precious.txt');
+  await fs.writeFile(precious, 'keep me');
+  await t.rejects(client.define(withSerial(`<serial type='unix'><source mode='bind' path='${precious}'/><target port='0'/></serial>`)), { status: 400, code: 'path_not_a_socket' }, 'a listening socket over a file');
+  t.equal(await fs.readFile(precious, 'utf8'), 'keep me', 'the file is untouched');
+  await client.define(guest.xml);
+  t.pass('its own files are its own');
   await client.lifecycle('vm1', 'destroy');
 });
 
