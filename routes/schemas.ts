@@ -21,7 +21,8 @@ export const domainInfoSchema = {
     name: { type: 'string' },
     uuid: { type: 'string', format: 'uuid' },
     state: { type: 'string', enum: ['shutoff', 'running', 'paused', 'migrating', 'incoming'] },
-    reason: { type: 'string', description: 'why the domain is in this state (e.g. crashed, destroyed, migrated)' },
+    reason: { type: 'string', description: 'why the domain is in this state (e.g. crashed, destroyed, migrated, start_failed)' },
+    reasonMessage: { type: 'string', description: 'for start_failed: what qemu said' },
     persistent: { type: 'boolean' },
     memoryKiB: { type: 'integer' },
     vcpus: { type: 'integer' },
@@ -41,6 +42,7 @@ export const errorResponses = {
   401: { $ref: 'Error#' },
   404: { $ref: 'Error#' },
   409: { $ref: 'Error#' },
+  422: { $ref: 'Error#' },
 } as const;
 
 export const domainNameParams = {

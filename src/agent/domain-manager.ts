@@ -15,7 +15,7 @@ import {
   type HostSettings,
 } from '../domain/index.js';
 import { QmpClient } from '../qemu/qmp.js';
-import { attachQemu, endPidfileOwner, killQemu, launchQemu, removeQemuFiles, waitForExit, type QemuProcessRecord } from '../qemu/process.js';
+import { attachQemu, endPidfileOwner, killQemu, launchQemu, QemuStartError, removeQemuFiles, waitForExit, type QemuProcessRecord } from '../qemu/process.js';
 
 /**
  * Host policy, not guest ABI (so not part of the domain's argv): qemu's seccomp filter refuses
@@ -31,7 +31,7 @@ import { KeyedMutex } from './lock.js';
 
 export type DomainState = 'shutoff' | 'running' | 'paused' | 'migrating' | 'incoming';
 /** Why a domain is not running (libvirt keeps a reason beside each state for the same purpose). */
-export type ShutoffReason = 'defined' | 'shutdown' | 'destroyed' | 'crashed' | 'migrated' | 'failed' | 'unknown';
+export type ShutoffReason = 'defined' | 'shutdown' | 'destroyed' | 'crashed' | 'migrated' | 'failed' | 'start_failed' | 'unknown';
 
 export interface RunningQemu {
   record: QemuProcessRecord;
@@ -52,7 +52,7 @@ export interface DomainEntry {
   /** A transient domain (an incoming one not asked to persist) has no stored definition and vanishes when it stops. */
   persistent: boolean;
   run?: RunningQemu;
-  lastExit?: { reason: ShutoffReason; at: string };
+  lastExit?: { reason: ShutoffReason; at: string; message?: string };
   /** The migration job that owns this domain now, if any: lifecycle calls are refused meanwhile. */
   activeJob?: { id: string; role: 'source' | 'destination' };
 }
@@ -73,6 +73,8 @@ export interface DomainInfo {
   uuid: string;
   state: DomainState;
   reason?: string;
+  /** For reason start_failed: what qemu said. */
+  reasonMessage?: string;
   persistent: boolean;
   memoryKiB: number;
   vcpus: number;
@@ -315,16 +317,16 @@ export class DomainManager extends EventEmitter {
     });
   }
 
-  /**
-   * Start qemu for `entry` (paused, -S; with -incoming defer when asked). The runtime record is
-   * written as soon as the pid is known, so a restarted agent can find the process again.
-   */
   private refuseBeyondMaxDomains(): void {
     if (this.domains.size >= this.opts.maxDomains) {
       throw conflict('too_many_domains', `this agent holds ${this.domains.size} domains, its limit (--max-domains ${this.opts.maxDomains})`);
     }
   }
 
+  /**
+   * Start qemu for `entry` (paused, -S; with -incoming defer when asked). The runtime record is
+   * written as soon as the pid is known, so a restarted agent can find the process again.
+   */
   async launch(entry: DomainEntry, opts: { incoming: boolean }): Promise<RunningQemu> {
     // Memory the host cannot give now: the guest would start and be killed by the OOM killer later, or take others with it.
     const availableKiB = await memAvailableKiB();
@@ -339,6 +341,11 @@ export class DomainManager extends EventEmitter {
       logPath: path.join(this.opts.store.dir('logs'), `${entry.name}.log`),
       pidfilePath: host.pidfilePath,
       qmpSocketPath: host.qmpSocketPath,
+    }).catch((err: unknown) => {
+      if (!(err instanceof QemuStartError)) throw err;
+      // qemu refused the guest (a device this host lacks, a file it cannot open): the domain keeps why.
+      entry.lastExit = { reason: 'start_failed', at: new Date().toISOString(), message: err.message };
+      throw new AgentError(422, 'qemu_start_failed', `qemu did not start ${entry.name}: ${err.message}`, { domain: entry.name, qemuMessage: err.logTail });
     });
     const run: RunningQemu = {
       record,
@@ -424,7 +431,7 @@ export class DomainManager extends EventEmitter {
       ...(entry.activeJob ? { job: entry.activeJob } : {}),
     };
     const run = entry.run;
-    if (!run) return { ...base, state: 'shutoff', reason: entry.lastExit?.reason ?? 'unknown' };
+    if (!run) return { ...base, state: 'shutoff', reason: entry.lastExit?.reason ?? 'unknown', ...(entry.lastExit?.message ? { reasonMessage: entry.lastExit.message } : {}) };
     let qemuStatus: string | undefined;
     try {
       qemuStatus = (await run.qmp.execute<{ status: string }>('query-status', {}, { timeoutMs: 3000 })).status;

@@ -1,4 +1,5 @@
 import t from 'tap';
+import { spawn, spawnSync } from 'node:child_process';
 import { execa } from 'execa';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
@@ -158,4 +159,26 @@ t.test('errors are JSON with a code', async (t) => {
   const route = (await client.call('GET', '/nope').catch((e: unknown) => e)) as AgentHttpError;
   t.equal(route.status, 404);
   t.equal(route.code, 'route_not_found');
+});
+
+t.test('a qemu that refuses to start answers 422 qemu_start_failed with its message, and the domain keeps it', async (t) => {
+  const dir = await tmpDir(t);
+  const { client } = await startAgent(t, dir, 'a');
+  const guest = await testGuest(dir, 'vm9');
+  await client.define(guest.xml);
+  // Another qemu (not this agent's) holds the image's write lock.
+  const holder = spawn('qemu-system-x86_64', ['-S', '-nodefaults', '-display', 'none', '-machine', 'pc,accel=tcg', '-m', '16', '-drive', `file=${guest.image},format=raw,if=ide`], { stdio: 'ignore' });
+  const holderExit = new Promise((r) => holder.once('exit', r));
+  t.teardown(async () => {
+    if (holder.exitCode === null && holder.signalCode === null) holder.kill('SIGKILL');
+    await holderExit;
+  });
+  await waitFor('the other qemu to hold the image lock', async () => {
+    const r = spawnSync('qemu-io', ['-f', 'raw', '-c', 'quit', guest.image], { encoding: 'utf8' });
+    return /lock/i.test(r.stderr);
+  }, { timeoutMs: 10_000 });
+  const err = await client.lifecycle('vm9', 'start').catch((e: unknown) => e as AgentHttpError);
+  t.ok(err instanceof AgentHttpError, 'refused');
+  t.match(err, { status: 422, code: 'qemu_start_failed', body: { domain: 'vm9', qemuMessage: /lock/ } }, (err as Error).message);
+  t.match(await client.domain('vm9'), { state: 'shutoff', reason: 'start_failed', reasonMessage: /lock/ }, 'the domain says why it is not running');
 });
