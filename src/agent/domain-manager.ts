@@ -26,7 +26,7 @@ import { attachQemu, endPidfileOwner, killQemu, launchQemu, QemuStartError, remo
 export const QEMU_SANDBOX_ARGS = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'];
 import type { QemuHostInfo } from '../qemu/host.js';
 import { StateStore, isObject } from '../store/state-store.js';
-import { checkAllowedPaths, sharedWrittenFile } from './paths.js';
+import { checkAllowedPaths, openGuestFiles, sharedWrittenFile } from './paths.js';
 import { KeyedMutex } from './lock.js';
 
 export type DomainState = 'shutoff' | 'running' | 'paused' | 'migrating' | 'incoming';
@@ -333,7 +333,9 @@ export class DomainManager extends EventEmitter {
     if (availableKiB !== undefined && entry.def.memoryKiB > availableKiB) {
       throw conflict('insufficient_host_memory', `the guest needs ${entry.def.memoryKiB} KiB; this host has ${availableKiB} KiB available`, { domain: entry.name });
     }
-    const host = this.hostSettings(entry.uuid);
+    // qemu gets the files the agent opened and checked, not paths it would resolve again itself.
+    const files = await openGuestFiles(domainFileRefs(entry.def), this.opts.allowPaths, this.opts.store.internalPaths());
+    const host = { ...this.hostSettings(entry.uuid), fileArg: (p: string) => files.args.get(p) ?? p };
     const argv = [...buildArgv(entry.def, host, { incoming: opts.incoming }), ...QEMU_SANDBOX_ARGS];
     const { record, qmp } = await launchQemu({
       binary: host.qemuBinary,
@@ -341,7 +343,8 @@ export class DomainManager extends EventEmitter {
       logPath: path.join(this.opts.store.dir('logs'), `${entry.name}.log`),
       pidfilePath: host.pidfilePath,
       qmpSocketPath: host.qmpSocketPath,
-    }).catch((err: unknown) => {
+      passFds: files.fds,
+    }).finally(() => files.close()).catch((err: unknown) => {
       if (!(err instanceof QemuStartError)) throw err;
       // qemu refused the guest (a device this host lacks, a file it cannot open): the domain keeps why.
       entry.lastExit = { reason: 'start_failed', at: new Date().toISOString(), message: err.message };

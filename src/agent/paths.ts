@@ -1,4 +1,4 @@
-import { promises as fs } from 'node:fs';
+import fsSync, { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { DomainXmlError } from '../errors.js';
 import type { FileRef } from '../domain/index.js';
@@ -107,4 +107,57 @@ export async function sharedWrittenFile(mine: FileRef[], others: Array<{ domain:
     if (clash) return { ref, domain: clash.domain, other: clash.ref };
   }
   return undefined;
+}
+
+/** Descriptors the agent opened for qemu, and what qemu is told in place of each path. */
+export interface PassedFiles {
+  fds: number[];
+  /** path as the XML names it -> `/dev/fdset/N` (N = index + 1) */
+  args: Map<string, string>;
+  close(): void;
+}
+
+/**
+ * Opens every guest file qemu would open through qemu_open, and checks what was opened: the
+ * path is resolved and checked, opened without following a last-component symlink, and the
+ * descriptor's own path (/proc/self/fd) is checked again, so a symlink or directory swapped
+ * between the check and the open is caught, and qemu gets the very file that was checked.
+ */
+export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forbiddenRoots: string[]): Promise<PassedFiles> {
+  const roots = await Promise.all(allowRoots.map((r) => resolveExisting(r, '--allow-path')));
+  const forbidden = await Promise.all(forbiddenRoots.map((r) => resolveExisting(r, 'state directory')));
+  const passed: PassedFiles = {
+    fds: [],
+    args: new Map(),
+    close() {
+      for (const fd of this.fds.splice(0)) fsSync.closeSync(fd);
+    },
+  };
+  try {
+    for (const ref of refs) {
+      if (!ref.passable || passed.args.has(ref.path)) continue;
+      const resolved = await checkOne(roots, forbidden, ref.path, `${ref.kind} path`, ref.element, ref.mustExist);
+      // qemu finds a relative backing file beside the image's name, which /dev/fdset/N is not:
+      // a qcow2 that names other files keeps its (checked) path.
+      if (ref.format === 'qcow2' && (await imageFileRefs(resolved, 'qcow2', async () => undefined)).length > 0) continue;
+      const c = fsSync.constants;
+      const flags = ref.kind === 'disk' ? (ref.writes ? c.O_RDWR : c.O_RDONLY) : c.O_WRONLY | c.O_CREAT | (ref.append ? c.O_APPEND : c.O_TRUNC);
+      let fd: number;
+      try {
+        fd = fsSync.openSync(resolved, flags | c.O_NOFOLLOW | c.O_NOCTTY, 0o600);
+      } catch (err) {
+        throw new DomainXmlError('path_changed', ref.element, `${ref.path} could not be opened as checked (${(err as NodeJS.ErrnoException).code}): it changed since`);
+      }
+      passed.fds.push(fd);
+      const opened = fsSync.readlinkSync(`/proc/self/fd/${fd}`);
+      if (!roots.some((root) => isBelow(root, opened)) || forbidden.some((dir) => isBelow(dir, opened))) {
+        throw new DomainXmlError('path_changed', ref.element, `${ref.path} turned out to be ${opened} when opened, outside every --allow-path root: it changed since it was checked`);
+      }
+      passed.args.set(ref.path, `/dev/fdset/${passed.fds.length}`);
+    }
+  } catch (err) {
+    passed.close();
+    throw err;
+  }
+  return passed;
 }

@@ -31,6 +31,7 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
     `bus=${rootBus},addr=0x${a.slot.toString(16)}${a.function ? `.0x${a.function.toString(16)}` : ''}${a.multifunction ? ',multifunction=on' : ''}`;
   const argv: string[] = [];
   const add = (...args: string[]) => argv.push(...args);
+  const fileArg = host.fileArg ?? ((p: string) => p);
 
   add('-name', `guest=${def.name},debug-threads=on`);
   add('-S');
@@ -64,7 +65,7 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
     if (!c.builtin) add('-device', `${controllerDriver(c)},id=${c.id},${pci(c.address!)}`);
   }
   for (const d of def.disks) {
-    if (d.source !== undefined) add(...blockdevArgs(d));
+    if (d.source !== undefined) add(...blockdevArgs(d, fileArg));
     add('-device', diskDevice(d, def.controllers, pci));
   }
   for (const n of def.interfaces) {
@@ -76,15 +77,15 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
     add('-device', `${driver},netdev=${n.netdevId},id=${n.id},mac=${n.mac},${pci(n.address)}${bootindex(n.bootIndex)}`);
   }
   for (const s of def.serials) {
-    add('-chardev', chardevOption(s.chardevId, s.source, s.log));
+    add('-chardev', chardevOption(s.chardevId, s.source, s.log, fileArg));
     add('-device', `isa-serial,chardev=${s.chardevId},id=${s.id},index=${s.port}`);
   }
   for (const c of def.consoles) {
-    add('-chardev', chardevOption(c.chardevId, c.source, c.log));
+    add('-chardev', chardevOption(c.chardevId, c.source, c.log, fileArg));
     add('-device', `virtconsole,chardev=${c.chardevId},id=${c.id},bus=virtio-serial${c.address.controller}.0,nr=${c.address.port}`);
   }
   for (const c of def.channels) {
-    add('-chardev', chardevOption(c.chardevId, c.source, c.log));
+    add('-chardev', chardevOption(c.chardevId, c.source, c.log, fileArg));
     add('-device', `virtserialport,chardev=${c.chardevId},id=${c.id},name=${c.name},bus=virtio-serial${c.address.controller}.0,nr=${c.address.port}`);
   }
   for (const i of def.inputs) {
@@ -170,7 +171,7 @@ const CACHE: Record<string, [boolean, boolean, boolean]> = {
 };
 
 /** A protocol node (the file or block device) under a format node; JSON avoids any escaping. */
-function blockdevArgs(d: DiskDef): string[] {
+function blockdevArgs(d: DiskDef, fileArg: (path: string) => string): string[] {
   const cache = d.cache && { direct: CACHE[d.cache]![0], 'no-flush': CACHE[d.cache]![1] };
   const common = {
     ...(d.readonly ? { 'read-only': true } : {}),
@@ -178,7 +179,7 @@ function blockdevArgs(d: DiskDef): string[] {
     ...(d.discard ? { discard: d.discard } : {}),
   };
   const protocol = d.type === 'file' ? 'file' : d.device === 'cdrom' ? 'host_cdrom' : 'host_device';
-  const storage = { driver: protocol, filename: d.source, 'node-name': `file-${d.id}`, ...common, ...(d.io ? { aio: d.io } : {}) };
+  const storage = { driver: protocol, filename: fileArg(d.source!), 'node-name': `file-${d.id}`, ...common, ...(d.io ? { aio: d.io } : {}) };
   const format = { driver: d.format, file: `file-${d.id}`, 'node-name': `drive-${d.id}`, ...common };
   return ['-blockdev', JSON.stringify(storage), '-blockdev', JSON.stringify(format)];
 }
@@ -211,7 +212,7 @@ function diskDevice(d: DiskDef, controllers: ControllerDef[], pci: (a: PciAddres
   return parts.join(',');
 }
 
-function chardevOption(id: string, s: CharSource, log: CharLog | undefined): string {
+function chardevOption(id: string, s: CharSource, log: CharLog | undefined, fileArg: (path: string) => string): string {
   let opt: string;
   switch (s.type) {
     case 'pty':
@@ -219,7 +220,7 @@ function chardevOption(id: string, s: CharSource, log: CharLog | undefined): str
       opt = `${s.type},id=${id}`;
       break;
     case 'file':
-      opt = `file,id=${id},path=${escapeOptionValue(s.path)}${s.append ? ',append=on' : ''}`;
+      opt = `file,id=${id},path=${escapeOptionValue(fileArg(s.path))}${s.append ? ',append=on' : ''}`;
       break;
     case 'unix':
       opt = `socket,id=${id},path=${escapeOptionValue(s.path)}${s.mode === 'bind' ? ',server=on,wait=off' : ''}`;
@@ -228,6 +229,6 @@ function chardevOption(id: string, s: CharSource, log: CharLog | undefined): str
       opt = `socket,id=${id},host=${s.host},port=${s.service}${s.mode === 'bind' ? ',server=on,wait=off' : ''}${s.protocol === 'telnet' ? ',telnet=on' : ''}`;
       break;
   }
-  if (log) opt += `,logfile=${escapeOptionValue(log.file)}${log.append ? ',logappend=on' : ''}`;
+  if (log) opt += `,logfile=${escapeOptionValue(fileArg(log.file))}${log.append ? ',logappend=on' : ''}`;
   return opt;
 }

@@ -269,6 +269,10 @@ export interface FileRef {
   shareable?: boolean;
   /** A unix socket qemu listens on: qemu unlinks whatever is at the path first. */
   listens?: boolean;
+  /** An output file qemu appends to (append='on'); otherwise it truncates it. */
+  append?: boolean;
+  /** qemu opens it through qemu_open, so it can be handed a descriptor instead of the path. */
+  passable?: boolean;
 }
 
 export interface NormalizeHost {
@@ -283,6 +287,11 @@ export interface HostSettings {
   accel: Accel;
   qmpSocketPath: string;
   pidfilePath: string;
+  /**
+   * What qemu is told for a guest file it opens through qemu_open (disks, chardev files and
+   * logs): the path itself, or `/dev/fdset/N` for a descriptor the agent opened and checked.
+   */
+  fileArg?: (path: string) => string;
 }
 
 export interface ArgvOptions {

@@ -14,17 +14,18 @@ export function domainFileRefs(def: DomainDef): FileRef[] {
       mustExist: true,
       format: d.format,
       writes: !d.readonly,
+      passable: true,
       ...(d.shareable ? { shareable: true } : {}),
     });
   }
   const chardev = (kind: FileRef['kind'], element: string, source: CharSource, log: CharLog | undefined) => {
-    if (source.type === 'file') refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: false, writes: true });
+    if (source.type === 'file') refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: false, writes: true, passable: true, ...(source.append ? { append: true } : {}) });
     // qemu creates a listening socket; it connects to an existing one.
     if (source.type === 'unix') {
       const listens = source.mode !== 'connect';
       refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: !listens, writes: listens, ...(listens ? { listens } : {}) });
     }
-    if (log) refs.push({ kind: 'log', path: log.file, element: `${element}/log/@file`, mustExist: false, writes: true });
+    if (log) refs.push({ kind: 'log', path: log.file, element: `${element}/log/@file`, mustExist: false, writes: true, passable: true, ...(log.append ? { append: true } : {}) });
   };
   for (const s of def.serials) chardev(s.origin, s.element, s.source, s.log);
   for (const c of def.consoles) chardev('console', c.element, c.source, c.log);

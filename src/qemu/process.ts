@@ -21,6 +21,8 @@ export interface QemuLaunch {
   qmpSocketPath: string;
   /** Until QMP answers; default 30 s. */
   startTimeoutMs?: number;
+  /** Descriptors qemu gets as fd 3, 4, ... and, with -add-fd, as /dev/fdset/1, 2, ... */
+  passFds?: number[];
 }
 
 /** What tells one process from a later one with the same pid. */
@@ -66,7 +68,7 @@ export async function launchQemu(l: QemuLaunch): Promise<{ record: QemuProcessRe
   try {
     fs.writeSync(logFd, `${new Date().toISOString()} starting: ${[l.binary, ...argv].join(' ')}\n`);
     logStart = fs.fstatSync(logFd).size;
-    child = spawnDetached(l.binary, argv, logFd);
+    child = spawnDetached(l.binary, argv, logFd, l.passFds ?? []);
   } finally {
     // The child holds its own copy of the descriptor.
     fs.closeSync(logFd);
@@ -176,17 +178,19 @@ export async function waitForExit(rec: ProcessIdentity, timeoutMs: number): Prom
   return true;
 }
 
-function spawnDetached(binary: string, argv: string[], logFd: number) {
+function spawnDetached(binary: string, argv: string[], logFd: number, passFds: number[]) {
   // A raw descriptor, not execa's `{file}`: that pipes through this process, so qemu's output
   // (and qemu itself, on EPIPE) would depend on the agent staying alive. execa's types list
   // only descriptors up to 9, but any number is handed to spawn() unchanged.
   const fd = logFd as 3;
-  return execa(binary, argv, { detached: true, cleanup: false, stdin: 'ignore', stdout: fd, stderr: fd, reject: false });
+  const stdio = ['ignore', fd, fd, ...passFds] as unknown as ['ignore', 3, 3];
+  return execa(binary, argv, { detached: true, cleanup: false, stdio, reject: false });
 }
 
 function controlArgs(l: QemuLaunch): string[] {
   if (l.argv.includes('-daemonize')) throw new Error('qemu argv must not contain -daemonize: the agent tracks the pid it starts');
   const extra: string[] = [];
+  (l.passFds ?? []).forEach((_, i) => extra.push('-add-fd', `fd=${3 + i},set=${i + 1}`));
   const p = l.argv.indexOf('-pidfile');
   if (p === -1) extra.push('-pidfile', l.pidfilePath);
   else if (l.argv[p + 1] !== l.pidfilePath) {

@@ -1,4 +1,5 @@
 import t from 'tap';
+import { spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -232,4 +233,45 @@ t.test('/host reports a persisted identity', async (t) => {
   await a.app.close();
   const again = await startAgent(t, dir, 'a');
   t.equal((await again.client.host()).uuid, host.uuid, 'same uuid after restart');
+});
+
+t.test('a symlink swapped while guests start never gets qemu an outside file', async (t) => {
+  const dir = await tmpDir(t);
+  const { client } = await startAgent(t, dir, 'a');
+  const outside = await fs.mkdtemp(path.join(dir, '..', 'kvm-migrate-test-outside-'));
+  t.teardown(() => fs.rm(outside, { recursive: true, force: true }));
+  const guest = await testGuest(dir, 'vm1');
+  const secret = path.join(outside, 'secret.img');
+  await fs.copyFile(guest.image, secret);
+  const link = path.join(dir, 'disk.img');
+  await fs.symlink(guest.image, link);
+  await client.define(guest.xml.replace(guest.image, link));
+  // Another process swaps the link between the guest's image and the outside file, as fast as it can.
+  const swapper = spawn('bash', ['-c', `for i in $(seq 1 200000); do ln -sfn ${secret} ${link}.a && mv -T ${link}.a ${link}; ln -sfn ${guest.image} ${link}.b && mv -T ${link}.b ${link}; done`], { stdio: 'ignore' });
+  const swapperExit = new Promise((r) => swapper.once('exit', r));
+  t.teardown(async () => {
+    if (swapper.exitCode === null && swapper.signalCode === null) swapper.kill('SIGKILL');
+    await swapperExit;
+  });
+  let started = 0;
+  let refused = 0;
+  const escapes: string[] = [];
+  const deadline = Date.now() + 60_000;
+  for (let i = 0; i < 20 && Date.now() < deadline; i++) {
+    try {
+      const info = await client.lifecycle('vm1', 'start');
+      started++;
+      for (const fd of await fs.readdir(`/proc/${info.pid}/fd`)) {
+        const target = await fs.readlink(`/proc/${info.pid}/fd/${fd}`).catch(() => '');
+        if (target.startsWith(outside)) escapes.push(target);
+      }
+      await client.lifecycle('vm1', 'destroy');
+    } catch (err) {
+      refused++;
+      t.match(err, { status: 400, code: /path_not_allowed|path_changed|path_not_found/ }, `refused: ${(err as Error).message.slice(0, 120)}`);
+    }
+  }
+  t.comment(`${started} started, ${refused} refused while the link was being swapped`);
+  t.ok(started + refused >= 10, 'enough attempts');
+  t.same(escapes, [], 'no qemu ever held a file outside --allow-path');
 });
