@@ -63,7 +63,8 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
           properties: {
             protocolVersion: { type: 'integer', enum: [2] },
             migrationId,
-            xml: { type: 'string', maxLength: MAX_DOMAIN_XML_BYTES },
+            // The stored XML: what was defined, plus the uuid, MACs and addresses the agent filled in.
+            xml: { type: 'string', maxLength: 2 * MAX_DOMAIN_XML_BYTES },
             desturi: migrationOptionsSchema.properties.desturi,
             options: migrationOptionsSchema,
             source: {

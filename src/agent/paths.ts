@@ -146,7 +146,10 @@ export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forb
       try {
         fd = fsSync.openSync(resolved, flags | c.O_NOFOLLOW | c.O_NOCTTY, 0o600);
       } catch (err) {
-        throw new DomainXmlError('path_changed', ref.element, `${ref.path} could not be opened as checked (${(err as NodeJS.ErrnoException).code}): it changed since`);
+        const code = (err as NodeJS.ErrnoException).code;
+        // ELOOP with O_NOFOLLOW: the resolved file itself has become a symlink since the check.
+        if (code === 'ELOOP') throw new DomainXmlError('path_changed', ref.element, `${ref.path} became a symlink after it was checked`);
+        throw new DomainXmlError('path_unopenable', ref.element, `${ref.path} (${resolved}) cannot be opened for qemu: ${code ?? (err as Error).message}`);
       }
       passed.fds.push(fd);
       const opened = fsSync.readlinkSync(`/proc/self/fd/${fd}`);

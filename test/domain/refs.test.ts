@@ -6,8 +6,8 @@ const refsOf = (name: string) => domainFileRefs(normalizeDomainXml(readFixture(`
 
 t.test('the minimal test guest', async (t) => {
   t.same(refsOf('minimal'), [
-    { kind: 'disk', path: '/var/lib/x/guest.img', element: '/domain/devices/disk[1]/source/@file', mustExist: true, format: 'raw', writes: true },
-    { kind: 'serial', path: '/var/lib/x/serial.log', element: '/domain/devices/serial[1]/source/@path', mustExist: false, writes: true },
+    { kind: 'disk', path: '/var/lib/x/guest.img', element: '/domain/devices/disk[1]/source/@file', mustExist: true, format: 'raw', writes: true, passable: true },
+    { kind: 'serial', path: '/var/lib/x/serial.log', element: '/domain/devices/serial[1]/source/@path', mustExist: false, writes: true, passable: true, append: true },
   ]);
 });
 
@@ -15,30 +15,30 @@ t.test('kernel, initrd and disks', async (t) => {
   t.same(refsOf('kernel-boot'), [
     { kind: 'kernel', path: '/var/lib/x/vmlinuz', element: '/domain/os/kernel', mustExist: true, writes: false },
     { kind: 'initrd', path: '/var/lib/x/initrd.img', element: '/domain/os/initrd', mustExist: true, writes: false },
-    { kind: 'disk', path: '/var/lib/x/root.img', element: '/domain/devices/disk[1]/source/@file', mustExist: true, format: 'raw', writes: true },
-    { kind: 'serial', path: '/var/lib/x/kboot-serial.log', element: '/domain/devices/serial[1]/source/@path', mustExist: false, writes: true },
+    { kind: 'disk', path: '/var/lib/x/root.img', element: '/domain/devices/disk[1]/source/@file', mustExist: true, format: 'raw', writes: true, passable: true },
+    { kind: 'serial', path: '/var/lib/x/kboot-serial.log', element: '/domain/devices/serial[1]/source/@path', mustExist: false, writes: true, passable: true },
   ]);
 });
 
 t.test('block devices, an empty cdrom, and a console that is the serial port', async (t) => {
   t.same(refsOf('console-only'), [
-    { kind: 'disk', path: '/dev/vg0/console-only', element: '/domain/devices/disk[1]/source/@dev', mustExist: true, format: 'raw', writes: true, shareable: true },
-    { kind: 'disk', path: '/dev/sr0', element: '/domain/devices/disk[2]/source/@dev', mustExist: true, format: 'raw', writes: false },
-    { kind: 'disk', path: '/srv/vm/console-only-ro.raw', element: '/domain/devices/disk[3]/source/@file', mustExist: true, format: 'raw', writes: false },
+    { kind: 'disk', path: '/dev/vg0/console-only', element: '/domain/devices/disk[1]/source/@dev', mustExist: true, format: 'raw', writes: true, shareable: true, passable: true },
+    { kind: 'disk', path: '/dev/sr0', element: '/domain/devices/disk[2]/source/@dev', mustExist: true, format: 'raw', writes: false, passable: true },
+    { kind: 'disk', path: '/srv/vm/console-only-ro.raw', element: '/domain/devices/disk[3]/source/@file', mustExist: true, format: 'raw', writes: false, passable: true },
   ]);
   const c = domainFileRefs(parseDomainXml(domainXml({ devices: "<console type='file'><source path='/l/console.log'/></console>" })));
-  t.same(c, [{ kind: 'console', path: '/l/console.log', element: '/domain/devices/console[1]/source/@path', mustExist: false, writes: true }]);
+  t.same(c, [{ kind: 'console', path: '/l/console.log', element: '/domain/devices/console[1]/source/@path', mustExist: false, writes: true, passable: true }]);
   const empty = domainFileRefs(parseDomainXml(domainXml({ devices: "<disk type='file' device='cdrom'><target dev='hdc'/></disk>" })));
   t.same(empty, []);
 });
 
 t.test('character devices: files, sockets and logs', async (t) => {
   t.same(refsOf('chardevs'), [
-    { kind: 'serial', path: '/var/log/vm/chardevs,serial0.log', element: '/domain/devices/serial[1]/source/@path', mustExist: false, writes: true },
-    { kind: 'log', path: '/var/log/vm/chardevs-serial0.debug', element: '/domain/devices/serial[1]/log/@file', mustExist: false, writes: true },
+    { kind: 'serial', path: '/var/log/vm/chardevs,serial0.log', element: '/domain/devices/serial[1]/source/@path', mustExist: false, writes: true, passable: true },
+    { kind: 'log', path: '/var/log/vm/chardevs-serial0.debug', element: '/domain/devices/serial[1]/log/@file', mustExist: false, writes: true, passable: true, append: true },
     { kind: 'serial', path: '/run/vm/chardevs-serial1.sock', element: '/domain/devices/serial[2]/source/@path', mustExist: true, writes: false },
     { kind: 'channel', path: '/run/vm/chardevs.agent', element: '/domain/devices/channel[1]/source/@path', mustExist: false, writes: true, listens: true },
-    { kind: 'channel', path: '/var/log/vm/chardevs-channel.log', element: '/domain/devices/channel[2]/source/@path', mustExist: false, writes: true },
+    { kind: 'channel', path: '/var/log/vm/chardevs-channel.log', element: '/domain/devices/channel[2]/source/@path', mustExist: false, writes: true, passable: true },
   ], 'the serial console aliases serial0 and adds no path of its own');
   const full = refsOf('full-i440fx');
   t.same(full.map((r) => [r.kind, r.path]), [
