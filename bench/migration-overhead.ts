@@ -11,10 +11,9 @@
  * measured the other is paused, so the two never compete for the machine's cores.
  */
 import { parseArgs } from 'node:util';
-import { promises as fs } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import type { AgentConfig } from '../src/config.js';
+import { benchRun, median } from './harness.js';
 import { buildArgv, normalizeDomainXml, type DomainDef } from '../src/domain/index.js';
 import { launchQemu, killQemu, type QemuProcessRecord } from '../src/qemu/process.js';
 import { probeQemu, resolveAccel } from '../src/qemu/host.js';
@@ -34,11 +33,6 @@ const rounds = Number(values.rounds);
 const params: GuestParams = { fillMiB: Number(values['fill-mib']), hotMiB: 1, reportEvery: 0 };
 const accelMode = values.accel as AgentConfig['accel'];
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-}
 
 async function waitGuestFilled(qmp: QmpClient): Promise<void> {
   for (let i = 0; i < 6000; i++) {
@@ -65,17 +59,8 @@ interface RawGuest {
 }
 
 async function main(): Promise<void> {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'kvm-migrate-bench-'));
-  const cleanups: Array<() => Promise<unknown>> = [];
-  const cleanUp = async () => {
-    for (const cleanup of cleanups.splice(0).reverse()) await cleanup().catch(() => undefined);
-    await fs.rm(dir, { recursive: true, force: true });
-  };
-  // Interrupted (Ctrl-C, timeout): end the qemus it started and remove its files all the same.
-  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-    process.once(signal, () => void cleanUp().finally(() => process.exit(130)));
-  }
-  try {
+  await benchRun(async (run) => {
+    const { dir } = run;
     // One image each: a running qemu holds its disk's write lock.
     const memoryMiB = guestMemoryMiB(params) + 16;
     const agentGuest = await testGuest(dir, 'bench-agent', params, { memoryMiB });
@@ -86,14 +71,13 @@ async function main(): Promise<void> {
 
     // --- agent-driven ---
     // The tests' agent factory; what it arranges to end at teardown is ended by this run's clean-up.
-    const teardowns = { teardown: (fn: () => void | Promise<void>) => void cleanups.push(async () => fn()) };
-    const agents: TestAgent[] = [];
+        const agents: TestAgent[] = [];
     for (const [name, host, ports] of [
       ['a', '127.0.0.2', { low: 49152, high: 49160 }],
       ['b', '127.0.0.3', { low: 49161, high: 49170 }],
     ] as const) {
       const overrides = { listenHost: host, migrationAddress: host, migrationPorts: ports, accel: accelMode, incomingTimeoutSeconds: 120, maxIncoming: 1, maxOutgoing: 1 };
-      agents.push(await startAgent(teardowns, dir, name, overrides));
+      agents.push(await startAgent(run, dir, name, overrides));
     }
     await agents[0]!.client.define(agentGuest.xml);
     await agents[0]!.client.lifecycle('bench-agent', 'start');
@@ -118,7 +102,7 @@ async function main(): Promise<void> {
         pidfilePath: host.pidfilePath,
         qmpSocketPath: host.qmpSocketPath,
       });
-      cleanups.push(() => killQemu(g.record, { graceMs: 500 }));
+      run.onEnd(() => killQemu(g.record, { graceMs: 500 }));
       return g;
     };
     let raw = await rawLaunch('0', false);
@@ -199,9 +183,7 @@ async function main(): Promise<void> {
       `around the stream (end-to-end minus qemu's total-time; rounds where qemu reported one): ` +
         `agent median ${median(agentAroundMs).toFixed(0)} ms (n=${agentAroundMs.length}), raw median ${median(rawAroundMs).toFixed(0)} ms (n=${rawAroundMs.length})\n`,
     );
-  } finally {
-    await cleanUp();
-  }
+  });
 }
 
 await main();

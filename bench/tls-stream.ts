@@ -10,10 +10,9 @@
  */
 import { execFile } from 'node:child_process';
 import { parseArgs, promisify } from 'node:util';
-import { promises as fs } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import type { AgentConfig } from '../src/config.js';
+import { benchRun, median } from './harness.js';
 import { packageRoot } from '../src/agent/package-root.js';
 import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus, type GuestParams } from '../src/guest/image.js';
 import { startAgent, testGuest, type TestAgent } from '../test/helpers/agents.js';
@@ -30,11 +29,6 @@ const params: GuestParams = { fillMiB: Number(values['fill-mib']), hotMiB: 1, re
 const accel = values.accel as AgentConfig['accel'];
 const MiB = 1024 * 1024;
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-}
 
 interface Side {
   name: 'plain' | 'tls';
@@ -47,20 +41,11 @@ interface Side {
 }
 
 async function main(): Promise<void> {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'kvm-migrate-bench-'));
-  const cleanups: Array<() => Promise<unknown>> = [];
-  const cleanUp = async () => {
-    for (const cleanup of cleanups.splice(0).reverse()) await cleanup().catch(() => undefined);
-    await fs.rm(dir, { recursive: true, force: true });
-  };
-  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-    process.once(signal, () => void cleanUp().finally(() => process.exit(130)));
-  }
-  try {
+  await benchRun(async (run) => {
+    const { dir } = run;
     const certs = path.join(dir, 'certs');
     await promisify(execFile)('bash', [path.join(packageRoot, 'scripts', 'make-certs.sh'), certs, 'tlsa=127.0.0.4', 'tlsb=127.0.0.5']);
-    const teardowns = { teardown: (fn: () => void | Promise<void>) => void cleanups.push(async () => fn()) };
-    const memoryMiB = guestMemoryMiB(params) + 16;
+        const memoryMiB = guestMemoryMiB(params) + 16;
     const pair = async (names: [string, string], hosts: [string, string], low: number, tls: boolean): Promise<[TestAgent, TestAgent]> => {
       const made: TestAgent[] = [];
       for (const i of [0, 1] as const) {
@@ -73,7 +58,7 @@ async function main(): Promise<void> {
           incomingTimeoutSeconds: 120,
           ...(tls ? { token: `${name}-token`, tls: { certFile: path.join(certs, `${name}.pem`), keyFile: path.join(certs, `${name}-key.pem`), caFile: path.join(certs, 'ca.pem') } } : {}),
         };
-        made.push(await startAgent(teardowns, dir, name, overrides));
+        made.push(await startAgent(run, dir, name, overrides));
       }
       return made as [TestAgent, TestAgent];
     };
@@ -124,9 +109,7 @@ async function main(): Promise<void> {
     }
     const [plain, tls] = sides as [Side, Side];
     process.stdout.write(`tls/plain: stream time ${(median(tls.streamMs) / median(plain.streamMs)).toFixed(2)}x, throughput ${(median(tls.mibPerSec) / median(plain.mibPerSec)).toFixed(2)}x\n`);
-  } finally {
-    await cleanUp();
-  }
+  });
 }
 
 await main();
