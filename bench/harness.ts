@@ -2,6 +2,9 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { parseArgs } from 'node:util';
+import type { AgentConfig } from '../src/config.js';
+import type { GuestParams } from '../src/guest/image.js';
 import type { TestContext } from '../test/helpers/agents.js';
 
 export interface BenchRun extends TestContext {
@@ -34,4 +37,20 @@ export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const mid = Math.floor(s.length / 2);
   return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
+
+/** --rounds N --fill-mib M --accel auto|kvm|tcg: the guest filled, a small hot set, no serial chatter. */
+export function benchOptions(): { rounds: number; params: GuestParams; accel: AgentConfig['accel'] } {
+  const { values } = parseArgs({
+    options: {
+      rounds: { type: 'string', default: '5' },
+      'fill-mib': { type: 'string', default: '1024' },
+      accel: { type: 'string', default: 'auto' },
+    },
+  });
+  return {
+    rounds: Number(values.rounds),
+    params: { fillMiB: Number(values['fill-mib']), hotMiB: 1, reportEvery: 0 },
+    accel: values.accel as AgentConfig['accel'],
+  };
 }

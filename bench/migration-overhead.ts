@@ -10,28 +10,17 @@
  * the source qemu. Same argv builder, same guest, same loopback addresses. While one guest is
  * measured the other is paused, so the two never compete for the machine's cores.
  */
-import { parseArgs } from 'node:util';
 import path from 'node:path';
-import type { AgentConfig } from '../src/config.js';
-import { benchRun, median } from './harness.js';
+import { benchOptions, benchRun, median } from './harness.js';
 import { buildArgv, normalizeDomainXml, type DomainDef } from '../src/domain/index.js';
 import { launchQemu, killQemu, type QemuProcessRecord } from '../src/qemu/process.js';
 import { probeQemu, resolveAccel } from '../src/qemu/host.js';
 import type { QmpClient } from '../src/qemu/qmp.js';
 import { destinationCapabilities, sourceCapabilities, sourceParameters, DEFAULT_OPTIONS } from '../src/migration/params.js';
-import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus, type GuestParams } from '../src/guest/image.js';
+import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus } from '../src/guest/image.js';
 import { startAgent, testGuest, type TestAgent } from '../test/helpers/agents.js';
 
-const { values } = parseArgs({
-  options: {
-    rounds: { type: 'string', default: '5' },
-    'fill-mib': { type: 'string', default: '1024' },
-    accel: { type: 'string', default: 'auto' },
-  },
-});
-const rounds = Number(values.rounds);
-const params: GuestParams = { fillMiB: Number(values['fill-mib']), hotMiB: 1, reportEvery: 0 };
-const accelMode = values.accel as AgentConfig['accel'];
+const { rounds, params, accel: accelMode } = benchOptions();
 
 
 async function waitGuestFilled(qmp: QmpClient): Promise<void> {

@@ -9,24 +9,15 @@
  * throughput (bytes qemu sent over its stream time), medians, and TLS against plain.
  */
 import { execFile } from 'node:child_process';
-import { parseArgs, promisify } from 'node:util';
+import { promisify } from 'node:util';
 import path from 'node:path';
 import type { AgentConfig } from '../src/config.js';
-import { benchRun, median } from './harness.js';
+import { benchOptions, benchRun, median } from './harness.js';
 import { packageRoot } from '../src/agent/package-root.js';
-import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus, type GuestParams } from '../src/guest/image.js';
+import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus } from '../src/guest/image.js';
 import { startAgent, testGuest, type TestAgent } from '../test/helpers/agents.js';
 
-const { values } = parseArgs({
-  options: {
-    rounds: { type: 'string', default: '5' },
-    'fill-mib': { type: 'string', default: '1024' },
-    accel: { type: 'string', default: 'auto' },
-  },
-});
-const rounds = Number(values.rounds);
-const params: GuestParams = { fillMiB: Number(values['fill-mib']), hotMiB: 1, reportEvery: 0 };
-const accel = values.accel as AgentConfig['accel'];
+const { rounds, params, accel } = benchOptions();
 const MiB = 1024 * 1024;
 
 
