@@ -15,6 +15,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v ip >/dev/null || need+=(iproute2)
 command -v as >/dev/null || need+=(binutils)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need[*]}; run as root or install them with apt-get" >&2
