@@ -111,6 +111,7 @@ interface AgentOptions {
   allowedHost?: string[];
   peer?: string[];
   maxDomains: number;
+  maxLogSize: number;
   tlsCert?: string;
   tlsKey?: string;
   tlsCa?: string;
@@ -144,6 +145,7 @@ async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
       bodyLimitBytes: DEFAULTS.bodyLimitBytes,
       requestTimeoutMs: DEFAULTS.requestTimeoutMs,
       maxDomains: o.maxDomains,
+      maxLogBytes: o.maxLogSize * 1024 * 1024,
       allowedHosts: o.allowedHost ?? process.env.KVM_MIGRATE_ALLOWED_HOST?.split(',').filter(Boolean) ?? [],
       peers: o.peer ?? process.env.KVM_MIGRATE_PEER?.split(',').filter(Boolean) ?? [],
       ...tlsFiles(o),
@@ -281,6 +283,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(valueOption('--max-incoming <n>', 'concurrent incoming migrations').argParser(wholeNumber(1)).default(DEFAULTS.maxIncoming))
     .addOption(valueOption('--max-outgoing <n>', 'concurrent outgoing migrations').argParser(wholeNumber(1)).default(DEFAULTS.maxOutgoing))
     .addOption(valueOption('--max-domains <n>', 'domains this agent holds at most, defined and arriving').argParser(wholeNumber(1)).default(DEFAULTS.maxDomains))
+    .addOption(valueOption('--max-log-size <MiB>', "a guest's serial or chardev log file over this is truncated").argParser(wholeNumber(1)).default(DEFAULTS.maxLogBytes / 1024 / 1024))
     .addOption(valueOption('--job-history <n>', 'ended migration jobs kept per domain').argParser(wholeNumber(1)).default(DEFAULTS.jobHistory))
     .addOption(valueOption('--log-level <level>', 'fatal, error, warn, info, debug, trace').argParser(oneOf(['fatal', 'error', 'warn', 'info', 'debug', 'trace'] as const)).default('info'))
     .addOption(valueOption('--qemu-binary <path>', 'qemu-system-x86_64 to run (default: from PATH)'))

@@ -30,6 +30,10 @@ export interface AgentConfig {
   peers: string[];
   /** Domains the agent holds at most. */
   maxDomains: number;
+  /** A guest's output file (serial log, chardev log) larger than this is truncated. */
+  maxLogBytes: number;
+  /** How often output files are measured (tests set it short). */
+  logCheckIntervalMs?: number;
   /** Names (besides addresses, localhost and this host's name) callers may use in Host. */
   allowedHosts: string[];
   /** Receiving one request, headers and body, must end within this. */
@@ -54,6 +58,7 @@ export const DEFAULTS = {
   bodyLimitBytes: 1024 * 1024,
   requestTimeoutMs: 30_000,
   maxDomains: 256,
+  maxLogBytes: 64 * 1024 * 1024,
   maxIncoming: 4,
   maxOutgoing: 2,
   jobHistory: 20,

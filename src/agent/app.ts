@@ -197,7 +197,7 @@ async function assemble(app: FastifyInstance, config: AgentConfig, lock: StateDi
   const identity = await store.hostIdentity();
   const qemu = await probeQemu(config.qemuBinary);
   const accel = resolveAccel(config.accel, qemu.kvmUsable);
-  const domains = new DomainManager({ store, qemu, accel, allowPaths: config.allowPaths, log: app.log, maxDomains: config.maxDomains });
+  const domains = new DomainManager({ store, qemu, accel, allowPaths: config.allowPaths, log: app.log, maxDomains: config.maxDomains, maxLogBytes: config.maxLogBytes, logCheckIntervalMs: config.logCheckIntervalMs });
   await domains.init();
   const accelProbe = new BackgroundAccelProbe(app, config, qemu, accel);
   const hostInfo = (): HostInfo => ({

@@ -1,5 +1,5 @@
 import { EventEmitter } from 'node:events';
-import { promises as fs } from 'node:fs';
+import fsSync, { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { FastifyBaseLogger } from 'fastify';
@@ -42,6 +42,8 @@ export interface RunningQemu {
   /** Set before the agent ends the qemu itself, so the exit is not mistaken for a crash. */
   expectedExit?: ShutoffReason;
   guestShutdown: boolean;
+  /** The agent's own descriptors of the guest's output files (chardev files, logs), for the size cap. */
+  outputFds?: number[];
 }
 
 export interface DomainEntry {
@@ -99,6 +101,10 @@ export interface DomainManagerOptions {
   log: FastifyBaseLogger;
   /** Domains this agent holds at most (defined and arriving). */
   maxDomains: number;
+  /** A guest's output file (serial log, chardev log) larger than this is truncated. */
+  maxLogBytes: number;
+  /** How often output files are measured; default 5 s. */
+  logCheckIntervalMs?: number;
 }
 
 /**
@@ -112,10 +118,13 @@ export class DomainManager extends EventEmitter {
   private readonly opts: DomainManagerOptions;
   /** Set while the agent shuts down: QMP connections close but the guests go on running. */
   private detaching = false;
+  private readonly logCap: NodeJS.Timeout;
 
   constructor(opts: DomainManagerOptions) {
     super();
     this.opts = opts;
+    this.logCap = setInterval(() => this.capOutputs(), opts.logCheckIntervalMs ?? 5000);
+    this.logCap.unref();
   }
 
   /** Load definitions, then re-attach to every qemu that still runs; the rest are shut off. */
@@ -155,6 +164,7 @@ export class DomainManager extends EventEmitter {
         startedAt: rec.startedAt,
         incoming: rec.incoming,
         guestShutdown: false,
+        outputFds: await this.reopenOutputs(entry),
       });
       log.info({ domain: rec.name, pid: rec.process.pid }, 're-attached to running qemu');
     }
@@ -344,18 +354,21 @@ export class DomainManager extends EventEmitter {
       pidfilePath: host.pidfilePath,
       qmpSocketPath: host.qmpSocketPath,
       passFds: files.fds,
-    }).finally(() => files.close()).catch((err: unknown) => {
+    }).catch((err: unknown) => {
+      files.close();
       if (!(err instanceof QemuStartError)) throw err;
       // qemu refused the guest (a device this host lacks, a file it cannot open): the domain keeps why.
       entry.lastExit = { reason: 'start_failed', at: new Date().toISOString(), message: err.message };
       throw new AgentError(422, 'qemu_start_failed', `qemu did not start ${entry.name}: ${err.message}`, { domain: entry.name, qemuMessage: err.logTail });
     });
+    files.close(files.outputs);
     const run: RunningQemu = {
       record,
       qmp,
       startedAt: new Date().toISOString(),
       incoming: opts.incoming,
       guestShutdown: false,
+      outputFds: files.outputs,
     };
     try {
       await this.saveRuntime(entry, run);
@@ -481,7 +494,40 @@ export class DomainManager extends EventEmitter {
   /** Close every QMP connection without ending any guest (agent shutdown). */
   async close(): Promise<void> {
     this.detaching = true;
+    clearInterval(this.logCap);
     await Promise.all(this.list().map((entry) => entry.run?.qmp.close()));
+    for (const entry of this.list()) if (entry.run) closeOutputs(entry.run);
+  }
+
+  /**
+   * A guest writes its serial console as fast as it likes; the host's disk is not its to fill.
+   * An output file over --max-log-size is truncated (qemu appends, so it goes on from the start)
+   * with a line that says so.
+   */
+  private capOutputs(): void {
+    for (const entry of this.domains.values()) {
+      for (const fd of entry.run?.outputFds ?? []) {
+        try {
+          const { size } = fsSync.fstatSync(fd);
+          if (size <= this.opts.maxLogBytes) continue;
+          fsSync.ftruncateSync(fd, 0);
+          fsSync.writeSync(fd, `[kvm-migrate: ${size} bytes truncated at the --max-log-size of ${this.opts.maxLogBytes} bytes, ${new Date().toISOString()}]\n`);
+        } catch (err) {
+          this.opts.log.warn({ err, domain: entry.name }, 'could not cap an output file');
+        }
+      }
+    }
+  }
+
+  /** After a restart: the output files of a guest found running, opened again (checked) for the cap. */
+  private async reopenOutputs(entry: DomainEntry): Promise<number[]> {
+    try {
+      const files = await openGuestFiles(domainFileRefs(entry.def), this.opts.allowPaths, this.opts.store.internalPaths(), { outputsOnly: true });
+      return files.outputs;
+    } catch (err) {
+      this.opts.log.warn({ err, domain: entry.name }, 'output files not re-opened: their size is not capped until the guest restarts');
+      return [];
+    }
   }
 
   private async onQmpClosed(entry: DomainEntry, run: RunningQemu): Promise<void> {
@@ -503,6 +549,7 @@ export class DomainManager extends EventEmitter {
       await removeQemuFiles(run.record).catch((err: unknown) => log.error({ err, domain: entry.name }, 'cleanup after qemu exit failed'));
     }
     const reason: ShutoffReason = run.expectedExit ?? (run.guestShutdown ? 'shutdown' : 'crashed');
+    closeOutputs(run);
     entry.run = undefined;
     entry.lastExit = { reason, at: new Date().toISOString() };
     try {
@@ -532,4 +579,8 @@ async function memAvailableKiB(): Promise<number | undefined> {
   const text = await fs.readFile('/proc/meminfo', 'utf8').catch(() => '');
   const m = /^MemAvailable:\s+(\d+) kB$/m.exec(text);
   return m ? Number(m[1]) : undefined;
+}
+
+function closeOutputs(run: RunningQemu): void {
+  for (const fd of run.outputFds?.splice(0) ?? []) fsSync.closeSync(fd);
 }

@@ -19,6 +19,7 @@ export async function openapiDocument(scratchStateDir: string): Promise<string> 
     allowedHosts: [],
     peers: [],
     maxDomains: DEFAULTS.maxDomains,
+    maxLogBytes: DEFAULTS.maxLogBytes,
     maxIncoming: DEFAULTS.maxIncoming,
     maxOutgoing: DEFAULTS.maxOutgoing,
     jobHistory: DEFAULTS.jobHistory,

@@ -114,7 +114,10 @@ export interface PassedFiles {
   fds: number[];
   /** path as the XML names it -> `/dev/fdset/N` (N = index + 1) */
   args: Map<string, string>;
-  close(): void;
+  /** The output files (chardev files, logs) among fds: the agent keeps these to cap their size. */
+  outputs: number[];
+  /** Closes every descriptor but those `keep` names. */
+  close(keep?: number[]): void;
 }
 
 /**
@@ -123,25 +126,34 @@ export interface PassedFiles {
  * descriptor's own path (/proc/self/fd) is checked again, so a symlink or directory swapped
  * between the check and the open is caught, and qemu gets the very file that was checked.
  */
-export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forbiddenRoots: string[]): Promise<PassedFiles> {
+export async function openGuestFiles(
+  refs: FileRef[],
+  allowRoots: string[],
+  forbiddenRoots: string[],
+  opts: { outputsOnly?: boolean } = {},
+): Promise<PassedFiles> {
   const roots = await Promise.all(allowRoots.map((r) => resolveExisting(r, '--allow-path')));
   const forbidden = await Promise.all(forbiddenRoots.map((r) => resolveExisting(r, 'state directory')));
   const passed: PassedFiles = {
     fds: [],
     args: new Map(),
-    close() {
-      for (const fd of this.fds.splice(0)) fsSync.closeSync(fd);
+    outputs: [],
+    close(keep = []) {
+      for (const fd of this.fds.splice(0)) if (!keep.includes(fd)) fsSync.closeSync(fd);
     },
   };
   try {
     for (const ref of refs) {
-      if (!ref.passable || passed.args.has(ref.path)) continue;
+      if (!ref.passable || passed.args.has(ref.path) || (opts.outputsOnly && ref.kind === 'disk')) continue;
       const resolved = await checkOne(roots, forbidden, ref.path, `${ref.kind} path`, ref.element, ref.mustExist);
       // qemu finds a relative backing file beside the image's name, which /dev/fdset/N is not:
       // a qcow2 that names other files keeps its (checked) path.
       if (ref.format === 'qcow2' && (await imageFileRefs(resolved, 'qcow2', async () => undefined)).length > 0) continue;
       const c = fsSync.constants;
-      const flags = ref.kind === 'disk' ? (ref.writes ? c.O_RDWR : c.O_RDONLY) : c.O_WRONLY | c.O_CREAT | (ref.append ? c.O_APPEND : c.O_TRUNC);
+      // Output files always append, so a capped file (truncated under qemu) goes on from its start;
+      // re-opened for the cap after an agent restart, they are neither created nor truncated.
+      const output = c.O_WRONLY | c.O_APPEND | (opts.outputsOnly ? 0 : c.O_CREAT | (ref.append ? 0 : c.O_TRUNC));
+      const flags = ref.kind === 'disk' ? (ref.writes ? c.O_RDWR : c.O_RDONLY) : output;
       let fd: number;
       try {
         fd = fsSync.openSync(resolved, flags | c.O_NOFOLLOW | c.O_NOCTTY, 0o600);
@@ -152,6 +164,7 @@ export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forb
         throw new DomainXmlError('path_unopenable', ref.element, `${ref.path} (${resolved}) cannot be opened for qemu: ${code ?? (err as Error).message}`);
       }
       passed.fds.push(fd);
+      if (ref.kind !== 'disk') passed.outputs.push(fd);
       const opened = fsSync.readlinkSync(`/proc/self/fd/${fd}`);
       if (!roots.some((root) => isBelow(root, opened)) || forbidden.some((dir) => isBelow(dir, opened))) {
         throw new DomainXmlError('path_changed', ref.element, `${ref.path} turned out to be ${opened} when opened, outside every --allow-path root: it changed since it was checked`);

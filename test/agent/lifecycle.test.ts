@@ -182,3 +182,27 @@ t.test('a qemu that refuses to start answers 422 qemu_start_failed with its mess
   t.match(err, { status: 422, code: 'qemu_start_failed', body: { domain: 'vm9', qemuMessage: /lock/ } }, (err as Error).message);
   t.match(await client.domain('vm9'), { state: 'shutoff', reason: 'start_failed', reasonMessage: /lock/ }, 'the domain says why it is not running');
 });
+
+t.test("a guest's serial log is capped at --max-log-size; the guest writes on", async (t) => {
+  const dir = await tmpDir(t);
+  const cap = 8 * 1024;
+  const { client } = await startAgent(t, dir, 'a', { maxLogBytes: cap, logCheckIntervalMs: 100 });
+  const guest = await testGuest(dir, 'chatty', { fillMiB: 2, hotMiB: 0, reportEvery: 1 });
+  await client.define(guest.xml);
+  await client.lifecycle('chatty', 'start');
+  const truncated = await waitFor('the log to be capped', async () => {
+    const text = await fs.readFile(guest.serialLog, 'utf8');
+    return /\[kvm-migrate: \d+ bytes truncated at the --max-log-size of 8192 bytes/.test(text) ? text : null;
+  }, { timeoutMs: 60_000, intervalMs: 100 });
+  const passAtCap = parseSerialLog(truncated).lastPass ?? -1;
+  let largest = 0;
+  for (let i = 0; i < 20; i++) {
+    largest = Math.max(largest, (await fs.stat(guest.serialLog)).size);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  t.ok(largest < cap + 16 * 1024, `it stays near the cap (largest seen ${largest} bytes)`);
+  const after = parseSerialLog(await fs.readFile(guest.serialLog, 'utf8'));
+  t.ok((after.lastPass ?? -1) > passAtCap, `the guest goes on writing (pass ${passAtCap} -> ${after.lastPass})`);
+  t.equal((await client.domain('chatty')).state, 'running');
+  await client.lifecycle('chatty', 'destroy');
+});

@@ -92,6 +92,7 @@ export function agentConfig(dir: string, name: string, overrides: Partial<AgentC
     allowedHosts: [],
     peers: [],
     maxDomains: DEFAULTS.maxDomains,
+    maxLogBytes: DEFAULTS.maxLogBytes,
     maxIncoming: DEFAULTS.maxIncoming,
     jobHistory: DEFAULTS.jobHistory,
     maxOutgoing: DEFAULTS.maxOutgoing,
