@@ -89,9 +89,10 @@ export function sourceParameters(o: MigrationOptions): Record<string, number> {
 /**
  * The stream address from a destination's Prepare2 answer, and the only URI the source gives
  * qemu's `migrate`: rebuilt from a checked host and port, so nothing a peer writes (`exec:`,
- * `unix:`, `fd:`, `file:`, `rdma:`, options after the port) ever reaches qemu.
+ * `unix:`, `fd:`, `file:`, `rdma:`, options after the port) ever reaches qemu. `host` is the
+ * address without brackets: what the destination's TLS certificate must name.
  */
-export function streamUriFromPeer(answer: unknown): string {
+export function streamUriFromPeer(answer: unknown): { uri: string; host: string } {
   const m = typeof answer === 'string' ? /^tcp:(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})$/.exec(answer) : null;
   const host = m?.[1] ?? '';
   const bare = host.replace(/^\[|\]$/g, '');
@@ -101,7 +102,7 @@ export function streamUriFromPeer(answer: unknown): string {
   if (!m || !validHost || port < 1 || port > 65535 || isUnspecified(bare)) {
     throw new PeerProtocolError(`the destination answered a stream URI the source does not use: ${JSON.stringify(answer).slice(0, 120)} (only tcp:HOST:PORT)`);
   }
-  return `tcp:${host}:${port}`;
+  return { uri: `tcp:${host}:${port}`, host: bare };
 }
 
 /** A peer that broke the protocol: its answer is refused, the migration fails on the source. */

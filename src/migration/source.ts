@@ -154,7 +154,7 @@ export class SourceSide {
       options,
       source: { hostUuid: self.uuid, hostname: self.hostname, accelerator: this.ctx.domains.accelOf(entry.def) },
     });
-    const uri = streamUriFromPeer(prepared.uri);
+    const { uri, host: streamHost } = streamUriFromPeer(prepared.uri);
     if (typeof prepared.finishToken !== 'string' || !/^[0-9a-f]{64}$/.test(prepared.finishToken)) {
       throw new PeerProtocolError('the destination answered Prepare2 without a finishToken');
     }
@@ -167,7 +167,7 @@ export class SourceSide {
     await qmp.execute('migrate-set-capabilities', { capabilities: sourceCapabilities(options) });
     await qmp.execute('migrate-set-parameters', sourceParameters(options));
     // The destination's qemu demands the stream over TLS; its certificate must name the host streamed to.
-    if (this.ctx.qemuTlsDir) await useQemuTls(qmp, this.ctx.qemuTlsDir, 'client', uri.slice('tcp:'.length, uri.lastIndexOf(':')).replace(/^\[|\]$/g, ''));
+    if (this.ctx.qemuTlsDir) await useQemuTls(qmp, this.ctx.qemuTlsDir, 'client', streamHost);
     if (!options.live) await qmp.execute('stop');
     await jobs.setPhase(job, 'streaming', { timings: { ...job.record.timings, setupMs: Date.now() - started } });
     await qmp.execute('migrate', { uri });
