@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { errorResponses } from './schemas.js';
 import { MAX_DOMAIN_XML_BYTES } from './domains.js';
 import { migrationOptionsSchema, DEFAULT_OPTIONS, type MigrationOptions } from '../src/migration/params.js';
-import type { Finish2Request, Prepare2Request } from '../src/migration/protocol.js';
+import { FINISH_TOKEN_PATTERN, type Finish2Request, type Prepare2Request } from '../src/migration/protocol.js';
 
 const migrationId = { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' } as const;
 const uuid = { type: 'string', pattern: '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' } as const;
@@ -118,7 +118,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
             rc: { type: 'integer' },
             error: { type: 'string', maxLength: 4096 },
             cancelled: { type: 'boolean' },
-            finishToken: { type: 'string', pattern: '^[0-9a-f]{64}$', description: "the Prepare2 answer's finishToken" },
+            finishToken: { type: 'string', pattern: FINISH_TOKEN_PATTERN, description: "the Prepare2 answer's finishToken" },
             uuid,
           },
         },

@@ -2,11 +2,12 @@ import { mkdir } from 'node:fs/promises';
 import { isIP } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import os from 'node:os';
-import { constants as cryptoConstants, timingSafeEqual } from 'node:crypto';
+import { constants as cryptoConstants } from 'node:crypto';
 import type { Server } from 'node:http';
 import Fastify, { type FastifyError, type FastifyHttpOptions, type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import swagger from '@fastify/swagger';
 import { AgentError } from '../errors.js';
+import { secretsMatch } from '../secrets.js';
 import { validateConfig, type AgentConfig } from '../config.js';
 import { StateStore } from '../store/state-store.js';
 import { StateDirLock } from '../store/dir-lock.js';
@@ -135,11 +136,7 @@ function presentsFleetCertificate(socket: TLSSocket): boolean {
 }
 
 function tokenMatches(header: string | undefined, token: string): boolean {
-  const presented = /^Bearer (.+)$/.exec(header ?? '')?.[1];
-  if (!presented) return false;
-  const a = Buffer.from(presented);
-  const b = Buffer.from(token);
-  return a.length === b.length && timingSafeEqual(a, b);
+  return secretsMatch(/^Bearer (.+)$/.exec(header ?? '')?.[1], token);
 }
 
 /**

@@ -1,11 +1,11 @@
-import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { AgentError, badRequest, conflict } from '../errors.js';
+import { secretsMatch } from '../secrets.js';
 import { useQemuTls } from '../agent/tls.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
 import { destinationCapabilities, parseDestUri } from './params.js';
 import { pickPort, portIsFree } from './ports.js';
 import type { Job } from './jobs.js';
-import type { Finish2Request, Finish2Response, MigrationContext, Prepare2Request, Prepare2Response } from './protocol.js';
+import { newFinishToken, type Finish2Request, type Finish2Response, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
 const ACTIVE_INCOMING_PHASES = new Set(['prepared', 'receiving', 'received']);
 
@@ -98,7 +98,7 @@ export class DestinationSide {
           uuid: def.uuid,
           options: req.options,
           peer: { hostUuid: req.source.hostUuid, hostname: req.source.hostname },
-          finishToken: randomBytes(32).toString('hex'),
+          finishToken: newFinishToken(),
         },
         'preparing',
       );
@@ -247,7 +247,7 @@ export class DestinationSide {
         throw new AgentError(404, 'migration_not_found', `no incoming migration ${req.migrationId} here`);
       }
       // A record without one was prepared before agents had finishTokens (an upgrade mid-migration).
-      if (job.record.finishToken !== undefined && !finishTokenMatches(job.record.finishToken, req.finishToken)) {
+      if (job.record.finishToken !== undefined && !secretsMatch(req.finishToken, job.record.finishToken)) {
         throw new AgentError(403, 'finish2_not_from_source', `Finish2 for migration ${req.migrationId} does not carry the finishToken of its Prepare2 answer: only the source that prepared it may end it`);
       }
       if (job.record.finish?.outcome) return this.finishAnswer(job);
@@ -421,11 +421,4 @@ export class DestinationSide {
     for (const timer of this.leases.values()) clearTimeout(timer);
     this.leases.clear();
   }
-}
-
-function finishTokenMatches(expected: string, presented: string | undefined): boolean {
-  if (!presented) return false;
-  const a = Buffer.from(expected);
-  const b = Buffer.from(presented);
-  return a.length === b.length && timingSafeEqual(a, b);
 }

@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import type { FastifyBaseLogger } from 'fastify';
 import type { AgentConfig } from '../config.js';
 import type { DomainManager } from '../agent/domain-manager.js';
@@ -6,6 +7,13 @@ import type { JobRegistry, JobRecord } from './jobs.js';
 import type { MigrationOptions } from './params.js';
 import type { PeerClient } from './peer-client.js';
 import type { HoldPoint } from './holds.js';
+
+/** A Prepare2 answer's finishToken: 32 random bytes in hex. */
+export const FINISH_TOKEN_PATTERN = '^[0-9a-f]{64}$';
+
+export function newFinishToken(): string {
+  return randomBytes(32).toString('hex');
+}
 
 /** Messages of migration protocol version 2 between two agents. */
 export interface Prepare2Request {

@@ -20,7 +20,7 @@ import { PeerRefusedError, PeerUnreachableError } from './peer-client.js';
 import { useQemuTls } from '../agent/tls.js';
 import { isLoopback, type AgentConfig } from '../config.js';
 import type { Job, JobRecord, MigrationStats } from './jobs.js';
-import type { Finish2Request, Finish2Response, MigrationContext, Prepare2Request, Prepare2Response } from './protocol.js';
+import { FINISH_TOKEN_PATTERN, type Finish2Request, type Finish2Response, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
 export interface PerformRequest {
   domain: string;
@@ -155,7 +155,7 @@ export class SourceSide {
       source: { hostUuid: self.uuid, hostname: self.hostname, accelerator: this.ctx.domains.accelOf(entry.def) },
     });
     const { uri, host: streamHost } = streamUriFromPeer(prepared.uri);
-    if (typeof prepared.finishToken !== 'string' || !/^[0-9a-f]{64}$/.test(prepared.finishToken)) {
+    if (typeof prepared.finishToken !== 'string' || !new RegExp(FINISH_TOKEN_PATTERN).test(prepared.finishToken)) {
       throw new PeerProtocolError('the destination answered Prepare2 without a finishToken');
     }
     await jobs.setPhase(job, 'prepared', {
