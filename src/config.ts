@@ -90,12 +90,13 @@ export function isLoopback(host: string): boolean {
 
 /** 0.0.0.0, :: and the like: fine to listen on, meaningless to hand a peer. */
 export function isUnspecified(host: string): boolean {
-  return host === '' || host === '0.0.0.0' || host === '::' || host === '[::]' || /^0+(\.0+){0,3}$/.test(host) || /^(0*:)+0*$/.test(host);
+  const bare = host.replace(/^\[|\]$/g, '');
+  return bare === '' || /^0+(\.0+){0,3}$/.test(bare) || /^[0:]*:[0:]*$/.test(bare);
 }
 
 /**
- * Checks that hold for every agent, whoever built the config: an agent reachable from other
- * machines must demand a token, and the unix sockets under the state dir must fit sun_path.
+ * Checks that hold for every agent, whoever built the config: it demands a token, hands peers
+ * an address they can reach, and the unix sockets under the state dir fit sun_path.
  */
 export function validateConfig(config: AgentConfig): AgentConfig {
   // Loopback is no boundary: every local user, and any web page a local browser opens, reaches it.

@@ -16,6 +16,10 @@ import {
 } from '../domain/index.js';
 import { QmpClient } from '../qemu/qmp.js';
 import { attachQemu, endPidfileOwner, killQemu, launchQemu, QemuStartError, removeQemuFiles, waitForExit, type QemuProcessRecord } from '../qemu/process.js';
+import type { QemuHostInfo } from '../qemu/host.js';
+import { StateStore, isObject } from '../store/state-store.js';
+import { checkAllowedPaths, openGuestFiles, sharedWrittenFile } from './paths.js';
+import { KeyedMutex } from './lock.js';
 
 /**
  * Host policy, not guest ABI (so not part of the domain's argv): qemu's seccomp filter refuses
@@ -23,11 +27,7 @@ import { attachQemu, endPidfileOwner, killQemu, launchQemu, QemuStartError, remo
  * peer, a guest or a bug gets qemu to attempt (an `exec:` migration URI, a helper program), it
  * cannot start a process.
  */
-export const QEMU_SANDBOX_ARGS = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'];
-import type { QemuHostInfo } from '../qemu/host.js';
-import { StateStore, isObject } from '../store/state-store.js';
-import { checkAllowedPaths, openGuestFiles, sharedWrittenFile } from './paths.js';
-import { KeyedMutex } from './lock.js';
+const QEMU_SANDBOX_ARGS = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'];
 
 export type DomainState = 'shutoff' | 'running' | 'paused' | 'migrating' | 'incoming';
 /** Why a domain is not running (libvirt keeps a reason beside each state for the same purpose). */
