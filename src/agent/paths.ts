@@ -2,7 +2,7 @@ import fsSync, { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { DomainXmlError } from '../errors.js';
 import type { FileRef } from '../domain/index.js';
-import { ImageError, imageFileRefs } from '../qemu/image.js';
+import { ImageError, imageFileRefs, qcow2NamesOtherFiles } from '../qemu/image.js';
 
 function isBelow(root: string, candidate: string): boolean {
   const rel = path.relative(root, candidate);
@@ -55,6 +55,14 @@ async function checkOne(roots: string[], forbidden: string[], p: string, describ
   return resolved;
 }
 
+/** The --allow-path roots and the agent's own paths, as the kernel resolves them. */
+async function resolveRoots(allowRoots: string[], forbiddenRoots: string[]): Promise<{ roots: string[]; forbidden: string[] }> {
+  return {
+    roots: await Promise.all(allowRoots.map((r) => resolveExisting(r, '--allow-path'))),
+    forbidden: await Promise.all(forbiddenRoots.map((r) => resolveExisting(r, 'state directory'))),
+  };
+}
+
 /**
  * Every host path a guest touches must lie below an --allow-path root once symlinks and `..`
  * are resolved, so domain XML cannot make qemu read or write arbitrary host files. That includes
@@ -62,8 +70,7 @@ async function checkOne(roots: string[], forbidden: string[], p: string, describ
  * opens on its own.
  */
 export async function checkAllowedPaths(refs: FileRef[], allowRoots: string[], forbiddenRoots: string[]): Promise<void> {
-  const roots = await Promise.all(allowRoots.map((r) => resolveExisting(r, '--allow-path')));
-  const forbidden = await Promise.all(forbiddenRoots.map((r) => resolveExisting(r, 'state directory')));
+  const { roots, forbidden } = await resolveRoots(allowRoots, forbiddenRoots);
   for (const ref of refs) {
     if (!path.isAbsolute(ref.path)) {
       throw new DomainXmlError('path_not_absolute', ref.element, `${ref.kind} path must be absolute: ${ref.path}`);
@@ -132,8 +139,7 @@ export async function openGuestFiles(
   forbiddenRoots: string[],
   opts: { outputsOnly?: boolean } = {},
 ): Promise<PassedFiles> {
-  const roots = await Promise.all(allowRoots.map((r) => resolveExisting(r, '--allow-path')));
-  const forbidden = await Promise.all(forbiddenRoots.map((r) => resolveExisting(r, 'state directory')));
+  const { roots, forbidden } = await resolveRoots(allowRoots, forbiddenRoots);
   const passed: PassedFiles = {
     fds: [],
     args: new Map(),
@@ -148,7 +154,7 @@ export async function openGuestFiles(
       const resolved = await checkOne(roots, forbidden, ref.path, `${ref.kind} path`, ref.element, ref.mustExist);
       // qemu finds a relative backing file beside the image's name, which /dev/fdset/N is not:
       // a qcow2 that names other files keeps its (checked) path.
-      if (ref.format === 'qcow2' && (await imageFileRefs(resolved, 'qcow2', async () => undefined)).length > 0) continue;
+      if (ref.format === 'qcow2' && (await qcow2NamesOtherFiles(resolved))) continue;
       const c = fsSync.constants;
       // Output files always append, so a capped file (truncated under qemu) goes on from its start;
       // re-opened for the cap after an agent restart, they are neither created nor truncated.
