@@ -10,10 +10,10 @@ import { AgentClient, AgentUnreachableError } from '../src/client.js';
 import { followJob, summarize } from '../src/cli/progress.js';
 import { runDemo } from '../src/cli/demo.js';
 import { EXIT, EXIT_CODES_HELP, UsageError } from '../src/cli/exit-codes.js';
-import { chooseAccel } from '../src/qemu/accel-probe.js';
-import { probeQemu } from '../src/qemu/host.js';
+import { chooseHostAccel } from '../src/qemu/accel-probe.js';
 import { HOLD_POINTS } from '../src/migration/holds.js';
 import { version } from '../src/agent/version.js';
+import type { TlsFiles } from '../src/agent/tls.js';
 
 const ENV_PREFIX = 'KVM_MIGRATE_';
 const DEFAULT_IMAGES_DIR = 'images';
@@ -42,6 +42,11 @@ function oneOf<T extends string>(choices: readonly T[]) {
 
 function collect(value: string, previous: string[] | undefined): string[] {
   return [...(previous ?? []), value];
+}
+
+/** A repeatable flag: its values on the command line, else KVM_MIGRATE_<FLAG> split at `separator`. */
+function listFlag(values: string[] | undefined, flag: string, separator: string): string[] {
+  return values?.length ? values : (process.env[envName(flag)]?.split(separator).filter(Boolean) ?? []);
 }
 
 const BOOLEAN_ENV = /^(?:1|true|yes|on)$|^(?:0|false|no|off)$/i;
@@ -117,7 +122,7 @@ interface AgentOptions {
   tlsCa?: string;
 }
 
-function tlsFiles(o: { tlsCert?: string; tlsKey?: string; tlsCa?: string }): { tls?: { certFile: string; keyFile: string; caFile: string } } {
+function tlsFiles(o: { tlsCert?: string; tlsKey?: string; tlsCa?: string }): { tls?: TlsFiles } {
   const given = [o.tlsCert, o.tlsKey, o.tlsCa].filter(Boolean).length;
   if (given === 0) return {};
   if (given < 3) throw new UsageError('--tls-cert, --tls-key and --tls-ca go together');
@@ -129,8 +134,7 @@ async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
   try {
     const listen = parseListen(o.listen);
     const stateDir = path.resolve(o.stateDir);
-    const allowFromEnv = process.env.KVM_MIGRATE_ALLOW_PATH?.split(':').filter(Boolean) ?? [];
-    const allowPaths = o.allowPath?.length ? o.allowPath : allowFromEnv;
+    const allowPaths = listFlag(o.allowPath, 'allow-path', ':');
     if (allowPaths.length === 0) allowPaths.push(path.join(stateDir, DEFAULT_IMAGES_DIR));
     config = validateConfig({
       listenHost: listen.host,
@@ -146,14 +150,14 @@ async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
       requestTimeoutMs: DEFAULTS.requestTimeoutMs,
       maxDomains: o.maxDomains,
       maxLogBytes: o.maxLogSize * 1024 * 1024,
-      allowedHosts: o.allowedHost ?? process.env.KVM_MIGRATE_ALLOWED_HOST?.split(',').filter(Boolean) ?? [],
-      peers: o.peer ?? process.env.KVM_MIGRATE_PEER?.split(',').filter(Boolean) ?? [],
+      allowedHosts: listFlag(o.allowedHost, 'allowed-host', ','),
+      peers: listFlag(o.peer, 'peer', ','),
       ...tlsFiles(o),
       qemuBinary: o.qemuBinary,
       maxIncoming: o.maxIncoming,
       maxOutgoing: o.maxOutgoing,
       jobHistory: o.jobHistory,
-      debugHolds: o.debugHold ?? process.env.KVM_MIGRATE_DEBUG_HOLD?.split(',').filter(Boolean) ?? [],
+      debugHolds: listFlag(o.debugHold, 'debug-hold', ','),
     });
   } catch (err) {
     throw err instanceof UsageError ? err : new UsageError((err as Error).message);
@@ -238,20 +242,16 @@ async function resolveAction(id: string, o: { on: string; token?: string; tokenF
 
 async function demoAction(): Promise<number> {
   const abort = new AbortController();
-  let interruptedBy: NodeJS.Signals | undefined;
-  const onSignal = (signal: NodeJS.Signals) => {
-    interruptedBy ??= signal;
-    abort.abort(signal);
-  };
+  // The first signal is the reason; a second one while it cleans up changes nothing.
+  const onSignal = (signal: NodeJS.Signals) => abort.abort(signal);
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   const code = await runDemo(process.stdout, abort.signal);
-  return interruptedBy ? 128 + os.constants.signals[interruptedBy] : code;
+  return abort.signal.aborted ? 128 + os.constants.signals[abort.signal.reason as NodeJS.Signals] : code;
 }
 
 async function checkAccelAction(o: { qemuBinary?: string }): Promise<number> {
-  const qemu = await probeQemu(o.qemuBinary);
-  const choice = await chooseAccel(qemu.binary, qemu.kvmUsable);
+  const choice = await chooseHostAccel({ binary: o.qemuBinary });
   process.stderr.write(`accelerator ${choice.reason}\n`);
   process.stdout.write(`${choice.accel}\n`);
   return EXIT.ok;

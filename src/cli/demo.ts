@@ -10,8 +10,7 @@ import { followJob, summarize } from './progress.js';
 import { freePort } from '../migration/ports.js';
 import { writeGuestImage, parseSerialLog, guestMemoryMiB, type GuestParams } from '../guest/image.js';
 import { testGuestXml } from '../guest/domain-xml.js';
-import { chooseAccel, type Accelerator } from '../qemu/accel-probe.js';
-import { probeQemu } from '../qemu/host.js';
+import { chooseHostAccel, type Accelerator } from '../qemu/accel-probe.js';
 import { killQemu, processMatches } from '../qemu/process.js';
 import { readQemuRecords } from '../store/state-store.js';
 
@@ -74,8 +73,7 @@ async function demoAccel(say: (line: string) => void, signal: AbortSignal): Prom
     say(`accelerator ${forced} (set by the environment)`);
     return forced;
   }
-  const qemu = await probeQemu();
-  const choice = await chooseAccel(qemu.binary, qemu.kvmUsable, { signal });
+  const choice = await chooseHostAccel({ signal });
   signal.throwIfAborted();
   say(`accelerator ${choice.reason}`);
   return choice.accel;

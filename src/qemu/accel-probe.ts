@@ -11,6 +11,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { writeGuestImage } from '../guest/image.js';
+import { probeQemu } from './host.js';
 
 export type Accelerator = 'kvm' | 'tcg';
 
@@ -138,4 +139,10 @@ export async function chooseAccel(binary: string, kvmUsable: boolean, opts: Meas
   const tcg = await measureFill(binary, 'tcg', opts);
   const kvm = kvmUsable ? await measureFill(binary, 'kvm', opts) : undefined;
   return decideAccel(kvmUsable, kvm, tcg, opts.fastEnoughMs);
+}
+
+/** chooseAccel for this host's qemu (found on PATH unless `binary` names one). */
+export async function chooseHostAccel(opts: MeasureOptions & { binary?: string } = {}): Promise<AccelChoice> {
+  const qemu = await probeQemu(opts.binary);
+  return chooseAccel(qemu.binary, qemu.kvmUsable, opts);
 }

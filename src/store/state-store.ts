@@ -4,6 +4,10 @@ import { randomUUID } from 'node:crypto';
 import { writeFileAtomic, removeDurably } from './atomic.js';
 import type { QemuProcessRecord } from '../qemu/process.js';
 
+/** The directories below --state-dir, each the agent's alone. */
+const STATE_KINDS = ['domains', 'runtime', 'jobs', 'run', 'logs', 'quarantine', 'tls'] as const;
+type StateKind = (typeof STATE_KINDS)[number];
+
 /** A file found unreadable at load: set aside under quarantine/ and reported, never fatal. */
 export interface QuarantinedFile {
   file: string;
@@ -20,6 +24,8 @@ export interface QuarantinedFile {
  *   run/                  QMP sockets and pidfiles
  *   logs/                 qemu logs
  *   quarantine/           corrupt files set aside at load
+ *   tls/                  qemu's stream credentials, written at start when the agent runs with TLS
+ *   agent.lock            the flock that makes one agent per directory
  */
 export class StateStore {
   readonly root: string;
@@ -29,21 +35,21 @@ export class StateStore {
     this.root = root;
   }
 
-  dir(kind: 'domains' | 'runtime' | 'jobs' | 'run' | 'logs' | 'quarantine' | 'tls'): string {
+  dir(kind: StateKind): string {
     return path.join(this.root, kind);
   }
 
   /** What belongs to the agent alone: no guest's file may lie here, whatever --allow-path says. */
   internalPaths(): string[] {
     return [
-      ...(['domains', 'runtime', 'jobs', 'run', 'logs', 'quarantine', 'tls'] as const).map((kind) => this.dir(kind)),
+      ...STATE_KINDS.map((kind) => this.dir(kind)),
       path.join(this.root, 'host.json'),
       path.join(this.root, 'agent.lock'),
     ];
   }
 
   async init(): Promise<void> {
-    for (const kind of ['domains', 'runtime', 'jobs', 'run', 'logs', 'quarantine'] as const) {
+    for (const kind of STATE_KINDS) {
       await fs.mkdir(this.dir(kind), { recursive: true, mode: 0o700 });
     }
     // Temp files of a write interrupted by a crash are garbage by construction.

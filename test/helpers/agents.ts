@@ -11,8 +11,7 @@ import type { JobRecord } from '../../src/migration/jobs.js';
 import { killQemu, processMatches, type QemuProcessRecord } from '../../src/qemu/process.js';
 import { packageRoot } from '../../src/agent/package-root.js';
 import { readQemuRecords } from '../../src/store/state-store.js';
-import { chooseAccel } from '../../src/qemu/accel-probe.js';
-import { probeQemu } from '../../src/qemu/host.js';
+import { chooseHostAccel } from '../../src/qemu/accel-probe.js';
 import { freePort } from '../../src/migration/ports.js';
 export { freePort, readQemuRecords as qemuRecords };
 import { writeGuestImage, guestMemoryMiB, type GuestParams } from '../../src/guest/image.js';
@@ -26,8 +25,7 @@ export const TEST_ACCEL: 'kvm' | 'tcg' = await (async () => {
   const forced = process.env.KVM_MIGRATE_TEST_ACCEL;
   if (forced === 'kvm' || forced === 'tcg') return forced;
   if (forced) throw new Error(`KVM_MIGRATE_TEST_ACCEL must be kvm or tcg, got ${forced}`);
-  const qemu = await probeQemu();
-  return (await chooseAccel(qemu.binary, qemu.kvmUsable)).accel;
+  return (await chooseHostAccel()).accel;
 })();
 
 /** Every temp dir of the suite starts with this, so the leftover check can find strays. */
