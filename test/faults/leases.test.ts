@@ -5,18 +5,14 @@ import { processMatches } from '../../src/qemu/process.js';
 import { portIsFree } from '../../src/migration/ports.js';
 import { parseSerialLog } from '../../src/guest/image.js';
 import { freePort, qemuRecords, spawnAgent, startAgent, testGuest, tmpDir, waitFor, waitForJobEnd } from '../helpers/agents.js';
+import { sendPrepare2 } from '../helpers/migration.js';
 
 t.test('lease: a prepared destination whose stream never starts ends its empty qemu', async (t) => {
   const dir = await tmpDir(t);
   const b = await startAgent(t, dir, 'b', { incomingTimeoutSeconds: 2 });
   const guest = await testGuest(dir, 'vm1');
   // A source that sends Prepare2 and then vanishes.
-  const prepared = await b.client.call<{ uri: string; finishToken: string }>('POST', '/prepare2', {
-    protocolVersion: 2,
-    migrationId: 'lease-no-stream',
-    xml: guest.xml,
-    source: { hostUuid: '00000000-0000-4000-8000-000000000001', hostname: 'gone' },
-  });
+  const prepared = await sendPrepare2(b, 'lease-no-stream', guest.xml, { hostUuid: '00000000-0000-4000-8000-000000000001', hostname: 'gone' });
   const run = b.app.agent.domains.find('vm1')!.run!;
   t.equal((await b.client.domain('vm1')).state, 'incoming');
   const job = await waitForJobEnd(b.client, 'lease-no-stream', 'lease expiry', 20_000);

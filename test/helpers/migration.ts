@@ -2,6 +2,8 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { Test } from 'tap';
 import type { AgentConfig } from '../../src/config.js';
+import type { AgentClient } from '../../src/client.js';
+import type { Prepare2Request, Prepare2Response } from '../../src/migration/protocol.js';
 import { processMatches } from '../../src/qemu/process.js';
 import { readGuestCounters, type GuestCounters } from '../../src/guest/image.js';
 import { qemuRecords, startAgent, testGuest, tmpDir, waitFor, type TestAgent, type TestContext } from './agents.js';
@@ -75,4 +77,14 @@ export async function startGuest(agent: TestAgent, dir: string, name: string, pa
   await agent.client.lifecycle(name, 'start');
   const boot = await waitForPasses(agent, name, 0);
   return { guest, boot };
+}
+
+/** A Prepare2 sent by hand, as a source agent would send it (the tests play that source). */
+export function sendPrepare2(
+  agent: { client: AgentClient },
+  migrationId: string,
+  xml: string,
+  source: Prepare2Request['source'] | { hostUuid: string },
+): Promise<Prepare2Response> {
+  return agent.client.call<Prepare2Response>('POST', '/prepare2', { protocolVersion: 2, migrationId, xml, source });
 }

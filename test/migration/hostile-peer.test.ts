@@ -6,7 +6,7 @@ import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { freePort, testGuest, waitFor, waitForJobEnd } from '../helpers/agents.js';
-import { guestQmp, startGuest, twoAgents } from '../helpers/migration.js';
+import { guestQmp, sendPrepare2, startGuest, twoAgents } from '../helpers/migration.js';
 import type { Finish2Request } from '../../src/migration/protocol.js';
 
 /** An HTTP server on 127.0.0.4 that plays a destination agent: every Prepare2 gets `uri`. */
@@ -111,12 +111,7 @@ t.test('desturi may choose a port of the range on the migration address, nothing
 t.test('a forged Finish2 ends nothing: only the finishToken of the Prepare2 answer counts', async (t) => {
   const { dir, b } = await twoAgents(t);
   const guest = await testGuest(dir, 'vm5');
-  const prepared = await b.client.call<{ uri: string; finishToken: string }>('POST', '/prepare2', {
-    protocolVersion: 2,
-    migrationId: 'forged-finish',
-    xml: guest.xml,
-    source: { hostUuid: '00000000-0000-4000-8000-00000000000a', hostname: 'the real source' },
-  });
+  const prepared = await sendPrepare2(b, 'forged-finish', guest.xml, { hostUuid: '00000000-0000-4000-8000-00000000000a', hostname: 'the real source' });
   t.match(prepared.finishToken, /^[0-9a-f]{64}$/, 'the answer carries a finishToken');
   const served = JSON.stringify([await b.client.jobs(), await b.client.job('forged-finish')]);
   t.notMatch(served, prepared.finishToken, 'the API never serves it');

@@ -2,7 +2,7 @@ import t from 'tap';
 import { processMatches } from '../../src/qemu/process.js';
 import { portIsFree } from '../../src/migration/ports.js';
 import { testGuest, waitFor } from '../helpers/agents.js';
-import { assertOwnedBy, counters, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
+import { assertOwnedBy, counters, sendPrepare2, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
 
 t.test('migrate A -> B -> A repeatedly; the guest keeps running and never reboots', async (t) => {
   const { dir, a, b } = await twoAgents(t);
@@ -118,12 +118,7 @@ t.test('steps are idempotent on the migration id; a second Perform of a migratin
     const j = await b.client.job('mig-idem-1').catch(() => null);
     return j?.uri ? j : null;
   });
-  const replayPrepare = await b.client.call<{ uri: string; finishToken: string }>('POST', '/prepare2', {
-    protocolVersion: 2,
-    migrationId: 'mig-idem-1',
-    xml: guest.xml,
-    source: { hostUuid: (await a.client.host()).uuid },
-  });
+  const replayPrepare = await sendPrepare2(b, 'mig-idem-1', guest.xml, { hostUuid: (await a.client.host()).uuid });
   t.equal(replayPrepare.uri, incoming.uri, 'a replayed Prepare2 answers the recorded URI and starts no second qemu');
   await t.rejects(a.client.lifecycle('vm6', 'destroy'), { status: 409, code: 'domain_busy' }, 'destroy refused while migrating');
   const ended = await a.client.call<{ job: { status: string; id: string } }>('POST', '/perform?wait=true', { domain: 'vm6', destination: b.url, migrationId: 'mig-idem-1' });
@@ -136,7 +131,7 @@ t.test('steps are idempotent on the migration id; a second Perform of a migratin
   t.equal(abortLate.outcome, 'finished', 'a late rc!=0 does not undo a finished migration');
   await assertOwnedBy(t, b, a, 'vm6');
   await t.rejects(
-    b.client.call('POST', '/prepare2', { protocolVersion: 2, migrationId: 'mig-idem-1', xml: guest.xml, source: { hostUuid: (await a.client.host()).uuid } }),
+    sendPrepare2(b, 'mig-idem-1', guest.xml, { hostUuid: (await a.client.host()).uuid }),
     { status: 409, code: 'migration_ended' },
     'a replayed Prepare2 of an ended migration starts nothing',
   );
