@@ -5,7 +5,7 @@ interface NameParams {
   name: string;
 }
 
-/** The largest domain XML accepted, at define and in Prepare2. */
+/** The largest domain XML a caller may define (Prepare2 carries the stored form, which may be larger). */
 export const MAX_DOMAIN_XML_BYTES = 256 * 1024;
 
 export default async function domainRoutes(app: FastifyInstance): Promise<void> {

@@ -14,6 +14,7 @@ import { StateDirLock } from '../store/dir-lock.js';
 import { loadTls, writeQemuTlsDir, type TlsMaterial } from './tls.js';
 import { probeQemu, resolveAccel, type QemuHostInfo } from '../qemu/host.js';
 import { chooseAccel, type AccelChoice } from '../qemu/accel-probe.js';
+import type { Accel } from '../domain/index.js';
 import { DomainManager } from './domain-manager.js';
 import { MigrationService } from '../migration/service.js';
 import { PROTOCOL_VERSIONS } from '../migration/phases.js';
@@ -80,7 +81,7 @@ class BackgroundAccelProbe {
   private readonly abort = new AbortController();
   private readonly done: Promise<void> = Promise.resolve();
 
-  constructor(app: FastifyInstance, config: AgentConfig, qemu: QemuHostInfo, accel: 'kvm' | 'tcg') {
+  constructor(app: FastifyInstance, config: AgentConfig, qemu: QemuHostInfo, accel: Accel) {
     if (config.accel !== 'auto') {
       this.report = { state: 'not-measured', reason: `--accel ${config.accel} was given` };
       return;

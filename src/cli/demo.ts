@@ -10,7 +10,8 @@ import { followJob, summarize } from './progress.js';
 import { freePort } from '../migration/ports.js';
 import { writeGuestImage, parseSerialLog, guestMemoryMiB, type GuestParams } from '../guest/image.js';
 import { testGuestXml } from '../guest/domain-xml.js';
-import { chooseHostAccel, type Accelerator } from '../qemu/accel-probe.js';
+import { chooseHostAccel } from '../qemu/accel-probe.js';
+import type { Accel } from '../domain/index.js';
 import { killQemu, processMatches } from '../qemu/process.js';
 import { readQemuRecords } from '../store/state-store.js';
 
@@ -32,7 +33,7 @@ function agentEnv(): NodeJS.ProcessEnv {
   return Object.fromEntries(Object.entries(process.env).filter(([name]) => !name.startsWith('KVM_MIGRATE_')));
 }
 
-async function startAgent(name: string, host: string, dir: string, token: string, ports: string, accel: Accelerator, signal: AbortSignal): Promise<DemoAgent> {
+async function startAgent(name: string, host: string, dir: string, token: string, ports: string, accel: Accel, signal: AbortSignal): Promise<DemoAgent> {
   const port = await freePort(host);
   const stateDir = path.join(dir, name);
   // Detached: a Ctrl-C on the terminal reaches the demo only, which then ends its agents in order.
@@ -67,7 +68,7 @@ async function waitForPasses(serialLog: string, above: number, timeoutMs: number
 }
 
 /** KVM_MIGRATE_ACCEL (or the tests' KVM_MIGRATE_TEST_ACCEL) forces one; otherwise measured. */
-async function demoAccel(say: (line: string) => void, signal: AbortSignal): Promise<Accelerator> {
+async function demoAccel(say: (line: string) => void, signal: AbortSignal): Promise<Accel> {
   const forced = process.env.KVM_MIGRATE_ACCEL ?? process.env.KVM_MIGRATE_TEST_ACCEL;
   if (forced === 'kvm' || forced === 'tcg') {
     say(`accelerator ${forced} (set by the environment)`);

@@ -12,8 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { writeGuestImage } from '../guest/image.js';
 import { probeQemu } from './host.js';
-
-export type Accelerator = 'kvm' | 'tcg';
+import type { Accel } from '../domain/index.js';
 
 export const PROBE_FILL_MIB = 16;
 /** The whole probe of one accelerator (qemu start, firmware, fill) ends within this. */
@@ -22,7 +21,7 @@ export const PROBE_BOUND_MS = 4000;
 export const KVM_FAST_ENOUGH_MS = 1000;
 
 export interface FillMeasurement {
-  accel: Accelerator;
+  accel: Accel;
   fillMiB: number;
   /** From the guest's boot line to its first pass line; absent when the fill did not finish. */
   fillMs?: number;
@@ -31,7 +30,7 @@ export interface FillMeasurement {
 }
 
 export interface AccelChoice {
-  accel: Accelerator;
+  accel: Accel;
   kvm?: FillMeasurement;
   tcg?: FillMeasurement;
   /** One line for a person: what was chosen, what was measured, why. */
@@ -45,7 +44,7 @@ export interface MeasureOptions {
 }
 
 /** Time the test guest's fill under `accel`; the qemu it starts is ended before this returns. */
-export async function measureFill(binary: string, accel: Accelerator, opts: MeasureOptions = {}): Promise<FillMeasurement> {
+export async function measureFill(binary: string, accel: Accel, opts: MeasureOptions = {}): Promise<FillMeasurement> {
   const fillMiB = opts.fillMiB ?? PROBE_FILL_MIB;
   const boundMs = opts.boundMs ?? PROBE_BOUND_MS;
   if (opts.signal?.aborted) return { accel, fillMiB, failure: 'the probe was cancelled' };
@@ -66,7 +65,7 @@ export async function measureFill(binary: string, accel: Accelerator, opts: Meas
 function timeFill(
   binary: string,
   argv: string[],
-  o: { accel: Accelerator; fillMiB: number; boundMs: number; signal?: AbortSignal },
+  o: { accel: Accel; fillMiB: number; boundMs: number; signal?: AbortSignal },
 ): Promise<FillMeasurement> {
   return new Promise((resolve) => {
     const started = performance.now();
