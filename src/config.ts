@@ -98,7 +98,7 @@ export function isUnspecified(host: string): boolean {
  * Checks that hold for every agent, whoever built the config: it demands a token, hands peers
  * an address they can reach, and the unix sockets under the state dir fit sun_path.
  */
-export function validateConfig(config: AgentConfig): AgentConfig {
+export function validateConfig(config: AgentConfig): AgentConfig & { token: string } {
   // Loopback is no boundary: every local user, and any web page a local browser opens, reaches it.
   if (!config.token) {
     throw new Error('an agent needs an operator token: --token-file FILE (or KVM_MIGRATE_TOKEN / KVM_MIGRATE_TOKEN_FILE); e.g. (umask 077; head -c 32 /dev/urandom | base64 > /etc/kvm-migrate/token)');
@@ -127,5 +127,5 @@ export function validateConfig(config: AgentConfig): AgentConfig {
   if (Buffer.byteLength(path.join(stateDir, 'run', `${'0'.repeat(36)}.qmp`)) > 107) {
     throw new Error(`--state-dir path is too long for unix sockets below it: ${stateDir}`);
   }
-  return { ...config, stateDir, allowPaths: config.allowPaths.map((p) => path.resolve(p)) };
+  return { ...config, token: config.token, stateDir, allowPaths: config.allowPaths.map((p) => path.resolve(p)) };
 }

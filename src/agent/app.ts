@@ -188,7 +188,7 @@ export async function buildAgent(
   }
 }
 
-async function assemble(app: FastifyInstance, config: AgentConfig, lock: StateDirLock, tls: TlsMaterial | undefined): Promise<FastifyInstance> {
+async function assemble(app: FastifyInstance, config: ReturnType<typeof validateConfig>, lock: StateDirLock, tls: TlsMaterial | undefined): Promise<FastifyInstance> {
   const store = new StateStore(config.stateDir);
   await store.init();
   if (tls) await writeQemuTlsDir(store.dir('tls'), tls);
@@ -241,7 +241,7 @@ async function assemble(app: FastifyInstance, config: AgentConfig, lock: StateDi
       }
       return;
     }
-    if (!tokenMatches(req.headers.authorization, config.token!)) {
+    if (!tokenMatches(req.headers.authorization, config.token)) {
       reply.header('www-authenticate', 'Bearer');
       throw new AgentError(401, 'unauthorized', 'a valid bearer token is required');
     }

@@ -4,7 +4,7 @@
  * qemu's migration stream (tls-creds-x509, both ends verifying the other).
  */
 import { readFileSync } from 'node:fs';
-import { chmod, mkdir, writeFile } from 'node:fs/promises';
+import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 export interface TlsFiles {
@@ -30,14 +30,12 @@ export function loadTls(files: TlsFiles): TlsMaterial {
   return { cert: read(files.certFile, '--tls-cert'), key: read(files.keyFile, '--tls-key'), ca: read(files.caFile, '--tls-ca') };
 }
 
-
 /**
- * The directory qemu's tls-creds-x509 reads: the agent's one certificate in both roles (it is
- * made for serverAuth and clientAuth), written afresh at every start from the configured files.
+ * The directory qemu's tls-creds-x509 reads (the store makes it, 0700): the agent's one
+ * certificate in both roles (it is made for serverAuth and clientAuth), written afresh at every
+ * start from the configured files.
  */
 export async function writeQemuTlsDir(dir: string, m: TlsMaterial): Promise<void> {
-  await mkdir(dir, { recursive: true, mode: 0o700 });
-  await chmod(dir, 0o700);
   const files: Array<[string, Buffer]> = [
     ['ca-cert.pem', m.ca],
     ['server-cert.pem', m.cert],
