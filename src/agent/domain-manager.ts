@@ -345,7 +345,7 @@ export class DomainManager extends EventEmitter {
     }
     // qemu gets the files the agent opened and checked, not paths it would resolve again itself.
     const files = await openGuestFiles(domainFileRefs(entry.def), this.opts.allowPaths, this.opts.store.internalPaths());
-    const host = { ...this.hostSettings(entry.uuid), fileArg: (p: string) => files.args.get(p) ?? p };
+    const host = { ...this.hostSettings(entry.uuid), fileArg: (p: string) => files.args.get(p) ?? p, imageChain: (p: string) => files.chains.get(p) };
     const argv = [...buildArgv(entry.def, host, { incoming: opts.incoming }), ...QEMU_SANDBOX_ARGS];
     const { record, qmp } = await launchQemu({
       binary: host.qemuBinary,

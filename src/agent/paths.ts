@@ -1,8 +1,9 @@
 import fsSync, { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { DomainXmlError } from '../errors.js';
-import type { FileRef } from '../domain/index.js';
-import { ImageError, imageFileRefs, qcow2NamesOtherFiles } from '../qemu/image.js';
+import type { FileRef, ImageChain } from '../domain/index.js';
+import { randomUUID } from 'node:crypto';
+import { ImageError, imageFileRefs, type ImageFileRef } from '../qemu/image.js';
 
 function isBelow(root: string, candidate: string): boolean {
   const rel = path.relative(root, candidate);
@@ -119,67 +120,170 @@ export async function sharedWrittenFile(mine: FileRef[], others: Array<{ domain:
 /** Descriptors the agent opened for qemu, and what qemu is told in place of each path. */
 export interface PassedFiles {
   fds: number[];
-  /** path as the XML names it -> `/dev/fdset/N` (N = index + 1) */
+  /** path as the XML names it -> `/dev/fdset/N` (N = index + 1), or `/proc/self/fd/M` for kernel and initrd */
   args: Map<string, string>;
+  /** qcow2 disk path -> the files its header names, as qemu is told them (see ImageChain). */
+  chains: Map<string, ImageChain>;
   /** The output files (chardev files, logs) among fds: the agent keeps these to cap their size. */
   outputs: number[];
   /** Closes every descriptor but those `keep` names. */
   close(keep?: number[]): void;
 }
 
+/** Who qemu runs as, when that is not the agent's own user. */
+export interface QemuCredentials {
+  uid: number;
+  gid: number;
+}
+
+export interface OpenGuestFilesOptions {
+  /** Only the output files, re-opened for the size cap after an agent restart. */
+  outputsOnly?: boolean;
+  /** qemu's user: a kernel or initrd it may not read is handed over as a copy it may. */
+  qemuUser?: QemuCredentials;
+  /** Where such a copy is made (and unlinked at once: only the descriptor remains). */
+  scratchDir?: string;
+}
+
 /**
- * Opens every guest file qemu would open through qemu_open, and checks what was opened: the
- * path is resolved and checked, opened without following a last-component symlink, and the
- * descriptor's own path (/proc/self/fd) is checked again, so a symlink or directory swapped
- * between the check and the open is caught, and qemu gets the very file that was checked.
+ * Opens every guest file qemu would open, and checks what was opened: the path is resolved and
+ * checked, opened without following a last-component symlink, and the descriptor's own path
+ * (/proc/self/fd) is checked again, so a symlink or directory swapped between the check and the
+ * open is caught, and qemu gets the very file that was checked. A qcow2 image's backing chain and
+ * data file are opened the same way and given to qemu as nodes of their own, so qemu opens no
+ * file by a name it read from an image header.
  */
-export async function openGuestFiles(
-  refs: FileRef[],
-  allowRoots: string[],
-  forbiddenRoots: string[],
-  opts: { outputsOnly?: boolean } = {},
-): Promise<PassedFiles> {
+export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forbiddenRoots: string[], opts: OpenGuestFilesOptions = {}): Promise<PassedFiles> {
   const { roots, forbidden } = await resolveRoots(allowRoots, forbiddenRoots);
   const passed: PassedFiles = {
     fds: [],
     args: new Map(),
+    chains: new Map(),
     outputs: [],
     close(keep = []) {
       for (const fd of this.fds.splice(0)) if (!keep.includes(fd)) fsSync.closeSync(fd);
     },
   };
+  const c = fsSync.constants;
+  /** Opens a checked path for qemu; the argument qemu is given for it. */
+  const pass = (ref: FileRef, shownPath: string, resolved: string, flags: number): string => {
+    const fd = openChecked(roots, forbidden, ref, shownPath, resolved, flags);
+    passed.fds.push(fd);
+    return `/dev/fdset/${passed.fds.length}`;
+  };
   try {
     for (const ref of refs) {
-      if (!ref.passable || passed.args.has(ref.path) || (opts.outputsOnly && ref.kind === 'disk')) continue;
+      const input = ref.kind === 'disk' || ref.kind === 'kernel' || ref.kind === 'initrd';
+      if (!ref.passable || passed.args.has(ref.path) || (opts.outputsOnly && input)) continue;
       const resolved = await checkOne(roots, forbidden, ref.path, `${ref.kind} path`, ref.element, ref.mustExist);
-      // qemu finds a relative backing file beside the image's name, which /dev/fdset/N is not:
-      // a qcow2 that names other files keeps its (checked) path.
-      if (ref.format === 'qcow2' && (await qcow2NamesOtherFiles(resolved))) continue;
-      const c = fsSync.constants;
+      if (ref.kind === 'kernel' || ref.kind === 'initrd') {
+        // qemu loads these with fopen(), not qemu_open(): it gets /proc/self/fd/M, which reopens this very file.
+        let fd = openChecked(roots, forbidden, ref, ref.path, resolved, c.O_RDONLY);
+        if (opts.qemuUser && !mayRead(fsSync.fstatSync(fd), opts.qemuUser)) fd = copyForQemu(fd, opts.scratchDir);
+        passed.fds.push(fd);
+        passed.args.set(ref.path, `/proc/self/fd/${2 + passed.fds.length}`);
+        continue;
+      }
+      if (ref.kind === 'disk') {
+        passed.args.set(ref.path, pass(ref, ref.path, resolved, ref.writes ? c.O_RDWR : c.O_RDONLY));
+        if (ref.format === 'qcow2') {
+          const chain = await openImageChain(roots, forbidden, ref, resolved, pass);
+          if (chain) passed.chains.set(ref.path, chain);
+        }
+        continue;
+      }
       // Output files always append, so a capped file (truncated under qemu) goes on from its start;
       // re-opened for the cap after an agent restart, they are neither created nor truncated.
       const output = c.O_WRONLY | c.O_APPEND | (opts.outputsOnly ? 0 : c.O_CREAT | (ref.append ? 0 : c.O_TRUNC));
-      const flags = ref.kind === 'disk' ? (ref.writes ? c.O_RDWR : c.O_RDONLY) : output;
-      let fd: number;
-      try {
-        fd = fsSync.openSync(resolved, flags | c.O_NOFOLLOW | c.O_NOCTTY, 0o600);
-      } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        // ELOOP with O_NOFOLLOW: the resolved file itself has become a symlink since the check.
-        if (code === 'ELOOP') throw new DomainXmlError('path_changed', ref.element, `${ref.path} became a symlink after it was checked`);
-        throw new DomainXmlError('path_unopenable', ref.element, `${ref.path} (${resolved}) cannot be opened for qemu: ${code ?? (err as Error).message}`);
-      }
-      passed.fds.push(fd);
-      if (ref.kind !== 'disk') passed.outputs.push(fd);
-      const opened = fsSync.readlinkSync(`/proc/self/fd/${fd}`);
-      if (!roots.some((root) => isBelow(root, opened)) || forbidden.some((dir) => isBelow(dir, opened))) {
-        throw new DomainXmlError('path_changed', ref.element, `${ref.path} turned out to be ${opened} when opened, outside every --allow-path root: it changed since it was checked`);
-      }
-      passed.args.set(ref.path, `/dev/fdset/${passed.fds.length}`);
+      passed.args.set(ref.path, pass(ref, ref.path, resolved, output));
+      passed.outputs.push(passed.fds[passed.fds.length - 1]!);
     }
   } catch (err) {
     passed.close();
     throw err;
   }
   return passed;
+}
+
+/** The backing chain and data files of a qcow2 disk, each checked and opened for qemu. */
+async function openImageChain(
+  roots: string[],
+  forbidden: string[],
+  ref: FileRef,
+  resolved: string,
+  pass: (ref: FileRef, shownPath: string, resolved: string, flags: number) => string,
+): Promise<ImageChain> {
+  const c = fsSync.constants;
+  const chain: ImageChain = { backing: [] };
+  let layer: { dataFile?: string } = chain;
+  const resolvedRefs = new Map<ImageFileRef, string>();
+  try {
+    const files = await imageFileRefs(resolved, 'qcow2', async (f) => {
+      resolvedRefs.set(f, await checkOne(roots, forbidden, f.path, `${f.role === 'backing' ? 'backing file' : 'data file'} of ${f.from}:`, ref.element, true));
+    });
+    for (const file of files) {
+      const fileResolved = resolvedRefs.get(file)!;
+      if (file.role === 'data-file') {
+        // Only the top image's data is written; every layer below is read-only to qemu.
+        layer.dataFile = pass(ref, file.path, fileResolved, layer === chain && ref.writes ? c.O_RDWR : c.O_RDONLY);
+      } else {
+        const next: ImageChain['backing'][number] = { file: pass(ref, file.path, fileResolved, c.O_RDONLY), format: file.format ?? 'raw' };
+        chain.backing.push(next);
+        layer = next;
+      }
+    }
+  } catch (err) {
+    if (err instanceof ImageError) throw new DomainXmlError(err.code, ref.element, err.message);
+    throw err;
+  }
+  return chain;
+}
+
+function openChecked(roots: string[], forbidden: string[], ref: FileRef, shownPath: string, resolved: string, flags: number): number {
+  const c = fsSync.constants;
+  let fd: number;
+  try {
+    fd = fsSync.openSync(resolved, flags | c.O_NOFOLLOW | c.O_NOCTTY, 0o600);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    // ELOOP with O_NOFOLLOW: the resolved file itself has become a symlink since the check.
+    if (code === 'ELOOP') throw new DomainXmlError('path_changed', ref.element, `${shownPath} became a symlink after it was checked`);
+    throw new DomainXmlError('path_unopenable', ref.element, `${shownPath} (${resolved}) cannot be opened for qemu: ${code ?? (err as Error).message}`);
+  }
+  const opened = fsSync.readlinkSync(`/proc/self/fd/${fd}`);
+  if (!roots.some((root) => isBelow(root, opened)) || forbidden.some((dir) => isBelow(dir, opened))) {
+    fsSync.closeSync(fd);
+    throw new DomainXmlError('path_changed', ref.element, `${shownPath} turned out to be ${opened} when opened, outside every --allow-path root: it changed since it was checked`);
+  }
+  return fd;
+}
+
+/** Permission bits only: with an ACL the copy is made where it might not have been needed. */
+function mayRead(st: fsSync.Stats, user: QemuCredentials): boolean {
+  if (st.uid === user.uid) return (st.mode & 0o400) !== 0;
+  if (st.gid === user.gid) return (st.mode & 0o040) !== 0;
+  return (st.mode & 0o004) !== 0;
+}
+
+/**
+ * A copy of the file behind `fd` that qemu's user may read through /proc/self/fd: an unlinked
+ * file, so nothing of it is left behind. Closes `fd`.
+ */
+function copyForQemu(fd: number, scratchDir: string | undefined): number {
+  if (!scratchDir) throw new Error('copyForQemu needs a scratch directory');
+  const c = fsSync.constants;
+  const copyPath = path.join(scratchDir, `.copy-${process.pid}-${randomUUID()}`);
+  const copy = fsSync.openSync(copyPath, c.O_RDWR | c.O_CREAT | c.O_EXCL | c.O_NOFOLLOW, 0o644);
+  try {
+    fsSync.unlinkSync(copyPath);
+    const buf = Buffer.allocUnsafe(1 << 20);
+    for (let n; (n = fsSync.readSync(fd, buf, 0, buf.length, null)) > 0; ) fsSync.writeSync(copy, buf, 0, n);
+    fsSync.fchmodSync(copy, 0o444);
+  } catch (err) {
+    fsSync.closeSync(copy);
+    throw err;
+  } finally {
+    fsSync.closeSync(fd);
+  }
+  return copy;
 }

@@ -14,6 +14,7 @@ import type {
   DiskDef,
   DomainDef,
   HostSettings,
+  ImageChain,
   PciAddress,
 } from './model.js';
 import { kibRoundUpToMiB } from './units.js';
@@ -57,15 +58,15 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
     ...(menu?.timeoutMs !== undefined ? [`splash-time=${menu.timeoutMs}`] : []),
     'strict=on',
   ].join(','));
-  if (def.os.kernel) add('-kernel', def.os.kernel);
-  if (def.os.initrd) add('-initrd', def.os.initrd);
+  if (def.os.kernel) add('-kernel', fileArg(def.os.kernel));
+  if (def.os.initrd) add('-initrd', fileArg(def.os.initrd));
   if (def.os.cmdline !== undefined) add('-append', def.os.cmdline);
 
   for (const c of def.controllers) {
     if (!c.builtin) add('-device', `${controllerDriver(c)},id=${c.id},${pci(c.address!)}`);
   }
   for (const d of def.disks) {
-    if (d.source !== undefined) add(...blockdevArgs(d, fileArg));
+    if (d.source !== undefined) add(...blockdevArgs(d, fileArg, host.imageChain?.(d.source)));
     add('-device', diskDevice(d, def.controllers, pci));
   }
   for (const n of def.interfaces) {
@@ -170,8 +171,12 @@ const CACHE: Record<string, [boolean, boolean, boolean]> = {
   unsafe: [false, true, true],
 };
 
-/** A protocol node (the file or block device) under a format node; JSON avoids any escaping. */
-function blockdevArgs(d: DiskDef, fileArg: (path: string) => string): string[] {
+/**
+ * A protocol node (the file or block device) under a format node; JSON avoids any escaping. With
+ * a chain, each backing layer (and data file) is a read-only node pair of its own, written
+ * bottom-up so every node exists before one refers to it, the last one with `backing: null`.
+ */
+function blockdevArgs(d: DiskDef, fileArg: (path: string) => string, chain: ImageChain | undefined): string[] {
   const cache = d.cache && { direct: CACHE[d.cache]![0], 'no-flush': CACHE[d.cache]![1] };
   const common = {
     ...(d.readonly ? { 'read-only': true } : {}),
@@ -179,9 +184,28 @@ function blockdevArgs(d: DiskDef, fileArg: (path: string) => string): string[] {
     ...(d.discard ? { discard: d.discard } : {}),
   };
   const protocol = d.type === 'file' ? 'file' : d.device === 'cdrom' ? 'host_cdrom' : 'host_device';
-  const storage = { driver: protocol, filename: fileArg(d.source!), 'node-name': `file-${d.id}`, ...common, ...(d.io ? { aio: d.io } : {}) };
-  const format = { driver: d.format, file: `file-${d.id}`, 'node-name': `drive-${d.id}`, ...common };
-  return ['-blockdev', JSON.stringify(storage), '-blockdev', JSON.stringify(format)];
+  const args: string[] = [];
+  const node = (o: object) => args.push('-blockdev', JSON.stringify(o));
+  const layerName = (k: number) => (k === 0 ? `drive-${d.id}` : `drive-${d.id}-b${k}`);
+  const below = (k: number, dataFile: string | undefined) => {
+    if (!chain) return {};
+    const extra: Record<string, unknown> = { backing: k < chain.backing.length ? layerName(k + 1) : null };
+    if (dataFile !== undefined) {
+      node({ driver: 'file', filename: dataFile, 'node-name': `data-${d.id}${k ? `-b${k}` : ''}`, ...(k ? { 'read-only': true } : common) });
+      extra['data-file'] = `data-${d.id}${k ? `-b${k}` : ''}`;
+    }
+    return extra;
+  };
+  const layers = chain?.backing ?? [];
+  for (let k = layers.length; k >= 1; k--) {
+    const layer = layers[k - 1]!;
+    const backingCommon = { 'read-only': true, ...(cache ? { cache } : {}) };
+    node({ driver: 'file', filename: layer.file, 'node-name': `file-${d.id}-b${k}`, ...backingCommon });
+    node({ driver: layer.format, file: `file-${d.id}-b${k}`, 'node-name': layerName(k), ...backingCommon, ...(layer.format === 'qcow2' ? below(k, layer.dataFile) : {}) });
+  }
+  node({ driver: protocol, filename: fileArg(d.source!), 'node-name': `file-${d.id}`, ...common, ...(d.io ? { aio: d.io } : {}) });
+  node({ driver: d.format, file: `file-${d.id}`, 'node-name': layerName(0), ...common, ...(d.format === 'qcow2' ? below(0, chain?.dataFile) : {}) });
+  return args;
 }
 
 function diskDevice(d: DiskDef, controllers: ControllerDef[], pci: (a: PciAddress) => string): string {

@@ -292,6 +292,19 @@ export interface HostSettings {
    * logs): the path itself, or `/dev/fdset/N` for a descriptor the agent opened and checked.
    */
   fileArg?: (path: string) => string;
+  /**
+   * The files a qcow2 disk's header names, opened by the agent: qemu gets each as a node of its
+   * own and opens none by the name it would read from a header. Absent: qemu follows the header.
+   */
+  imageChain?: (source: string) => ImageChain | undefined;
+}
+
+/** What qemu is told for the files below a qcow2 image (fileArg's form of each). */
+export interface ImageChain {
+  /** The image's external data file. */
+  dataFile?: string;
+  /** Its backing file, that one's backing file, and so on to the end of the chain. */
+  backing: Array<{ file: string; format: 'raw' | 'qcow2'; dataFile?: string }>;
 }
 
 export interface ArgvOptions {

@@ -3,8 +3,8 @@ import type { CharLog, CharSource, DomainDef, FileRef } from './model.js';
 
 export function domainFileRefs(def: DomainDef): FileRef[] {
   const refs: FileRef[] = [];
-  if (def.os.kernel) refs.push({ kind: 'kernel', path: def.os.kernel, element: '/domain/os/kernel', mustExist: true, writes: false });
-  if (def.os.initrd) refs.push({ kind: 'initrd', path: def.os.initrd, element: '/domain/os/initrd', mustExist: true, writes: false });
+  if (def.os.kernel) refs.push({ kind: 'kernel', path: def.os.kernel, element: '/domain/os/kernel', mustExist: true, writes: false, passable: true });
+  if (def.os.initrd) refs.push({ kind: 'initrd', path: def.os.initrd, element: '/domain/os/initrd', mustExist: true, writes: false, passable: true });
   for (const d of def.disks) {
     if (d.source === undefined) continue;
     refs.push({

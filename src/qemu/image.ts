@@ -107,12 +107,6 @@ function hasProtocol(filename: string): boolean {
   return colon > 0 && (slash < 0 || colon < slash);
 }
 
-/** The image's own header names another file (backing file or external data file) qemu opens by name. */
-export async function qcow2NamesOtherFiles(image: string): Promise<boolean> {
-  const header = await readQcow2Header(image);
-  return header !== null && (header.backing !== undefined || header.dataFile !== undefined);
-}
-
 /**
  * Where qemu looks for a relative name: beside the naming image. Not normalised: `lnk/../x`
  * must reach the checks as the kernel will walk it (through the link), not as text folds it.

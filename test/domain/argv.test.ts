@@ -126,6 +126,28 @@ t.test('disk cache modes', async (t) => {
   t.notMatch(plain, 'write-cache', 'no cache attribute: qemu default (writeback)');
 });
 
+t.test('a qcow2 chain the agent opened: a node pair per layer, bottom-up, the last with backing null', async (t) => {
+  const xml = domainXml({ devices: `<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/><source file='/v/top.qcow2'/><target dev='vda' bus='virtio'/></disk>` });
+  const chain = { dataFile: '/dev/fdset/2', backing: [{ file: '/dev/fdset/3', format: 'qcow2' as const }, { file: '/dev/fdset/4', format: 'raw' as const }] };
+  const host = { ...KVM_HOST, fileArg: (p: string) => (p === '/v/top.qcow2' ? '/dev/fdset/1' : p), imageChain: (p: string) => (p === '/v/top.qcow2' ? chain : undefined) };
+  const nodes = all(buildArgv(parseDomainXml(xml), host), '-blockdev').map((j) => JSON.parse(j) as Record<string, unknown>);
+  const cache = { direct: true, 'no-flush': false };
+  t.same(nodes, [
+    { driver: 'file', filename: '/dev/fdset/4', 'node-name': 'file-virtio-disk0-b2', 'read-only': true, cache },
+    { driver: 'raw', file: 'file-virtio-disk0-b2', 'node-name': 'drive-virtio-disk0-b2', 'read-only': true, cache },
+    { driver: 'file', filename: '/dev/fdset/3', 'node-name': 'file-virtio-disk0-b1', 'read-only': true, cache },
+    { driver: 'qcow2', file: 'file-virtio-disk0-b1', 'node-name': 'drive-virtio-disk0-b1', 'read-only': true, cache, backing: 'drive-virtio-disk0-b2' },
+    { driver: 'file', filename: '/dev/fdset/1', 'node-name': 'file-virtio-disk0', cache },
+    { driver: 'file', filename: '/dev/fdset/2', 'node-name': 'data-virtio-disk0', cache },
+    { driver: 'qcow2', file: 'file-virtio-disk0', 'node-name': 'drive-virtio-disk0', cache, backing: 'drive-virtio-disk0-b1', 'data-file': 'data-virtio-disk0' },
+  ]);
+  const single = all(buildArgv(parseDomainXml(xml), { ...host, imageChain: () => ({ backing: [] }) }), '-blockdev').map((j) => JSON.parse(j) as Record<string, unknown>);
+  t.equal(single.length, 2);
+  t.equal(single[1]!.backing, null, 'an image without backing file: qemu is told so, and reads no name from the header');
+  const unopened = all(argvOf(xml), '-blockdev').map((j) => JSON.parse(j) as Record<string, unknown>);
+  t.notOk('backing' in unopened[1]!, 'no chain given (a pure build): qemu follows the header');
+});
+
 t.test('user strings are escaped in option values', async (t) => {
   t.equal(escapeOptionValue('/a,b,,c'), '/a,,b,,,,c');
   const argv = buildArgv(parseDomainXml(domainXml({ devices: "<serial type='unix'><source mode='bind' path='/run/a,b.sock'/><log file='/l/x,y'/></serial>" })),
