@@ -6,6 +6,7 @@ import path from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { buildAgent } from '../src/agent/app.js';
 import { DEFAULTS, parseListen, parsePortRange, validateConfig, type AgentConfig } from '../src/config.js';
+import { parseUidRange, QemuUsers } from '../src/agent/qemu-user.js';
 import { AgentClient, AgentUnreachableError } from '../src/client.js';
 import { followJob, summarize } from '../src/cli/progress.js';
 import { runDemo } from '../src/cli/demo.js';
@@ -112,6 +113,8 @@ interface AgentOptions {
   jobHistory: number;
   logLevel: string;
   qemuBinary?: string;
+  qemuUser: string;
+  qemuUids: string;
   debugHold?: string[];
   allowedHost?: string[];
   peer?: string[];
@@ -154,6 +157,8 @@ async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
       peers: listFlag(o.peer, 'peer', ','),
       ...tlsFiles(o),
       qemuBinary: o.qemuBinary,
+      qemuUser: o.qemuUser,
+      qemuUids: parseUidRange(o.qemuUids),
       maxIncoming: o.maxIncoming,
       maxOutgoing: o.maxOutgoing,
       jobHistory: o.jobHistory,
@@ -250,8 +255,9 @@ async function demoAction(): Promise<number> {
   return abort.signal.aborted ? 128 + os.constants.signals[abort.signal.reason as NodeJS.Signals] : code;
 }
 
-async function checkAccelAction(o: { qemuBinary?: string }): Promise<number> {
-  const choice = await chooseHostAccel({ binary: o.qemuBinary });
+async function checkAccelAction(o: { qemuBinary?: string; qemuUser: string; qemuUids: string }): Promise<number> {
+  const users = await QemuUsers.resolve(o.qemuUser, parseUidRange(o.qemuUids));
+  const choice = await chooseHostAccel({ binary: o.qemuBinary, credentials: users.probeCredentials() });
   process.stderr.write(`accelerator ${choice.reason}\n`);
   process.stdout.write(`${choice.accel}\n`);
   return EXIT.ok;
@@ -287,6 +293,8 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(valueOption('--job-history <n>', 'ended migration jobs kept per domain').argParser(wholeNumber(1)).default(DEFAULTS.jobHistory))
     .addOption(valueOption('--log-level <level>', 'fatal, error, warn, info, debug, trace').argParser(oneOf(['fatal', 'error', 'warn', 'info', 'debug', 'trace'] as const)).default('info'))
     .addOption(valueOption('--qemu-binary <path>', 'qemu-system-x86_64 to run (default: from PATH)'))
+    .addOption(valueOption('--qemu-user <who>', "whom qemu runs as: dynamic (a user id of its own per qemu, from --qemu-uids), an account name, or root").default(DEFAULTS.qemuUser))
+    .addOption(valueOption('--qemu-uids <first-last>', 'the user ids --qemu-user dynamic hands out (no account may use them)').default(`${DEFAULTS.qemuUids.first}-${DEFAULTS.qemuUids.last}`))
     .addOption(new Option('--debug-hold <point>', `fault-injection rigs only: stop at ${HOLD_POINTS.join('|')} until STATE_DIR/hold.POINT is removed (repeatable; ${ENV_PREFIX}DEBUG_HOLD: comma-separated)`).argParser(collect).hideHelp())
     .addHelpText('after', '\nThe agent keeps running until SIGTERM or SIGINT; guests outlive it.')
     .action((o: AgentOptions, cmd: Command) => run(agentAction(o, cmd)));
@@ -347,7 +355,9 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .command('check-accel')
     .description('measure KVM and TCG with the test guest; print the faster usable one on stdout and the figures on stderr')
     .addOption(valueOption('--qemu-binary <path>', 'qemu-system-x86_64 to measure (default: from PATH)'))
-    .action((o: { qemuBinary?: string }) => run(checkAccelAction(o)));
+    .addOption(valueOption('--qemu-user <who>', 'whom the agent runs qemu as: KVM counts only where that user may open it').default(DEFAULTS.qemuUser))
+    .addOption(valueOption('--qemu-uids <first-last>', 'as the agent is given it').default(`${DEFAULTS.qemuUids.first}-${DEFAULTS.qemuUids.last}`))
+    .action((o: { qemuBinary?: string; qemuUser: string; qemuUids: string }) => run(checkAccelAction(o)));
 
   return program;
 }

@@ -2,6 +2,7 @@ import { isIP } from 'node:net';
 import path from 'node:path';
 import { HOLD_POINTS } from './migration/holds.js';
 import type { TlsFiles } from './agent/tls.js';
+import { DEFAULT_QEMU_UIDS, type QemuUserSetting, type UidRange } from './agent/qemu-user.js';
 
 /** Everything an agent is told at start; one object so tests can build agents on port 0. */
 export interface AgentConfig {
@@ -41,6 +42,10 @@ export interface AgentConfig {
   /** Largest request body, in bytes (domain XML included). */
   bodyLimitBytes: number;
   qemuBinary?: string;
+  /** Whom qemu runs as (see src/agent/qemu-user.ts): dynamic (a user id per qemu), root, or an account. */
+  qemuUser: QemuUserSetting;
+  /** The user ids `dynamic` hands out. */
+  qemuUids: UidRange;
   /** How many migrations may run at once on this agent, in each direction. */
   maxIncoming: number;
   maxOutgoing: number;
@@ -62,6 +67,8 @@ export const DEFAULTS = {
   maxIncoming: 4,
   maxOutgoing: 2,
   jobHistory: 20,
+  qemuUser: 'dynamic' as QemuUserSetting,
+  qemuUids: DEFAULT_QEMU_UIDS,
 };
 
 export function parseListen(value: string): { host: string; port: number } {

@@ -16,6 +16,7 @@ import { probeQemu, resolveAccel, type QemuHostInfo } from '../qemu/host.js';
 import { chooseAccel, type AccelChoice } from '../qemu/accel-probe.js';
 import type { Accel } from '../domain/index.js';
 import { DomainManager } from './domain-manager.js';
+import { QemuUsers } from './qemu-user.js';
 import { MigrationService } from '../migration/service.js';
 import { PROTOCOL_VERSIONS } from '../migration/phases.js';
 import { domainInfoSchema, errorSchema, fillMeasurementSchema } from '../../routes/schemas.js';
@@ -35,6 +36,8 @@ export interface HostInfo {
   qemuBinary: string;
   accelerator: 'kvm' | 'tcg';
   kvmUsable: boolean;
+  /** Whom guests' qemu runs as. */
+  qemuUser: string;
   protocolVersions: number[];
   machineAliases: Record<string, string>;
   migrationAddress: string;
@@ -193,9 +196,25 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
   await store.init();
   if (tls) await writeQemuTlsDir(store.dir('tls'), tls);
   const identity = await store.hostIdentity();
-  const qemu = await probeQemu(config.qemuBinary);
+  const qemuUsers = await QemuUsers.resolve(config.qemuUser, config.qemuUids);
+  if (qemuUsers.mode === 'agent' && process.getuid?.() === 0) app.log.warn(qemuUsers.description);
+  else app.log.info(qemuUsers.description);
+  await qemuUsers.makeReachable(config.stateDir, store.dir('run'));
+  // KVM counts as usable only if qemu opens it as the user it will run as.
+  const qemu = await probeQemu(config.qemuBinary, qemuUsers.probeCredentials());
   const accel = resolveAccel(config.accel, qemu.kvmUsable);
-  const domains = new DomainManager({ store, qemu, accel, allowPaths: config.allowPaths, log: app.log, maxDomains: config.maxDomains, maxLogBytes: config.maxLogBytes, logCheckIntervalMs: config.logCheckIntervalMs });
+  const domains = new DomainManager({
+    store,
+    qemu,
+    accel,
+    allowPaths: config.allowPaths,
+    log: app.log,
+    maxDomains: config.maxDomains,
+    maxLogBytes: config.maxLogBytes,
+    logCheckIntervalMs: config.logCheckIntervalMs,
+    qemuUsers,
+    ...(tls ? { tlsDir: store.dir('tls') } : {}),
+  });
   await domains.init();
   const accelProbe = new BackgroundAccelProbe(app, config, qemu, accel);
   const hostInfo = (): HostInfo => ({
@@ -205,6 +224,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     qemuBinary: qemu.binary,
     accelerator: accel,
     kvmUsable: qemu.kvmUsable,
+    qemuUser: qemuUsers.description,
     protocolVersions: [...PROTOCOL_VERSIONS],
     machineAliases: qemu.machineAliases,
     migrationAddress: config.migrationAddress,

@@ -20,6 +20,7 @@ import type { QemuHostInfo } from '../qemu/host.js';
 import { StateStore, isObject } from '../store/state-store.js';
 import { checkAllowedPaths, openGuestFiles, sharedWrittenFile } from './paths.js';
 import { KeyedMutex } from './lock.js';
+import type { QemuUsers } from './qemu-user.js';
 
 /**
  * Host policy, not guest ABI (so not part of the domain's argv): qemu's seccomp filter refuses
@@ -105,6 +106,10 @@ export interface DomainManagerOptions {
   maxLogBytes: number;
   /** How often output files are measured; default 5 s. */
   logCheckIntervalMs?: number;
+  /** Whom each qemu runs as. */
+  qemuUsers: QemuUsers;
+  /** With TLS: the agent's stream credentials (the store's tls/), which each qemu gets a copy of. */
+  tlsDir?: string;
 }
 
 /**
@@ -176,15 +181,23 @@ export class DomainManager extends EventEmitter {
    * tracks; its pidfile in run/ names it. End such orphans and remove stale sockets/pidfiles.
    */
   private async reclaimOrphans(): Promise<void> {
-    const runDir = this.opts.store.dir('run');
     const tracked = new Set([...this.domains.values()].flatMap((e) => (e.run ? [e.run.record.pidfilePath, e.run.record.qmpSocketPath] : [])));
-    for (const file of await fs.readdir(runDir)) {
-      const full = path.join(runDir, file);
-      if (tracked.has(full)) continue;
-      const pid = file.endsWith('.pid') ? await endPidfileOwner(full) : null;
-      if (pid !== null) this.opts.log.warn({ pid, pidfile: full }, 'ended orphaned qemu (no runtime record)');
-      await fs.rm(full, { force: true });
-    }
+    const reclaim = async (dir: string): Promise<void> => {
+      for (const file of await fs.readdir(dir, { withFileTypes: true })) {
+        const full = path.join(dir, file.name);
+        if (tracked.has(full)) continue;
+        // run/<uuid>/: one qemu's own directory (agents before it kept the files in run/ itself).
+        if (file.isDirectory()) {
+          if (dir === this.opts.store.dir('run')) await reclaim(full);
+          await fs.rmdir(full).catch(() => undefined);
+          continue;
+        }
+        const pid = file.name === 'pid' || file.name.endsWith('.pid') ? await endPidfileOwner(full) : null;
+        if (pid !== null) this.opts.log.warn({ pid, pidfile: full }, 'ended orphaned qemu (no runtime record)');
+        await fs.rm(full, { force: true });
+      }
+    };
+    await reclaim(this.opts.store.dir('run'));
   }
 
   list(): DomainEntry[] {
@@ -207,13 +220,37 @@ export class DomainManager extends EventEmitter {
   }
 
   hostSettings(uuid: string): HostSettings {
-    const run = this.opts.store.dir('run');
+    const run = this.runDir(uuid);
     return {
       qemuBinary: this.opts.qemu.binary,
       accel: this.opts.accel,
-      qmpSocketPath: path.join(run, `${uuid}.qmp`),
-      pidfilePath: path.join(run, `${uuid}.pid`),
+      qmpSocketPath: path.join(run, 'qmp'),
+      pidfilePath: path.join(run, 'pid'),
     };
+  }
+
+  /** run/<uuid>/: the one directory a qemu may write in, owned by its user (its monitor socket, pidfile, TLS copy). */
+  private runDir(uuid: string): string {
+    return path.join(this.opts.store.dir('run'), uuid);
+  }
+
+  /**
+   * The stream credentials for this domain's qemu, copied into its own directory afresh (the
+   * agent may have been restarted with renewed certificates since the qemu started), readable
+   * by that qemu alone.
+   */
+  async qemuTlsDir(entry: DomainEntry): Promise<string> {
+    const run = this.requireRunning(entry);
+    if (!this.opts.tlsDir) throw new Error('this agent runs without TLS');
+    const dir = path.join(this.runDir(entry.uuid), 'tls');
+    await fs.rm(dir, { recursive: true, force: true });
+    await fs.mkdir(dir, { mode: 0o700 });
+    for (const file of await fs.readdir(this.opts.tlsDir)) {
+      await fs.copyFile(path.join(this.opts.tlsDir, file), path.join(dir, file));
+      if (run.record.credentials) await fs.chown(path.join(dir, file), run.record.credentials.uid, run.record.credentials.gid);
+    }
+    if (run.record.credentials) await fs.chown(dir, run.record.credentials.uid, run.record.credentials.gid);
+    return dir;
   }
 
   /** Parse, normalize (machine alias, MACs, uuid) and check paths: the same for define and Prepare2. */
@@ -343,41 +380,51 @@ export class DomainManager extends EventEmitter {
     if (availableKiB !== undefined && entry.def.memoryKiB > availableKiB) {
       throw conflict('insufficient_host_memory', `the guest needs ${entry.def.memoryKiB} KiB; this host has ${availableKiB} KiB available`, { domain: entry.name });
     }
-    // qemu gets the files the agent opened and checked, not paths it would resolve again itself.
-    const files = await openGuestFiles(domainFileRefs(entry.def), this.opts.allowPaths, this.opts.store.internalPaths());
-    const host = { ...this.hostSettings(entry.uuid), fileArg: (p: string) => files.args.get(p) ?? p, imageChain: (p: string) => files.chains.get(p) };
-    const argv = [...buildArgv(entry.def, host, { incoming: opts.incoming }), ...QEMU_SANDBOX_ARGS];
-    const { record, qmp } = await launchQemu({
-      binary: host.qemuBinary,
-      argv,
-      logPath: path.join(this.opts.store.dir('logs'), `${entry.name}.log`),
-      pidfilePath: host.pidfilePath,
-      qmpSocketPath: host.qmpSocketPath,
-      passFds: files.fds,
-    }).catch((err: unknown) => {
-      files.close();
-      if (!(err instanceof QemuStartError)) throw err;
-      // qemu refused the guest (a device this host lacks, a file it cannot open): the domain keeps why.
-      entry.lastExit = { reason: 'start_failed', at: new Date().toISOString(), message: err.message };
-      throw new AgentError(422, 'qemu_start_failed', `qemu did not start ${entry.name}: ${err.message}`, { domain: entry.name, qemuMessage: err.logTail });
-    });
-    files.close(files.outputs);
-    const run: RunningQemu = {
-      record,
-      qmp,
-      startedAt: new Date().toISOString(),
-      incoming: opts.incoming,
-      guestShutdown: false,
-      outputFds: files.outputs,
-    };
+    const credentials = this.opts.qemuUsers.allocate();
     try {
-      await this.saveRuntime(entry, run);
-    } catch (err) {
-      await killQemu(record, { qmp, graceMs: 1000 });
-      throw err;
+      const runDir = this.runDir(entry.uuid);
+      await fs.mkdir(runDir, { recursive: true, mode: 0o700 });
+      await fs.chmod(runDir, 0o700);
+      if (credentials) await fs.chown(runDir, credentials.uid, credentials.gid);
+      // qemu gets the files the agent opened and checked, not paths it would resolve again itself.
+      const files = await openGuestFiles(domainFileRefs(entry.def), this.opts.allowPaths, this.opts.store.internalPaths(), { qemuUser: credentials, scratchDir: runDir });
+      const host = { ...this.hostSettings(entry.uuid), fileArg: (p: string) => files.args.get(p) ?? p, imageChain: (p: string) => files.chains.get(p) };
+      const argv = [...buildArgv(entry.def, host, { incoming: opts.incoming }), ...QEMU_SANDBOX_ARGS];
+      const { record, qmp } = await launchQemu({
+        binary: host.qemuBinary,
+        argv,
+        logPath: path.join(this.opts.store.dir('logs'), `${entry.name}.log`),
+        pidfilePath: host.pidfilePath,
+        qmpSocketPath: host.qmpSocketPath,
+        passFds: files.fds,
+        credentials,
+      }).catch((err: unknown) => {
+        files.close();
+        if (!(err instanceof QemuStartError)) throw err;
+        // qemu refused the guest (a device this host lacks, a file it cannot open): the domain keeps why.
+        entry.lastExit = { reason: 'start_failed', at: new Date().toISOString(), message: err.message };
+        throw new AgentError(422, 'qemu_start_failed', `qemu did not start ${entry.name}: ${err.message}`, { domain: entry.name, qemuMessage: err.logTail });
+      });
+      files.close(files.outputs);
+      const run: RunningQemu = {
+        record,
+        qmp,
+        startedAt: new Date().toISOString(),
+        incoming: opts.incoming,
+        guestShutdown: false,
+        outputFds: files.outputs,
+      };
+      try {
+        await this.saveRuntime(entry, run);
+      } catch (err) {
+        await killQemu(record, { qmp, graceMs: 1000 });
+        throw err;
+      }
+      this.watch(entry, run);
+      return run;
+    } finally {
+      this.opts.qemuUsers.release(credentials);
     }
-    this.watch(entry, run);
-    return run;
   }
 
   async saveRuntime(entry: DomainEntry, run: RunningQemu): Promise<void> {
@@ -547,6 +594,10 @@ export class DomainManager extends EventEmitter {
     } else {
       // A killed qemu leaves its socket and pidfile.
       await removeQemuFiles(run.record).catch((err: unknown) => log.error({ err, domain: entry.name }, 'cleanup after qemu exit failed'));
+    }
+    // Its directory goes with it (the TLS copy, anything it made there); entry.run still bars a new start.
+    if (path.dirname(run.record.qmpSocketPath) === this.runDir(entry.uuid)) {
+      await fs.rm(this.runDir(entry.uuid), { recursive: true, force: true }).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the qemu run directory'));
     }
     const reason: ShutoffReason = run.expectedExit ?? (run.guestShutdown ? 'shutdown' : 'crashed');
     closeOutputs(run);

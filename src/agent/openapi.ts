@@ -23,6 +23,8 @@ export async function openapiDocument(scratchStateDir: string): Promise<string> 
     maxIncoming: DEFAULTS.maxIncoming,
     maxOutgoing: DEFAULTS.maxOutgoing,
     jobHistory: DEFAULTS.jobHistory,
+    qemuUser: 'root',
+    qemuUids: DEFAULTS.qemuUids,
   });
   try {
     await app.ready();

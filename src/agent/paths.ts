@@ -4,6 +4,7 @@ import { DomainXmlError } from '../errors.js';
 import type { FileRef, ImageChain } from '../domain/index.js';
 import { randomUUID } from 'node:crypto';
 import { ImageError, imageFileRefs, type ImageFileRef } from '../qemu/image.js';
+import type { QemuCredentials } from '../qemu/process.js';
 
 function isBelow(root: string, candidate: string): boolean {
   const rel = path.relative(root, candidate);
@@ -128,12 +129,6 @@ export interface PassedFiles {
   outputs: number[];
   /** Closes every descriptor but those `keep` names. */
   close(keep?: number[]): void;
-}
-
-/** Who qemu runs as, when that is not the agent's own user. */
-export interface QemuCredentials {
-  uid: number;
-  gid: number;
 }
 
 export interface OpenGuestFilesOptions {

@@ -11,6 +11,7 @@ import { freePort } from '../migration/ports.js';
 import { writeGuestImage, parseSerialLog, guestMemoryMiB, type GuestParams } from '../guest/image.js';
 import { testGuestXml } from '../guest/domain-xml.js';
 import { chooseHostAccel } from '../qemu/accel-probe.js';
+import { defaultQemuCredentials } from '../agent/qemu-user.js';
 import type { Accel } from '../domain/index.js';
 import { killQemu, processMatches } from '../qemu/process.js';
 import { readQemuRecords } from '../store/state-store.js';
@@ -74,7 +75,7 @@ async function demoAccel(say: (line: string) => void, signal: AbortSignal): Prom
     say(`accelerator ${forced} (set by the environment)`);
     return forced;
   }
-  const choice = await chooseHostAccel({ signal });
+  const choice = await chooseHostAccel({ signal, credentials: await defaultQemuCredentials() });
   signal.throwIfAborted();
   say(`accelerator ${choice.reason}`);
   return choice.accel;
@@ -120,6 +121,8 @@ async function cleanUp(agents: DemoAgent[], dir: string): Promise<void> {
  */
 export async function runDemo(out: NodeJS.WriteStream, signal: AbortSignal): Promise<number> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'kvm-migrate-demo-'));
+  // The agents' qemu runs as a user of its own and must pass through to their run/ directories.
+  await fs.chmod(dir, 0o711);
   const token = randomBytes(16).toString('hex');
   const agents: DemoAgent[] = [];
   const say = (line: string) => out.write(line + '\n');

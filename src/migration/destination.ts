@@ -105,7 +105,7 @@ export class DestinationSide {
       entry.activeJob = { id: job.id, role: 'destination' };
       const run = await domains.launch(entry, { incoming: true });
       await run.qmp.execute('migrate-set-capabilities', { capabilities: destinationCapabilities() });
-      if (this.ctx.qemuTlsDir) await useQemuTls(run.qmp, this.ctx.qemuTlsDir, 'server');
+      if (this.ctx.streamTls) await useQemuTls(run.qmp, await domains.qemuTlsDir(entry), 'server');
       const listenUri = `tcp:${listen.host}:${listen.port}`;
       await run.qmp.execute('migrate-incoming', { uri: listenUri });
       this.followIncoming(job, entry);

@@ -68,8 +68,8 @@ export interface MigrationContext {
   hostInfo: () => HostInfo;
   log: FastifyBaseLogger;
   hold: (point: HoldPoint, migrationId: string) => Promise<void>;
-  /** With TLS: the directory of qemu's stream credentials (both ends use TLS then). */
-  qemuTlsDir?: string;
+  /** With TLS, both ends' qemu stream over TLS too (DomainManager.qemuTlsDir gives each its credentials). */
+  streamTls: boolean;
 }
 
 export type { JobRecord };

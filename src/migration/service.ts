@@ -36,7 +36,7 @@ export class MigrationService {
       log: opts.log,
       jobs: this.jobs,
       peers: new PeerClient({ token: opts.config.token, tls: opts.tls }),
-      qemuTlsDir: opts.tls ? opts.store.dir('tls') : undefined,
+      streamTls: opts.tls !== undefined,
       hold: (point, migrationId) => holdAt(point, holds, opts.config.stateDir, migrationId),
     };
     this.source = new SourceSide(this.ctx);

@@ -167,7 +167,7 @@ export class SourceSide {
     await qmp.execute('migrate-set-capabilities', { capabilities: sourceCapabilities(options) });
     await qmp.execute('migrate-set-parameters', sourceParameters(options));
     // The destination's qemu demands the stream over TLS; its certificate must name the host streamed to.
-    if (this.ctx.qemuTlsDir) await useQemuTls(qmp, this.ctx.qemuTlsDir, 'client', streamHost);
+    if (this.ctx.streamTls) await useQemuTls(qmp, await this.ctx.domains.qemuTlsDir(entry), 'client', streamHost);
     if (!options.live) await qmp.execute('stop');
     await jobs.setPhase(job, 'streaming', { timings: { ...job.record.timings, setupMs: Date.now() - started } });
     await qmp.execute('migrate', { uri });

@@ -12,6 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { writeGuestImage } from '../guest/image.js';
 import { probeQemu } from './host.js';
+import type { QemuCredentials } from './process.js';
 import type { Accel } from '../domain/index.js';
 
 export const PROBE_FILL_MIB = 16;
@@ -140,8 +141,11 @@ export async function chooseAccel(binary: string, kvmUsable: boolean, opts: Meas
   return decideAccel(kvmUsable, kvm, tcg, opts.fastEnoughMs);
 }
 
-/** chooseAccel for this host's qemu (found on PATH unless `binary` names one). */
-export async function chooseHostAccel(opts: MeasureOptions & { binary?: string } = {}): Promise<AccelChoice> {
-  const qemu = await probeQemu(opts.binary);
+/**
+ * chooseAccel for this host's qemu (found on PATH unless `binary` names one); KVM counts only
+ * where qemu opens it as the user guests' qemu runs as (`credentials`).
+ */
+export async function chooseHostAccel(opts: MeasureOptions & { binary?: string; credentials?: QemuCredentials } = {}): Promise<AccelChoice> {
+  const qemu = await probeQemu(opts.binary, opts.credentials);
   return chooseAccel(qemu.binary, qemu.kvmUsable, opts);
 }

@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { execa } from 'execa';
+import type { QemuCredentials } from './process.js';
 
 export interface QemuHostInfo {
   binary: string;
@@ -18,7 +19,7 @@ export interface QemuHostInfo {
 const DEFAULT_BINARY = 'qemu-system-x86_64';
 const PROBE_TIMEOUT_MS = 15_000;
 
-export async function probeQemu(binary?: string): Promise<QemuHostInfo> {
+export async function probeQemu(binary?: string, credentials?: QemuCredentials): Promise<QemuHostInfo> {
   const bin = binary ?? findOnPath(DEFAULT_BINARY);
   if (!bin) throw new Error(`${DEFAULT_BINARY} not found on PATH`);
 
@@ -37,7 +38,7 @@ export async function probeQemu(binary?: string): Promise<QemuHostInfo> {
     if (target) machineAliases[name] = target;
   }
 
-  return { binary: bin, version, machineAliases, knownMachines, kvmUsable: kvmUsable() && (await qemuStartsWithKvm(bin)) };
+  return { binary: bin, version, machineAliases, knownMachines, kvmUsable: kvmUsable() && (await qemuStartsWithKvm(bin, credentials)) };
 }
 
 /** /dev/kvm exists and this process may open it read-write. */
@@ -57,12 +58,16 @@ export function resolveAccel(mode: 'auto' | 'kvm' | 'tcg', kvmOk: boolean): 'kvm
   throw new Error('accelerator kvm was requested, but KVM is not usable on this host (/dev/kvm missing, not accessible, or refused by qemu); use --accel tcg or auto');
 }
 
-/** Opening /dev/kvm can succeed where creating a VM fails; ask qemu itself, with an empty machine. */
-async function qemuStartsWithKvm(bin: string): Promise<boolean> {
+/**
+ * Opening /dev/kvm can succeed where creating a VM fails; ask qemu itself, with an empty
+ * machine, as the user guests' qemu runs as (root may open a /dev/kvm that user may not).
+ */
+async function qemuStartsWithKvm(bin: string, credentials: QemuCredentials | undefined): Promise<boolean> {
   const r = await execa(bin, ['-machine', 'none,accel=kvm', '-nodefaults', '-no-user-config', '-display', 'none', '-qmp', 'stdio'], {
     input: '{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
     timeout: PROBE_TIMEOUT_MS,
     reject: false,
+    ...credentials,
   });
   return r.exitCode === 0;
 }

@@ -23,6 +23,14 @@ export interface QemuLaunch {
   startTimeoutMs?: number;
   /** Descriptors qemu gets as fd 3, 4, ... and, with -add-fd, as /dev/fdset/1, 2, ... */
   passFds?: number[];
+  /** Whom qemu runs as; absent: the agent's own user. */
+  credentials?: QemuCredentials;
+}
+
+/** The ids a qemu is started with (set before exec, so qemu itself never changes user). */
+export interface QemuCredentials {
+  uid: number;
+  gid: number;
 }
 
 /** What tells one process from a later one with the same pid. */
@@ -35,6 +43,8 @@ export interface QemuProcessRecord {
   qmpSocketPath: string;
   pidfilePath: string;
   binary: string;
+  /** Whom it runs as, when not the agent's own user. */
+  credentials?: QemuCredentials;
 }
 
 /** qemu did not come up; `logTail` is what it wrote while starting (its own error text). */
@@ -68,7 +78,7 @@ export async function launchQemu(l: QemuLaunch): Promise<{ record: QemuProcessRe
   try {
     fs.writeSync(logFd, `${new Date().toISOString()} starting: ${[l.binary, ...argv].join(' ')}\n`);
     logStart = fs.fstatSync(logFd).size;
-    child = spawnDetached(l.binary, argv, logFd, l.passFds ?? []);
+    child = spawnDetached(l.binary, argv, logFd, l.passFds ?? [], l.credentials);
   } finally {
     // The child holds its own copy of the descriptor.
     fs.closeSync(logFd);
@@ -178,13 +188,14 @@ export async function waitForExit(rec: ProcessIdentity, timeoutMs: number): Prom
   return true;
 }
 
-function spawnDetached(binary: string, argv: string[], logFd: number, passFds: number[]) {
+function spawnDetached(binary: string, argv: string[], logFd: number, passFds: number[], credentials: QemuCredentials | undefined) {
   // A raw descriptor, not execa's `{file}`: that pipes through this process, so qemu's output
   // (and qemu itself, on EPIPE) would depend on the agent staying alive. execa's types list
   // only descriptors up to 9, but any number is handed to spawn() unchanged.
   const fd = logFd as 3;
   const stdio = ['ignore', fd, fd, ...passFds] as unknown as ['ignore', 3, 3];
-  return execa(binary, argv, { detached: true, cleanup: false, stdio, reject: false });
+  // libuv drops the supplementary groups when it sets the ids: the group given is all qemu has.
+  return execa(binary, argv, { detached: true, cleanup: false, stdio, reject: false, ...credentials });
 }
 
 function controlArgs(l: QemuLaunch): string[] {
@@ -243,7 +254,7 @@ function readProcessRecord(pid: number, l: QemuLaunch): QemuProcessRecord | stri
     // reported below
   }
   if (fromFile !== String(pid)) return `pidfile ${l.pidfilePath} holds '${fromFile}', expected qemu's pid ${pid}`;
-  return { pid, startTime: st.startTime, qmpSocketPath: l.qmpSocketPath, pidfilePath: l.pidfilePath, binary: l.binary };
+  return { pid, startTime: st.startTime, qmpSocketPath: l.qmpSocketPath, pidfilePath: l.pidfilePath, binary: l.binary, ...(l.credentials ? { credentials: l.credentials } : {}) };
 }
 
 function signal(rec: ProcessIdentity, sig: NodeJS.Signals): void {

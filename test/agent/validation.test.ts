@@ -80,7 +80,7 @@ t.test("a guest's files never reach into the agent's state or through a dangling
   const neighbour = await testGuest(dir, 'vm1');
   await client.define(neighbour.xml);
   await client.lifecycle('vm1', 'start');
-  const qmpSocket = path.join(config.stateDir, 'run', `${(await client.domain('vm1')).uuid}.qmp`);
+  const qmpSocket = path.join(config.stateDir, 'run', (await client.domain('vm1')).uuid, 'qmp');
   await fs.access(qmpSocket);
   const guest = await testGuest(dir, 'vm2');
   const withSerial = (serial: string) => guest.xml.replace(/<serial type='file'>[\s\S]*?<\/serial>/, serial);

@@ -12,6 +12,7 @@ import { killQemu, processMatches, type QemuProcessRecord } from '../../src/qemu
 import { packageRoot } from '../../src/agent/package-root.js';
 import { readQemuRecords } from '../../src/store/state-store.js';
 import { chooseHostAccel } from '../../src/qemu/accel-probe.js';
+import { defaultQemuCredentials } from '../../src/agent/qemu-user.js';
 import { freePort } from '../../src/migration/ports.js';
 export { freePort, readQemuRecords as qemuRecords };
 import { writeGuestImage, guestMemoryMiB, type GuestParams } from '../../src/guest/image.js';
@@ -25,7 +26,7 @@ export const TEST_ACCEL: 'kvm' | 'tcg' = await (async () => {
   const forced = process.env.KVM_MIGRATE_TEST_ACCEL;
   if (forced === 'kvm' || forced === 'tcg') return forced;
   if (forced) throw new Error(`KVM_MIGRATE_TEST_ACCEL must be kvm or tcg, got ${forced}`);
-  return (await chooseHostAccel()).accel;
+  return (await chooseHostAccel({ credentials: await defaultQemuCredentials() })).accel;
 })();
 
 /** Every temp dir of the suite starts with this, so the leftover check can find strays. */
@@ -38,6 +39,8 @@ export interface TestContext {
 export async function tmpDir(t: TestContext): Promise<string> {
   // Short: unix socket paths below it must fit in 108 bytes.
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), TMP_PREFIX));
+  // qemu runs as a user of its own and must pass through to the agents' run/ directories.
+  await fs.chmod(dir, 0o711);
   t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
   return dir;
 }
@@ -94,6 +97,8 @@ export function agentConfig(dir: string, name: string, overrides: Partial<AgentC
     maxIncoming: DEFAULTS.maxIncoming,
     jobHistory: DEFAULTS.jobHistory,
     maxOutgoing: DEFAULTS.maxOutgoing,
+    qemuUser: DEFAULTS.qemuUser,
+    qemuUids: DEFAULTS.qemuUids,
     ...overrides,
   };
 }

@@ -1,3 +1,4 @@
+import fs from 'node:fs/promises';
 import t from 'tap';
 import { ramDigest, expectedRegionDigest, guestStaticRegion, guestMemoryMiB } from '../../src/guest/image.js';
 import { testGuest, tmpDir, waitFor } from '../helpers/agents.js';
@@ -9,6 +10,8 @@ const PARAMS = { fillMiB: 16, hotMiB: 2, reportEvery: 64 };
 t.test('guest RAM arrives intact: digests of both ends match at switch-over, both paused', async (t) => {
   const { dir, a, b } = await twoAgents(t);
   const scratch = await tmpDir(t);
+  // pmemsave writes as qemu, which runs as a user of its own.
+  await fs.chmod(scratch, 0o777);
   const memoryMiB = guestMemoryMiB(PARAMS) + 16;
   const guest = await testGuest(dir, 'vm1', PARAMS, { memoryMiB });
   await a.client.define(guest.xml);

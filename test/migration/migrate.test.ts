@@ -152,8 +152,10 @@ t.test('a migration to the same agent is refused', async (t) => {
 
 t.test('a destination that would run the guest on another accelerator refuses it', async (t) => {
   const kvm = await (async () => {
-    const { probeQemu, kvmUsable } = await import('../../src/qemu/host.js');
-    return (await probeQemu()).kvmUsable && kvmUsable();
+    const { probeQemu } = await import('../../src/qemu/host.js');
+    const { defaultQemuCredentials } = await import('../../src/agent/qemu-user.js');
+    // Usable as the agents' qemu would use it: as a user of its own.
+    return (await probeQemu(undefined, await defaultQemuCredentials())).kvmUsable;
   })();
   if (!kvm) {
     t.comment('no usable KVM here: only TCG, nothing to mismatch');
