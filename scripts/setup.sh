@@ -16,6 +16,9 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v as >/dev/null || need+=(binutils)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v openssl >/dev/null || need+=(openssl)
+# The Linux test guest (src/guest/linux.ts): xz unpacks its kernel, cpio makes its initramfs.
+command -v xz >/dev/null || need+=(xz-utils)
+command -v cpio >/dev/null || need+=(cpio)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need[*]}; run as root or install them with apt-get" >&2
@@ -24,6 +27,12 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# The Linux test guest's kernel and busybox come from apt-get download, so apt must know them
+# (a fresh machine may have no package lists); without them that test skips.
+if [ "$(id -u)" -eq 0 ] && ! apt-cache show --no-all-versions linux-image-amd64 busybox-static >/dev/null 2>&1; then
+  echo "setup: apt knows no linux-image-amd64 or busybox-static: apt-get update" >&2
+  apt-get update -qq >/dev/null || echo "setup: apt-get update failed; the Linux guest test will skip" >&2
 fi
 
 # npm ci when node_modules is missing or older than the lock file.

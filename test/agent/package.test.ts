@@ -52,6 +52,7 @@ t.test('npm pack: no test files, no dangling source maps, a LICENSE', async (t) 
   t.ok(files.includes('LICENSE'), 'LICENSE');
   t.ok(files.includes('dist/bin/kvm-migrate.js'), 'the CLI');
   t.ok(files.includes('src/guest/boot.bin'), 'the test guest the demo and the accelerator probe boot');
+  t.ok(files.includes('src/guest/linux-init.sh'), "the Linux test guest's /init, which ensureLinuxGuest reads");
   t.ok(files.includes('openapi/openapi.json'), 'the OpenAPI document');
   const dangling: string[] = [];
   for (const map of files.filter((f) => f.endsWith('.map'))) {

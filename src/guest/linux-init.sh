@@ -1,0 +1,118 @@
+#!/bin/busybox sh
+# /init of the Linux test guest (src/guest/linux.ts puts it in the initramfs with a static
+# busybox and the virtio modules). It brings up each virtio device, says on the serial console
+# which ones work, then ticks: each tick is first written to the disk, then served over HTTP,
+# then printed, so whatever the console shows is already on the disk.
+#
+# Serial console (the format parseLinuxSerialLog in linux.ts reads):
+#   KMLINUX boot <boot id>              once per boot (the kernel's random boot_id)
+#   KMLINUX dev <vda|net|rng|balloon|agent> ok [detail]    or: KMLINUX dev <name> FAIL <why>
+#   KMLINUX tick <n> <boot id>          every ~0.5 s, n = 0, 1, 2, ...
+# Disk (/dev/vda, 512-byte sectors, each a line padded with NULs):
+#   sector 0:      "KMLINUX disk <boot id>"
+#   sector n + 1:  "KMREC <n, 8 digits> <boot id>" for tick n
+# HTTP (port 80): "KMLINUX boot <boot id> tick <n>" for the latest tick.
+# Guest agent (virtio-serial port org.qemu.guest_agent.0): one JSON command per line;
+#   guest-ping and guest-sync are answered as qemu-guest-agent does, anything else is an error.
+
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+# The kernel's built-in initramfs already gave us /dev/console; devtmpfs brings the rest.
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox --install -s /bin
+export PATH=/bin
+
+say() { echo "KMLINUX $*"; }
+bootid=$(cat /proc/sys/kernel/random/boot_id)
+say boot "$bootid"
+
+# Names written by linux.ts; modprobe finds their dependencies in the trimmed modules.dep.
+modprobe -a $(cat /etc/kmlinux-modules) || say modprobe failed
+
+# One sector: the line, NUL-padded (conv=sync), on the device before dd returns (fsync).
+put_sector() {
+  dd of=/dev/vda bs=512 seek="$1" count=1 conv=sync,notrunc,fsync 2>/dev/null
+}
+
+disk=
+header="KMLINUX disk $bootid"
+if [ ! -b /dev/vda ]; then
+  say dev vda FAIL no /dev/vda
+elif ! echo "$header" | put_sector 0; then
+  say dev vda FAIL write
+else
+  # Read back past the page cache, so the line made the round trip through the device.
+  blockdev --flushbufs /dev/vda
+  back=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d '\000')
+  if [ "$back" = "$header" ]; then
+    disk=/dev/vda
+    say dev vda ok "$(cat /sys/block/vda/size) sectors"
+  else
+    say dev vda FAIL read back "$back"
+  fi
+fi
+
+mkdir -p /www
+page() { echo "KMLINUX boot $bootid tick $1" >/www/index.tmp && mv /www/index.tmp /www/index.html; }
+page -
+# qemu user networking's fixed addresses: no DHCP round trip at boot.
+ip link set lo up
+if ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
+  && httpd -p 80 -h /www; then
+  say dev net ok "$(cat /sys/class/net/eth0/address)"
+else
+  say dev net FAIL
+fi
+
+rng=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)
+sample=$(timeout 5 dd if=/dev/hwrng bs=16 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')
+if [ "$rng" = virtio_rng.0 ] && [ ${#sample} -eq 32 ]; then
+  say dev rng ok "$sample"
+else
+  say dev rng FAIL "current=$rng read=$sample"
+fi
+
+if ls /sys/bus/virtio/drivers/virtio_balloon 2>/dev/null | grep -q '^virtio'; then
+  say dev balloon ok
+else
+  say dev balloon FAIL driver bound to no device
+fi
+
+# A port opens once at a time, so one read-write descriptor serves both directions. While the
+# host end is closed, reads return EOF: wait and read again.
+agent() {
+  while :; do
+    while read -r line; do
+      case $line in
+        *'"guest-ping"'*) echo '{"return": {}}' ;;
+        *'"guest-sync"'*)
+          id=$(echo "$line" | sed -n 's/.*"id"[[:space:]]*:[[:space:]]*\(-\{0,1\}[0-9]\{1,\}\).*/\1/p')
+          if [ -n "$id" ]; then echo "{\"return\": $id}"; else echo '{"error": {"class": "GenericError", "desc": "guest-sync needs a numeric id"}}'; fi
+          ;;
+        *) echo '{"error": {"class": "CommandNotFound", "desc": "this guest answers guest-ping and guest-sync only"}}' ;;
+      esac
+    done <>"$1" >&0
+    sleep 1
+  done
+}
+port=
+for p in /sys/class/virtio-ports/vport*; do
+  [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}
+done
+if [ -c "$port" ]; then
+  agent "$port" &
+  say dev agent ok "$port"
+else
+  say dev agent FAIL no port named org.qemu.guest_agent.0
+fi
+
+n=0
+while :; do
+  if [ -n "$disk" ]; then
+    printf 'KMREC %08d %s\n' "$n" "$bootid" | put_sector $((n + 1)) || say disk write "$n" failed
+  fi
+  page "$n"
+  say tick "$n" "$bootid"
+  n=$((n + 1))
+  usleep 500000
+done
