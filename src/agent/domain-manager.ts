@@ -266,6 +266,12 @@ export class DomainManager extends EventEmitter {
     if (normalized.def.memoryKiB > hostKiB) {
       throw new DomainXmlError('exceeds_host_memory', '/domain/memory', `the guest's ${normalized.def.memoryKiB} KiB exceed this host's ${hostKiB} KiB of RAM`);
     }
+    // More vCPUs than the host has CPUs: they would preempt each other (a vCPU spinning on a lock
+    // whose holder is descheduled); each guest may use at most all of the host, as Nova's default.
+    const hostCpus = os.availableParallelism();
+    if (normalized.def.vcpus > hostCpus) {
+      throw new DomainXmlError('exceeds_host_cpus', '/domain/vcpu', `the guest's ${normalized.def.vcpus} vCPUs exceed this host's ${hostCpus} CPUs`);
+    }
     await this.checkPaths(normalized.def);
     return normalized;
   }

@@ -134,6 +134,10 @@ t.test('bounds: domains per agent, guests the host cannot hold, XML size', async
   const guest = await testGuest(dir, 'big');
   const withMemory = (k: number) => guest.xml.replace(/<memory unit='MiB'>\d+<\/memory>/, `<memory unit='KiB'>${k}</memory>`);
   await t.rejects(client.define(withMemory(Math.floor(os.totalmem() / 1024) + 1024 * 1024)), { status: 400, code: 'exceeds_host_memory', body: { element: '/domain/memory' } }, 'more than the host has: refused at define');
+  const cpus = os.availableParallelism();
+  await t.rejects(client.define(guest.xml.replace('<vcpu>1</vcpu>', `<vcpu>${cpus + 1}</vcpu>`)), { status: 400, code: 'exceeds_host_cpus', body: { element: '/domain/vcpu' }, message: new RegExp(`${cpus + 1} vCPUs exceed this host's ${cpus} CPUs`) });
+  await client.define(guest.xml.replace('<vcpu>1</vcpu>', `<vcpu>${cpus}</vcpu>`));
+  await client.undefine('big');
   const [total, available] = [kib('MemTotal'), kib('MemAvailable')];
   if (total - available > 512 * 1024) {
     await client.define(withMemory(Math.floor((total + available) / 2)));
