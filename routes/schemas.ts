@@ -7,6 +7,15 @@ export const errorSchema = {
     code: { type: 'string', description: 'stable machine-readable error code' },
     message: { type: 'string' },
     element: { type: 'string', description: 'the domain XML element refused, when the error is about one' },
+    errors: {
+      type: 'array',
+      description: 'domain XML: every blocker found in one pass, the one above first',
+      items: {
+        type: 'object',
+        required: ['code', 'element', 'message'],
+        properties: { code: { type: 'string' }, element: { type: 'string' }, message: { type: 'string' } },
+      },
+    },
     domain: { type: 'string' },
     job: { type: 'string' },
   },

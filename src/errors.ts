@@ -23,12 +23,31 @@ export const notFound = (code: string, message: string, details?: Record<string,
 export const conflict = (code: string, message: string, details?: Record<string, unknown>) =>
   new AgentError(409, code, message, details);
 
-/** Refusal of domain XML: names the element (an XPath-like path) that could not be honoured. */
+/** One element of domain XML that cannot be honoured, and why. */
+export interface XmlBlocker {
+  code: string;
+  element: string;
+  message: string;
+}
+
+/**
+ * Refusal of domain XML: names the element (an XPath-like path) that could not be honoured.
+ * `errors` lists every blocker found in one pass (this one first), so a user learns all of them
+ * from one answer; the top-level code, element and message are the first's.
+ */
 export class DomainXmlError extends AgentError {
   readonly element: string;
-  constructor(code: string, element: string, message: string) {
-    super(400, code, message, { element });
+  readonly errors: XmlBlocker[];
+  constructor(code: string, element: string, message: string, more: XmlBlocker[] = []) {
+    const errors = [{ code, element, message }, ...more];
+    super(400, code, more.length > 0 ? `${message} (and ${more.length} more: see errors)` : message, { element, errors });
     this.name = 'DomainXmlError';
     this.element = element;
+    this.errors = errors;
+  }
+
+  static of(blockers: XmlBlocker[]): DomainXmlError {
+    const [first, ...more] = blockers;
+    return new DomainXmlError(first!.code, first!.element, first!.message, more);
   }
 }

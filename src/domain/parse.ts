@@ -36,7 +36,7 @@ import type {
   VirtioSerialAddress,
 } from './model.js';
 import { bytesToKiBCeil, scaledToBytes } from './units.js';
-import { fail, Node } from './walk.js';
+import { Blockers, fail, Node } from './walk.js';
 import { parseXmlTree, serializeChildren, type XElement } from './xml.js';
 
 const MIN_MEMORY_KIB = 16 * 1024;
@@ -72,8 +72,10 @@ export function parseInternal(xml: string, opts: ParseOptions): ParseResult {
   const root = parseXmlTree(xml);
   if (root.name !== 'domain') throw fail('unsupported_element', `/${root.name}`, 'the root element must be <domain>');
   const nodes = new Map<string, XElement>();
-  const raw = parseDomain(new Node(root, '/domain'), opts, nodes);
-  return { def: completeDomain(raw), root, nodes };
+  const blockers = new Blockers();
+  const raw = parseDomain(new Node(root, '/domain', {}, blockers), opts, nodes);
+  blockers.throwIfAny();
+  return { def: completeDomain(raw!), root, nodes };
 }
 
 export function machineFamily(machine: string, path: string): MachineFamily {
@@ -116,78 +118,104 @@ function memoryKiB(node: Node, what: string): number {
   return Number(kib);
 }
 
-function parseDomain(d: Node, opts: ParseOptions, nodes: Map<string, XElement>): RawDomain {
+/**
+ * Each part of the domain (identity, memory, os, cpu, features, clock, each device) is walked on
+ * its own: one that fails is recorded in the blockers and the walk goes on, so the answer lists
+ * them all. Whatever a failed part would have given is left out: the result only matters when
+ * nothing failed.
+ */
+function parseDomain(d: Node, opts: ParseOptions, nodes: Map<string, XElement>): RawDomain | undefined {
+  const blockers = d.blockers!;
+  const part = <T>(fn: () => T) => blockers.attempt(fn);
   d.expect({
     attrs: ['type'],
     children: ['name', 'uuid', 'title', 'description', 'metadata', 'memory', 'currentMemory', 'vcpu', 'cpu', 'os',
       'features', 'clock', 'on_poweroff', 'on_reboot', 'on_crash', 'devices'],
   });
-  const type = d.requireEnumAttr('type', ['kvm', 'qemu'] as const);
+  const type = part(() => d.requireEnumAttr('type', ['kvm', 'qemu'] as const));
 
-  const nameNode = d.requireChild('name').expect({ text: true });
-  const name = nameNode.text();
-  if (!NAME_RE.test(name)) throw fail('invalid_value', nameNode.path, `domain name '${name}' must match [A-Za-z0-9_.-]{1,64}`);
+  const name = part(() => {
+    const nameNode = d.requireChild('name').expect({ text: true });
+    const value = nameNode.text();
+    if (!NAME_RE.test(value)) throw fail('invalid_value', nameNode.path, `domain name '${value}' must match [A-Za-z0-9_.-]{1,64}`);
+    return value;
+  });
 
-  let uuid = '';
-  const uuidNode = d.child('uuid');
-  if (uuidNode) {
-    uuidNode.expect({ text: true });
-    const u = canonicalUuid(uuidNode.text());
-    if (!u) throw fail('invalid_value', uuidNode.path, `'${uuidNode.text()}' is not a valid UUID`);
-    uuid = u;
-  } else if (!opts.allowMissingIds) {
-    throw fail('missing_element', '/domain/uuid', 'the domain needs a <uuid>');
-  }
+  const uuid = part(() => {
+    const uuidNode = d.child('uuid');
+    if (uuidNode) {
+      uuidNode.expect({ text: true });
+      const u = canonicalUuid(uuidNode.text());
+      if (!u) throw fail('invalid_value', uuidNode.path, `'${uuidNode.text()}' is not a valid UUID`);
+      return u;
+    }
+    if (!opts.allowMissingIds) throw fail('missing_element', '/domain/uuid', 'the domain needs a <uuid>');
+    return '';
+  });
 
-  const titleNode = d.child('title')?.expect({ text: true });
-  const title = titleNode?.text();
-  if (title !== undefined && /[\r\n]/.test(title)) throw fail('invalid_value', titleNode!.path, 'the title must be a single line');
-  const description = d.child('description')?.expect({ text: true }).text();
-  const metadataNode = d.child('metadata');
+  const title = part(() => {
+    const titleNode = d.child('title')?.expect({ text: true });
+    const value = titleNode?.text();
+    if (value !== undefined && /[\r\n]/.test(value)) throw fail('invalid_value', titleNode!.path, 'the title must be a single line');
+    return value;
+  });
+  const description = part(() => d.child('description')?.expect({ text: true }).text());
   // Metadata belongs to applications: kept verbatim, never interpreted.
-  let metadata: string | undefined;
-  if (metadataNode) {
+  const metadata = part(() => {
+    const metadataNode = d.child('metadata');
+    if (!metadataNode) return undefined;
     const names = metadataNode.el.children.flatMap((c) => (c.kind === 'element' ? [c.name] : []));
     metadataNode.expect({ children: names, repeated: names, text: true });
-    metadata = serializeChildren(metadataNode.el);
-  }
+    return serializeChildren(metadataNode.el);
+  });
 
-  const memoryKiBValue = memoryKiB(d.requireChild('memory'), 'memory');
-  const curNode = d.child('currentMemory');
-  const currentMemoryKiB = curNode ? memoryKiB(curNode, 'currentMemory') : memoryKiBValue;
-  if (currentMemoryKiB > memoryKiBValue) throw fail('invalid_value', curNode!.path, 'currentMemory must not exceed memory');
+  const memory = part(() => {
+    const memoryKiBValue = memoryKiB(d.requireChild('memory'), 'memory');
+    const curNode = d.child('currentMemory');
+    const currentMemoryKiB = curNode ? memoryKiB(curNode, 'currentMemory') : memoryKiBValue;
+    if (currentMemoryKiB > memoryKiBValue) throw fail('invalid_value', curNode!.path, 'currentMemory must not exceed memory');
+    return { memoryKiB: memoryKiBValue, currentMemoryKiB };
+  });
 
-  const vcpuNode = d.requireChild('vcpu').expect({ attrs: ['placement', 'current'], text: true });
-  vcpuNode.enumAttr('placement', ['static'] as const);
-  const vcpus = Number(vcpuNode.requireText());
-  if (!/^[0-9]+$/.test(vcpuNode.text()) || vcpus < 1 || vcpus > MAX_VCPUS) {
-    throw fail('invalid_value', vcpuNode.path, `vcpu must be an integer in 1..${MAX_VCPUS}`);
-  }
-  const vcpusCurrent = vcpuNode.intAttr('current', 1, vcpus) ?? vcpus;
+  const vcpu = part(() => {
+    const vcpuNode = d.requireChild('vcpu').expect({ attrs: ['placement', 'current'], text: true });
+    vcpuNode.enumAttr('placement', ['static'] as const);
+    const vcpus = Number(vcpuNode.requireText());
+    if (!/^[0-9]+$/.test(vcpuNode.text()) || vcpus < 1 || vcpus > MAX_VCPUS) {
+      throw fail('invalid_value', vcpuNode.path, `vcpu must be an integer in 1..${MAX_VCPUS}`);
+    }
+    return { vcpus, vcpusCurrent: vcpuNode.intAttr('current', 1, vcpus) ?? vcpus };
+  });
 
-  const osNode = d.requireChild('os');
-  const { os, machine } = parseOs(osNode);
-  const family = machineFamily(machine, `${osNode.path}/type/@machine`);
+  const osNode = part(() => d.requireChild('os'));
+  const osPart = osNode && part(() => parseOs(osNode));
+  const family = osPart && part(() => machineFamily(osPart.machine, `${osNode!.path}/type/@machine`));
   const cpuNode = d.child('cpu');
-  const cpu = cpuNode ? parseCpu(cpuNode, vcpus) : undefined;
+  const cpu = cpuNode && vcpu && part(() => parseCpu(cpuNode, vcpu.vcpus));
+  const features = part(() => parseFeatures(d.child('features')));
+  const clock = part(() => parseClock(d.child('clock')));
+  const lifecycle = part(() => parseLifecycle(d));
 
+  const devices: DeviceLists = { disks: [], controllers: [], interfaces: [], serials: [], consoles: [], channels: [], graphics: [], videos: [], inputs: [], rngs: [] };
   const devicesNode = d.child('devices');
-  const raw: RawDomain = {
-    type, name, uuid,
+  // Devices are walked for their blockers even when the machine type is unknown (as i440fx then).
+  const extras = devicesNode ? parseDevices(devicesNode, devices, family ?? 'i440fx', nodes, opts) : {};
+  // Every part is there unless one failed (each failure is a blocker).
+  if (blockers.any) return undefined;
+  return {
+    type: type!, name: name!, uuid: uuid!,
     ...(title !== undefined ? { title } : {}),
     ...(description !== undefined ? { description } : {}),
     ...(metadata !== undefined ? { metadata } : {}),
-    memoryKiB: memoryKiBValue, currentMemoryKiB, vcpus, vcpusCurrent,
-    machine, machineFamily: family, os,
+    ...memory!, ...vcpu!,
+    machine: osPart!.machine, machineFamily: family!, os: osPart!.os,
     ...(cpu ? { cpu } : {}),
-    features: parseFeatures(d.child('features')),
-    clock: parseClock(d.child('clock')),
-    ...parseLifecycle(d),
-    disks: [], controllers: [], interfaces: [], serials: [], consoles: [], channels: [],
-    graphics: [], videos: [], inputs: [], rngs: [],
+    features: features!,
+    clock: clock!,
+    ...lifecycle!,
+    ...devices,
+    ...extras,
   };
-  if (devicesNode) parseDevices(devicesNode, raw, nodes, opts);
-  return raw;
 }
 
 function parseOs(n: Node): { os: OsDef; machine: string } {
@@ -361,39 +389,52 @@ function parseLifecycle(d: Node): Pick<RawDomain, 'onPoweroff' | 'onReboot' | 'o
 const DEVICE_KINDS = ['emulator', 'disk', 'controller', 'interface', 'serial', 'console', 'channel', 'graphics',
   'video', 'input', 'memballoon', 'rng'];
 
-function parseDevices(n: Node, raw: RawDomain, nodes: Map<string, XElement>, opts: ParseOptions): void {
-  n.expect({ children: DEVICE_KINDS, indexAll: { except: ['emulator'] } });
+type DeviceLists = Pick<RawDomain, 'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'graphics' | 'videos' | 'inputs' | 'rngs'>;
+
+/** Each device on its own (see parseDomain); the devices that occur once are answered apart. */
+function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: Map<string, XElement>, opts: ParseOptions): Pick<RawDomain, 'emulator' | 'memballoon'> {
+  // Unknown device kinds are refused in the loop, so the blockers keep document order.
+  const present = [...new Set(n.elements().map((dev) => dev.name))];
+  n.expect({ children: present, indexAll: { except: ['emulator'] } });
+  const once: Pick<RawDomain, 'emulator' | 'memballoon'> = {};
   for (const dev of n.elements()) {
-    if (dev.name !== 'emulator') nodes.set(dev.path, dev.el);
-    switch (dev.name) {
-      case 'emulator': {
-        const path = hostPath(dev.expect({ text: true }).requireText(), dev.path);
-        if (!EMULATORS.includes(path.slice(path.lastIndexOf('/') + 1))) {
-          throw fail('unsupported_value', dev.path, `emulator must be one of ${EMULATORS.join(', ')}`);
-        }
-        raw.emulator = path;
-        break;
-      }
-      case 'disk': raw.disks.push(parseDisk(dev)); break;
-      case 'controller': raw.controllers.push(parseController(dev, raw.machineFamily)); break;
-      case 'interface': raw.interfaces.push(parseInterface(dev, opts.allowMissingIds)); break;
-      case 'serial': raw.serials.push(parseSerial(dev)); break;
-      case 'console': raw.consoles.push(parseConsole(dev)); break;
-      case 'channel': raw.channels.push(parseChannel(dev)); break;
-      case 'graphics': raw.graphics.push(parseGraphics(dev)); break;
-      case 'video': raw.videos.push(parseVideo(dev)); break;
-      case 'input': raw.inputs.push(parseInput(dev)); break;
-      case 'memballoon': {
-        if (raw.memballoon) throw fail('duplicate_element', dev.path, 'only one <memballoon> is allowed');
-        raw.memballoon = parseMemballoon(dev);
-        break;
-      }
-      case 'rng': raw.rngs.push(parseRng(dev)); break;
+    if (!DEVICE_KINDS.includes(dev.name)) {
+      n.blockers!.add(fail('unsupported_element', dev.path, `element <${dev.name}> is not supported here`));
+      continue;
     }
+    if (dev.name !== 'emulator') nodes.set(dev.path, dev.el);
+    n.blockers!.attempt(() => {
+      switch (dev.name) {
+        case 'emulator': {
+          const path = hostPath(dev.expect({ text: true }).requireText(), dev.path);
+          if (!EMULATORS.includes(path.slice(path.lastIndexOf('/') + 1))) {
+            throw fail('unsupported_value', dev.path, `emulator must be one of ${EMULATORS.join(', ')}`);
+          }
+          once.emulator = path;
+          break;
+        }
+        case 'disk': raw.disks.push(parseDisk(dev)); break;
+        case 'controller': raw.controllers.push(parseController(dev, family)); break;
+        case 'interface': raw.interfaces.push(parseInterface(dev, opts.allowMissingIds)); break;
+        case 'serial': raw.serials.push(parseSerial(dev)); break;
+        case 'console': raw.consoles.push(parseConsole(dev)); break;
+        case 'channel': raw.channels.push(parseChannel(dev)); break;
+        case 'graphics': raw.graphics.push(parseGraphics(dev)); break;
+        case 'video': raw.videos.push(parseVideo(dev)); break;
+        case 'input': raw.inputs.push(parseInput(dev)); break;
+        case 'memballoon': {
+          if (once.memballoon) throw fail('duplicate_element', dev.path, 'only one <memballoon> is allowed');
+          once.memballoon = parseMemballoon(dev);
+          break;
+        }
+        case 'rng': raw.rngs.push(parseRng(dev)); break;
+      }
+    });
   }
   for (const [list, what] of [[raw.graphics, 'graphics'], [raw.videos, 'video']] as const) {
-    if (list.length > 1) throw fail('duplicate_element', `${n.path}/${what}[2]`, `only one <${what}> is supported`);
+    if (list.length > 1) n.blockers!.add(fail('duplicate_element', `${n.path}/${what}[2]`, `only one <${what}> is supported`));
   }
+  return once;
 }
 
 type AddressKind = 'pci' | 'drive' | 'usb' | 'virtio-serial';

@@ -7,6 +7,38 @@ import { childElements, type XElement } from './xml.js';
 
 export const fail = (code: string, element: string, message: string) => new DomainXmlError(code, element, message);
 
+/**
+ * Gathers the blockers of one document: a part that fails is recorded and the walk goes on with
+ * the next, so one answer names everything a user must change (a virt-install XML has many).
+ */
+export class Blockers {
+  private readonly found: DomainXmlError[] = [];
+
+  add(err: DomainXmlError): void {
+    this.found.push(err);
+  }
+
+  /** Runs one independent part; on a refusal, records it and answers undefined. */
+  attempt<T>(part: () => T): T | undefined {
+    try {
+      return part();
+    } catch (err) {
+      if (!(err instanceof DomainXmlError)) throw err;
+      this.add(err);
+      return undefined;
+    }
+  }
+
+  get any(): boolean {
+    return this.found.length > 0;
+  }
+
+  /** Throws every blocker recorded, in document order, as one error. */
+  throwIfAny(): void {
+    if (this.found.length > 0) throw DomainXmlError.of(this.found.flatMap((e) => e.errors));
+  }
+}
+
 /** Namespace declarations are inert; they are allowed wherever attributes are checked. */
 const isNamespaceDecl = (name: string) => name === 'xmlns' || name.startsWith('xmlns:');
 
@@ -21,7 +53,13 @@ export interface Shape {
 }
 
 export class Node {
-  constructor(readonly el: XElement, readonly path: string, private shape: Shape = {}) {}
+  /** With `blockers`, what `expect` refuses is recorded there and the walk goes on. */
+  constructor(readonly el: XElement, readonly path: string, private shape: Shape = {}, readonly blockers?: Blockers) {}
+
+  private refuse(err: DomainXmlError): void {
+    if (!this.blockers) throw err;
+    this.blockers.add(err);
+  }
 
   get name(): string {
     return this.el.name;
@@ -37,14 +75,15 @@ export class Node {
     const attrs = shape.attrs ?? [];
     for (const name of this.el.attrs.keys()) {
       if (!attrs.includes(name) && !isNamespaceDecl(name)) {
-        throw fail('unsupported_attribute', this.attrPath(name), `attribute '${name}' of <${this.name}> is not supported`);
+        this.refuse(fail('unsupported_attribute', this.attrPath(name), `attribute '${name}' of <${this.name}> is not supported`));
       }
     }
     const known = shape.children ?? [];
     const counts = new Map<string, number>();
     for (const child of this.el.children) {
       if (child.kind === 'text' && !shape.text) {
-        throw fail('invalid_value', this.path, `<${this.name}> must not contain text`);
+        this.refuse(fail('invalid_value', this.path, `<${this.name}> must not contain text`));
+        continue;
       }
       if (child.kind !== 'element') continue;
       const n = (counts.get(child.name) ?? 0) + 1;
@@ -52,12 +91,12 @@ export class Node {
       const path = this.childPath(child.name, n);
       if (!known.includes(child.name)) {
         if (child.name === 'qemu:commandline' || child.name.endsWith(':commandline')) {
-          throw fail('unsupported_element', path, 'raw qemu command-line passthrough is not allowed');
+          this.refuse(fail('unsupported_element', path, 'raw qemu command-line passthrough is not allowed'));
+        } else {
+          this.refuse(fail('unsupported_element', path, `element <${child.name}> is not supported here`));
         }
-        throw fail('unsupported_element', path, `element <${child.name}> is not supported here`);
-      }
-      if (n > 1 && !this.isRepeated(child.name)) {
-        throw fail('duplicate_element', `${this.path}/${child.name}[${n}]`, `element <${child.name}> may appear only once`);
+      } else if (n > 1 && !this.isRepeated(child.name)) {
+        this.refuse(fail('duplicate_element', `${this.path}/${child.name}[${n}]`, `element <${child.name}> may appear only once`));
       }
     }
     return this;
@@ -74,7 +113,7 @@ export class Node {
 
   child(name: string): Node | undefined {
     const [el] = childElements(this.el, name);
-    return el ? new Node(el, this.childPath(name, 1)) : undefined;
+    return el ? new Node(el, this.childPath(name, 1), {}, this.blockers) : undefined;
   }
 
   requireChild(name: string): Node {
@@ -84,7 +123,7 @@ export class Node {
   }
 
   children(name: string): Node[] {
-    return childElements(this.el, name).map((el, i) => new Node(el, this.childPath(name, i + 1)));
+    return childElements(this.el, name).map((el, i) => new Node(el, this.childPath(name, i + 1), {}, this.blockers));
   }
 
   /** All element children in document order (for `<devices>`). */
@@ -93,7 +132,7 @@ export class Node {
     return childElements(this.el).map((el) => {
       const n = (counts.get(el.name) ?? 0) + 1;
       counts.set(el.name, n);
-      return new Node(el, this.childPath(el.name, n));
+      return new Node(el, this.childPath(el.name, n), {}, this.blockers);
     });
   }
 

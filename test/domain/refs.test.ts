@@ -13,8 +13,8 @@ t.test('the minimal test guest', async (t) => {
 
 t.test('kernel, initrd and disks', async (t) => {
   t.same(refsOf('kernel-boot'), [
-    { kind: 'kernel', path: '/var/lib/x/vmlinuz', element: '/domain/os/kernel', mustExist: true, writes: false },
-    { kind: 'initrd', path: '/var/lib/x/initrd.img', element: '/domain/os/initrd', mustExist: true, writes: false },
+    { kind: 'kernel', path: '/var/lib/x/vmlinuz', element: '/domain/os/kernel', mustExist: true, writes: false, passable: true },
+    { kind: 'initrd', path: '/var/lib/x/initrd.img', element: '/domain/os/initrd', mustExist: true, writes: false, passable: true },
     { kind: 'disk', path: '/var/lib/x/root.img', element: '/domain/devices/disk[1]/source/@file', mustExist: true, format: 'raw', writes: true, passable: true },
     { kind: 'serial', path: '/var/lib/x/kboot-serial.log', element: '/domain/devices/serial[1]/source/@path', mustExist: false, writes: true, passable: true },
   ]);

@@ -358,6 +358,25 @@ const cases: Case[] = [
   ['rng rate without bytes', d({ devices: "<rng model='virtio'><backend model='random'>/dev/urandom</backend><rate period='1000'/></rng>" }), 'missing_attribute', '/domain/devices/rng[1]/rate/@bytes'],
 ];
 
+t.test('one answer lists every blocker, in document order, each once', async (t) => {
+  const xml = d({
+    attrs: "type='kvm' id='7'",
+    body: "<pm><suspend-to-mem enabled='no'/></pm><clock offset='variable'/>",
+    devices: `${VDA}<watchdog model='itco' action='reset'/>${disk('<bogus/>' + SRC + "<target dev='vdb'/>")}<audio id='1' type='none'/>`,
+  });
+  const err = refusal(() => parseDomainXml(xml));
+  t.same(err.errors.map((e) => [e.code, e.element]), [
+    ['unsupported_attribute', '/domain/@id'],
+    ['unsupported_element', '/domain/pm'],
+    ['unsupported_value', '/domain/clock/@offset'],
+    ['unsupported_element', '/domain/devices/watchdog[1]'],
+    ['unsupported_element', '/domain/devices/disk[2]/bogus'],
+    ['unsupported_element', '/domain/devices/audio[1]'],
+  ]);
+  t.equal(err.code, 'unsupported_attribute', 'the first mirrored at the top');
+  t.match(err.message, /\(and 5 more: see errors\)$/);
+});
+
 t.test('the base domain is valid', async (t) => {
   t.ok(parseDomainXml(d({ devices: VDA + NIC(mac(1)) })));
 });
@@ -368,7 +387,8 @@ for (const [what, xml, code, element] of cases) {
     t.ok(err instanceof DomainXmlError);
     t.equal(err.statusCode, 400);
     t.match(err, { code, element }, err.message);
-    t.same(err.details, { element });
+    t.equal(err.details.element, element);
+    t.match(err.errors[0], { code, element }, 'the first blocker heads errors');
     t.ok(err.message.length > 0);
   });
 }
