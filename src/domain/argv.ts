@@ -16,8 +16,10 @@ import type {
   HostSettings,
   ImageChain,
   PciAddress,
+  PciModel,
 } from './model.js';
 import { kibRoundUpToMiB } from './units.js';
+import { PCI_DRIVERS, pciBusId } from './pci.js';
 
 /** qemu's option syntax: a comma inside a value is written twice. */
 export const escapeOptionValue = (s: string) => s.replace(/,/g, ',,');
@@ -27,9 +29,8 @@ export const effectiveAccel = (def: DomainDef, hostAccel: Accel): Accel => (def.
 
 export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions = {}): string[] {
   const accel = effectiveAccel(def, host.accel);
-  const rootBus = def.machineFamily === 'q35' ? 'pcie.0' : 'pci.0';
   const pci = (a: PciAddress) =>
-    `bus=${rootBus},addr=0x${a.slot.toString(16)}${a.function ? `.0x${a.function.toString(16)}` : ''}${a.multifunction ? ',multifunction=on' : ''}`;
+    `bus=${pciBusId(def.machineFamily, a.bus)},addr=0x${a.slot.toString(16)}${a.function ? `.0x${a.function.toString(16)}` : ''}${a.multifunction ? ',multifunction=on' : ''}`;
   const argv: string[] = [];
   const add = (...args: string[]) => argv.push(...args);
   const fileArg = host.fileArg ?? ((p: string) => p);
@@ -63,7 +64,7 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
   if (def.os.cmdline !== undefined) add('-append', def.os.cmdline);
 
   for (const c of def.controllers) {
-    if (!c.builtin) add('-device', `${controllerDriver(c)},id=${c.id},${pci(c.address!)}`);
+    if (!c.builtin) add('-device', `${controllerDriver(c)}${controllerProperties(c)},id=${c.id},${pci(c.address!)}`);
   }
   for (const d of def.disks) {
     if (d.source !== undefined) add(...blockdevArgs(d, fileArg, host.imageChain?.(d.source)));
@@ -156,8 +157,16 @@ function controllerDriver(c: ControllerDef): string {
     case 'usb': return { 'piix3-uhci': 'piix3-usb-uhci', 'qemu-xhci': 'qemu-xhci', 'nec-xhci': 'nec-usb-xhci' }[c.model as string]!;
     case 'sata': return 'ahci';
     case 'scsi': return 'virtio-scsi-pci';
+    case 'pci': return PCI_DRIVERS[c.model as PciModel]!;
     default: return 'virtio-serial-pci';
   }
+}
+
+/** Properties that come before the id, as libvirt orders them. */
+function controllerProperties(c: ControllerDef): string {
+  if (c.model === 'pcie-root-port') return `,port=0x${c.port!.toString(16)},chassis=${c.chassis}`;
+  if (c.model === 'pci-bridge') return `,chassis_nr=${c.chassisNr}`;
+  return '';
 }
 
 const bootindex = (i: number | undefined) => (i === undefined ? '' : `,bootindex=${i}`);

@@ -13,7 +13,6 @@ import type {
   ConsoleDef,
   ControllerDef,
   ControllerType,
-  DeviceAddress,
   DiskDef,
   DomainDef,
   DriveAddress,
@@ -29,9 +28,10 @@ import type {
   VirtioSerialAddress,
 } from './model.js';
 import { fail } from './walk.js';
+import { checkPciControllers, pciAddr, pciBusId, placePci, type PciConnect, type PciPlacement, type PciUser } from './pci.js';
 
 export type RawDisk = Omit<DiskDef, 'address' | 'id' | 'bootIndex'> & { address?: PciAddress | DriveAddress };
-export interface RawController {
+export interface RawController extends Pick<ControllerDef, 'chassis' | 'port' | 'chassisNr'> {
   element: string;
   type: ControllerType;
   index?: number;
@@ -121,15 +121,26 @@ export function completeDomain(raw: RawDomain): DomainDef {
   const memballoon: MemballoonDef | undefined = rawBalloon && { ...rawBalloon, id: 'balloon0' };
   const rngs = rawRngs.map((r, i): RngDef => ({ ...r, address: r.address!, id: `rng${i}`, objectId: `objrng${i}` }));
 
-  assignPciSlots(family, [
-    ...videos.filter((v) => v.model !== 'none'),
-    ...controllers.filter((c) => !c.builtin),
-    ...interfaces,
-    ...disks.filter((d) => d.bus === 'virtio'),
-    ...inputs.filter((i) => i.bus === 'virtio'),
-    ...(memballoon && memballoon.model === 'virtio' ? [memballoon] : []),
-    ...rngs,
-  ], controllers);
+  if (!controllers.some((c) => c.type === 'pci' && c.index === 0)) {
+    controllers.unshift(controllerDef({ type: 'pci', index: 0, model: family === 'q35' ? 'pcie-root' : 'pci-root' }, family));
+  }
+  checkPciControllers(controllers, family);
+  const primaryVideo = videos.find((v) => v.model !== 'none');
+  if (primaryVideo) (primaryVideo as PciUser).primaryVideo = true;
+  const ordered: PciPlacement[] = [
+    // libvirt's order of assignment: network, other controllers, virtio disks, balloon, rng, video, inputs.
+    ...interfaces.map((n) => ({ user: n, connect: (n.model === 'virtio' ? 'pcie' : 'pci') as PciConnect })),
+    ...controllers.filter((c) => !c.builtin && c.type !== 'pci').map((c) => ({ user: c, connect: controllerConnect(c) })),
+    ...disks.filter((d) => d.bus === 'virtio').map((d) => ({ user: d, connect: 'pcie' as const })),
+    ...(memballoon && memballoon.model === 'virtio' ? [{ user: memballoon, connect: 'pcie' as const }] : []),
+    ...rngs.map((r) => ({ user: r, connect: 'pcie' as const })),
+    ...(primaryVideo ? [{ user: primaryVideo, connect: (primaryVideo.model === 'virtio' ? 'pcie' : 'pci') as PciConnect }] : []),
+    ...inputs.filter((i) => i.bus === 'virtio').map((i) => ({ user: i, connect: 'pcie' as const })),
+  ];
+  placePci(family, controllers, ordered, chipsetFunctions(family, ordered, controllers));
+  if (primaryVideo) delete (primaryVideo as PciUser).primaryVideo;
+  // PCI controllers first, in index order (a bus is made before what plugs into it), then the rest as given.
+  controllers.sort((a, b) => (a.type === 'pci' ? 0 : 1) - (b.type === 'pci' ? 0 : 1) || (a.type === 'pci' && b.type === 'pci' ? a.index - b.index : 0));
 
   return { ...base, disks, controllers, interfaces, serials, consoles, channels, videos, inputs, ...(memballoon ? { memballoon } : {}), rngs };
 }
@@ -151,9 +162,8 @@ function controllerDef(c: Omit<RawController, 'element' | 'index'> & { element?:
   };
   switch (c.type) {
     case 'pci':
-      onlyIndex0();
-      def.builtin = true;
-      def.id = family === 'q35' ? 'pcie.0' : 'pci.0';
+      def.builtin = c.index === 0;
+      def.id = pciBusId(family, c.index);
       break;
     case 'ide':
       if (family === 'q35') throw fail('unsupported_value', `${at}/@type`, "q35 machines have no IDE controller; use bus='sata'");
@@ -197,7 +207,8 @@ function completeControllers(raw: RawController[], family: MachineFamily): Contr
   return raw.map((c) => {
     let index = c.index;
     if (index === undefined) {
-      index = 0;
+      // A bare root port or bridge never takes index 0: that is the root's, implicit or not.
+      index = c.type === 'pci' && c.model !== 'pci-root' && c.model !== 'pcie-root' ? 1 : 0;
       while (taken.has(`${c.type}:${index}`)) index++;
       taken.add(`${c.type}:${index}`);
     }
@@ -385,70 +396,26 @@ function completeInputs(raw: Omit<InputDef, 'id'>[], controllers: ControllerDef[
   return inputs;
 }
 
-interface PciUser {
-  element?: string;
-  address?: DeviceAddress;
-}
-
-function pciAddr(slot: number, fn = 0): PciAddress {
-  return { type: 'pci', domain: 0, bus: 0, slot, function: fn, multifunction: false };
+function controllerConnect(c: ControllerDef): PciConnect {
+  if (c.type === 'usb') return c.model === 'piix3-uhci' ? 'pci' : 'pcie';
+  if (c.type === 'sata') return 'pci';
+  return 'pcie';
 }
 
 /**
- * Slots: 0 is the host bridge; on i440fx slot 1 is the PIIX3 (ISA, IDE, USB at 1.2, ACPI),
- * on q35 slot 31 is the ICH9 (LPC, SATA, SMBus). The primary video goes to slot 2 (i440fx)
- * or 1 (q35) as libvirt places it; everything else takes the next free slot in list order.
+ * The chipset's functions on bus 0: 1.0/1.1/1.3 (PIIX3: ISA, IDE, ACPI; its UHCI sits at 1.2)
+ * or 1f.0/1f.2/1f.3 (ICH9: LPC, SATA, SMBus). No other device may take the chipset's slot.
  */
-function assignPciSlots(family: MachineFamily, users: PciUser[], controllers: ControllerDef[]): void {
-  const used = new Map<number, Map<number, string>>();
-  const take = (slot: number, fn: number, by: string) => {
-    if (!used.has(slot)) used.set(slot, new Map());
-    used.get(slot)!.set(fn, by);
-  };
-  take(0, 0, 'the host bridge');
-  if (family === 'i440fx') for (const fn of [0, 1, 3]) take(1, fn, 'the PIIX3 chipset');
-  else for (const fn of [0, 2, 3]) take(0x1f, fn, 'the ICH9 chipset');
-
+function chipsetFunctions(family: MachineFamily, ordered: PciPlacement[], controllers: ControllerDef[]): Array<{ address: PciAddress; by: string }> {
+  const slot = family === 'i440fx' ? 1 : 0x1f;
   const uhci = controllers.find((c) => c.type === 'usb' && c.model === 'piix3-uhci');
   if (family === 'i440fx' && uhci && !uhci.address) uhci.address = pciAddr(1, 2);
-
-  const explicit = users.filter((u) => u.address);
-  for (const u of explicit) {
-    const a = u.address as PciAddress;
-    const at = `${u.element ?? DEVICES}/address`;
-    const holder = used.get(a.slot)?.get(a.function);
-    if (holder !== undefined) throw fail('invalid_value', at, `PCI slot ${a.slot} function ${a.function} is already used by ${holder}`);
-    const chipsetSlot = family === 'i440fx' ? 1 : 0x1f;
-    if (a.slot === chipsetSlot && !(u === uhci && a.slot === 1 && a.function === 2)) {
-      throw fail('invalid_value', at, `PCI slot ${a.slot} belongs to the chipset`);
-    }
-    take(a.slot, a.function, u.element ?? 'an implicit device');
-  }
-  // qemu only shows functions 1-7 of a slot whose function 0 is a multifunction device.
-  for (const u of explicit) {
-    const a = u.address as PciAddress;
-    if (a.function === 0 || u === uhci) continue;
-    const f0 = explicit.find((x) => (x.address as PciAddress).slot === a.slot && (x.address as PciAddress).function === 0);
-    if (!f0 || !(f0.address as PciAddress).multifunction) {
-      throw fail('invalid_value', `${u.element ?? DEVICES}/address`, `slot ${a.slot} needs a device at function 0 with multifunction='on'`);
+  for (const p of ordered) {
+    const a = p.user.address as PciAddress | undefined;
+    if (a && a.bus === 0 && a.slot === slot && !(p.user === uhci && a.function === 2)) {
+      throw fail('invalid_value', `${p.user.element ?? DEVICES}/address`, `PCI slot ${slot} belongs to the chipset`);
     }
   }
-  let next = 1;
-  const free = (slot: number) => !used.has(slot);
-  for (const u of users) {
-    if (u.address) continue;
-    const preferred = isVideo(u) ? (family === 'i440fx' ? 2 : 1) : undefined;
-    let slot: number | undefined = preferred !== undefined && free(preferred) ? preferred : undefined;
-    while (slot === undefined && next <= 31) {
-      if (free(next)) slot = next;
-      next++;
-    }
-    if (slot === undefined) throw fail('unsupported_value', u.element ?? DEVICES, 'no free PCI slot is left on the root bus');
-    u.address = pciAddr(slot);
-    take(slot, 0, u.element ?? 'an implicit device');
-  }
-}
-
-function isVideo(u: PciUser): u is VideoDef {
-  return (u as VideoDef).id === 'video0';
+  const by = family === 'i440fx' ? 'the PIIX3 chipset' : 'the ICH9 chipset';
+  return (family === 'i440fx' ? [0, 1, 3] : [0, 2, 3]).map((fn) => ({ address: pciAddr(slot, fn), by }));
 }

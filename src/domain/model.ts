@@ -104,12 +104,20 @@ export interface DiskDef {
 }
 
 export type ControllerType = 'usb' | 'ide' | 'sata' | 'scsi' | 'virtio-serial' | 'pci';
+/** PCI controllers: the root of each chipset, root ports and bridges (each of index N provides bus N). */
+export type PciModel = 'pci-root' | 'pcie-root' | 'pcie-root-port' | 'pcie-to-pci-bridge' | 'dmi-to-pci-bridge' | 'pci-bridge';
+
 export interface ControllerDef {
   /** Absent for a controller that was added implicitly (a device needed it). */
   element?: string;
   type: ControllerType;
   index: number;
-  model?: 'none' | 'piix3-uhci' | 'qemu-xhci' | 'nec-xhci' | 'virtio-scsi' | 'pci-root' | 'pcie-root';
+  model?: 'none' | 'piix3-uhci' | 'qemu-xhci' | 'nec-xhci' | 'virtio-scsi' | PciModel;
+  /** pcie-root-port: its chassis and port numbers (libvirt: the index, and slot << 3 | function). */
+  chassis?: number;
+  port?: number;
+  /** pci-bridge: its chassis_nr (libvirt: the index). */
+  chassisNr?: number;
   /** Provided by the machine type itself: nothing on the command line. */
   builtin: boolean;
   address?: PciAddress;

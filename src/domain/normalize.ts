@@ -5,7 +5,8 @@
  * The stored XML then pins the machine: a destination with a newer qemu, or a newer version of
  * this code, rebuilds the same guest. Normalizing the result again changes nothing.
  */
-import type { DeviceAddress, DomainDef, NormalizeHost } from './model.js';
+import type { DeviceAddress, DomainDef, NormalizeHost, PciModel } from './model.js';
+import { PCI_DRIVERS } from './pci.js';
 import { machineFamily, parseInternal } from './parse.js';
 import { fail } from './walk.js';
 import { childElements, element, serializeXmlTree, type XElement } from './xml.js';
@@ -89,18 +90,30 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
     if (!target.attrs.has('bus')) target.attrs.set('bus', d.bus);
     addAddress(d.element, d.address);
   }
-  const devices = childEl(root, 'devices');
+  let devices = childEl(root, 'devices');
+  if (!devices) {
+    devices = element('devices');
+    root.children.push(devices);
+  }
   for (const c of def.controllers) {
+    let el: XElement;
     if (c.element === undefined) {
       const attrs: [string, string][] = [['type', c.type], ['index', String(c.index)]];
       if (c.model) attrs.push(['model', c.model]);
-      devices!.children.push(element('controller', attrs, c.address ? [addressElement(c.address)] : []));
-      continue;
+      el = element('controller', attrs);
+      devices.children.push(el);
+    } else {
+      el = node(c.element);
+      if (!el.attrs.has('index')) el.attrs.set('index', String(c.index));
+      if (c.model && !el.attrs.has('model')) el.attrs.set('model', c.model);
     }
-    const el = node(c.element);
-    if (!el.attrs.has('index')) el.attrs.set('index', String(c.index));
-    if (c.model && !el.attrs.has('model')) el.attrs.set('model', c.model);
-    addAddress(c.element, c.address);
+    // libvirt's normalized form of a root port or bridge: the qemu model and its numbers.
+    const driver = c.type === 'pci' ? PCI_DRIVERS[c.model as PciModel] : undefined;
+    if (driver && !childEl(el, 'model')) el.children.push(element('model', [['name', driver]]));
+    const target: [string, string][] = c.model === 'pcie-root-port' ? [['chassis', String(c.chassis)], ['port', hex(c.port!, 1)]]
+      : c.model === 'pci-bridge' ? [['chassisNr', String(c.chassisNr)]] : [];
+    if (target.length > 0 && !childEl(el, 'target')) el.children.push(element('target', target));
+    if (c.address && !childEl(el, 'address')) el.children.push(addressElement(c.address));
   }
   for (const s of def.serials) {
     if (s.origin !== 'serial') continue;
@@ -119,7 +132,7 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
       continue;
     }
     const model = element('model', [['type', v.model], ['vram', String(v.vramKiB)], ['heads', '1'], ['primary', 'yes']]);
-    devices!.children.push(element('video', [], [model, addressElement(v.address!)]));
+    devices.children.push(element('video', [], [model, addressElement(v.address!)]));
   }
   for (const i of def.inputs) addAddress(i.element, i.address);
   addAddress(def.memballoon?.element, def.memballoon?.address);

@@ -30,6 +30,7 @@ import type {
   MemballoonDef,
   OsDef,
   PciAddress,
+  PciModel,
   RngDef,
   UsbAddress,
   VideoDef,
@@ -37,6 +38,7 @@ import type {
 } from './model.js';
 import { bytesToKiBCeil, scaledToBytes } from './units.js';
 import { Blockers, fail, Node } from './walk.js';
+import { PCI_DRIVERS } from './pci.js';
 import { parseXmlTree, serializeChildren, type XElement } from './xml.js';
 
 const MIN_MEMORY_KIB = 16 * 1024;
@@ -454,8 +456,8 @@ function parseAddress<K extends AddressKind>(dev: Node, kinds: readonly K[]): Ad
       addr = {
         type: 'pci',
         domain: a.intAttr('domain', 0, 0) ?? 0,
-        bus: a.intAttr('bus', 0, 0) ?? 0,
-        slot: a.intAttr('slot', 1, 31)!,
+        bus: a.intAttr('bus', 0, 255) ?? 0,
+        slot: a.intAttr('slot', 0, 31)!,
         function: a.intAttr('function', 0, 7) ?? 0,
         multifunction: a.boolAttr('multifunction', 'on', 'off') ?? false,
       };
@@ -563,9 +565,9 @@ function parseDisk(dev: Node): RawDisk {
 
 function parseController(dev: Node, family: MachineFamily): RawController {
   const type = dev.requireEnumAttr('type', ['usb', 'ide', 'sata', 'scsi', 'virtio-serial', 'pci'] as const);
-  dev.expect({ attrs: ['type', 'index', 'model'], children: ['address'] });
+  dev.expect({ attrs: ['type', 'index', 'model'], children: type === 'pci' ? ['model', 'target', 'address'] : ['address'] });
   const c: RawController = { element: dev.path, type };
-  const index = dev.intAttr('index', 0, 31);
+  const index = dev.intAttr('index', 0, type === 'pci' ? 255 : 31);
   if (index !== undefined) c.index = index;
   switch (type) {
     case 'usb': {
@@ -578,19 +580,49 @@ function parseController(dev: Node, family: MachineFamily): RawController {
       if (m) c.model = m;
       break;
     }
-    case 'pci': {
-      const root = family === 'q35' ? 'pcie-root' : 'pci-root';
-      c.model = dev.requireEnumAttr('model', [root] as const);
+    case 'pci':
+      Object.assign(c, parsePciController(dev, family));
       break;
-    }
     default:
       if (dev.attr('model') !== undefined) {
         throw fail('unsupported_attribute', dev.attrPath('model'), `<controller type='${type}'> takes no model`);
       }
   }
-  const address = parseAddress(dev, type === 'pci' || (type === 'usb' && c.model === 'none') ? [] : ['pci'] as const);
+  const rootOrNone = (type === 'pci' && (c.model === 'pci-root' || c.model === 'pcie-root')) || (type === 'usb' && c.model === 'none');
+  const address = parseAddress(dev, rootOrNone ? [] : ['pci'] as const);
   if (address) c.address = address;
   return c;
+}
+
+const PCI_MODELS: Record<MachineFamily, readonly PciModel[]> = {
+  i440fx: ['pci-root', 'pci-bridge'],
+  q35: ['pcie-root', 'pcie-root-port', 'pcie-to-pci-bridge', 'dmi-to-pci-bridge', 'pci-bridge'],
+};
+/** `<controller type='pci'>` in the forms virt-install writes (bare) and libvirt normalizes to (model name, target). */
+function parsePciController(dev: Node, family: MachineFamily): Pick<RawController, 'model' | 'chassis' | 'port' | 'chassisNr'> {
+  const model = dev.requireEnumAttr('model', PCI_MODELS[family]);
+  const out: Pick<RawController, 'model' | 'chassis' | 'port' | 'chassisNr'> = { model };
+  const name = dev.child('model')?.expect({ attrs: ['name'] }).requireAttr('name');
+  if (name !== undefined && name !== PCI_DRIVERS[model]) {
+    throw fail('unsupported_value', `${dev.path}/model/@name`, `a ${model} is qemu's ${PCI_DRIVERS[model] ?? 'builtin root'} here, not ${name}`);
+  }
+  const target = dev.child('target');
+  if (target) {
+    if (model === 'pcie-root-port') {
+      target.expect({ attrs: ['chassis', 'port'] });
+      const chassis = target.intAttr('chassis', 0, 255);
+      const port = target.intAttr('port', 0, 255);
+      if (chassis !== undefined) out.chassis = chassis;
+      if (port !== undefined) out.port = port;
+    } else if (model === 'pci-bridge') {
+      target.expect({ attrs: ['chassisNr'] });
+      const chassisNr = target.intAttr('chassisNr', 1, 255);
+      if (chassisNr !== undefined) out.chassisNr = chassisNr;
+    } else {
+      target.expect({});
+    }
+  }
+  return out;
 }
 
 function parseInterface(dev: Node, allowMissingIds: boolean): RawInterface {

@@ -148,6 +148,32 @@ t.test('a qcow2 chain the agent opened: a node pair per layer, bottom-up, the la
   t.notOk('backing' in unopened[1]!, 'no chain given (a pure build): qemu follows the header');
 });
 
+t.test('PCI topology: devices on any bus, the root ports and bridges libvirt would add', async (t) => {
+  const q35 = (devices: string) => normalizeDomainXml(domainXml({ os: "<os><type arch='x86_64' machine='q35'>hvm</type></os>", devices }), countingHost()).def;
+  const devs = (def: ReturnType<typeof q35>) => all(buildArgv(def, KVM_HOST), '-device');
+  // No PCI controllers in the XML: one root port per endpoint, plus one spare for hotplug.
+  const bare = devs(q35(VDA + "<memballoon model='virtio'/>"));
+  t.same(bare.filter((d) => d.startsWith('pcie-root-port')), [
+    'pcie-root-port,port=0x8,chassis=1,id=pci.1,bus=pcie.0,addr=0x1,multifunction=on',
+    'pcie-root-port,port=0x9,chassis=2,id=pci.2,bus=pcie.0,addr=0x1.0x1',
+    'pcie-root-port,port=0xa,chassis=3,id=pci.3,bus=pcie.0,addr=0x1.0x2',
+  ]);
+  t.match(bare.find((d) => d.startsWith('virtio-blk-pci')), /bus=pci\.1,addr=0x0,/);
+  t.match(bare.find((d) => d.startsWith('virtio-balloon-pci')), /bus=pci\.2,addr=0x0$/);
+
+  // dmi-to-pci-bridge at 00:1e.0, a pci-bridge behind it with chassis_nr, a legacy NIC placed there by hand.
+  const legacy = devs(q35("<controller type='pci' index='1' model='dmi-to-pci-bridge'/><controller type='pci' index='2' model='pci-bridge'/>" +
+    "<interface type='user'><mac address='52:54:00:00:00:01'/><model type='e1000'/><address type='pci' domain='0x0000' bus='0x02' slot='0x03' function='0x0'/></interface>"));
+  t.ok(legacy.includes('i82801b11-bridge,id=pci.1,bus=pcie.0,addr=0x1e'));
+  t.ok(legacy.includes('pci-bridge,chassis_nr=2,id=pci.2,bus=pci.1,addr=0x0'), 'the pci-bridge on the DMI bridge, from its slot 0');
+  t.match(legacy.find((d) => d.startsWith('e1000')), /,bus=pci\.2,addr=0x3$/);
+
+  // pc: a pci-bridge on pci.0; devices stay on the lowest bus while it has slots.
+  const pc = all(buildArgv(normalizeDomainXml(domainXml({ devices: "<controller type='pci' index='1' model='pci-bridge'/>" + VDA }), countingHost()).def, KVM_HOST), '-device');
+  t.ok(pc.includes('pci-bridge,chassis_nr=1,id=pci.1,bus=pci.0,addr=0x2'));
+  t.match(pc.find((d) => d.startsWith('virtio-blk-pci')), /bus=pci\.0,addr=0x3,/);
+});
+
 t.test('user strings are escaped in option values', async (t) => {
   t.equal(escapeOptionValue('/a,b,,c'), '/a,,b,,,,c');
   const argv = buildArgv(parseDomainXml(domainXml({ devices: "<serial type='unix'><source mode='bind' path='/run/a,b.sock'/><log file='/l/x,y'/></serial>" })),
