@@ -403,6 +403,7 @@ export class DomainManager extends EventEmitter {
         pidfilePath: host.pidfilePath,
         qmpSocketPath: host.qmpSocketPath,
         passFds: files.fds,
+        plainFds: files.plainFds,
         credentials,
       }).catch((err: unknown) => {
         files.close();

@@ -120,7 +120,10 @@ export async function sharedWrittenFile(mine: FileRef[], others: Array<{ domain:
 
 /** Descriptors the agent opened for qemu, and what qemu is told in place of each path. */
 export interface PassedFiles {
+  /** Handed to qemu as fd sets (-add-fd: qemu keeps a duplicate and closes the descriptor itself). */
   fds: number[];
+  /** Handed to qemu after `fds`, kept as they are: qemu reopens them by /proc/self/fd (kernel, initrd). */
+  plainFds: number[];
   /** path as the XML names it -> `/dev/fdset/N` (N = index + 1), or `/proc/self/fd/M` for kernel and initrd */
   args: Map<string, string>;
   /** qcow2 disk path -> the files its header names, as qemu is told them (see ImageChain). */
@@ -155,11 +158,13 @@ export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forb
     args: new Map(),
     chains: new Map(),
     outputs: [],
+    plainFds: [],
     close(keep = []) {
-      for (const fd of this.fds.splice(0)) if (!keep.includes(fd)) fsSync.closeSync(fd);
+      for (const fd of [...this.fds.splice(0), ...this.plainFds.splice(0)]) if (!keep.includes(fd)) fsSync.closeSync(fd);
     },
   };
   const c = fsSync.constants;
+  const plainPaths: string[] = [];
   /** Opens a checked path for qemu; the argument qemu is given for it. */
   const pass = (ref: FileRef, shownPath: string, resolved: string, flags: number): string => {
     const fd = openChecked(roots, forbidden, ref, shownPath, resolved, flags);
@@ -175,8 +180,8 @@ export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forb
         // qemu loads these with fopen(), not qemu_open(): it gets /proc/self/fd/M, which reopens this very file.
         let fd = openChecked(roots, forbidden, ref, ref.path, resolved, c.O_RDONLY);
         if (opts.qemuUser && !mayRead(fsSync.fstatSync(fd), opts.qemuUser)) fd = copyForQemu(fd, opts.scratchDir);
-        passed.fds.push(fd);
-        passed.args.set(ref.path, `/proc/self/fd/${2 + passed.fds.length}`);
+        passed.plainFds.push(fd);
+        plainPaths.push(ref.path);
         continue;
       }
       if (ref.kind === 'disk') {
@@ -197,6 +202,8 @@ export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forb
     passed.close();
     throw err;
   }
+  // qemu gets them as fds 3, 4, ...: the fd sets' first, then these.
+  plainPaths.forEach((p, j) => passed.args.set(p, `/proc/self/fd/${3 + passed.fds.length + j}`));
   return passed;
 }
 

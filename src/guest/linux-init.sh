@@ -12,6 +12,9 @@
 #   sector 0:      "KMLINUX disk <boot id>"
 #   sector n + 1:  "KMREC <n, 8 digits> <boot id>" for tick n
 # HTTP (port 80): "KMLINUX boot <boot id> tick <n>" for the latest tick.
+# Network traffic of its own (kmfetch=PORT on the kernel command line): it fetches
+#   http://10.0.2.2:PORT/fetch?boot=<boot id>&n=<k> (qemu's user network: the host's loopback)
+#   about ten times a second, k = 0, 1, 2, ..., so a test sees the network keep working.
 # Guest agent (virtio-serial port org.qemu.guest_agent.0): one JSON command per line;
 #   guest-ping and guest-sync are answered as qemu-guest-agent does, anything else is an error.
 
@@ -104,6 +107,20 @@ if [ -c "$port" ]; then
   say dev agent ok "$port"
 else
   say dev agent FAIL no port named org.qemu.guest_agent.0
+fi
+
+fetchport=$(sed -n 's/.*kmfetch=\([0-9]\{1,5\}\).*/\1/p' /proc/cmdline)
+if [ -n "$fetchport" ]; then
+  say fetching from port "$fetchport"
+  (k=0; while :; do
+    # nc, not wget: the static busybox's wget crashes in glibc's name service lookups.
+    status=$(printf 'GET /fetch?boot=%s&n=%s HTTP/1.0\r\n\r\n' "$bootid" "$k" | nc -w 3 10.0.2.2 "$fetchport" 2>&1 | head -n 1)
+    case $status in
+      'HTTP/1.'?' 200'*) k=$((k + 1)) ;;
+      *) say fetch "$k" failed: "$status" ;;
+    esac
+    usleep 100000
+  done) &
 fi
 
 n=0

@@ -23,6 +23,8 @@ export interface QemuLaunch {
   startTimeoutMs?: number;
   /** Descriptors qemu gets as fd 3, 4, ... and, with -add-fd, as /dev/fdset/1, 2, ... */
   passFds?: number[];
+  /** Descriptors qemu gets after passFds, without -add-fd (which closes the original). */
+  plainFds?: number[];
   /** Whom qemu runs as; absent: the agent's own user. */
   credentials?: QemuCredentials;
 }
@@ -78,7 +80,7 @@ export async function launchQemu(l: QemuLaunch): Promise<{ record: QemuProcessRe
   try {
     fs.writeSync(logFd, `${new Date().toISOString()} starting: ${[l.binary, ...argv].join(' ')}\n`);
     logStart = fs.fstatSync(logFd).size;
-    child = spawnDetached(l.binary, argv, logFd, l.passFds ?? [], l.credentials);
+    child = spawnDetached(l.binary, argv, logFd, [...(l.passFds ?? []), ...(l.plainFds ?? [])], l.credentials);
   } finally {
     // The child holds its own copy of the descriptor.
     fs.closeSync(logFd);
