@@ -17,6 +17,7 @@ import { chooseAccel, type AccelChoice } from '../qemu/accel-probe.js';
 import type { Accel } from '../domain/index.js';
 import { DomainManager } from './domain-manager.js';
 import { QemuUsers } from './qemu-user.js';
+import { XmlPool } from './xml-pool.js';
 import { MigrationService } from '../migration/service.js';
 import { PROTOCOL_VERSIONS } from '../migration/phases.js';
 import { domainInfoSchema, errorSchema, fillMeasurementSchema } from '../../routes/schemas.js';
@@ -211,6 +212,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
   // KVM counts as usable only if qemu opens it as the user it will run as.
   const qemu = await probeQemu(config.qemuBinary, qemuUsers.probeCredentials());
   const accel = resolveAccel(config.accel, qemu.kvmUsable);
+  const xmlPool = new XmlPool();
   const domains = new DomainManager({
     store,
     qemu,
@@ -222,6 +224,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     logCheckIntervalMs: config.logCheckIntervalMs,
     qemuUsers,
     ...(tls ? { tlsDir: store.dir('tls') } : {}),
+    xmlPool,
   });
   await domains.init();
   const accelProbe = new BackgroundAccelProbe(app, config, qemu, accel);
@@ -318,6 +321,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     await accelProbe.stop();
     await migrations.close();
     await domains.close();
+    await xmlPool.close();
     lock.release();
   });
   return app;
