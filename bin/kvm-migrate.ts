@@ -123,13 +123,24 @@ interface AgentOptions {
   tlsCert?: string;
   tlsKey?: string;
   tlsCa?: string;
+  tlsCrl?: string;
 }
 
-function tlsFiles(o: { tlsCert?: string; tlsKey?: string; tlsCa?: string }): { tls?: TlsFiles } {
+function tlsFiles(o: { tlsCert?: string; tlsKey?: string; tlsCa?: string; tlsCrl?: string }): { tls?: TlsFiles } {
   const given = [o.tlsCert, o.tlsKey, o.tlsCa].filter(Boolean).length;
-  if (given === 0) return {};
+  if (given === 0) {
+    if (o.tlsCrl) throw new UsageError('--tls-crl goes with --tls-cert, --tls-key and --tls-ca');
+    return {};
+  }
   if (given < 3) throw new UsageError('--tls-cert, --tls-key and --tls-ca go together');
-  return { tls: { certFile: path.resolve(o.tlsCert!), keyFile: path.resolve(o.tlsKey!), caFile: path.resolve(o.tlsCa!) } };
+  return {
+    tls: {
+      certFile: path.resolve(o.tlsCert!),
+      keyFile: path.resolve(o.tlsKey!),
+      caFile: path.resolve(o.tlsCa!),
+      ...(o.tlsCrl ? { crlFile: path.resolve(o.tlsCrl) } : {}),
+    },
+  };
 }
 
 async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
@@ -282,6 +293,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(valueOption('--tls-cert <file>', "this agent's certificate (from the fleet's CA; scripts/make-certs.sh): HTTPS, mutual TLS to peers, qemu's TLS stream"))
     .addOption(valueOption('--tls-key <file>', 'its private key'))
     .addOption(valueOption('--tls-ca <file>', "the fleet's CA certificate: peers must present a certificate it signed"))
+    .addOption(valueOption('--tls-crl <file>', "the CA's list of revoked certificates (scripts/make-certs.sh DIR --revoke NAME): peers presenting one are refused"))
     .addOption(new Option('--peer <url>', `without TLS: an agent URL this one may migrate to (repeatable; ${ENV_PREFIX}PEER: comma-separated); an agent on loopback may also reach any loopback one`).argParser(collect))
     .addOption(valueOption('--migration-ports <low-high>', 'incoming stream ports').default(DEFAULTS.migrationPorts))
     .addOption(valueOption('--accel <accel>', 'auto: KVM where it works (measured at start; GET /host says how fast), else TCG').argParser(oneOf(['auto', 'kvm', 'tcg'] as const)).default(DEFAULTS.accel))

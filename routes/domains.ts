@@ -15,14 +15,14 @@ export default async function domainRoutes(app: FastifyInstance): Promise<void> 
   app.post<{ Body: string }>(
     '/domains',
     {
-      // Real domain XML is a few KiB; parsing is synchronous, so the bound also bounds the loop's stall.
+      // Real domain XML is a few KiB; the bound also bounds a parse's work (in a worker thread: src/agent/xml-pool.ts).
       bodyLimit: Math.min(app.agent.config.bodyLimitBytes, MAX_DOMAIN_XML_BYTES),
       schema: {
         summary: 'Define (or redefine, while shut off) a domain from libvirt-style domain XML',
         tags: ['domains'],
         consumes: ['application/xml', 'text/xml'],
         body: { type: 'string', description: 'libvirt-style <domain> XML' },
-        response: { 201: { $ref: 'DomainInfo#' }, ...errorResponses, 413: { $ref: 'Error#' }, 415: { $ref: 'Error#' } },
+        response: { 201: { $ref: 'DomainInfo#' }, ...errorResponses, 413: { $ref: 'Error#' }, 415: { $ref: 'Error#' }, 503: { $ref: 'Error#' } },
       },
     },
     async (req, reply) => {

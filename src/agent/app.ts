@@ -11,12 +11,13 @@ import { secretsMatch } from '../secrets.js';
 import { validateConfig, type AgentConfig } from '../config.js';
 import { StateStore } from '../store/state-store.js';
 import { StateDirLock } from '../store/dir-lock.js';
-import { loadTls, writeQemuTlsDir, type TlsMaterial } from './tls.js';
+import { checkTlsMaterial, loadTls, writeQemuTlsDir, type TlsMaterial } from './tls.js';
 import { probeQemu, resolveAccel, type QemuHostInfo } from '../qemu/host.js';
 import { chooseAccel, type AccelChoice } from '../qemu/accel-probe.js';
 import type { Accel } from '../domain/index.js';
 import { DomainManager } from './domain-manager.js';
 import { QemuUsers } from './qemu-user.js';
+import { XmlPool } from './xml-pool.js';
 import { MigrationService } from '../migration/service.js';
 import { PROTOCOL_VERSIONS } from '../migration/phases.js';
 import { domainInfoSchema, errorSchema, fillMeasurementSchema } from '../../routes/schemas.js';
@@ -134,9 +135,15 @@ function validationError(err: FastifyError): { code: string; message: string; un
   };
 }
 
-/** A verified certificate of the fleet's CA on this very connection (not merely `authorized`). */
-function presentsFleetCertificate(socket: TLSSocket): boolean {
-  return socket.authorized && !socket.isSessionReused() && Object.keys(socket.getPeerCertificate()).length > 0;
+/**
+ * Why this very connection shows no verified certificate of the fleet's CA (not merely
+ * `authorized`: see the session tickets below); undefined when it does.
+ */
+function peerCertificateRefusal(socket: TLSSocket): string | undefined {
+  if (socket.isSessionReused() || Object.keys(socket.getPeerCertificate()).length === 0) return 'none was presented';
+  // e.g. CERT_REVOKED (--tls-crl), UNABLE_TO_VERIFY_LEAF_SIGNATURE (another CA's)
+  if (!socket.authorized) return `the one presented was refused: ${String(socket.authorizationError)}`;
+  return undefined;
 }
 
 function tokenMatches(header: string | undefined, token: string): boolean {
@@ -154,13 +161,14 @@ export async function buildAgent(
 ): Promise<FastifyInstance> {
   const config = validateConfig(rawConfig);
   const tls = config.tls ? loadTls(config.tls) : undefined;
+  const tlsWarnings = config.tls && tls ? await checkTlsMaterial(config.tls, tls) : [];
   const serverTimeouts = { headersTimeout: Math.min(config.requestTimeoutMs, 10_000), connectionsCheckingInterval: Math.min(config.requestTimeoutMs, 1000) };
   // With TLS every caller must speak HTTPS; a client certificate is asked for, and required
   // (checked per route) only on the protocol routes: operators authenticate with the token.
   // No session tickets: Node reports a resumed session as authorized though no certificate was
   // shown on it, and without tickets (and no session cache) every connection shows its own.
   const https = tls
-    ? { key: tls.key, cert: tls.cert, ca: tls.ca, requestCert: true, rejectUnauthorized: false, secureOptions: cryptoConstants.SSL_OP_NO_TICKET, ...serverTimeouts }
+    ? { key: tls.key, cert: tls.cert, ca: tls.ca, ...(tls.crl ? { crl: tls.crl } : {}), requestCert: true, rejectUnauthorized: false, secureOptions: cryptoConstants.SSL_OP_NO_TICKET, ...serverTimeouts }
     : null;
   const options = {
     logger: opts.logger ?? false,
@@ -179,6 +187,7 @@ export async function buildAgent(
   };
   // One agent, HTTP or HTTPS: Fastify's types tell the two apart by server type alone.
   const app = Fastify(options as unknown as FastifyHttpOptions<Server>);
+  for (const warning of tlsWarnings) app.log.warn(warning);
 
   await mkdir(config.stateDir, { recursive: true, mode: 0o700 });
   // Before anything below reads or repairs the directory: a second agent on it stops here.
@@ -203,6 +212,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
   // KVM counts as usable only if qemu opens it as the user it will run as.
   const qemu = await probeQemu(config.qemuBinary, qemuUsers.probeCredentials());
   const accel = resolveAccel(config.accel, qemu.kvmUsable);
+  const xmlPool = new XmlPool();
   const domains = new DomainManager({
     store,
     qemu,
@@ -214,6 +224,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     logCheckIntervalMs: config.logCheckIntervalMs,
     qemuUsers,
     ...(tls ? { tlsDir: store.dir('tls') } : {}),
+    xmlPool,
   });
   await domains.init();
   const accelProbe = new BackgroundAccelProbe(app, config, qemu, accel);
@@ -256,8 +267,9 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     // Two credentials, two jobs: with TLS, a peer's certificate for the protocol routes and only
     // there; the operator's token for everything else (a peer's certificate opens nothing else).
     if (tls && req.routeOptions.config.peer) {
-      if (!presentsFleetCertificate(req.raw.socket as TLSSocket)) {
-        throw new AgentError(401, 'peer_certificate_required', "the protocol routes answer only an agent presenting a certificate of this fleet's CA");
+      const refusal = peerCertificateRefusal(req.raw.socket as TLSSocket);
+      if (refusal) {
+        throw new AgentError(401, 'peer_certificate_required', `the protocol routes answer only an agent presenting a valid certificate of this fleet's CA; ${refusal}`);
       }
       return;
     }
@@ -309,6 +321,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     await accelProbe.stop();
     await migrations.close();
     await domains.close();
+    await xmlPool.close();
     lock.release();
   });
   return app;

@@ -8,7 +8,6 @@ import {
   buildArgv,
   domainFileRefs,
   effectiveAccel,
-  normalizeDomainXml,
   parseDomainXml,
   type Accel,
   type DomainDef,
@@ -21,6 +20,7 @@ import { StateStore, isObject } from '../store/state-store.js';
 import { checkAllowedPaths, openGuestFiles, sharedWrittenFile } from './paths.js';
 import { KeyedMutex } from './lock.js';
 import type { QemuUsers } from './qemu-user.js';
+import type { XmlPool } from './xml-pool.js';
 
 /**
  * Host policy, not guest ABI (so not part of the domain's argv): qemu's seccomp filter refuses
@@ -110,6 +110,8 @@ export interface DomainManagerOptions {
   qemuUsers: QemuUsers;
   /** With TLS: the agent's stream credentials (the store's tls/), which each qemu gets a copy of. */
   tlsDir?: string;
+  /** Where request XML is parsed and normalized (worker threads). */
+  xmlPool: XmlPool;
 }
 
 /**
@@ -256,11 +258,7 @@ export class DomainManager extends EventEmitter {
   /** Parse, normalize (machine alias, MACs, uuid) and check paths: the same for define and Prepare2. */
   async validate(xml: string): Promise<{ xml: string; def: DomainDef }> {
     const { qemu } = this.opts;
-    const normalized = normalizeDomainXml(xml, {
-      machineAliases: qemu.machineAliases,
-      knownMachines: qemu.knownMachines,
-      randomBytes: (n) => Buffer.from(crypto.getRandomValues(new Uint8Array(n))),
-    });
+    const normalized = await this.opts.xmlPool.normalize(xml, { machineAliases: qemu.machineAliases, knownMachines: qemu.knownMachines });
     // A guest larger than the whole host can never run here (qemu would only fail later, or the host).
     const hostKiB = Math.floor(os.totalmem() / 1024);
     if (normalized.def.memoryKiB > hostKiB) {

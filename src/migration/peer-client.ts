@@ -26,6 +26,30 @@ export class PeerUnreachableError extends AgentError {
   }
 }
 
+/**
+ * The peer was reached but its certificate is not one this agent accepts (another CA's, revoked,
+ * expired, not naming the host called): nothing was sent to it. Node's codes for these.
+ */
+const CERTIFICATE_REFUSALS = new Set([
+  'CERT_REVOKED', 'CERT_HAS_EXPIRED', 'CERT_NOT_YET_VALID', 'CERT_SIGNATURE_FAILURE', 'CERT_UNTRUSTED', 'CERT_REJECTED',
+  'DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'INVALID_CA', 'INVALID_PURPOSE', 'HOSTNAME_MISMATCH', 'ERR_TLS_CERT_ALTNAME_INVALID',
+  'UNABLE_TO_GET_CRL', 'CRL_HAS_EXPIRED', 'CRL_SIGNATURE_FAILURE',
+]);
+
+/** A peer whose certificate this agent refuses: the TLS handshake failed, so it got nothing. */
+export class PeerCertificateError extends PeerUnreachableError {
+  constructor(url: string, cause: Error & { code: string }) {
+    super(url, cause, 'peer_certificate_rejected');
+    this.message = `peer ${url} presented a certificate this agent does not accept (${cause.code}): ${cause.message}`;
+  }
+}
+
+function connectError(url: string, err: unknown): PeerUnreachableError {
+  const tlsError = err as Error & { code?: string };
+  return tlsError.code && CERTIFICATE_REFUSALS.has(tlsError.code) ? new PeerCertificateError(url, tlsError as Error & { code: string }) : new PeerUnreachableError(url, err);
+}
+
 const MAX_ANSWER_BYTES = 1024 * 1024;
 
 /**
@@ -40,7 +64,7 @@ export class PeerClient {
 
   constructor(opts: { token?: string; tls?: TlsMaterial }) {
     this.token = opts.tls ? undefined : opts.token;
-    const tls = opts.tls ? { ca: opts.tls.ca, cert: opts.tls.cert, key: opts.tls.key } : {};
+    const tls = opts.tls ? { ca: opts.tls.ca, cert: opts.tls.cert, key: opts.tls.key, ...(opts.tls.crl ? { crl: opts.tls.crl } : {}) } : {};
     this.dispatcher = new Agent({ connect: { timeout: 5000, ...tls }, keepAliveTimeout: 10_000 });
   }
 
@@ -61,7 +85,7 @@ export class PeerClient {
         ...(signal ? { signal } : {}),
       });
     } catch (err) {
-      throw new PeerUnreachableError(url, err);
+      throw connectError(url, err);
     }
     let text: string;
     try {

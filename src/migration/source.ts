@@ -16,7 +16,7 @@ import {
   streamUriFromPeer,
   type MigrationOptions,
 } from './params.js';
-import { PeerRefusedError, PeerUnreachableError } from './peer-client.js';
+import { PeerCertificateError, PeerRefusedError, PeerUnreachableError } from './peer-client.js';
 import { useQemuTls } from '../agent/tls.js';
 import { isLoopback, type AgentConfig } from '../config.js';
 import type { Job, JobRecord, MigrationStats } from './jobs.js';
@@ -423,7 +423,8 @@ export class SourceSide {
         return;
       } catch (err) {
         if (err instanceof PeerRefusedError) return; // 404: nothing was prepared there
-        if (!(err instanceof PeerUnreachableError) || attempt === 3) {
+        // A refused certificate stays refused: no point in trying again.
+        if (!(err instanceof PeerUnreachableError) || err instanceof PeerCertificateError || attempt === 3) {
           await this.ctx.jobs.update(job, { finish: { rc: body.rc, attempts: attempt, lastError: (err as Error).message } });
           return;
         }
