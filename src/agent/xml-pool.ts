@@ -57,7 +57,7 @@ export class XmlPool {
       if (next) next();
       else this.busy--;
     }
-    if ('refused' in answer) throw new DomainXmlError(answer.refused.code, answer.refused.element, answer.refused.message);
+    if ('refused' in answer) throw DomainXmlError.of(answer.refused);
     return answer.normalized;
   }
 

@@ -1,6 +1,6 @@
 /** A worker thread of XmlPool: parse + normalize of one request's domain XML, off the event loop. */
 import { randomBytes } from 'node:crypto';
-import { DomainXmlError } from '../errors.js';
+import { DomainXmlError, type XmlBlocker } from '../errors.js';
 import { normalizeDomainXml, type DomainDef } from '../domain/index.js';
 
 export interface XmlTask {
@@ -9,14 +9,14 @@ export interface XmlTask {
   knownMachines: string[];
 }
 
-export type XmlAnswer = { normalized: { xml: string; def: DomainDef } } | { refused: { code: string; element: string; message: string } };
+export type XmlAnswer = { normalized: { xml: string; def: DomainDef } } | { refused: XmlBlocker[] };
 
 export default function normalizeInWorker(task: XmlTask): XmlAnswer {
   try {
     return { normalized: normalizeDomainXml(task.xml, { machineAliases: task.machineAliases, knownMachines: task.knownMachines, randomBytes }) };
   } catch (err) {
     // A class does not cross threads: its fields do, and XmlPool makes the refusal again.
-    if (err instanceof DomainXmlError) return { refused: { code: err.code, element: err.element, message: err.message } };
+    if (err instanceof DomainXmlError) return { refused: err.errors };
     throw err;
   }
 }

@@ -279,3 +279,14 @@ t.test('a symlink swapped while guests start never gets qemu an outside file', a
   t.ok(started + refused >= 10, 'enough attempts');
   t.same(escapes, [], 'no qemu ever held a file outside --allow-path');
 });
+
+t.test('one answer lists every blocker of a define (errors), parsed in a worker thread', async (t) => {
+  const dir = await tmpDir(t);
+  const { client } = await startAgent(t, dir, 'a');
+  const guest = await testGuest(dir, 'many');
+  const xml = guest.xml.replace("<domain type='kvm'>", "<domain type='kvm' id='4'>").replace('<devices>', "<devices><hub type='usb'/><smartcard mode='passthrough'/>");
+  const err = (await client.define(xml).catch((e: unknown) => e)) as AgentHttpError;
+  t.equal(err.status, 400);
+  t.equal(err.code, 'unsupported_attribute');
+  t.same((err.body.errors as Array<{ element: string }>).map((e) => e.element), ['/domain/@id', '/domain/devices/hub[1]', '/domain/devices/smartcard[1]']);
+});
