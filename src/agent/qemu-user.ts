@@ -143,7 +143,8 @@ function uidsInUse(): Set<number> {
     try {
       const status = fs.readFileSync(`/proc/${entry}/status`, 'utf8');
       const uid = /^Uid:\s+(\d+)/m.exec(status)?.[1];
-      if (uid !== undefined) uids.add(Number(uid));
+      // A zombie has ended; it only waits to be reaped.
+      if (uid !== undefined && !/^State:\s+Z/m.test(status)) uids.add(Number(uid));
     } catch {
       // gone since the listing
     }
