@@ -499,6 +499,7 @@ export class DomainManager extends EventEmitter {
         pidfilePath: host.pidfilePath,
         qmpSocketPath: host.qmpSocketPath,
         passFds: files.fds,
+        rawFds: files.raw,
         credentials,
       }).catch((err: unknown) => {
         files.close();

@@ -127,6 +127,8 @@ export interface PassedFiles {
   chains: Map<string, ImageChain>;
   /** The output files (chardev files, logs) among fds: the agent keeps these to cap their size. */
   outputs: number[];
+  /** The kernel and initrd among fds: qemu reads them by /proc/self/fd/M, not from an fd set. */
+  raw: number[];
   /** Closes every descriptor but those `keep` names. */
   close(keep?: number[]): void;
 }
@@ -155,6 +157,7 @@ export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forb
     args: new Map(),
     chains: new Map(),
     outputs: [],
+    raw: [],
     close(keep = []) {
       for (const fd of this.fds.splice(0)) if (!keep.includes(fd)) fsSync.closeSync(fd);
     },
@@ -176,6 +179,7 @@ export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forb
         let fd = openChecked(roots, forbidden, ref, ref.path, resolved, c.O_RDONLY);
         if (opts.qemuUser && !mayRead(fsSync.fstatSync(fd), opts.qemuUser)) fd = copyForQemu(fd, opts.scratchDir);
         passed.fds.push(fd);
+        passed.raw.push(fd);
         passed.args.set(ref.path, `/proc/self/fd/${2 + passed.fds.length}`);
         continue;
       }

@@ -23,6 +23,11 @@ export interface QemuLaunch {
   startTimeoutMs?: number;
   /** Descriptors qemu gets as fd 3, 4, ... and, with -add-fd, as /dev/fdset/1, 2, ... */
   passFds?: number[];
+  /**
+   * Those of passFds qemu opens by /proc/self/fd/M (kernel, initrd): no -add-fd for them, since
+   * qemu closes the descriptor an -add-fd names once it has taken its copy into the set.
+   */
+  rawFds?: number[];
   /** Whom qemu runs as; absent: the agent's own user. */
   credentials?: QemuCredentials;
 }
@@ -201,7 +206,9 @@ function spawnDetached(binary: string, argv: string[], logFd: number, passFds: n
 function controlArgs(l: QemuLaunch): string[] {
   if (l.argv.includes('-daemonize')) throw new Error('qemu argv must not contain -daemonize: the agent tracks the pid it starts');
   const extra: string[] = [];
-  (l.passFds ?? []).forEach((_, i) => extra.push('-add-fd', `fd=${3 + i},set=${i + 1}`));
+  (l.passFds ?? []).forEach((fd, i) => {
+    if (!l.rawFds?.includes(fd)) extra.push('-add-fd', `fd=${3 + i},set=${i + 1}`);
+  });
   const p = l.argv.indexOf('-pidfile');
   if (p === -1) extra.push('-pidfile', l.pidfilePath);
   else if (l.argv[p + 1] !== l.pidfilePath) {
