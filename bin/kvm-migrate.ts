@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { buildAgent } from '../src/agent/app.js';
-import { DEFAULTS, parseListen, parsePortRange, validateConfig, type AgentConfig } from '../src/config.js';
+import { DEFAULTS, parseListen, parseNetworks, parsePortRange, validateConfig, type AgentConfig } from '../src/config.js';
 import { parseUidRange, QemuUsers } from '../src/agent/qemu-user.js';
 import { AgentClient, AgentUnreachableError } from '../src/client.js';
 import { followJob, summarize } from '../src/cli/progress.js';
@@ -116,6 +116,7 @@ interface AgentOptions {
   qemuUser: string;
   qemuUids: string;
   debugHold?: string[];
+  network?: string[];
   allowedHost?: string[];
   peer?: string[];
   maxDomains: number;
@@ -174,6 +175,7 @@ async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
       maxOutgoing: o.maxOutgoing,
       jobHistory: o.jobHistory,
       debugHolds: listFlag(o.debugHold, 'debug-hold', ','),
+      networks: parseNetworks(listFlag(o.network, 'network', ',')),
     });
   } catch (err) {
     throw err instanceof UsageError ? err : new UsageError((err as Error).message);
@@ -294,6 +296,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(valueOption('--tls-key <file>', 'its private key'))
     .addOption(valueOption('--tls-ca <file>', "the fleet's CA certificate: peers must present a certificate it signed"))
     .addOption(valueOption('--tls-crl <file>', "the CA's list of revoked certificates (scripts/make-certs.sh DIR --revoke NAME): peers presenting one are refused"))
+    .addOption(new Option('--network <name=bridge>', `a libvirt network (<interface type='network'><source network='NAME'/>) and the bridge of this host its guests' taps go on (repeatable; ${ENV_PREFIX}NETWORK: comma-separated)`).argParser(collect))
     .addOption(new Option('--peer <url>', `without TLS: an agent URL this one may migrate to (repeatable; ${ENV_PREFIX}PEER: comma-separated); an agent on loopback may also reach any loopback one`).argParser(collect))
     .addOption(valueOption('--migration-ports <low-high>', 'incoming stream ports').default(DEFAULTS.migrationPorts))
     .addOption(valueOption('--accel <accel>', 'auto: KVM where it works (measured at start; GET /host says how fast), else TCG').argParser(oneOf(['auto', 'kvm', 'tcg'] as const)).default(DEFAULTS.accel))

@@ -51,6 +51,8 @@ export interface AgentConfig {
   maxOutgoing: number;
   /** Ended jobs kept per domain (newest first); older records are removed. */
   jobHistory: number;
+  /** libvirt network name -> this host's bridge (`--network NAME=BRIDGE`), for `<interface type='network'>`. */
+  networks?: Record<string, string>;
   /** Debug hold points for fault-injection rigs (see src/migration/holds.ts); empty in production. */
   debugHolds?: string[];
 }
@@ -70,6 +72,21 @@ export const DEFAULTS = {
   qemuUser: 'dynamic' as QemuUserSetting,
   qemuUids: DEFAULT_QEMU_UIDS,
 };
+
+const NETWORK_NAME_RE = /^[A-Za-z0-9_.+-]{1,64}$/;
+const BRIDGE_NAME_RE = /^[A-Za-z0-9_.:-]{1,15}$/;
+
+/** `--network NAME=BRIDGE` values into the map (a name given twice is refused). */
+export function parseNetworks(values: string[]): Record<string, string> {
+  const map: Record<string, string> = {};
+  for (const v of values) {
+    const m = /^([^=]+)=([^=]+)$/.exec(v);
+    if (!m || !NETWORK_NAME_RE.test(m[1]!) || !BRIDGE_NAME_RE.test(m[2]!)) throw new Error(`--network must be NAME=BRIDGE (a libvirt network name, a bridge's interface name), got ${JSON.stringify(v)}`);
+    if (m[1]! in map) throw new Error(`--network ${m[1]} is given twice`);
+    map[m[1]!] = m[2]!;
+  }
+  return map;
+}
 
 export function parseListen(value: string): { host: string; port: number } {
   const m = /^(?:\[([0-9a-fA-F:]+)\]|([^:]+)):(\d{1,5})$/.exec(value);
@@ -129,9 +146,13 @@ export function validateConfig(config: AgentConfig): AgentConfig & { token: stri
   for (const hold of config.debugHolds ?? []) {
     if (!(HOLD_POINTS as readonly string[]).includes(hold)) throw new Error(`--debug-hold must be one of ${HOLD_POINTS.join(', ')}`);
   }
+  for (const [name, bridge] of Object.entries(config.networks ?? {})) {
+    if (!NETWORK_NAME_RE.test(name) || !BRIDGE_NAME_RE.test(bridge)) throw new Error(`--network must be NAME=BRIDGE (a libvirt network name, a bridge's interface name), got ${name}=${bridge}`);
+  }
   const stateDir = path.resolve(config.stateDir);
-  // run/<uuid>.qmp must fit the 108-byte sun_path of a unix socket address.
-  if (Buffer.byteLength(path.join(stateDir, 'run', `${'0'.repeat(36)}.qmp`)) > 107) {
+  // The longest socket below it, run/<uuid>/channelNNN.sock (a guest-agent channel without a
+  // path; there are fewer than 1000 virtio-serial ports), must fit the 108-byte sun_path.
+  if (Buffer.byteLength(path.join(stateDir, 'run', '0'.repeat(36), 'channel999.sock')) > 107) {
     throw new Error(`--state-dir path is too long for unix sockets below it: ${stateDir}`);
   }
   return { ...config, token: config.token, stateDir, allowPaths: config.allowPaths.map((p) => path.resolve(p)) };

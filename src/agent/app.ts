@@ -223,6 +223,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     maxLogBytes: config.maxLogBytes,
     logCheckIntervalMs: config.logCheckIntervalMs,
     qemuUsers,
+    networks: config.networks ?? {},
     ...(tls ? { tlsDir: store.dir('tls') } : {}),
     xmlPool,
   });

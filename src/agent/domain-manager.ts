@@ -21,6 +21,8 @@ import { checkAllowedPaths, openGuestFiles, sharedWrittenFile } from './paths.js
 import { KeyedMutex } from './lock.js';
 import type { QemuUsers } from './qemu-user.js';
 import type { XmlPool } from './xml-pool.js';
+import { bridgeExists, createTap, deleteTap, isTapRecord, newTapName, tunUsableBy, type TapRecord } from './taps.js';
+import type { QemuCredentials } from '../qemu/process.js';
 
 /**
  * Host policy, not guest ABI (so not part of the domain's argv): qemu's seccomp filter refuses
@@ -112,6 +114,8 @@ export interface DomainManagerOptions {
   tlsDir?: string;
   /** Where request XML is parsed and normalized (worker threads). */
   xmlPool: XmlPool;
+  /** libvirt network name -> bridge (--network). */
+  networks: Record<string, string>;
 }
 
 /**
@@ -176,6 +180,87 @@ export class DomainManager extends EventEmitter {
       log.info({ domain: rec.name, pid: rec.process.pid }, 're-attached to running qemu');
     }
     await this.reclaimOrphans();
+    await this.reclaimTaps();
+  }
+
+  /** Taps recorded for a domain whose qemu no longer runs (the agent was down when it ended): deleted now. */
+  private async reclaimTaps(): Promise<void> {
+    for (const { id } of await this.opts.store.loadRecords<{ taps: TapRecord[] }>('taps', isTapsRecord)) {
+      if (this.domains.get(id)?.run) continue;
+      await this.removeTaps(id);
+    }
+  }
+
+  /** Deletes the taps recorded for domain `name` (those still its) and then the record. */
+  private async removeTaps(name: string): Promise<void> {
+    const [rec] = (await this.opts.store.loadRecords<{ taps: TapRecord[] }>('taps', isTapsRecord)).filter((r) => r.id === name);
+    if (!rec) return;
+    for (const tap of rec.value.taps) {
+      const outcome = await deleteTap(tap).catch((err: unknown) => {
+        this.opts.log.error({ err, domain: name, tap: tap.name }, 'could not delete a tap');
+        return 'failed';
+      });
+      if (outcome === 'not-ours') this.opts.log.warn({ domain: name, tap: tap.name }, 'a tap of that name is no longer the one the agent made; left alone');
+    }
+    await this.opts.store.removeRecord('taps', name);
+  }
+
+  /** The bridge an interface's tap goes on: its own, or its network's per --network. */
+  private bridgeOf(n: DomainDef['interfaces'][number]): string {
+    if (n.type === 'bridge') return n.bridge!;
+    const bridge = this.opts.networks[n.network!];
+    if (bridge === undefined) {
+      const known = Object.keys(this.opts.networks);
+      throw new DomainXmlError('network_not_mapped', `${n.element}/source/@network`,
+        `network '${n.network}' is not mapped to a bridge on this host (agent flag --network ${n.network}=BRIDGE; mapped: ${known.length ? known.join(', ') : 'none'})`);
+    }
+    return bridge;
+  }
+
+  /** Each bridged interface's network is mapped here and its bridge exists (define, Prepare2, start). */
+  private checkNetworks(def: DomainDef): void {
+    for (const n of def.interfaces) {
+      if (n.type !== 'bridge' && n.type !== 'network') continue;
+      const bridge = this.bridgeOf(n);
+      if (!bridgeExists(bridge)) {
+        const at = n.type === 'bridge' ? `${n.element}/source/@bridge` : `${n.element}/source/@network`;
+        throw new DomainXmlError('bridge_not_found', at, `bridge ${bridge}${n.type === 'network' ? ` (of network '${n.network}')` : ''} does not exist on this host`);
+      }
+    }
+  }
+
+  /**
+   * Creates the taps of the guest's bridged interfaces, owned by its qemu's user; recorded
+   * before each is made, so an agent that dies meanwhile still finds and deletes them.
+   */
+  private async makeTaps(entry: DomainEntry, credentials: QemuCredentials | undefined): Promise<Map<string, string>> {
+    const names = new Map<string, string>();
+    const bridged = entry.def.interfaces.filter((n) => n.type === 'bridge' || n.type === 'network');
+    if (bridged.length === 0) return names;
+    this.checkNetworks(entry.def);
+    const uid = credentials?.uid ?? process.getuid?.() ?? 0;
+    const gid = credentials?.gid ?? process.getgid?.() ?? 0;
+    if (!tunUsableBy(uid, gid)) {
+      throw new AgentError(409, 'tun_not_accessible', `qemu's user (uid ${uid}) may not open /dev/net/tun to attach to its tap (the usual mode is 0666, as udev sets it)`, { domain: entry.name });
+    }
+    const taps: TapRecord[] = [];
+    try {
+      for (const n of bridged) {
+        const rec: TapRecord = { name: n.targetDev ?? newTapName(), uid, bridge: this.bridgeOf(n) };
+        taps.push(rec);
+        await this.opts.store.saveRecord('taps', entry.name, { taps });
+        await createTap(rec).catch((err: unknown) => {
+          taps.pop();
+          throw new AgentError(409, 'tap_failed', `could not make tap ${rec.name} on bridge ${rec.bridge} for ${n.element}: ${(err as Error).message}`, { domain: entry.name });
+        });
+        names.set(n.id, rec.name);
+      }
+      await this.opts.store.saveRecord('taps', entry.name, { taps });
+    } catch (err) {
+      await this.removeTaps(entry.name);
+      throw err;
+    }
+    return names;
   }
 
   /**
@@ -221,13 +306,20 @@ export class DomainManager extends EventEmitter {
     return this.mutex.run(name, fn);
   }
 
-  hostSettings(uuid: string): HostSettings {
+  hostSettings(uuid: string, taps?: Map<string, string>): HostSettings {
     const run = this.runDir(uuid);
     return {
       qemuBinary: this.opts.qemu.binary,
       accel: this.opts.accel,
       qmpSocketPath: path.join(run, 'qmp'),
       pidfilePath: path.join(run, 'pid'),
+      // In the qemu's own directory, so the destination of a migration makes its own.
+      channelSocketPath: (id) => path.join(run, `${id}.sock`),
+      tapName: (id) => {
+        const name = taps?.get(id);
+        if (name === undefined) throw new Error(`no tap was made for interface ${id}`);
+        return name;
+      },
     };
   }
 
@@ -271,6 +363,7 @@ export class DomainManager extends EventEmitter {
       throw new DomainXmlError('exceeds_host_cpus', '/domain/vcpu', `the guest's ${normalized.def.vcpus} vCPUs exceed this host's ${hostCpus} CPUs`);
     }
     await this.checkPaths(normalized.def);
+    this.checkNetworks(normalized.def);
     return normalized;
   }
 
@@ -385,14 +478,17 @@ export class DomainManager extends EventEmitter {
       throw conflict('insufficient_host_memory', `the guest needs ${entry.def.memoryKiB} KiB; this host has ${availableKiB} KiB available`, { domain: entry.name });
     }
     const credentials = this.opts.qemuUsers.allocate();
+    let tapsMade = false;
     try {
+      const taps = await this.makeTaps(entry, credentials);
+      tapsMade = taps.size > 0;
       const runDir = this.runDir(entry.uuid);
       await fs.mkdir(runDir, { recursive: true, mode: 0o700 });
       await fs.chmod(runDir, 0o700);
       if (credentials) await fs.chown(runDir, credentials.uid, credentials.gid);
       // qemu gets the files the agent opened and checked, not paths it would resolve again itself.
       const files = await openGuestFiles(domainFileRefs(entry.def), this.opts.allowPaths, this.opts.store.internalPaths(), { qemuUser: credentials, scratchDir: runDir });
-      const host = { ...this.hostSettings(entry.uuid), fileArg: (p: string) => files.args.get(p) ?? p, imageChain: (p: string) => files.chains.get(p) };
+      const host = { ...this.hostSettings(entry.uuid, taps), fileArg: (p: string) => files.args.get(p) ?? p, imageChain: (p: string) => files.chains.get(p) };
       const argv = [...buildArgv(entry.def, host, { incoming: opts.incoming }), ...QEMU_SANDBOX_ARGS];
       const { record, qmp } = await launchQemu({
         binary: host.qemuBinary,
@@ -426,9 +522,23 @@ export class DomainManager extends EventEmitter {
         throw err;
       }
       this.watch(entry, run);
+      tapsMade = false; // the qemu runs: they go when it ends
+      await this.applyBalloonStatsPeriod(entry, qmp);
       return run;
     } finally {
       this.opts.qemuUsers.release(credentials);
+      if (tapsMade) await this.removeTaps(entry.name);
+    }
+  }
+
+  /** As libvirt: the balloon's stats period is set over QMP once qemu runs (it is not on argv). */
+  private async applyBalloonStatsPeriod(entry: DomainEntry, qmp: QmpClient): Promise<void> {
+    const balloon = entry.def.memballoon;
+    if (balloon?.model !== 'virtio' || balloon.statsPeriod === undefined) return;
+    try {
+      await qmp.execute('qom-set', { path: `/machine/peripheral/${balloon.id}`, property: 'guest-stats-polling-interval', value: balloon.statsPeriod });
+    } catch (err) {
+      this.opts.log.warn({ err, domain: entry.name }, 'could not set the balloon stats period');
     }
   }
 
@@ -604,6 +714,7 @@ export class DomainManager extends EventEmitter {
     if (path.dirname(run.record.qmpSocketPath) === this.runDir(entry.uuid)) {
       await fs.rm(this.runDir(entry.uuid), { recursive: true, force: true }).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the qemu run directory'));
     }
+    await this.removeTaps(entry.name).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the taps'));
     const reason: ShutoffReason = run.expectedExit ?? (run.guestShutdown ? 'shutdown' : 'crashed');
     closeOutputs(run);
     entry.run = undefined;
@@ -617,6 +728,10 @@ export class DomainManager extends EventEmitter {
     log.info({ domain: entry.name, reason, pid: run.record.pid }, 'qemu ended');
     this.emit('exit', entry.name, reason);
   }
+}
+
+function isTapsRecord(v: unknown): boolean {
+  return isObject(v) && Array.isArray(v.taps) && v.taps.every(isTapRecord);
 }
 
 function isRuntimeRecord(v: unknown): boolean {

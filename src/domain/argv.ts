@@ -34,6 +34,10 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
   const argv: string[] = [];
   const add = (...args: string[]) => argv.push(...args);
   const fileArg = host.fileArg ?? ((p: string) => p);
+  const needs = <T>(v: T | undefined, what: string): T => {
+    if (v === undefined) throw new Error(`buildArgv: this domain needs HostSettings.${what}`);
+    return v;
+  };
 
   add('-name', `guest=${def.name},debug-threads=on`);
   add('-S');
@@ -64,20 +68,25 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
   if (def.os.cmdline !== undefined) add('-append', def.os.cmdline);
 
   for (const c of def.controllers) {
-    if (!c.builtin) add('-device', `${controllerDriver(c)}${controllerProperties(c)},id=${c.id},${pci(c.address!)}`);
+    if (!c.builtin) add('-device', controllerDevice(c, pci));
   }
   for (const d of def.disks) {
     if (d.source !== undefined) add(...blockdevArgs(d, fileArg, host.imageChain?.(d.source)));
     add('-device', diskDevice(d, def.controllers, pci));
   }
   for (const n of def.interfaces) {
+    // bridge and network: the host made the tap (qemu runs unprivileged under a seccomp filter
+    // that forbids spawning qemu-bridge-helper). vhost stays off on every host alike: qemu's
+    // own user cannot open /dev/vhost-net, and the virtio-net features offered must not depend
+    // on the host (a migration between vhost and non-vhost hosts could fail on them).
     const backend = n.type === 'user' ? 'user'
-      : n.type === 'bridge' ? `bridge,br=${n.bridge}`
-      : `tap,ifname=${n.targetDev},script=no,downscript=no`;
+      : n.type === 'ethernet' ? `tap,ifname=${n.targetDev},script=no,downscript=no`
+      : `tap,ifname=${needs(host.tapName, 'tapName')(n.id)},script=no,downscript=no,vhost=off`;
     add('-netdev', `${backend},id=${n.netdevId}`);
-    const driver = { virtio: 'virtio-net-pci', e1000: 'e1000', rtl8139: 'rtl8139' }[n.model];
+    const driver = { virtio: 'virtio-net-pci', e1000: 'e1000', e1000e: 'e1000e', rtl8139: 'rtl8139' }[n.model];
     add('-device', `${driver},netdev=${n.netdevId},id=${n.id},mac=${n.mac},${pci(n.address)}${bootindex(n.bootIndex)}`);
   }
+  const socketPath = (id: string, s: CharSource) => (s.type === 'unix' && s.path === undefined ? needs(host.channelSocketPath, 'channelSocketPath')(id) : undefined);
   for (const s of def.serials) {
     add('-chardev', chardevOption(s.chardevId, s.source, s.log, fileArg));
     add('-device', `isa-serial,chardev=${s.chardevId},id=${s.id},index=${s.port}`);
@@ -87,7 +96,7 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
     add('-device', `virtconsole,chardev=${c.chardevId},id=${c.id},bus=virtio-serial${c.address.controller}.0,nr=${c.address.port}`);
   }
   for (const c of def.channels) {
-    add('-chardev', chardevOption(c.chardevId, c.source, c.log, fileArg));
+    add('-chardev', chardevOption(c.chardevId, c.source, c.log, fileArg, socketPath(c.id, c.source)));
     add('-device', `virtserialport,chardev=${c.chardevId},id=${c.id},name=${c.name},bus=virtio-serial${c.address.controller}.0,nr=${c.address.port}`);
   }
   for (const i of def.inputs) {
@@ -104,9 +113,14 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
   }
   for (const v of def.videos) {
     if (v.model === 'none') continue;
-    const driver = { vga: 'VGA', cirrus: 'cirrus-vga', virtio: 'virtio-vga' }[v.model];
-    const vgamem = v.vramKiB !== undefined ? `,vgamem_mb=${v.vramKiB / 1024}` : '';
-    add('-device', `${driver},id=${v.id}${vgamem},${pci(v.address!)}`);
+    // As libvirt: VGA's vram as vgamem_mb, bochs-display's in bytes, virtio's heads as
+    // max_outputs, and no size at all for cirrus.
+    const driver = { vga: 'VGA', cirrus: 'cirrus-vga', virtio: 'virtio-vga', bochs: 'bochs-display' }[v.model];
+    const props = v.model === 'vga' ? `,vgamem_mb=${v.vramKiB! / 1024}`
+      : v.model === 'bochs' ? `,vgamem=${v.vramKiB! * 1024}`
+      : v.model === 'virtio' ? ',max_outputs=1'
+      : '';
+    add('-device', `${driver},id=${v.id}${props},${pci(v.address!)}`);
   }
   if (def.memballoon?.model === 'virtio') add('-device', `virtio-balloon-pci,id=${def.memballoon.id},${pci(def.memballoon.address!)}`);
   for (const r of def.rngs) {
@@ -152,21 +166,46 @@ function smpOption(def: DomainDef): string {
   return parts.join(',');
 }
 
-function controllerDriver(c: ControllerDef): string {
-  switch (c.type) {
-    case 'usb': return { 'piix3-uhci': 'piix3-usb-uhci', 'qemu-xhci': 'qemu-xhci', 'nec-xhci': 'nec-usb-xhci' }[c.model as string]!;
-    case 'sata': return 'ahci';
-    case 'scsi': return 'virtio-scsi-pci';
-    case 'pci': return PCI_DRIVERS[c.model as PciModel]!;
-    default: return 'virtio-serial-pci';
-  }
-}
+const USB_DRIVERS: Record<string, string> = {
+  'piix3-uhci': 'piix3-usb-uhci',
+  'qemu-xhci': 'qemu-xhci',
+  'nec-xhci': 'nec-usb-xhci',
+  'ich9-ehci1': 'ich9-usb-ehci1',
+  'ich9-uhci1': 'ich9-usb-uhci1',
+  'ich9-uhci2': 'ich9-usb-uhci2',
+  'ich9-uhci3': 'ich9-usb-uhci3',
+};
 
-/** Properties that come before the id, as libvirt orders them. */
-function controllerProperties(c: ControllerDef): string {
-  if (c.model === 'pcie-root-port') return `,port=0x${c.port!.toString(16)},chassis=${c.chassis}`;
-  if (c.model === 'pci-bridge') return `,chassis_nr=${c.chassisNr}`;
-  return '';
+/** A controller's -device, with the properties libvirt passes for it. */
+function controllerDevice(c: ControllerDef, pci: (a: PciAddress) => string): string {
+  const parts: string[] = [];
+  switch (c.type) {
+    case 'usb':
+      parts.push(USB_DRIVERS[c.model!]!);
+      if (c.ports !== undefined) parts.push(`p2=${c.ports}`, `p3=${c.ports}`);
+      // A UHCI companion has no id; it serves ports of its EHCI's bus.
+      if (c.master) parts.push(`masterbus=usb.0`, `firstport=${c.master.startport}`);
+      break;
+    case 'sata':
+      parts.push('ahci');
+      break;
+    case 'scsi':
+      parts.push(c.model === 'lsilogic' ? 'lsi' : 'virtio-scsi-pci');
+      if (c.queues !== undefined) parts.push(`num_queues=${c.queues}`);
+      break;
+    case 'pci':
+      parts.push(PCI_DRIVERS[c.model as PciModel]!);
+      if (c.model === 'pcie-root-port') parts.push(`port=0x${c.port!.toString(16)}`, `chassis=${c.chassis}`);
+      if (c.model === 'pci-bridge') parts.push(`chassis_nr=${c.chassisNr}`);
+      break;
+    default:
+      parts.push('virtio-serial-pci');
+      if (c.ports !== undefined) parts.push(`max_ports=${c.ports}`);
+      if (c.vectors !== undefined) parts.push(`vectors=${c.vectors}`);
+  }
+  if (c.id !== '') parts.push(`id=${c.id}`);
+  parts.push(pci(c.address!));
+  return parts.join(',');
 }
 
 const bootindex = (i: number | undefined) => (i === undefined ? '' : `,bootindex=${i}`);
@@ -228,7 +267,11 @@ function diskDevice(d: DiskDef, controllers: ControllerDef[], pci: (a: PciAddres
     const a = d.address;
     if (d.bus === 'scsi') {
       driver = cd ? 'scsi-cd' : 'scsi-hd';
-      where = `bus=scsi${a.controller}.0,channel=0,scsi-id=${a.target},lun=${a.unit}`;
+      const lsi = controllers.find((c) => c.type === 'scsi' && c.index === a.controller)!.model === 'lsilogic';
+      // The lsi HBA has no channel or LUN property: libvirt gives it the unit as scsi-id.
+      where = lsi ? `bus=scsi${a.controller}.${a.bus},scsi-id=${a.unit}` : `bus=scsi${a.controller}.0,channel=0,scsi-id=${a.target},lun=${a.unit}`;
+      // As libvirt: the VPD device id qemu took from the -drive name before -blockdev (guest-visible).
+      where += `,device_id=${escapeOptionValue(d.serial ?? `drive-${d.id}`)}`;
     } else {
       driver = cd ? 'ide-cd' : 'ide-hd';
       const ctrl = controllers.find((c) => c.type === d.bus && c.index === a.controller)!;
@@ -242,10 +285,11 @@ function diskDevice(d: DiskDef, controllers: ControllerDef[], pci: (a: PciAddres
   if (d.cache) parts.push(`write-cache=${CACHE[d.cache]![2] ? 'on' : 'off'}`);
   if (d.shareable) parts.push('share-rw=on');
   if (d.serial !== undefined) parts.push(`serial=${escapeOptionValue(d.serial)}`);
+  if (d.wwn !== undefined) parts.push(`wwn=0x${d.wwn}`);
   return parts.join(',');
 }
 
-function chardevOption(id: string, s: CharSource, log: CharLog | undefined, fileArg: (path: string) => string): string {
+function chardevOption(id: string, s: CharSource, log: CharLog | undefined, fileArg: (path: string) => string, hostSocket?: string): string {
   let opt: string;
   switch (s.type) {
     case 'pty':
@@ -256,7 +300,7 @@ function chardevOption(id: string, s: CharSource, log: CharLog | undefined, file
       opt = `file,id=${id},path=${escapeOptionValue(fileArg(s.path))}${s.append ? ',append=on' : ''}`;
       break;
     case 'unix':
-      opt = `socket,id=${id},path=${escapeOptionValue(s.path)}${s.mode === 'bind' ? ',server=on,wait=off' : ''}`;
+      opt = `socket,id=${id},path=${escapeOptionValue(s.path ?? hostSocket!)}${s.mode === 'bind' ? ',server=on,wait=off' : ''}`;
       break;
     case 'tcp':
       opt = `socket,id=${id},host=${s.host},port=${s.service}${s.mode === 'bind' ? ',server=on,wait=off' : ''}${s.protocol === 'telnet' ? ',telnet=on' : ''}`;

@@ -36,6 +36,10 @@ export interface RawController extends Pick<ControllerDef, 'chassis' | 'port' | 
   type: ControllerType;
   index?: number;
   model?: ControllerDef['model'];
+  ports?: number;
+  vectors?: number;
+  queues?: number;
+  master?: { startport: number };
   address?: PciAddress;
 }
 /** `mac` is '' when missing (define time only). */
@@ -78,8 +82,10 @@ export interface RawDomain extends Omit<DomainDef,
 }
 
 const DEVICES = '/domain/devices';
-const USB_PORTS: Record<string, number> = { 'piix3-uhci': 2, 'qemu-xhci': 4, 'nec-xhci': 4 };
+/** USB ports of each controller model without a `ports` attribute (libvirt's count; the EHCI's six are shared with its UHCI companions). */
+const USB_PORTS: Record<string, number> = { 'piix3-uhci': 2, 'qemu-xhci': 4, 'nec-xhci': 4, 'ich9-ehci1': 6 };
 const VIRTIO_SERIAL_PORTS = 31;
+const ICH9_SET = ['ich9-ehci1', 'ich9-uhci1', 'ich9-uhci2', 'ich9-uhci3'] as const;
 
 function defaultUsbModel(family: MachineFamily): 'piix3-uhci' | 'qemu-xhci' {
   return family === 'q35' ? 'qemu-xhci' : 'piix3-uhci';
@@ -93,7 +99,7 @@ export function completeDomain(raw: RawDomain): DomainDef {
   const controllers = completeControllers(rawControllers, family);
 
   const ensureController = (type: ControllerType, index: number): ControllerDef => {
-    let c = controllers.find((x) => x.type === type && x.index === index);
+    let c = controllers.find((x) => x.type === type && x.index === index && !x.master);
     if (!c) {
       c = controllerDef({ type, index }, family);
       controllers.push(c);
@@ -112,7 +118,7 @@ export function completeDomain(raw: RawDomain): DomainDef {
   assignBootIndexes(raw.os.bootDevs, raw.os.kernel !== undefined, disks, interfaces);
 
   const serials = completeSerials(rawSerials, rawConsoles);
-  const { consoles, channels } = completeVirtioSerial(rawConsoles, rawChannels, ensureController);
+  const { consoles, channels } = completeVirtioSerial(rawConsoles, rawChannels, ensureController, controllers);
   const inputs = completeInputs(rawInputs, controllers, ensureController);
 
   const videos: VideoDef[] = rawVideos.map((v) => ({ ...v, id: 'video0' }));
@@ -121,6 +127,9 @@ export function completeDomain(raw: RawDomain): DomainDef {
   const memballoon: MemballoonDef | undefined = rawBalloon && { ...rawBalloon, id: 'balloon0' };
   const rngs = rawRngs.map((r, i): RngDef => ({ ...r, address: r.address!, id: `rng${i}`, objectId: `objrng${i}` }));
 
+  // The ICH9 USB2 set is one multifunction slot: q35's 00:1d (as libvirt), else wherever its
+  // uhci1 (function 0) lands, the others placed beside it afterwards.
+  const usbSet = placeIch9Set(family, controllers);
   if (!controllers.some((c) => c.type === 'pci' && c.index === 0)) {
     controllers.unshift(controllerDef({ type: 'pci', index: 0, model: family === 'q35' ? 'pcie-root' : 'pci-root' }, family));
   }
@@ -129,8 +138,8 @@ export function completeDomain(raw: RawDomain): DomainDef {
   if (primaryVideo) (primaryVideo as PciUser).primaryVideo = true;
   const ordered: PciPlacement[] = [
     // libvirt's order of assignment: network, other controllers, virtio disks, balloon, rng, video, inputs.
-    ...interfaces.map((n) => ({ user: n, connect: (n.model === 'virtio' ? 'pcie' : 'pci') as PciConnect })),
-    ...controllers.filter((c) => !c.builtin && c.type !== 'pci').map((c) => ({ user: c, connect: controllerConnect(c) })),
+    ...interfaces.map((n) => ({ user: n, connect: (n.model === 'virtio' || n.model === 'e1000e' ? 'pcie' : 'pci') as PciConnect })),
+    ...controllers.filter((c) => !c.builtin && c.type !== 'pci' && !usbSet.later.includes(c)).map((c) => ({ user: c, connect: controllerConnect(c) })),
     ...disks.filter((d) => d.bus === 'virtio').map((d) => ({ user: d, connect: 'pcie' as const })),
     ...(memballoon && memballoon.model === 'virtio' ? [{ user: memballoon, connect: 'pcie' as const }] : []),
     ...rngs.map((r) => ({ user: r, connect: 'pcie' as const })),
@@ -138,11 +147,48 @@ export function completeDomain(raw: RawDomain): DomainDef {
     ...inputs.filter((i) => i.bus === 'virtio').map((i) => ({ user: i, connect: 'pcie' as const })),
   ];
   placePci(family, controllers, ordered, chipsetFunctions(family, ordered, controllers));
+  usbSet.placeRest();
   if (primaryVideo) delete (primaryVideo as PciUser).primaryVideo;
   // PCI controllers first, in index order (a bus is made before what plugs into it), then the rest as given.
   controllers.sort((a, b) => (a.type === 'pci' ? 0 : 1) - (b.type === 'pci' ? 0 : 1) || (a.type === 'pci' && b.type === 'pci' ? a.index - b.index : 0));
 
   return { ...base, disks, controllers, interfaces, serials, consoles, channels, videos, inputs, ...(memballoon ? { memballoon } : {}), rngs };
+}
+
+/**
+ * Checks the ICH9 USB2 set (an EHCI and its three UHCI companions: all four or none) and
+ * places it where libvirt does: with no addresses, on q35 at 00:1d (uhci1 .0 multifunction,
+ * uhci2 .1, uhci3 .2, ehci1 .7); on i440fx in the slot its uhci1 gets, which `placeRest` then
+ * shares with the others. Given addresses are kept (all four, or none).
+ */
+function placeIch9Set(family: MachineFamily, controllers: ControllerDef[]): { later: ControllerDef[]; placeRest: () => void } {
+  const set = controllers.filter((c) => c.type === 'usb' && (ICH9_SET as readonly string[]).includes(c.model ?? ''));
+  const none = { later: [], placeRest: () => undefined };
+  if (set.length === 0) return none;
+  const byModel = new Map(set.map((c) => [c.model!, c]));
+  for (const c of set) {
+    if (set.filter((x) => x.model === c.model).length > 1) throw fail('unsupported_value', `${c.element}/@model`, `only one ICH9 USB2 set is supported (a second ${c.model})`);
+  }
+  const missing = ICH9_SET.filter((m) => !byModel.has(m));
+  if (missing.length > 0) {
+    throw fail('missing_element', set[0]!.element ?? DEVICES, `the ICH9 USB2 controllers go together: ${missing.join(', ')} ${missing.length > 1 ? 'are' : 'is'} missing (an ich9-ehci1 and its ich9-uhci1..3 companions, each with <master startport>)`);
+  }
+  const withAddress = set.filter((c) => c.address);
+  if (withAddress.length === 4) return none;
+  if (withAddress.length > 0) {
+    const bare = set.find((c) => !c.address)!;
+    throw fail('missing_element', `${bare.element}/address`, 'give the ICH9 USB2 controllers PCI addresses all four, or none');
+  }
+  const fn: Record<string, number> = { 'ich9-uhci1': 0, 'ich9-uhci2': 1, 'ich9-uhci3': 2, 'ich9-ehci1': 7 };
+  const at = (slot: number) => {
+    for (const c of set) c.address = { type: 'pci', domain: 0, bus: 0, slot, function: fn[c.model!]!, multifunction: c.model === 'ich9-uhci1' };
+  };
+  if (family === 'q35') {
+    at(0x1d);
+    return none;
+  }
+  const first = byModel.get('ich9-uhci1')!;
+  return { later: set.filter((c) => c !== first), placeRest: () => at((first.address as PciAddress).slot) };
 }
 
 function controllerDef(c: Omit<RawController, 'element' | 'index'> & { element?: string; index: number }, family: MachineFamily): ControllerDef {
@@ -183,7 +229,8 @@ function controllerDef(c: Omit<RawController, 'element' | 'index'> & { element?:
       onlyIndex0();
       def.model ??= defaultUsbModel(family);
       def.builtin = def.model === 'none';
-      def.id = 'usb';
+      // The ICH9 UHCI companions have no id of their own (libvirt passes none): they hang off usb.0.
+      def.id = c.master ? '' : 'usb';
       break;
     case 'scsi':
       def.model ??= 'virtio-scsi';
@@ -199,13 +246,15 @@ function controllerDef(c: Omit<RawController, 'element' | 'index'> & { element?:
 function completeControllers(raw: RawController[], family: MachineFamily): ControllerDef[] {
   const taken = new Set<string>();
   for (const c of raw) {
-    if (c.index === undefined) continue;
+    // A USB companion shares the index of its EHCI.
+    if (c.index === undefined || c.master) continue;
     const key = `${c.type}:${c.index}`;
     if (taken.has(key)) throw fail('invalid_value', `${c.element}/@index`, `there are two ${c.type} controllers with index ${c.index}`);
     taken.add(key);
   }
   return raw.map((c) => {
     let index = c.index;
+    if (index === undefined && c.master) index = 0;
     if (index === undefined) {
       // A bare root port or bridge never takes index 0: that is the root's, implicit or not.
       index = c.type === 'pci' && c.model !== 'pci-root' && c.model !== 'pcie-root' ? 1 : 0;
@@ -221,6 +270,12 @@ function diskIndex(target: string): number {
   let idx = 0;
   for (const ch of target.slice(2)) idx = idx * 26 + (ch.charCodeAt(0) - 96);
   return idx - 1;
+}
+
+/** libvirt's default SCSI drive address (wide buses): 15 units per controller, unit 7 being the HBA's own. */
+function defaultScsiAddress(idx: number): DriveAddress {
+  const unit = idx % 15;
+  return { type: 'drive', controller: Math.floor(idx / 15), bus: 0, target: 0, unit: unit >= 7 ? unit + 1 : unit };
 }
 
 function completeDisks(raw: RawDisk[], family: MachineFamily, ensure: (t: ControllerType, i: number) => ControllerDef): DiskDef[] {
@@ -255,11 +310,18 @@ function completeDisks(raw: RawDisk[], family: MachineFamily, ensure: (t: Contro
         check(a.bus === 0 && a.target === 0 && a.unit <= 5, 'an AHCI controller has bus 0 and units 0-5');
         id = `sata${a.controller}-0-${a.unit}`;
         break;
-      default:
-        a ??= { type: 'drive', controller: 0, bus: 0, target: 0, unit: idx };
-        check(a.bus === 0 && a.unit <= 16383, 'virtio-scsi has bus 0 and units 0-16383');
-        id = `scsi${a.controller}-0-${a.target}-${a.unit}`;
+      default: {
+        a ??= defaultScsiAddress(idx);
+        if (ensure('scsi', a.controller).model === 'lsilogic') {
+          // The LSI 53C895A: one bus, targets 0-6 (7 is the HBA), LUN 0; libvirt gives the unit as scsi-id.
+          check(a.bus === 0 && a.target === 0 && a.unit <= 6, 'an lsilogic controller has bus 0, target 0 and units 0-6');
+          id = `scsi${a.controller}-${a.bus}-${a.unit}`;
+        } else {
+          check(a.bus === 0 && a.unit <= 16383, 'virtio-scsi has bus 0 and units 0-16383');
+          id = `scsi${a.controller}-0-${a.target}-${a.unit}`;
+        }
         break;
+      }
     }
     ensure(r.bus, a.controller);
     const key = `${r.bus}:${a.controller}:${a.bus}:${a.target}:${a.unit}`;
@@ -331,7 +393,9 @@ function completeSerials(raw: RawSerial[], consoles: RawConsole[]): SerialDef[] 
   return serials;
 }
 
-function completeVirtioSerial(rawConsoles: RawConsole[], rawChannels: RawChannel[], ensure: (t: ControllerType, i: number) => ControllerDef) {
+function completeVirtioSerial(rawConsoles: RawConsole[], rawChannels: RawChannel[], ensure: (t: ControllerType, i: number) => ControllerDef, controllers: ControllerDef[]) {
+  // A controller's ports (max_ports) are 0 .. ports-1.
+  const portsOf = (controller: number) => controllers.find((c) => c.type === 'virtio-serial' && c.index === controller)?.ports ?? VIRTIO_SERIAL_PORTS;
   const used = new Map<string, string>();
   const all = [
     ...rawConsoles.flatMap((c, i) => (c.targetType === 'virtio' ? [{ raw: c, console: true, i }] : [])),
@@ -341,6 +405,7 @@ function completeVirtioSerial(rawConsoles: RawConsole[], rawChannels: RawChannel
     const a = raw.address;
     if (!a) continue;
     if (a.port === 0 && !console) throw fail('invalid_value', `${raw.element}/address/@port`, 'virtio-serial port 0 is reserved for consoles');
+    if (a.port >= portsOf(a.controller)) throw fail('invalid_value', `${raw.element}/address/@port`, `virtio-serial controller ${a.controller} has ports 0-${portsOf(a.controller) - 1}`);
     const key = `${a.controller}:${a.port}`;
     if (used.has(key)) throw fail('invalid_value', `${raw.element}/address`, `virtio-serial port ${a.port} is already used by ${used.get(key)}`);
     used.set(key, raw.element);
@@ -351,7 +416,7 @@ function completeVirtioSerial(rawConsoles: RawConsole[], rawChannels: RawChannel
   for (const { raw, console, i } of all) {
     let a = raw.address;
     if (!a) {
-      const port = Array.from({ length: VIRTIO_SERIAL_PORTS - 1 }, (_, k) => k + 1).find((p) => !used.has(`0:${p}`));
+      const port = Array.from({ length: portsOf(0) - 1 }, (_, k) => k + 1).find((p) => !used.has(`0:${p}`));
       if (port === undefined) throw fail('invalid_value', raw.element, 'virtio-serial controller 0 has no free port');
       used.set(`0:${port}`, raw.element);
       a = { type: 'virtio-serial', controller: 0, bus: 0, port };
@@ -377,7 +442,8 @@ function completeInputs(raw: Omit<InputDef, 'id'>[], controllers: ControllerDef[
   const explicitNone = controllers.find((c) => c.type === 'usb' && c.model === 'none');
   if (explicitNone) throw fail('unsupported_value', `${usb[0]!.element}/@bus`, `the USB controller (${explicitNone.element}) is model 'none'`);
   const ctrl = ensure('usb', 0);
-  const max = USB_PORTS[ctrl.model!]!;
+  const max = ctrl.ports ?? USB_PORTS[ctrl.model!];
+  if (max === undefined) throw fail('unsupported_value', `${usb[0]!.element}/@bus`, `USB devices need the ICH9 EHCI (ich9-ehci1), not its companion ${ctrl.model}`);
   const used = new Map<number, string>();
   for (const i of usb) {
     const a = i.address as UsbAddress | undefined;
@@ -396,9 +462,10 @@ function completeInputs(raw: Omit<InputDef, 'id'>[], controllers: ControllerDef[
   return inputs;
 }
 
+/** xhci and the virtio controllers are PCIe endpoints; UHCI/EHCI, AHCI and lsi are conventional PCI. */
 function controllerConnect(c: ControllerDef): PciConnect {
-  if (c.type === 'usb') return c.model === 'piix3-uhci' ? 'pci' : 'pcie';
-  if (c.type === 'sata') return 'pci';
+  if (c.type === 'usb') return c.model === 'qemu-xhci' || c.model === 'nec-xhci' ? 'pcie' : 'pci';
+  if (c.type === 'sata' || c.model === 'lsilogic') return 'pci';
   return 'pcie';
 }
 

@@ -95,11 +95,13 @@ export interface DiskDef {
   readonly: boolean;
   shareable: boolean;
   serial?: string;
+  /** `<wwn>`: 16 hex digits, lower case, without 0x (IDE and SCSI disks only, as libvirt). */
+  wwn?: string;
   bootOrder?: number;
   /** Effective qemu bootindex, from `<boot order>` or the `<os><boot dev>` list. */
   bootIndex?: number;
   address: PciAddress | DriveAddress;
-  /** qemu device id in libvirt's style: virtio-disk0, ide0-0-0, sata0-0-1, scsi0-0-0-0. */
+  /** qemu device id in libvirt's style: virtio-disk0, ide0-0-0, sata0-0-1, scsi0-0-0-0 (lsilogic: scsi0-0-0). */
   id: string;
 }
 
@@ -112,7 +114,7 @@ export interface ControllerDef {
   element?: string;
   type: ControllerType;
   index: number;
-  model?: 'none' | 'piix3-uhci' | 'qemu-xhci' | 'nec-xhci' | 'virtio-scsi' | PciModel;
+  model?: UsbModel | 'virtio-scsi' | 'lsilogic' | PciModel;
   /** pcie-root-port: its chassis and port numbers (libvirt: the index, and slot << 3 | function). */
   chassis?: number;
   port?: number;
@@ -120,17 +122,34 @@ export interface ControllerDef {
   chassisNr?: number;
   /** Provided by the machine type itself: nothing on the command line. */
   builtin: boolean;
+  /** usb (qemu-xhci, nec-xhci): USB 2 and USB 3 ports each (p2/p3); virtio-serial: max_ports. */
+  ports?: number;
+  /** virtio-serial: MSI-X vectors. */
+  vectors?: number;
+  /** virtio-scsi `<driver queues>`: num_queues. */
+  queues?: number;
+  /** An ICH9 UHCI companion of the EHCI with the same index: its first port there (masterbus/firstport). */
+  master?: { startport: number };
   address?: PciAddress;
-  /** qemu id; buses hang below it (`usb.0`, `sata1.3`, `scsi0.0`, `virtio-serial0.0`). */
+  /** qemu id; buses hang below it (`usb.0`, `sata1.3`, `scsi0.0`, `virtio-serial0.0`). '' for a USB companion (no id, as libvirt). */
   id: string;
 }
 
+export type UsbModel = 'none' | 'piix3-uhci' | 'qemu-xhci' | 'nec-xhci' | 'ich9-ehci1' | 'ich9-uhci1' | 'ich9-uhci2' | 'ich9-uhci3';
+
 export interface InterfaceDef {
   element: string;
-  type: 'user' | 'bridge' | 'ethernet';
+  /**
+   * bridge and network: a tap the agent creates and attaches to the bridge (a network's bridge
+   * is the host's --network mapping); ethernet: a tap that exists already (`targetDev`).
+   */
+  type: 'user' | 'bridge' | 'network' | 'ethernet';
   mac: string;
-  model: 'virtio' | 'e1000' | 'rtl8139';
+  model: 'virtio' | 'e1000' | 'e1000e' | 'rtl8139';
   bridge?: string;
+  /** type network: the libvirt network's name (`<source network>`), resolved by the host. */
+  network?: string;
+  /** ethernet: the existing tap; bridge/network: the name the tap the agent creates is to have. */
   targetDev?: string;
   bootOrder?: number;
   bootIndex?: number;
@@ -144,6 +163,8 @@ export type CharSource =
   | { type: 'null' }
   | { type: 'file'; path: string; append?: boolean }
   | { type: 'unix'; mode: 'bind' | 'connect'; path: string }
+  /** A virtio channel's listening socket with no path: the host puts it in the guest's own run directory. */
+  | { type: 'unix'; mode: 'bind'; path?: undefined }
   | { type: 'tcp'; mode: 'bind' | 'connect'; host: string; service: number; protocol: 'raw' | 'telnet' };
 
 export interface CharLog {
@@ -194,7 +215,8 @@ export interface GraphicsDef {
 export interface VideoDef {
   /** Absent for the VGA added implicitly for `<graphics>`. */
   element?: string;
-  model: 'vga' | 'cirrus' | 'virtio' | 'none';
+  model: 'vga' | 'cirrus' | 'virtio' | 'bochs' | 'none';
+  /** vga and bochs: passed on (vgamem_mb, vgamem); cirrus: kept in the XML, not passed (as libvirt). */
   vramKiB?: number;
   address?: PciAddress;
   id: string;
@@ -211,6 +233,8 @@ export interface InputDef {
 export interface MemballoonDef {
   element: string;
   model: 'virtio' | 'none';
+  /** `<stats period>` in seconds: set over QMP after start (guest-stats-polling-interval), not argv. */
+  statsPeriod?: number;
   address?: PciAddress;
   id: string;
 }
@@ -295,6 +319,10 @@ export interface HostSettings {
   accel: Accel;
   qmpSocketPath: string;
   pidfilePath: string;
+  /** Where the listening socket of a virtio channel without a `<source path>` goes (by channel id); needed for such a channel. */
+  channelSocketPath?: (channelId: string) => string;
+  /** The tap the host made for an interface of type bridge or network (by interface id); needed for such an interface. */
+  tapName?: (interfaceId: string) => string;
   /**
    * What qemu is told for a guest file it opens through qemu_open (disks, chardev files and
    * logs): the path itself, or `/dev/fdset/N` for a descriptor the agent opened and checked.

@@ -476,7 +476,7 @@ function parseAddress<K extends AddressKind>(dev: Node, kinds: readonly K[]): Ad
     case 'usb':
       a.expect({ attrs: ['type', 'bus', 'port'] });
       a.requireAttr('port');
-      addr = { type: 'usb', bus: a.intAttr('bus', 0, 0) ?? 0, port: a.intAttr('port', 1, 8)! };
+      addr = { type: 'usb', bus: a.intAttr('bus', 0, 0) ?? 0, port: a.intAttr('port', 1, 15)! };
       break;
     case 'virtio-serial':
       a.expect({ attrs: ['type', 'controller', 'bus', 'port'] });
@@ -506,7 +506,7 @@ function parseDisk(dev: Node): RawDisk {
   // The discriminating attributes first: what else is allowed depends on them.
   const type = dev.requireEnumAttr('type', ['file', 'block'] as const);
   const device = dev.enumAttr('device', ['disk', 'cdrom'] as const) ?? 'disk';
-  dev.expect({ attrs: ['type', 'device'], children: ['driver', 'source', 'target', 'readonly', 'shareable', 'serial', 'boot', 'address'] });
+  dev.expect({ attrs: ['type', 'device'], children: ['driver', 'source', 'target', 'readonly', 'shareable', 'serial', 'wwn', 'boot', 'address'] });
 
   const driver = dev.child('driver');
   driver?.expect({ attrs: ['name', 'type', 'cache', 'io', 'discard'] });
@@ -546,6 +546,15 @@ function parseDisk(dev: Node): RawDisk {
   if (serial !== undefined && !/^[A-Za-z0-9_.+ -]{1,20}$/.test(serial)) {
     throw fail('invalid_value', serialNode!.path, 'a disk serial is 1-20 characters of [A-Za-z0-9_.+ -]');
   }
+  const wwnNode = dev.child('wwn')?.expect({ text: true });
+  let wwn: string | undefined;
+  if (wwnNode) {
+    // As libvirt: 16 hex digits, 0x optional; only IDE and SCSI disks take one (not virtio, not SATA).
+    const m = /^(?:0x)?([0-9a-fA-F]{16})$/.exec(wwnNode.text());
+    if (!m) throw fail('invalid_value', wwnNode.path, `'${wwnNode.text()}' is not a WWN (16 hex digits, 0x optional)`);
+    if (bus !== 'ide' && bus !== 'scsi') throw fail('unsupported_element', wwnNode.path, `only IDE and SCSI disks take a <wwn> (as in libvirt), not bus '${bus}'`);
+    wwn = m[1]!.toLowerCase();
+  }
   const disk: RawDisk = {
     element: dev.path, type, device, format, target, bus,
     readonly: device === 'cdrom' || dev.child('readonly') !== undefined,
@@ -556,6 +565,7 @@ function parseDisk(dev: Node): RawDisk {
   if (discard) disk.discard = discard;
   if (source !== undefined) disk.source = source;
   if (serial !== undefined) disk.serial = serial;
+  if (wwn !== undefined) disk.wwn = wwn;
   const bootOrder = parseBootOrder(dev);
   if (bootOrder !== undefined) disk.bootOrder = bootOrder;
   const address = parseAddress(dev, bus === 'virtio' ? ['pci'] as const : ['drive'] as const);
@@ -563,21 +573,56 @@ function parseDisk(dev: Node): RawDisk {
   return disk;
 }
 
+const USB_MODELS = ['none', 'piix3-uhci', 'qemu-xhci', 'nec-xhci', 'ich9-ehci1', 'ich9-uhci1', 'ich9-uhci2', 'ich9-uhci3'] as const;
+
 function parseController(dev: Node, family: MachineFamily): RawController {
   const type = dev.requireEnumAttr('type', ['usb', 'ide', 'sata', 'scsi', 'virtio-serial', 'pci'] as const);
-  dev.expect({ attrs: ['type', 'index', 'model'], children: type === 'pci' ? ['model', 'target', 'address'] : ['address'] });
+  const usbModel = type === 'usb' ? dev.enumAttr('model', USB_MODELS) : undefined;
+  const scsiModel = type === 'scsi' ? dev.enumAttr('model', ['virtio-scsi', 'lsilogic'] as const) : undefined;
+  const xhci = usbModel === 'qemu-xhci' || usbModel === 'nec-xhci';
+  const companion = usbModel !== undefined && usbModel.startsWith('ich9-uhci');
+  // What each kind takes, as libvirt: ports only on xhci (p2/p3) and virtio-serial (max_ports).
+  dev.expect({
+    attrs: ['type', 'index', 'model', ...(xhci || type === 'virtio-serial' ? ['ports'] : []), ...(type === 'virtio-serial' ? ['vectors'] : [])],
+    children: ['address', ...(companion ? ['master'] : []), ...(type === 'scsi' ? ['driver'] : []), ...(type === 'pci' ? ['model', 'target'] : [])],
+  });
   const c: RawController = { element: dev.path, type };
   const index = dev.intAttr('index', 0, type === 'pci' ? 255 : 31);
   if (index !== undefined) c.index = index;
   switch (type) {
     case 'usb': {
-      const m = dev.enumAttr('model', ['none', 'piix3-uhci', 'qemu-xhci', 'nec-xhci'] as const);
-      if (m) c.model = m;
+      if (usbModel) c.model = usbModel;
+      // qemu's xhci has at most 15 ports of each kind.
+      const ports = dev.intAttr('ports', 1, 15);
+      if (ports !== undefined) c.ports = ports;
+      if (companion) {
+        const master = dev.requireChild('master').expect({ attrs: ['startport'] });
+        master.requireAttr('startport');
+        const startport = master.intAttr('startport', 0, 5)!;
+        // Each UHCI companion serves two of the EHCI's six ports: uhci1 0-1, uhci2 2-3, uhci3 4-5.
+        const expected = 2 * (Number(usbModel!.slice(-1)) - 1);
+        if (startport !== expected) throw fail('invalid_value', master.attrPath('startport'), `${usbModel} takes the EHCI's ports from ${expected} (startport='${expected}')`);
+        c.master = { startport };
+      }
       break;
     }
     case 'scsi': {
-      const m = dev.enumAttr('model', ['virtio-scsi'] as const);
-      if (m) c.model = m;
+      if (scsiModel) c.model = scsiModel;
+      const driver = dev.child('driver');
+      if (driver) {
+        driver.expect({ attrs: scsiModel === 'lsilogic' ? [] : ['queues'] });
+        const queues = driver.intAttr('queues', 1, 1024);
+        if (queues !== undefined) c.queues = queues;
+      }
+      break;
+    }
+    case 'virtio-serial': {
+      // qemu's default is 31 ports (0-30); libvirt passes the attribute as max_ports.
+      const ports = dev.intAttr('ports', 1, 31);
+      if (ports !== undefined) c.ports = ports;
+      const vectors = dev.intAttr('vectors', 0, 2048);
+      if (vectors !== undefined) c.vectors = vectors;
+      if (dev.attr('model') !== undefined) throw fail('unsupported_attribute', dev.attrPath('model'), `<controller type='${type}'> takes no model`);
       break;
     }
     case 'pci':
@@ -626,7 +671,7 @@ function parsePciController(dev: Node, family: MachineFamily): Pick<RawControlle
 }
 
 function parseInterface(dev: Node, allowMissingIds: boolean): RawInterface {
-  const type = dev.requireEnumAttr('type', ['user', 'bridge', 'ethernet'] as const);
+  const type = dev.requireEnumAttr('type', ['user', 'bridge', 'network', 'ethernet'] as const);
   dev.expect({ attrs: ['type'], children: ['mac', 'model', 'source', 'target', 'boot', 'address'] });
   const iface: RawInterface = { element: dev.path, type, mac: '', model: 'rtl8139' };
 
@@ -642,13 +687,19 @@ function parseInterface(dev: Node, allowMissingIds: boolean): RawInterface {
   }
   // libvirt's default NIC for x86 qemu guests; normalization writes it into the XML.
   const modelNode = dev.child('model');
-  if (modelNode) iface.model = modelNode.expect({ attrs: ['type'] }).requireEnumAttr('type', ['virtio', 'e1000', 'rtl8139'] as const);
+  if (modelNode) iface.model = modelNode.expect({ attrs: ['type'] }).requireEnumAttr('type', ['virtio', 'e1000', 'e1000e', 'rtl8139'] as const);
 
   const src = dev.child('source');
   const tgt = dev.child('target');
   if (type === 'bridge') {
     const s = dev.requireChild('source').expect({ attrs: ['bridge'] });
     iface.bridge = ifname(s.requireAttr('bridge'), s.attrPath('bridge'));
+  } else if (type === 'network') {
+    // The host maps the network's name to one of its bridges (the agent's --network); not here.
+    const s = dev.requireChild('source').expect({ attrs: ['network'] });
+    const network = s.requireAttr('network');
+    if (!/^[A-Za-z0-9_.+-]{1,64}$/.test(network)) throw fail('invalid_value', s.attrPath('network'), `'${network}' is not a network name`);
+    iface.network = network;
   } else if (src) {
     throw fail('unsupported_element', src.path, `<source> is not supported for interface type '${type}'`);
   }
@@ -656,6 +707,12 @@ function parseInterface(dev: Node, allowMissingIds: boolean): RawInterface {
     const t = dev.requireChild('target').expect({ attrs: ['dev', 'managed'] });
     t.enumAttr('managed', ['no'] as const);
     iface.targetDev = ifname(t.requireAttr('dev'), t.attrPath('dev'));
+  } else if ((type === 'bridge' || type === 'network') && tgt) {
+    // The name of the tap the agent creates. A vnet* name is one libvirt generated (a live
+    // XML's): libvirt drops it from an inactive definition, and so is it passed over here.
+    const t = tgt.expect({ attrs: ['dev'] });
+    const name = ifname(t.requireAttr('dev'), t.attrPath('dev'));
+    if (!name.startsWith('vnet')) iface.targetDev = name;
   } else if (tgt) {
     throw fail('unsupported_element', tgt.path, `<target> is not supported for interface type '${type}'`);
   }
@@ -672,7 +729,7 @@ function ifname(v: string, path: string): string {
 }
 
 /** The character-device backend shared by serial, console and channel. */
-function parseCharSource(dev: Node, type: (typeof CHAR_TYPES)[number]): { source: CharSource; log?: CharLog } {
+function parseCharSource(dev: Node, type: (typeof CHAR_TYPES)[number], hostPlacedSocket = false): { source: CharSource; log?: CharLog } {
   const src = dev.child('source');
   const proto = dev.child('protocol');
   if (proto && type !== 'tcp') throw fail('unsupported_element', proto.path, '<protocol> only applies to tcp');
@@ -695,6 +752,13 @@ function parseCharSource(dev: Node, type: (typeof CHAR_TYPES)[number]): { source
       break;
     }
     case 'unix': {
+      // A virtio channel that listens may leave the path to the host (virt-install writes
+      // <source mode='bind'/>, or no <source>): the socket goes in the guest's run directory.
+      if (hostPlacedSocket && (!src || (src.attr('path') === undefined && src.attr('mode') !== 'connect'))) {
+        src?.expect({ attrs: ['mode'] }).enumAttr('mode', ['bind'] as const);
+        source = { type, mode: 'bind' };
+        break;
+      }
       const s = dev.requireChild('source').expect({ attrs: ['mode', 'path'] });
       source = { type, mode: s.requireEnumAttr('mode', ['bind', 'connect'] as const), path: hostPath(s.requireAttr('path'), s.attrPath('path')) };
       break;
@@ -762,7 +826,7 @@ function parseChannel(dev: Node): RawChannel {
   t.expect({ attrs: ['type', 'name'] });
   const name = t.requireAttr('name');
   if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) throw fail('invalid_value', t.attrPath('name'), `'${name}' is not a valid channel name`);
-  const ch: RawChannel = { element: dev.path, name, ...parseCharSource(dev, type) };
+  const ch: RawChannel = { element: dev.path, name, ...parseCharSource(dev, type, true) };
   const address = parseAddress(dev, ['virtio-serial'] as const);
   if (address) ch.address = address;
   return ch;
@@ -799,15 +863,18 @@ function parseGraphics(dev: Node): GraphicsDef {
 function parseVideo(dev: Node): Omit<VideoDef, 'id'> {
   dev.expect({ children: ['model', 'address'] });
   const m = dev.requireChild('model');
-  const model = m.requireEnumAttr('type', ['vga', 'cirrus', 'virtio', 'none'] as const);
+  const model = m.requireEnumAttr('type', ['vga', 'cirrus', 'virtio', 'bochs', 'none'] as const);
   m.expect({ attrs: ['type', 'vram', 'heads', 'primary'] });
   m.enumAttr('heads', ['1'] as const);
   m.enumAttr('primary', ['yes'] as const);
   const v: Omit<VideoDef, 'id'> = { element: dev.path, model };
   const vram = m.attr('vram');
-  if (model === 'vga' || model === 'cirrus') {
-    // qemu takes whole MiB as a power of two; cirrus only 4, 8 or 16.
-    const allowed = model === 'vga' ? [1, 2, 4, 8, 16, 32, 64, 128, 256] : [4, 8, 16];
+  if (model === 'cirrus') {
+    // libvirt passes cirrus no size (qemu's cirrus-vga has a fixed 4 MiB): vram is only kept.
+    if (vram !== undefined) v.vramKiB = m.intAttr('vram', 1, 1048576)!;
+  } else if (model === 'vga' || model === 'bochs') {
+    // qemu takes whole MiB as a power of two (bochs-display at least 4).
+    const allowed = model === 'vga' ? [1, 2, 4, 8, 16, 32, 64, 128, 256] : [4, 8, 16, 32, 64, 128, 256];
     const kib = vram === undefined ? 16384 : m.intAttr('vram', 1024, 262144)!;
     if (!allowed.includes(kib / 1024)) {
       throw fail('invalid_value', m.attrPath('vram'), `vram for ${model} must be one of ${allowed.map((x) => x * 1024).join(', ')} KiB`);
@@ -834,8 +901,14 @@ function parseInput(dev: Node): Omit<InputDef, 'id'> {
 
 function parseMemballoon(dev: Node): Omit<MemballoonDef, 'id'> {
   const model = dev.requireEnumAttr('model', ['virtio', 'none'] as const);
-  dev.expect({ attrs: ['model'], children: ['address'] });
+  dev.expect({ attrs: ['model'], children: model === 'virtio' ? ['address', 'stats'] : ['address'] });
   const b: Omit<MemballoonDef, 'id'> = { element: dev.path, model };
+  const stats = dev.child('stats');
+  if (stats) {
+    stats.expect({ attrs: ['period'] });
+    stats.requireAttr('period');
+    b.statsPeriod = stats.intAttr('period', 0, 2 ** 31 - 1)!;
+  }
   const address = parseAddress(dev, model === 'none' ? [] : ['pci'] as const);
   if (address) b.address = address;
   return b;

@@ -21,7 +21,8 @@ export function domainFileRefs(def: DomainDef): FileRef[] {
   const chardev = (kind: FileRef['kind'], element: string, source: CharSource, log: CharLog | undefined) => {
     if (source.type === 'file') refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: false, writes: true, passable: true, ...(source.append ? { append: true } : {}) });
     // qemu creates a listening socket; it connects to an existing one.
-    if (source.type === 'unix') {
+    // A socket without a path is the host's own, in the guest's run directory: no guest file.
+    if (source.type === 'unix' && source.path !== undefined) {
       const listens = source.mode !== 'connect';
       refs.push({ kind, path: source.path, element: `${element}/source/@path`, mustExist: !listens, writes: listens, ...(listens ? { listens } : {}) });
     }

@@ -5,7 +5,7 @@ import { writeFileAtomic, removeDurably } from './atomic.js';
 import type { QemuProcessRecord } from '../qemu/process.js';
 
 /** The directories below --state-dir, each the agent's alone. */
-const STATE_KINDS = ['domains', 'runtime', 'jobs', 'run', 'logs', 'quarantine', 'tls'] as const;
+const STATE_KINDS = ['domains', 'runtime', 'jobs', 'taps', 'run', 'logs', 'quarantine', 'tls'] as const;
 type StateKind = (typeof STATE_KINDS)[number];
 
 /** A file found unreadable at load: set aside under quarantine/ and reported, never fatal. */
@@ -21,6 +21,7 @@ export interface QuarantinedFile {
  *   domains/<name>.xml    definitions (normalized XML)
  *   runtime/<name>.json   what is needed to find a running qemu again (pid, start time, socket)
  *   jobs/<id>.json        migration job records
+ *   taps/<name>.json      the taps the agent made for a domain's qemu, until it deleted them
  *   run/                  QMP sockets and pidfiles
  *   logs/                 qemu logs
  *   quarantine/           corrupt files set aside at load
@@ -53,7 +54,7 @@ export class StateStore {
       await fs.mkdir(this.dir(kind), { recursive: true, mode: 0o700 });
     }
     // Temp files of a write interrupted by a crash are garbage by construction.
-    for (const kind of ['domains', 'runtime', 'jobs'] as const) {
+    for (const kind of ['domains', 'runtime', 'jobs', 'taps'] as const) {
       for (const entry of await fs.readdir(this.dir(kind))) {
         if (entry.startsWith('.') && entry.endsWith('.tmp')) await fs.rm(path.join(this.dir(kind), entry), { force: true });
       }
@@ -87,13 +88,13 @@ export class StateStore {
   }
 
   // --- runtime records and jobs: JSON documents keyed by a file-safe id ---
-  async saveRecord(kind: 'runtime' | 'jobs', id: string, value: unknown): Promise<void> {
+  async saveRecord(kind: 'runtime' | 'jobs' | 'taps', id: string, value: unknown): Promise<void> {
     await writeFileAtomic(path.join(this.dir(kind), `${id}.json`), JSON.stringify(value, null, 2) + '\n');
   }
-  async removeRecord(kind: 'runtime' | 'jobs', id: string): Promise<void> {
+  async removeRecord(kind: 'runtime' | 'jobs' | 'taps', id: string): Promise<void> {
     await removeDurably(path.join(this.dir(kind), `${id}.json`));
   }
-  async loadRecords<T>(kind: 'runtime' | 'jobs', valid: (v: unknown) => boolean): Promise<Array<{ id: string; value: T }>> {
+  async loadRecords<T>(kind: 'runtime' | 'jobs' | 'taps', valid: (v: unknown) => boolean): Promise<Array<{ id: string; value: T }>> {
     const out: Array<{ id: string; value: T }> = [];
     for (const entry of (await fs.readdir(this.dir(kind))).sort()) {
       if (!entry.endsWith('.json') || entry.startsWith('.')) continue;

@@ -27,6 +27,8 @@ export const KVM_HOST: HostSettings = {
   accel: 'kvm',
   qmpSocketPath: '/run/kvm-migrate/qmp.sock',
   pidfilePath: '/run/kvm-migrate/qemu.pid',
+  channelSocketPath: (id) => `/run/kvm-migrate/${id}.sock`,
+  tapName: (id) => `kmtap-${id}`,
 };
 export const TCG_HOST: HostSettings = { ...KVM_HOST, accel: 'tcg' };
 

@@ -154,13 +154,15 @@ export async function spawnAgent(
     netns?: string;
     /** Where the test reaches the agent, when that is not the listen host (0.0.0.0 in a namespace). */
     urlHost?: string;
+    /** With netns: a command the agent's node runs under (`sh -c '... exec "$@"' ARG0`), inside the namespace. */
+    prefix?: string[];
   },
 ): Promise<AgentProcess> {
   const port = opts.port ?? (opts.netns ? 7100 : await freePort(opts.host));
   const cli = path.join(packageRoot, 'dist', 'bin', 'kvm-migrate.js');
   const args = [cli, 'agent', '--listen', `${opts.host}:${port}`, '--state-dir', opts.stateDir, '--allow-path', opts.allowPath, '--log-level', 'warn', '--accel', TEST_ACCEL, ...(opts.extra ?? [])];
   const command = opts.netns ? 'ip' : process.execPath;
-  const argv = opts.netns ? ['netns', 'exec', opts.netns, process.execPath, ...args] : args;
+  const argv = opts.netns ? ['netns', 'exec', opts.netns, ...(opts.prefix ?? []), process.execPath, ...args] : args;
   const child = spawn(command, argv, {
     env: { ...process.env, KVM_MIGRATE_TOKEN: opts.token ?? TEST_TOKEN },
     stdio: ['ignore', 'ignore', 'inherit'],
