@@ -27,6 +27,8 @@ import type {
   UsbAddress,
   VideoDef,
   VirtioSerialAddress,
+  WatchdogAction,
+  WatchdogDef,
 } from './model.js';
 import { fail } from './walk.js';
 
@@ -62,9 +64,11 @@ export interface RawChannel {
   address?: VirtioSerialAddress;
 }
 type RawRng = Omit<RngDef, 'id' | 'objectId' | 'address'> & { address?: PciAddress };
+export type RawWatchdog = Omit<WatchdogDef, 'id'> & { action: WatchdogAction };
 
 export interface RawDomain extends Omit<DomainDef,
-  'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'videos' | 'inputs' | 'memballoon' | 'rngs'> {
+  'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'videos' | 'inputs' | 'memballoon' | 'rngs'
+  | 'watchdogs' | 'watchdogAction'> {
   disks: RawDisk[];
   controllers: RawController[];
   interfaces: RawInterface[];
@@ -75,6 +79,7 @@ export interface RawDomain extends Omit<DomainDef,
   inputs: Omit<InputDef, 'id'>[];
   memballoon?: Omit<MemballoonDef, 'id'>;
   rngs: RawRng[];
+  watchdogs: RawWatchdog[];
 }
 
 const DEVICES = '/domain/devices';
@@ -88,7 +93,7 @@ function defaultUsbModel(family: MachineFamily): 'piix3-uhci' | 'qemu-xhci' {
 export function completeDomain(raw: RawDomain): DomainDef {
   const { disks: rawDisks, controllers: rawControllers, interfaces: rawIfaces, serials: rawSerials,
     consoles: rawConsoles, channels: rawChannels, videos: rawVideos, inputs: rawInputs, memballoon: rawBalloon,
-    rngs: rawRngs, ...base } = raw;
+    rngs: rawRngs, watchdogs: rawWatchdogs, ...base } = raw;
   const family = raw.machineFamily;
   const controllers = completeControllers(rawControllers, family);
 
@@ -120,6 +125,12 @@ export function completeDomain(raw: RawDomain): DomainDef {
   if (videos.length === 0 && raw.graphics.length > 0) videos.push({ model: 'vga', vramKiB: 16384, id: 'video0' });
   const memballoon: MemballoonDef | undefined = rawBalloon && { ...rawBalloon, id: 'balloon0' };
   const rngs = rawRngs.map((r, i): RngDef => ({ ...r, address: r.address!, id: `rng${i}`, objectId: `objrng${i}` }));
+  const watchdogs = rawWatchdogs.map(({ action: _action, ...w }, i): WatchdogDef => ({ ...w, id: `watchdog${i}` }));
+  for (const d of disks) {
+    if (d.iothread !== undefined && d.iothread > raw.iothreads) {
+      throw fail('invalid_value', `${d.element}/driver/@iothread`, `iothread ${d.iothread} does not exist (<iothreads> is ${raw.iothreads})`);
+    }
+  }
 
   assignPciSlots(family, [
     ...videos.filter((v) => v.model !== 'none'),
@@ -129,9 +140,13 @@ export function completeDomain(raw: RawDomain): DomainDef {
     ...inputs.filter((i) => i.bus === 'virtio'),
     ...(memballoon && memballoon.model === 'virtio' ? [memballoon] : []),
     ...rngs,
+    ...watchdogs.filter((w) => w.model === 'i6300esb'),
   ], controllers);
 
-  return { ...base, disks, controllers, interfaces, serials, consoles, channels, videos, inputs, ...(memballoon ? { memballoon } : {}), rngs };
+  return {
+    ...base, disks, controllers, interfaces, serials, consoles, channels, videos, inputs, ...(memballoon ? { memballoon } : {}), rngs,
+    watchdogs, ...(rawWatchdogs[0] ? { watchdogAction: rawWatchdogs[0].action } : {}),
+  };
 }
 
 function controllerDef(c: Omit<RawController, 'element' | 'index'> & { element?: string; index: number }, family: MachineFamily): ControllerDef {

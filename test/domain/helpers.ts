@@ -27,6 +27,7 @@ export const KVM_HOST: HostSettings = {
   accel: 'kvm',
   qmpSocketPath: '/run/kvm-migrate/qmp.sock',
   pidfilePath: '/run/kvm-migrate/qemu.pid',
+  hugepagesPath: '/dev/hugepages/kvm-migrate/guest',
 };
 export const TCG_HOST: HostSettings = { ...KVM_HOST, accel: 'tcg' };
 
