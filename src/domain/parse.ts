@@ -656,6 +656,11 @@ function parseLifecycle(d: Node): Pick<RawDomain, 'onPoweroff' | 'onReboot' | 'o
     }
     return v as T;
   };
+  const poweroff = d.child('on_poweroff');
+  if (poweroff?.text() === 'restart') {
+    // libvirt turns the guest's poweroff into a reset of the same qemu; here a poweroff ends it.
+    throw fail('unsupported_value', poweroff.path, "on_poweroff 'restart' is not done: a guest that powers off is stopped here (supported: destroy, preserve)");
+  }
   const onPoweroff = action('on_poweroff', ['destroy', 'preserve'] as const, 'destroy');
   const onReboot = action('on_reboot', ['restart', 'destroy'] as const, 'restart');
   const crash = d.child('on_crash');
