@@ -23,6 +23,7 @@ import type { QemuUsers } from './qemu-user.js';
 import type { XmlPool } from './xml-pool.js';
 import { bridgeExists, createTap, deleteTap, isTapRecord, newTapName, tunUsableBy, type TapRecord } from './taps.js';
 import type { QemuCredentials } from '../qemu/process.js';
+import { applyPinning, checkPinning, prepareHugepages, releaseHugepages } from './host-resources.js';
 
 /**
  * Host policy, not guest ABI (so not part of the domain's argv): qemu's seccomp filter refuses
@@ -477,6 +478,8 @@ export class DomainManager extends EventEmitter {
     if (availableKiB !== undefined && entry.def.memoryKiB > availableKiB) {
       throw conflict('insufficient_host_memory', `the guest needs ${entry.def.memoryKiB} KiB; this host has ${availableKiB} KiB available`, { domain: entry.name });
     }
+    // Pinning to CPUs this host lacks could not be applied (taskset would fail after the start).
+    await checkPinning(entry.def);
     const credentials = this.opts.qemuUsers.allocate();
     let tapsMade = false;
     try {
@@ -486,9 +489,15 @@ export class DomainManager extends EventEmitter {
       await fs.mkdir(runDir, { recursive: true, mode: 0o700 });
       await fs.chmod(runDir, 0o700);
       if (credentials) await fs.chown(runDir, credentials.uid, credentials.gid);
+      const hugepagesPath = await prepareHugepages(entry.def, entry.uuid, credentials);
       // qemu gets the files the agent opened and checked, not paths it would resolve again itself.
       const files = await openGuestFiles(domainFileRefs(entry.def), this.opts.allowPaths, this.opts.store.internalPaths(), { qemuUser: credentials, scratchDir: runDir });
-      const host = { ...this.hostSettings(entry.uuid, taps), fileArg: (p: string) => files.args.get(p) ?? p, imageChain: (p: string) => files.chains.get(p) };
+      const host = {
+        ...this.hostSettings(entry.uuid, taps),
+        fileArg: (p: string) => files.args.get(p) ?? p,
+        imageChain: (p: string) => files.chains.get(p),
+        ...(hugepagesPath ? { hugepagesPath } : {}),
+      };
       const argv = [...buildArgv(entry.def, host, { incoming: opts.incoming }), ...QEMU_SANDBOX_ARGS];
       const { record, qmp } = await launchQemu({
         binary: host.qemuBinary,
@@ -499,8 +508,9 @@ export class DomainManager extends EventEmitter {
         passFds: files.fds,
         plainFds: files.plainFds,
         credentials,
-      }).catch((err: unknown) => {
+      }).catch(async (err: unknown) => {
         files.close();
+        if (entry.def.hugepages) await releaseHugepages(entry.uuid);
         if (!(err instanceof QemuStartError)) throw err;
         // qemu refused the guest (a device this host lacks, a file it cannot open): the domain keeps why.
         entry.lastExit = { reason: 'start_failed', at: new Date().toISOString(), message: err.message };
@@ -524,6 +534,13 @@ export class DomainManager extends EventEmitter {
       this.watch(entry, run);
       tapsMade = false; // the qemu runs: they go when it ends
       await this.applyBalloonStatsPeriod(entry, qmp);
+      try {
+        const pinned = await applyPinning(entry.def, record.pid, qmp);
+        if (pinned.length > 0) this.opts.log.info({ domain: entry.name, pinned }, 'qemu threads pinned');
+      } catch (err) {
+        await this.stopQemu(entry, 'start_failed');
+        throw new AgentError(500, 'pinning_failed', `could not pin the threads of ${entry.name}'s qemu: ${(err as Error).message}`, { domain: entry.name });
+      }
       return run;
     } finally {
       this.opts.qemuUsers.release(credentials);
@@ -649,6 +666,12 @@ export class DomainManager extends EventEmitter {
     entry.run = run;
     run.qmp.onEvent((e) => {
       if (e.event === 'SHUTDOWN' && e.data.guest === true) run.guestShutdown = true;
+      // on_crash='restart': qemu paused the panicked guest (-action panic=pause); reset it and
+      // let it run on, as libvirt's fake reboot does (the same qemu, no new process).
+      if (e.event === 'GUEST_PANICKED' && e.data.action === 'pause' && entry.def.onCrash === 'restart' && entry.run === run) {
+        this.opts.log.warn({ domain: entry.name, info: e.data.info }, 'guest panicked: resetting it (on_crash restart)');
+        void run.qmp.execute('system_reset').then(() => run.qmp.execute('cont')).catch((err: unknown) => this.opts.log.error({ err, domain: entry.name }, 'could not restart the panicked guest'));
+      }
     });
     void run.qmp.closed.then(() => this.onQmpClosed(entry, run));
   }
@@ -715,6 +738,7 @@ export class DomainManager extends EventEmitter {
       await fs.rm(this.runDir(entry.uuid), { recursive: true, force: true }).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the qemu run directory'));
     }
     await this.removeTaps(entry.name).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the taps'));
+    if (entry.def.hugepages) await releaseHugepages(entry.uuid).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the guest\'s hugetlbfs directory'));
     const reason: ShutoffReason = run.expectedExit ?? (run.guestShutdown ? 'shutdown' : 'crashed');
     closeOutputs(run);
     entry.run = undefined;

@@ -18,6 +18,7 @@ import type {
   PciAddress,
   PciModel,
 } from './model.js';
+import { cpuRanges } from './cpuset.js';
 import { kibRoundUpToMiB } from './units.js';
 import { PCI_DRIVERS, pciBusId } from './pci.js';
 
@@ -42,21 +43,52 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
   add('-name', `guest=${def.name},debug-threads=on`);
   add('-S');
   add('-machine', machineOption(def, accel));
-  const cpu = def.cpu && cpuOption(def.cpu, accel);
+  const cpu = cpuOption(def, accel);
   if (cpu) add('-cpu', cpu);
   add('-m', `size=${kibRoundUpToMiB(def.memoryKiB)}k`);
+  const hugepageDir = () => {
+    if (host.hugepagesPath === undefined) throw new Error('a hugepages guest needs HostSettings.hugepagesPath');
+    return escapeOptionValue(host.hugepagesPath);
+  };
+  // As libvirt: with hugepages the RAM is a file on hugetlbfs, its RAMBlock still named pc.ram
+  // (x-use-canonical-path-for-ramblock-id=false), so it migrates to and from a plain-RAM guest.
+  if (def.hugepages && !def.cpu?.numa) {
+    add('-object', `memory-backend-file,id=pc.ram,mem-path=${hugepageDir()},x-use-canonical-path-for-ramblock-id=false,prealloc=on,size=${kibRoundUpToMiB(def.memoryKiB) * 1024}`);
+  }
   add('-smp', smpOption(def));
+  for (let i = 1; i <= def.iothreads; i++) add('-object', `iothread,id=iothread${i}`);
+  for (const cell of def.cpu?.numa ?? []) {
+    const id = `ram-node${cell.id}`;
+    const size = cell.memoryKiB * 1024;
+    add('-object', def.hugepages ? `memory-backend-file,id=${id},mem-path=${hugepageDir()},prealloc=on,size=${size}` : `memory-backend-ram,id=${id},size=${size}`);
+    // A list with gaps is one cpus= key per range (qemu's syntax for non-contiguous sets).
+    const cpus = cpuRanges(cell.cpus).map(([lo, hi]) => `cpus=${lo === hi ? lo : `${lo}-${hi}`}`).join(',');
+    add('-numa', `node,nodeid=${cell.id},${cpus},memdev=${id}`);
+  }
   add('-uuid', def.uuid);
+  if (def.smbios) add(...smbiosArgs(def.smbios));
   add('-no-user-config', '-nodefaults');
   add('-chardev', `socket,id=charmonitor,path=${escapeOptionValue(host.qmpSocketPath)},server=on,wait=off`);
   add('-mon', 'chardev=charmonitor,id=monitor,mode=control');
-  add('-rtc', `base=${def.clock.offset}${def.clock.rtcTickPolicy === 'catchup' ? ',driftfix=slew' : ''}`);
-  if (def.clock.pitTickPolicy) add('-global', `kvm-pit.lost_tick_policy=${def.clock.pitTickPolicy}`);
+  const rtcClock = def.clock.rtcTrack && { guest: 'vm', wall: 'host', realtime: 'rt' }[def.clock.rtcTrack];
+  add('-rtc', `base=${def.clock.offset}${rtcClock ? `,clock=${rtcClock}` : ''}${def.clock.rtcTickPolicy === 'catchup' ? ',driftfix=slew' : ''}`);
+  // libvirt passes the policy whenever a pit timer is listed, delay unless discard (qemu's default is delay too).
+  if (def.clock.pit) add('-global', `kvm-pit.lost_tick_policy=${def.clock.pitTickPolicy ?? 'delay'}`);
+  // libvirt passes -no-shutdown and acts on qemu's events itself; qemu's -action does the same
+  // here without a manager watching. on_crash='restart' pauses, and the agent resets the guest.
+  // The watchdog action is the same setting as -watchdog-action, which qemu 7.2 implements as
+  // -action watchdog=: one option holds every action.
   add('-action', [
     `reboot=${def.onReboot === 'restart' ? 'reset' : 'shutdown'}`,
     `shutdown=${def.onPoweroff === 'destroy' ? 'poweroff' : 'pause'}`,
     `panic=${def.onCrash === 'destroy' ? 'shutdown' : 'pause'}`,
+    ...(def.watchdogAction ? [`watchdog=${def.watchdogAction}`] : []),
   ].join(','));
+  if (def.pm) {
+    const pmDevice = def.machineFamily === 'q35' ? 'ICH9-LPC' : 'PIIX4_PM';
+    if (def.pm.s3 !== undefined) add('-global', `${pmDevice}.disable_s3=${def.pm.s3 ? 0 : 1}`);
+    if (def.pm.s4 !== undefined) add('-global', `${pmDevice}.disable_s4=${def.pm.s4 ? 0 : 1}`);
+  }
   const menu = def.os.bootMenu;
   add('-boot', [
     ...(menu ? [`menu=${menu.enable ? 'on' : 'off'}`] : []),
@@ -107,9 +139,12 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
     const where = i.address!.type === 'usb' ? `bus=usb.0,port=${i.address!.port}` : pci(i.address as PciAddress);
     add('-device', `${driver},id=${i.id},${where}`);
   }
+  for (const a of def.audios) add('-audiodev', `id=audio${a.id},driver=${a.type}`);
+  // libvirt hands the first audio backend to VNC (its audio capture extension).
+  const audiodev = def.audios[0] ? `,audiodev=audio${def.audios[0].id}` : '';
   for (const g of def.graphics) {
     const host = g.listen.includes(':') ? `[${g.listen}]` : g.listen;
-    add('-vnc', g.autoport ? `${host}:0,to=99` : `${host}:${g.port! - 5900}`);
+    add('-vnc', `${g.autoport ? `${host}:0,to=99` : `${host}:${g.port! - 5900}`}${audiodev}`);
   }
   for (const v of def.videos) {
     if (v.model === 'none') continue;
@@ -122,6 +157,12 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
       : '';
     add('-device', `${driver},id=${v.id}${props},${pci(v.address!)}`);
   }
+  for (const w of def.watchdogs) {
+    if (w.model === 'ib700') add('-device', `ib700,id=${w.id}`);
+    if (w.model === 'i6300esb') add('-device', `i6300esb,id=${w.id},${pci(w.address!)}`);
+  }
+  // The iTCO is built into ICH9-LPC; noreboot=off lets it reset the machine.
+  if (def.watchdogs.some((w) => w.model === 'itco')) add('-global', 'ICH9-LPC.noreboot=off');
   if (def.memballoon?.model === 'virtio') add('-device', `virtio-balloon-pci,id=${def.memballoon.id},${pci(def.memballoon.address!)}`);
   for (const r of def.rngs) {
     add('-object', `rng-random,id=${r.objectId},filename=${r.backend}`);
@@ -139,29 +180,54 @@ function machineOption(def: DomainDef, accel: Accel): string {
   const parts = [def.machine, `accel=${accel}`, 'usb=off', 'dump-guest-core=off'];
   if (!def.features.acpi) parts.push('acpi=off');
   if (def.features.vmport !== undefined) parts.push(`vmport=${def.features.vmport ? 'on' : 'off'}`);
+  if (def.hugepages && !def.cpu?.numa) parts.push('memory-backend=pc.ram');
   if (def.clock.hpet !== undefined) parts.push(`hpet=${def.clock.hpet ? 'on' : 'off'}`);
   return parts.join(',');
 }
 
-function cpuOption(cpu: CpuDef, accel: Accel): string | undefined {
+/** libvirt's -smbios: one per table, keys in its fixed order, commas doubled. */
+function smbiosArgs(s: NonNullable<DomainDef['smbios']>): string[] {
+  const args: string[] = [];
+  const tables = [[0, s.bios], [1, s.system], [2, s.baseBoard], [3, s.chassis]] as const;
+  for (const [type, entries] of tables) {
+    if (entries) args.push('-smbios', [`type=${type}`, ...entries.map(([k, v]) => `${k}=${escapeOptionValue(v)}`)].join(','));
+  }
+  if (s.oemStrings) args.push('-smbios', ['type=11', ...s.oemStrings.map((v) => `value=${escapeOptionValue(v)}`)].join(','));
+  return args;
+}
+
+function cpuOption(def: DomainDef, accel: Accel): string | undefined {
+  const cpu: CpuDef | undefined = def.cpu;
   // TCG has no host CPU to pass through: 'max' is the closest it can do.
-  const name = cpu.mode === 'custom' ? cpu.model : cpu.mode === 'maximum' ? 'max' : accel === 'kvm' ? 'host' : 'max';
+  let name = !cpu ? undefined : cpu.mode === 'custom' ? cpu.model : cpu.mode === 'maximum' ? 'max' : accel === 'kvm' ? 'host' : 'max';
+  const timers = [
+    ...(def.clock.kvmclock !== undefined ? [`kvmclock=${def.clock.kvmclock ? 'on' : 'off'}`] : []),
+    ...(def.clock.tscFrequency !== undefined ? [`tsc-frequency=${def.clock.tscFrequency}`] : []),
+  ];
+  // Paravirtual timers are CPU properties: with no model, libvirt names x86's default one.
+  if (name === undefined && timers.length > 0) name = 'qemu64';
   if (name === undefined) return undefined;
   const parts = [name];
-  for (const f of cpu.features) {
+  if (cpu?.migratable !== undefined) parts.push(`migratable=${cpu.migratable ? 'on' : 'off'}`);
+  for (const f of cpu?.features ?? []) {
     parts.push(`${f.policy === 'disable' || f.policy === 'forbid' ? '-' : '+'}${f.name}`);
   }
+  parts.push(...timers);
   // check='full': refuse to start rather than silently drop a feature the host lacks.
-  if (cpu.check === 'full') parts.push('enforce');
+  if (cpu?.check === 'full' && cpu.mode === 'custom' && cpu.model) parts.push('enforce');
   return parts.join(',');
 }
 
 function smpOption(def: DomainDef): string {
-  const t = def.cpu?.topology ?? { sockets: def.vcpus, cores: 1, threads: 1 };
+  const t = def.cpu?.topology;
   const parts = [String(def.vcpusCurrent)];
   if (def.vcpusCurrent < def.vcpus) parts.push(`maxcpus=${def.vcpus}`);
-  parts.push(`sockets=${t.sockets}`);
-  if (t.dies !== undefined) parts.push(`dies=${t.dies}`);
+  if (!t) {
+    parts.push(`sockets=${def.vcpus}`, 'cores=1', 'threads=1');
+    return parts.join(',');
+  }
+  // libvirt 9 with qemu 7.2 (which has dies on x86) always passes dies= for a <topology>.
+  parts.push(`sockets=${t.sockets}`, `dies=${t.dies}`);
   parts.push(`cores=${t.cores}`, `threads=${t.threads}`);
   return parts.join(',');
 }
@@ -262,7 +328,7 @@ function diskDevice(d: DiskDef, controllers: ControllerDef[], pci: (a: PciAddres
   let where: string;
   if (d.address.type === 'pci') {
     driver = 'virtio-blk-pci';
-    where = pci(d.address);
+    where = `${d.iothread !== undefined ? `iothread=iothread${d.iothread},` : ''}${pci(d.address)}`;
   } else {
     const a = d.address;
     if (d.bus === 'scsi') {

@@ -26,6 +26,8 @@ import type {
   UsbAddress,
   VideoDef,
   VirtioSerialAddress,
+  WatchdogAction,
+  WatchdogDef,
 } from './model.js';
 import { fail } from './walk.js';
 import { checkPciControllers, pciAddr, pciBusId, placePci, type PciConnect, type PciPlacement, type PciUser } from './pci.js';
@@ -66,9 +68,11 @@ export interface RawChannel {
   address?: VirtioSerialAddress;
 }
 type RawRng = Omit<RngDef, 'id' | 'objectId' | 'address'> & { address?: PciAddress };
+export type RawWatchdog = Omit<WatchdogDef, 'id'> & { action: WatchdogAction };
 
 export interface RawDomain extends Omit<DomainDef,
-  'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'videos' | 'inputs' | 'memballoon' | 'rngs'> {
+  'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'videos' | 'inputs' | 'memballoon' | 'rngs'
+  | 'watchdogs' | 'watchdogAction'> {
   disks: RawDisk[];
   controllers: RawController[];
   interfaces: RawInterface[];
@@ -79,6 +83,7 @@ export interface RawDomain extends Omit<DomainDef,
   inputs: Omit<InputDef, 'id'>[];
   memballoon?: Omit<MemballoonDef, 'id'>;
   rngs: RawRng[];
+  watchdogs: RawWatchdog[];
 }
 
 const DEVICES = '/domain/devices';
@@ -94,7 +99,7 @@ function defaultUsbModel(family: MachineFamily): 'piix3-uhci' | 'qemu-xhci' {
 export function completeDomain(raw: RawDomain): DomainDef {
   const { disks: rawDisks, controllers: rawControllers, interfaces: rawIfaces, serials: rawSerials,
     consoles: rawConsoles, channels: rawChannels, videos: rawVideos, inputs: rawInputs, memballoon: rawBalloon,
-    rngs: rawRngs, ...base } = raw;
+    rngs: rawRngs, watchdogs: rawWatchdogs, ...base } = raw;
   const family = raw.machineFamily;
   const controllers = completeControllers(rawControllers, family);
 
@@ -126,6 +131,12 @@ export function completeDomain(raw: RawDomain): DomainDef {
   if (videos.length === 0 && raw.graphics.length > 0) videos.push({ model: 'vga', vramKiB: 16384, id: 'video0' });
   const memballoon: MemballoonDef | undefined = rawBalloon && { ...rawBalloon, id: 'balloon0' };
   const rngs = rawRngs.map((r, i): RngDef => ({ ...r, address: r.address!, id: `rng${i}`, objectId: `objrng${i}` }));
+  const watchdogs = rawWatchdogs.map(({ action: _action, ...w }, i): WatchdogDef => ({ ...w, id: `watchdog${i}` }));
+  for (const d of disks) {
+    if (d.iothread !== undefined && d.iothread > raw.iothreads) {
+      throw fail('invalid_value', `${d.element}/driver/@iothread`, `iothread ${d.iothread} does not exist (<iothreads> is ${raw.iothreads})`);
+    }
+  }
 
   // The ICH9 USB2 set is one multifunction slot: q35's 00:1d (as libvirt), else wherever its
   // uhci1 (function 0) lands, the others placed beside it afterwards.
@@ -144,6 +155,7 @@ export function completeDomain(raw: RawDomain): DomainDef {
     ...(memballoon && memballoon.model === 'virtio' ? [{ user: memballoon, connect: 'pcie' as const }] : []),
     ...rngs.map((r) => ({ user: r, connect: 'pcie' as const })),
     ...(primaryVideo ? [{ user: primaryVideo, connect: (primaryVideo.model === 'virtio' ? 'pcie' : 'pci') as PciConnect }] : []),
+    ...watchdogs.filter((w) => w.model === 'i6300esb').map((w) => ({ user: w, connect: 'pci' as const })),
     ...inputs.filter((i) => i.bus === 'virtio').map((i) => ({ user: i, connect: 'pcie' as const })),
   ];
   placePci(family, controllers, ordered, chipsetFunctions(family, ordered, controllers));
@@ -152,7 +164,10 @@ export function completeDomain(raw: RawDomain): DomainDef {
   // PCI controllers first, in index order (a bus is made before what plugs into it), then the rest as given.
   controllers.sort((a, b) => (a.type === 'pci' ? 0 : 1) - (b.type === 'pci' ? 0 : 1) || (a.type === 'pci' && b.type === 'pci' ? a.index - b.index : 0));
 
-  return { ...base, disks, controllers, interfaces, serials, consoles, channels, videos, inputs, ...(memballoon ? { memballoon } : {}), rngs };
+  return {
+    ...base, disks, controllers, interfaces, serials, consoles, channels, videos, inputs, ...(memballoon ? { memballoon } : {}), rngs,
+    watchdogs, ...(rawWatchdogs[0] ? { watchdogAction: rawWatchdogs[0].action } : {}),
+  };
 }
 
 /**

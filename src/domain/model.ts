@@ -59,7 +59,19 @@ export interface CpuDef {
   check?: 'none' | 'partial' | 'full';
   /** `name` is qemu's spelling (libvirt aliases such as pclmuldq are translated). */
   features: { name: string; policy: CpuFeaturePolicy }[];
-  topology?: { sockets: number; dies?: number; cores: number; threads: number };
+  /** `dies` is 1 unless given (libvirt's default, always on -smp for qemu 7.2). */
+  topology?: { sockets: number; dies: number; cores: number; threads: number };
+  /** host-passthrough/maximum: `migratable=on|off` on -cpu (libvirt's default for them is on). */
+  migratable?: boolean;
+  /** Guest NUMA cells, in id order (ids are 0..n-1). */
+  numa?: NumaCell[];
+}
+
+export interface NumaCell {
+  id: number;
+  /** The vCPUs of the cell, ascending. */
+  cpus: number[];
+  memoryKiB: number;
 }
 
 export interface FeaturesDef {
@@ -72,8 +84,56 @@ export interface FeaturesDef {
 export interface ClockDef {
   offset: 'utc' | 'localtime';
   rtcTickPolicy?: 'catchup' | 'delay';
+  /** `-rtc clock=`: guest = vm, wall = host, realtime = rt. */
+  rtcTrack?: 'guest' | 'wall' | 'realtime';
+  /** A `<timer name='pit'>` is listed: libvirt then always passes kvm-pit.lost_tick_policy (delay unless discard). */
+  pit?: boolean;
   pitTickPolicy?: 'delay' | 'discard';
   hpet?: boolean;
+  /** `kvmclock=on|off` on -cpu. */
+  kvmclock?: boolean;
+  /** `tsc-frequency=` on -cpu, in Hz. */
+  tscFrequency?: number;
+}
+
+export interface PmDef {
+  /** suspend-to-mem enabled: `disable_s3=0`; disabled: `=1`; absent: qemu's default. */
+  s3?: boolean;
+  s4?: boolean;
+}
+
+export type WatchdogModel = 'itco' | 'i6300esb' | 'ib700';
+export type WatchdogAction = 'reset' | 'shutdown' | 'poweroff' | 'pause' | 'none' | 'inject-nmi';
+export interface WatchdogDef {
+  element: string;
+  model: WatchdogModel;
+  /** i6300esb only. */
+  address?: PciAddress;
+  /** watchdog0, watchdog1 ... in document order (itco has none on the command line). */
+  id: string;
+}
+
+export interface SysinfoDef {
+  /** Each table as [qemu key, value] in libvirt's key order; absent tables are not passed. */
+  bios?: [string, string][];
+  system?: [string, string][];
+  baseBoard?: [string, string][];
+  chassis?: [string, string][];
+  oemStrings?: string[];
+}
+
+export interface AudioDef {
+  element: string;
+  /** `<audio id>`: the qemu id is audioN. */
+  id: number;
+  type: 'none';
+}
+
+export interface CpuTuneDef {
+  /** `<vcpu cpuset>`: host CPUs of every vCPU without a vcpupin (and of the emulator without an emulatorpin). */
+  cpuset?: number[];
+  vcpupin: { vcpu: number; cpus: number[] }[];
+  emulatorpin?: number[];
 }
 
 export type CacheMode = 'none' | 'writethrough' | 'writeback' | 'directsync' | 'unsafe';
@@ -97,6 +157,8 @@ export interface DiskDef {
   serial?: string;
   /** `<wwn>`: 16 hex digits, lower case, without 0x (IDE and SCSI disks only, as libvirt). */
   wwn?: string;
+  /** virtio: `<driver iothread='K'>`, the iothreadK object. */
+  iothread?: number;
   bootOrder?: number;
   /** Effective qemu bootindex, from `<boot order>` or the `<os><boot dev>` list. */
   bootIndex?: number;
@@ -271,7 +333,16 @@ export interface DomainDef {
   clock: ClockDef;
   onPoweroff: 'destroy' | 'preserve';
   onReboot: 'restart' | 'destroy';
-  onCrash: 'destroy' | 'preserve';
+  /** restart: the agent resets the guest on GUEST_PANICKED and lets it run on (libvirt's fake reboot). */
+  onCrash: 'destroy' | 'preserve' | 'restart';
+  pm?: PmDef;
+  /** `<os><smbios mode='sysinfo'/>` with a `<sysinfo type='smbios'>`: the tables passed as -smbios. */
+  smbios?: SysinfoDef;
+  /** Guest RAM from hugetlbfs (memory-backend-file under the host's mount). */
+  hugepages?: boolean;
+  /** `<iothreads>`: iothread1..N. */
+  iothreads: number;
+  cputune?: CpuTuneDef;
   emulator?: string;
   disks: DiskDef[];
   controllers: ControllerDef[];
@@ -284,6 +355,10 @@ export interface DomainDef {
   inputs: InputDef[];
   memballoon?: MemballoonDef;
   rngs: RngDef[];
+  watchdogs: WatchdogDef[];
+  /** The action of every watchdog (qemu has one for all). */
+  watchdogAction?: WatchdogAction;
+  audios: AudioDef[];
 }
 
 export interface FileRef {
@@ -333,6 +408,11 @@ export interface HostSettings {
    * own and opens none by the name it would read from a header. Absent: qemu follows the header.
    */
   imageChain?: (source: string) => ImageChain | undefined;
+  /**
+   * The directory on the host's hugetlbfs mount where qemu creates the guest's RAM file
+   * (`<memoryBacking><hugepages/>`); the agent checks the mount and its free pages first.
+   */
+  hugepagesPath?: string;
 }
 
 /** What qemu is told for the files below a qcow2 image (fileArg's form of each). */

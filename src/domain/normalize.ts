@@ -65,7 +65,20 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
 
   if (!childEl(root, 'uuid')) {
     const at = root.children.indexOf(childEl(root, 'name')!) + 1;
-    root.children.splice(at, 0, element('uuid', [], [{ kind: 'text', text: generateUuid(host.randomBytes) }]));
+    // A <sysinfo> system uuid, when there is one, is the domain's (as libvirt takes it).
+    root.children.splice(at, 0, element('uuid', [], [{ kind: 'text', text: def.uuid || generateUuid(host.randomBytes) }]));
+  }
+  // libvirt's defaults, as its dumpxml shows them: migratable='on' for host-passthrough, dies='1'.
+  const cpuEl = childEl(root, 'cpu');
+  if (cpuEl && def.cpu?.migratable !== undefined && !cpuEl.attrs.has('migratable')) cpuEl.attrs.set('migratable', def.cpu.migratable ? 'on' : 'off');
+  const topologyEl = cpuEl && childEl(cpuEl, 'topology');
+  if (topologyEl && !topologyEl.attrs.has('dies')) {
+    // dies goes after sockets, where libvirt writes it.
+    const attrs = [...topologyEl.attrs.entries()];
+    const at = attrs.findIndex(([k]) => k === 'sockets') + 1;
+    attrs.splice(at, 0, ['dies', String(def.cpu!.topology!.dies)]);
+    topologyEl.attrs.clear();
+    for (const [k, v] of attrs) topologyEl.attrs.set(k, v);
   }
 
   const addAddress = (path: string | undefined, a: DeviceAddress | undefined) => {
@@ -137,6 +150,11 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
   for (const i of def.inputs) addAddress(i.element, i.address);
   addAddress(def.memballoon?.element, def.memballoon?.address);
   for (const r of def.rngs) addAddress(r.element, r.address);
+  for (const w of def.watchdogs) addAddress(w.element, w.address);
+  for (const a of def.audios) {
+    const el = node(a.element);
+    if (!el.attrs.has('id')) el.attrs.set('id', String(a.id));
+  }
 
   const out = serializeXmlTree(root);
   return { xml: out, def: parseInternal(out, { allowMissingIds: false }).def };

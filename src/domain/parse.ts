@@ -4,6 +4,7 @@
  * is refused with the element's path; nothing that could change the guest is ever dropped.
  */
 import { qemuFeatureName, CPU_MODELS } from './cpu.js';
+import { parseCpuset } from './cpuset.js';
 import {
   completeDomain,
   type RawChannel,
@@ -13,9 +14,15 @@ import {
   type RawDomain,
   type RawInterface,
   type RawSerial,
+  type RawWatchdog,
 } from './layout.js';
 import type {
+  AudioDef,
   BootDev,
+  CpuTuneDef,
+  NumaCell,
+  PmDef,
+  SysinfoDef,
   CharLog,
   CharSource,
   ClockDef,
@@ -131,8 +138,10 @@ function parseDomain(d: Node, opts: ParseOptions, nodes: Map<string, XElement>):
   const part = <T>(fn: () => T) => blockers.attempt(fn);
   d.expect({
     attrs: ['type'],
-    children: ['name', 'uuid', 'title', 'description', 'metadata', 'memory', 'currentMemory', 'vcpu', 'cpu', 'os',
-      'features', 'clock', 'on_poweroff', 'on_reboot', 'on_crash', 'devices'],
+    children: ['name', 'uuid', 'title', 'description', 'metadata', 'memory', 'currentMemory', 'memoryBacking', 'vcpu',
+      'iothreads', 'cputune', 'sysinfo', 'cpu', 'os', 'features', 'clock', 'on_poweroff', 'on_reboot', 'on_crash', 'pm',
+      'devices', 'seclabel'],
+    repeated: ['seclabel'],
   });
   const type = part(() => d.requireEnumAttr('type', ['kvm', 'qemu'] as const));
 
@@ -179,49 +188,230 @@ function parseDomain(d: Node, opts: ParseOptions, nodes: Map<string, XElement>):
     return { memoryKiB: memoryKiBValue, currentMemoryKiB };
   });
 
+  const hugepages = part(() => parseMemoryBacking(d.child('memoryBacking')));
   const vcpu = part(() => {
-    const vcpuNode = d.requireChild('vcpu').expect({ attrs: ['placement', 'current'], text: true });
+    const vcpuNode = d.requireChild('vcpu').expect({ attrs: ['placement', 'current', 'cpuset'], text: true });
+    // 'auto' asks numad where to run: a host service this agent does not consult.
     vcpuNode.enumAttr('placement', ['static'] as const);
     const vcpus = Number(vcpuNode.requireText());
     if (!/^[0-9]+$/.test(vcpuNode.text()) || vcpus < 1 || vcpus > MAX_VCPUS) {
       throw fail('invalid_value', vcpuNode.path, `vcpu must be an integer in 1..${MAX_VCPUS}`);
     }
-    return { vcpus, vcpusCurrent: vcpuNode.intAttr('current', 1, vcpus) ?? vcpus };
+    const cpuset = vcpuNode.attr('cpuset') === undefined ? undefined : cpusetAttr(vcpuNode, 'cpuset');
+    return { vcpus, vcpusCurrent: vcpuNode.intAttr('current', 1, vcpus) ?? vcpus, cpuset };
   });
+  const iothreads = part(() => {
+    const n = d.child('iothreads')?.expect({ text: true });
+    if (!n) return 0;
+    if (!/^[0-9]{1,3}$/.test(n.text()) || Number(n.text()) > MAX_IOTHREADS) {
+      throw fail('invalid_value', n.path, `iothreads must be an integer in 0..${MAX_IOTHREADS}`);
+    }
+    return Number(n.text());
+  });
+  const cputune = part(() => vcpu && parseCputune(d.child('cputune'), vcpu.vcpus, vcpu.cpuset));
+  const sysinfo = part(() => parseSysinfo(d.child('sysinfo'), uuid));
 
   const osNode = part(() => d.requireChild('os'));
   const osPart = osNode && part(() => parseOs(osNode));
   const family = osPart && part(() => machineFamily(osPart.machine, `${osNode!.path}/type/@machine`));
   const cpuNode = d.child('cpu');
   const cpu = cpuNode && vcpu && part(() => parseCpu(cpuNode, vcpu.vcpus));
+  if (cpu?.numa && memory) {
+    part(() => {
+      const total = cpu.numa!.reduce((sum, c) => sum + c.memoryKiB, 0);
+      if (total !== memory.memoryKiB) {
+        throw fail('invalid_value', `${cpuNode!.path}/numa`, `the NUMA cells hold ${total} KiB, but <memory> is ${memory.memoryKiB} KiB: they must be equal`);
+      }
+    });
+  }
   const features = part(() => parseFeatures(d.child('features')));
   const clock = part(() => parseClock(d.child('clock')));
   const lifecycle = part(() => parseLifecycle(d));
+  const pm = part(() => parsePm(d.child('pm')));
+  const smbios = osPart && sysinfo !== undefined ? part(() => {
+    if (osPart.smbiosMode !== 'sysinfo') return undefined;
+    if (!sysinfo.def) throw fail('missing_element', '/domain/sysinfo', "<smbios mode='sysinfo'/> needs a <sysinfo type='smbios'>");
+    return sysinfo.def;
+  }) : undefined;
 
-  const devices: DeviceLists = { disks: [], controllers: [], interfaces: [], serials: [], consoles: [], channels: [], graphics: [], videos: [], inputs: [], rngs: [] };
+  const devices: DeviceLists = { disks: [], controllers: [], interfaces: [], serials: [], consoles: [], channels: [], graphics: [], videos: [], inputs: [], rngs: [], watchdogs: [], audios: [] };
   const devicesNode = d.child('devices');
   // Devices are walked for their blockers even when the machine type is unknown (as i440fx then).
   const extras = devicesNode ? parseDevices(devicesNode, devices, family ?? 'i440fx', nodes, opts) : {};
+  part(() => parseSeclabels(d.children('seclabel')));
   // Every part is there unless one failed (each failure is a blocker).
   if (blockers.any) return undefined;
+  const { cpuset: _cpuset, ...vcpuCounts } = vcpu!;
   return {
-    type: type!, name: name!, uuid: uuid!,
+    type: type!, name: name!,
+    // libvirt takes a missing domain uuid from <sysinfo><system><entry name='uuid'>.
+    uuid: uuid! === '' && sysinfo?.uuid ? sysinfo.uuid : uuid!,
     ...(title !== undefined ? { title } : {}),
     ...(description !== undefined ? { description } : {}),
     ...(metadata !== undefined ? { metadata } : {}),
-    ...memory!, ...vcpu!,
+    ...memory!, ...vcpuCounts,
     machine: osPart!.machine, machineFamily: family!, os: osPart!.os,
     ...(cpu ? { cpu } : {}),
     features: features!,
     clock: clock!,
     ...lifecycle!,
+    ...(pm ? { pm } : {}),
+    ...(smbios ? { smbios } : {}),
+    ...(hugepages ? { hugepages } : {}),
+    iothreads: iothreads!,
+    ...(cputune ? { cputune } : {}),
     ...devices,
     ...extras,
   };
 }
 
-function parseOs(n: Node): { os: OsDef; machine: string } {
-  n.expect({ children: ['type', 'boot', 'bootmenu', 'kernel', 'initrd', 'cmdline'], repeated: ['boot'] });
+const MAX_IOTHREADS = 64;
+
+/** A cpuset attribute (host CPUs), in libvirt's syntax. */
+function cpusetAttr(n: Node, name: string): number[] {
+  const v = n.requireAttr(name);
+  const cpus = parseCpuset(v);
+  if (!cpus) throw fail('invalid_value', n.attrPath(name), `'${v}' is not a CPU list such as '0-3,^2,8' naming at least one CPU`);
+  return cpus;
+}
+
+/**
+ * Pinning is applied by the agent to qemu's threads after it starts (no argv), as libvirt does:
+ * each vCPU thread to its vcpupin (else the <vcpu cpuset>), every other thread to the
+ * emulatorpin (else the <vcpu cpuset>). Whether the host has those CPUs is checked at start.
+ */
+function parseCputune(n: Node | undefined, vcpus: number, cpuset: number[] | undefined): CpuTuneDef | undefined {
+  if (!n && !cpuset) return undefined;
+  const tune: CpuTuneDef = { vcpupin: [] };
+  if (cpuset) tune.cpuset = cpuset;
+  if (!n) return tune;
+  // shares, period, quota ... are cgroup CPU bandwidth, iothreadpin/vcpusched more host policy:
+  // none is applied here, so none is accepted.
+  n.expect({ children: ['vcpupin', 'emulatorpin'], repeated: ['vcpupin'] });
+  const seen = new Map<number, string>();
+  for (const p of n.children('vcpupin')) {
+    p.expect({ attrs: ['vcpu', 'cpuset'] });
+    p.requireAttr('vcpu');
+    const v = p.intAttr('vcpu', 0, vcpus - 1)!;
+    if (seen.has(v)) throw fail('invalid_value', p.attrPath('vcpu'), `vCPU ${v} is already pinned by ${seen.get(v)}`);
+    seen.set(v, p.path);
+    tune.vcpupin.push({ vcpu: v, cpus: cpusetAttr(p, 'cpuset') });
+  }
+  const e = n.child('emulatorpin');
+  if (e) {
+    e.expect({ attrs: ['cpuset'] });
+    tune.emulatorpin = cpusetAttr(e, 'cpuset');
+  }
+  return tune;
+}
+
+/** `<hugepages/>` only: the host's default page size, from its hugetlbfs mount (checked at start). */
+function parseMemoryBacking(n: Node | undefined): boolean | undefined {
+  if (!n) return undefined;
+  n.expect({ children: ['hugepages'] });
+  const h = n.child('hugepages');
+  if (!h) return undefined;
+  // <page size nodeset> picks a page size per NUMA node: not supported, the default size is used.
+  h.expect({});
+  return true;
+}
+
+/**
+ * `type='none'` only. SELinux, AppArmor and DAC labels are libvirt's confinement of qemu: this
+ * agent confines each qemu by running it as a user id of its own (--qemu-user), and applies no
+ * label; accepting one would pretend it does.
+ */
+function parseSeclabels(list: Node[]): void {
+  for (const n of list) {
+    const type = n.requireAttr('type');
+    if (type !== 'none') {
+      throw fail('unsupported_value', n.attrPath('type'), `seclabel type='${type}' is not applied: this agent labels nothing and runs each qemu as a user id of its own instead (--qemu-user); use <seclabel type='none'/> or remove it`);
+    }
+    n.expect({ attrs: ['type', 'model', 'relabel'] });
+    n.enumAttr('model', ['none', 'selinux', 'apparmor', 'dac'] as const);
+    n.enumAttr('relabel', ['no'] as const);
+  }
+}
+
+function parsePm(n: Node | undefined): PmDef | undefined {
+  if (!n) return undefined;
+  n.expect({ children: ['suspend-to-mem', 'suspend-to-disk'] });
+  const pm: PmDef = {};
+  for (const [el, key] of [['suspend-to-mem', 's3'], ['suspend-to-disk', 's4']] as const) {
+    const c = n.child(el);
+    if (!c) continue;
+    c.expect({ attrs: ['enabled'] });
+    c.requireAttr('enabled');
+    pm[key] = c.boolAttr('enabled', 'yes', 'no')!;
+  }
+  return pm;
+}
+
+/** The qemu key of each sysinfo entry, in the order libvirt writes them on -smbios. */
+const SMBIOS_TABLES = {
+  bios: { type: 0, keys: ['vendor', 'version', 'date', 'release'] },
+  system: { type: 1, keys: ['manufacturer', 'product', 'version', 'serial', 'uuid', 'sku', 'family'] },
+  baseBoard: { type: 2, keys: ['manufacturer', 'product', 'version', 'serial', 'asset', 'location'] },
+  chassis: { type: 3, keys: ['manufacturer', 'version', 'serial', 'asset', 'sku'] },
+} as const;
+
+/** `<sysinfo type='smbios'>`: the tables (used when <os><smbios mode='sysinfo'/>) and the system uuid. */
+function parseSysinfo(n: Node | undefined, domainUuid: string | undefined): { def?: SysinfoDef; uuid?: string } {
+  if (!n) return {};
+  // fwcfg entries are files or strings handed to the firmware: not supported.
+  n.requireEnumAttr('type', ['smbios'] as const);
+  // processor (type 4) and memory (type 17) are passed by libvirt only in mode='host'.
+  n.expect({ attrs: ['type'], children: ['bios', 'system', 'baseBoard', 'chassis', 'oemStrings'] });
+  const def: SysinfoDef = {};
+  let uuid: string | undefined;
+  for (const table of ['bios', 'system', 'baseBoard', 'chassis'] as const) {
+    const t = n.child(table);
+    if (!t) continue;
+    t.expect({ children: ['entry'], repeated: ['entry'] });
+    const values = new Map<string, string>();
+    for (const e of t.children('entry')) {
+      e.expect({ attrs: ['name'], text: true });
+      const key = e.requireEnumAttr('name', SMBIOS_TABLES[table].keys as readonly string[]);
+      if (values.has(key)) throw fail('invalid_value', e.attrPath('name'), `entry '${key}' is listed twice`);
+      const value = e.requireText();
+      if (/[\u0000-\u001f\u007f]/.test(value)) throw fail('invalid_value', e.path, 'an SMBIOS string must not contain control characters');
+      if (table === 'bios' && key === 'date' && !/^(0[1-9]|1[0-2])\/(0[1-9]|[12][0-9]|3[01])\/([0-9]{2}|[0-9]{4})$/.test(value)) {
+        throw fail('invalid_value', e.path, `BIOS date '${value}' must be mm/dd/yy or mm/dd/yyyy`);
+      }
+      if (table === 'bios' && key === 'release' && !/^[0-9]{1,3}\.[0-9]{1,3}$/.test(value)) {
+        throw fail('invalid_value', e.path, `BIOS release '${value}' must be major.minor`);
+      }
+      if (table === 'system' && key === 'uuid') {
+        const u = canonicalUuid(value);
+        if (!u) throw fail('invalid_value', e.path, `'${value}' is not a valid UUID`);
+        // The guest reads the type 1 UUID as its machine's: it is the domain's, or the guest
+        // would see another identity than the one every API names.
+        if (domainUuid && u !== domainUuid) {
+          throw fail('invalid_value', e.path, `the SMBIOS system uuid ${u} differs from the domain uuid ${domainUuid}`);
+        }
+        uuid = u;
+      }
+      values.set(key, value);
+    }
+    if (values.size === 0) continue;
+    def[table] = SMBIOS_TABLES[table].keys.flatMap((k): [string, string][] => (values.has(k) ? [[k, values.get(k)!]] : []));
+  }
+  const oem = n.child('oemStrings');
+  if (oem) {
+    oem.expect({ children: ['entry'], repeated: ['entry'] });
+    const strings = oem.children('entry').map((e) => {
+      e.expect({ text: true });
+      const value = e.requireText();
+      if (/[\u0000-\u001f\u007f]/.test(value)) throw fail('invalid_value', e.path, 'an SMBIOS string must not contain control characters');
+      return value;
+    });
+    if (strings.length > 0) def.oemStrings = strings;
+  }
+  return { def, ...(uuid ? { uuid } : {}) };
+}
+
+function parseOs(n: Node): { os: OsDef; machine: string; smbiosMode?: 'sysinfo' | 'emulate' } {
+  n.expect({ children: ['type', 'boot', 'bootmenu', 'kernel', 'initrd', 'cmdline', 'smbios'], repeated: ['boot'] });
   const t = n.requireChild('type').expect({ attrs: ['arch', 'machine'], text: true });
   if (t.text() !== 'hvm') throw fail('unsupported_value', t.path, `os type '${t.text()}' is not supported (hvm)`);
   t.enumAttr('arch', ['x86_64'] as const);
@@ -255,20 +445,30 @@ function parseOs(n: Node): { os: OsDef; machine: string } {
   if (!os.kernel && (os.initrd !== undefined || os.cmdline !== undefined)) {
     throw fail('missing_element', `${n.path}/kernel`, 'initrd and cmdline need a <kernel>');
   }
-  return { os, machine };
+  const smbios = n.child('smbios');
+  if (!smbios) return { os, machine };
+  smbios.expect({ attrs: ['mode'] });
+  const mode = smbios.requireAttr('mode');
+  if (mode === 'host') {
+    // libvirt copies this host's own SMBIOS tables into the guest: a migration destination
+    // (another machine) would give it different ones, so the guest's identity would change.
+    throw fail('unsupported_value', smbios.attrPath('mode'), "smbios mode='host' copies the host's own tables, which differ on every host the guest migrates to; put the values in <sysinfo> with mode='sysinfo'");
+  }
+  return { os, machine, smbiosMode: smbios.requireEnumAttr('mode', ['sysinfo', 'emulate'] as const) };
 }
 
 function parseCpu(n: Node, vcpus: number): CpuDef {
-  n.expect({ attrs: ['mode', 'match', 'check'], children: ['model', 'topology', 'feature'], repeated: ['feature'] });
+  n.expect({ attrs: ['mode', 'match', 'check', 'migratable'], children: ['model', 'topology', 'feature', 'numa'], repeated: ['feature'] });
   const mode = n.enumAttr('mode', ['custom', 'host-model', 'host-passthrough', 'maximum'] as const) ?? 'custom';
   const cpu: CpuDef = { mode, features: [] };
   const modelNode = n.child('model');
+  // check: what libvirt verifies after start; 'full' on a named model is qemu's enforce.
+  const check = n.enumAttr('check', ['none', 'partial', 'full'] as const);
+  if (check) cpu.check = check;
   if (mode === 'custom') {
     // 'minimum' would let the host add features: the guest CPU would differ between hosts.
     const match = n.enumAttr('match', ['exact', 'strict'] as const);
     if (match) cpu.match = match;
-    const check = n.enumAttr('check', ['none', 'partial', 'full'] as const);
-    if (check) cpu.check = check;
     if (modelNode) {
       modelNode.expect({ attrs: ['fallback'], text: true });
       const model = modelNode.requireText();
@@ -280,10 +480,15 @@ function parseCpu(n: Node, vcpus: number): CpuDef {
       if (fallback) cpu.fallback = fallback;
     }
   } else {
-    for (const a of ['match', 'check']) {
-      if (n.attr(a) !== undefined) throw fail('unsupported_attribute', n.attrPath(a), `${a} only applies to mode='custom'`);
-    }
+    if (n.attr('match') !== undefined) throw fail('unsupported_attribute', n.attrPath('match'), "match only applies to mode='custom'");
     if (modelNode) throw fail('unsupported_element', modelNode.path, `<model> only applies to mode='custom'`);
+  }
+  const migratable = n.boolAttr('migratable', 'on', 'off');
+  if (cpu.mode === 'host-passthrough' || cpu.mode === 'maximum') {
+    // libvirt's default for both (dumpxml shows migratable='on'): no host-only features.
+    cpu.migratable = migratable ?? true;
+  } else if (migratable !== undefined) {
+    throw fail('unsupported_attribute', n.attrPath('migratable'), "migratable only applies to mode='host-passthrough' and 'maximum'");
   }
 
   const seen = new Set<string>();
@@ -303,20 +508,70 @@ function parseCpu(n: Node, vcpus: number): CpuDef {
 
   const topo = n.child('topology');
   if (topo) {
-    topo.expect({ attrs: ['sockets', 'dies', 'cores', 'threads'] });
+    topo.expect({ attrs: ['sockets', 'dies', 'clusters', 'cores', 'threads'] });
     for (const a of ['sockets', 'cores', 'threads']) topo.requireAttr(a);
     const t = {
       sockets: topo.intAttr('sockets', 1, MAX_VCPUS)!,
+      dies: topo.intAttr('dies', 1, MAX_VCPUS) ?? 1,
       cores: topo.intAttr('cores', 1, MAX_VCPUS)!,
       threads: topo.intAttr('threads', 1, MAX_VCPUS)!,
     };
-    const dies = topo.intAttr('dies', 1, MAX_VCPUS);
-    if (t.sockets * t.cores * t.threads * (dies ?? 1) !== vcpus) {
+    // qemu 7.2 has clusters only on ARM ("clusters not supported by this machine's CPU
+    // topology" on x86); one cluster per die is what every x86 guest has, so 1 needs nothing.
+    const clusters = topo.intAttr('clusters', 1, MAX_VCPUS);
+    if (clusters !== undefined && clusters > 1) {
+      throw fail('unsupported_value', topo.attrPath('clusters'), 'qemu 7.2 has no CPU clusters on x86: clusters must be 1');
+    }
+    if (t.sockets * t.dies * t.cores * t.threads !== vcpus) {
       throw fail('invalid_value', topo.path, `sockets*dies*cores*threads must equal the vcpu count ${vcpus}`);
     }
-    cpu.topology = dies === undefined ? t : { sockets: t.sockets, dies, cores: t.cores, threads: t.threads };
+    cpu.topology = t;
   }
+  const numa = n.child('numa');
+  if (numa) cpu.numa = parseNuma(numa, vcpus);
   return cpu;
+}
+
+/** `<numa><cell>`: one memory-backend-ram and one -numa node per cell; the cells hold every vCPU once. */
+function parseNuma(n: Node, vcpus: number): NumaCell[] {
+  n.expect({ children: ['cell'], repeated: ['cell'] });
+  const cells: NumaCell[] = [];
+  const owner = new Map<number, string>();
+  for (const [i, c] of n.children('cell').entries()) {
+    c.expect({ attrs: ['id', 'cpus', 'memory', 'unit', 'memAccess', 'discard'] });
+    // memAccess makes libvirt back the cell with a file under its memory_backing_dir (shared
+    // for vhost-user/virtiofs), discard adds discard-data to such a file: neither is done here.
+    if (c.attr('memAccess') !== undefined) {
+      throw fail('unsupported_attribute', c.attrPath('memAccess'), 'memAccess needs a file-backed guest memory (for vhost-user or virtiofs), which this agent does not provide');
+    }
+    if (c.attr('discard') !== undefined) {
+      throw fail('unsupported_attribute', c.attrPath('discard'), 'discard applies to file-backed guest memory, which this agent does not provide for NUMA cells');
+    }
+    const id = c.intAttr('id', 0, 255) ?? i;
+    if (id !== i) throw fail('invalid_value', c.attrPath('id'), `NUMA cell ids must be 0, 1, ... in order (expected ${i})`);
+    const cpus = parseCpuset(c.requireAttr('cpus'), vcpus - 1);
+    if (!cpus) throw fail('invalid_value', c.attrPath('cpus'), `cpus must list vCPUs in 0..${vcpus - 1}`);
+    for (const v of cpus) {
+      if (owner.has(v)) throw fail('invalid_value', c.attrPath('cpus'), `vCPU ${v} is already in ${owner.get(v)}`);
+      owner.set(v, c.path);
+    }
+    c.requireAttr('memory');
+    let kib: bigint;
+    try {
+      kib = bytesToKiBCeil(scaledToBytes(c.attr('memory')!, c.attr('unit')));
+    } catch (e) {
+      if (e instanceof RangeError) throw fail('invalid_value', c.attrPath('memory'), e.message);
+      throw e;
+    }
+    if (kib === 0n || kib % 1024n !== 0n || kib > BigInt(MAX_MEMORY_KIB)) {
+      throw fail('invalid_value', c.attrPath('memory'), 'a NUMA cell holds a whole number of MiB (at least one)');
+    }
+    cells.push({ id, cpus, memoryKiB: Number(kib) });
+  }
+  if (cells.length === 0) throw fail('missing_element', `${n.path}/cell`, '<numa> needs at least one <cell>');
+  const missing = Array.from({ length: vcpus }, (_, k) => k).filter((v) => !owner.has(v));
+  if (missing.length > 0) throw fail('invalid_value', n.path, `vCPUs ${missing.join(',')} are in no NUMA cell`);
+  return cells;
 }
 
 function parseFeatures(n: Node | undefined): FeaturesDef {
@@ -341,24 +596,53 @@ function parseClock(n: Node | undefined): ClockDef {
   const clock: ClockDef = { offset: n.enumAttr('offset', ['utc', 'localtime'] as const) ?? 'utc' };
   const seen = new Set<string>();
   for (const t of n.children('timer')) {
-    t.expect({ attrs: ['name', 'tickpolicy', 'present'] });
-    const name = t.requireEnumAttr('name', ['rtc', 'pit', 'hpet'] as const);
+    // hypervclock is for Windows guests; platform and armvtimer do not exist on x86 qemu.
+    const name = t.requireEnumAttr('name', ['rtc', 'pit', 'hpet', 'kvmclock', 'tsc'] as const);
     if (seen.has(name)) throw fail('invalid_value', t.attrPath('name'), `timer '${name}' is listed twice`);
     seen.add(name);
-    if (name === 'hpet') {
-      if (t.attr('tickpolicy') !== undefined) throw fail('unsupported_attribute', t.attrPath('tickpolicy'), 'the hpet timer has no tick policy');
-      const present = t.boolAttr('present', 'yes', 'no');
-      if (present !== undefined) clock.hpet = present;
-      continue;
-    }
-    // Removing the RTC or the PIT is not supported.
-    t.enumAttr('present', ['yes'] as const);
-    if (name === 'rtc') {
-      const p = t.enumAttr('tickpolicy', ['catchup', 'delay'] as const);
-      if (p) clock.rtcTickPolicy = p;
-    } else {
-      const p = t.enumAttr('tickpolicy', ['delay', 'discard'] as const);
-      if (p) clock.pitTickPolicy = p;
+    // <catchup threshold slew limit> has no qemu counterpart: catch-up is driftfix=slew's own pace.
+    const children = t.child('catchup');
+    if (children) throw fail('unsupported_element', children.path, 'qemu has no catch-up threshold, slew or limit: remove <catchup> (tickpolicy=catchup alone is honoured)');
+    switch (name) {
+      case 'hpet': {
+        t.expect({ attrs: ['name', 'present'] });
+        const present = t.boolAttr('present', 'yes', 'no');
+        if (present !== undefined) clock.hpet = present;
+        break;
+      }
+      case 'kvmclock': {
+        t.expect({ attrs: ['name', 'present'] });
+        const present = t.boolAttr('present', 'yes', 'no');
+        if (present !== undefined) clock.kvmclock = present;
+        break;
+      }
+      case 'tsc': {
+        // mode (native, emulate, paravirt, smpsafe) has no qemu setting; qemu always runs the TSC natively.
+        t.expect({ attrs: ['name', 'frequency'] });
+        const f = t.intAttr('frequency', 1, 1e12);
+        if (f !== undefined) clock.tscFrequency = f;
+        break;
+      }
+      case 'rtc': {
+        t.expect({ attrs: ['name', 'tickpolicy', 'present', 'track'] });
+        // Removing the RTC is not supported.
+        t.enumAttr('present', ['yes'] as const);
+        const p = t.enumAttr('tickpolicy', ['catchup', 'delay'] as const);
+        if (p) clock.rtcTickPolicy = p;
+        // track='boot' (time since the guest booted) has no qemu clock.
+        const track = t.enumAttr('track', ['guest', 'wall', 'realtime'] as const);
+        if (track) clock.rtcTrack = track;
+        break;
+      }
+      case 'pit': {
+        t.expect({ attrs: ['name', 'tickpolicy', 'present'] });
+        t.enumAttr('present', ['yes'] as const);
+        // KVM's in-kernel PIT knows delay and discard only (libvirt refuses catchup and merge too).
+        const p = t.enumAttr('tickpolicy', ['delay', 'discard'] as const);
+        clock.pit = true;
+        if (p) clock.pitTickPolicy = p;
+        break;
+      }
     }
   }
   return clock;
@@ -374,9 +658,20 @@ function parseLifecycle(d: Node): Pick<RawDomain, 'onPoweroff' | 'onReboot' | 'o
     }
     return v as T;
   };
+  const poweroff = d.child('on_poweroff');
+  if (poweroff?.text() === 'restart') {
+    // libvirt turns the guest's poweroff into a reset of the same qemu; here a poweroff ends it.
+    throw fail('unsupported_value', poweroff.path, "on_poweroff 'restart' is not done: a guest that powers off is stopped here (supported: destroy, preserve)");
+  }
   const onPoweroff = action('on_poweroff', ['destroy', 'preserve'] as const, 'destroy');
   const onReboot = action('on_reboot', ['restart', 'destroy'] as const, 'restart');
-  const onCrash = action('on_crash', ['destroy', 'preserve'] as const, 'destroy');
+  const crash = d.child('on_crash');
+  if (crash && /^coredump-/.test(crash.text())) {
+    // libvirt writes the guest's memory to its auto_dump_path: a file of guest RAM size with
+    // the guest's secrets in it. This agent writes no guest memory to the host's disk.
+    throw fail('unsupported_value', crash.path, `on_crash '${crash.text()}' would dump the guest's memory to the host's disk, which this agent never does (supported: destroy, preserve, restart)`);
+  }
+  const onCrash = action('on_crash', ['destroy', 'preserve', 'restart'] as const, 'destroy');
   // qemu turns a reboot (reboot=shutdown) and a panic (panic=shutdown) into a shutdown, and
   // the shutdown action then applies: with on_poweroff='preserve' they would pause instead.
   if (onPoweroff === 'preserve') {
@@ -389,9 +684,9 @@ function parseLifecycle(d: Node): Pick<RawDomain, 'onPoweroff' | 'onReboot' | 'o
 // ---- devices -------------------------------------------------------------------------------
 
 const DEVICE_KINDS = ['emulator', 'disk', 'controller', 'interface', 'serial', 'console', 'channel', 'graphics',
-  'video', 'input', 'memballoon', 'rng'];
+  'video', 'input', 'memballoon', 'rng', 'watchdog', 'audio'];
 
-type DeviceLists = Pick<RawDomain, 'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'graphics' | 'videos' | 'inputs' | 'rngs'>;
+type DeviceLists = Pick<RawDomain, 'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'graphics' | 'videos' | 'inputs' | 'rngs' | 'watchdogs' | 'audios'>;
 
 /** Each device on its own (see parseDomain); the devices that occur once are answered apart. */
 function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: Map<string, XElement>, opts: ParseOptions): Pick<RawDomain, 'emulator' | 'memballoon'> {
@@ -430,6 +725,25 @@ function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: M
           break;
         }
         case 'rng': raw.rngs.push(parseRng(dev)); break;
+        case 'watchdog': {
+          const w = parseWatchdog(dev, family);
+          const first = raw.watchdogs[0];
+          // qemu has one watchdog action for all of them (as libvirt requires too).
+          if (first && first.action !== w.action) {
+            throw fail('unsupported_value', dev.attrPath('action'), `every watchdog must have the same action ('${first.action}' at ${first.element})`);
+          }
+          const same = raw.watchdogs.find((x) => x.model === w.model && w.model !== 'i6300esb');
+          if (same) throw fail('duplicate_element', dev.path, `there is only one ${w.model} watchdog (${same.element})`);
+          raw.watchdogs.push(w);
+          break;
+        }
+        case 'audio': {
+          const a = parseAudio(dev, raw.audios.length + 1);
+          const same = raw.audios.find((x) => x.id === a.id);
+          if (same) throw fail('invalid_value', dev.attrPath('id'), `audio id ${a.id} is already used by ${same.element}`);
+          raw.audios.push(a);
+          break;
+        }
       }
     });
   }
@@ -509,12 +823,13 @@ function parseDisk(dev: Node): RawDisk {
   dev.expect({ attrs: ['type', 'device'], children: ['driver', 'source', 'target', 'readonly', 'shareable', 'serial', 'wwn', 'boot', 'address'] });
 
   const driver = dev.child('driver');
-  driver?.expect({ attrs: ['name', 'type', 'cache', 'io', 'discard'] });
+  driver?.expect({ attrs: ['name', 'type', 'cache', 'io', 'discard', 'iothread'] });
   driver?.enumAttr('name', ['qemu'] as const);
   const format = driver?.enumAttr('type', ['raw', 'qcow2'] as const) ?? 'raw';
   const cache = driver?.enumAttr('cache', ['none', 'writethrough', 'writeback', 'directsync', 'unsafe'] as const);
   const io = driver?.enumAttr('io', ['threads', 'native'] as const);
   const discard = driver?.enumAttr('discard', ['ignore', 'unmap'] as const);
+  const iothread = driver?.intAttr('iothread', 1, MAX_IOTHREADS);
   if (io === 'native' && cache !== 'none' && cache !== 'directsync') {
     throw fail('unsupported_value', driver!.attrPath('io'), "io='native' needs cache='none' or cache='directsync'");
   }
@@ -566,6 +881,10 @@ function parseDisk(dev: Node): RawDisk {
   if (source !== undefined) disk.source = source;
   if (serial !== undefined) disk.serial = serial;
   if (wwn !== undefined) disk.wwn = wwn;
+  if (iothread !== undefined) {
+    if (bus !== 'virtio') throw fail('unsupported_attribute', driver!.attrPath('iothread'), 'only a virtio disk runs in an iothread');
+    disk.iothread = iothread;
+  }
   const bootOrder = parseBootOrder(dev);
   if (bootOrder !== undefined) disk.bootOrder = bootOrder;
   const address = parseAddress(dev, bus === 'virtio' ? ['pci'] as const : ['drive'] as const);
@@ -912,6 +1231,37 @@ function parseMemballoon(dev: Node): Omit<MemballoonDef, 'id'> {
   const address = parseAddress(dev, model === 'none' ? [] : ['pci'] as const);
   if (address) b.address = address;
   return b;
+}
+
+const WATCHDOG_ACTIONS = ['reset', 'shutdown', 'poweroff', 'pause', 'none', 'inject-nmi'] as const;
+
+function parseWatchdog(dev: Node, family: MachineFamily): RawWatchdog {
+  const model = dev.requireEnumAttr('model', ['itco', 'i6300esb', 'ib700'] as const);
+  dev.expect({ attrs: ['model', 'action'], children: ['address'] });
+  if (model === 'itco' && family !== 'q35') throw fail('unsupported_value', dev.attrPath('model'), "the itco watchdog is part of q35's ICH9 chipset");
+  const action = dev.attr('action') ?? 'reset';
+  if (action === 'dump') {
+    // libvirt pauses the guest and writes its memory to auto_dump_path itself.
+    throw fail('unsupported_value', dev.attrPath('action'), "watchdog action 'dump' would write the guest's memory to the host's disk, which this agent never does (use pause to keep the guest for inspection)");
+  }
+  const w: RawWatchdog = { element: dev.path, model, action: dev.enumAttr('action', WATCHDOG_ACTIONS) ?? 'reset' };
+  const address = parseAddress(dev, model === 'i6300esb' ? ['pci'] as const : []);
+  if (address) w.address = address;
+  return w;
+}
+
+/**
+ * A host audio backend. Only 'none' (qemu's null backend) is honoured: every other type plays
+ * through a host sound server or device (pulseaudio, alsa, oss, jack, pipewire, sdl, coreaudio)
+ * or a display (spice, dbus) that this agent does not provide, or writes a host file (file).
+ */
+function parseAudio(dev: Node, position: number): AudioDef {
+  const type = dev.requireAttr('type');
+  if (type !== 'none') {
+    throw fail('unsupported_value', dev.attrPath('type'), `audio type '${type}' needs a host sound server, device or display this agent does not provide (supported: none)`);
+  }
+  dev.expect({ attrs: ['id', 'type'] });
+  return { element: dev.path, id: dev.intAttr('id', 1, 255) ?? position, type: 'none' };
 }
 
 function parseRng(dev: Node): Omit<RngDef, 'id' | 'objectId' | 'address'> & { address?: PciAddress } {

@@ -42,17 +42,30 @@ t.test('accelerator: kvm domains follow the host, qemu domains are TCG', async (
 
 t.test('cpu modes', async (t) => {
   const cpu = (body: string, host = KVM_HOST) => opt(argvOf(domainXml({ body }), host), '-cpu');
-  t.equal(cpu("<cpu mode='host-passthrough'/>"), 'host');
-  t.equal(cpu("<cpu mode='host-passthrough'/>", TCG_HOST), 'max');
+  // libvirt's default for host-passthrough and maximum is migratable='on' (dumpxml shows it).
+  t.equal(cpu("<cpu mode='host-passthrough'/>"), 'host,migratable=on');
+  t.equal(cpu("<cpu mode='host-passthrough'/>", TCG_HOST), 'max,migratable=on');
+  t.equal(cpu("<cpu mode='host-passthrough' check='none' migratable='off'/>"), 'host,migratable=off');
+  t.equal(cpu("<cpu mode='host-passthrough' check='full' migratable='on'/>"), 'host,migratable=on', 'check has no argv for the host CPU');
   t.equal(cpu("<cpu mode='host-model'/>"), 'host');
-  t.equal(cpu("<cpu mode='host-model'/>", TCG_HOST), 'max');
-  t.equal(cpu("<cpu mode='maximum'/>"), 'max');
-  t.equal(cpu('<cpu><model>host</model></cpu>', TCG_HOST), 'max');
-  t.equal(cpu('<cpu><model>max</model></cpu>'), 'max');
+  t.equal(cpu("<cpu mode='host-model' check='partial'/>", TCG_HOST), 'max');
+  t.equal(cpu("<cpu mode='maximum'/>"), 'max,migratable=on');
+  t.equal(cpu("<cpu mode='maximum' migratable='off'/>"), 'max,migratable=off');
+  t.equal(cpu('<cpu><model>host</model></cpu>', TCG_HOST), 'max,migratable=on');
+  t.equal(cpu('<cpu><model>max</model></cpu>'), 'max,migratable=on');
   t.equal(cpu("<cpu mode='custom'><model fallback='allow'>qemu64</model></cpu>"), 'qemu64');
   t.equal(cpu("<cpu check='full'><model>Skylake-Client-v4</model><feature policy='force' name='tsc_adjust'/></cpu>"), 'Skylake-Client-v4,+tsc-adjust,enforce');
-  t.equal(cpu("<cpu mode='host-passthrough'><feature policy='disable' name='vmx'/></cpu>"), 'host,-vmx');
+  t.equal(cpu("<cpu mode='host-passthrough'><feature policy='disable' name='vmx'/></cpu>"), 'host,migratable=on,-vmx');
   t.equal(cpu("<cpu><topology sockets='1' cores='1' threads='1'/></cpu>"), undefined);
+});
+
+t.test('paravirtual timers go on -cpu', async (t) => {
+  const cpu = (body: string, host = KVM_HOST) => opt(argvOf(domainXml({ body }), host), '-cpu');
+  t.equal(cpu("<cpu mode='host-passthrough'/><clock offset='utc'><timer name='kvmclock' present='no'/><timer name='tsc' frequency='2994000000'/></clock>"),
+    'host,migratable=on,kvmclock=off,tsc-frequency=2994000000');
+  t.equal(cpu("<cpu><model>EPYC-Rome</model><feature name='topoext'/></cpu><clock><timer name='kvmclock' present='yes'/></clock>"), 'EPYC-Rome,+topoext,kvmclock=on');
+  t.equal(cpu("<clock><timer name='kvmclock' present='yes'/></clock>"), 'qemu64,kvmclock=on', 'no <cpu>: x86 default model');
+  t.equal(cpu("<clock><timer name='kvmclock'/></clock>"), undefined, 'kvmclock without present: qemu default');
 });
 
 t.test('vcpus and topology', async (t) => {
@@ -61,6 +74,37 @@ t.test('vcpus and topology', async (t) => {
   t.equal(smp('<vcpu>4</vcpu>'), '4,sockets=4,cores=1,threads=1');
   t.equal(smp("<vcpu current='1'>4</vcpu>"), '1,maxcpus=4,sockets=4,cores=1,threads=1');
   t.equal(smp("<vcpu current='2'>8</vcpu>", "<cpu><topology sockets='2' dies='2' cores='1' threads='2'/></cpu>"), '2,maxcpus=8,sockets=2,dies=2,cores=1,threads=2');
+  // libvirt 9 + qemu 7.2: dies= whenever there is a <topology> (1 unless given); clusters='1' is every x86 guest.
+  t.equal(smp('<vcpu>4</vcpu>', "<cpu><topology sockets='2' cores='2' threads='1'/></cpu>"), '4,sockets=2,dies=1,cores=2,threads=1');
+  t.equal(smp('<vcpu>4</vcpu>', "<cpu><topology sockets='1' dies='1' clusters='1' cores='2' threads='2'/></cpu>"), '4,sockets=1,dies=1,cores=2,threads=2');
+});
+
+t.test('NUMA cells: a memory backend and a -numa node each, no pc.ram', async (t) => {
+  const head = `<name>t1</name><uuid>${UUID}</uuid><memory unit='MiB'>192</memory><vcpu>4</vcpu>`;
+  const argv = argvOf(domainXml({ head, body: "<cpu><topology sockets='2' cores='2' threads='1'/><numa><cell id='0' cpus='0,2-3' memory='65536' unit='KiB'/><cell id='1' cpus='1' memory='128' unit='MiB'/></numa></cpu>" }));
+  t.same(all(argv, '-object'), ['memory-backend-ram,id=ram-node0,size=67108864', 'memory-backend-ram,id=ram-node1,size=134217728']);
+  t.same(all(argv, '-numa'), ['node,nodeid=0,cpus=0,cpus=2-3,memdev=ram-node0', 'node,nodeid=1,cpus=1,memdev=ram-node1']);
+  t.notMatch(opt(argv, '-machine'), /memory-backend/);
+  t.equal(opt(argv, '-m'), 'size=196608k');
+});
+
+t.test('hugepages: RAM is a file on hugetlbfs, still named pc.ram', async (t) => {
+  const host = { ...KVM_HOST, hugepagesPath: '/dev/hugepages/kvm-migrate/x,y' };
+  const argv = argvOf(domainXml({ body: '<memoryBacking><hugepages/></memoryBacking>' }), host);
+  t.equal(opt(argv, '-machine'), 'pc-i440fx-7.2,accel=kvm,usb=off,dump-guest-core=off,acpi=off,memory-backend=pc.ram');
+  t.equal(opt(argv, '-object'), 'memory-backend-file,id=pc.ram,mem-path=/dev/hugepages/kvm-migrate/x,,y,x-use-canonical-path-for-ramblock-id=false,prealloc=on,size=67108864');
+  const numa = argvOf(domainXml({ body: "<memoryBacking><hugepages/></memoryBacking><cpu><numa><cell cpus='0' memory='64' unit='MiB'/></numa></cpu>" }), host);
+  t.same(all(numa, '-object'), ['memory-backend-file,id=ram-node0,mem-path=/dev/hugepages/kvm-migrate/x,,y,prealloc=on,size=67108864']);
+  t.notMatch(opt(numa, '-machine'), /memory-backend/);
+  t.throws(() => argvOf(domainXml({ body: '<memoryBacking><hugepages/></memoryBacking>' }), { ...KVM_HOST, hugepagesPath: undefined }), /hugepagesPath/);
+});
+
+t.test('iothreads', async (t) => {
+  const disk = (iothread: string) => `<disk type='file' device='disk'><driver name='qemu' type='raw'${iothread}/><source file='/v/a.img'/><target dev='vda' bus='virtio'/></disk>`;
+  const argv = argvOf(domainXml({ body: '<iothreads>2</iothreads>', devices: disk(" iothread='2'") }));
+  t.same(all(argv, '-object'), ['iothread,id=iothread1', 'iothread,id=iothread2']);
+  t.match(all(argv, '-device').find((d) => d.startsWith('virtio-blk-pci')), /^virtio-blk-pci,iothread=iothread2,bus=pci.0,addr=0x2,/);
+  t.ok(argv.indexOf('-smp') < argv.indexOf('-object'), 'after -smp');
 });
 
 t.test('memory is rounded up to a whole MiB', async (t) => {
@@ -77,6 +121,68 @@ t.test('features and clock', async (t) => {
   const clock = argvOf(domainXml({ body: "<clock offset='localtime'><timer name='rtc' tickpolicy='delay'/><timer name='pit' tickpolicy='discard'/></clock>" }));
   t.equal(opt(clock, '-rtc'), 'base=localtime');
   t.equal(opt(clock, '-global'), 'kvm-pit.lost_tick_policy=discard');
+  const rtc = (timers: string) => opt(argvOf(domainXml({ body: `<clock offset='utc'>${timers}</clock>` })), '-rtc');
+  t.equal(rtc("<timer name='rtc' track='guest' tickpolicy='catchup'/>"), 'base=utc,clock=vm,driftfix=slew');
+  t.equal(rtc("<timer name='rtc' track='wall'/>"), 'base=utc,clock=host');
+  t.equal(rtc("<timer name='rtc' track='realtime' tickpolicy='delay'/>"), 'base=utc,clock=rt');
+  t.equal(opt(argvOf(domainXml({ body: "<clock><timer name='pit'/></clock>" })), '-global'), 'kvm-pit.lost_tick_policy=delay', 'a listed pit: libvirt always passes the policy');
+  t.notOk(argvOf(domainXml({ body: "<clock><timer name='rtc'/></clock>" })).includes('-global'));
+});
+
+t.test('power management', async (t) => {
+  const globals = (body: string, machine = 'pc-i440fx-7.2') =>
+    all(argvOf(domainXml({ os: `<os><type arch='x86_64' machine='${machine}'>hvm</type></os>`, body })), '-global');
+  t.same(globals("<pm><suspend-to-mem enabled='no'/><suspend-to-disk enabled='no'/></pm>"), ['PIIX4_PM.disable_s3=1', 'PIIX4_PM.disable_s4=1']);
+  t.same(globals("<pm><suspend-to-disk enabled='yes'/><suspend-to-mem enabled='yes'/></pm>", 'pc-q35-7.2'), ['ICH9-LPC.disable_s3=0', 'ICH9-LPC.disable_s4=0']);
+  t.same(globals("<pm><suspend-to-disk enabled='no'/></pm>", 'pc-q35-7.2'), ['ICH9-LPC.disable_s4=1']);
+  t.same(globals('<pm/>'), []);
+});
+
+t.test('watchdogs', async (t) => {
+  const q35 = "<os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os>";
+  const argv = argvOf(domainXml({ os: q35, devices: "<watchdog model='ib700' action='poweroff'/><watchdog model='i6300esb' action='poweroff'/><watchdog model='itco' action='poweroff'/>" }));
+  // On q35 the (conventional PCI) i6300esb goes onto a pcie-to-pci-bridge, from slot 1, as libvirt places it.
+  t.same(all(argv, '-device'), [
+    'pcie-root-port,port=0x8,chassis=1,id=pci.1,bus=pcie.0,addr=0x1,multifunction=on',
+    'pcie-pci-bridge,id=pci.2,bus=pci.1,addr=0x0',
+    'pcie-root-port,port=0x9,chassis=3,id=pci.3,bus=pcie.0,addr=0x1.0x1',
+    'ib700,id=watchdog0',
+    'i6300esb,id=watchdog1,bus=pci.2,addr=0x1',
+  ]);
+  t.same(all(argv, '-global'), ['ICH9-LPC.noreboot=off']);
+  t.equal(opt(argv, '-action'), 'reboot=reset,shutdown=poweroff,panic=shutdown,watchdog=poweroff');
+  t.equal(opt(argvOf(domainXml({ devices: "<watchdog model='i6300esb'/>" })), '-action'), 'reboot=reset,shutdown=poweroff,panic=shutdown,watchdog=reset', "libvirt's default action is reset");
+  for (const action of ['shutdown', 'pause', 'none', 'inject-nmi']) {
+    t.match(opt(argvOf(domainXml({ devices: `<watchdog model='ib700' action='${action}'/>` })), '-action'), new RegExp(`,watchdog=${action}$`));
+  }
+});
+
+t.test('smbios: libvirt key order, commas doubled', async (t) => {
+  const sysinfo = `<sysinfo type='smbios'><chassis><entry name='sku'>S</entry><entry name='asset'>rack 4, slot 12</entry></chassis>
+    <system><entry name='family'>F</entry><entry name='uuid'>${UUID.toUpperCase()}</entry><entry name='manufacturer'>M</entry></system>
+    <bios><entry name='release'>1.2</entry><entry name='vendor'>V</entry><entry name='date'>01/02/2023</entry></bios>
+    <baseBoard><entry name='location'>L</entry><entry name='product'>P</entry></baseBoard>
+    <oemStrings><entry>a,b</entry><entry>c=d</entry></oemStrings></sysinfo>`;
+  const os = (mode: string) => `<os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type><smbios mode='${mode}'/></os>`;
+  const argv = argvOf(domainXml({ os: os('sysinfo'), body: sysinfo }));
+  t.same(all(argv, '-smbios'), [
+    'type=0,vendor=V,date=01/02/2023,release=1.2',
+    `type=1,manufacturer=M,uuid=${UUID.toUpperCase()},family=F`,
+    'type=2,product=P,location=L',
+    'type=3,asset=rack 4,, slot 12,sku=S',
+    'type=11,value=a,,b,value=c=d',
+  ]);
+  t.ok(argv.indexOf('-smbios') === argv.indexOf('-uuid') + 2, 'right after -uuid');
+  t.notOk(argvOf(domainXml({ os: os('emulate'), body: sysinfo })).includes('-smbios'), "mode='emulate': qemu's own tables");
+  t.notOk(argvOf(domainXml({ body: sysinfo })).includes('-smbios'), 'no <smbios>: libvirt does not pass the sysinfo either');
+});
+
+t.test('audio backends', async (t) => {
+  const argv = argvOf(domainXml({ devices: "<graphics type='vnc' autoport='yes'/><audio id='1' type='none'/><audio id='3' type='none'/>" }));
+  t.same(all(argv, '-audiodev'), ['id=audio1,driver=none', 'id=audio3,driver=none']);
+  t.equal(opt(argv, '-vnc'), '127.0.0.1:0,to=99,audiodev=audio1');
+  t.ok(argv.indexOf('-audiodev') < argv.indexOf('-vnc'));
+  t.same(all(argvOf(domainXml({ devices: "<audio type='none'/>" })), '-audiodev'), ['id=audio1,driver=none'], 'a missing id is its position');
 });
 
 t.test('lifecycle actions', async (t) => {
@@ -84,6 +190,8 @@ t.test('lifecycle actions', async (t) => {
   t.equal(action('<on_reboot>destroy</on_reboot>'), 'reboot=shutdown,shutdown=poweroff,panic=shutdown');
   t.equal(action('<on_poweroff>preserve</on_poweroff><on_crash>preserve</on_crash>'), 'reboot=reset,shutdown=pause,panic=pause');
   t.equal(action('<on_crash>preserve</on_crash>'), 'reboot=reset,shutdown=poweroff,panic=pause');
+  t.equal(action('<on_crash>restart</on_crash>'), 'reboot=reset,shutdown=poweroff,panic=pause', 'restart: qemu pauses, the agent resets');
+  t.equal(action('<on_poweroff>preserve</on_poweroff><on_crash>restart</on_crash>'), 'reboot=reset,shutdown=pause,panic=pause');
 });
 
 t.test('boot options', async (t) => {

@@ -29,6 +29,7 @@ export const KVM_HOST: HostSettings = {
   pidfilePath: '/run/kvm-migrate/qemu.pid',
   channelSocketPath: (id) => `/run/kvm-migrate/${id}.sock`,
   tapName: (id) => `kmtap-${id}`,
+  hugepagesPath: '/dev/hugepages/kvm-migrate/guest',
 };
 export const TCG_HOST: HostSettings = { ...KVM_HOST, accel: 'tcg' };
 
