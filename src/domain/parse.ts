@@ -858,8 +858,10 @@ function parseDisk(dev: Node): RawDisk {
   for (const flag of ['readonly', 'shareable']) dev.child(flag)?.expect({});
   const serialNode = dev.child('serial')?.expect({ text: true });
   const serial = serialNode?.text();
-  if (serial !== undefined && !/^[A-Za-z0-9_.+ -]{1,20}$/.test(serial)) {
-    throw fail('invalid_value', serialNode!.path, 'a disk serial is 1-20 characters of [A-Za-z0-9_.+ -]');
+  // libvirt's character set and no length of its own (Nova writes a volume's 36-character UUID);
+  // qemu passes it as given, and the guest sees what its bus holds (20 bytes on virtio and IDE).
+  if (serial !== undefined && !/^[A-Za-z0-9_.+ -]{1,255}$/.test(serial)) {
+    throw fail('invalid_value', serialNode!.path, 'a disk serial is 1-255 characters of [A-Za-z0-9_.+ -]');
   }
   const wwnNode = dev.child('wwn')?.expect({ text: true });
   let wwn: string | undefined;

@@ -282,6 +282,12 @@ t.test('PCI topology: devices on any bus, the root ports and bridges libvirt wou
   t.match(pc.find((d) => d.startsWith('virtio-blk-pci')), /bus=pci\.0,addr=0x3,/);
 });
 
+t.test("a disk serial as long as Nova's volume UUIDs is passed as given", async (t) => {
+  const serial = '9c4d1e7a-1111-2222-3333-444455556666';
+  const argv = argvOf(domainXml({ devices: `<disk type='file' device='disk'><source file='/v/a.img'/><target dev='vda' bus='virtio'/><serial>${serial}</serial></disk>` }));
+  t.match(all(argv, '-device').find((d) => d.startsWith('virtio-blk-pci')), `,serial=${serial}`);
+});
+
 t.test('user strings are escaped in option values', async (t) => {
   t.equal(escapeOptionValue('/a,b,,c'), '/a,,b,,,,c');
   const argv = buildArgv(parseDomainXml(domainXml({ devices: "<serial type='unix'><source mode='bind' path='/run/a,b.sock'/><log file='/l/x,y'/></serial>" })),

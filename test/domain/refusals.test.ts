@@ -277,6 +277,7 @@ const cases: Case[] = [
   ['iotune', d({ devices: disk(`${SRC}<target dev='vda'/><iotune><total_bytes_sec>1</total_bytes_sec></iotune>`) }), 'unsupported_element', '/domain/devices/disk[1]/iotune'],
   ['encryption', d({ devices: disk(`${SRC}<target dev='vda'/><encryption format='luks'/>`) }), 'unsupported_element', '/domain/devices/disk[1]/encryption'],
   ['disk alias', d({ devices: disk(`${SRC}<target dev='vda'/><alias name='virtio-disk0'/>`) }), 'unsupported_element', '/domain/devices/disk[1]/alias'],
+  ['disk serial over 255 characters', d({ devices: disk(`${SRC}<target dev='vda'/><serial>${'s'.repeat(256)}</serial>`) }), 'invalid_value', '/domain/devices/disk[1]/serial'],
   ['disk serial with a comma', d({ devices: disk(`${SRC}<target dev='vda'/><serial>a,b</serial>`) }), 'invalid_value', '/domain/devices/disk[1]/serial'],
   ['wwn on virtio (as libvirt)', d({ devices: disk(`${SRC}<target dev='vda'/><wwn>0x5000c50015ea71ad</wwn>`) }), 'unsupported_element', '/domain/devices/disk[1]/wwn'],
   ['wwn on sata (as libvirt)', d({ devices: disk(`${SRC}<target dev='sda' bus='sata'/><wwn>5000c50015ea71ad</wwn>`) }), 'unsupported_element', '/domain/devices/disk[1]/wwn'],
