@@ -1,12 +1,13 @@
 /**
  * A real Linux guest, defined from virt-install-shaped q35 XML, migrated A -> B -> A while it
- * writes its disk and uses its network: afterwards it is the same boot, its counter went on,
+ * writes its disk and uses its network (pm, audio none, an iTCO watchdog, a USB tablet and a
+ * guest agent channel without a path, as virt-install writes them): afterwards it is the same boot, its counter went on,
  * every record it wrote is on its disk in order, and its network kept answering on both hosts.
  */
 import { copyFile, readFile, truncate, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import { once } from 'node:events';
-import type { AddressInfo } from 'node:net';
+import { connect, type AddressInfo } from 'node:net';
 import path from 'node:path';
 import t from 'tap';
 import { GuestPackagesUnavailableError, ensureLinuxGuest, LINUX_GUEST_CMDLINE, parseLinuxGuestDisk, parseLinuxSerialLog, type LinuxGuest } from '../../src/guest/linux.js';
@@ -15,6 +16,28 @@ import { twoAgents } from '../helpers/migration.js';
 import type { TestAgent } from '../helpers/agents.js';
 
 const MiB = 1024 * 1024;
+
+/** guest-sync through the guest agent channel the agent made for the guest (no path in its XML). */
+async function guestAgentSync(agent: TestAgent, id: number): Promise<unknown> {
+  const entry = agent.app.agent.domains.get('linux1');
+  const socketPath = path.join(agent.config.stateDir, 'run', entry.uuid, 'channel0.sock');
+  return waitFor('the guest agent to answer', () => new Promise<unknown>((resolve) => {
+    const sock = connect(socketPath);
+    let buf = '';
+    const done = (v: unknown) => {
+      sock.destroy();
+      resolve(v);
+    };
+    sock.setTimeout(2000, () => done(null));
+    sock.on('error', () => done(null));
+    sock.on('connect', () => sock.write(`${JSON.stringify({ execute: 'guest-sync', arguments: { id } })}\n`));
+    sock.on('data', (d) => {
+      buf += d.toString();
+      const line = buf.split('\n').find((l) => l.includes(`"return": ${id}`));
+      if (line) done(JSON.parse(line).return);
+    });
+  }), { timeoutMs: 30_000, intervalMs: 200 });
+}
 
 let guest: LinuxGuest | undefined;
 let noGuest: string | false = false;
@@ -48,12 +71,17 @@ function virtInstallXml(o: { kernel: string; initrd: string; cmdline: string; di
     <acpi/>
     <apic/>
   </features>
+  <cpu mode="host-passthrough" check="none" migratable="on"/>
   <clock offset="utc">
     <timer name="rtc" tickpolicy="catchup"/>
     <timer name="pit" tickpolicy="delay"/>
     <timer name="hpet" present="no"/>
   </clock>
   <on_reboot>destroy</on_reboot>
+  <pm>
+    <suspend-to-mem enabled="no"/>
+    <suspend-to-disk enabled="no"/>
+  </pm>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type="file" device="disk">
@@ -61,7 +89,7 @@ function virtInstallXml(o: { kernel: string; initrd: string; cmdline: string; di
       <source file="${o.disk}"/>
       <target dev="vda" bus="virtio"/>
     </disk>
-    <controller type="usb" model="qemu-xhci"/>
+    <controller type="usb" model="qemu-xhci" ports="15"/>
     <controller type="pci" model="pcie-root"/>
 ${rootPorts}
     <interface type="user">
@@ -71,7 +99,13 @@ ${rootPorts}
     <serial type="file">
       <source path="${o.serial}" append="on"/>
     </serial>
+    <channel type="unix">
+      <source mode="bind"/>
+      <target type="virtio" name="org.qemu.guest_agent.0"/>
+    </channel>
     <input type="tablet" bus="usb"/>
+    <audio id="1" type="none"/>
+    <watchdog model="itco" action="reset"/>
     <memballoon model="virtio"/>
     <rng model="virtio">
       <backend model="random">/dev/urandom</backend>
@@ -116,7 +150,7 @@ t.test('a Linux guest migrates A -> B -> A with its disk and network busy, and n
     return l.ticks.length >= 2 ? l : null;
   }, { timeoutMs: 60_000, intervalMs: 200 });
   const bootId = booted.boots[0]!;
-  for (const dev of ['vda', 'net', 'rng', 'balloon']) t.ok(booted.devices[dev]?.ok, `${dev} works in the guest: ${booted.devices[dev]?.detail}`);
+  for (const dev of ['vda', 'net', 'rng', 'balloon', 'agent']) t.ok(booted.devices[dev]?.ok, `${dev} works in the guest: ${booted.devices[dev]?.detail}`);
   await waitFor('the guest to use its network', () => fetches.length >= 3, { timeoutMs: 30_000, intervalMs: 100 }).catch(async (err: unknown) => {
     throw new Error(`${(err as Error).message}; the guest said: ${(await log()).problems.join(' | ')}`);
   });
@@ -136,7 +170,10 @@ t.test('a Linux guest migrates A -> B -> A with its disk and network busy, and n
     const ticks = after.ticks.map((k) => k.tick);
     t.ok(ticks.every((k, i) => i === 0 || k === ticks[i - 1]! + 1), `${what}: the counter never went back or skipped (${ticks.length} ticks)`);
     await waitFor(`${what}: the network to answer`, () => fetches.length >= fetchesBefore + 3, { timeoutMs: 30_000, intervalMs: 100 });
+    const id = 1000 + ticksBefore;
+    t.equal(await guestAgentSync(to, id), id, `${what}: the guest agent answers through the destination's own channel socket`);
   };
+  t.equal(await guestAgentSync(a, 7), 7, 'the guest agent answers on the source');
   await hop(a, b, 'A -> B');
   await hop(b, a, 'B -> A');
 
