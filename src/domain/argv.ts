@@ -261,7 +261,8 @@ function controllerDevice(c: ControllerDef, pci: (a: PciAddress) => string): str
       break;
     case 'pci':
       parts.push(PCI_DRIVERS[c.model as PciModel]!);
-      if (c.model === 'pcie-root-port') parts.push(`port=0x${c.port!.toString(16)}`, `chassis=${c.chassis}`);
+      if (c.model === 'pcie-root-port' || c.model === 'pcie-switch-downstream-port') parts.push(`port=0x${c.port!.toString(16)}`, `chassis=${c.chassis}`);
+      if (c.busNr !== undefined) parts.push(`bus_nr=${c.busNr}`);
       if (c.model === 'pci-bridge') parts.push(`chassis_nr=${c.chassisNr}`);
       break;
     default:

@@ -33,7 +33,7 @@ import { fail } from './walk.js';
 import { checkPciControllers, pciAddr, pciBusId, placePci, type PciConnect, type PciPlacement, type PciUser } from './pci.js';
 
 export type RawDisk = Omit<DiskDef, 'address' | 'id' | 'bootIndex'> & { address?: PciAddress | DriveAddress };
-export interface RawController extends Pick<ControllerDef, 'chassis' | 'port' | 'chassisNr'> {
+export interface RawController extends Pick<ControllerDef, 'chassis' | 'port' | 'chassisNr' | 'busNr'> {
   element: string;
   type: ControllerType;
   index?: number;

@@ -169,7 +169,8 @@ export interface DiskDef {
 
 export type ControllerType = 'usb' | 'ide' | 'sata' | 'scsi' | 'virtio-serial' | 'pci';
 /** PCI controllers: the root of each chipset, root ports and bridges (each of index N provides bus N). */
-export type PciModel = 'pci-root' | 'pcie-root' | 'pcie-root-port' | 'pcie-to-pci-bridge' | 'dmi-to-pci-bridge' | 'pci-bridge';
+export type PciModel = 'pci-root' | 'pcie-root' | 'pcie-root-port' | 'pcie-to-pci-bridge' | 'dmi-to-pci-bridge' | 'pci-bridge'
+  | 'pcie-switch-upstream-port' | 'pcie-switch-downstream-port' | 'pci-expander-bus' | 'pcie-expander-bus';
 
 export interface ControllerDef {
   /** Absent for a controller that was added implicitly (a device needed it). */
@@ -177,11 +178,16 @@ export interface ControllerDef {
   type: ControllerType;
   index: number;
   model?: UsbModel | 'virtio-scsi' | 'lsilogic' | PciModel;
-  /** pcie-root-port: its chassis and port numbers (libvirt: the index, and slot << 3 | function). */
+  /**
+   * pcie-root-port: its chassis and port numbers (libvirt: the index, and slot << 3 | function);
+   * pcie-switch-downstream-port: the same (libvirt: the index, and its slot).
+   */
   chassis?: number;
   port?: number;
   /** pci-bridge: its chassis_nr (libvirt: the index). */
   chassisNr?: number;
+  /** pci-expander-bus, pcie-expander-bus: the bus number it starts at (libvirt: 254, 252, ... down from 256). */
+  busNr?: number;
   /** Provided by the machine type itself: nothing on the command line. */
   builtin: boolean;
   /** usb (qemu-xhci, nec-xhci): USB 2 and USB 3 ports each (p2/p3); virtio-serial: max_ports. */

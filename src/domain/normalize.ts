@@ -123,8 +123,9 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
     // libvirt's normalized form of a root port or bridge: the qemu model and its numbers.
     const driver = c.type === 'pci' ? PCI_DRIVERS[c.model as PciModel] : undefined;
     if (driver && !childEl(el, 'model')) el.children.push(element('model', [['name', driver]]));
-    const target: [string, string][] = c.model === 'pcie-root-port' ? [['chassis', String(c.chassis)], ['port', hex(c.port!, 1)]]
-      : c.model === 'pci-bridge' ? [['chassisNr', String(c.chassisNr)]] : [];
+    const target: [string, string][] = c.model === 'pcie-root-port' || c.model === 'pcie-switch-downstream-port' ? [['chassis', String(c.chassis)], ['port', hex(c.port!, 1)]]
+      : c.model === 'pci-bridge' ? [['chassisNr', String(c.chassisNr)]]
+      : c.busNr !== undefined ? [['busNr', String(c.busNr)]] : [];
     if (target.length > 0 && !childEl(el, 'target')) el.children.push(element('target', target));
     if (c.address && !childEl(el, 'address')) el.children.push(addressElement(c.address));
   }

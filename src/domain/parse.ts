@@ -961,20 +961,20 @@ function parseController(dev: Node, family: MachineFamily): RawController {
 }
 
 const PCI_MODELS: Record<MachineFamily, readonly PciModel[]> = {
-  i440fx: ['pci-root', 'pci-bridge'],
-  q35: ['pcie-root', 'pcie-root-port', 'pcie-to-pci-bridge', 'dmi-to-pci-bridge', 'pci-bridge'],
+  i440fx: ['pci-root', 'pci-bridge', 'pci-expander-bus'],
+  q35: ['pcie-root', 'pcie-root-port', 'pcie-to-pci-bridge', 'dmi-to-pci-bridge', 'pci-bridge', 'pcie-switch-upstream-port', 'pcie-switch-downstream-port', 'pcie-expander-bus'],
 };
 /** `<controller type='pci'>` in the forms virt-install writes (bare) and libvirt normalizes to (model name, target). */
-function parsePciController(dev: Node, family: MachineFamily): Pick<RawController, 'model' | 'chassis' | 'port' | 'chassisNr'> {
+function parsePciController(dev: Node, family: MachineFamily): Pick<RawController, 'model' | 'chassis' | 'port' | 'chassisNr' | 'busNr'> {
   const model = dev.requireEnumAttr('model', PCI_MODELS[family]);
-  const out: Pick<RawController, 'model' | 'chassis' | 'port' | 'chassisNr'> = { model };
+  const out: Pick<RawController, 'model' | 'chassis' | 'port' | 'chassisNr' | 'busNr'> = { model };
   const name = dev.child('model')?.expect({ attrs: ['name'] }).requireAttr('name');
   if (name !== undefined && name !== PCI_DRIVERS[model]) {
     throw fail('unsupported_value', `${dev.path}/model/@name`, `a ${model} is qemu's ${PCI_DRIVERS[model] ?? 'builtin root'} here, not ${name}`);
   }
   const target = dev.child('target');
   if (target) {
-    if (model === 'pcie-root-port') {
+    if (model === 'pcie-root-port' || model === 'pcie-switch-downstream-port') {
       target.expect({ attrs: ['chassis', 'port'] });
       const chassis = target.intAttr('chassis', 0, 255);
       const port = target.intAttr('port', 0, 255);
@@ -984,6 +984,11 @@ function parsePciController(dev: Node, family: MachineFamily): Pick<RawControlle
       target.expect({ attrs: ['chassisNr'] });
       const chassisNr = target.intAttr('chassisNr', 1, 255);
       if (chassisNr !== undefined) out.chassisNr = chassisNr;
+    } else if (model === 'pci-expander-bus' || model === 'pcie-expander-bus') {
+      // <node> (the NUMA node of the bus) is not taken: the guest's NUMA cells are the CPU's.
+      target.expect({ attrs: ['busNr'] });
+      const busNr = target.intAttr('busNr', 3, 254);
+      if (busNr !== undefined) out.busNr = busNr;
     } else {
       target.expect({});
     }

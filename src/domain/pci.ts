@@ -18,6 +18,10 @@ export const PCI_DRIVERS: Partial<Record<PciModel, string>> = {
   'pcie-to-pci-bridge': 'pcie-pci-bridge',
   'dmi-to-pci-bridge': 'i82801b11-bridge',
   'pci-bridge': 'pci-bridge',
+  'pcie-switch-upstream-port': 'x3130-upstream',
+  'pcie-switch-downstream-port': 'xio3130-downstream',
+  'pci-expander-bus': 'pxb',
+  'pcie-expander-bus': 'pxb-pcie',
 };
 
 /** How a device attaches: a PCIe endpoint, or a conventional PCI device (legacy). */
@@ -39,9 +43,14 @@ const DEVICES = '/domain/devices';
 
 /** What plugs into a bus of each kind, and in which slots. */
 const BUS_RULES: Record<PciModel, { minSlot: number; maxSlot: number; takes: ReadonlyArray<PciConnect | PciModel> }> = {
-  'pci-root': { minSlot: 1, maxSlot: 31, takes: ['pci', 'pcie', 'pci-bridge'] },
-  'pcie-root': { minSlot: 1, maxSlot: 31, takes: ['pci', 'pcie', 'pcie-root-port', 'dmi-to-pci-bridge'] },
-  'pcie-root-port': { minSlot: 0, maxSlot: 0, takes: ['pci', 'pcie', 'pcie-to-pci-bridge'] },
+  'pci-root': { minSlot: 1, maxSlot: 31, takes: ['pci', 'pcie', 'pci-bridge', 'pci-expander-bus'] },
+  'pcie-root': { minSlot: 1, maxSlot: 31, takes: ['pci', 'pcie', 'pcie-root-port', 'dmi-to-pci-bridge', 'pcie-expander-bus'] },
+  'pcie-root-port': { minSlot: 0, maxSlot: 0, takes: ['pci', 'pcie', 'pcie-to-pci-bridge', 'pcie-switch-upstream-port'] },
+  'pcie-switch-upstream-port': { minSlot: 0, maxSlot: 31, takes: ['pcie-switch-downstream-port'] },
+  'pcie-switch-downstream-port': { minSlot: 0, maxSlot: 0, takes: ['pci', 'pcie', 'pcie-to-pci-bridge', 'pcie-switch-upstream-port'] },
+  // An expander bus is a root bus of its own, in the guest's NUMA topology; qemu gives it no hotplug.
+  'pci-expander-bus': { minSlot: 0, maxSlot: 31, takes: ['pci', 'pcie', 'pci-bridge'] },
+  'pcie-expander-bus': { minSlot: 0, maxSlot: 31, takes: ['pcie-root-port', 'dmi-to-pci-bridge'] },
   'pcie-to-pci-bridge': { minSlot: 1, maxSlot: 31, takes: ['pci', 'pcie', 'pci-bridge'] },
   'dmi-to-pci-bridge': { minSlot: 0, maxSlot: 31, takes: ['pci', 'pcie', 'pci-bridge'] },
   'pci-bridge': { minSlot: 1, maxSlot: 31, takes: ['pci', 'pcie', 'pci-bridge'] },
@@ -87,8 +96,9 @@ class Buses {
   }
 
   /** The first free slot (function 0) of a bus that takes `what`, lowest bus first. */
-  firstFree(what: PciConnect | PciModel, busFilter: (model: PciModel) => boolean = () => true): PciAddress | undefined {
+  firstFree(what: PciConnect | PciModel, busFilter: (model: PciModel) => boolean = () => true, belowIndex = Infinity): PciAddress | undefined {
     for (const index of [...this.controllers.keys()].sort((a, b) => a - b)) {
+      if (index >= belowIndex) break;
       const model = this.model(index);
       const rules = BUS_RULES[model];
       if (!rules.takes.includes(what) || !busFilter(model)) continue;
@@ -172,11 +182,13 @@ export function placePci(family: MachineFamily, controllers: ControllerDef[], or
     } else if (c?.model === 'dmi-to-pci-bridge') {
       a = buses.slotFree(0, 0x1e) ? pciAddr(0x1e) : buses.firstFree('dmi-to-pci-bridge');
     } else if (c) {
-      a = buses.firstFree(c.model as PciModel);
+      // A controller plugs into a bus of a lower index (libvirt's rule: the stored XML must say so too).
+      a = buses.firstFree(c.model as PciModel, () => true, c.index);
+      if (!a) throw fail('unsupported_value', c.element ?? DEVICES, `no free slot for this ${c.model} on a bus of a lower index than its own (${c.index}): add the controller it plugs into (a pcie-root-port for a switch or a pcie-to-pci-bridge) with a lower index`);
     } else if (family === 'q35') {
       // Endpoints are never auto-placed on pcie.0 (not hotpluggable): PCIe into root ports, PCI onto bridges.
       a = p.connect === 'pcie'
-        ? buses.firstFree('pcie', (m) => m === 'pcie-root-port')
+        ? buses.firstFree('pcie', (m) => m === 'pcie-root-port' || m === 'pcie-switch-downstream-port')
         : buses.firstFree('pci', (m) => m === 'pcie-to-pci-bridge' || m === 'pci-bridge' || m === 'dmi-to-pci-bridge');
     } else {
       a = buses.firstFree(p.connect);
@@ -190,7 +202,8 @@ export function placePci(family: MachineFamily, controllers: ControllerDef[], or
     const a = p.user.address as PciAddress;
     if (a.function === 0 && !a.multifunction && buses.functionsUsed(a.bus, a.slot).length > 1) a.multifunction = true;
   }
-  for (const c of pciControllers()) completeControllerTarget(c);
+  for (const c of pciControllers()) if (c.index > 0) completeControllerTarget(c);
+  completeBusNumbers(controllers);
 }
 
 function isControllerUser(u: PciUser): u is ControllerDef {
@@ -261,7 +274,7 @@ function addMissingControllers(controllers: ControllerDef[], all: PciPlacement[]
   // A bridge takes a root port of its own; it is added after the ports, as it must sit on a lower index.
   const addBridge = legacy > freeBridgeSlots;
   pcie += pciCtrls.filter((c) => !c.address && c.model === 'pcie-to-pci-bridge').length + (addBridge ? 1 : 0);
-  const freePorts = pciCtrls.filter((c) => c.model === 'pcie-root-port' && (c.address === undefined || countFree(c, buses) > 0)).length;
+  const freePorts = pciCtrls.filter((c) => (c.model === 'pcie-root-port' || c.model === 'pcie-switch-downstream-port') && countFree(c, buses) > 0).length;
   const missing = Math.max(pcie - freePorts, 0);
   for (let k = 0; k < missing; k++) add('pcie-root-port');
   if (addBridge) add('pcie-to-pci-bridge');
@@ -276,12 +289,34 @@ function countFree(c: ControllerDef, buses: Buses): number {
   return n;
 }
 
-/** libvirt's defaults: a root port's chassis is its index, its port (slot << 3 | function); a pci-bridge's chassis_nr its index. */
+/**
+ * libvirt's defaults: a root port's chassis is its index, its port (slot << 3 | function); a
+ * downstream port's chassis its index, its port its slot; a pci-bridge's chassis_nr its index.
+ */
 function completeControllerTarget(c: ControllerDef): void {
+  const a = c.address!;
   if (c.model === 'pcie-root-port') {
-    const a = c.address!;
     c.chassis ??= c.index;
     c.port ??= (a.slot << 3) | a.function;
   }
+  if (c.model === 'pcie-switch-downstream-port') {
+    c.chassis ??= c.index;
+    c.port ??= a.slot;
+  }
   if (c.model === 'pci-bridge') c.chassisNr ??= c.index;
+}
+
+/**
+ * An expander bus starts its bus numbers at busNr, below those of the buses the firmware numbers
+ * from 0 up; libvirt gives them 254, 252, ... (two apart: each has a bus of its own behind it).
+ */
+function completeBusNumbers(controllers: ControllerDef[]): void {
+  const expanders = controllers.filter((c) => c.model === 'pci-expander-bus' || c.model === 'pcie-expander-bus').sort((x, y) => x.index - y.index);
+  let lowest = Math.min(256, ...expanders.flatMap((c) => (c.busNr === undefined ? [] : [c.busNr])));
+  for (const c of expanders) {
+    if (c.busNr !== undefined) continue;
+    lowest -= 2;
+    if (lowest <= 2) throw fail('unsupported_value', c.element ?? DEVICES, 'no bus number is left below the other expander buses');
+    c.busNr = lowest;
+  }
 }

@@ -56,3 +56,32 @@ t.test('a virt-install-shaped q35 guest: root ports, a bridge for a legacy NIC, 
   t.equal([...where.values()].filter((w) => w.on === 'pci.4').length, 0, 'the fourth root port stays free for hotplug');
   await client.lifecycle('q35vm', 'destroy');
 });
+
+t.test('a PCIe switch and an expander bus start on real qemu, a disk behind a downstream port', async (t) => {
+  const dir = await tmpDir(t);
+  const { client, app } = await startAgent(t, dir, 'a');
+  const guest = await testGuest(dir, 'switched');
+  const xml = guest.xml
+    .replace("machine='pc'", "machine='q35'")
+    .replace("dev='hda' bus='ide'", "dev='vda' bus='virtio'")
+    .replace(
+      '<devices>',
+      "<devices><controller type='pci' index='1' model='pcie-root-port'/><controller type='pci' index='2' model='pcie-switch-upstream-port'/>" +
+        "<controller type='pci' index='3' model='pcie-switch-downstream-port'/><controller type='pci' index='4' model='pcie-expander-bus'/>" +
+        "<controller type='pci' index='5' model='pcie-root-port'><address type='pci' bus='0x04' slot='0x00'/></controller>",
+    );
+  await client.define(xml);
+  t.match(await client.xml('switched'), /model=["']pcie-expander-bus["']>\s*<model name=["']pxb-pcie["']\/>\s*<target busNr=["']254["']\/>/, 'the expander bus normalized with its bus number');
+  await client.lifecycle('switched', 'start');
+  const qmp = app.agent.domains.get('switched').run!.qmp;
+  const where = await waitFor('the firmware to number the buses', async () => {
+    const found = new Map<string, { on: string; slot: number; fn: number }>();
+    for (const root of await qmp.execute<Array<{ bus: number; devices: PciDevice[] }>>('query-pci')) flatten(root.devices, `bus ${root.bus}`, found);
+    return found.has('virtio-disk0') ? found : null;
+  }, { timeoutMs: 20_000, intervalMs: 100 });
+  t.equal(where.get('pci.2')?.on, 'pci.1', 'the upstream port in the root port');
+  t.equal(where.get('pci.3')?.on, 'pci.2', 'the downstream port on the switch');
+  t.equal(where.get('virtio-disk0')?.on, 'pci.3', 'the disk behind the downstream port');
+  t.ok(where.has('pci.4'), 'the expander bus is there');
+  await client.lifecycle('switched', 'destroy');
+});

@@ -276,6 +276,21 @@ t.test('PCI topology: devices on any bus, the root ports and bridges libvirt wou
   t.ok(legacy.includes('pci-bridge,chassis_nr=2,id=pci.2,bus=pci.1,addr=0x0'), 'the pci-bridge on the DMI bridge, from its slot 0');
   t.match(legacy.find((d) => d.startsWith('e1000')), /,bus=pci\.2,addr=0x3$/);
 
+  // A PCIe switch (its upstream port in a root port libvirt adds) and an expander bus with its root port.
+  const switched = devs(q35("<controller type='pci' index='1' model='pcie-root-port'/><controller type='pci' index='2' model='pcie-switch-upstream-port'/>" +
+    "<controller type='pci' index='3' model='pcie-switch-downstream-port'/><controller type='pci' index='4' model='pcie-switch-downstream-port'/>" +
+    "<controller type='pci' index='5' model='pcie-expander-bus'/><controller type='pci' index='6' model='pcie-root-port'><address type='pci' bus='0x05' slot='0x00'/></controller>" + VDA));
+  t.same(switched.filter((d) => /^(x3130|xio3130|pxb|pcie-root-port)/.test(d)), [
+    'pcie-root-port,port=0x8,chassis=1,id=pci.1,bus=pcie.0,addr=0x1',
+    'x3130-upstream,id=pci.2,bus=pci.1,addr=0x0',
+    'xio3130-downstream,port=0x0,chassis=3,id=pci.3,bus=pci.2,addr=0x0',
+    'xio3130-downstream,port=0x1,chassis=4,id=pci.4,bus=pci.2,addr=0x1',
+    'pxb-pcie,bus_nr=254,id=pci.5,bus=pcie.0,addr=0x2',
+    'pcie-root-port,port=0x0,chassis=6,id=pci.6,bus=pci.5,addr=0x0',
+  ]);
+  t.match(switched.find((d) => d.startsWith('virtio-blk-pci')), /bus=pci\.3,addr=0x0,/, 'an endpoint in a downstream port');
+  t.throws(() => q35("<controller type='pci' index='1' model='pcie-switch-upstream-port'/><controller type='pci' index='2' model='pcie-root-port'/>"), /on a bus of a lower index than its own \(1\)/);
+
   // pc: a pci-bridge on pci.0; devices stay on the lowest bus while it has slots.
   const pc = all(buildArgv(normalizeDomainXml(domainXml({ devices: "<controller type='pci' index='1' model='pci-bridge'/>" + VDA }), countingHost()).def, KVM_HOST), '-device');
   t.ok(pc.includes('pci-bridge,chassis_nr=1,id=pci.1,bus=pci.0,addr=0x2'));
