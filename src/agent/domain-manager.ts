@@ -247,7 +247,7 @@ export class DomainManager extends EventEmitter {
     const taps: TapRecord[] = [];
     try {
       for (const n of bridged) {
-        const rec: TapRecord = { name: n.targetDev ?? newTapName(), uid, bridge: this.bridgeOf(n) };
+        const rec: TapRecord = { name: n.targetDev ?? newTapName(), uid, bridge: this.bridgeOf(n), ...(n.mtu !== undefined ? { mtu: n.mtu } : {}) };
         taps.push(rec);
         await this.opts.store.saveRecord('taps', entry.name, { taps });
         await createTap(rec).catch((err: unknown) => {

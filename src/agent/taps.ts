@@ -15,6 +15,8 @@ export interface TapRecord {
   /** The user the tap belongs to (qemu's). */
   uid: number;
   bridge: string;
+  /** The interface's `<mtu size>`; else the kernel's default. */
+  mtu?: number;
 }
 
 const IP_TIMEOUT_MS = 10_000;
@@ -46,7 +48,7 @@ export function newTapName(): string {
 export async function createTap(rec: TapRecord): Promise<void> {
   await ip(['tuntap', 'add', 'dev', rec.name, 'mode', 'tap', 'user', String(rec.uid), 'vnet_hdr']);
   try {
-    await ip(['link', 'set', 'dev', rec.name, 'master', rec.bridge, 'up']);
+    await ip(['link', 'set', 'dev', rec.name, 'master', rec.bridge, ...(rec.mtu !== undefined ? ['mtu', String(rec.mtu)] : []), 'up']);
   } catch (err) {
     await deleteTap(rec).catch(() => undefined);
     throw err;

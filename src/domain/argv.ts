@@ -116,7 +116,8 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
       : `tap,ifname=${needs(host.tapName, 'tapName')(n.id)},script=no,downscript=no,vhost=off`;
     add('-netdev', `${backend},id=${n.netdevId}`);
     const driver = { virtio: 'virtio-net-pci', e1000: 'e1000', e1000e: 'e1000e', rtl8139: 'rtl8139' }[n.model];
-    add('-device', `${driver},netdev=${n.netdevId},id=${n.id},mac=${n.mac},${pci(n.address)}${bootindex(n.bootIndex)}`);
+    const hostMtu = n.mtu !== undefined && n.model === 'virtio' ? `,host_mtu=${n.mtu}` : '';
+    add('-device', `${driver},netdev=${n.netdevId},id=${n.id},mac=${n.mac}${hostMtu},${pci(n.address)}${bootindex(n.bootIndex)}`);
   }
   const socketPath = (id: string, s: CharSource) => (s.type === 'unix' && s.path === undefined ? needs(host.channelSocketPath, 'channelSocketPath')(id) : undefined);
   for (const s of def.serials) {
@@ -258,6 +259,7 @@ function controllerDevice(c: ControllerDef, pci: (a: PciAddress) => string): str
     case 'scsi':
       parts.push(c.model === 'lsilogic' ? 'lsi' : 'virtio-scsi-pci');
       if (c.queues !== undefined) parts.push(`num_queues=${c.queues}`);
+      if (c.iothread !== undefined) parts.push(`iothread=iothread${c.iothread}`);
       break;
     case 'pci':
       parts.push(PCI_DRIVERS[c.model as PciModel]!);

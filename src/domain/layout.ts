@@ -41,6 +41,7 @@ export interface RawController extends Pick<ControllerDef, 'chassis' | 'port' | 
   ports?: number;
   vectors?: number;
   queues?: number;
+  iothread?: number;
   master?: { startport: number };
   address?: PciAddress;
 }
@@ -132,9 +133,9 @@ export function completeDomain(raw: RawDomain): DomainDef {
   const memballoon: MemballoonDef | undefined = rawBalloon && { ...rawBalloon, id: 'balloon0' };
   const rngs = rawRngs.map((r, i): RngDef => ({ ...r, address: r.address!, id: `rng${i}`, objectId: `objrng${i}` }));
   const watchdogs = rawWatchdogs.map(({ action: _action, ...w }, i): WatchdogDef => ({ ...w, id: `watchdog${i}` }));
-  for (const d of disks) {
+  for (const d of [...disks, ...controllers]) {
     if (d.iothread !== undefined && d.iothread > raw.iothreads) {
-      throw fail('invalid_value', `${d.element}/driver/@iothread`, `iothread ${d.iothread} does not exist (<iothreads> is ${raw.iothreads})`);
+      throw fail('invalid_value', `${d.element ?? DEVICES}/driver/@iothread`, `iothread ${d.iothread} does not exist (<iothreads> is ${raw.iothreads})`);
     }
   }
 

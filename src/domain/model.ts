@@ -196,6 +196,8 @@ export interface ControllerDef {
   vectors?: number;
   /** virtio-scsi `<driver queues>`: num_queues. */
   queues?: number;
+  /** virtio-scsi `<driver iothread='K'>`: the controller's requests run in iothreadK. */
+  iothread?: number;
   /** An ICH9 UHCI companion of the EHCI with the same index: its first port there (masterbus/firstport). */
   master?: { startport: number };
   address?: PciAddress;
@@ -219,6 +221,8 @@ export interface InterfaceDef {
   network?: string;
   /** ethernet: the existing tap; bridge/network: the name the tap the agent creates is to have. */
   targetDev?: string;
+  /** `<mtu size>`: the tap's MTU; a virtio NIC is told it (host_mtu). */
+  mtu?: number;
   bootOrder?: number;
   bootIndex?: number;
   address: PciAddress;

@@ -931,9 +931,11 @@ function parseController(dev: Node, family: MachineFamily): RawController {
       if (scsiModel) c.model = scsiModel;
       const driver = dev.child('driver');
       if (driver) {
-        driver.expect({ attrs: scsiModel === 'lsilogic' ? [] : ['queues'] });
+        driver.expect({ attrs: scsiModel === 'lsilogic' ? [] : ['queues', 'iothread'] });
         const queues = driver.intAttr('queues', 1, 1024);
         if (queues !== undefined) c.queues = queues;
+        const iothread = driver.intAttr('iothread', 1, MAX_IOTHREADS);
+        if (iothread !== undefined) c.iothread = iothread;
       }
       break;
     }
@@ -998,8 +1000,14 @@ function parsePciController(dev: Node, family: MachineFamily): Pick<RawControlle
 
 function parseInterface(dev: Node, allowMissingIds: boolean): RawInterface {
   const type = dev.requireEnumAttr('type', ['user', 'bridge', 'network', 'ethernet'] as const);
-  dev.expect({ attrs: ['type'], children: ['mac', 'model', 'source', 'target', 'boot', 'address'] });
+  dev.expect({ attrs: ['type'], children: ['mac', 'model', 'source', 'target', 'boot', 'address', 'mtu'] });
   const iface: RawInterface = { element: dev.path, type, mac: '', model: 'rtl8139' };
+  // Nova writes it: the tap's MTU, and for virtio the one the guest is told (host_mtu), as libvirt.
+  const mtuNode = dev.child('mtu')?.expect({ attrs: ['size'] });
+  if (mtuNode) {
+    if (type === 'user' || type === 'ethernet') throw fail('unsupported_element', mtuNode.path, `<mtu> is for a tap the agent makes (type bridge or network), not type '${type}'`);
+    iface.mtu = mtuNode.intAttr('size', 68, 65535) ?? (() => { throw fail('missing_attribute', mtuNode.attrPath('size'), '<mtu> needs a size'); })();
+  }
 
   const macNode = dev.child('mac');
   if (macNode) {

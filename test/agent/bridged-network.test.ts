@@ -158,6 +158,7 @@ t.test('a guest on a mapped network: the agent makes its tap, traffic crosses th
       <source network='default'/>
       <mac address='52:54:00:4e:00:01'/>
       <model type='virtio'/>
+      <mtu size='1400'/>
     </interface>
     <serial type='file'>
       <source path='${serialLog}'/>
@@ -181,6 +182,7 @@ t.test('a guest on a mapped network: the agent makes its tap, traffic crosses th
   const qemuUid = Number(/^Uid:\s+(\d+)/m.exec(await fs.readFile(`/proc/${pid}/status`, 'utf8'))![1]);
   t.not(qemuUid, 0, 'qemu runs as a user of its own');
   t.equal(Number(tap!.user), qemuUid, "the tap is qemu's user's");
+  t.equal((JSON.parse(ip('-n', rig.ns, '-j', 'link', 'show', 'dev', tap!.name)) as Array<{ mtu: number }>)[0]!.mtu, 1400, "the tap has the interface's <mtu>");
 
   const booted = await waitFor('the guest ticks', async () => {
     const log = parseLinuxSerialLog(await fs.readFile(serialLog, 'latin1').catch(() => ''));

@@ -303,6 +303,13 @@ t.test("a disk serial as long as Nova's volume UUIDs is passed as given", async 
   t.match(all(argv, '-device').find((d) => d.startsWith('virtio-blk-pci')), `,serial=${serial}`);
 });
 
+t.test('an interface <mtu>: host_mtu on a virtio NIC, as libvirt tells the guest', async (t) => {
+  const host = { ...KVM_HOST, tapName: (id: string) => `kmtap-${id}` };
+  const nic = (model: string) => all(buildArgv(parseDomainXml(domainXml({ devices: `<interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='br0'/><model type='${model}'/><mtu size='9000'/></interface>` })), host), '-device')[0];
+  t.match(nic('virtio'), /^virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:00:00:01,host_mtu=9000,bus=/);
+  t.notMatch(nic('e1000'), /host_mtu/, 'an e1000 has no such property: only the tap has the MTU');
+});
+
 t.test('user strings are escaped in option values', async (t) => {
   t.equal(escapeOptionValue('/a,b,,c'), '/a,,b,,,,c');
   const argv = buildArgv(parseDomainXml(domainXml({ devices: "<serial type='unix'><source mode='bind' path='/run/a,b.sock'/><log file='/l/x,y'/></serial>" })),
