@@ -16,6 +16,8 @@ export interface BenchRun extends TestContext {
 /** Runs `body` in a fresh scratch directory; Ctrl-C or a timeout ends its qemus and removes its files all the same. */
 export async function benchRun(body: (run: BenchRun) => Promise<void>): Promise<void> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'kvm-migrate-bench-'));
+  // The agents' qemu runs as a user of its own and must pass through to their run/ directories.
+  await fs.chmod(dir, 0o711);
   const cleanups: Array<() => Promise<unknown>> = [];
   const cleanUp = async () => {
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup().catch(() => undefined);

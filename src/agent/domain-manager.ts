@@ -665,7 +665,8 @@ export class DomainManager extends EventEmitter {
   private watch(entry: DomainEntry, run: RunningQemu): void {
     entry.run = run;
     run.qmp.onEvent((e) => {
-      if (e.event === 'SHUTDOWN' && e.data.guest === true) run.guestShutdown = true;
+      // A panic that ends qemu (on_crash destroy: panic=shutdown) is a crash, not the guest's own shutdown.
+      if (e.event === 'SHUTDOWN' && e.data.guest === true && e.data.reason !== 'guest-panic') run.guestShutdown = true;
       // on_crash='restart': qemu paused the panicked guest (-action panic=pause); reset it and
       // let it run on, as libvirt's fake reboot does (the same qemu, no new process).
       if (e.event === 'GUEST_PANICKED' && e.data.action === 'pause' && entry.def.onCrash === 'restart' && entry.run === run) {

@@ -158,6 +158,7 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
       : '';
     add('-device', `${driver},id=${v.id}${props},${pci(v.address!)}`);
   }
+  if (def.panic) add('-device', `pvpanic${def.panic.ioport !== undefined ? `,ioport=${def.panic.ioport}` : ''}`);
   for (const w of def.watchdogs) {
     if (w.model === 'ib700') add('-device', `ib700,id=${w.id}`);
     if (w.model === 'i6300esb') add('-device', `i6300esb,id=${w.id},${pci(w.address!)}`);

@@ -207,6 +207,12 @@ export interface ControllerDef {
 
 export type UsbModel = 'none' | 'piix3-uhci' | 'qemu-xhci' | 'nec-xhci' | 'ich9-ehci1' | 'ich9-uhci1' | 'ich9-uhci2' | 'ich9-uhci3';
 
+/** The pvpanic ISA device (`<panic model='isa'>`); `ioport` when the XML gives its iobase. */
+export interface PanicDef {
+  element: string;
+  ioport?: number;
+}
+
 export interface InterfaceDef {
   element: string;
   /**
@@ -364,6 +370,7 @@ export interface DomainDef {
   videos: VideoDef[];
   inputs: InputDef[];
   memballoon?: MemballoonDef;
+  panic?: PanicDef;
   rngs: RngDef[];
   watchdogs: WatchdogDef[];
   /** The action of every watchdog (qemu has one for all). */

@@ -37,6 +37,7 @@ import type {
   MemballoonDef,
   OsDef,
   PciAddress,
+  PanicDef,
   PciModel,
   RngDef,
   UsbAddress,
@@ -684,16 +685,16 @@ function parseLifecycle(d: Node): Pick<RawDomain, 'onPoweroff' | 'onReboot' | 'o
 // ---- devices -------------------------------------------------------------------------------
 
 const DEVICE_KINDS = ['emulator', 'disk', 'controller', 'interface', 'serial', 'console', 'channel', 'graphics',
-  'video', 'input', 'memballoon', 'rng', 'watchdog', 'audio'];
+  'video', 'input', 'memballoon', 'rng', 'watchdog', 'audio', 'panic'];
 
 type DeviceLists = Pick<RawDomain, 'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'graphics' | 'videos' | 'inputs' | 'rngs' | 'watchdogs' | 'audios'>;
 
 /** Each device on its own (see parseDomain); the devices that occur once are answered apart. */
-function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: Map<string, XElement>, opts: ParseOptions): Pick<RawDomain, 'emulator' | 'memballoon'> {
+function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: Map<string, XElement>, opts: ParseOptions): Pick<RawDomain, 'emulator' | 'memballoon' | 'panic'> {
   // Unknown device kinds are refused in the loop, so the blockers keep document order.
   const present = [...new Set(n.elements().map((dev) => dev.name))];
   n.expect({ children: present, indexAll: { except: ['emulator'] } });
-  const once: Pick<RawDomain, 'emulator' | 'memballoon'> = {};
+  const once: Pick<RawDomain, 'emulator' | 'memballoon' | 'panic'> = {};
   for (const dev of n.elements()) {
     if (!DEVICE_KINDS.includes(dev.name)) {
       n.blockers!.add(fail('unsupported_element', dev.path, `element <${dev.name}> is not supported here`));
@@ -725,6 +726,11 @@ function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: M
           break;
         }
         case 'rng': raw.rngs.push(parseRng(dev)); break;
+        case 'panic': {
+          if (once.panic) throw fail('duplicate_element', dev.path, 'only one <panic> is supported');
+          once.panic = parsePanic(dev);
+          break;
+        }
         case 'watchdog': {
           const w = parseWatchdog(dev, family);
           const first = raw.watchdogs[0];
@@ -996,6 +1002,21 @@ function parsePciController(dev: Node, family: MachineFamily): Pick<RawControlle
     }
   }
   return out;
+}
+
+/**
+ * `<panic model='isa'>`: qemu's pvpanic ISA device (ACPI QEMU0001), through which a guest says
+ * it panicked, so that on_crash applies; libvirt passes its port only when the XML gives one.
+ */
+function parsePanic(dev: Node): PanicDef {
+  dev.expect({ attrs: ['model'], children: ['address'] });
+  dev.requireEnumAttr('model', ['isa'] as const);
+  const a = dev.child('address');
+  if (!a) return { element: dev.path };
+  a.expect({ attrs: ['type', 'iobase'] });
+  a.requireEnumAttr('type', ['isa'] as const);
+  const ioport = a.intAttr('iobase', 0x100, 0xffff);
+  return { element: dev.path, ...(ioport !== undefined ? { ioport } : {}) };
 }
 
 function parseInterface(dev: Node, allowMissingIds: boolean): RawInterface {

@@ -15,6 +15,8 @@
 # Network traffic of its own (kmfetch=PORT on the kernel command line): it fetches
 #   http://10.0.2.2:PORT/fetch?boot=<boot id>&n=<k> (qemu's user network: the host's loopback)
 #   about ten times a second, k = 0, 1, 2, ..., so a test sees the network keep working.
+# A panic of its own (kmpanic=N): after tick N it tells qemu's pvpanic device (ISA port 0x505,
+#   written through /dev/port) that it panicked, as the kernel's pvpanic driver would.
 # Guest agent (virtio-serial port org.qemu.guest_agent.0): one JSON command per line;
 #   guest-ping and guest-sync are answered as qemu-guest-agent does, anything else is an error.
 
@@ -123,6 +125,7 @@ if [ -n "$fetchport" ]; then
   done) &
 fi
 
+panicat=$(sed -n 's/.*kmpanic=\([0-9]\{1,6\}\).*/\1/p' /proc/cmdline)
 n=0
 while :; do
   if [ -n "$disk" ]; then
@@ -130,6 +133,10 @@ while :; do
   fi
   page "$n"
   say tick "$n" "$bootid"
+  if [ "$n" = "$panicat" ]; then
+    say panic
+    printf '\001' | dd of=/dev/port bs=1 seek=1285 count=1 2>/dev/null
+  fi
   n=$((n + 1))
   usleep 500000
 done

@@ -223,7 +223,7 @@ const cases: Case[] = [
   ['on_lockfailure', d({ body: '<on_lockfailure>poweroff</on_lockfailure>' }), 'unsupported_element', '/domain/on_lockfailure'],
 
   // devices that are not supported at all
-  ...['hostdev', 'filesystem', 'sound', 'smartcard', 'redirdev', 'hub', 'panic', 'tpm', 'shmem', 'iommu',
+  ...['hostdev', 'filesystem', 'sound', 'smartcard', 'redirdev', 'hub', 'tpm', 'shmem', 'iommu',
     'vsock', 'lease', 'parallel', 'nvram', 'memory', 'crypto', 'redirfilter'].map(
     (el): Case => [`<${el}>`, d({ devices: `${VDA}<${el}/>` }), 'unsupported_element', `/domain/devices/${el}[1]`]),
   ['second hostdev is still indexed', d({ devices: "<hostdev mode='subsystem'/>" }), 'unsupported_element', '/domain/devices/hostdev[1]'],
@@ -327,6 +327,8 @@ const cases: Case[] = [
   ['lsilogic target 1', d({ devices: "<controller type='scsi' index='0' model='lsilogic'/>" + disk(`${SRC}<target dev='sda' bus='scsi'/><address type='drive' controller='0' bus='0' target='1' unit='0'/>`) }), 'invalid_value', '/domain/devices/disk[1]/address'],
   ['lsilogic driver queues', d({ devices: "<controller type='scsi' index='0' model='lsilogic'><driver queues='4'/></controller>" }), 'unsupported_attribute', '/domain/devices/controller[1]/driver/@queues'],
   ['scsi driver iothread that does not exist', d({ devices: "<controller type='scsi' index='0' model='virtio-scsi'><driver queues='4' iothread='1'/></controller>" }), 'invalid_value', '/domain/devices/controller[1]/driver/@iothread'],
+  ['panic of another model', d({ devices: "<panic model='pseries'/>" }), 'unsupported_value', '/domain/devices/panic[1]/@model'],
+  ['two panic devices', d({ devices: "<panic model='isa'/><panic model='isa'/>" }), 'duplicate_element', '/domain/devices/panic[2]'],
   ['lsilogic driver iothread', d({ body: '<iothreads>1</iothreads>', devices: "<controller type='scsi' index='0' model='lsilogic'><driver iothread='1'/></controller>" }), 'unsupported_attribute', '/domain/devices/controller[1]/driver/@iothread'],
   ['scsi driver queues 0', d({ devices: "<controller type='scsi' index='0' model='virtio-scsi'><driver queues='0'/></controller>" }), 'invalid_value', '/domain/devices/controller[1]/driver/@queues'],
   ['scsi driver cmd_per_lun', d({ devices: "<controller type='scsi' index='0' model='virtio-scsi'><driver cmd_per_lun='8'/></controller>" }), 'unsupported_attribute', '/domain/devices/controller[1]/driver/@cmd_per_lun'],
