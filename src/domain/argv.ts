@@ -14,12 +14,14 @@ import type {
   DiskDef,
   DomainDef,
   HostSettings,
+  HypervDef,
   ImageChain,
   PciAddress,
   PciModel,
 } from './model.js';
 import { cpuRanges } from './cpuset.js';
 import { kibRoundUpToMiB } from './units.js';
+import { HYPERV_FEATURES } from './model.js';
 import { PCI_DRIVERS, pciBusId } from './pci.js';
 
 /** qemu's option syntax: a comma inside a value is written twice. */
@@ -202,9 +204,12 @@ function cpuOption(def: DomainDef, accel: Accel): string | undefined {
   const cpu: CpuDef | undefined = def.cpu;
   // TCG has no host CPU to pass through: 'max' is the closest it can do.
   let name = !cpu ? undefined : cpu.mode === 'custom' ? cpu.model : cpu.mode === 'maximum' ? 'max' : accel === 'kvm' ? 'host' : 'max';
+  const onOff = (v: boolean) => (v ? 'on' : 'off');
   const timers = [
-    ...(def.clock.kvmclock !== undefined ? [`kvmclock=${def.clock.kvmclock ? 'on' : 'off'}`] : []),
+    ...(def.clock.kvmclock !== undefined ? [`kvmclock=${onOff(def.clock.kvmclock)}`] : []),
+    ...(def.clock.hypervclock !== undefined ? [`hv-time=${onOff(def.clock.hypervclock)}`] : []),
     ...(def.clock.tscFrequency !== undefined ? [`tsc-frequency=${def.clock.tscFrequency}`] : []),
+    ...hypervProperties(def.features.hyperv),
   ];
   // Paravirtual timers are CPU properties: with no model, libvirt names x86's default one.
   if (name === undefined && timers.length > 0) name = 'qemu64';
@@ -218,6 +223,16 @@ function cpuOption(def: DomainDef, accel: Accel): string | undefined {
   // check='full': refuse to start rather than silently drop a feature the host lacks.
   if (cpu?.check === 'full' && cpu.mode === 'custom' && cpu.model) parts.push('enforce');
   return parts.join(',');
+}
+
+/** As libvirt: each enlightenment that is on, as qemu's hv-* property (off is qemu's default). */
+function hypervProperties(h: HypervDef | undefined): string[] {
+  if (!h) return [];
+  return HYPERV_FEATURES.filter((name) => h.features[name]).flatMap((name) => {
+    if (name === 'spinlocks') return [`hv-spinlocks=0x${h.spinlockRetries!.toString(16)}`];
+    if (name === 'vendor_id') return [`hv-vendor-id=${escapeOptionValue(h.vendorId!)}`];
+    return [`hv-${name}=on`, ...(name === 'stimer' && h.stimerDirect ? ['hv-stimer-direct=on'] : [])];
+  });
 }
 
 function smpOption(def: DomainDef): string {

@@ -74,11 +74,29 @@ export interface NumaCell {
   memoryKiB: number;
 }
 
+/** The Hyper-V enlightenments libvirt knows, in the order libvirt puts them on the -cpu line. */
+export const HYPERV_FEATURES = ['relaxed', 'vapic', 'spinlocks', 'vpindex', 'runtime', 'synic', 'stimer', 'reset', 'vendor_id',
+  'frequencies', 'reenlightenment', 'tlbflush', 'ipi', 'evmcs'] as const;
+export type HypervFeature = (typeof HYPERV_FEATURES)[number];
+
+export interface HypervDef {
+  /** Each feature the XML names, on or off (absent: qemu's default, off). */
+  features: Partial<Record<HypervFeature, boolean>>;
+  /** spinlocks: how often a guest spins before it tells the hypervisor (`retries`, at least 4095). */
+  spinlockRetries?: number;
+  /** vendor_id: the vendor string the guest reads (up to 12 characters). */
+  vendorId?: string;
+  /** stimer `<direct state='on'/>`: synthetic timers delivered directly. */
+  stimerDirect?: boolean;
+}
+
 export interface FeaturesDef {
   acpi: boolean;
   apic: boolean;
   pae: boolean;
   vmport?: boolean;
+  /** `<hyperv mode='custom'>`: what Windows guests from virt-manager carry. */
+  hyperv?: HypervDef;
 }
 
 export interface ClockDef {
@@ -92,6 +110,8 @@ export interface ClockDef {
   hpet?: boolean;
   /** `kvmclock=on|off` on -cpu. */
   kvmclock?: boolean;
+  /** The hypervclock timer: `hv-time=on|off` on -cpu. */
+  hypervclock?: boolean;
   /** `tsc-frequency=` on -cpu, in Hz. */
   tscFrequency?: number;
 }

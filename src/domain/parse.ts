@@ -3,6 +3,7 @@
  * then `completeDomain` adds implicit controllers, addresses and ids. Everything not understood
  * is refused with the element's path; nothing that could change the guest is ever dropped.
  */
+import { HYPERV_FEATURES } from './model.js';
 import { qemuFeatureName, CPU_MODELS } from './cpu.js';
 import { parseCpuset } from './cpuset.js';
 import {
@@ -38,6 +39,7 @@ import type {
   OsDef,
   PciAddress,
   PanicDef,
+  HypervDef,
   PciModel,
   RngDef,
   UsbAddress,
@@ -578,7 +580,7 @@ function parseNuma(n: Node, vcpus: number): NumaCell[] {
 function parseFeatures(n: Node | undefined): FeaturesDef {
   const f: FeaturesDef = { acpi: false, apic: false, pae: false };
   if (!n) return f;
-  n.expect({ children: ['acpi', 'apic', 'pae', 'vmport'] });
+  n.expect({ children: ['acpi', 'apic', 'pae', 'vmport', 'hyperv'] });
   for (const key of ['acpi', 'apic', 'pae'] as const) {
     const c = n.child(key);
     if (c) {
@@ -588,7 +590,36 @@ function parseFeatures(n: Node | undefined): FeaturesDef {
   }
   const vmport = n.child('vmport');
   if (vmport) f.vmport = vmport.expect({ attrs: ['state'] }).requireEnumAttr('state', ['on', 'off'] as const) === 'on';
+  const hyperv = n.child('hyperv');
+  if (hyperv) f.hyperv = parseHyperv(hyperv);
   return f;
+}
+
+/**
+ * `<hyperv>` as virt-manager writes it for Windows. mode='passthrough' is refused: it gives the
+ * guest whatever this host's KVM offers, which another host may not (a migration would change it).
+ */
+function parseHyperv(n: Node): HypervDef {
+  n.expect({ attrs: ['mode'], children: [...HYPERV_FEATURES] });
+  n.enumAttr('mode', ['custom'] as const);
+  const def: HypervDef = { features: {} };
+  for (const name of HYPERV_FEATURES) {
+    const c = n.child(name);
+    if (!c) continue;
+    const attrs = name === 'spinlocks' ? ['state', 'retries'] : name === 'vendor_id' ? ['state', 'value'] : ['state'];
+    c.expect({ attrs, children: name === 'stimer' ? ['direct'] : [] });
+    const on = c.requireEnumAttr('state', ['on', 'off'] as const) === 'on';
+    def.features[name] = on;
+    if (name === 'spinlocks' && on) def.spinlockRetries = c.intAttr('retries', 4095, 0xffffffff) ?? (() => { throw fail('missing_attribute', c.attrPath('retries'), "spinlocks state='on' needs retries (4095 or more)"); })();
+    if (name === 'vendor_id' && on) {
+      const v = c.requireAttr('value');
+      if (!/^[A-Za-z0-9 _.-]{1,12}$/.test(v)) throw fail('invalid_value', c.attrPath('value'), `vendor_id '${v}' must be 1-12 characters of [A-Za-z0-9 _.-]`);
+      def.vendorId = v;
+    }
+    const direct = name === 'stimer' ? c.child('direct') : undefined;
+    if (direct) def.stimerDirect = direct.expect({ attrs: ['state'] }).requireEnumAttr('state', ['on', 'off'] as const) === 'on';
+  }
+  return def;
 }
 
 function parseClock(n: Node | undefined): ClockDef {
@@ -597,8 +628,8 @@ function parseClock(n: Node | undefined): ClockDef {
   const clock: ClockDef = { offset: n.enumAttr('offset', ['utc', 'localtime'] as const) ?? 'utc' };
   const seen = new Set<string>();
   for (const t of n.children('timer')) {
-    // hypervclock is for Windows guests; platform and armvtimer do not exist on x86 qemu.
-    const name = t.requireEnumAttr('name', ['rtc', 'pit', 'hpet', 'kvmclock', 'tsc'] as const);
+    // platform and armvtimer do not exist on x86 qemu.
+    const name = t.requireEnumAttr('name', ['rtc', 'pit', 'hpet', 'kvmclock', 'hypervclock', 'tsc'] as const);
     if (seen.has(name)) throw fail('invalid_value', t.attrPath('name'), `timer '${name}' is listed twice`);
     seen.add(name);
     // <catchup threshold slew limit> has no qemu counterpart: catch-up is driftfix=slew's own pace.
@@ -611,10 +642,11 @@ function parseClock(n: Node | undefined): ClockDef {
         if (present !== undefined) clock.hpet = present;
         break;
       }
-      case 'kvmclock': {
+      case 'kvmclock':
+      case 'hypervclock': {
         t.expect({ attrs: ['name', 'present'] });
         const present = t.boolAttr('present', 'yes', 'no');
-        if (present !== undefined) clock.kvmclock = present;
+        if (present !== undefined) clock[name] = present;
         break;
       }
       case 'tsc': {

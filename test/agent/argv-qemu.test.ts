@@ -1,6 +1,6 @@
 /**
  * qemu 7.2 accepts the argv of the golden fixtures of libvirt's elements (NUMA cells, file-backed
- * RAM as with hugepages, itco, smbios, watchdogs, timers): each is started with -S on TCG, with
+ * RAM as with hugepages, itco, smbios, watchdogs, timers, the Hyper-V set): each is started with -S on TCG, with
  * its host files replaced by scratch ones, and must still be running after a moment; it is then
  * ended by its PID. The RAM is made small and the hugepages directory is an ordinary one
  * (qemu's memory-backend-file takes any directory), so no huge pages are needed.
@@ -18,20 +18,22 @@ const FIXTURES = new URL('../../../test/domain/fixtures/', import.meta.url);
 async function scratchXml(name: string, dir: string): Promise<string> {
   let xml = await fs.readFile(new URL(`${name}.xml`, FIXTURES), 'utf8');
   const files = new Map<string, string>();
-  xml = xml.replace(/file='([^']*)'/g, (_m, p: string) => {
+  xml = xml.replace(/file=(['"])([^'"]*)\1/g, (_m, _q: string, p: string) => {
     if (!files.has(p)) files.set(p, path.join(dir, `f${files.size}`));
     return `file='${files.get(p)}'`;
   });
   for (const f of files.values()) await fs.writeFile(f, Buffer.alloc(1 << 20));
   return xml
-    .replace(/type='qcow2'/g, "type='raw'")
+    .replace(/type=(['"])qcow2\1/g, "type='raw'")
+    // TCG has no VP index for Hyper-V (qemu: "kernel doesn't allow setting HyperV VP_INDEX"); KVM has.
+    .replace(/<vpindex state="on"\/>/, '<vpindex state="off"/>')
     .replace(/<interface type='(bridge|ethernet)'>/g, "<interface type='user'>")
     .replace(/<source bridge='[^']*'\/>|<target dev='tap[^']*'\/>/g, '')
     .replace(/<memory unit='KiB'>\d+<\/memory>\s*<currentMemory unit='KiB'>\d+<\/currentMemory>/, (m) => (/<numa>/.test(xml) ? "<memory unit='MiB'>256</memory>" : m))
     .replace(/(<cell id='\d' cpus='[^']*') memory='[^']*' unit='[^']*'/g, "$1 memory='128' unit='MiB'");
 }
 
-for (const name of ['dumpxml-q35-server', 'nova-pc-sysinfo', 'numa-hugepages-iothreads']) {
+for (const name of ['dumpxml-q35-server', 'nova-pc-sysinfo', 'numa-hugepages-iothreads', 'virt-manager-windows-hyperv']) {
   t.test(name, async (t) => {
     const dir = await tmpDir(t);
     const { def } = normalizeDomainXml(await scratchXml(name, dir), {

@@ -144,7 +144,11 @@ const cases: Case[] = [
   ['initrd with a blank', d({ os: os('<kernel>/v/vmlinuz</kernel><initrd>/v/initrd.img /etc/shadow</initrd>') }), 'invalid_value', '/domain/os/initrd'],
 
   // features
-  ['hyperv', d({ body: "<features><hyperv><relaxed state='on'/></hyperv></features>" }), 'unsupported_element', '/domain/features/hyperv'],
+  ['hyperv passthrough', d({ body: "<features><hyperv mode='passthrough'/></features>" }), 'unsupported_value', '/domain/features/hyperv/@mode'],
+  ['hyperv spinlocks without retries', d({ body: "<features><hyperv><spinlocks state='on'/></hyperv></features>" }), 'missing_attribute', '/domain/features/hyperv/spinlocks/@retries'],
+  ['hyperv spinlocks retries too few', d({ body: "<features><hyperv><spinlocks state='on' retries='100'/></hyperv></features>" }), 'invalid_value', '/domain/features/hyperv/spinlocks/@retries'],
+  ['hyperv vendor_id too long', d({ body: "<features><hyperv><vendor_id state='on' value='ThirteenChars'/></hyperv></features>" }), 'invalid_value', '/domain/features/hyperv/vendor_id/@value'],
+  ['hyperv feature libvirt does not know', d({ body: "<features><hyperv><avic state='on'/></hyperv></features>" }), 'unsupported_element', '/domain/features/hyperv/avic'],
   ['kvm hidden', d({ body: "<features><kvm><hidden state='on'/></kvm></features>" }), 'unsupported_element', '/domain/features/kvm'],
   ['smm', d({ body: "<features><smm state='on'/></features>" }), 'unsupported_element', '/domain/features/smm'],
   ['pmu', d({ body: "<features><pmu state='off'/></features>" }), 'unsupported_element', '/domain/features/pmu'],
@@ -191,7 +195,7 @@ const cases: Case[] = [
   // clock
   ['clock offset variable', d({ body: "<clock offset='variable' adjustment='0'/>" }), 'unsupported_attribute', '/domain/clock/@adjustment'],
   ['clock offset timezone', d({ body: "<clock offset='timezone'/>" }), 'unsupported_value', '/domain/clock/@offset'],
-  ['hypervclock timer', d({ body: "<clock offset='utc'><timer name='hypervclock' present='yes'/></clock>" }), 'unsupported_value', '/domain/clock/timer[1]/@name'],
+  ['hypervclock with a tickpolicy', d({ body: "<clock offset='utc'><timer name='hypervclock' present='yes' tickpolicy='catchup'/></clock>" }), 'unsupported_attribute', '/domain/clock/timer[1]/@tickpolicy'],
   ['platform timer', d({ body: "<clock offset='utc'><timer name='platform'/></clock>" }), 'unsupported_value', '/domain/clock/timer[1]/@name'],
   ['kvmclock present maybe', d({ body: "<clock offset='utc'><timer name='kvmclock' present='maybe'/></clock>" }), 'unsupported_value', '/domain/clock/timer[1]/@present'],
   ['kvmclock tickpolicy', d({ body: "<clock offset='utc'><timer name='kvmclock' tickpolicy='delay'/></clock>" }), 'unsupported_attribute', '/domain/clock/timer[1]/@tickpolicy'],
