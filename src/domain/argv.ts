@@ -149,6 +149,15 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
     const host = g.listen.includes(':') ? `[${g.listen}]` : g.listen;
     add('-vnc', `${g.autoport ? `${host}:0,to=99` : `${host}:${g.port! - 5900}`}${audiodev}`);
   }
+  for (const snd of def.sounds) {
+    const backend = `audio${snd.audioId ?? def.audios[0]!.id}`;
+    if (snd.model === 'ac97') {
+      add('-device', `AC97,id=${snd.id},audiodev=${backend},${pci(snd.address!)}`);
+      continue;
+    }
+    add('-device', `${snd.model === 'ich9' ? 'ich9-intel-hda' : 'intel-hda'},id=${snd.id},${pci(snd.address!)}`);
+    snd.codecs.forEach((codec, cad) => add('-device', `hda-${codec},id=${snd.id}-codec${cad},bus=${snd.id}.0,cad=${cad},audiodev=${backend}`));
+  }
   for (const v of def.videos) {
     if (v.model === 'none') continue;
     // As libvirt: VGA's vram as vgamem_mb, bochs-display's in bytes, virtio's heads as

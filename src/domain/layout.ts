@@ -157,8 +157,10 @@ export function completeDomain(raw: RawDomain): DomainDef {
     ...rngs.map((r) => ({ user: r, connect: 'pcie' as const })),
     ...(primaryVideo ? [{ user: primaryVideo, connect: (primaryVideo.model === 'virtio' ? 'pcie' : 'pci') as PciConnect }] : []),
     ...watchdogs.filter((w) => w.model === 'i6300esb').map((w) => ({ user: w, connect: 'pci' as const })),
+    ...raw.sounds.map((snd) => ({ user: snd, connect: 'pci' as const })),
     ...inputs.filter((i) => i.bus === 'virtio').map((i) => ({ user: i, connect: 'pcie' as const })),
   ];
+  completeSounds(raw, family, ordered);
   placePci(family, controllers, ordered, chipsetFunctions(family, ordered, controllers));
   usbSet.placeRest();
   if (primaryVideo) delete (primaryVideo as PciUser).primaryVideo;
@@ -476,6 +478,26 @@ function completeInputs(raw: Omit<InputDef, 'id'>[], controllers: ControllerDef[
     i.address = { type: 'usb', bus: 0, port };
   }
   return inputs;
+}
+
+/**
+ * Sound as libvirt lays it out: the first ich9 of a q35 sits at 00:1b (where the ICH9's own
+ * HDA is), a sound names an existing backend, and one without any backend gets libvirt's
+ * implicit `<audio id='1' type='none'/>`.
+ */
+function completeSounds(raw: RawDomain, family: MachineFamily, ordered: PciPlacement[]): void {
+  for (const snd of raw.sounds) {
+    if (snd.audioId !== undefined && !raw.audios.some((a) => a.id === snd.audioId)) {
+      throw fail('invalid_value', `${snd.element}/audio/@id`, `there is no <audio id='${snd.audioId}'>`);
+    }
+  }
+  if (raw.sounds.length > 0 && raw.audios.length === 0) raw.audios.push({ element: DEVICES, id: 1, type: 'none' });
+  const first = raw.sounds.find((snd) => snd.model === 'ich9');
+  const slotTaken = ordered.some((p) => {
+    const a = p.user.address as PciAddress | undefined;
+    return a && a.bus === 0 && a.slot === 0x1b;
+  });
+  if (family === 'q35' && first && !first.address && !slotTaken) first.address = pciAddr(0x1b);
 }
 
 /** xhci and the virtio controllers are PCIe endpoints; UHCI/EHCI, AHCI and lsi are conventional PCI. */

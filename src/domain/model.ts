@@ -149,6 +149,18 @@ export interface AudioDef {
   type: 'none';
 }
 
+/** `<sound>`: an HDA controller (ich9, ich6) with its codecs, or an AC97; it plays into an `<audio>` backend. */
+export interface SoundDef {
+  element: string;
+  model: 'ich9' | 'ich6' | 'ac97';
+  /** HDA codecs, in order (libvirt: one duplex when none is given). */
+  codecs: Array<'duplex' | 'micro' | 'output'>;
+  /** `<audio id>` it plays into; else the first backend. */
+  audioId?: number;
+  address?: PciAddress;
+  id: string;
+}
+
 export interface CpuTuneDef {
   /** `<vcpu cpuset>`: host CPUs of every vCPU without a vcpupin (and of the emulator without an emulatorpin). */
   cpuset?: number[];
@@ -396,6 +408,7 @@ export interface DomainDef {
   /** The action of every watchdog (qemu has one for all). */
   watchdogAction?: WatchdogAction;
   audios: AudioDef[];
+  sounds: SoundDef[];
 }
 
 export interface FileRef {

@@ -151,8 +151,14 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
   for (const i of def.inputs) addAddress(i.element, i.address);
   addAddress(def.memballoon?.element, def.memballoon?.address);
   for (const r of def.rngs) addAddress(r.element, r.address);
+  for (const snd of def.sounds) addAddress(snd.element, snd.address);
   for (const w of def.watchdogs) addAddress(w.element, w.address);
   for (const a of def.audios) {
+    // The backend libvirt adds for a sound that names none is written into the XML, as libvirt does.
+    if (a.element === '/domain/devices') {
+      devices.children.push(element('audio', [['id', String(a.id)], ['type', a.type]]));
+      continue;
+    }
     const el = node(a.element);
     if (!el.attrs.has('id')) el.attrs.set('id', String(a.id));
   }

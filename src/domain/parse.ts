@@ -39,6 +39,7 @@ import type {
   OsDef,
   PciAddress,
   PanicDef,
+  SoundDef,
   HypervDef,
   PciModel,
   RngDef,
@@ -237,7 +238,7 @@ function parseDomain(d: Node, opts: ParseOptions, nodes: Map<string, XElement>):
     return sysinfo.def;
   }) : undefined;
 
-  const devices: DeviceLists = { disks: [], controllers: [], interfaces: [], serials: [], consoles: [], channels: [], graphics: [], videos: [], inputs: [], rngs: [], watchdogs: [], audios: [] };
+  const devices: DeviceLists = { disks: [], controllers: [], interfaces: [], serials: [], consoles: [], channels: [], graphics: [], videos: [], inputs: [], rngs: [], watchdogs: [], audios: [], sounds: [] };
   const devicesNode = d.child('devices');
   // Devices are walked for their blockers even when the machine type is unknown (as i440fx then).
   const extras = devicesNode ? parseDevices(devicesNode, devices, family ?? 'i440fx', nodes, opts) : {};
@@ -717,9 +718,9 @@ function parseLifecycle(d: Node): Pick<RawDomain, 'onPoweroff' | 'onReboot' | 'o
 // ---- devices -------------------------------------------------------------------------------
 
 const DEVICE_KINDS = ['emulator', 'disk', 'controller', 'interface', 'serial', 'console', 'channel', 'graphics',
-  'video', 'input', 'memballoon', 'rng', 'watchdog', 'audio', 'panic'];
+  'video', 'input', 'memballoon', 'rng', 'watchdog', 'audio', 'panic', 'sound'];
 
-type DeviceLists = Pick<RawDomain, 'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'graphics' | 'videos' | 'inputs' | 'rngs' | 'watchdogs' | 'audios'>;
+type DeviceLists = Pick<RawDomain, 'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'graphics' | 'videos' | 'inputs' | 'rngs' | 'watchdogs' | 'audios' | 'sounds'>;
 
 /** Each device on its own (see parseDomain); the devices that occur once are answered apart. */
 function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: Map<string, XElement>, opts: ParseOptions): Pick<RawDomain, 'emulator' | 'memballoon' | 'panic'> {
@@ -775,6 +776,7 @@ function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: M
           raw.watchdogs.push(w);
           break;
         }
+        case 'sound': raw.sounds.push(parseSound(dev, raw.sounds.length)); break;
         case 'audio': {
           const a = parseAudio(dev, raw.audios.length + 1);
           const same = raw.audios.find((x) => x.id === a.id);
@@ -1330,6 +1332,19 @@ function parseAudio(dev: Node, position: number): AudioDef {
   }
   dev.expect({ attrs: ['id', 'type'] });
   return { element: dev.path, id: dev.intAttr('id', 1, 255) ?? position, type: 'none' };
+}
+
+function parseSound(dev: Node, position: number): SoundDef {
+  const model = dev.requireEnumAttr('model', ['ich9', 'ich6', 'ac97'] as const);
+  dev.expect({ attrs: ['model'], children: ['codec', 'audio', 'address'], repeated: ['codec'] });
+  const codecs = dev.children('codec').map((c) => c.expect({ attrs: ['type'] }).requireEnumAttr('type', ['duplex', 'micro', 'output'] as const));
+  if (model === 'ac97' && codecs.length > 0) throw fail('unsupported_element', `${dev.path}/codec[1]`, 'an AC97 has no HDA codecs');
+  const sound: SoundDef = { element: dev.path, model, codecs: model === 'ac97' || codecs.length > 0 ? codecs : ['duplex'], id: `sound${position}` };
+  const audio = dev.child('audio')?.expect({ attrs: ['id'] });
+  if (audio) sound.audioId = audio.intAttr('id', 1, 255) ?? (() => { throw fail('missing_attribute', audio.attrPath('id'), '<audio> of a sound needs an id'); })();
+  const address = parseAddress(dev, ['pci'] as const);
+  if (address) sound.address = address;
+  return sound;
 }
 
 function parseRng(dev: Node): Omit<RngDef, 'id' | 'objectId' | 'address'> & { address?: PciAddress } {

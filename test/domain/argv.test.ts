@@ -310,6 +310,19 @@ t.test('an interface <mtu>: host_mtu on a virtio NIC, as libvirt tells the guest
   t.notMatch(nic('e1000'), /host_mtu/, 'an e1000 has no such property: only the tap has the MTU');
 });
 
+t.test('sound: HDA controllers with their codecs, AC97, each playing into an audio backend', async (t) => {
+  const devs = (devices: string, machine = 'pc-i440fx-7.2') =>
+    all(buildArgv(normalizeDomainXml(domainXml({ os: `<os><type arch='x86_64' machine='${machine}'>hvm</type></os>`, devices }), countingHost()).def, KVM_HOST), '-device');
+  const q35 = devs("<sound model='ich9'/>", 'pc-q35-7.2');
+  t.ok(q35.includes('ich9-intel-hda,id=sound0,bus=pcie.0,addr=0x1b'), "q35's first ich9 at 00:1b, as libvirt");
+  t.ok(q35.includes('hda-duplex,id=sound0-codec0,bus=sound0.0,cad=0,audiodev=audio1'), "one duplex codec by default, on libvirt's implicit backend");
+  const pc = devs("<audio id='3' type='none'/><sound model='ich6'><codec type='micro'/><codec type='output'/></sound><sound model='ac97'/>");
+  t.match(pc.find((d) => d.startsWith('intel-hda')), /^intel-hda,id=sound0,bus=pci\.0,addr=0x\d$/);
+  t.ok(pc.includes('hda-micro,id=sound0-codec0,bus=sound0.0,cad=0,audiodev=audio3'));
+  t.ok(pc.includes('hda-output,id=sound0-codec1,bus=sound0.0,cad=1,audiodev=audio3'));
+  t.match(pc.find((d) => d.startsWith('AC97')), /^AC97,id=sound1,audiodev=audio3,bus=pci\.0,addr=0x\d$/);
+});
+
 t.test('user strings are escaped in option values', async (t) => {
   t.equal(escapeOptionValue('/a,b,,c'), '/a,,b,,,,c');
   const argv = buildArgv(parseDomainXml(domainXml({ devices: "<serial type='unix'><source mode='bind' path='/run/a,b.sock'/><log file='/l/x,y'/></serial>" })),

@@ -227,7 +227,7 @@ const cases: Case[] = [
   ['on_lockfailure', d({ body: '<on_lockfailure>poweroff</on_lockfailure>' }), 'unsupported_element', '/domain/on_lockfailure'],
 
   // devices that are not supported at all
-  ...['hostdev', 'filesystem', 'sound', 'smartcard', 'redirdev', 'hub', 'tpm', 'shmem', 'iommu',
+  ...['hostdev', 'filesystem', 'smartcard', 'redirdev', 'hub', 'tpm', 'shmem', 'iommu',
     'vsock', 'lease', 'parallel', 'nvram', 'memory', 'crypto', 'redirfilter'].map(
     (el): Case => [`<${el}>`, d({ devices: `${VDA}<${el}/>` }), 'unsupported_element', `/domain/devices/${el}[1]`]),
   ['second hostdev is still indexed', d({ devices: "<hostdev mode='subsystem'/>" }), 'unsupported_element', '/domain/devices/hostdev[1]'],
@@ -331,6 +331,9 @@ const cases: Case[] = [
   ['lsilogic target 1', d({ devices: "<controller type='scsi' index='0' model='lsilogic'/>" + disk(`${SRC}<target dev='sda' bus='scsi'/><address type='drive' controller='0' bus='0' target='1' unit='0'/>`) }), 'invalid_value', '/domain/devices/disk[1]/address'],
   ['lsilogic driver queues', d({ devices: "<controller type='scsi' index='0' model='lsilogic'><driver queues='4'/></controller>" }), 'unsupported_attribute', '/domain/devices/controller[1]/driver/@queues'],
   ['scsi driver iothread that does not exist', d({ devices: "<controller type='scsi' index='0' model='virtio-scsi'><driver queues='4' iothread='1'/></controller>" }), 'invalid_value', '/domain/devices/controller[1]/driver/@iothread'],
+  ['sound of another model', d({ devices: "<sound model='sb16'/>" }), 'unsupported_value', '/domain/devices/sound[1]/@model'],
+  ['sound on a backend that does not exist', d({ devices: "<audio id='1' type='none'/><sound model='ich9'><audio id='2'/></sound>" }), 'invalid_value', '/domain/devices/sound[1]/audio/@id'],
+  ['codecs on an ac97', d({ devices: "<sound model='ac97'><codec type='duplex'/></sound>" }), 'unsupported_element', '/domain/devices/sound[1]/codec[1]'],
   ['panic of another model', d({ devices: "<panic model='pseries'/>" }), 'unsupported_value', '/domain/devices/panic[1]/@model'],
   ['two panic devices', d({ devices: "<panic model='isa'/><panic model='isa'/>" }), 'duplicate_element', '/domain/devices/panic[2]'],
   ['lsilogic driver iothread', d({ body: '<iothreads>1</iothreads>', devices: "<controller type='scsi' index='0' model='lsilogic'><driver iothread='1'/></controller>" }), 'unsupported_attribute', '/domain/devices/controller[1]/driver/@iothread'],
@@ -506,7 +509,7 @@ t.test('one answer lists every blocker, in document order, each once', async (t)
   const xml = d({
     attrs: "type='kvm' id='7'",
     body: "<clock offset='variable'/><pm><suspend-to-mem enabled='maybe'/></pm>",
-    devices: `${VDA}<watchdog model='itco' action='reset'/>${disk('<bogus/>' + SRC + "<target dev='vdb'/>")}<audio id='1' type='pulseaudio'/><sound model='ich9'/>`,
+    devices: `${VDA}<watchdog model='itco' action='reset'/>${disk('<bogus/>' + SRC + "<target dev='vdb'/>")}<audio id='1' type='pulseaudio'/><smartcard mode='passthrough'/>`,
   });
   const err = refusal(() => parseDomainXml(xml));
   t.same(err.errors.map((e) => [e.code, e.element]), [
@@ -516,7 +519,7 @@ t.test('one answer lists every blocker, in document order, each once', async (t)
     ['unsupported_value', '/domain/devices/watchdog[1]/@model'],
     ['unsupported_element', '/domain/devices/disk[2]/bogus'],
     ['unsupported_value', '/domain/devices/audio[1]/@type'],
-    ['unsupported_element', '/domain/devices/sound[1]'],
+    ['unsupported_element', '/domain/devices/smartcard[1]'],
   ]);
   t.equal(err.code, 'unsupported_attribute', 'the first mirrored at the top');
   t.match(err.message, /\(and 6 more: see errors\)$/);
