@@ -117,6 +117,7 @@ interface AgentOptions {
   qemuUids: string;
   debugHold?: string[];
   network?: string[];
+  graphicsListen?: string[];
   allowedHost?: string[];
   peer?: string[];
   maxDomains: number;
@@ -176,6 +177,7 @@ async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
       jobHistory: o.jobHistory,
       debugHolds: listFlag(o.debugHold, 'debug-hold', ','),
       networks: parseNetworks(listFlag(o.network, 'network', ',')),
+      graphicsListen: listFlag(o.graphicsListen, 'graphics-listen', ','),
     });
   } catch (err) {
     throw err instanceof UsageError ? err : new UsageError((err as Error).message);
@@ -296,6 +298,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(valueOption('--tls-key <file>', 'its private key'))
     .addOption(valueOption('--tls-ca <file>', "the fleet's CA certificate: peers must present a certificate it signed"))
     .addOption(valueOption('--tls-crl <file>', "the CA's list of revoked certificates (scripts/make-certs.sh DIR --revoke NAME): peers presenting one are refused"))
+    .addOption(new Option('--graphics-listen <addr>', `an address of this host a guest's VNC display may listen on besides loopback (repeatable; ${ENV_PREFIX}GRAPHICS_LISTEN: comma-separated); a display has no password, so it opens the guest's console to whoever reaches the address`).argParser(collect))
     .addOption(new Option('--network <name=bridge>', `a libvirt network (<interface type='network'><source network='NAME'/>) and the bridge of this host its guests' taps go on (repeatable; ${ENV_PREFIX}NETWORK: comma-separated)`).argParser(collect))
     .addOption(new Option('--peer <url>', `without TLS: an agent URL this one may migrate to (repeatable; ${ENV_PREFIX}PEER: comma-separated); an agent on loopback may also reach any loopback one`).argParser(collect))
     .addOption(valueOption('--migration-ports <low-high>', 'incoming stream ports').default(DEFAULTS.migrationPorts))

@@ -53,6 +53,8 @@ export interface AgentConfig {
   jobHistory: number;
   /** libvirt network name -> this host's bridge (`--network NAME=BRIDGE`), for `<interface type='network'>`. */
   networks?: Record<string, string>;
+  /** Addresses a guest's VNC display may listen on besides loopback (`--graphics-listen`). */
+  graphicsListen?: string[];
   /** Debug hold points for fault-injection rigs (see src/migration/holds.ts); empty in production. */
   debugHolds?: string[];
 }

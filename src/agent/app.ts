@@ -224,6 +224,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     logCheckIntervalMs: config.logCheckIntervalMs,
     qemuUsers,
     networks: config.networks ?? {},
+    graphicsListen: config.graphicsListen ?? [],
     ...(tls ? { tlsDir: store.dir('tls') } : {}),
     xmlPool,
   });

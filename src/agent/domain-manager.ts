@@ -19,6 +19,7 @@ import type { QemuHostInfo } from '../qemu/host.js';
 import { StateStore, isObject } from '../store/state-store.js';
 import { checkAllowedPaths, openGuestFiles, sharedWrittenFile } from './paths.js';
 import { KeyedMutex } from './lock.js';
+import { isLoopback } from '../config.js';
 import type { QemuUsers } from './qemu-user.js';
 import type { XmlPool } from './xml-pool.js';
 import { bridgeExists, createTap, deleteTap, isTapRecord, newTapName, tunUsableBy, type TapRecord } from './taps.js';
@@ -117,6 +118,8 @@ export interface DomainManagerOptions {
   xmlPool: XmlPool;
   /** libvirt network name -> bridge (--network). */
   networks: Record<string, string>;
+  /** Non-loopback addresses displays may listen on (--graphics-listen). */
+  graphicsListen: string[];
 }
 
 /**
@@ -365,7 +368,20 @@ export class DomainManager extends EventEmitter {
     }
     await this.checkPaths(normalized.def);
     this.checkNetworks(normalized.def);
+    this.checkGraphicsListen(normalized.def);
     return normalized;
+  }
+
+  /** A display has no password: it opens the console to whoever reaches it, so only loopback unless the host allows more. */
+  private checkGraphicsListen(def: DomainDef): void {
+    for (const g of def.graphics) {
+      if (isLoopback(g.listen) || this.opts.graphicsListen.includes(g.listen)) continue;
+      throw new DomainXmlError(
+        'graphics_listen_not_allowed',
+        `${g.element}/@listen`,
+        `a display on ${g.listen} opens the guest's console (without a password) to that network: this agent allows loopback${this.opts.graphicsListen.length ? ` and ${this.opts.graphicsListen.join(', ')}` : ''} (--graphics-listen)`,
+      );
+    }
   }
 
   /** The accelerator the guest runs on here: part of its machine (host-passthrough is `host` on KVM, `max` on TCG). */

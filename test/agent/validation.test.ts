@@ -55,8 +55,8 @@ t.test('bad input is refused with the right status; nothing started, nothing sto
   t.same(await qemuRecords(config.stateDir), [], 'nothing started');
 
   // A refused element is named.
-  const named = (await client.define(guest.xml.replace('<devices>', '<devices><sound model="ich6"/>')).catch((e: unknown) => e)) as AgentHttpError;
-  t.match(String(named.body.element), /sound/, 'the refused element is named');
+  const named = (await client.define(guest.xml.replace('<devices>', '<devices><smartcard mode="passthrough"/>')).catch((e: unknown) => e)) as AgentHttpError;
+  t.match(String(named.body.element), /smartcard/, 'the refused element is named');
 
   // A misspelled option is refused by name, never dropped (the migration would run with defaults).
   await t.rejects(client.call('POST', '/perform', { domain: 'vm1', destination: 'http://127.0.0.1:1', bandwidht: 16, dowtnimeLimitMs: 300 }), {
@@ -289,4 +289,19 @@ t.test('one answer lists every blocker of a define (errors), parsed in a worker 
   t.equal(err.status, 400);
   t.equal(err.code, 'unsupported_attribute');
   t.same((err.body.errors as Array<{ element: string }>).map((e) => e.element), ['/domain/@id', '/domain/devices/hub[1]', '/domain/devices/smartcard[1]']);
+});
+
+t.test('a VNC display listens on loopback only, unless --graphics-listen allows the address', async (t) => {
+  const dir = await tmpDir(t);
+  const { client } = await startAgent(t, dir, 'a', { graphicsListen: ['127.0.0.1', '::1', '192.0.2.10'] });
+  const guest = await testGuest(dir, 'vnc');
+  const withVnc = (listen: string) => guest.xml.replace('<devices>', `<devices><graphics type='vnc' port='-1' autoport='yes' listen='${listen}'/>`);
+  const err = (await client.define(withVnc('0.0.0.0')).catch((e: unknown) => e)) as AgentHttpError;
+  t.equal(err.code, 'graphics_listen_not_allowed');
+  t.match(err.body.element, /graphics\[1\]\/@listen$/);
+  t.match(err.message, /without a password/);
+  await client.define(withVnc('127.0.0.1'));
+  await client.undefine('vnc');
+  await client.define(withVnc('192.0.2.10'));
+  t.pass('loopback, and an address the host allows');
 });
