@@ -24,7 +24,7 @@ import type { QemuUsers } from './qemu-user.js';
 import type { XmlPool } from './xml-pool.js';
 import { bridgeExists, createTap, deleteTap, isTapRecord, newTapName, tunUsableBy, type TapRecord } from './taps.js';
 import type { QemuCredentials } from '../qemu/process.js';
-import { applyPinning, checkPinning, prepareHugepages, releaseHugepages } from './host-resources.js';
+import { applyPinning, checkCpuVendor, checkPinning, prepareHugepages, releaseHugepages } from './host-resources.js';
 
 /**
  * Host policy, not guest ABI (so not part of the domain's argv): qemu's seccomp filter refuses
@@ -496,6 +496,7 @@ export class DomainManager extends EventEmitter {
     }
     // Pinning to CPUs this host lacks could not be applied (taskset would fail after the start).
     await checkPinning(entry.def);
+    await checkCpuVendor(entry.def, this.accelOf(entry.def));
     const credentials = this.opts.qemuUsers.allocate();
     let tapsMade = false;
     try {

@@ -156,3 +156,20 @@ export async function prepareHugepages(def: DomainDef, uuid: string, credentials
 export async function releaseHugepages(uuid: string): Promise<void> {
   for (const mount of await hugetlbfsMounts()) await fs.rm(path.join(mount.dir, 'kvm-migrate', uuid), { recursive: true, force: true });
 }
+
+const CPU_VENDORS: Record<string, 'Intel' | 'AMD'> = { GenuineIntel: 'Intel', AuthenticAMD: 'AMD' };
+
+/**
+ * `<cpu><vendor>`: under KVM the guest sees the host's CPU vendor whatever the model says, so a
+ * host of another vendor is refused at start and arrival, as libvirt's CPU check does. Under TCG
+ * the named model is emulated as it is, vendor included: nothing to check.
+ */
+export async function checkCpuVendor(def: DomainDef, accel: 'kvm' | 'tcg', cpuinfo?: string): Promise<void> {
+  const wanted = def.cpu?.vendor;
+  if (!wanted || accel !== 'kvm') return;
+  const text = cpuinfo ?? (await fs.readFile('/proc/cpuinfo', 'utf8'));
+  const id = /^vendor_id\s*:\s*(\S+)/m.exec(text)?.[1] ?? 'unknown';
+  if (CPU_VENDORS[id] !== wanted) {
+    throw conflict('cpu_vendor_mismatch', `the guest's CPU is an ${wanted} model, this host's CPU is ${id}: under KVM the guest would see the host's vendor`, { element: '/domain/cpu/vendor' });
+  }
+}

@@ -65,6 +65,8 @@ export interface CpuDef {
   migratable?: boolean;
   /** Guest NUMA cells, in id order (ids are 0..n-1). */
   numa?: NumaCell[];
+  /** custom: `<vendor>` the host's CPU must have (libvirt's check; no argv). */
+  vendor?: 'Intel' | 'AMD';
 }
 
 export interface NumaCell {

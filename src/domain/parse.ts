@@ -462,9 +462,17 @@ function parseOs(n: Node): { os: OsDef; machine: string; smbiosMode?: 'sysinfo' 
 }
 
 function parseCpu(n: Node, vcpus: number): CpuDef {
-  n.expect({ attrs: ['mode', 'match', 'check', 'migratable'], children: ['model', 'topology', 'feature', 'numa'], repeated: ['feature'] });
+  n.expect({ attrs: ['mode', 'match', 'check', 'migratable'], children: ['model', 'vendor', 'topology', 'feature', 'numa'], repeated: ['feature'] });
   const mode = n.enumAttr('mode', ['custom', 'host-model', 'host-passthrough', 'maximum'] as const) ?? 'custom';
   const cpu: CpuDef = { mode, features: [] };
+  // Nova writes it with a named model: the host's CPU vendor must match (checked at start, with KVM).
+  const vendorNode = n.child('vendor')?.expect({ text: true });
+  if (vendorNode) {
+    if (mode !== 'custom') throw fail('unsupported_element', vendorNode.path, `<vendor> applies to mode='custom', not '${mode}'`);
+    const vendor = vendorNode.text();
+    if (vendor !== 'Intel' && vendor !== 'AMD') throw fail('unsupported_value', vendorNode.path, `vendor '${vendor}' is not supported (Intel, AMD)`);
+    cpu.vendor = vendor;
+  }
   const modelNode = n.child('model');
   // check: what libvirt verifies after start; 'full' on a named model is qemu's enforce.
   const check = n.enumAttr('check', ['none', 'partial', 'full'] as const);

@@ -7,7 +7,8 @@
 import t from 'tap';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { hostCpus } from '../../src/agent/host-resources.js';
+import { checkCpuVendor, hostCpus } from '../../src/agent/host-resources.js';
+import { parseDomainXml } from '../../src/domain/index.js';
 import { startAgent, testGuest, tmpDir } from '../helpers/agents.js';
 
 const cpusAllowed = async (file: string) => /^Cpus_allowed_list:\s*(\S+)$/m.exec(await fs.readFile(file, 'utf8'))![1];
@@ -80,4 +81,13 @@ t.test('start refuses CPUs the host lacks and hugepages it cannot give', async (
     t.equal((await client.lifecycle('huge1', 'start')).state, 'running');
     await client.lifecycle('huge1', 'destroy');
   }
+});
+
+t.test("<cpu><vendor>: under KVM the host's CPU vendor must match, under TCG the model's is emulated", async (t) => {
+  const def = parseDomainXml(`<domain type='kvm'><name>v</name><uuid>8f0e4d2c-6b1a-4c3e-9d5f-7a8b9c0d1e2f</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+    <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os><cpu mode='custom'><model>Skylake-Server-IBRS</model><vendor>Intel</vendor></cpu><devices/></domain>`);
+  await checkCpuVendor(def, 'kvm', 'processor\t: 0\nvendor_id\t: GenuineIntel\n');
+  await t.rejects(checkCpuVendor(def, 'kvm', 'processor\t: 0\nvendor_id\t: AuthenticAMD\n'), { code: 'cpu_vendor_mismatch', statusCode: 409 });
+  await checkCpuVendor(def, 'tcg', 'vendor_id\t: AuthenticAMD\n');
+  t.pass('TCG: no check');
 });
