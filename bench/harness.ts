@@ -1,8 +1,7 @@
 /** What the benchmarks share: a scratch directory, clean-up also when interrupted, medians. */
 import { promises as fs } from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { mkdtempForAgents } from '../src/agent/qemu-user.js';
 import type { AgentConfig } from '../src/config.js';
 import type { GuestParams } from '../src/guest/image.js';
 import type { TestContext } from '../test/helpers/agents.js';
@@ -15,9 +14,7 @@ export interface BenchRun extends TestContext {
 
 /** Runs `body` in a fresh scratch directory; Ctrl-C or a timeout ends its qemus and removes its files all the same. */
 export async function benchRun(body: (run: BenchRun) => Promise<void>): Promise<void> {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'kvm-migrate-bench-'));
-  // The agents' qemu runs as a user of its own and must pass through to their run/ directories.
-  await fs.chmod(dir, 0o711);
+  const dir = await mkdtempForAgents('kvm-migrate-bench-');
   const cleanups: Array<() => Promise<unknown>> = [];
   const cleanUp = async () => {
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup().catch(() => undefined);

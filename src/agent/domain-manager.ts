@@ -14,16 +14,15 @@ import {
   type HostSettings,
 } from '../domain/index.js';
 import { QmpClient } from '../qemu/qmp.js';
-import { attachQemu, endPidfileOwner, killQemu, launchQemu, QemuStartError, removeQemuFiles, waitForExit, type QemuProcessRecord } from '../qemu/process.js';
+import { attachQemu, endPidfileOwner, killQemu, launchQemu, QemuStartError, removeQemuFiles, waitForExit, type QemuCredentials, type QemuProcessRecord } from '../qemu/process.js';
 import type { QemuHostInfo } from '../qemu/host.js';
 import { StateStore, isObject } from '../store/state-store.js';
 import { checkAllowedPaths, openGuestFiles, sharedWrittenFile } from './paths.js';
 import { KeyedMutex } from './lock.js';
 import { isLoopback } from '../config.js';
-import type { QemuUsers } from './qemu-user.js';
+import { makeQemuDir, type QemuUsers } from './qemu-user.js';
 import type { XmlPool } from './xml-pool.js';
 import { bridgeExists, createTap, deleteTap, isTapRecord, newTapName, tunUsableBy, type TapRecord } from './taps.js';
-import type { QemuCredentials } from '../qemu/process.js';
 import { applyPinning, checkCpuVendor, checkPinning, prepareHugepages, releaseHugepages } from './host-resources.js';
 
 /**
@@ -197,9 +196,9 @@ export class DomainManager extends EventEmitter {
 
   /** Deletes the taps recorded for domain `name` (those still its) and then the record. */
   private async removeTaps(name: string): Promise<void> {
-    const [rec] = (await this.opts.store.loadRecords<{ taps: TapRecord[] }>('taps', isTapsRecord)).filter((r) => r.id === name);
+    const rec = await this.opts.store.loadRecord<{ taps: TapRecord[] }>('taps', name, isTapsRecord);
     if (!rec) return;
-    for (const tap of rec.value.taps) {
+    for (const tap of rec.taps) {
       const outcome = await deleteTap(tap).catch((err: unknown) => {
         this.opts.log.error({ err, domain: name, tap: tap.name }, 'could not delete a tap');
         return 'failed';
@@ -340,14 +339,14 @@ export class DomainManager extends EventEmitter {
   async qemuTlsDir(entry: DomainEntry): Promise<string> {
     const run = this.requireRunning(entry);
     if (!this.opts.tlsDir) throw new Error('this agent runs without TLS');
+    const { credentials } = run.record;
     const dir = path.join(this.runDir(entry.uuid), 'tls');
     await fs.rm(dir, { recursive: true, force: true });
-    await fs.mkdir(dir, { mode: 0o700 });
+    await makeQemuDir(dir, credentials);
     for (const file of await fs.readdir(this.opts.tlsDir)) {
       await fs.copyFile(path.join(this.opts.tlsDir, file), path.join(dir, file));
-      if (run.record.credentials) await fs.chown(path.join(dir, file), run.record.credentials.uid, run.record.credentials.gid);
+      if (credentials) await fs.chown(path.join(dir, file), credentials.uid, credentials.gid);
     }
-    if (run.record.credentials) await fs.chown(dir, run.record.credentials.uid, run.record.credentials.gid);
     return dir;
   }
 
@@ -503,9 +502,7 @@ export class DomainManager extends EventEmitter {
       const taps = await this.makeTaps(entry, credentials);
       tapsMade = taps.size > 0;
       const runDir = this.runDir(entry.uuid);
-      await fs.mkdir(runDir, { recursive: true, mode: 0o700 });
-      await fs.chmod(runDir, 0o700);
-      if (credentials) await fs.chown(runDir, credentials.uid, credentials.gid);
+      await makeQemuDir(runDir, credentials);
       const hugepagesPath = await prepareHugepages(entry.def, entry.uuid, credentials);
       // qemu gets the files the agent opened and checked, not paths it would resolve again itself.
       const files = await openGuestFiles(domainFileRefs(entry.def), this.opts.allowPaths, this.opts.store.internalPaths(), { qemuUser: credentials, scratchDir: runDir });

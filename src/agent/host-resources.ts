@@ -12,6 +12,7 @@ import { formatCpuset, parseCpuset } from '../domain/cpuset.js';
 import type { DomainDef } from '../domain/index.js';
 import type { QmpClient } from '../qemu/qmp.js';
 import type { QemuCredentials } from '../qemu/process.js';
+import { makeQemuDir } from './qemu-user.js';
 
 const execFileP = promisify(execFile);
 
@@ -147,8 +148,7 @@ export async function prepareHugepages(def: DomainDef, uuid: string, credentials
   const need = Math.ceil(def.memoryKiB / pageKiB);
   if (free < need) throw refuse(`${mount.dir} has ${Math.max(free, 0)} free pages of ${pageKiB} KiB and the guest needs ${need}`);
   const dir = path.join(mount.dir, 'kvm-migrate', uuid);
-  await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-  if (credentials) await fs.chown(dir, credentials.uid, credentials.gid);
+  await makeQemuDir(dir, credentials);
   return dir;
 }
 

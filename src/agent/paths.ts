@@ -1,8 +1,8 @@
+import { randomUUID } from 'node:crypto';
 import fsSync, { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { DomainXmlError } from '../errors.js';
 import type { FileRef, ImageChain } from '../domain/index.js';
-import { randomUUID } from 'node:crypto';
 import { ImageError, imageFileRefs, type ImageFileRef } from '../qemu/image.js';
 import type { QemuCredentials } from '../qemu/process.js';
 
@@ -84,15 +84,24 @@ export async function checkAllowedPaths(refs: FileRef[], allowRoots: string[], f
         throw new DomainXmlError('path_not_a_socket', ref.element, `${ref.path} exists and is no socket: qemu removes what is at a listening socket's path before it binds`);
       }
     }
-    if (ref.format !== 'qcow2') continue;
-    try {
-      await imageFileRefs(resolved, 'qcow2', async (file) => {
-        await checkOne(roots, forbidden, file.path, `${file.role === 'backing' ? 'backing file' : 'data file'} of ${file.from}:`, ref.element, true);
-      });
-    } catch (err) {
-      if (err instanceof ImageError) throw new DomainXmlError(err.code, ref.element, err.message);
-      throw err;
-    }
+    if (ref.format === 'qcow2') await checkedImageFiles(roots, forbidden, ref, resolved);
+  }
+}
+
+/**
+ * The files a qcow2 disk's header chain names (backing files, data files), each checked like a
+ * path of the XML before the next header is read, with the path each resolves to.
+ */
+async function checkedImageFiles(roots: string[], forbidden: string[], ref: FileRef, resolved: string): Promise<Array<{ file: ImageFileRef; resolved: string }>> {
+  const checked = new Map<ImageFileRef, string>();
+  try {
+    const files = await imageFileRefs(resolved, 'qcow2', async (f) => {
+      checked.set(f, await checkOne(roots, forbidden, f.path, `${f.role === 'backing' ? 'backing file' : 'data file'} of ${f.from}:`, ref.element, true));
+    });
+    return files.map((file) => ({ file, resolved: checked.get(file)! }));
+  } catch (err) {
+    if (err instanceof ImageError) throw new DomainXmlError(err.code, ref.element, err.message);
+    throw err;
   }
 }
 
@@ -186,10 +195,7 @@ export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forb
       }
       if (ref.kind === 'disk') {
         passed.args.set(ref.path, pass(ref, ref.path, resolved, ref.writes ? c.O_RDWR : c.O_RDONLY));
-        if (ref.format === 'qcow2') {
-          const chain = await openImageChain(roots, forbidden, ref, resolved, pass);
-          if (chain) passed.chains.set(ref.path, chain);
-        }
+        if (ref.format === 'qcow2') passed.chains.set(ref.path, await openImageChain(roots, forbidden, ref, resolved, pass));
         continue;
       }
       // Output files always append, so a capped file (truncated under qemu) goes on from its start;
@@ -218,25 +224,15 @@ async function openImageChain(
   const c = fsSync.constants;
   const chain: ImageChain = { backing: [] };
   let layer: { dataFile?: string } = chain;
-  const resolvedRefs = new Map<ImageFileRef, string>();
-  try {
-    const files = await imageFileRefs(resolved, 'qcow2', async (f) => {
-      resolvedRefs.set(f, await checkOne(roots, forbidden, f.path, `${f.role === 'backing' ? 'backing file' : 'data file'} of ${f.from}:`, ref.element, true));
-    });
-    for (const file of files) {
-      const fileResolved = resolvedRefs.get(file)!;
-      if (file.role === 'data-file') {
-        // Only the top image's data is written; every layer below is read-only to qemu.
-        layer.dataFile = pass(ref, file.path, fileResolved, layer === chain && ref.writes ? c.O_RDWR : c.O_RDONLY);
-      } else {
-        const next: ImageChain['backing'][number] = { file: pass(ref, file.path, fileResolved, c.O_RDONLY), format: file.format ?? 'raw' };
-        chain.backing.push(next);
-        layer = next;
-      }
+  for (const { file, resolved: fileResolved } of await checkedImageFiles(roots, forbidden, ref, resolved)) {
+    if (file.role === 'data-file') {
+      // Only the top image's data is written; every layer below is read-only to qemu.
+      layer.dataFile = pass(ref, file.path, fileResolved, layer === chain && ref.writes ? c.O_RDWR : c.O_RDONLY);
+    } else {
+      const next: ImageChain['backing'][number] = { file: pass(ref, file.path, fileResolved, c.O_RDONLY), format: file.format ?? 'raw' };
+      chain.backing.push(next);
+      layer = next;
     }
-  } catch (err) {
-    if (err instanceof ImageError) throw new DomainXmlError(err.code, ref.element, err.message);
-    throw err;
   }
   return chain;
 }

@@ -8,6 +8,7 @@
  */
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { execa } from 'execa';
 import type { QemuCredentials } from '../qemu/process.js';
@@ -111,6 +112,23 @@ export class QemuUsers {
   release(creds: QemuCredentials | undefined): void {
     if (creds) this.pending.delete(creds.uid);
   }
+}
+
+/**
+ * A fresh temporary directory for agents' state: others may pass through it (not list it), as
+ * qemu's own user must to reach its run/ directory below (see QemuUsers.makeReachable).
+ */
+export async function mkdtempForAgents(prefix: string): Promise<string> {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), prefix));
+  await fsp.chmod(dir, 0o711);
+  return dir;
+}
+
+/** A directory that only qemu's user may enter (0700, its own); the agent's own user when none. */
+export async function makeQemuDir(dir: string, credentials: QemuCredentials | undefined): Promise<void> {
+  await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+  await fsp.chmod(dir, 0o700);
+  if (credentials) await fsp.chown(dir, credentials.uid, credentials.gid);
 }
 
 /** /dev/kvm's group, where that group may open it read-write (udev's usual root:kvm 0660). */

@@ -1,6 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -11,7 +10,7 @@ import { freePort } from '../migration/ports.js';
 import { writeGuestImage, parseSerialLog, guestMemoryMiB, type GuestParams } from '../guest/image.js';
 import { testGuestXml } from '../guest/domain-xml.js';
 import { chooseHostAccel } from '../qemu/accel-probe.js';
-import { defaultQemuCredentials } from '../agent/qemu-user.js';
+import { defaultQemuCredentials, mkdtempForAgents } from '../agent/qemu-user.js';
 import type { Accel } from '../domain/index.js';
 import { killQemu, processMatches } from '../qemu/process.js';
 import { readQemuRecords } from '../store/state-store.js';
@@ -120,9 +119,7 @@ async function cleanUp(agents: DemoAgent[], dir: string): Promise<void> {
  * `signal` aborts (SIGINT/SIGTERM).
  */
 export async function runDemo(out: NodeJS.WriteStream, signal: AbortSignal): Promise<number> {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'kvm-migrate-demo-'));
-  // The agents' qemu runs as a user of its own and must pass through to their run/ directories.
-  await fs.chmod(dir, 0o711);
+  const dir = await mkdtempForAgents('kvm-migrate-demo-');
   const token = randomBytes(16).toString('hex');
   const agents: DemoAgent[] = [];
   const say = (line: string) => out.write(line + '\n');

@@ -24,6 +24,9 @@ import { kibRoundUpToMiB } from './units.js';
 import { HYPERV_FEATURES } from './model.js';
 import { PCI_DRIVERS, pciBusId } from './pci.js';
 
+/** qemu's boolean option values. */
+const onOff = (v: boolean) => (v ? 'on' : 'off');
+
 /** qemu's option syntax: a comma inside a value is written twice. */
 export const escapeOptionValue = (s: string) => s.replace(/,/g, ',,');
 
@@ -93,7 +96,7 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
   }
   const menu = def.os.bootMenu;
   add('-boot', [
-    ...(menu ? [`menu=${menu.enable ? 'on' : 'off'}`] : []),
+    ...(menu ? [`menu=${onOff(menu.enable)}`] : []),
     ...(menu?.timeoutMs !== undefined ? [`splash-time=${menu.timeoutMs}`] : []),
     'strict=on',
   ].join(','));
@@ -192,9 +195,9 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
 function machineOption(def: DomainDef, accel: Accel): string {
   const parts = [def.machine, `accel=${accel}`, 'usb=off', 'dump-guest-core=off'];
   if (!def.features.acpi) parts.push('acpi=off');
-  if (def.features.vmport !== undefined) parts.push(`vmport=${def.features.vmport ? 'on' : 'off'}`);
+  if (def.features.vmport !== undefined) parts.push(`vmport=${onOff(def.features.vmport)}`);
   if (def.hugepages && !def.cpu?.numa) parts.push('memory-backend=pc.ram');
-  if (def.clock.hpet !== undefined) parts.push(`hpet=${def.clock.hpet ? 'on' : 'off'}`);
+  if (def.clock.hpet !== undefined) parts.push(`hpet=${onOff(def.clock.hpet)}`);
   return parts.join(',');
 }
 
@@ -213,7 +216,6 @@ function cpuOption(def: DomainDef, accel: Accel): string | undefined {
   const cpu: CpuDef | undefined = def.cpu;
   // TCG has no host CPU to pass through: 'max' is the closest it can do.
   let name = !cpu ? undefined : cpu.mode === 'custom' ? cpu.model : cpu.mode === 'maximum' ? 'max' : accel === 'kvm' ? 'host' : 'max';
-  const onOff = (v: boolean) => (v ? 'on' : 'off');
   const timers = [
     ...(def.clock.kvmclock !== undefined ? [`kvmclock=${onOff(def.clock.kvmclock)}`] : []),
     ...(def.clock.hypervclock !== undefined ? [`hv-time=${onOff(def.clock.hypervclock)}`] : []),
@@ -224,7 +226,7 @@ function cpuOption(def: DomainDef, accel: Accel): string | undefined {
   if (name === undefined && timers.length > 0) name = 'qemu64';
   if (name === undefined) return undefined;
   const parts = [name];
-  if (cpu?.migratable !== undefined) parts.push(`migratable=${cpu.migratable ? 'on' : 'off'}`);
+  if (cpu?.migratable !== undefined) parts.push(`migratable=${onOff(cpu.migratable)}`);
   for (const f of cpu?.features ?? []) {
     parts.push(`${f.policy === 'disable' || f.policy === 'forbid' ? '-' : '+'}${f.name}`);
   }
@@ -376,7 +378,7 @@ function diskDevice(d: DiskDef, controllers: ControllerDef[], pci: (a: PciAddres
   if (d.source !== undefined) parts.push(`drive=drive-${d.id}`);
   parts.push(`id=${d.id}`);
   if (d.bootIndex !== undefined) parts.push(`bootindex=${d.bootIndex}`);
-  if (d.cache) parts.push(`write-cache=${CACHE[d.cache]![2] ? 'on' : 'off'}`);
+  if (d.cache) parts.push(`write-cache=${onOff(CACHE[d.cache]![2])}`);
   if (d.shareable) parts.push('share-rw=on');
   if (d.serial !== undefined) parts.push(`serial=${escapeOptionValue(d.serial)}`);
   if (d.wwn !== undefined) parts.push(`wwn=0x${d.wwn}`);

@@ -30,7 +30,7 @@ import type {
   WatchdogDef,
 } from './model.js';
 import { fail } from './walk.js';
-import { checkPciControllers, pciAddr, pciBusId, placePci, type PciConnect, type PciPlacement, type PciUser } from './pci.js';
+import { checkPciControllers, pciAddr, pciBusId, placePci, type PciConnect, type PciPlacement } from './pci.js';
 
 export type RawDisk = Omit<DiskDef, 'address' | 'id' | 'bootIndex'> & { address?: PciAddress | DriveAddress };
 export interface RawController extends Pick<ControllerDef, 'chassis' | 'port' | 'chassisNr' | 'busNr'> {
@@ -147,7 +147,6 @@ export function completeDomain(raw: RawDomain): DomainDef {
   }
   checkPciControllers(controllers, family);
   const primaryVideo = videos.find((v) => v.model !== 'none');
-  if (primaryVideo) (primaryVideo as PciUser).primaryVideo = true;
   const ordered: PciPlacement[] = [
     // libvirt's order of assignment: network, other controllers, virtio disks, balloon, rng, video, inputs.
     ...interfaces.map((n) => ({ user: n, connect: (n.model === 'virtio' || n.model === 'e1000e' ? 'pcie' : 'pci') as PciConnect })),
@@ -161,9 +160,8 @@ export function completeDomain(raw: RawDomain): DomainDef {
     ...inputs.filter((i) => i.bus === 'virtio').map((i) => ({ user: i, connect: 'pcie' as const })),
   ];
   completeSounds(raw, family, ordered);
-  placePci(family, controllers, ordered, chipsetFunctions(family, ordered, controllers));
+  placePci(family, controllers, ordered, chipsetFunctions(family, ordered, controllers), primaryVideo);
   usbSet.placeRest();
-  if (primaryVideo) delete (primaryVideo as PciUser).primaryVideo;
   // PCI controllers first, in index order (a bus is made before what plugs into it), then the rest as given.
   controllers.sort((a, b) => (a.type === 'pci' ? 0 : 1) - (b.type === 'pci' ? 0 : 1) || (a.type === 'pci' && b.type === 'pci' ? a.index - b.index : 0));
 

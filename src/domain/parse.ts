@@ -295,8 +295,7 @@ function parseCputune(n: Node | undefined, vcpus: number, cpuset: number[] | und
   const seen = new Map<number, string>();
   for (const p of n.children('vcpupin')) {
     p.expect({ attrs: ['vcpu', 'cpuset'] });
-    p.requireAttr('vcpu');
-    const v = p.intAttr('vcpu', 0, vcpus - 1)!;
+    const v = p.requireIntAttr('vcpu', 0, vcpus - 1);
     if (seen.has(v)) throw fail('invalid_value', p.attrPath('vcpu'), `vCPU ${v} is already pinned by ${seen.get(v)}`);
     seen.set(v, p.path);
     tune.vcpupin.push({ vcpu: v, cpus: cpusetAttr(p, 'cpuset') });
@@ -619,7 +618,7 @@ function parseHyperv(n: Node): HypervDef {
     c.expect({ attrs, children: name === 'stimer' ? ['direct'] : [] });
     const on = c.requireEnumAttr('state', ['on', 'off'] as const) === 'on';
     def.features[name] = on;
-    if (name === 'spinlocks' && on) def.spinlockRetries = c.intAttr('retries', 4095, 0xffffffff) ?? (() => { throw fail('missing_attribute', c.attrPath('retries'), "spinlocks state='on' needs retries (4095 or more)"); })();
+    if (name === 'spinlocks' && on) def.spinlockRetries = c.requireIntAttr('retries', 4095, 0xffffffff);
     if (name === 'vendor_id' && on) {
       const v = c.requireAttr('value');
       if (!/^[A-Za-z0-9 _.-]{1,12}$/.test(v)) throw fail('invalid_value', c.attrPath('value'), `vendor_id '${v}' must be 1-12 characters of [A-Za-z0-9 _.-]`);
@@ -814,12 +813,11 @@ function parseAddress<K extends AddressKind>(dev: Node, kinds: readonly K[]): Ad
   switch (type as AddressKind) {
     case 'pci': {
       a.expect({ attrs: ['type', 'domain', 'bus', 'slot', 'function', 'multifunction'] });
-      a.requireAttr('slot');
       addr = {
         type: 'pci',
         domain: a.intAttr('domain', 0, 0) ?? 0,
         bus: a.intAttr('bus', 0, 255) ?? 0,
-        slot: a.intAttr('slot', 0, 31)!,
+        slot: a.requireIntAttr('slot', 0, 31),
         function: a.intAttr('function', 0, 7) ?? 0,
         multifunction: a.boolAttr('multifunction', 'on', 'off') ?? false,
       };
@@ -837,17 +835,15 @@ function parseAddress<K extends AddressKind>(dev: Node, kinds: readonly K[]): Ad
       break;
     case 'usb':
       a.expect({ attrs: ['type', 'bus', 'port'] });
-      a.requireAttr('port');
-      addr = { type: 'usb', bus: a.intAttr('bus', 0, 0) ?? 0, port: a.intAttr('port', 1, 15)! };
+      addr = { type: 'usb', bus: a.intAttr('bus', 0, 0) ?? 0, port: a.requireIntAttr('port', 1, 15) };
       break;
     case 'virtio-serial':
       a.expect({ attrs: ['type', 'controller', 'bus', 'port'] });
-      a.requireAttr('port');
       addr = {
         type: 'virtio-serial',
         controller: a.intAttr('controller', 0, 31) ?? 0,
         bus: a.intAttr('bus', 0, 0) ?? 0,
-        port: a.intAttr('port', 0, 30) ?? 0,
+        port: a.requireIntAttr('port', 0, 30),
       };
       break;
   }
@@ -858,8 +854,7 @@ function parseBootOrder(dev: Node): number | undefined {
   const b = dev.child('boot');
   if (!b) return undefined;
   b.expect({ attrs: ['order'] });
-  b.requireAttr('order');
-  return b.intAttr('order', 1, 999);
+  return b.requireIntAttr('order', 1, 999);
 }
 
 const DISK_PREFIX: Record<string, DiskBus> = { vd: 'virtio', hd: 'ide', sd: 'scsi' };
@@ -966,8 +961,7 @@ function parseController(dev: Node, family: MachineFamily): RawController {
       if (ports !== undefined) c.ports = ports;
       if (companion) {
         const master = dev.requireChild('master').expect({ attrs: ['startport'] });
-        master.requireAttr('startport');
-        const startport = master.intAttr('startport', 0, 5)!;
+        const startport = master.requireIntAttr('startport', 0, 5);
         // Each UHCI companion serves two of the EHCI's six ports: uhci1 0-1, uhci2 2-3, uhci3 4-5.
         const expected = 2 * (Number(usbModel!.slice(-1)) - 1);
         if (startport !== expected) throw fail('invalid_value', master.attrPath('startport'), `${usbModel} takes the EHCI's ports from ${expected} (startport='${expected}')`);
@@ -1069,7 +1063,7 @@ function parseInterface(dev: Node, allowMissingIds: boolean): RawInterface {
   const mtuNode = dev.child('mtu')?.expect({ attrs: ['size'] });
   if (mtuNode) {
     if (type === 'user' || type === 'ethernet') throw fail('unsupported_element', mtuNode.path, `<mtu> is for a tap the agent makes (type bridge or network), not type '${type}'`);
-    iface.mtu = mtuNode.intAttr('size', 68, 65535) ?? (() => { throw fail('missing_attribute', mtuNode.attrPath('size'), '<mtu> needs a size'); })();
+    iface.mtu = mtuNode.requireIntAttr('size', 68, 65535);
   }
 
   const macNode = dev.child('mac');
@@ -1303,8 +1297,7 @@ function parseMemballoon(dev: Node): Omit<MemballoonDef, 'id'> {
   const stats = dev.child('stats');
   if (stats) {
     stats.expect({ attrs: ['period'] });
-    stats.requireAttr('period');
-    b.statsPeriod = stats.intAttr('period', 0, 2 ** 31 - 1)!;
+    b.statsPeriod = stats.requireIntAttr('period', 0, 2 ** 31 - 1);
   }
   const address = parseAddress(dev, model === 'none' ? [] : ['pci'] as const);
   if (address) b.address = address;
@@ -1349,7 +1342,7 @@ function parseSound(dev: Node, position: number): SoundDef {
   if (model === 'ac97' && codecs.length > 0) throw fail('unsupported_element', `${dev.path}/codec[1]`, 'an AC97 has no HDA codecs');
   const sound: SoundDef = { element: dev.path, model, codecs: model === 'ac97' || codecs.length > 0 ? codecs : ['duplex'], id: `sound${position}` };
   const audio = dev.child('audio')?.expect({ attrs: ['id'] });
-  if (audio) sound.audioId = audio.intAttr('id', 1, 255) ?? (() => { throw fail('missing_attribute', audio.attrPath('id'), '<audio> of a sound needs an id'); })();
+  if (audio) sound.audioId = audio.requireIntAttr('id', 1, 255);
   const address = parseAddress(dev, ['pci'] as const);
   if (address) sound.address = address;
   return sound;

@@ -30,8 +30,6 @@ export type PciConnect = 'pcie' | 'pci';
 export interface PciUser {
   element?: string;
   address?: DeviceAddress;
-  /** The primary video: slot 2 (i440fx) or 1 (q35) when free, as libvirt reserves it. */
-  primaryVideo?: boolean;
 }
 
 export interface PciPlacement {
@@ -65,11 +63,27 @@ export function pciAddr(slot: number, fn = 0, bus = 0): PciAddress {
 /** The qemu id of bus `index`. */
 export const pciBusId = (family: MachineFamily, index: number) => (index === 0 ? (family === 'q35' ? 'pcie.0' : 'pci.0') : `pci.${index}`);
 
+/** A PCI controller of the domain (root, port or bridge), or undefined for any other device. */
+function pciControllerOf(u: PciUser): ControllerDef | undefined {
+  const c = u as ControllerDef;
+  return c.builtin !== undefined && c.type === 'pci' ? c : undefined;
+}
+
 class Buses {
   /** bus index -> slot -> function -> holder */
   private readonly used = new Map<number, Map<number, Map<number, string>>>();
 
-  constructor(readonly controllers: Map<number, ControllerDef>) {}
+  /** `controllers` is the domain's own list: controllers added to it provide their buses at once. */
+  constructor(private readonly controllers: ControllerDef[]) {}
+
+  /** The PCI controllers, in index order: bus N is the one of index N. */
+  pciControllers(): ControllerDef[] {
+    return this.controllers.filter(isPciController).sort((a, b) => a.index - b.index);
+  }
+
+  bus(index: number): ControllerDef | undefined {
+    return this.controllers.find((c) => isPciController(c) && c.index === index);
+  }
 
   holder(a: PciAddress): string | undefined {
     return this.used.get(a.bus)?.get(a.slot)?.get(a.function);
@@ -91,19 +105,15 @@ class Buses {
     return [...(this.used.get(bus)?.get(slot)?.keys() ?? [])];
   }
 
-  model(bus: number): PciModel {
-    return this.controllers.get(bus)!.model as PciModel;
-  }
-
   /** The first free slot (function 0) of a bus that takes `what`, lowest bus first. */
   firstFree(what: PciConnect | PciModel, busFilter: (model: PciModel) => boolean = () => true, belowIndex = Infinity): PciAddress | undefined {
-    for (const index of [...this.controllers.keys()].sort((a, b) => a - b)) {
-      if (index >= belowIndex) break;
-      const model = this.model(index);
+    for (const c of this.pciControllers()) {
+      if (c.index >= belowIndex) break;
+      const model = c.model as PciModel;
       const rules = BUS_RULES[model];
       if (!rules.takes.includes(what) || !busFilter(model)) continue;
       for (let slot = rules.minSlot; slot <= rules.maxSlot; slot++) {
-        if (this.slotFree(index, slot)) return pciAddr(slot, 0, index);
+        if (this.slotFree(c.index, slot)) return pciAddr(slot, 0, c.index);
       }
     }
     return undefined;
@@ -127,49 +137,48 @@ export function checkPciControllers(controllers: ControllerDef[], family: Machin
 /**
  * Places every device and PCI controller on a bus, adding controllers where libvirt would, and
  * fills in root ports' chassis/port and bridges' chassis_nr. `order` is libvirt's order of
- * assignment (controllers, network, other controllers, disks, balloon, rng, ...).
+ * assignment (network, other controllers, disks, balloon, rng, ...); the PCI controllers come
+ * first. The primary video gets slot 2 (i440fx) or 1 (q35) when free, as libvirt reserves it.
  */
-export function placePci(family: MachineFamily, controllers: ControllerDef[], order: PciPlacement[], reserved: Array<{ address: PciAddress; by: string }>): void {
-  const pciControllers = () => controllers.filter(isPciController).sort((a, b) => a.index - b.index);
-  const hadPciControllers = pciControllers().some((c) => c.index > 0);
-  const byIndex = () => new Map(pciControllers().map((c) => [c.index, c]));
-  const buses = new Buses(byIndex());
+export function placePci(
+  family: MachineFamily,
+  controllers: ControllerDef[],
+  order: PciPlacement[],
+  reserved: Array<{ address: PciAddress; by: string }>,
+  primaryVideo?: PciUser,
+): void {
+  const buses = new Buses(controllers);
+  const entries = (): PciPlacement[] => [...buses.pciControllers().filter((c) => c.index > 0).map((c) => ({ user: c, connect: 'pcie' as const })), ...order];
+  const hadPciControllers = buses.pciControllers().some((c) => c.index > 0);
 
   buses.take(pciAddr(0), 'the host bridge');
   for (const r of reserved) buses.take(r.address, r.by);
 
-  const controllerEntries: PciPlacement[] = pciControllers().filter((c) => c.index > 0).map((c) => ({ user: c, connect: 'pcie' }));
-  const all = [...controllerEntries, ...order];
-
   // Explicit addresses first: checked against the bus they name.
-  for (const p of all) {
+  const given = entries();
+  for (const p of given) {
     const a = p.user.address as PciAddress | undefined;
     if (!a) continue;
     checkExplicit(p, a, buses);
     buses.take(a, p.user.element ?? 'an implicit device');
   }
-  checkMultifunction(all, buses);
+  checkMultifunction(given, buses);
 
-  if (family === 'q35') addMissingControllers(controllers, all, buses, hadPciControllers);
-  const refreshed = byIndex();
-  for (const [k, v] of refreshed) buses.controllers.set(k, v);
-
-  // Then, in libvirt's order: PCI controllers (root ports packed 8 to a slot), then devices.
-  const newControllers: PciPlacement[] = pciControllers()
-    .filter((c) => c.index > 0 && !controllerEntries.some((e) => e.user === c))
-    .map((c) => ({ user: c, connect: 'pcie' }));
-  const primary = all.find((p) => p.user.primaryVideo && !p.user.address);
-  if (primary) {
+  if (family === 'q35') addMissingControllers(controllers, given.filter((p) => p.user !== primaryVideo), buses, hadPciControllers);
+  if (primaryVideo && !primaryVideo.address) {
     const slot = family === 'i440fx' ? 2 : 1;
     if (buses.slotFree(0, slot)) {
-      primary.user.address = pciAddr(slot);
-      buses.take(primary.user.address, primary.user.element ?? 'the video card');
+      primaryVideo.address = pciAddr(slot);
+      buses.take(primaryVideo.address, primaryVideo.element ?? 'the video card');
     }
   }
+
+  // Then, in libvirt's order: PCI controllers (root ports packed 8 to a slot), then devices.
+  const all = entries();
   let packing: PciAddress | undefined;
-  for (const p of [...controllerEntries, ...newControllers, ...order]) {
+  for (const p of all) {
     if (p.user.address) continue;
-    const c = isControllerUser(p.user) && isPciController(p.user) ? p.user : undefined;
+    const c = pciControllerOf(p.user);
     let a: PciAddress | undefined;
     if (c?.model === 'pcie-root-port') {
       // Root ports fill the functions of one slot of pcie.0 before the next slot, as libvirt packs them.
@@ -198,23 +207,19 @@ export function placePci(family: MachineFamily, controllers: ControllerDef[], or
     buses.take(a, p.user.element ?? 'an implicit device');
   }
   // A slot with more than one function is a multifunction device, said on its function 0.
-  for (const p of [...controllerEntries, ...newControllers, ...order]) {
+  for (const p of all) {
     const a = p.user.address as PciAddress;
     if (a.function === 0 && !a.multifunction && buses.functionsUsed(a.bus, a.slot).length > 1) a.multifunction = true;
   }
-  for (const c of pciControllers()) if (c.index > 0) completeControllerTarget(c);
+  for (const c of buses.pciControllers()) if (c.index > 0) completeControllerTarget(c);
   completeBusNumbers(controllers);
-}
-
-function isControllerUser(u: PciUser): u is ControllerDef {
-  return (u as ControllerDef).builtin !== undefined && (u as ControllerDef).type !== undefined;
 }
 
 function checkExplicit(p: PciPlacement, a: PciAddress, buses: Buses): void {
   const at = `${p.user.element ?? DEVICES}/address`;
-  const bus = buses.controllers.get(a.bus);
+  const bus = buses.bus(a.bus);
   if (!bus) throw fail('invalid_value', `${at}/@bus`, `there is no PCI controller with index ${a.bus} to provide bus ${a.bus}`);
-  const self = isControllerUser(p.user) && isPciController(p.user) ? p.user : undefined;
+  const self = pciControllerOf(p.user);
   if (self && a.bus >= self.index) {
     throw fail('invalid_value', `${at}/@bus`, `a PCI controller sits on a bus of a lower index than its own (${self.index}), not on bus ${a.bus}`);
   }
@@ -256,7 +261,8 @@ function checkMultifunction(all: PciPlacement[], buses: Buses): void {
  * the XML named no PCI controllers at all.
  */
 function addMissingControllers(controllers: ControllerDef[], all: PciPlacement[], buses: Buses, hadPciControllers: boolean): void {
-  const unplaced = all.filter((p) => !p.user.address && !(isControllerUser(p.user) && isPciController(p.user)) && !p.user.primaryVideo);
+  // (The primary video is not among them: it has a slot of pcie.0 of its own.)
+  const unplaced = all.filter((p) => !p.user.address && !pciControllerOf(p.user));
   const legacy = unplaced.filter((p) => p.connect === 'pci').length;
   let pcie = unplaced.filter((p) => p.connect === 'pcie').length;
   const pciCtrls = controllers.filter(isPciController);

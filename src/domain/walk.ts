@@ -171,6 +171,11 @@ export class Node {
     return n;
   }
 
+  requireIntAttr(name: string, min: number, max: number): number {
+    this.requireAttr(name);
+    return this.intAttr(name, min, max)!;
+  }
+
   boolAttr(name: string, yes: string, no: string): boolean | undefined {
     const v = this.enumAttr(name, [yes, no]);
     return v === undefined ? undefined : v === yes;

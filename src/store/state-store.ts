@@ -94,6 +94,10 @@ export class StateStore {
   async removeRecord(kind: 'runtime' | 'jobs' | 'taps', id: string): Promise<void> {
     await removeDurably(path.join(this.dir(kind), `${id}.json`));
   }
+  /** One record, or null when there is none (or it was set aside as unreadable). */
+  loadRecord<T>(kind: 'runtime' | 'jobs' | 'taps', id: string, valid: (v: unknown) => boolean): Promise<T | null> {
+    return this.readJson<T>(path.join(this.dir(kind), `${id}.json`), valid);
+  }
   async loadRecords<T>(kind: 'runtime' | 'jobs' | 'taps', valid: (v: unknown) => boolean): Promise<Array<{ id: string; value: T }>> {
     const out: Array<{ id: string; value: T }> = [];
     for (const entry of (await fs.readdir(this.dir(kind))).sort()) {

@@ -6,28 +6,20 @@
 // and its guest agent answers on the socket the agent placed in the guest's run directory.
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { once } from 'node:events';
 import { promises as fs } from 'node:fs';
-import { connect } from 'node:net';
 import path from 'node:path';
 import t from 'tap';
-import { ensureLinuxGuest, GuestPackagesUnavailableError, LINUX_GUEST_CMDLINE, parseLinuxSerialLog, type LinuxGuest } from '../../src/guest/linux.js';
+import { LINUX_GUEST_CMDLINE, parseLinuxSerialLog, type LinuxGuest } from '../../src/guest/linux.js';
 import { canMakeNamespaces } from '../helpers/netns.js';
 import { spawnAgent, tmpDir, waitFor, type TestContext } from '../helpers/agents.js';
+import { copyLinuxGuest, guestAgentExchange, linuxGuestOrSkip } from '../helpers/linux-guest.js';
 
 const ip = (...args: string[]) => execFileSync('ip', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 const inNs = (ns: string, ...cmd: string[]) => execFileSync('ip', ['netns', 'exec', ns, ...cmd], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 15_000 });
 
 let guest: LinuxGuest | undefined;
 let skip: string | false = process.getuid?.() !== 0 ? 'needs root' : !canMakeNamespaces() ? 'cannot make network namespaces' : false;
-if (!skip) {
-  try {
-    guest = await ensureLinuxGuest();
-  } catch (err) {
-    if (!(err instanceof GuestPackagesUnavailableError)) throw err;
-    skip = `the Linux guest cannot be built: ${err.message}`;
-  }
-}
+if (!skip) ({ guest, skip } = await linuxGuestOrSkip());
 
 interface Rig {
   ns: string;
@@ -85,38 +77,6 @@ async function qemuGone(pid: number): Promise<boolean> {
   return stat === '' || state === 'Z' || state === 'X';
 }
 
-async function agentExchange(socketPath: string, lines: object[]): Promise<unknown[]> {
-  const sock = connect(socketPath);
-  try {
-    await once(sock, 'connect');
-    sock.setEncoding('utf8');
-    let buf = '';
-    const replies: unknown[] = [];
-    const done = new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`no reply in 10 s; got ${JSON.stringify(buf)}`)), 10_000);
-      sock.on('data', (d: string) => {
-        buf += d;
-        let nl;
-        while ((nl = buf.indexOf('\n')) >= 0) {
-          const line = buf.slice(0, nl).trim();
-          buf = buf.slice(nl + 1);
-          if (line) replies.push(JSON.parse(line));
-          if (replies.length === lines.length) {
-            clearTimeout(timer);
-            resolve();
-          }
-        }
-      });
-      sock.on('error', reject);
-    });
-    for (const l of lines) sock.write(`${JSON.stringify(l)}\n`);
-    await done;
-    return replies;
-  } finally {
-    sock.destroy();
-  }
-}
-
 t.test('a guest on a mapped network: the agent makes its tap, traffic crosses the bridge, the tap goes with qemu', { skip }, async (t) => {
   const dir = await tmpDir(t);
   const rig = makeRig(t);
@@ -130,10 +90,7 @@ t.test('a guest on a mapped network: the agent makes its tap, traffic crosses th
   const start = () => spawnAgent(t, { host: rig.agentAddr, netns: rig.ns, stateDir, allowPath: dir, prefix, extra: ['--network', `default=${rig.bridge}`] });
   let agent = await start();
 
-  const kernel = path.join(dir, 'vmlinux');
-  const initrd = path.join(dir, 'initrd');
-  await fs.copyFile(guest!.kernel, kernel);
-  await fs.copyFile(guest!.initrd, initrd);
+  const { kernel, initrd } = await copyLinuxGuest(guest!, dir);
   const disk = path.join(dir, 'net1.raw');
   await fs.writeFile(disk, Buffer.alloc(16 * 1024 * 1024));
   const serialLog = path.join(dir, 'net1.serial.log');
@@ -203,7 +160,7 @@ t.test('a guest on a mapped network: the agent makes its tap, traffic crosses th
 
   // The guest agent, on the socket in the guest's run directory.
   const socketPath = path.join(stateDir, 'run', defined.uuid, 'channel0.sock');
-  t.same(await agentExchange(socketPath, [{ execute: 'guest-sync', arguments: { id: 4711 } }, { execute: 'guest-ping' }]), [{ return: 4711 }, { return: {} }], 'the guest agent answers');
+  t.same(await guestAgentExchange(socketPath, [{ execute: 'guest-sync', arguments: { id: 4711 } }, { execute: 'guest-ping' }]), [{ return: 4711 }, { return: {} }], 'the guest agent answers');
 
   await agent.client.lifecycle('net1', 'destroy');
   t.notOk(linkExists(rig, tap!.name), 'the tap is gone with qemu');

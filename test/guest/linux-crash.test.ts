@@ -2,26 +2,17 @@
  * on_crash, with a real Linux guest that says it panicked through the pvpanic device: restart
  * resets it in the same qemu (a new boot, the domain running on), destroy ends it as crashed.
  */
-import { chmod, copyFile, readFile, truncate, writeFile } from 'node:fs/promises';
+import { chmod, readFile, truncate, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import t from 'tap';
-import { GuestPackagesUnavailableError, ensureLinuxGuest, LINUX_GUEST_CMDLINE, parseLinuxSerialLog, type LinuxGuest } from '../../src/guest/linux.js';
+import { LINUX_GUEST_CMDLINE, parseLinuxSerialLog } from '../../src/guest/linux.js';
 import { startAgent, tmpDir, waitFor } from '../helpers/agents.js';
+import { copyLinuxGuest, linuxGuestOrSkip } from '../helpers/linux-guest.js';
 
-let guest: LinuxGuest | undefined;
-let noGuest: string | false = false;
-try {
-  guest = await ensureLinuxGuest();
-} catch (err) {
-  if (!(err instanceof GuestPackagesUnavailableError)) throw err;
-  noGuest = `the guest's Debian packages cannot be fetched: ${err.message}`;
-}
+const { guest, skip: noGuest } = await linuxGuestOrSkip();
 
 async function panickingGuest(dir: string, name: string, onCrash: string, fileMode = 0o644) {
-  const kernel = path.join(dir, 'vmlinux');
-  const initrd = path.join(dir, 'initrd.gz');
-  await copyFile(guest!.kernel, kernel);
-  await copyFile(guest!.initrd, initrd);
+  const { kernel, initrd } = await copyLinuxGuest(guest!, dir);
   for (const file of [kernel, initrd]) await chmod(file, fileMode);
   const disk = path.join(dir, `${name}.raw`);
   await writeFile(disk, '');

@@ -3,9 +3,7 @@
 // guest must show that each works: its own report on the console, and what the test sees from
 // outside (the HTTP page, the agent's answers, the balloon, the records on the disk).
 import { spawnSync } from 'node:child_process';
-import { once } from 'node:events';
 import { readFile, truncate, writeFile } from 'node:fs/promises';
-import { connect } from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import t from 'tap';
@@ -14,7 +12,6 @@ import {
   LINUX_GUEST_CMDLINE,
   LINUX_GUEST_DEVICES,
   LINUX_GUEST_SECTOR,
-  GuestPackagesUnavailableError,
   ensureLinuxGuest,
   parseLinuxGuestDisk,
   parseLinuxSerialLog,
@@ -24,6 +21,7 @@ import {
 import { freePort } from '../../src/migration/ports.js';
 import { processMatches, waitForExit, type QemuProcessRecord } from '../../src/qemu/process.js';
 import { GuestTracker, QEMU, launchSpec, tmpDir } from '../qemu/helpers.js';
+import { guestAgentExchange, linuxGuestOrSkip } from '../helpers/linux-guest.js';
 
 const MiB = 1024 * 1024;
 const GUEST_MIB = 256;
@@ -34,20 +32,13 @@ const BOOT_TIMEOUT_MS = 30_000;
 const guests = new GuestTracker();
 const noQemu = spawnSync(QEMU, ['--version'], { stdio: 'ignore' }).error ? `${QEMU} not installed` : false;
 
-// Built (or found in the cache) once for the file. Only missing packages skip; any other
-// failure of the build fails the file.
 let guest: LinuxGuest | undefined;
 let noGuest: string | false = noQemu;
 let buildMs = 0;
 if (!noQemu) {
   const started = Date.now();
-  try {
-    guest = await ensureLinuxGuest();
-    buildMs = Date.now() - started;
-  } catch (err) {
-    if (!(err instanceof GuestPackagesUnavailableError)) throw err;
-    noGuest = `the guest's Debian packages cannot be fetched: ${err.message}`;
-  }
+  ({ guest, skip: noGuest } = await linuxGuestOrSkip());
+  buildMs = Date.now() - started;
 }
 
 t.test('parsers', async (t) => {
@@ -142,7 +133,7 @@ t.test('every virtio device works in the guest and from outside; the disk holds 
 
   // virtio-serial: the agent's protocol, one JSON line each way.
   const syncId = Math.floor(Math.random() * 2 ** 31);
-  const replies = await agentExchange(agentSocket, [
+  const replies = await guestAgentExchange(agentSocket, [
     { execute: 'guest-sync', arguments: { id: syncId } },
     { execute: 'guest-ping' },
   ]);
@@ -205,47 +196,5 @@ async function waitForValue<T>(what: string, probe: () => Promise<T | undefined>
     if (v !== undefined) return v;
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(100);
-  }
-}
-
-/** Sends each command as a line on the agent socket and reads as many reply lines. */
-async function agentExchange(socketPath: string, commands: object[], timeoutMs = 10_000): Promise<unknown[]> {
-  const sock = connect(socketPath);
-  try {
-    await once(sock, 'connect');
-    sock.setEncoding('utf8');
-    const replies: unknown[] = [];
-    let buf = '';
-    const done = new Promise<void>((resolve, reject) => {
-      const fail = (err: Error) => {
-        clearTimeout(timer);
-        reject(err);
-      };
-      const timer = setTimeout(
-        () => fail(new Error(`agent: ${replies.length} of ${commands.length} replies within ${timeoutMs} ms (${JSON.stringify(buf)})`)),
-        timeoutMs,
-      );
-      sock.on('data', (chunk: string) => {
-        buf += chunk;
-        try {
-          for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
-            replies.push(JSON.parse(buf.slice(0, nl)));
-            buf = buf.slice(nl + 1);
-          }
-        } catch (err) {
-          fail(new Error(`agent: a reply is not JSON: ${JSON.stringify(buf)}`, { cause: err }));
-        }
-        if (replies.length >= commands.length) {
-          clearTimeout(timer);
-          resolve();
-        }
-      });
-      sock.on('error', fail);
-    });
-    sock.write(commands.map((c) => JSON.stringify(c) + '\n').join(''));
-    await done;
-    return replies;
-  } finally {
-    sock.destroy();
   }
 }

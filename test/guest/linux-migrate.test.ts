@@ -1,19 +1,20 @@
 /**
  * A real Linux guest, defined from virt-install-shaped q35 XML, migrated A -> B -> A while it
  * writes its disk and uses its network (pm, audio none, an iTCO watchdog, a USB tablet and a
- * guest agent channel without a path, as virt-install writes them): afterwards it is the same boot, its counter went on,
- * every record it wrote is on its disk in order, and its network kept answering on both hosts.
+ * guest agent channel without a path, as virt-install writes them): afterwards it is the same
+ * boot, its counter went on, every record it wrote is on its disk in order, and its network kept
+ * answering on both hosts.
  */
-import { copyFile, readFile, truncate, writeFile } from 'node:fs/promises';
+import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import { once } from 'node:events';
-import { connect, type AddressInfo } from 'node:net';
+import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import t from 'tap';
-import { GuestPackagesUnavailableError, ensureLinuxGuest, LINUX_GUEST_CMDLINE, parseLinuxGuestDisk, parseLinuxSerialLog, type LinuxGuest } from '../../src/guest/linux.js';
-import { waitFor } from '../helpers/agents.js';
+import { LINUX_GUEST_CMDLINE, parseLinuxGuestDisk, parseLinuxSerialLog } from '../../src/guest/linux.js';
+import { waitFor, type TestAgent } from '../helpers/agents.js';
+import { copyLinuxGuest, guestAgentExchange, linuxGuestOrSkip } from '../helpers/linux-guest.js';
 import { twoAgents } from '../helpers/migration.js';
-import type { TestAgent } from '../helpers/agents.js';
 
 const MiB = 1024 * 1024;
 
@@ -21,32 +22,15 @@ const MiB = 1024 * 1024;
 async function guestAgentSync(agent: TestAgent, id: number): Promise<unknown> {
   const entry = agent.app.agent.domains.get('linux1');
   const socketPath = path.join(agent.config.stateDir, 'run', entry.uuid, 'channel0.sock');
-  return waitFor('the guest agent to answer', () => new Promise<unknown>((resolve) => {
-    const sock = connect(socketPath);
-    let buf = '';
-    const done = (v: unknown) => {
-      sock.destroy();
-      resolve(v);
-    };
-    sock.setTimeout(2000, () => done(null));
-    sock.on('error', () => done(null));
-    sock.on('connect', () => sock.write(`${JSON.stringify({ execute: 'guest-sync', arguments: { id } })}\n`));
-    sock.on('data', (d) => {
-      buf += d.toString();
-      const line = buf.split('\n').find((l) => l.includes(`"return": ${id}`));
-      if (line) done(JSON.parse(line).return);
-    });
-  }), { timeoutMs: 30_000, intervalMs: 200 });
+  // Right after a migration the guest may not have its port open again yet: asked until it answers.
+  const [reply] = await waitFor('the guest agent to answer', () => guestAgentExchange(socketPath, [{ execute: 'guest-sync', arguments: { id } }], 2000).catch(() => null), {
+    timeoutMs: 30_000,
+    intervalMs: 200,
+  });
+  return (reply as { return?: unknown }).return;
 }
 
-let guest: LinuxGuest | undefined;
-let noGuest: string | false = false;
-try {
-  guest = await ensureLinuxGuest();
-} catch (err) {
-  if (!(err instanceof GuestPackagesUnavailableError)) throw err;
-  noGuest = `the guest's Debian packages cannot be fetched: ${err.message}`;
-}
+const { guest, skip: noGuest } = await linuxGuestOrSkip();
 
 /** virt-install's shape for a Debian server on q35 with --boot kernel=,initrd=,kernel_args=. */
 function virtInstallXml(o: { kernel: string; initrd: string; cmdline: string; disk: string; serial: string }): string {
@@ -118,10 +102,7 @@ ${rootPorts}
 t.test('a Linux guest migrates A -> B -> A with its disk and network busy, and nothing of it is lost', { skip: noGuest }, async (t) => {
   const { dir, a, b } = await twoAgents(t);
   // Its files below the agents' --allow-path (the test dir).
-  const kernel = path.join(dir, 'vmlinux');
-  const initrd = path.join(dir, 'initrd.gz');
-  await copyFile(guest!.kernel, kernel);
-  await copyFile(guest!.initrd, initrd);
+  const { kernel, initrd } = await copyLinuxGuest(guest!, dir);
   const disk = path.join(dir, 'linux1.raw');
   await writeFile(disk, '');
   await truncate(disk, 16 * MiB);

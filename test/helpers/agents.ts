@@ -1,7 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { buildAgent } from '../../src/agent/app.js';
@@ -12,7 +11,7 @@ import { killQemu, processMatches, type QemuProcessRecord } from '../../src/qemu
 import { packageRoot } from '../../src/agent/package-root.js';
 import { readQemuRecords } from '../../src/store/state-store.js';
 import { chooseHostAccel } from '../../src/qemu/accel-probe.js';
-import { defaultQemuCredentials } from '../../src/agent/qemu-user.js';
+import { defaultQemuCredentials, mkdtempForAgents } from '../../src/agent/qemu-user.js';
 import { freePort } from '../../src/migration/ports.js';
 export { freePort, readQemuRecords as qemuRecords };
 import { writeGuestImage, guestMemoryMiB, type GuestParams } from '../../src/guest/image.js';
@@ -38,9 +37,7 @@ export interface TestContext {
 
 export async function tmpDir(t: TestContext): Promise<string> {
   // Short: unix socket paths below it must fit in 108 bytes.
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), TMP_PREFIX));
-  // qemu runs as a user of its own and must pass through to the agents' run/ directories.
-  await fs.chmod(dir, 0o711);
+  const dir = await mkdtempForAgents(TMP_PREFIX);
   t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
   return dir;
 }
