@@ -81,10 +81,8 @@ t.test('xhci ports, virtio-serial ports, lsilogic with a wwn, a guest-agent sock
 t.test('q35 with the ICH9 USB2 set, e1000e, bochs, virtio-scsi queues: qemu runs them', async (t) => {
   const dir = await tmpDir(t);
   const { client, app } = await startAgent(t, dir, 'a');
-  const guest = await testGuest(dir, 'dev2');
+  const guest = await testGuest(dir, 'dev2', undefined, { machine: 'q35' });
   const xml = guest.xml
-    .replace("machine='pc'", "machine='q35'")
-    .replace("<target dev='hda' bus='ide'/>", "<target dev='sda' bus='sata'/>")
     .replace('</devices>', `
     <controller type='usb' index='0' model='ich9-ehci1'/>
     <controller type='usb' index='0' model='ich9-uhci1'><master startport='0'/></controller>

@@ -21,11 +21,9 @@ function flatten(devices: PciDevice[], on: string, out = new Map<string, { on: s
 t.test('a virt-install-shaped q35 guest: root ports, a bridge for a legacy NIC, each endpoint in a port of its own, on real qemu', async (t) => {
   const dir = await tmpDir(t);
   const { client, app } = await startAgent(t, dir, 'a');
-  const guest = await testGuest(dir, 'q35vm');
+  const guest = await testGuest(dir, 'q35vm', undefined, { machine: 'q35' });
   const rootPorts = Array.from({ length: 4 }, () => "<controller type='pci' model='pcie-root-port'/>").join('');
   const xml = guest.xml
-    .replace("machine='pc'", "machine='q35'")
-    .replace("dev='hda' bus='ide'", "dev='sda' bus='sata'")
     .replace(
       '<devices>',
       `<devices><controller type='pci' model='pcie-root'/>${rootPorts}` +
@@ -60,10 +58,9 @@ t.test('a virt-install-shaped q35 guest: root ports, a bridge for a legacy NIC, 
 t.test('a PCIe switch and an expander bus start on real qemu, a disk behind a downstream port', async (t) => {
   const dir = await tmpDir(t);
   const { client, app } = await startAgent(t, dir, 'a');
-  const guest = await testGuest(dir, 'switched');
+  const guest = await testGuest(dir, 'switched', undefined, { machine: 'q35' });
   const xml = guest.xml
-    .replace("machine='pc'", "machine='q35'")
-    .replace("dev='hda' bus='ide'", "dev='vda' bus='virtio'")
+    .replace("dev='sda' bus='sata'", "dev='vda' bus='virtio'")
     .replace(
       '<devices>',
       "<devices><controller type='pci' index='1' model='pcie-root-port'/><controller type='pci' index='2' model='pcie-switch-upstream-port'/>" +

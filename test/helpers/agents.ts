@@ -189,11 +189,11 @@ export async function testGuest(
   dir: string,
   name: string,
   params: GuestParams = { fillMiB: 8, hotMiB: 1, reportEvery: 16 },
-  extra: { uuid?: string; memoryMiB?: number } = {},
+  extra: { uuid?: string; memoryMiB?: number; machine?: 'pc' | 'q35' } = {},
 ): Promise<{ xml: string; image: string; serialLog: string }> {
   const image = path.join(dir, `${name}.img`);
   const serialLog = path.join(dir, `${name}.serial.log`);
   await writeGuestImage(image, params);
-  const xml = testGuestXml({ name, image, serialLog, memoryMiB: extra.memoryMiB ?? guestMemoryMiB(params) + 16, ...(extra.uuid ? { uuid: extra.uuid } : {}) });
+  const xml = testGuestXml({ name, image, serialLog, memoryMiB: extra.memoryMiB ?? guestMemoryMiB(params) + 16, ...(extra.uuid ? { uuid: extra.uuid } : {}), ...(extra.machine ? { machine: extra.machine } : {}) });
   return { xml, image, serialLog };
 }

@@ -28,12 +28,18 @@ async function tlsAgent(t: TestContext, dir: string, name: string, ip: string, l
   return startAgent(t, dir, name, { listenHost: ip, migrationAddress: ip, migrationPorts: { low, high: low + 15 }, token, ...tlsOf(certs, certName) });
 }
 
-t.test('a migration A->B->A over mutual TLS, with a TLS stream; each agent has its own operator token', async (t) => {
+/** Agents A (127.0.0.2) and B (127.0.0.3) with certificates of one fleet CA. */
+async function tlsPair(t: TestContext) {
   const dir = await tmpDir(t);
   const certs = path.join(dir, 'certs');
   await makeCerts(certs, 'hosta=127.0.0.2', 'hostb=127.0.0.3');
   const a = await tlsAgent(t, dir, 'hosta', '127.0.0.2', 49152, certs);
   const b = await tlsAgent(t, dir, 'hostb', '127.0.0.3', 49184, certs);
+  return { dir, certs, a, b };
+}
+
+t.test('a migration A->B->A over mutual TLS, with a TLS stream; each agent has its own operator token', async (t) => {
+  const { dir, a, b } = await tlsPair(t);
   t.match(a.url, /^https:/);
   const { boot } = await startGuest(a, dir, 'vm1');
 
@@ -111,11 +117,7 @@ t.test('a revoked certificate is refused both ways: as a destination and as a ca
 // qemu reads ca-crl.pem as the stream's server only (the destination checking the source's
 // client certificate); the source's agent already checked the destination's in Prepare2.
 t.test("the destination's qemu checks the source's certificate against the CRL (STATE_DIR/tls/ca-crl.pem)", async (t) => {
-  const dir = await tmpDir(t);
-  const certs = path.join(dir, 'certs');
-  await makeCerts(certs, 'hosta=127.0.0.2', 'hostb=127.0.0.3');
-  const a = await tlsAgent(t, dir, 'hosta', '127.0.0.2', 49152, certs);
-  const b = await tlsAgent(t, dir, 'hostb', '127.0.0.3', 49184, certs);
+  const { dir, certs, a, b } = await tlsPair(t);
   await startGuest(a, dir, 'vm6');
   // After the agents started, so only qemu (given a fresh copy of tls/ per migration) knows.
   await makeCerts(certs, '--revoke', 'hosta');
