@@ -75,6 +75,7 @@ async function main(): Promise<void> {
     const { def } = normalizeDomainXml(rawGuest.xml, {
       machineAliases: qemu.machineAliases,
       knownMachines: qemu.knownMachines,
+      firmwares: qemu.firmwares,
       randomBytes: (n) => Buffer.alloc(n, 7),
     });
     const rawLaunch = async (tag: string, incoming: boolean): Promise<RawGuest> => {

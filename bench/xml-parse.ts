@@ -16,6 +16,7 @@ const rounds = Number(values.rounds);
 const host = {
   machineAliases: { pc: 'pc-i440fx-7.2' },
   knownMachines: ['pc-i440fx-7.2'],
+  firmwares: [],
   randomBytes: (n: number) => Buffer.alloc(n, 7),
 };
 

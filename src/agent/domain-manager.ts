@@ -17,7 +17,8 @@ import { QmpClient } from '../qemu/qmp.js';
 import { attachQemu, endPidfileOwner, killQemu, launchQemu, QemuStartError, removeQemuFiles, waitForExit, type QemuCredentials, type QemuProcessRecord } from '../qemu/process.js';
 import type { QemuHostInfo } from '../qemu/host.js';
 import { StateStore, isObject } from '../store/state-store.js';
-import { checkAllowedPaths, openGuestFiles, sharedWrittenFile } from './paths.js';
+import { checkAllowedPaths, openGuestFiles, sharedWrittenFile, type PathRoots } from './paths.js';
+import { firmwareDirs } from '../qemu/firmware.js';
 import { KeyedMutex } from './lock.js';
 import { isLoopback } from '../config.js';
 import { makeQemuDir, type QemuUsers } from './qemu-user.js';
@@ -353,7 +354,7 @@ export class DomainManager extends EventEmitter {
   /** Parse, normalize (machine alias, MACs, uuid) and check paths: the same for define and Prepare2. */
   async validate(xml: string): Promise<{ xml: string; def: DomainDef }> {
     const { qemu } = this.opts;
-    const normalized = await this.opts.xmlPool.normalize(xml, { machineAliases: qemu.machineAliases, knownMachines: qemu.knownMachines });
+    const normalized = await this.opts.xmlPool.normalize(xml, { machineAliases: qemu.machineAliases, knownMachines: qemu.knownMachines, firmwares: qemu.firmwares });
     // A guest larger than the whole host can never run here (qemu would only fail later, or the host).
     const hostKiB = Math.floor(os.totalmem() / 1024);
     if (normalized.def.memoryKiB > hostKiB) {
@@ -394,12 +395,46 @@ export class DomainManager extends EventEmitter {
    */
   private async checkPaths(def: DomainDef): Promise<void> {
     const refs = domainFileRefs(def);
-    await checkAllowedPaths(refs, this.opts.allowPaths, this.opts.store.internalPaths());
+    await checkAllowedPaths(refs, this.pathRoots());
     const others = [...this.domains.values()].filter((d) => d.name !== def.name && d.uuid !== def.uuid).map((d) => ({ domain: d.name, refs: domainFileRefs(d.def) }));
     const shared = await sharedWrittenFile(refs, others);
     if (shared) {
       throw new DomainXmlError('file_in_use', shared.ref.element, `${shared.ref.path} is also ${shared.other.kind === 'disk' ? 'a disk' : `the ${shared.other.kind} file`} of domain ${shared.domain} (${shared.other.element}), and one of them writes it`);
     }
+  }
+
+  private pathRoots(): PathRoots {
+    return { allow: this.opts.allowPaths, forbidden: this.opts.store.internalPaths(), firmware: firmwareDirs(this.opts.qemu.firmwares) };
+  }
+
+  /** The UEFI variable store the agent keeps for a domain whose `<nvram>` names no file. */
+  private ownNvramPath(entry: Pick<DomainEntry, 'uuid' | 'def'>): string | undefined {
+    const nvram = entry.def.os.nvram;
+    return nvram && nvram.path === undefined ? path.join(this.opts.store.dir('nvram'), `${entry.uuid}.fd`) : undefined;
+  }
+
+  /**
+   * The domain's variable store, made from its template when it does not exist yet (its first
+   * start here, or a migration's arrival: qemu then writes the source's variables into it when
+   * the guest resumes, since the flash's contents travel in the stream as guest memory).
+   */
+  private async ensureNvram(entry: DomainEntry): Promise<void> {
+    const nvram = entry.def.os.nvram;
+    if (!nvram) return;
+    const file = nvram.path ?? this.ownNvramPath(entry)!;
+    if (await fs.lstat(file).then(() => true, () => false)) return;
+    if (nvram.template === undefined) {
+      throw new DomainXmlError('nvram_template_unknown', '/domain/os/nvram', `the variable store ${file} does not exist, and no template is known for loader ${entry.def.os.loader?.path}: name one in <nvram template>`);
+    }
+    // Both paths were checked (start and arrival check them again); EXCL: never through a link put there since.
+    await fs.copyFile(nvram.template, file, fsSync.constants.COPYFILE_EXCL);
+    await fs.chmod(file, 0o600);
+  }
+
+  /** Whatever the agent kept for a domain it no longer holds: its own variable store. */
+  private async removeOwnState(entry: DomainEntry): Promise<void> {
+    const nvram = this.ownNvramPath(entry);
+    if (nvram) await fs.rm(nvram, { force: true });
   }
 
   async define(xml: string): Promise<DomainEntry> {
@@ -432,6 +467,7 @@ export class DomainManager extends EventEmitter {
       if (entry.run) throw conflict('domain_active', `domain ${name} is running; destroy or shut it down first`, { domain: name });
       await this.opts.store.removeDefinition(name);
       this.domains.delete(name);
+      await this.removeOwnState(entry);
     });
   }
 
@@ -504,10 +540,13 @@ export class DomainManager extends EventEmitter {
       const runDir = this.runDir(entry.uuid);
       await makeQemuDir(runDir, credentials);
       const hugepagesPath = await prepareHugepages(entry.def, entry.uuid, credentials);
+      await this.ensureNvram(entry);
+      const nvramPath = this.ownNvramPath(entry);
       // qemu gets the files the agent opened and checked, not paths it would resolve again itself.
-      const files = await openGuestFiles(domainFileRefs(entry.def), this.opts.allowPaths, this.opts.store.internalPaths(), { qemuUser: credentials, scratchDir: runDir });
+      const files = await openGuestFiles(domainFileRefs(entry.def), this.pathRoots(), { qemuUser: credentials, scratchDir: runDir, ...(nvramPath ? { ownFiles: [nvramPath] } : {}) });
       const host = {
         ...this.hostSettings(entry.uuid, taps),
+        ...(nvramPath ? { nvramPath } : {}),
         fileArg: (p: string) => files.args.get(p) ?? p,
         imageChain: (p: string) => files.chains.get(p),
         ...(hugepagesPath ? { hugepagesPath } : {}),
@@ -627,6 +666,7 @@ export class DomainManager extends EventEmitter {
     if (entry.run) throw new AgentError(500, 'internal', `forget of running domain ${entry.name}`);
     if (removeDefinition && entry.persistent) await this.opts.store.removeDefinition(entry.name);
     if (this.domains.get(entry.name) === entry) this.domains.delete(entry.name);
+    await this.removeOwnState(entry);
   }
 
   async info(entry: DomainEntry): Promise<DomainInfo> {
@@ -722,7 +762,7 @@ export class DomainManager extends EventEmitter {
   /** After a restart: the output files of a guest found running, opened again (checked) for the cap. */
   private async reopenOutputs(entry: DomainEntry): Promise<number[]> {
     try {
-      const files = await openGuestFiles(domainFileRefs(entry.def), this.opts.allowPaths, this.opts.store.internalPaths(), { outputsOnly: true });
+      const files = await openGuestFiles(domainFileRefs(entry.def), this.pathRoots(), { outputsOnly: true });
       return files.outputs;
     } catch (err) {
       this.opts.log.warn({ err, domain: entry.name }, 'output files not re-opened: their size is not capped until the guest restarts');
@@ -763,7 +803,10 @@ export class DomainManager extends EventEmitter {
     } catch (err) {
       log.error({ err, domain: entry.name }, 'could not remove runtime record');
     }
-    if (!entry.persistent && !entry.activeJob && this.domains.get(entry.name) === entry) this.domains.delete(entry.name);
+    if (!entry.persistent && !entry.activeJob && this.domains.get(entry.name) === entry) {
+      this.domains.delete(entry.name);
+      await this.removeOwnState(entry).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the state kept for a transient domain'));
+    }
     log.info({ domain: entry.name, reason, pid: run.record.pid }, 'qemu ended');
     this.emit('exit', entry.name, reason);
   }

@@ -57,13 +57,29 @@ async function checkOne(roots: string[], forbidden: string[], p: string, describ
   return resolved;
 }
 
-/** The --allow-path roots and the agent's own paths, as the kernel resolves them. */
-async function resolveRoots(allowRoots: string[], forbiddenRoots: string[]): Promise<{ roots: string[]; forbidden: string[] }> {
-  return {
-    roots: await Promise.all(allowRoots.map((r) => resolveExisting(r, '--allow-path'))),
-    forbidden: await Promise.all(forbiddenRoots.map((r) => resolveExisting(r, 'state directory'))),
-  };
+/** Where guest files may come from, as the kernel resolves each directory. */
+export interface PathRoots {
+  /** --allow-path. */
+  allow: string[];
+  /** The agent's own state: never a guest's file. */
+  forbidden: string[];
+  /** The directories of the host's firmware images (qemu's descriptors name them): read-only firmware may come from there too. */
+  firmware: string[];
 }
+
+interface ResolvedRoots {
+  roots: string[];
+  forbidden: string[];
+  firmware: string[];
+}
+
+async function resolveRoots(r: PathRoots): Promise<ResolvedRoots> {
+  const resolve = (dirs: string[], what: string) => Promise.all(dirs.map((d) => resolveExisting(d, what)));
+  return { roots: await resolve(r.allow, '--allow-path'), forbidden: await resolve(r.forbidden, 'state directory'), firmware: await resolve(r.firmware, 'firmware directory') };
+}
+
+/** The roots a file may lie below: read-only firmware also in the host's firmware directories. */
+const rootsFor = (r: ResolvedRoots, ref: FileRef) => (ref.firmware && !ref.writes ? [...r.roots, ...r.firmware] : r.roots);
 
 /**
  * Every host path a guest touches must lie below an --allow-path root once symlinks and `..`
@@ -71,13 +87,14 @@ async function resolveRoots(allowRoots: string[], forbiddenRoots: string[]): Pro
  * the files a qcow2 image names in its header (backing chain, external data file), which qemu
  * opens on its own.
  */
-export async function checkAllowedPaths(refs: FileRef[], allowRoots: string[], forbiddenRoots: string[]): Promise<void> {
-  const { roots, forbidden } = await resolveRoots(allowRoots, forbiddenRoots);
+export async function checkAllowedPaths(refs: FileRef[], pathRoots: PathRoots): Promise<void> {
+  const resolvedRoots = await resolveRoots(pathRoots);
+  const { roots, forbidden } = resolvedRoots;
   for (const ref of refs) {
     if (!path.isAbsolute(ref.path)) {
       throw new DomainXmlError('path_not_absolute', ref.element, `${ref.kind} path must be absolute: ${ref.path}`);
     }
-    const resolved = await checkOne(roots, forbidden, ref.path, `${ref.kind} path`, ref.element, ref.mustExist);
+    const resolved = await checkOne(rootsFor(resolvedRoots, ref), forbidden, ref.path, `${ref.kind} path`, ref.element, ref.mustExist);
     if (ref.listens) {
       const st = await fs.lstat(resolved).catch(() => null);
       if (st && !st.isSocket()) {
@@ -150,6 +167,8 @@ export interface OpenGuestFilesOptions {
   qemuUser?: QemuCredentials;
   /** Where such a copy is made (and unlinked at once: only the descriptor remains). */
   scratchDir?: string;
+  /** Files the agent keeps for the guest in its own state (the UEFI store it made): passed read-write, unchecked. */
+  ownFiles?: string[];
 }
 
 /**
@@ -160,8 +179,9 @@ export interface OpenGuestFilesOptions {
  * data file are opened the same way and given to qemu as nodes of their own, so qemu opens no
  * file by a name it read from an image header.
  */
-export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forbiddenRoots: string[], opts: OpenGuestFilesOptions = {}): Promise<PassedFiles> {
-  const { roots, forbidden } = await resolveRoots(allowRoots, forbiddenRoots);
+export async function openGuestFiles(refs: FileRef[], pathRoots: PathRoots, opts: OpenGuestFilesOptions = {}): Promise<PassedFiles> {
+  const resolvedRoots = await resolveRoots(pathRoots);
+  const { roots, forbidden } = resolvedRoots;
   const passed: PassedFiles = {
     fds: [],
     args: new Map(),
@@ -176,32 +196,36 @@ export async function openGuestFiles(refs: FileRef[], allowRoots: string[], forb
   const plainPaths: string[] = [];
   /** Opens a checked path for qemu; the argument qemu is given for it. */
   const pass = (ref: FileRef, shownPath: string, resolved: string, flags: number): string => {
-    const fd = openChecked(roots, forbidden, ref, shownPath, resolved, flags);
+    const fd = openChecked(rootsFor(resolvedRoots, ref), forbidden, ref, shownPath, resolved, flags);
     passed.fds.push(fd);
     return `/dev/fdset/${passed.fds.length}`;
   };
   try {
+    for (const file of opts.ownFiles ?? []) {
+      passed.fds.push(fsSync.openSync(file, c.O_RDWR | c.O_NOFOLLOW | c.O_NOCTTY));
+      passed.args.set(file, `/dev/fdset/${passed.fds.length}`);
+    }
     for (const ref of refs) {
-      const input = ref.kind === 'disk' || ref.kind === 'kernel' || ref.kind === 'initrd';
-      if (!ref.passable || passed.args.has(ref.path) || (opts.outputsOnly && input)) continue;
-      const resolved = await checkOne(roots, forbidden, ref.path, `${ref.kind} path`, ref.element, ref.mustExist);
-      if (ref.kind === 'kernel' || ref.kind === 'initrd') {
+      const output = ref.kind === 'serial' || ref.kind === 'console' || ref.kind === 'channel' || ref.kind === 'log';
+      if (!ref.passable || passed.args.has(ref.path) || (opts.outputsOnly && !output)) continue;
+      const resolved = await checkOne(rootsFor(resolvedRoots, ref), forbidden, ref.path, `${ref.kind} path`, ref.element, ref.mustExist);
+      if (ref.loadsWhole) {
         // qemu loads these with fopen(), not qemu_open(): it gets /proc/self/fd/M, which reopens this very file.
-        let fd = openChecked(roots, forbidden, ref, ref.path, resolved, c.O_RDONLY);
+        let fd = openChecked(rootsFor(resolvedRoots, ref), forbidden, ref, ref.path, resolved, c.O_RDONLY);
         if (opts.qemuUser && !mayRead(fsSync.fstatSync(fd), opts.qemuUser)) fd = copyForQemu(fd, opts.scratchDir);
         passed.plainFds.push(fd);
         plainPaths.push(ref.path);
         continue;
       }
-      if (ref.kind === 'disk') {
+      if (!output) {
         passed.args.set(ref.path, pass(ref, ref.path, resolved, ref.writes ? c.O_RDWR : c.O_RDONLY));
         if (ref.format === 'qcow2') passed.chains.set(ref.path, await openImageChain(roots, forbidden, ref, resolved, pass));
         continue;
       }
       // Output files always append, so a capped file (truncated under qemu) goes on from its start;
       // re-opened for the cap after an agent restart, they are neither created nor truncated.
-      const output = c.O_WRONLY | c.O_APPEND | (opts.outputsOnly ? 0 : c.O_CREAT | (ref.append ? 0 : c.O_TRUNC));
-      passed.args.set(ref.path, pass(ref, ref.path, resolved, output));
+      const outputFlags = c.O_WRONLY | c.O_APPEND | (opts.outputsOnly ? 0 : c.O_CREAT | (ref.append ? 0 : c.O_TRUNC));
+      passed.args.set(ref.path, pass(ref, ref.path, resolved, outputFlags));
       passed.outputs.push(passed.fds[passed.fds.length - 1]!);
     }
   } catch (err) {

@@ -38,7 +38,7 @@ export class XmlPool {
     this.pool = new Piscina({ filename: new URL('./xml-worker.js', import.meta.url).href, minThreads: 0, maxThreads: limits.threads, idleTimeout: 60_000 });
   }
 
-  async normalize(xml: string, host: Pick<NormalizeHost, 'machineAliases' | 'knownMachines'>): Promise<{ xml: string; def: DomainDef }> {
+  async normalize(xml: string, host: Pick<NormalizeHost, 'machineAliases' | 'knownMachines' | 'firmwares'>): Promise<{ xml: string; def: DomainDef }> {
     if (this.busy < this.limits.threads) this.busy++;
     else if (this.waiting.length < this.limits.maxWaiting) await new Promise<void>((resolve) => this.waiting.push(resolve));
     else {
@@ -46,7 +46,7 @@ export class XmlPool {
     }
     let answer: XmlAnswer;
     try {
-      answer = await this.pool.run({ xml, machineAliases: host.machineAliases, knownMachines: host.knownMachines }, { signal: AbortSignal.timeout(this.limits.timeoutMs) });
+      answer = await this.pool.run({ xml, machineAliases: host.machineAliases, knownMachines: host.knownMachines, firmwares: host.firmwares }, { signal: AbortSignal.timeout(this.limits.timeoutMs) });
     } catch (err) {
       if ((err as Error).name === 'AbortError') {
         throw new DomainXmlError('xml_too_complex', '/', `parsing the domain XML took longer than ${this.limits.timeoutMs} ms: make it smaller or flatter (fewer elements, attributes, nesting)`);

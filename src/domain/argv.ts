@@ -47,7 +47,9 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
 
   add('-name', `guest=${def.name},debug-threads=on`);
   add('-S');
-  add('-machine', machineOption(def, accel));
+  const pflash = firmwareArgs(def, fileArg, host.nvramPath);
+  add(...pflash.blockdevs);
+  add('-machine', [machineOption(def, accel), ...pflash.machine].join(','));
   const cpu = cpuOption(def, accel);
   if (cpu) add('-cpu', cpu);
   add('-m', `size=${kibRoundUpToMiB(def.memoryKiB)}k`);
@@ -100,6 +102,7 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
     ...(menu?.timeoutMs !== undefined ? [`splash-time=${menu.timeoutMs}`] : []),
     'strict=on',
   ].join(','));
+  add(...pflash.options);
   if (def.os.kernel) add('-kernel', fileArg(def.os.kernel));
   if (def.os.initrd) add('-initrd', fileArg(def.os.initrd));
   if (def.os.cmdline !== undefined) add('-append', def.os.cmdline);
@@ -196,9 +199,40 @@ function machineOption(def: DomainDef, accel: Accel): string {
   const parts = [def.machine, `accel=${accel}`, 'usb=off', 'dump-guest-core=off'];
   if (!def.features.acpi) parts.push('acpi=off');
   if (def.features.vmport !== undefined) parts.push(`vmport=${onOff(def.features.vmport)}`);
+  if (def.features.smm) parts.push(`smm=${onOff(def.features.smm.on)}`);
   if (def.hugepages && !def.cpu?.numa) parts.push('memory-backend=pc.ram');
   if (def.clock.hpet !== undefined) parts.push(`hpet=${onOff(def.clock.hpet)}`);
   return parts.join(',');
+}
+
+/**
+ * The firmware: a pflash loader on flash unit 0 and its variable store on unit 1, each a file
+ * node and a raw node as libvirt builds them (the machine names the raw nodes); a rom loader is
+ * -bios. The store's file is the XML's, or the host's own one when the XML names none.
+ */
+function firmwareArgs(def: DomainDef, fileArg: (path: string) => string, hostNvramPath: string | undefined): { blockdevs: string[]; machine: string[]; options: string[] } {
+  const out = { blockdevs: [] as string[], machine: [] as string[], options: [] as string[] };
+  const loader = def.os.loader;
+  if (def.features.smm?.tsegMiB !== undefined) out.options.push('-global', `mch.extended-tseg-mbytes=${def.features.smm.tsegMiB}`);
+  if (!loader) return out;
+  if (loader.path === undefined) throw new Error('buildArgv: the firmware is not chosen yet (normalize the XML first)');
+  if (loader.type === 'rom') {
+    out.options.push('-bios', fileArg(loader.path));
+    return out;
+  }
+  const flash = (unit: number, file: string, readonly: boolean) => {
+    out.blockdevs.push('-blockdev', JSON.stringify({ driver: 'file', filename: fileArg(file), 'node-name': `pflash${unit}-storage`, 'read-only': readonly }));
+    out.blockdevs.push('-blockdev', JSON.stringify({ 'node-name': `pflash${unit}-format`, 'read-only': readonly, driver: 'raw', file: `pflash${unit}-storage` }));
+    out.machine.push(`pflash${unit}=pflash${unit}-format`);
+  };
+  flash(0, loader.path, loader.readonly);
+  if (def.os.nvram) {
+    const store = def.os.nvram.path ?? hostNvramPath;
+    if (store === undefined) throw new Error('buildArgv: this domain needs HostSettings.nvramPath');
+    flash(1, store, false);
+  }
+  if (loader.secure) out.options.push('-global', 'driver=cfi.pflash01,property=secure,value=on');
+  return out;
 }
 
 /** libvirt's -smbios: one per table, keys in its fixed order, commas doubled. */

@@ -46,6 +46,49 @@ export interface OsDef {
   kernel?: string;
   initrd?: string;
   cmdline?: string;
+  /** `<os firmware>`: efi is chosen at define from the host's firmware descriptors (see selectFirmware). */
+  firmware?: 'efi' | 'bios';
+  /** `<firmware><feature>`: what the chosen firmware must (true) or must not (false) have. */
+  firmwareFeatures?: Partial<Record<FirmwareFeature, boolean>>;
+  loader?: LoaderDef;
+  nvram?: NvramDef;
+}
+
+/** The firmware features a domain may ask for by name (libvirt's `<firmware><feature>`). */
+export const FIRMWARE_FEATURES = ['enrolled-keys', 'secure-boot'] as const;
+export type FirmwareFeature = (typeof FIRMWARE_FEATURES)[number];
+
+export interface LoaderDef {
+  /** Absent until the firmware is chosen (`<os firmware='efi'>` without a path). */
+  path?: string;
+  /** pflash: the code on flash unit 0 (the vars on unit 1); rom: loaded as the BIOS (-bios). */
+  type: 'pflash' | 'rom';
+  readonly: boolean;
+  /** The flash is writable only from SMM (cfi.pflash01 secure=on): what Secure Boot relies on. */
+  secure: boolean;
+}
+
+/** The UEFI variable store: this domain's own file, made from `template` when it does not exist. */
+export interface NvramDef {
+  /**
+   * The file the XML names. Absent: the agent keeps the store in its own state directory, one
+   * per domain (a migration destination makes its own from the template).
+   */
+  path?: string;
+  template?: string;
+}
+
+/** One of qemu's firmware descriptors (docs/interop/firmware.json), as far as x86_64 needs it. */
+export interface FirmwareDescriptor {
+  /** The descriptor's own file, for messages. */
+  file: string;
+  interfaceTypes: string[];
+  device: 'flash' | 'memory';
+  executable: string;
+  nvramTemplate?: string;
+  /** Machine type globs for x86_64 (e.g. `pc-q35-*`). */
+  machines: string[];
+  features: string[];
 }
 
 export type CpuMode = 'custom' | 'host-model' | 'host-passthrough' | 'maximum';
@@ -97,6 +140,8 @@ export interface FeaturesDef {
   apic: boolean;
   pae: boolean;
   vmport?: boolean;
+  /** `<smm state>`: System Management Mode (q35); tseg, its extended TSEG size in MiB. */
+  smm?: { on: boolean; tsegMiB?: number };
   /** `<hyperv mode='custom'>`: what Windows guests from virt-manager carry. */
   hyperv?: HypervDef;
 }
@@ -414,7 +459,7 @@ export interface DomainDef {
 }
 
 export interface FileRef {
-  kind: 'disk' | 'kernel' | 'initrd' | 'serial' | 'console' | 'channel' | 'log';
+  kind: 'disk' | 'kernel' | 'initrd' | 'loader' | 'nvram' | 'nvram-template' | 'serial' | 'console' | 'channel' | 'log';
   path: string;
   /** Path of the XML element or attribute that names the file. */
   element: string;
@@ -432,12 +477,18 @@ export interface FileRef {
   append?: boolean;
   /** qemu opens it through qemu_open, so it can be handed a descriptor instead of the path. */
   passable?: boolean;
+  /** qemu reads it whole by name (fopen, not qemu_open): handed a descriptor as /proc/self/fd/M. */
+  loadsWhole?: boolean;
+  /** Firmware: read-only, it may also be one of the host's own firmware files (qemu's firmware descriptors name them). */
+  firmware?: boolean;
 }
 
 export interface NormalizeHost {
   /** e.g. { pc: 'pc-i440fx-7.2', q35: 'pc-q35-7.2' } */
   machineAliases: Record<string, string>;
   knownMachines: string[];
+  /** qemu's firmware descriptors on this host, in priority order: `<os firmware='efi'>` picks from them. */
+  firmwares: FirmwareDescriptor[];
   randomBytes: (n: number) => Buffer;
 }
 
@@ -465,6 +516,8 @@ export interface HostSettings {
    * (`<memoryBacking><hugepages/>`); the agent checks the mount and its free pages first.
    */
   hugepagesPath?: string;
+  /** The UEFI variable store of a domain whose `<nvram>` names no file (the host keeps one per domain). */
+  nvramPath?: string;
 }
 
 /** What qemu is told for the files below a qcow2 image (fileArg's form of each). */

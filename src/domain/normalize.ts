@@ -6,6 +6,7 @@
  * this code, rebuilds the same guest. Normalizing the result again changes nothing.
  */
 import type { DeviceAddress, DomainDef, NormalizeHost, PciModel } from './model.js';
+import { selectFirmware, templateOf } from './firmware.js';
 import { PCI_DRIVERS } from './pci.js';
 import { machineFamily, parseInternal } from './parse.js';
 import { fail } from './walk.js';
@@ -28,6 +29,74 @@ function addressElement(a: DeviceAddress): XElement {
     case 'virtio-serial':
       return element('address', [['type', 'virtio-serial'], ['controller', String(a.controller)], ['bus', String(a.bus)],
         ['port', String(a.port)]]);
+  }
+}
+
+/** Puts `el` into `parent` after the last child named in `after` (else first), or replaces the child of its name. */
+function place(parent: XElement, el: XElement, after: string[]): void {
+  const existing = childEl(parent, el.name);
+  if (existing) {
+    parent.children[parent.children.indexOf(existing)] = el;
+    return;
+  }
+  let at = 0;
+  parent.children.forEach((c, i) => {
+    if (c.kind === 'element' && after.includes(c.name)) at = i + 1;
+  });
+  parent.children.splice(at, 0, el);
+}
+
+/**
+ * `<os firmware='efi'>` without a loader path becomes the firmware this host chose, written out
+ * as libvirt writes it (its features, the loader, the store's template, SMM on where the flash
+ * needs it), so the stored XML names the very files a destination must have too.
+ */
+function normalizeFirmware(root: XElement, def: DomainDef, machine: string, firmwares: NormalizeHost['firmwares']): void {
+  const loader = def.os.loader;
+  if (!loader) return;
+  const osEl = childEl(root, 'os')!;
+  const loaderEl = childEl(osEl, 'loader');
+  const nvramEl = childEl(osEl, 'nvram');
+  let path = loader.path;
+  let template = def.os.nvram?.template;
+  let secure = loader.secure;
+  let type = loader.type;
+  let needsSmm = loader.secure;
+  if (path === undefined) {
+    const yesNo = (v: string | undefined) => (v === undefined ? undefined : v === 'yes');
+    const chosen = selectFirmware({
+      machine,
+      ...(loaderEl?.attrs.has('type') ? { loaderType: loader.type } : {}),
+      ...(loaderEl?.attrs.has('secure') ? { secure: yesNo(loaderEl.attrs.get('secure')) } : {}),
+      ...(template !== undefined ? { template } : {}),
+      features: def.os.firmwareFeatures ?? {},
+      ...(def.features.smm ? { smm: def.features.smm.on } : {}),
+    }, firmwares, '/domain/os/@firmware');
+    ({ path, type, secure } = chosen.loader);
+    template = chosen.template;
+    needsSmm = chosen.requiresSmm;
+    const features = Object.entries(chosen.features).sort(([a], [b]) => a.localeCompare(b))
+      .map(([name, on]) => element('feature', [['enabled', on ? 'yes' : 'no'], ['name', name]]));
+    place(osEl, element('firmware', [], features), ['type']);
+  } else if (template === undefined && type === 'pflash' && loader.readonly) {
+    template = templateOf(path, firmwares);
+  }
+  const attrs: [string, string][] = [['readonly', loader.readonly ? 'yes' : 'no'], ...(secure || loaderEl?.attrs.has('secure') ? [['secure', secure ? 'yes' : 'no'] as [string, string]] : []), ['type', type]];
+  place(osEl, element('loader', attrs, [{ kind: 'text', text: path }]), ['type', 'firmware']);
+  if (def.os.nvram && type === 'pflash') {
+    const storePath = def.os.nvram.path;
+    place(osEl, element('nvram', template !== undefined ? [['template', template]] : [], storePath !== undefined ? [{ kind: 'text', text: storePath }] : []), ['type', 'firmware', 'loader']);
+  } else if (nvramEl) {
+    // The chosen firmware is a ROM image: it has no variable store.
+    osEl.children.splice(osEl.children.indexOf(nvramEl), 1);
+  }
+  if (needsSmm && !def.features.smm) {
+    let featuresEl = childEl(root, 'features');
+    if (!featuresEl) {
+      featuresEl = element('features');
+      place(root, featuresEl, ['os']);
+    }
+    featuresEl.children.push(element('smm', [['state', 'on']]));
   }
 }
 
@@ -62,6 +131,7 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
     throw fail('unsupported_value', machinePath, `alias '${given}' resolves to '${machine}', a different chipset`);
   }
   typeEl.attrs.set('machine', machine);
+  normalizeFirmware(root, def, machine, host.firmwares);
 
   if (!childEl(root, 'uuid')) {
     const at = root.children.indexOf(childEl(root, 'name')!) + 1;

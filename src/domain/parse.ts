@@ -3,7 +3,7 @@
  * then `completeDomain` adds implicit controllers, addresses and ids. Everything not understood
  * is refused with the element's path; nothing that could change the guest is ever dropped.
  */
-import { HYPERV_FEATURES } from './model.js';
+import { FIRMWARE_FEATURES, HYPERV_FEATURES } from './model.js';
 import { qemuFeatureName, CPU_MODELS } from './cpu.js';
 import { parseCpuset } from './cpuset.js';
 import {
@@ -229,6 +229,13 @@ function parseDomain(d: Node, opts: ParseOptions, nodes: Map<string, XElement>):
     });
   }
   const features = part(() => parseFeatures(d.child('features')));
+  if (osPart?.os.loader?.secure && features && family) {
+    part(() => {
+      // The flash is guarded by SMM; i440fx has no SMRAM for it (libvirt refuses the same).
+      if (family !== 'q35') throw fail('unsupported_value', '/domain/os/loader/@secure', 'a secure loader needs a q35 machine type');
+      if (features.smm?.on === false) throw fail('invalid_value', '/domain/features/smm', 'a secure loader needs <smm state=\'on\'/>');
+    });
+  }
   const clock = part(() => parseClock(d.child('clock')));
   const lifecycle = part(() => parseLifecycle(d));
   const pm = part(() => parsePm(d.child('pm')));
@@ -414,7 +421,7 @@ function parseSysinfo(n: Node | undefined, domainUuid: string | undefined): { de
 }
 
 function parseOs(n: Node): { os: OsDef; machine: string; smbiosMode?: 'sysinfo' | 'emulate' } {
-  n.expect({ children: ['type', 'boot', 'bootmenu', 'kernel', 'initrd', 'cmdline', 'smbios'], repeated: ['boot'] });
+  n.expect({ attrs: ['firmware'], children: ['type', 'firmware', 'loader', 'nvram', 'boot', 'bootmenu', 'kernel', 'initrd', 'cmdline', 'smbios'], repeated: ['boot'] });
   const t = n.requireChild('type').expect({ attrs: ['arch', 'machine'], text: true });
   if (t.text() !== 'hvm') throw fail('unsupported_value', t.path, `os type '${t.text()}' is not supported (hvm)`);
   t.enumAttr('arch', ['x86_64'] as const);
@@ -445,6 +452,7 @@ function parseOs(n: Node): { os: OsDef; machine: string; smbiosMode?: 'sysinfo' 
   }
   const cmdline = n.child('cmdline')?.expect({ text: true });
   if (cmdline) os.cmdline = cmdline.text();
+  parseFirmware(n, os);
   if (!os.kernel && (os.initrd !== undefined || os.cmdline !== undefined)) {
     throw fail('missing_element', `${n.path}/kernel`, 'initrd and cmdline need a <kernel>');
   }
@@ -458,6 +466,65 @@ function parseOs(n: Node): { os: OsDef; machine: string; smbiosMode?: 'sysinfo' 
     throw fail('unsupported_value', smbios.attrPath('mode'), "smbios mode='host' copies the host's own tables, which differ on every host the guest migrates to; put the values in <sysinfo> with mode='sysinfo'");
   }
   return { os, machine, smbiosMode: smbios.requireEnumAttr('mode', ['sysinfo', 'emulate'] as const) };
+}
+
+/**
+ * `<os firmware>`, `<firmware>`, `<loader>`, `<nvram>`. A pflash loader that is read-only has a
+ * variable store (libvirt makes one when no `<nvram>` is given); which firmware `firmware='efi'`
+ * means is chosen from the host's descriptors at define (normalize), not here.
+ */
+function parseFirmware(n: Node, os: OsDef): void {
+  const firmware = n.enumAttr('firmware', ['efi', 'bios'] as const);
+  if (firmware) os.firmware = firmware;
+  const featuresNode = n.child('firmware');
+  if (featuresNode) {
+    featuresNode.expect({ children: ['feature'], repeated: ['feature'] });
+    if (firmware !== 'efi') throw fail('invalid_value', featuresNode.path, "<firmware> features choose a firmware for <os firmware='efi'>");
+    const features: NonNullable<OsDef['firmwareFeatures']> = {};
+    for (const f of featuresNode.children('feature')) {
+      f.expect({ attrs: ['enabled', 'name'] });
+      const name = f.requireEnumAttr('name', FIRMWARE_FEATURES);
+      if (features[name] !== undefined) throw fail('invalid_value', f.attrPath('name'), `firmware feature '${name}' is listed twice`);
+      features[name] = f.requireEnumAttr('enabled', ['yes', 'no'] as const) === 'yes';
+    }
+    if (features['enrolled-keys'] === true && features['secure-boot'] === false) {
+      throw fail('invalid_value', featuresNode.path, 'enrolled keys without secure boot: no firmware is both');
+    }
+    os.firmwareFeatures = features;
+  }
+  const loaderNode = n.child('loader');
+  if (loaderNode) {
+    // stateless: no variable store at all; format qcow2: a store qemu would write through a format layer. Neither is offered.
+    loaderNode.expect({ attrs: ['readonly', 'secure', 'type', 'format'], text: true });
+    loaderNode.enumAttr('format', ['raw'] as const);
+    const type = loaderNode.enumAttr('type', ['pflash', 'rom'] as const) ?? (firmware === 'efi' ? 'pflash' : 'rom');
+    const secure = loaderNode.boolAttr('secure', 'yes', 'no') ?? false;
+    const readonly = loaderNode.boolAttr('readonly', 'yes', 'no') ?? (type === 'rom' || firmware === 'efi');
+    if (type === 'rom' && !readonly) throw fail('invalid_value', loaderNode.attrPath('readonly'), 'a rom loader is read-only');
+    if (secure && type !== 'pflash') throw fail('invalid_value', loaderNode.attrPath('secure'), 'secure applies to a pflash loader');
+    const text = loaderNode.text().trim();
+    os.loader = { type, readonly, secure, ...(text !== '' ? { path: hostPath(text, loaderNode.path) } : {}) };
+    if (text === '' && firmware !== 'efi') throw fail('missing_element', loaderNode.path, "a <loader> needs its path, unless <os firmware='efi'> lets the host choose it");
+  } else if (firmware === 'efi') {
+    os.loader = { type: 'pflash', readonly: true, secure: false };
+  }
+  const nvramNode = n.child('nvram');
+  const hasStore = os.loader?.type === 'pflash' && os.loader.readonly;
+  if (nvramNode) {
+    // type='file'/'block'/'network' with a <source>: libvirt 9.2's variant; the path form is what dumpxml writes.
+    nvramNode.expect({ attrs: ['template', 'format', 'templateFormat'], text: true });
+    nvramNode.enumAttr('format', ['raw'] as const);
+    nvramNode.enumAttr('templateFormat', ['raw'] as const);
+    if (!hasStore) throw fail('invalid_value', nvramNode.path, 'an <nvram> belongs to a read-only pflash <loader> (the UEFI code; the store holds its variables)');
+    const text = nvramNode.text().trim();
+    const template = nvramNode.attr('template');
+    os.nvram = {
+      ...(text !== '' ? { path: hostPath(text, nvramNode.path) } : {}),
+      ...(template !== undefined ? { template: hostPath(template, nvramNode.attrPath('template')) } : {}),
+    };
+  } else if (hasStore) {
+    os.nvram = {};
+  }
 }
 
 function parseCpu(n: Node, vcpus: number): CpuDef {
@@ -588,7 +655,7 @@ function parseNuma(n: Node, vcpus: number): NumaCell[] {
 function parseFeatures(n: Node | undefined): FeaturesDef {
   const f: FeaturesDef = { acpi: false, apic: false, pae: false };
   if (!n) return f;
-  n.expect({ children: ['acpi', 'apic', 'pae', 'vmport', 'hyperv'] });
+  n.expect({ children: ['acpi', 'apic', 'pae', 'vmport', 'smm', 'hyperv'] });
   for (const key of ['acpi', 'apic', 'pae'] as const) {
     const c = n.child(key);
     if (c) {
@@ -598,6 +665,28 @@ function parseFeatures(n: Node | undefined): FeaturesDef {
   }
   const vmport = n.child('vmport');
   if (vmport) f.vmport = vmport.expect({ attrs: ['state'] }).requireEnumAttr('state', ['on', 'off'] as const) === 'on';
+  const smm = n.child('smm');
+  if (smm) {
+    smm.expect({ attrs: ['state'], children: ['tseg'] });
+    const on = (smm.enumAttr('state', ['on', 'off'] as const) ?? 'on') === 'on';
+    const tseg = smm.child('tseg');
+    if (tseg && !on) throw fail('invalid_value', tseg.path, 'a TSEG size needs SMM on');
+    // libvirt's unit for it is MiB; qemu takes whole MiB (mch.extended-tseg-mbytes).
+    let tsegMiB: number | undefined;
+    if (tseg) {
+      tseg.expect({ attrs: ['unit'], text: true });
+      let bytes: bigint;
+      try {
+        bytes = scaledToBytes(tseg.requireText(), tseg.attr('unit') ?? 'MiB');
+      } catch (e) {
+        if (e instanceof RangeError) throw fail('invalid_value', tseg.path, e.message);
+        throw e;
+      }
+      if (bytes % (1n << 20n) !== 0n || bytes >> 20n > 0xfffen) throw fail('invalid_value', tseg.path, 'the TSEG size must be whole MiB, below 65535 MiB');
+      tsegMiB = Number(bytes >> 20n);
+    }
+    f.smm = { on, ...(tsegMiB !== undefined ? { tsegMiB } : {}) };
+  }
   const hyperv = n.child('hyperv');
   if (hyperv) f.hyperv = parseHyperv(hyperv);
   return f;

@@ -3,8 +3,20 @@ import type { CharLog, CharSource, DomainDef, FileRef } from './model.js';
 
 export function domainFileRefs(def: DomainDef): FileRef[] {
   const refs: FileRef[] = [];
-  if (def.os.kernel) refs.push({ kind: 'kernel', path: def.os.kernel, element: '/domain/os/kernel', mustExist: true, writes: false, passable: true });
-  if (def.os.initrd) refs.push({ kind: 'initrd', path: def.os.initrd, element: '/domain/os/initrd', mustExist: true, writes: false, passable: true });
+  if (def.os.kernel) refs.push({ kind: 'kernel', path: def.os.kernel, element: '/domain/os/kernel', mustExist: true, writes: false, passable: true, loadsWhole: true });
+  if (def.os.initrd) refs.push({ kind: 'initrd', path: def.os.initrd, element: '/domain/os/initrd', mustExist: true, writes: false, passable: true, loadsWhole: true });
+  const loader = def.os.loader;
+  if (loader?.path !== undefined) {
+    refs.push({
+      kind: 'loader', path: loader.path, element: '/domain/os/loader', mustExist: true, writes: !loader.readonly, passable: true,
+      ...(loader.type === 'rom' ? { loadsWhole: true } : {}),
+      ...(loader.readonly ? { firmware: true } : {}),
+    });
+  }
+  const nvram = def.os.nvram;
+  // The store is made from its template when it does not exist yet (at start, by the host).
+  if (nvram?.path !== undefined) refs.push({ kind: 'nvram', path: nvram.path, element: '/domain/os/nvram', mustExist: false, writes: true, passable: true });
+  if (nvram?.template !== undefined) refs.push({ kind: 'nvram-template', path: nvram.template, element: '/domain/os/nvram/@template', mustExist: true, writes: false, firmware: true });
   for (const d of def.disks) {
     if (d.source === undefined) continue;
     refs.push({

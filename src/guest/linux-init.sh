@@ -19,6 +19,11 @@
 #   written through /dev/port) that it panicked, as the kernel's pvpanic driver would.
 # Guest agent (virtio-serial port org.qemu.guest_agent.0): one JSON command per line;
 #   guest-ping and guest-sync are answered as qemu-guest-agent does, anything else is an error.
+# Firmware and TPM state of its own (kmstate on the kernel command line), for a guest booted
+#   through UEFI with a TPM: at its first boot it writes the UEFI variable KmMigrateTest (the
+#   line "first boot <boot id>"), at each boot it extends PCR 16 once with 32 bytes of 'K'; each
+#   tick then says what the firmware and the TPM hold (- when absent):
+#   KMLINUX state efivar=<the variable's line> pcr16=<PCR 16, sha256 bank, hex>
 
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
@@ -125,6 +130,29 @@ if [ -n "$fetchport" ]; then
   done) &
 fi
 
+efivar=/sys/firmware/efi/efivars/KmMigrateTest-6a3f5e2c-1b4d-4c8e-9f7a-2d5b8c1e0f34
+pcr16=/sys/class/tpm/tpm0/pcr-sha256/16
+state=
+if grep -q kmstate /proc/cmdline; then
+  state=1
+  if [ -d /sys/firmware/efi ] && mount -t efivarfs efivarfs /sys/firmware/efi/efivars; then
+    # 4 bytes of attributes (non-volatile, boot and runtime access), then the value.
+    [ -e "$efivar" ] || printf '\007\000\000\000first boot %s' "$bootid" >"$efivar" || say efivar write failed
+  else
+    say efivar FAIL no efivarfs
+  fi
+  if [ -c /dev/tpm0 ]; then
+    # TPM2_PCR_Extend(PCR 16, password session, one sha256 digest of 32 'K'), in one write.
+    exec 3<>/dev/tpm0
+    printf '\200\002\000\000\000\101\000\000\001\202\000\000\000\020\000\000\000\011\100\000\000\011\000\000\000\000\000\000\000\000\001\000\013KKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKK' >&3
+    rc=$(dd bs=64 count=1 <&3 2>/dev/null | od -An -tx1 -j6 -N4 | tr -d ' \n')
+    exec 3<&-
+    [ "$rc" = 00000000 ] || say pcr extend FAIL "rc=$rc"
+  else
+    say tpm FAIL no /dev/tpm0
+  fi
+fi
+
 panicat=$(sed -n 's/.*kmpanic=\([0-9]\{1,6\}\).*/\1/p' /proc/cmdline)
 n=0
 while :; do
@@ -133,6 +161,9 @@ while :; do
   fi
   page "$n"
   say tick "$n" "$bootid"
+  if [ -n "$state" ]; then
+    say state "efivar=$(tail -c +5 "$efivar" 2>/dev/null || echo -)" "pcr16=$(cat "$pcr16" 2>/dev/null || echo -)"
+  fi
   if [ "$n" = "$panicat" ]; then
     say panic
     printf '\001' | dd of=/dev/port bs=1 seek=1285 count=1 2>/dev/null

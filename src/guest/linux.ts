@@ -7,6 +7,7 @@
 // (and of this recipe):
 //   vmlinux     the kernel, uncompressed: qemu boots it through its PVH entry, which spares the
 //               ~2.5 s that decompressing the bzImage takes under TCG
+//   vmlinuz     the bzImage as Debian ships it: UEFI firmware boots it through its EFI stub
 //   initrd.img  gzip'd cpio (newc, made by GNU cpio): busybox, the modules, /init
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
@@ -22,6 +23,8 @@ import { guestSourceDir } from './image.js';
 export interface LinuxGuest {
   /** Uncompressed kernel (ELF with a PVH entry), for qemu -kernel. */
   kernel: string;
+  /** The same kernel as a bzImage, for a guest that boots through UEFI (OVMF loads -kernel as an EFI program). */
+  efiKernel: string;
   initrd: string;
   /** Debian version of the kernel package, e.g. 6.1.192-3. */
   version: string;
@@ -41,7 +44,7 @@ export class GuestPackagesUnavailableError extends Error {
  */
 export const LINUX_GUEST_CMDLINE = 'console=ttyS0 quiet panic=-1';
 /** Modules /init loads; their dependencies (virtio, virtio_ring, failover, ...) come along. */
-const LINUX_GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_net', 'virtio_console', 'virtio_rng', 'virtio_balloon'];
+const LINUX_GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_net', 'virtio_console', 'virtio_rng', 'virtio_balloon', 'efivarfs', 'tpm_crb', 'tpm_tis'];
 /** Devices /init reports on the console, each as `KMLINUX dev <name> ok|FAIL`. */
 export const LINUX_GUEST_DEVICES = ['vda', 'net', 'rng', 'balloon', 'agent'];
 /** Name of the virtio-serial port the guest answers guest-ping and guest-sync on. */
@@ -78,8 +81,8 @@ export async function ensureLinuxGuest(cacheDir = defaultGuestCacheDir()): Promi
     .join('+')
     .replace(/[^A-Za-z0-9._+-]/g, '_');
   const dir = join(cacheDir, key);
-  const guest = { kernel: join(dir, 'vmlinux'), initrd: join(dir, 'initrd.img'), version: kernel.version };
-  if (existsSync(guest.kernel) && existsSync(guest.initrd)) return guest;
+  const guest = { kernel: join(dir, 'vmlinux'), efiKernel: join(dir, 'vmlinuz'), initrd: join(dir, 'initrd.img'), version: kernel.version };
+  if (existsSync(guest.kernel) && existsSync(guest.efiKernel) && existsSync(guest.initrd)) return guest;
 
   await mkdir(cacheDir, { recursive: true });
   await removeStaleBuilds(cacheDir);
@@ -132,6 +135,7 @@ async function build(work: string, out: string, pkgs: { kernel: Package; busybox
   const release = releases[0]!;
 
   await writeVmlinux(join(kernelTree, 'boot'), release, work, join(out, 'vmlinux'));
+  await copyFile(join(kernelTree, 'boot', `vmlinuz-${release}`), join(out, 'vmlinuz'));
 
   // The package has no modules.dep (its postinst runs depmod); busybox's depmod makes one.
   await execa(busybox, ['depmod', '-b', kernelTree, release], { timeout: TOOL_TIMEOUT_MS });
@@ -280,6 +284,8 @@ export interface LinuxSerialLog {
   ticks: { tick: number; bootId: string }[];
   /** Each device's last report: ok, and what the guest saw or why it failed. */
   devices: Record<string, { ok: boolean; detail: string }>;
+  /** kmstate: each tick's report of the UEFI variable and PCR 16 (undefined where absent). */
+  states: { efivar?: string; pcr16?: string }[];
   /** Any other KMLINUX line (a failed modprobe, a failed disk write). */
   problems: string[];
 }
@@ -287,7 +293,8 @@ export interface LinuxSerialLog {
 const BOOT_ID = '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}';
 
 export function parseLinuxSerialLog(text: string): LinuxSerialLog {
-  const log: LinuxSerialLog = { boots: [], ticks: [], devices: {}, problems: [] };
+  const log: LinuxSerialLog = { boots: [], ticks: [], devices: {}, states: [], problems: [] };
+  const value = (v: string) => (v === '-' ? undefined : v);
   // Whole lines only: the last one may still be being written.
   for (const m of text.matchAll(/KMLINUX ([^\r\n]*)\r?\n/g)) {
     const line = m[1]!;
@@ -295,6 +302,11 @@ export function parseLinuxSerialLog(text: string): LinuxSerialLog {
     if ((f = new RegExp(`^boot (${BOOT_ID})$`).exec(line))) log.boots.push(f[1]!);
     else if ((f = new RegExp(`^tick (\\d+) (${BOOT_ID})$`).exec(line))) log.ticks.push({ tick: Number(f[1]), bootId: f[2]! });
     else if ((f = /^dev (\S+) (ok|FAIL) ?(.*)$/.exec(line))) log.devices[f[1]!] = { ok: f[2] === 'ok', detail: f[3]! };
+    else if ((f = /^state efivar=(.*) pcr16=(\S+)$/.exec(line))) {
+      const efivar = value(f[1]!);
+      const pcr16 = value(f[2]!);
+      log.states.push({ ...(efivar !== undefined ? { efivar } : {}), ...(pcr16 !== undefined ? { pcr16 } : {}) });
+    }
     else log.problems.push(line);
   }
   return log;

@@ -2,6 +2,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { execa } from 'execa';
+import type { FirmwareDescriptor } from '../domain/index.js';
+import { loadFirmwareDescriptors, type FirmwareScan } from './firmware.js';
 import type { QemuCredentials } from './process.js';
 
 export interface QemuHostInfo {
@@ -14,6 +16,10 @@ export interface QemuHostInfo {
   knownMachines: string[];
   /** /dev/kvm opens read-write AND this qemu actually initialises KVM (nested setups may refuse). */
   kvmUsable: boolean;
+  /** qemu's firmware descriptors, in priority order (UEFI images for `<os firmware='efi'>`). */
+  firmwares: FirmwareDescriptor[];
+  /** Descriptors that could not be read, and why. */
+  firmwaresSkipped: FirmwareScan['skipped'];
 }
 
 const DEFAULT_BINARY = 'qemu-system-x86_64';
@@ -38,7 +44,13 @@ export async function probeQemu(binary?: string, credentials?: QemuCredentials):
     if (target) machineAliases[name] = target;
   }
 
-  return { binary: bin, version, machineAliases, knownMachines, kvmUsable: kvmUsable() && (await qemuStartsWithKvm(bin, credentials)) };
+  const scan = await loadFirmwareDescriptors();
+  return {
+    binary: bin, version, machineAliases, knownMachines,
+    kvmUsable: kvmUsable() && (await qemuStartsWithKvm(bin, credentials)),
+    firmwares: scan.descriptors,
+    firmwaresSkipped: scan.skipped,
+  };
 }
 
 /** /dev/kvm exists and this process may open it read-write. */

@@ -5,7 +5,7 @@ import { writeFileAtomic, removeDurably } from './atomic.js';
 import type { QemuProcessRecord } from '../qemu/process.js';
 
 /** The directories below --state-dir, each the agent's alone. */
-const STATE_KINDS = ['domains', 'runtime', 'jobs', 'taps', 'run', 'logs', 'quarantine', 'tls'] as const;
+const STATE_KINDS = ['domains', 'runtime', 'jobs', 'taps', 'run', 'logs', 'quarantine', 'tls', 'nvram'] as const;
 type StateKind = (typeof STATE_KINDS)[number];
 
 /** A file found unreadable at load: set aside under quarantine/ and reported, never fatal. */
@@ -26,6 +26,7 @@ export interface QuarantinedFile {
  *   logs/                 qemu logs
  *   quarantine/           corrupt files set aside at load
  *   tls/                  qemu's stream credentials, written at start when the agent runs with TLS
+ *   nvram/<uuid>.fd       the UEFI variable store of each domain whose <nvram> names no file
  *   agent.lock            the flock that makes one agent per directory
  */
 export class StateStore {

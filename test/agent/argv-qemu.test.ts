@@ -11,6 +11,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { buildArgv, normalizeDomainXml } from '../../src/domain/index.js';
+import { loadFirmwareDescriptors } from '../../src/qemu/firmware.js';
 import { tmpDir } from '../helpers/agents.js';
 
 const FIXTURES = new URL('../../../test/domain/fixtures/', import.meta.url);
@@ -39,6 +40,7 @@ for (const name of ['dumpxml-q35-server', 'nova-pc-sysinfo', 'numa-hugepages-iot
     const { def } = normalizeDomainXml(await scratchXml(name, dir), {
       machineAliases: { pc: 'pc-i440fx-7.2', q35: 'pc-q35-7.2' },
       knownMachines: ['pc-i440fx-7.2', 'pc-q35-7.2'],
+      firmwares: (await loadFirmwareDescriptors()).descriptors,
       randomBytes: (n) => Buffer.alloc(n, 7),
     });
     const argv = buildArgv(def, { qemuBinary: 'qemu-system-x86_64', accel: 'tcg', qmpSocketPath: path.join(dir, 'qmp'), pidfilePath: path.join(dir, 'pid'), hugepagesPath: dir });

@@ -2,7 +2,7 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { DomainXmlError } from '../../src/errors.js';
-import type { HostSettings, NormalizeHost } from '../../src/domain/index.js';
+import type { FirmwareDescriptor, HostSettings, NormalizeHost } from '../../src/domain/index.js';
 
 /** The XML sources stay in test/; the compiled tests run from dist/test/domain. */
 export const FIXTURES = fileURLToPath(new URL('../../../test/domain/fixtures/', import.meta.url));
@@ -12,12 +12,32 @@ export const fixtureNames = (): string[] =>
 
 export const readFixture = (file: string): string => readFileSync(FIXTURES + file, 'utf8');
 
+/** The firmware descriptors of Debian bookworm's ovmf package, in their priority order. */
+export const DEBIAN_OVMF: FirmwareDescriptor[] = [
+  {
+    file: '/usr/share/qemu/firmware/40-edk2-x86_64-secure-enrolled.json', interfaceTypes: ['uefi'], device: 'flash',
+    executable: '/usr/share/OVMF/OVMF_CODE_4M.ms.fd', nvramTemplate: '/usr/share/OVMF/OVMF_VARS_4M.ms.fd', machines: ['pc-q35-*'],
+    features: ['acpi-s3', 'amd-sev', 'enrolled-keys', 'requires-smm', 'secure-boot', 'verbose-dynamic'],
+  },
+  {
+    file: '/usr/share/qemu/firmware/50-edk2-x86_64-secure.json', interfaceTypes: ['uefi'], device: 'flash',
+    executable: '/usr/share/OVMF/OVMF_CODE_4M.secboot.fd', nvramTemplate: '/usr/share/OVMF/OVMF_VARS_4M.fd', machines: ['pc-q35-*'],
+    features: ['acpi-s3', 'amd-sev', 'requires-smm', 'secure-boot', 'verbose-dynamic'],
+  },
+  {
+    file: '/usr/share/qemu/firmware/60-edk2-x86_64.json', interfaceTypes: ['uefi'], device: 'flash',
+    executable: '/usr/share/OVMF/OVMF_CODE_4M.fd', nvramTemplate: '/usr/share/OVMF/OVMF_VARS_4M.fd', machines: ['pc-i440fx-*', 'pc-q35-*'],
+    features: ['acpi-s3', 'amd-sev', 'verbose-dynamic'],
+  },
+];
+
 /** randomBytes that fills call N with the byte N: stable ids, different per call. */
 export function countingHost(): NormalizeHost {
   let calls = 0;
   return {
     machineAliases: { pc: 'pc-i440fx-7.2', q35: 'pc-q35-7.2' },
     knownMachines: ['pc-i440fx-7.2', 'pc-q35-7.2', 'pc-i440fx-6.2'],
+    firmwares: DEBIAN_OVMF,
     randomBytes: (n: number) => Buffer.alloc(n, ++calls),
   };
 }
@@ -30,6 +50,7 @@ export const KVM_HOST: HostSettings = {
   channelSocketPath: (id) => `/run/kvm-migrate/${id}.sock`,
   tapName: (id) => `kmtap-${id}`,
   hugepagesPath: '/dev/hugepages/kvm-migrate/guest',
+  nvramPath: '/var/lib/kvm-migrate/nvram/guest.fd',
 };
 export const TCG_HOST: HostSettings = { ...KVM_HOST, accel: 'tcg' };
 

@@ -18,13 +18,15 @@ export async function linuxGuestOrSkip(): Promise<{ guest?: LinuxGuest; skip: st
   }
 }
 
-/** The guest's kernel and initrd copied into `dir` (below the agents' --allow-path). */
-export async function copyLinuxGuest(guest: LinuxGuest, dir: string): Promise<{ kernel: string; initrd: string }> {
+/** The guest's kernels (PVH, and the bzImage UEFI boots) and initrd copied into `dir` (below the agents' --allow-path). */
+export async function copyLinuxGuest(guest: LinuxGuest, dir: string): Promise<{ kernel: string; efiKernel: string; initrd: string }> {
   const kernel = path.join(dir, 'vmlinux');
+  const efiKernel = path.join(dir, 'vmlinuz');
   const initrd = path.join(dir, 'initrd.gz');
   await copyFile(guest.kernel, kernel);
+  await copyFile(guest.efiKernel, efiKernel);
   await copyFile(guest.initrd, initrd);
-  return { kernel, initrd };
+  return { kernel, efiKernel, initrd };
 }
 
 /** Sends each command as a line on the guest agent's socket and reads as many reply lines. */
