@@ -13,11 +13,24 @@ t.test('the minimal test guest', async (t) => {
 
 t.test('kernel, initrd and disks', async (t) => {
   t.same(refsOf('kernel-boot'), [
-    { kind: 'kernel', path: '/var/lib/x/vmlinuz', element: '/domain/os/kernel', mustExist: true, writes: false, passable: true },
-    { kind: 'initrd', path: '/var/lib/x/initrd.img', element: '/domain/os/initrd', mustExist: true, writes: false, passable: true },
+    { kind: 'kernel', path: '/var/lib/x/vmlinuz', element: '/domain/os/kernel', mustExist: true, writes: false, passable: true, loadsWhole: true },
+    { kind: 'initrd', path: '/var/lib/x/initrd.img', element: '/domain/os/initrd', mustExist: true, writes: false, passable: true, loadsWhole: true },
     { kind: 'disk', path: '/var/lib/x/root.img', element: '/domain/devices/disk[1]/source/@file', mustExist: true, format: 'raw', writes: true, passable: true },
     { kind: 'serial', path: '/var/lib/x/kboot-serial.log', element: '/domain/devices/serial[1]/source/@path', mustExist: false, writes: true, passable: true },
   ]);
+});
+
+t.test('firmware: the loader and template are read-only firmware, the store is written', async (t) => {
+  t.same(refsOf('legacy-pflash-i440fx').slice(0, 2), [
+    { kind: 'loader', path: '/usr/share/OVMF/OVMF_CODE_4M.fd', element: '/domain/os/loader', mustExist: true, writes: false, passable: true, firmware: true },
+    { kind: 'nvram', path: '/var/lib/kvm-migrate-test/nvram/legacy-efi_VARS.fd', element: '/domain/os/nvram', mustExist: false, writes: true, passable: true },
+  ]);
+  // The store the host keeps (no path in the XML) is no guest file; its template is read by the host.
+  const own = domainFileRefs(parseDomainXml(domainXml({ os: "<os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader><nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'/></os>" })));
+  t.same(own.map((r) => [r.kind, r.path, r.writes]), [['loader', '/usr/share/OVMF/OVMF_CODE_4M.fd', false], ['nvram-template', '/usr/share/OVMF/OVMF_VARS_4M.fd', false]]);
+  // A rom is read whole by qemu (-bios), like a kernel.
+  const rom = domainFileRefs(parseDomainXml(domainXml({ os: "<os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type><loader type='rom'>/v/bios.bin</loader></os>" })));
+  t.match(rom, [{ kind: 'loader', loadsWhole: true, firmware: true, writes: false }]);
 });
 
 t.test('block devices, an empty cdrom, and a console that is the serial port', async (t) => {

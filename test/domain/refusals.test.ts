@@ -121,9 +121,19 @@ const cases: Case[] = [
   ['machine isapc', d({ os: os('', "arch='x86_64' machine='isapc'") }), 'unsupported_value', '/domain/os/type/@machine'],
   ['machine microvm', d({ os: os('', "arch='x86_64' machine='microvm'") }), 'unsupported_value', '/domain/os/type/@machine'],
   ['machine with a comma', d({ os: os('', "arch='x86_64' machine='pc,accel=tcg'") }), 'unsupported_value', '/domain/os/type/@machine'],
-  ['firmware efi', d({ os: os('', undefined, " firmware='efi'") }), 'unsupported_attribute', '/domain/os/@firmware'],
-  ['loader', d({ os: os("<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>") }), 'unsupported_element', '/domain/os/loader'],
-  ['nvram', d({ os: os('<nvram>/var/lib/nvram.fd</nvram>') }), 'unsupported_element', '/domain/os/nvram'],
+  ['firmware other than efi or bios', d({ os: os('', undefined, " firmware='coreboot'") }), 'unsupported_value', '/domain/os/@firmware'],
+  ['secure loader on i440fx', d({ os: os("<loader readonly='yes' secure='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.secboot.fd</loader>") }), 'unsupported_value', '/domain/os/loader/@secure'],
+  ['secure loader with SMM off', d({ os: os("<loader readonly='yes' secure='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.secboot.fd</loader>", "arch='x86_64' machine='pc-q35-7.2'"), body: "<features><smm state='off'/></features>" }), 'invalid_value', '/domain/features/smm'],
+  ['loader without a path outside firmware efi', d({ os: os("<loader readonly='yes' type='pflash'/>") }), 'missing_element', '/domain/os/loader'],
+  ['stateless loader', d({ os: os("<loader readonly='yes' type='pflash' stateless='yes'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>") }), 'unsupported_attribute', '/domain/os/loader/@stateless'],
+  ['writable rom loader', d({ os: os("<loader readonly='no' type='rom'>/v/bios.bin</loader>") }), 'invalid_value', '/domain/os/loader/@readonly'],
+  ['secure rom loader', d({ os: os("<loader secure='yes' type='rom'>/v/bios.bin</loader>") }), 'invalid_value', '/domain/os/loader/@secure'],
+  ['nvram without a loader', d({ os: os('<nvram>/var/lib/nvram.fd</nvram>') }), 'invalid_value', '/domain/os/nvram'],
+  ['qcow2 nvram', d({ os: os("<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader><nvram format='qcow2'>/v/vars.qcow2</nvram>") }), 'unsupported_value', '/domain/os/nvram/@format'],
+  ['relative nvram path', d({ os: os("<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader><nvram>vars.fd</nvram>") }), 'invalid_value', '/domain/os/nvram'],
+  ['firmware features without firmware efi', d({ os: os("<firmware><feature enabled='yes' name='secure-boot'/></firmware>") }), 'invalid_value', '/domain/os/firmware'],
+  ['unknown firmware feature', d({ os: os("<firmware><feature enabled='yes' name='amd-sev'/></firmware>", undefined, " firmware='efi'") }), 'unsupported_value', '/domain/os/firmware/feature[1]/@name'],
+  ['enrolled keys without secure boot', d({ os: os("<firmware><feature enabled='yes' name='enrolled-keys'/><feature enabled='no' name='secure-boot'/></firmware>", "arch='x86_64' machine='pc-q35-7.2'", " firmware='efi'") }), 'invalid_value', '/domain/os/firmware'],
   ['smbios sysinfo without sysinfo', d({ os: os("<smbios mode='sysinfo'/>") }), 'missing_element', '/domain/sysinfo'],
   ['smbios host', d({ os: os("<smbios mode='host'/>") }), 'unsupported_value', '/domain/os/smbios/@mode'],
   ['smbios mode junk', d({ os: os("<smbios mode='copy'/>") }), 'unsupported_value', '/domain/os/smbios/@mode'],
@@ -150,7 +160,8 @@ const cases: Case[] = [
   ['hyperv vendor_id too long', d({ body: "<features><hyperv><vendor_id state='on' value='ThirteenChars'/></hyperv></features>" }), 'invalid_value', '/domain/features/hyperv/vendor_id/@value'],
   ['hyperv feature libvirt does not know', d({ body: "<features><hyperv><avic state='on'/></hyperv></features>" }), 'unsupported_element', '/domain/features/hyperv/avic'],
   ['kvm hidden', d({ body: "<features><kvm><hidden state='on'/></kvm></features>" }), 'unsupported_element', '/domain/features/kvm'],
-  ['smm', d({ body: "<features><smm state='on'/></features>" }), 'unsupported_element', '/domain/features/smm'],
+  ['smm tseg with smm off', d({ body: "<features><smm state='off'><tseg unit='MiB'>48</tseg></smm></features>" }), 'invalid_value', '/domain/features/smm/tseg'],
+  ['smm tseg not whole MiB', d({ body: "<features><smm state='on'><tseg unit='KiB'>1000</tseg></smm></features>" }), 'invalid_value', '/domain/features/smm/tseg'],
   ['pmu', d({ body: "<features><pmu state='off'/></features>" }), 'unsupported_element', '/domain/features/pmu'],
   ['apic eoi', d({ body: "<features><apic eoi='on'/></features>" }), 'unsupported_attribute', '/domain/features/apic/@eoi'],
   ['vmport auto', d({ body: "<features><vmport state='auto'/></features>" }), 'unsupported_value', '/domain/features/vmport/@state'],
@@ -227,7 +238,7 @@ const cases: Case[] = [
 
   // devices that are not supported at all
   ...['hostdev', 'filesystem', 'smartcard', 'redirdev', 'hub', 'tpm', 'shmem', 'iommu',
-    'vsock', 'lease', 'parallel', 'nvram', 'memory', 'crypto', 'redirfilter'].map(
+    'vsock', 'lease', 'parallel', 'memory', 'crypto', 'redirfilter'].map(
     (el): Case => [`<${el}>`, d({ devices: `${VDA}<${el}/>` }), 'unsupported_element', `/domain/devices/${el}[1]`]),
   ['second hostdev is still indexed', d({ devices: "<hostdev mode='subsystem'/>" }), 'unsupported_element', '/domain/devices/hostdev[1]'],
 
