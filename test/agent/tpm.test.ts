@@ -10,41 +10,8 @@ import { AgentHttpError } from '../../src/client.js';
 import { processMatches } from '../../src/qemu/process.js';
 import { killSwtpm, launchSwtpm } from '../../src/qemu/swtpm.js';
 import { readSwtpmRecords } from '../../src/store/state-store.js';
-import { freePort, spawnAgent, startAgent, testGuest, tmpDir, waitFor } from '../helpers/agents.js';
-
-const TPM = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>";
-const NV_INDEX = '0x1500016';
-
-async function tpmGuest(dir: string, name: string, tpm = TPM): Promise<{ xml: string; image: string }> {
-  const guest = await testGuest(dir, name, undefined, { machine: 'q35' });
-  return { xml: guest.xml.replace('</devices>', `${tpm}</devices>`), image: guest.image };
-}
-
-function uidOf(pid: number): Promise<number> {
-  return fs.readFile(`/proc/${pid}/status`, 'utf8').then((s) => Number(/^Uid:\s+(\d+)/m.exec(s)![1]));
-}
-
-/**
- * Runs tpm2-tools commands against a stopped domain's TPM state, on a swtpm of the test's own
- * (a data socket, which the guest's swtpm does not have: qemu passes it its own).
- */
-async function withStateTpm<T>(stateDir: string, dir: string, fn: (tool: (args: string[]) => string) => T): Promise<T> {
-  const sock = path.join(dir, 'tools-swtpm.sock');
-  const swtpm = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${stateDir}`, '--server', `type=unixio,path=${sock}`, '--ctrl', `type=unixio,path=${sock}.ctrl`, '--flags', 'not-need-init,startup-clear'], { stdio: 'ignore' });
-  const exited = new Promise((r) => swtpm.once('exit', r));
-  try {
-    await waitFor('the tools swtpm', async () => fs.lstat(`${sock}.ctrl`).then(() => true, () => false), { timeoutMs: 10_000 });
-    return fn((args) => {
-      const r = spawnSync(args[0]!, args.slice(1), { encoding: 'utf8', env: { ...process.env, TPM2TOOLS_TCTI: `swtpm:path=${sock}` } });
-      if (r.status !== 0) throw new Error(`${args.join(' ')}: ${r.stderr}`);
-      return r.stdout;
-    });
-  } finally {
-    spawnSync('tpm2_shutdown', [], { env: { ...process.env, TPM2TOOLS_TCTI: `swtpm:path=${sock}` } });
-    swtpm.kill('SIGTERM');
-    await exited;
-  }
-}
+import { freePort, spawnAgent, startAgent, tmpDir, waitFor } from '../helpers/agents.js';
+import { NV_INDEX, nvWrite, tpmGuest, uidOf, withStateTpm } from '../helpers/tpm.js';
 
 t.test('a guest with a tpm-crb: swtpm as its qemu user, query-tpm, destroy ends swtpm, the state survives a restart, undefine removes it', async (t) => {
   const dir = await tmpDir(t);
@@ -74,9 +41,7 @@ t.test('a guest with a tpm-crb: swtpm as its qemu user, query-tpm, destroy ends 
 
   // The TPM made at the first start is kept: its endorsement key, and a value written into its NV.
   const ek = await withStateTpm(stateDir, dir, (tool) => {
-    tool(['tpm2_nvdefine', NV_INDEX, '-C', 'o', '-s', '8', '-a', 'ownerread|ownerwrite']);
-    const write = spawnSync('tpm2_nvwrite', [NV_INDEX, '-C', 'o', '-i', '-'], { input: 'KMTPM-01', env: { ...process.env, TPM2TOOLS_TCTI: `swtpm:path=${path.join(dir, 'tools-swtpm.sock')}` } });
-    if (write.status !== 0) throw new Error(`tpm2_nvwrite: ${write.stderr}`);
+    nvWrite(tool, 'KMTPM-01');
     return tool(['tpm2_readpublic', '-c', '0x81010001']);
   });
   t.match(ek, /name: 000b/, 'the EK swtpm_setup created');
