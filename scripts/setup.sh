@@ -16,6 +16,10 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v as >/dev/null || need+=(binutils)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v openssl >/dev/null || need+=(openssl)
+# A guest's <tpm>: swtpm emulates it, swtpm_setup manufactures it; the TPM tests read its state with tpm2-tools.
+command -v swtpm >/dev/null || need+=(swtpm)
+command -v swtpm_setup >/dev/null || need+=(swtpm-tools)
+command -v tpm2_nvread >/dev/null || need+=(tpm2-tools)
 # The Linux test guest (src/guest/linux.ts): xz unpacks its kernel, cpio makes its initramfs.
 command -v xz >/dev/null || need+=(xz-utils)
 command -v cpio >/dev/null || need+=(cpio)

@@ -8,16 +8,17 @@ import { TMP_PREFIX } from './helpers/agents.js';
 const SUITE_PREFIXES = [TMP_PREFIX, 'kvm-migrate-probe-', 'kvm-migrate-demo-'];
 
 // Runs last: the suite must leave no qemu, temp dir (with its sockets) or namespace behind.
-t.test('no qemu process of the suite is left', async (t) => {
+t.test('no qemu or swtpm process of the suite is left', async (t) => {
   const leftovers: string[] = [];
   for (const pid of await fs.readdir('/proc')) {
     if (!/^\d+$/.test(pid)) continue;
     const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.startsWith('qemu-system') || cmdline.includes('/qemu-system-')) {
+    const program = cmdline.split('\0')[0] ?? '';
+    if (cmdline.startsWith('qemu-system') || cmdline.includes('/qemu-system-') || /(^|\/)swtpm(_setup)?$/.test(program)) {
       if (SUITE_PREFIXES.some((prefix) => cmdline.includes(prefix))) leftovers.push(`${pid}: ${cmdline.replace(/\0/g, ' ').slice(0, 200)}`);
     }
   }
-  t.same(leftovers, [], 'qemu processes started by tests');
+  t.same(leftovers, [], 'qemu and swtpm processes started by tests');
 });
 
 t.test('no temp dir of the suite is left', async (t) => {

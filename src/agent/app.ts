@@ -208,7 +208,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
   const qemuUsers = await QemuUsers.resolve(config.qemuUser, config.qemuUids);
   if (qemuUsers.mode === 'agent' && process.getuid?.() === 0) app.log.warn(qemuUsers.description);
   else app.log.info(qemuUsers.description);
-  await qemuUsers.makeReachable(config.stateDir, store.dir('run'));
+  await qemuUsers.makeReachable(config.stateDir, store.dir('run'), store.dir('tpm'));
   // KVM counts as usable only if qemu opens it as the user it will run as.
   const qemu = await probeQemu(config.qemuBinary, qemuUsers.probeCredentials());
   const accel = resolveAccel(config.accel, qemu.kvmUsable);

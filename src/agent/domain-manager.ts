@@ -16,6 +16,7 @@ import {
 import { QmpClient } from '../qemu/qmp.js';
 import { attachQemu, endPidfileOwner, killQemu, launchQemu, QemuStartError, removeQemuFiles, waitForExit, type QemuCredentials, type QemuProcessRecord } from '../qemu/process.js';
 import type { QemuHostInfo } from '../qemu/host.js';
+import { killSwtpm, launchSwtpm, prepareTpmState, releaseTpmState, SwtpmStartError, swtpmRuns, type SwtpmRecord } from '../qemu/swtpm.js';
 import { StateStore, isObject } from '../store/state-store.js';
 import { checkAllowedPaths, openGuestFiles, sharedWrittenFile, type PathRoots } from './paths.js';
 import { firmwareDirs } from '../qemu/firmware.js';
@@ -49,6 +50,8 @@ export interface RunningQemu {
   guestShutdown: boolean;
   /** The agent's own descriptors of the guest's output files (chardev files, logs), for the size cap. */
   outputFds?: number[];
+  /** The swtpm of a guest with a `<tpm>`, started before qemu and ended after it. */
+  swtpm?: SwtpmRecord;
 }
 
 export interface DomainEntry {
@@ -73,6 +76,7 @@ interface RuntimeRecord {
   incoming: boolean;
   startedAt: string;
   process: QemuProcessRecord;
+  swtpm?: SwtpmRecord;
 }
 
 export interface DomainInfo {
@@ -163,6 +167,9 @@ export class DomainManager extends EventEmitter {
       });
       if (!qmp) {
         log.warn({ domain: rec.name, pid: rec.process.pid }, 'qemu of a running domain is gone; marked shut off');
+        if (rec.swtpm) await killSwtpm(rec.swtpm);
+        // An arrival that never took over, or a transient domain: its TPM state goes with it.
+        if (rec.incoming || !rec.persistent) await this.removeOwnState({ uuid: rec.uuid, def: parseDomainXml(rec.xml) });
         await store.removeRecord('runtime', id);
         const entry = this.domains.get(rec.name);
         if (entry) entry.lastExit = { reason: 'unknown', at: new Date().toISOString() };
@@ -180,11 +187,47 @@ export class DomainManager extends EventEmitter {
         incoming: rec.incoming,
         guestShutdown: false,
         outputFds: await this.reopenOutputs(entry),
+        ...(rec.swtpm ? { swtpm: rec.swtpm } : {}),
       });
+      if (rec.swtpm && !swtpmRuns(rec.swtpm)) log.warn({ domain: rec.name, pid: rec.swtpm.pid }, "the guest's swtpm is gone: its TPM no longer answers");
       log.info({ domain: rec.name, pid: rec.process.pid }, 're-attached to running qemu');
     }
     await this.reclaimOrphans();
     await this.reclaimTaps();
+    await this.reclaimTpmStates();
+    await this.reclaimNvrams();
+  }
+
+  /** A variable store of a domain this agent no longer holds (it crashed while the domain left): removed. */
+  private async reclaimNvrams(): Promise<void> {
+    const known = new Set([...this.domains.values()].map((e) => e.uuid));
+    for (const file of await fs.readdir(this.opts.store.dir('nvram'))) {
+      if (!known.has(path.basename(file, '.fd'))) await fs.rm(path.join(this.opts.store.dir('nvram'), file), { force: true });
+    }
+  }
+
+  /**
+   * The TPM states of domains not running are the agent's again (a crash may have left one with
+   * the user of a swtpm that is gone), and a state no domain here owns (an arrival that never
+   * took over while the agent was down) is removed.
+   */
+  private async reclaimTpmStates(): Promise<void> {
+    const known = new Map([...this.domains.values()].map((e) => [e.uuid, e]));
+    for (const uuid of await fs.readdir(this.opts.store.dir('tpm'))) {
+      const entry = known.get(uuid);
+      if (entry?.run) continue;
+      if (entry) await releaseTpmState(this.tpmDir(uuid));
+      else await this.removeTpmState(uuid);
+    }
+  }
+
+  /** tpm/<uuid>/: the domain's TPM state, from its first start until it is undefined or leaves this host. */
+  private tpmDir(uuid: string): string {
+    return path.join(this.opts.store.dir('tpm'), uuid);
+  }
+
+  private async removeTpmState(uuid: string): Promise<void> {
+    await fs.rm(this.tpmDir(uuid), { recursive: true, force: true });
   }
 
   /** Taps recorded for a domain whose qemu no longer runs (the agent was down when it ended): deleted now. */
@@ -272,7 +315,10 @@ export class DomainManager extends EventEmitter {
    * tracks; its pidfile in run/ names it. End such orphans and remove stale sockets/pidfiles.
    */
   private async reclaimOrphans(): Promise<void> {
-    const tracked = new Set([...this.domains.values()].flatMap((e) => (e.run ? [e.run.record.pidfilePath, e.run.record.qmpSocketPath] : [])));
+    const tracked = new Set([...this.domains.values()].flatMap((e) => [
+      ...(e.run ? [e.run.record.pidfilePath, e.run.record.qmpSocketPath] : []),
+      ...(e.run?.swtpm ? [e.run.swtpm.pidfilePath, e.run.swtpm.socketPath] : []),
+    ]));
     const reclaim = async (dir: string): Promise<void> => {
       for (const file of await fs.readdir(dir, { withFileTypes: true })) {
         const full = path.join(dir, file.name);
@@ -284,7 +330,7 @@ export class DomainManager extends EventEmitter {
           continue;
         }
         const pid = file.name === 'pid' || file.name.endsWith('.pid') ? await endPidfileOwner(full) : null;
-        if (pid !== null) this.opts.log.warn({ pid, pidfile: full }, 'ended orphaned qemu (no runtime record)');
+        if (pid !== null) this.opts.log.warn({ pid, pidfile: full }, 'ended an orphaned qemu or swtpm (no runtime record)');
         await fs.rm(full, { force: true });
       }
     };
@@ -319,6 +365,7 @@ export class DomainManager extends EventEmitter {
       pidfilePath: path.join(run, 'pid'),
       // In the qemu's own directory, so the destination of a migration makes its own.
       channelSocketPath: (id) => path.join(run, `${id}.sock`),
+      tpmSocketPath: path.join(run, 'swtpm.sock'),
       tapName: (id) => {
         const name = taps?.get(id);
         if (name === undefined) throw new Error(`no tap was made for interface ${id}`);
@@ -431,10 +478,15 @@ export class DomainManager extends EventEmitter {
     await fs.chmod(file, 0o600);
   }
 
-  /** Whatever the agent kept for a domain it no longer holds: its own variable store. */
-  private async removeOwnState(entry: DomainEntry): Promise<void> {
+  /**
+   * What the agent keeps of a guest (its own variable store, its TPM state), removed once the
+   * guest is no longer this host's: undefined, gone elsewhere, or an arrival that never took
+   * over. A copy left behind would be a second, stale TPM identity and firmware state.
+   */
+  private async removeOwnState(entry: Pick<DomainEntry, 'uuid' | 'def'>): Promise<void> {
     const nvram = this.ownNvramPath(entry);
     if (nvram) await fs.rm(nvram, { force: true });
+    await this.removeTpmState(entry.uuid);
   }
 
   async define(xml: string): Promise<DomainEntry> {
@@ -534,11 +586,14 @@ export class DomainManager extends EventEmitter {
     await checkCpuVendor(entry.def, this.accelOf(entry.def));
     const credentials = this.opts.qemuUsers.allocate();
     let tapsMade = false;
+    // Until qemu runs and is watched: then swtpm ends when qemu does (onQmpClosed).
+    let swtpm: SwtpmRecord | undefined;
     try {
       const taps = await this.makeTaps(entry, credentials);
       tapsMade = taps.size > 0;
       const runDir = this.runDir(entry.uuid);
       await makeQemuDir(runDir, credentials);
+      if (entry.def.tpm) swtpm = await this.startSwtpm(entry, credentials, opts.incoming);
       const hugepagesPath = await prepareHugepages(entry.def, entry.uuid, credentials);
       await this.ensureNvram(entry);
       const nvramPath = this.ownNvramPath(entry);
@@ -577,6 +632,7 @@ export class DomainManager extends EventEmitter {
         incoming: opts.incoming,
         guestShutdown: false,
         outputFds: files.outputs,
+        ...(swtpm ? { swtpm } : {}),
       };
       try {
         await this.saveRuntime(entry, run);
@@ -585,6 +641,7 @@ export class DomainManager extends EventEmitter {
         throw err;
       }
       this.watch(entry, run);
+      swtpm = undefined;
       tapsMade = false; // the qemu runs: they go when it ends
       await this.applyBalloonStatsPeriod(entry, qmp);
       try {
@@ -596,9 +653,52 @@ export class DomainManager extends EventEmitter {
       }
       return run;
     } finally {
+      if (swtpm) await this.endSwtpm(entry.uuid, swtpm, opts.incoming);
       this.opts.qemuUsers.release(credentials);
       if (tapsMade) await this.removeTaps(entry.name);
     }
+  }
+
+  /**
+   * The guest's TPM emulator, as qemu's user, on the domain's TPM state: a new one is manufactured
+   * first; an arriving one starts empty, since qemu's migration stream brings the TPM's state.
+   */
+  private async startSwtpm(entry: DomainEntry, credentials: QemuCredentials | undefined, incoming: boolean): Promise<SwtpmRecord> {
+    const tpm = entry.def.tpm!;
+    const dir = this.tpmDir(entry.uuid);
+    // Whatever this host kept of an arriving TPM is older than what the stream brings.
+    if (incoming) await this.removeTpmState(entry.uuid);
+    const { stateDir, manufactured } = await prepareTpmState(dir, tpm.version, credentials);
+    const run = this.runDir(entry.uuid);
+    try {
+      return await launchSwtpm({
+        version: tpm.version,
+        stateDir,
+        socketPath: this.hostSettings(entry.uuid).tpmSocketPath!,
+        pidfilePath: path.join(run, 'swtpm.pid'),
+        logPath: path.join(this.opts.store.dir('logs'), `${entry.name}-swtpm.log`),
+        ...(credentials ? { credentials } : {}),
+        ...(!incoming && !manufactured ? { manufacture: { vmid: `${entry.name}:${entry.uuid}` } } : {}),
+        ...(!incoming && tpm.activePcrBanks ? { pcrBanks: tpm.activePcrBanks } : {}),
+      });
+    } catch (err) {
+      if (incoming) await this.removeTpmState(entry.uuid);
+      else await releaseTpmState(dir);
+      if (!(err instanceof SwtpmStartError)) throw err;
+      entry.lastExit = { reason: 'start_failed', at: new Date().toISOString(), message: err.message };
+      throw new AgentError(422, 'swtpm_start_failed', `swtpm did not start for ${entry.name}: ${err.message}`, { domain: entry.name, swtpmMessage: err.logTail });
+    }
+  }
+
+  /**
+   * Ends the swtpm of a qemu that is gone, and settles the TPM state: removed when it is no
+   * longer this host's (`drop`: the guest left, or its arrival never took over), else given back
+   * to the agent's user.
+   */
+  private async endSwtpm(uuid: string, rec: SwtpmRecord, drop: boolean): Promise<void> {
+    await killSwtpm(rec);
+    if (drop) await this.removeTpmState(uuid);
+    else await releaseTpmState(this.tpmDir(uuid));
   }
 
   /** As libvirt: the balloon's stats period is set over QMP once qemu runs (it is not on argv). */
@@ -621,6 +721,7 @@ export class DomainManager extends EventEmitter {
       incoming: run.incoming,
       startedAt: run.startedAt,
       process: run.record,
+      ...(run.swtpm ? { swtpm: run.swtpm } : {}),
     };
     await this.opts.store.saveRecord('runtime', entry.name, rec);
   }
@@ -788,13 +889,17 @@ export class DomainManager extends EventEmitter {
       // A killed qemu leaves its socket and pidfile.
       await removeQemuFiles(run.record).catch((err: unknown) => log.error({ err, domain: entry.name }, 'cleanup after qemu exit failed'));
     }
+    const reason: ShutoffReason = run.expectedExit ?? (run.guestShutdown ? 'shutdown' : 'crashed');
+    // A guest that migrated away took its TPM and firmware state along; an arrival that never took over, or a transient domain, leaves none here.
+    const drop = reason === 'migrated' || run.incoming || !entry.persistent;
+    if (run.swtpm) await this.endSwtpm(entry.uuid, run.swtpm, drop).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not end swtpm'));
+    if (drop) await this.removeOwnState(entry).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the state kept for the guest'));
     // Its directory goes with it (the TLS copy, anything it made there); entry.run still bars a new start.
     if (path.dirname(run.record.qmpSocketPath) === this.runDir(entry.uuid)) {
       await fs.rm(this.runDir(entry.uuid), { recursive: true, force: true }).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the qemu run directory'));
     }
     await this.removeTaps(entry.name).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the taps'));
     if (entry.def.hugepages) await releaseHugepages(entry.uuid).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the guest\'s hugetlbfs directory'));
-    const reason: ShutoffReason = run.expectedExit ?? (run.guestShutdown ? 'shutdown' : 'crashed');
     closeOutputs(run);
     entry.run = undefined;
     entry.lastExit = { reason, at: new Date().toISOString() };
@@ -803,10 +908,7 @@ export class DomainManager extends EventEmitter {
     } catch (err) {
       log.error({ err, domain: entry.name }, 'could not remove runtime record');
     }
-    if (!entry.persistent && !entry.activeJob && this.domains.get(entry.name) === entry) {
-      this.domains.delete(entry.name);
-      await this.removeOwnState(entry).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the state kept for a transient domain'));
-    }
+    if (!entry.persistent && !entry.activeJob && this.domains.get(entry.name) === entry) this.domains.delete(entry.name);
     log.info({ domain: entry.name, reason, pid: run.record.pid }, 'qemu ended');
     this.emit('exit', entry.name, reason);
   }

@@ -68,13 +68,14 @@ export class QemuUsers {
   }
 
   /**
-   * qemu writes its pidfile and binds its monitor socket in run/<uuid>/, so its user must be
-   * able to pass through every directory above (search only: it lists none of them). The state
-   * directory and run/ are the agent's, and made so; a parent that is not is named.
+   * qemu writes its pidfile and binds its monitor socket in run/<uuid>/ (swtpm keeps its state
+   * in tpm/<uuid>/), so their user must be able to pass through every directory above (search
+   * only: it lists none of them). The state directory and the directories below it given
+   * (run/, tpm/) are the agent's, and made so; a parent that is not is named.
    */
-  async makeReachable(stateDir: string, runDir: string): Promise<void> {
+  async makeReachable(stateDir: string, runDir: string, ...more: string[]): Promise<void> {
     if (this.mode === 'agent') return;
-    for (const dir of [stateDir, runDir]) {
+    for (const dir of [stateDir, runDir, ...more]) {
       const st = await fsp.stat(dir);
       await fsp.chmod(dir, (st.mode & 0o777) | 0o001);
     }

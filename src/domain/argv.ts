@@ -140,6 +140,13 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
     add('-chardev', chardevOption(c.chardevId, c.source, c.log, fileArg, socketPath(c.id, c.source)));
     add('-device', `virtserialport,chardev=${c.chardevId},id=${c.id},name=${c.name},bus=virtio-serial${c.address.controller}.0,nr=${c.address.port}`);
   }
+  if (def.tpm) {
+    // As libvirt: the emulator backend on a chardev to swtpm's control socket (qemu hands
+    // swtpm the data channel over it); the device, ISA (tis) or sysbus (crb), takes no address.
+    add('-tpmdev', 'emulator,id=tpm-tpm0,chardev=chrtpm');
+    add('-chardev', `socket,id=chrtpm,path=${escapeOptionValue(needs(host.tpmSocketPath, 'tpmSocketPath'))}`);
+    add('-device', `${def.tpm.model},tpmdev=tpm-tpm0,id=tpm0`);
+  }
   for (const i of def.inputs) {
     if (i.bus === 'ps2') continue; // the i8042 PS/2 mouse and keyboard are part of the machine
     const driver = i.bus === 'usb'

@@ -292,6 +292,24 @@ export interface PanicDef {
   ioport?: number;
 }
 
+/**
+ * `<tpm>` with an emulator backend: a TPM that swtpm emulates (its state in the agent's state
+ * directory), reached by qemu over swtpm's control socket. qemu carries the TPM's state in the
+ * migration stream, so it migrates without shared storage; a host's own TPM (passthrough) would not.
+ */
+export interface TpmDef {
+  element: string;
+  model: TpmModel;
+  version: TpmVersion;
+  /** `<active_pcr_banks>`: the PCR banks swtpm_setup activates; absent: swtpm_setup's default. */
+  activePcrBanks?: TpmPcrBank[];
+}
+
+export type TpmModel = 'tpm-tis' | 'tpm-crb';
+export type TpmVersion = '1.2' | '2.0';
+export const TPM_PCR_BANKS = ['sha1', 'sha256', 'sha384', 'sha512'] as const;
+export type TpmPcrBank = (typeof TPM_PCR_BANKS)[number];
+
 export interface InterfaceDef {
   element: string;
   /**
@@ -450,6 +468,7 @@ export interface DomainDef {
   inputs: InputDef[];
   memballoon?: MemballoonDef;
   panic?: PanicDef;
+  tpm?: TpmDef;
   rngs: RngDef[];
   watchdogs: WatchdogDef[];
   /** The action of every watchdog (qemu has one for all). */
@@ -518,6 +537,8 @@ export interface HostSettings {
   hugepagesPath?: string;
   /** The UEFI variable store of a domain whose `<nvram>` names no file (the host keeps one per domain). */
   nvramPath?: string;
+  /** swtpm's control socket, for a domain with a `<tpm>` (the agent starts swtpm before qemu). */
+  tpmSocketPath?: string;
 }
 
 /** What qemu is told for the files below a qcow2 image (fileArg's form of each). */

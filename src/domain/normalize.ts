@@ -223,6 +223,13 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
   for (const r of def.rngs) addAddress(r.element, r.address);
   for (const snd of def.sounds) addAddress(snd.element, snd.address);
   for (const w of def.watchdogs) addAddress(w.element, w.address);
+  if (def.tpm) {
+    // libvirt writes its defaults back: TPM 1.2 and 2.0 states are not interchangeable.
+    const el = node(def.tpm.element);
+    if (!el.attrs.has('model')) el.attrs.set('model', def.tpm.model);
+    const backend = childEl(el, 'backend')!;
+    if (!backend.attrs.has('version')) backend.attrs.set('version', def.tpm.version);
+  }
   for (const a of def.audios) {
     // The backend libvirt adds for a sound that names none is written into the XML, as libvirt does.
     if (a.element === '/domain/devices') {

@@ -3,7 +3,7 @@
  * then `completeDomain` adds implicit controllers, addresses and ids. Everything not understood
  * is refused with the element's path; nothing that could change the guest is ever dropped.
  */
-import { FIRMWARE_FEATURES, HYPERV_FEATURES } from './model.js';
+import { FIRMWARE_FEATURES, HYPERV_FEATURES, TPM_PCR_BANKS } from './model.js';
 import { qemuFeatureName, CPU_MODELS } from './cpu.js';
 import { parseCpuset } from './cpuset.js';
 import {
@@ -39,6 +39,7 @@ import type {
   OsDef,
   PciAddress,
   PanicDef,
+  TpmDef,
   SoundDef,
   HypervDef,
   PciModel,
@@ -814,16 +815,16 @@ function parseLifecycle(d: Node): Pick<RawDomain, 'onPoweroff' | 'onReboot' | 'o
 // ---- devices -------------------------------------------------------------------------------
 
 const DEVICE_KINDS = ['emulator', 'disk', 'controller', 'interface', 'serial', 'console', 'channel', 'graphics',
-  'video', 'input', 'memballoon', 'rng', 'watchdog', 'audio', 'panic', 'sound'];
+  'video', 'input', 'memballoon', 'rng', 'watchdog', 'audio', 'panic', 'sound', 'tpm'];
 
 type DeviceLists = Pick<RawDomain, 'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'graphics' | 'videos' | 'inputs' | 'rngs' | 'watchdogs' | 'audios' | 'sounds'>;
 
 /** Each device on its own (see parseDomain); the devices that occur once are answered apart. */
-function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: Map<string, XElement>, opts: ParseOptions): Pick<RawDomain, 'emulator' | 'memballoon' | 'panic'> {
+function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: Map<string, XElement>, opts: ParseOptions): Pick<RawDomain, 'emulator' | 'memballoon' | 'panic' | 'tpm'> {
   // Unknown device kinds are refused in the loop, so the blockers keep document order.
   const present = [...new Set(n.elements().map((dev) => dev.name))];
   n.expect({ children: present, indexAll: { except: ['emulator'] } });
-  const once: Pick<RawDomain, 'emulator' | 'memballoon' | 'panic'> = {};
+  const once: Pick<RawDomain, 'emulator' | 'memballoon' | 'panic' | 'tpm'> = {};
   for (const dev of n.elements()) {
     if (!DEVICE_KINDS.includes(dev.name)) {
       n.blockers!.add(fail('unsupported_element', dev.path, `element <${dev.name}> is not supported here`));
@@ -873,6 +874,11 @@ function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: M
           break;
         }
         case 'sound': raw.sounds.push(parseSound(dev, raw.sounds.length)); break;
+        case 'tpm': {
+          if (once.tpm) throw fail('duplicate_element', dev.path, `only one <tpm> is supported (${once.tpm.element})`);
+          once.tpm = parseTpm(dev);
+          break;
+        }
         case 'audio': {
           const a = parseAudio(dev, raw.audios.length + 1);
           const same = raw.audios.find((x) => x.id === a.id);
@@ -1142,6 +1148,40 @@ function parsePanic(dev: Node): PanicDef {
   a.requireEnumAttr('type', ['isa'] as const);
   const ioport = a.intAttr('iobase', 0x100, 0xffff);
   return { element: dev.path, ...(ioport !== undefined ? { ioport } : {}) };
+}
+
+/**
+ * `<tpm>` emulated by swtpm, with libvirt's defaults for x86: model tpm-tis; version 2.0, but
+ * 1.2 for a tpm-tis (its historical default); CRB is a TPM 2.0 interface only.
+ */
+function parseTpm(dev: Node): TpmDef {
+  dev.expect({ attrs: ['model'], children: ['backend'] });
+  const model = dev.enumAttr('model', ['tpm-tis', 'tpm-crb'] as const) ?? 'tpm-tis';
+  const backend = dev.requireChild('backend');
+  const type = backend.requireEnumAttr('type', ['emulator', 'passthrough'] as const);
+  if (type === 'passthrough') {
+    throw fail('unsupported_value', backend.attrPath('type'), "a passthrough TPM is the host's own device: its state cannot go with the guest to another host (use type='emulator')");
+  }
+  backend.expect({ attrs: ['type', 'version', 'persistent_state'], children: ['active_pcr_banks', 'encryption'] });
+  const version = backend.enumAttr('version', ['1.2', '2.0'] as const) ?? (model === 'tpm-tis' ? '1.2' : '2.0');
+  if (version === '1.2' && model === 'tpm-crb') throw fail('unsupported_value', backend.attrPath('version'), 'a tpm-crb is a TPM 2.0 interface: TPM 1.2 needs model tpm-tis');
+  // A transient domain's TPM state goes with it; keeping it would leave state no definition owns.
+  if (backend.boolAttr('persistent_state', 'yes', 'no')) {
+    throw fail('unsupported_value', backend.attrPath('persistent_state'), "persistent_state='yes' is not supported: the TPM state of a domain this agent forgets (a transient one that stopped) is removed with it");
+  }
+  const encryption = backend.child('encryption');
+  if (encryption) {
+    throw fail('unsupported_element', encryption.path, 'an encrypted TPM state needs a libvirt secret, and this agent keeps no secrets');
+  }
+  const tpm: TpmDef = { element: dev.path, model, version };
+  const banks = backend.child('active_pcr_banks');
+  if (banks) {
+    if (version === '1.2') throw fail('unsupported_element', banks.path, 'PCR banks are a TPM 2.0 setting');
+    banks.expect({ children: TPM_PCR_BANKS });
+    tpm.activePcrBanks = TPM_PCR_BANKS.filter((b) => banks.child(b)?.expect({}));
+    if (tpm.activePcrBanks.length === 0) throw fail('missing_element', banks.path, '<active_pcr_banks> needs at least one bank (sha1, sha256, sha384, sha512)');
+  }
+  return tpm;
 }
 
 function parseInterface(dev: Node, allowMissingIds: boolean): RawInterface {

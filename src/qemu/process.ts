@@ -159,6 +159,24 @@ export async function killQemu(rec: QemuProcessRecord, opts?: { graceMs?: number
   await removeQemuFiles(rec);
 }
 
+/**
+ * Ends a process that is not qemu (no QMP to ask): SIGTERM, SIGKILL after graceMs, until it is
+ * really gone. Each signal goes only to the very process recorded.
+ */
+export async function terminateProcess(rec: ProcessIdentity, graceMs: number): Promise<void> {
+  if (!processMatches(rec)) return;
+  signal(rec, 'SIGTERM');
+  if (await waitForExit(rec, graceMs)) return;
+  signal(rec, 'SIGKILL');
+  if (!(await waitForExit(rec, KILL_WAIT_MS))) throw new Error(`pid ${rec.pid} is still alive ${KILL_WAIT_MS} ms after SIGKILL`);
+}
+
+/** The identity of a live process (not a zombie), or null. */
+export function runningIdentity(pid: number): ProcessIdentity | null {
+  const st = readProcStat(pid);
+  return st !== null && isRunningState(st.state) ? { pid, startTime: st.startTime } : null;
+}
+
 /** Removes the socket and pidfile of an ended qemu (a killed one leaves them). */
 export async function removeQemuFiles(rec: QemuProcessRecord): Promise<void> {
   // A newer qemu may have been started on the same paths since: its files are not ours to remove.
@@ -166,18 +184,17 @@ export async function removeQemuFiles(rec: QemuProcessRecord): Promise<void> {
 }
 
 /**
- * Ends, by pid, a qemu that no record tracks but its pidfile names (the agent died between
- * starting it and writing its record). Only a live process started with this very pidfile is
- * ended, so a reused pid is left alone. The pid it ended, or null.
+ * Ends, by pid, a qemu or swtpm that no record tracks but its pidfile names (the agent died
+ * between starting it and writing its record). Only a live process started with this very
+ * pidfile is ended, so a reused pid is left alone. The pid it ended, or null.
  */
 export async function endPidfileOwner(pidfilePath: string): Promise<number | null> {
   const pid = pidfileOwner(pidfilePath);
-  const st = pid === null ? null : readProcStat(pid);
-  if (pid === null || st === null) return null;
-  const owner = { pid, startTime: st.startTime };
+  const owner = pid === null ? null : runningIdentity(pid);
+  if (owner === null) return null;
   signal(owner, 'SIGKILL');
-  if (!(await waitForExit(owner, KILL_WAIT_MS))) throw new Error(`qemu pid ${pid} is still alive ${KILL_WAIT_MS} ms after SIGKILL`);
-  return pid;
+  if (!(await waitForExit(owner, KILL_WAIT_MS))) throw new Error(`pid ${owner.pid} (pidfile ${pidfilePath}) is still alive ${KILL_WAIT_MS} ms after SIGKILL`);
+  return owner.pid;
 }
 
 /** Polls /proc until the recorded qemu is gone; false if it still runs after timeoutMs. */
@@ -190,7 +207,8 @@ export async function waitForExit(rec: ProcessIdentity, timeoutMs: number): Prom
   return true;
 }
 
-function spawnDetached(binary: string, argv: string[], logFd: number, passFds: number[], credentials: QemuCredentials | undefined) {
+/** Starts a process that outlives the agent, its output appended to logFd, as `credentials` when given. */
+export function spawnDetached(binary: string, argv: string[], logFd: number, passFds: number[], credentials: QemuCredentials | undefined) {
   // A raw descriptor, not execa's `{file}`: that pipes through this process, so qemu's output
   // (and qemu itself, on EPIPE) would depend on the agent staying alive. execa's types list
   // only descriptors up to 9, but any number is handed to spawn() unchanged.
@@ -229,7 +247,7 @@ async function removeStaleFiles(l: QemuLaunch): Promise<void> {
 }
 
 /** The pid the pidfile names, if that process is alive and was started with this pidfile. */
-function pidfileOwner(pidfilePath: string): number | null {
+export function pidfileOwner(pidfilePath: string): number | null {
   let pid: number;
   try {
     pid = Number.parseInt(fs.readFileSync(pidfilePath, 'utf8'), 10);
@@ -237,7 +255,9 @@ function pidfileOwner(pidfilePath: string): number | null {
     return null;
   }
   const st = readProcStat(pid);
-  return st !== null && isRunningState(st.state) && readCmdline(pid).includes(pidfilePath) ? pid : null;
+  // qemu's `-pidfile PATH`, swtpm's `--pid file=PATH`.
+  const named = readCmdline(pid).some((a) => a === pidfilePath || a === `file=${pidfilePath}`);
+  return st !== null && isRunningState(st.state) && named ? pid : null;
 }
 
 async function removeFiles(f: { qmpSocketPath: string; pidfilePath: string }): Promise<void> {
@@ -296,7 +316,7 @@ function readCmdline(pid: number): string[] {
   }
 }
 
-async function readLogTail(logPath: string, from: number): Promise<string> {
+export async function readLogTail(logPath: string, from: number): Promise<string> {
   try {
     const fh = await fsp.open(logPath, 'r');
     try {

@@ -3,9 +3,10 @@ import path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { writeFileAtomic, removeDurably } from './atomic.js';
 import type { QemuProcessRecord } from '../qemu/process.js';
+import type { SwtpmRecord } from '../qemu/swtpm.js';
 
 /** The directories below --state-dir, each the agent's alone. */
-const STATE_KINDS = ['domains', 'runtime', 'jobs', 'taps', 'run', 'logs', 'quarantine', 'tls', 'nvram'] as const;
+const STATE_KINDS = ['domains', 'runtime', 'jobs', 'taps', 'run', 'logs', 'quarantine', 'tls', 'nvram', 'tpm'] as const;
 type StateKind = (typeof STATE_KINDS)[number];
 
 /** A file found unreadable at load: set aside under quarantine/ and reported, never fatal. */
@@ -27,6 +28,7 @@ export interface QuarantinedFile {
  *   quarantine/           corrupt files set aside at load
  *   tls/                  qemu's stream credentials, written at start when the agent runs with TLS
  *   nvram/<uuid>.fd       the UEFI variable store of each domain whose <nvram> names no file
+ *   tpm/<uuid>/           a domain's TPM state (swtpm's), from its first start until it is undefined or leaves
  *   agent.lock            the flock that makes one agent per directory
  */
 export class StateStore {
@@ -144,13 +146,21 @@ export class StateStore {
  * quarantining anything): what a tool that started agents ends by pid when they are gone.
  */
 export async function readQemuRecords(stateDir: string): Promise<QemuProcessRecord[]> {
+  return (await readRuntimeRecords(stateDir)).flatMap((rec) => (rec.process && typeof rec.process.pid === 'number' ? [rec.process] : []));
+}
+
+/** The same for the swtpm processes of guests with a TPM. */
+export async function readSwtpmRecords(stateDir: string): Promise<SwtpmRecord[]> {
+  return (await readRuntimeRecords(stateDir)).flatMap((rec) => (rec.swtpm && typeof rec.swtpm.pid === 'number' ? [rec.swtpm] : []));
+}
+
+async function readRuntimeRecords(stateDir: string): Promise<Array<{ process?: QemuProcessRecord; swtpm?: SwtpmRecord }>> {
   const dir = path.join(stateDir, 'runtime');
-  const out: QemuProcessRecord[] = [];
+  const out: Array<{ process?: QemuProcessRecord; swtpm?: SwtpmRecord }> = [];
   for (const f of await fs.readdir(dir).catch(() => [] as string[])) {
     if (!f.endsWith('.json')) continue;
     try {
-      const rec = JSON.parse(await fs.readFile(path.join(dir, f), 'utf8')) as { process?: QemuProcessRecord };
-      if (rec.process && typeof rec.process.pid === 'number') out.push(rec.process);
+      out.push(JSON.parse(await fs.readFile(path.join(dir, f), 'utf8')) as { process?: QemuProcessRecord; swtpm?: SwtpmRecord });
     } catch {
       // a record being rewritten, or not one
     }

@@ -323,6 +323,19 @@ t.test('sound: HDA controllers with their codecs, AC97, each playing into an aud
   t.match(pc.find((d) => d.startsWith('AC97')), /^AC97,id=sound1,audiodev=audio3,bus=pci\.0,addr=0x\d$/);
 });
 
+t.test("tpm: libvirt's defaults (tpm-tis, TPM 1.2 on a tis, 2.0 on a crb) written back; the emulator on swtpm's socket", async (t) => {
+  const norm = (devices: string) => normalizeDomainXml(domainXml({ devices }), countingHost());
+  const tis = norm("<tpm><backend type='emulator'/></tpm>");
+  t.match(tis.def.tpm, { model: 'tpm-tis', version: '1.2' });
+  t.match(tis.xml, /<tpm model='tpm-tis'>\s*<backend type='emulator' version='1.2'\/>\s*<\/tpm>/);
+  const crb = norm("<tpm model='tpm-crb'><backend type='emulator'><active_pcr_banks><sha384/><sha1/></active_pcr_banks></backend></tpm>");
+  t.match(crb.def.tpm, { model: 'tpm-crb', version: '2.0', activePcrBanks: ['sha1', 'sha384'] });
+  const argv = buildArgv(crb.def, { ...KVM_HOST, tpmSocketPath: '/run/a,b/swtpm.sock' });
+  const at = argv.indexOf('-tpmdev');
+  t.same(argv.slice(at, at + 6), ['-tpmdev', 'emulator,id=tpm-tpm0,chardev=chrtpm', '-chardev', 'socket,id=chrtpm,path=/run/a,,b/swtpm.sock', '-device', 'tpm-crb,tpmdev=tpm-tpm0,id=tpm0']);
+  t.throws(() => buildArgv(crb.def, { ...KVM_HOST, tpmSocketPath: undefined }), /tpmSocketPath/);
+});
+
 t.test('user strings are escaped in option values', async (t) => {
   t.equal(escapeOptionValue('/a,b,,c'), '/a,,b,,,,c');
   const argv = buildArgv(parseDomainXml(domainXml({ devices: "<serial type='unix'><source mode='bind' path='/run/a,b.sock'/><log file='/l/x,y'/></serial>" })),

@@ -51,6 +51,7 @@ export const KVM_HOST: HostSettings = {
   tapName: (id) => `kmtap-${id}`,
   hugepagesPath: '/dev/hugepages/kvm-migrate/guest',
   nvramPath: '/var/lib/kvm-migrate/nvram/guest.fd',
+  tpmSocketPath: '/run/kvm-migrate/swtpm.sock',
 };
 export const TCG_HOST: HostSettings = { ...KVM_HOST, accel: 'tcg' };
 

@@ -237,10 +237,24 @@ const cases: Case[] = [
   ['on_lockfailure', d({ body: '<on_lockfailure>poweroff</on_lockfailure>' }), 'unsupported_element', '/domain/on_lockfailure'],
 
   // devices that are not supported at all
-  ...['hostdev', 'filesystem', 'smartcard', 'redirdev', 'hub', 'tpm', 'shmem', 'iommu',
+  ...['hostdev', 'filesystem', 'smartcard', 'redirdev', 'hub', 'shmem', 'iommu',
     'vsock', 'lease', 'parallel', 'memory', 'crypto', 'redirfilter'].map(
     (el): Case => [`<${el}>`, d({ devices: `${VDA}<${el}/>` }), 'unsupported_element', `/domain/devices/${el}[1]`]),
   ['second hostdev is still indexed', d({ devices: "<hostdev mode='subsystem'/>" }), 'unsupported_element', '/domain/devices/hostdev[1]'],
+
+  // tpm
+  ['tpm passthrough', d({ devices: "<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>" }), 'unsupported_value', '/domain/devices/tpm[1]/backend/@type'],
+  ['tpm without a backend', d({ devices: "<tpm model='tpm-crb'/>" }), 'missing_element', '/domain/devices/tpm[1]/backend'],
+  ['tpm spapr', d({ devices: "<tpm model='tpm-spapr'><backend type='emulator'/></tpm>" }), 'unsupported_value', '/domain/devices/tpm[1]/@model'],
+  ['tpm-crb with TPM 1.2', d({ devices: "<tpm model='tpm-crb'><backend type='emulator' version='1.2'/></tpm>" }), 'unsupported_value', '/domain/devices/tpm[1]/backend/@version'],
+  ['tpm version 3', d({ devices: "<tpm model='tpm-crb'><backend type='emulator' version='3.0'/></tpm>" }), 'unsupported_value', '/domain/devices/tpm[1]/backend/@version'],
+  ['tpm persistent_state', d({ devices: "<tpm><backend type='emulator' version='2.0' persistent_state='yes'/></tpm>" }), 'unsupported_value', '/domain/devices/tpm[1]/backend/@persistent_state'],
+  ['tpm encryption', d({ devices: "<tpm><backend type='emulator' version='2.0'><encryption secret='6dd3e4a5-1d76-44ce-961f-f119f5aad935'/></backend></tpm>" }), 'unsupported_element', '/domain/devices/tpm[1]/backend/encryption'],
+  ['tpm PCR banks of a TPM 1.2', d({ devices: "<tpm model='tpm-tis'><backend type='emulator'><active_pcr_banks><sha1/></active_pcr_banks></backend></tpm>" }), 'unsupported_element', '/domain/devices/tpm[1]/backend/active_pcr_banks'],
+  ['tpm unknown PCR bank', d({ devices: "<tpm model='tpm-crb'><backend type='emulator'><active_pcr_banks><md5/></active_pcr_banks></backend></tpm>" }), 'unsupported_element', '/domain/devices/tpm[1]/backend/active_pcr_banks/md5'],
+  ['tpm no PCR bank', d({ devices: "<tpm model='tpm-crb'><backend type='emulator'><active_pcr_banks/></backend></tpm>" }), 'missing_element', '/domain/devices/tpm[1]/backend/active_pcr_banks'],
+  ['tpm backend source', d({ devices: "<tpm model='tpm-crb'><backend type='emulator'><source type='dir' path='/v/tpm'/></backend></tpm>" }), 'unsupported_element', '/domain/devices/tpm[1]/backend/source'],
+  ['two tpms', d({ devices: "<tpm model='tpm-crb'><backend type='emulator'/></tpm><tpm model='tpm-tis'><backend type='emulator'/></tpm>" }), 'duplicate_element', '/domain/devices/tpm[2]'],
 
   // emulator
   ['emulator bash', d({ devices: '<emulator>/bin/bash</emulator>' }), 'unsupported_value', '/domain/devices/emulator'],

@@ -9,7 +9,8 @@ import { AgentClient } from '../../src/client.js';
 import type { JobRecord } from '../../src/migration/jobs.js';
 import { killQemu, processMatches, type QemuProcessRecord } from '../../src/qemu/process.js';
 import { packageRoot } from '../../src/agent/package-root.js';
-import { readQemuRecords } from '../../src/store/state-store.js';
+import { readQemuRecords, readSwtpmRecords } from '../../src/store/state-store.js';
+import { killSwtpm, type SwtpmRecord } from '../../src/qemu/swtpm.js';
 import { chooseHostAccel } from '../../src/qemu/accel-probe.js';
 import { defaultQemuCredentials, mkdtempForAgents } from '../../src/agent/qemu-user.js';
 import { freePort } from '../../src/migration/ports.js';
@@ -113,6 +114,11 @@ export async function killAgentQemus(app: FastifyInstance | undefined, stateDir:
   for (const rec of await readQemuRecords(stateDir)) records.set(rec.pid, rec);
   for (const entry of app?.agent.domains.list() ?? []) if (entry.run) records.set(entry.run.record.pid, entry.run.record);
   await Promise.all([...records.values()].filter(processMatches).map((rec) => killQemu(rec, { graceMs: 500 })));
+  // A swtpm ends with its qemu; one whose qemu never started does not.
+  const swtpms = new Map<number, SwtpmRecord>();
+  for (const rec of await readSwtpmRecords(stateDir)) swtpms.set(rec.pid, rec);
+  for (const entry of app?.agent.domains.list() ?? []) if (entry.run?.swtpm) swtpms.set(entry.run.swtpm.pid, entry.run.swtpm);
+  await Promise.all([...swtpms.values()].map(killSwtpm));
 }
 
 /** An agent in this process, listening on port 0; its qemus are ended at teardown. */
