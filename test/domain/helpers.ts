@@ -30,6 +30,7 @@ export const KVM_HOST: HostSettings = {
   channelSocketPath: (id) => `/run/kvm-migrate/${id}.sock`,
   tapName: (id) => `kmtap-${id}`,
   hugepagesPath: '/dev/hugepages/kvm-migrate/guest',
+  spicePort: 5900,
 };
 export const TCG_HOST: HostSettings = { ...KVM_HOST, accel: 'tcg' };
 
