@@ -43,6 +43,19 @@ export const domainInfoSchema = {
       type: 'object',
       properties: { id: { type: 'string' }, role: { type: 'string', enum: ['source', 'destination'] } },
     },
+    graphics: {
+      type: 'array',
+      description: "a running domain's displays, as qemu reports them (query-vnc, query-spice): where each listens, with the port an autoport display got",
+      items: {
+        type: 'object',
+        required: ['type'],
+        properties: {
+          type: { type: 'string', enum: ['vnc', 'spice'] },
+          listen: { type: 'string', description: "the address it listens on; absent for a SPICE display with <listen type='none'/>" },
+          port: { type: 'integer' },
+        },
+      },
+    },
   },
 } as const;
 

@@ -12,6 +12,7 @@ import {
   type Accel,
   type DomainDef,
   type HostSettings,
+  type SpiceGraphicsDef,
 } from '../domain/index.js';
 import { QmpClient } from '../qemu/qmp.js';
 import { attachQemu, endPidfileOwner, killQemu, launchQemu, QemuStartError, removeQemuFiles, waitForExit, type QemuCredentials, type QemuProcessRecord } from '../qemu/process.js';
@@ -26,6 +27,7 @@ import { makeQemuDir, type QemuUsers } from './qemu-user.js';
 import type { XmlPool } from './xml-pool.js';
 import { bridgeExists, createTap, deleteTap, isTapRecord, newTapName, tunUsableBy, type TapRecord } from './taps.js';
 import { applyPinning, checkCpuVendor, checkPinning, prepareHugepages, releaseHugepages } from './host-resources.js';
+import { DisplayPorts } from './display-ports.js';
 
 /**
  * Host policy, not guest ABI (so not part of the domain's argv): qemu's seccomp filter refuses
@@ -94,6 +96,15 @@ export interface DomainInfo {
   startedAt?: string;
   qemuStatus?: string;
   job?: { id: string; role: 'source' | 'destination' };
+  /** A running domain's displays as qemu reports them: the address and port each listens on. */
+  graphics?: GraphicsInfo[];
+}
+
+export interface GraphicsInfo {
+  type: 'vnc' | 'spice';
+  /** Absent for a display that does not listen (SPICE `<listen type='none'/>`) or when qemu did not answer. */
+  listen?: string;
+  port?: number;
 }
 
 const QMP_STATUS_TO_STATE: Record<string, DomainState> = {
@@ -138,6 +149,7 @@ export class DomainManager extends EventEmitter {
   /** Set while the agent shuts down: QMP connections close but the guests go on running. */
   private detaching = false;
   private readonly logCap: NodeJS.Timeout;
+  private readonly displayPorts = new DisplayPorts();
 
   constructor(opts: DomainManagerOptions) {
     super();
@@ -190,6 +202,9 @@ export class DomainManager extends EventEmitter {
         ...(rec.swtpm ? { swtpm: rec.swtpm } : {}),
       });
       if (rec.swtpm && !swtpmRuns(rec.swtpm)) log.warn({ domain: rec.name, pid: rec.swtpm.pid }, "the guest's swtpm is gone: its TPM no longer answers");
+      // Its SPICE port stays its own (another guest's autoport must not choose it).
+      const spicePort = (await this.graphicsInfo(entry.def, qmp)).find((g) => g.type === 'spice')?.port;
+      if (spicePort) this.displayPorts.hold(entry.name, spicePort);
       log.info({ domain: rec.name, pid: rec.process.pid }, 're-attached to running qemu');
     }
     await this.reclaimOrphans();
@@ -422,7 +437,8 @@ export class DomainManager extends EventEmitter {
   /** A display has no password: it opens the console to whoever reaches it, so only loopback unless the host allows more. */
   private checkGraphicsListen(def: DomainDef): void {
     for (const g of def.graphics) {
-      if (isLoopback(g.listen) || this.opts.graphicsListen.includes(g.listen)) continue;
+      // (A SPICE display with <listen type='none'/> has no socket at all.)
+      if (g.listen === undefined || isLoopback(g.listen) || this.opts.graphicsListen.includes(g.listen)) continue;
       throw new DomainXmlError(
         'graphics_listen_not_allowed',
         `${g.element}/@listen`,
@@ -599,9 +615,11 @@ export class DomainManager extends EventEmitter {
       const nvramPath = this.ownNvramPath(entry);
       // qemu gets the files the agent opened and checked, not paths it would resolve again itself.
       const files = await openGuestFiles(domainFileRefs(entry.def), this.pathRoots(), { qemuUser: credentials, scratchDir: runDir, ...(nvramPath ? { ownFiles: [nvramPath] } : {}) });
+      const spicePort = await this.spicePort(entry);
       const host = {
         ...this.hostSettings(entry.uuid, taps),
         ...(nvramPath ? { nvramPath } : {}),
+        ...(spicePort !== undefined ? { spicePort } : {}),
         fileArg: (p: string) => files.args.get(p) ?? p,
         imageChain: (p: string) => files.chains.get(p),
         ...(hugepagesPath ? { hugepagesPath } : {}),
@@ -656,6 +674,7 @@ export class DomainManager extends EventEmitter {
       if (swtpm) await this.endSwtpm(entry.uuid, swtpm, opts.incoming);
       this.opts.qemuUsers.release(credentials);
       if (tapsMade) await this.removeTaps(entry.name);
+      if (!entry.run) this.displayPorts.release(entry.name);
     }
   }
 
@@ -699,6 +718,41 @@ export class DomainManager extends EventEmitter {
     await killSwtpm(rec);
     if (drop) await this.removeTpmState(uuid);
     else await releaseTpmState(this.tpmDir(uuid));
+  }
+
+  /**
+   * The port of the guest's SPICE display, held for it while its qemu runs: an autoport one's
+   * chosen now (on a migration's destination too: the port is no part of the guest), a fixed
+   * one's so that no autoport chooses it. Undefined unless chosen here.
+   */
+  private async spicePort(entry: DomainEntry): Promise<number | undefined> {
+    const g = entry.def.graphics.find((x): x is SpiceGraphicsDef => x.type === 'spice' && x.listen !== undefined);
+    if (!g) return undefined;
+    if (!g.autoport) {
+      this.displayPorts.hold(entry.name, g.port!);
+      return undefined;
+    }
+    const port = await this.displayPorts.acquire(entry.name, g.listen!);
+    if (port === null) throw conflict('no_display_port', `no port from 5900 up is free on ${g.listen} for the SPICE display`, { domain: entry.name });
+    return port;
+  }
+
+  /** Where each display of a running qemu listens, as qemu says (query-vnc, query-spice). */
+  private async graphicsInfo(def: DomainDef, qmp: QmpClient): Promise<GraphicsInfo[]> {
+    return Promise.all(def.graphics.map(async (g): Promise<GraphicsInfo> => {
+      try {
+        if (g.type === 'vnc') {
+          const vnc = await qmp.execute<{ host?: string; service?: string }>('query-vnc', {}, { timeoutMs: 3000 });
+          return { type: 'vnc', ...(vnc.host !== undefined ? { listen: vnc.host } : {}), ...(vnc.service !== undefined ? { port: Number(vnc.service) } : {}) };
+        }
+        const spice = await qmp.execute<{ host?: string; port?: number }>('query-spice', {}, { timeoutMs: 3000 });
+        // Without a port (listen none: port=0) qemu says host '*' but has no socket at all.
+        return { type: 'spice', ...(spice.port ? { listen: spice.host!, port: spice.port } : {}) };
+      } catch (err) {
+        this.opts.log.warn({ err, domain: def.name }, `could not ask qemu where its ${g.type} display listens`);
+        return { type: g.type };
+      }
+    }));
   }
 
   /** As libvirt: the balloon's stats period is set over QMP once qemu runs (it is not on argv). */
@@ -793,7 +847,11 @@ export class DomainManager extends EventEmitter {
     else if (run.incoming) state = 'incoming';
     else state = (qemuStatus && QMP_STATUS_TO_STATE[qemuStatus]) || (qemuStatus ? 'paused' : 'running');
     const reason = state === 'paused' ? qemuStatus : undefined;
-    return { ...base, state, ...(reason ? { reason } : {}), pid: run.record.pid, startedAt: run.startedAt, ...(qemuStatus ? { qemuStatus } : {}) };
+    const graphics = entry.def.graphics.length > 0 ? await this.graphicsInfo(entry.def, run.qmp) : [];
+    return {
+      ...base, state, ...(reason ? { reason } : {}), pid: run.record.pid, startedAt: run.startedAt, ...(qemuStatus ? { qemuStatus } : {}),
+      ...(graphics.length > 0 ? { graphics } : {}),
+    };
   }
 
   requireRunning(entry: DomainEntry): RunningQemu {
@@ -901,6 +959,7 @@ export class DomainManager extends EventEmitter {
     await this.removeTaps(entry.name).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the taps'));
     if (entry.def.hugepages) await releaseHugepages(entry.uuid).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the guest\'s hugetlbfs directory'));
     closeOutputs(run);
+    this.displayPorts.release(entry.name);
     entry.run = undefined;
     entry.lastExit = { reason, at: new Date().toISOString() };
     try {

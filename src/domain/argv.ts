@@ -18,6 +18,8 @@ import type {
   ImageChain,
   PciAddress,
   PciModel,
+  SpiceGraphicsDef,
+  VideoDef,
 } from './model.js';
 import { cpuRanges } from './cpuset.js';
 import { kibRoundUpToMiB } from './units.js';
@@ -159,8 +161,12 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
   // libvirt hands the first audio backend to VNC (its audio capture extension).
   const audiodev = def.audios[0] ? `,audiodev=audio${def.audios[0].id}` : '';
   for (const g of def.graphics) {
-    const host = g.listen.includes(':') ? `[${g.listen}]` : g.listen;
-    add('-vnc', `${g.autoport ? `${host}:0,to=99` : `${host}:${g.port! - 5900}`}${audiodev}`);
+    if (g.type === 'spice') {
+      add('-spice', spiceOption(g, () => needs(host.spicePort, 'spicePort')));
+      continue;
+    }
+    const listen = g.listen.includes(':') ? `[${g.listen}]` : g.listen;
+    add('-vnc', `${g.autoport ? `${listen}:0,to=99` : `${listen}:${g.port! - 5900}`}${audiodev}`);
   }
   for (const snd of def.sounds) {
     const backend = `audio${snd.audioId ?? def.audios[0]!.id}`;
@@ -172,15 +178,7 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
     snd.codecs.forEach((codec, cad) => add('-device', `hda-${codec},id=${snd.id}-codec${cad},bus=${snd.id}.0,cad=${cad},audiodev=${backend}`));
   }
   for (const v of def.videos) {
-    if (v.model === 'none') continue;
-    // As libvirt: VGA's vram as vgamem_mb, bochs-display's in bytes, virtio's heads as
-    // max_outputs, and no size at all for cirrus.
-    const driver = { vga: 'VGA', cirrus: 'cirrus-vga', virtio: 'virtio-vga', bochs: 'bochs-display' }[v.model];
-    const props = v.model === 'vga' ? `,vgamem_mb=${v.vramKiB! / 1024}`
-      : v.model === 'bochs' ? `,vgamem=${v.vramKiB! * 1024}`
-      : v.model === 'virtio' ? ',max_outputs=1'
-      : '';
-    add('-device', `${driver},id=${v.id}${props},${pci(v.address!)}`);
+    if (v.model !== 'none') add('-device', `${videoDevice(v)},${pci(v.address!)}`);
   }
   if (def.panic) add('-device', `pvpanic${def.panic.ioport !== undefined ? `,ioport=${def.panic.ioport}` : ''}`);
   for (const w of def.watchdogs) {
@@ -189,6 +187,10 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
   }
   // The iTCO is built into ICH9-LPC; noreboot=off lets it reset the machine.
   if (def.watchdogs.some((w) => w.model === 'itco')) add('-global', 'ICH9-LPC.noreboot=off');
+  for (const r of def.redirdevs) {
+    add('-chardev', `spicevmc,id=${r.chardevId},name=usbredir`);
+    add('-device', `usb-redir,chardev=${r.chardevId},id=${r.id},bus=usb.0,port=${r.address.port}`);
+  }
   if (def.memballoon?.model === 'virtio') add('-device', `virtio-balloon-pci,id=${def.memballoon.id},${pci(def.memballoon.address!)}`);
   for (const r of def.rngs) {
     add('-object', `rng-random,id=${r.objectId},filename=${r.backend}`);
@@ -200,6 +202,45 @@ export function buildArgv(def: DomainDef, host: HostSettings, opts: ArgvOptions 
   add('-pidfile', host.pidfilePath);
   if (opts.incoming) add('-incoming', 'defer');
   return argv;
+}
+
+/**
+ * libvirt's -spice: the port (port=0 for no socket at all, qemu's way of saying none), no
+ * ticketing (there is no password), the server's settings in libvirt's order, and seamless
+ * migration always (a client follows the guest when the source tells it where to).
+ */
+function spiceOption(g: SpiceGraphicsDef, autoPort: () => number): string {
+  const parts = g.listen === undefined ? ['port=0'] : [`port=${g.autoport ? autoPort() : g.port}`, `addr=${g.listen}`];
+  if (g.mouseMode) parts.push(`agent-mouse=${onOff(g.mouseMode === 'client')}`);
+  parts.push('disable-ticketing=on');
+  if (g.plaintextDefault) parts.push('plaintext-channel=default');
+  parts.push(...g.compression.map(([key, value]) => `${key}=${value}`));
+  if (!g.copyPaste) parts.push('disable-copy-paste=on');
+  if (!g.fileTransfer) parts.push('disable-agent-file-xfer=on');
+  parts.push('seamless-migration=on');
+  return parts.join(',');
+}
+
+/** Each video model's qemu device as the primary (VGA-compatible) one and as a further display. */
+const VIDEO_DRIVERS = {
+  vga: ['VGA'], cirrus: ['cirrus-vga'], bochs: ['bochs-display'],
+  qxl: ['qxl-vga', 'qxl'], virtio: ['virtio-vga', 'virtio-gpu-pci'],
+} as const;
+
+/**
+ * As libvirt: VGA's vram as vgamem_mb, bochs-display's in bytes, no size at all for cirrus;
+ * heads as max_outputs; qxl's four memory sizes (vram64_size_mb 0 when not given).
+ */
+function videoDevice(v: VideoDef): string {
+  const drivers: readonly string[] = VIDEO_DRIVERS[v.model as keyof typeof VIDEO_DRIVERS];
+  const parts = [drivers[v.primary ? 0 : 1]!, `id=${v.id}`];
+  if (v.heads !== undefined) parts.push(`max_outputs=${v.heads}`);
+  if (v.model === 'vga') parts.push(`vgamem_mb=${v.vramKiB! / 1024}`);
+  if (v.model === 'bochs') parts.push(`vgamem=${v.vramKiB! * 1024}`);
+  if (v.qxl) {
+    parts.push(`ram_size=${v.qxl.ramKiB * 1024}`, `vram_size=${v.vramKiB! * 1024}`, `vram64_size_mb=${v.qxl.vram64KiB / 1024}`, `vgamem_mb=${v.qxl.vgamemKiB / 1024}`);
+  }
+  return parts.join(',');
 }
 
 function machineOption(def: DomainDef, accel: Accel): string {
@@ -432,6 +473,10 @@ function chardevOption(id: string, s: CharSource, log: CharLog | undefined, file
     case 'pty':
     case 'null':
       opt = `${s.type},id=${id}`;
+      break;
+    case 'spicevmc':
+      // A channel's spicevmc is always the SPICE agent's (see SPICE_AGENT_CHANNEL).
+      opt = `spicevmc,id=${id},name=vdagent`;
       break;
     case 'file':
       opt = `file,id=${id},path=${escapeOptionValue(fileArg(s.path))}${s.append ? ',append=on' : ''}`;

@@ -21,6 +21,7 @@ import type {
   MachineFamily,
   MemballoonDef,
   PciAddress,
+  RedirdevDef,
   RngDef,
   SerialDef,
   UsbAddress,
@@ -69,10 +70,11 @@ export interface RawChannel {
   address?: VirtioSerialAddress;
 }
 type RawRng = Omit<RngDef, 'id' | 'objectId' | 'address'> & { address?: PciAddress };
+export type RawRedirdev = Omit<RedirdevDef, 'id' | 'chardevId' | 'address'> & { address?: UsbAddress };
 export type RawWatchdog = Omit<WatchdogDef, 'id'> & { action: WatchdogAction };
 
 export interface RawDomain extends Omit<DomainDef,
-  'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'videos' | 'inputs' | 'memballoon' | 'rngs'
+  'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'videos' | 'inputs' | 'redirdevs' | 'memballoon' | 'rngs'
   | 'watchdogs' | 'watchdogAction'> {
   disks: RawDisk[];
   controllers: RawController[];
@@ -82,6 +84,7 @@ export interface RawDomain extends Omit<DomainDef,
   channels: RawChannel[];
   videos: Omit<VideoDef, 'id'>[];
   inputs: Omit<InputDef, 'id'>[];
+  redirdevs: RawRedirdev[];
   memballoon?: Omit<MemballoonDef, 'id'>;
   rngs: RawRng[];
   watchdogs: RawWatchdog[];
@@ -99,7 +102,7 @@ function defaultUsbModel(family: MachineFamily): 'piix3-uhci' | 'qemu-xhci' {
 
 export function completeDomain(raw: RawDomain): DomainDef {
   const { disks: rawDisks, controllers: rawControllers, interfaces: rawIfaces, serials: rawSerials,
-    consoles: rawConsoles, channels: rawChannels, videos: rawVideos, inputs: rawInputs, memballoon: rawBalloon,
+    consoles: rawConsoles, channels: rawChannels, videos: rawVideos, inputs: rawInputs, redirdevs: rawRedirdevs, memballoon: rawBalloon,
     rngs: rawRngs, watchdogs: rawWatchdogs, ...base } = raw;
   const family = raw.machineFamily;
   const controllers = completeControllers(rawControllers, family);
@@ -125,11 +128,15 @@ export function completeDomain(raw: RawDomain): DomainDef {
 
   const serials = completeSerials(rawSerials, rawConsoles);
   const { consoles, channels } = completeVirtioSerial(rawConsoles, rawChannels, ensureController, controllers);
-  const inputs = completeInputs(rawInputs, controllers, ensureController);
+  checkSpiceUsers(raw);
+  const inputs = rawInputs.map((r, i): InputDef => ({ ...r, id: `input${i}` }));
+  const usbRedirs = rawRedirdevs.map((r) => ({ ...r }));
+  assignUsbPorts([...inputs.filter((i) => i.bus === 'usb'), ...usbRedirs], controllers, ensureController);
+  const redirdevs = usbRedirs.map((r, i): RedirdevDef => ({ ...r, address: r.address!, id: `redir${i}`, chardevId: `charredir${i}` }));
 
-  const videos: VideoDef[] = rawVideos.map((v) => ({ ...v, id: 'video0' }));
+  const videos: VideoDef[] = rawVideos.map((v, i) => ({ ...v, id: `video${i}` }));
   // A display needs a video card; libvirt adds VGA too.
-  if (videos.length === 0 && raw.graphics.length > 0) videos.push({ model: 'vga', vramKiB: 16384, id: 'video0' });
+  if (videos.length === 0 && raw.graphics.length > 0) videos.push({ model: 'vga', vramKiB: 16384, primary: true, id: 'video0' });
   const memballoon: MemballoonDef | undefined = rawBalloon && { ...rawBalloon, id: 'balloon0' };
   const rngs = rawRngs.map((r, i): RngDef => ({ ...r, address: r.address!, id: `rng${i}`, objectId: `objrng${i}` }));
   const watchdogs = rawWatchdogs.map(({ action: _action, ...w }, i): WatchdogDef => ({ ...w, id: `watchdog${i}` }));
@@ -146,7 +153,7 @@ export function completeDomain(raw: RawDomain): DomainDef {
     controllers.unshift(controllerDef({ type: 'pci', index: 0, model: family === 'q35' ? 'pcie-root' : 'pci-root' }, family));
   }
   checkPciControllers(controllers, family);
-  const primaryVideo = videos.find((v) => v.model !== 'none');
+  const primaryVideo = videos.find((v) => v.primary && v.model !== 'none');
   const ordered: PciPlacement[] = [
     // libvirt's order of assignment: network, other controllers, virtio disks, balloon, rng, video, inputs.
     ...interfaces.map((n) => ({ user: n, connect: (n.model === 'virtio' || n.model === 'e1000e' ? 'pcie' : 'pci') as PciConnect })),
@@ -156,6 +163,8 @@ export function completeDomain(raw: RawDomain): DomainDef {
     ...rngs.map((r) => ({ user: r, connect: 'pcie' as const })),
     ...(primaryVideo ? [{ user: primaryVideo, connect: (primaryVideo.model === 'virtio' ? 'pcie' : 'pci') as PciConnect }] : []),
     ...watchdogs.filter((w) => w.model === 'i6300esb').map((w) => ({ user: w, connect: 'pci' as const })),
+    // Further displays: qxl is conventional PCI, virtio-gpu-pci a PCIe endpoint.
+    ...videos.filter((v) => !v.primary).map((v) => ({ user: v, connect: (v.model === 'virtio' ? 'pcie' : 'pci') as PciConnect })),
     ...raw.sounds.map((snd) => ({ user: snd, connect: 'pci' as const })),
     ...inputs.filter((i) => i.bus === 'virtio').map((i) => ({ user: i, connect: 'pcie' as const })),
   ];
@@ -166,7 +175,7 @@ export function completeDomain(raw: RawDomain): DomainDef {
   controllers.sort((a, b) => (a.type === 'pci' ? 0 : 1) - (b.type === 'pci' ? 0 : 1) || (a.type === 'pci' && b.type === 'pci' ? a.index - b.index : 0));
 
   return {
-    ...base, disks, controllers, interfaces, serials, consoles, channels, videos, inputs, ...(memballoon ? { memballoon } : {}), rngs,
+    ...base, disks, controllers, interfaces, serials, consoles, channels, videos, inputs, redirdevs, ...(memballoon ? { memballoon } : {}), rngs,
     watchdogs, ...(rawWatchdogs[0] ? { watchdogAction: rawWatchdogs[0].action } : {}),
   };
 }
@@ -451,37 +460,45 @@ function completeVirtioSerial(rawConsoles: RawConsole[], rawChannels: RawChannel
   return { consoles, channels };
 }
 
-function completeInputs(raw: Omit<InputDef, 'id'>[], controllers: ControllerDef[], ensure: (t: ControllerType, i: number) => ControllerDef): InputDef[] {
-  const inputs = raw.map((r, i): InputDef => ({ ...r, id: `input${i}` }));
-  const usb = inputs.filter((i) => i.bus === 'usb');
-  if (usb.length === 0) return inputs;
+/**
+ * The USB devices' ports, as libvirt assigns them: the given ones first, then the others in
+ * libvirt's order (inputs, then redirected devices), each the lowest free port.
+ */
+function assignUsbPorts(usb: Array<{ element: string; address?: PciAddress | UsbAddress }>, controllers: ControllerDef[], ensure: (t: ControllerType, i: number) => ControllerDef): void {
+  if (usb.length === 0) return;
   const explicitNone = controllers.find((c) => c.type === 'usb' && c.model === 'none');
   if (explicitNone) throw fail('unsupported_value', `${usb[0]!.element}/@bus`, `the USB controller (${explicitNone.element}) is model 'none'`);
   const ctrl = ensure('usb', 0);
   const max = ctrl.ports ?? USB_PORTS[ctrl.model!];
   if (max === undefined) throw fail('unsupported_value', `${usb[0]!.element}/@bus`, `USB devices need the ICH9 EHCI (ich9-ehci1), not its companion ${ctrl.model}`);
   const used = new Map<number, string>();
-  for (const i of usb) {
-    const a = i.address as UsbAddress | undefined;
+  for (const d of usb) {
+    const a = d.address as UsbAddress | undefined;
     if (!a) continue;
-    if (a.port > max) throw fail('invalid_value', `${i.element}/address/@port`, `the ${ctrl.model} controller has ports 1-${max}`);
-    if (used.has(a.port)) throw fail('invalid_value', `${i.element}/address/@port`, `USB port ${a.port} is already used by ${used.get(a.port)}`);
-    used.set(a.port, i.element);
+    if (a.port > max) throw fail('invalid_value', `${d.element}/address/@port`, `the ${ctrl.model} controller has ports 1-${max}`);
+    if (used.has(a.port)) throw fail('invalid_value', `${d.element}/address/@port`, `USB port ${a.port} is already used by ${used.get(a.port)}`);
+    used.set(a.port, d.element);
   }
-  for (const i of usb) {
-    if (i.address) continue;
+  for (const d of usb) {
+    if (d.address) continue;
     const port = Array.from({ length: max }, (_, k) => k + 1).find((p) => !used.has(p));
-    if (port === undefined) throw fail('invalid_value', i.element, `the ${ctrl.model} controller has no free port`);
-    used.set(port, i.element);
-    i.address = { type: 'usb', bus: 0, port };
+    if (port === undefined) throw fail('invalid_value', d.element, `the ${ctrl.model} controller has no free port`);
+    used.set(port, d.element);
+    d.address = { type: 'usb', bus: 0, port };
   }
-  return inputs;
+}
+
+/** As libvirt: the SPICE agent channel, USB redirection and SPICE audio need a SPICE display. */
+function checkSpiceUsers(raw: RawDomain): void {
+  if (raw.graphics.some((g) => g.type === 'spice')) return;
+  const user = raw.channels.find((c) => c.source.type === 'spicevmc') ?? raw.redirdevs[0] ?? raw.audios.find((a) => a.type === 'spice');
+  if (user) throw fail('unsupported_value', `${user.element}/@type`, "type 'spicevmc'/'spice' needs a <graphics type='spice'>");
 }
 
 /**
  * Sound as libvirt lays it out: the first ich9 of a q35 sits at 00:1b (where the ICH9's own
  * HDA is), a sound names an existing backend, and one without any backend gets libvirt's
- * implicit `<audio id='1' type='none'/>`.
+ * implicit `<audio id='1'>`, of type 'spice' with a SPICE display, else 'none'.
  */
 function completeSounds(raw: RawDomain, family: MachineFamily, ordered: PciPlacement[]): void {
   for (const snd of raw.sounds) {
@@ -489,7 +506,9 @@ function completeSounds(raw: RawDomain, family: MachineFamily, ordered: PciPlace
       throw fail('invalid_value', `${snd.element}/audio/@id`, `there is no <audio id='${snd.audioId}'>`);
     }
   }
-  if (raw.sounds.length > 0 && raw.audios.length === 0) raw.audios.push({ element: DEVICES, id: 1, type: 'none' });
+  // libvirt 9.0: the implicit backend of a SPICE display is the SPICE client.
+  const implicitType = raw.graphics.some((g) => g.type === 'spice') ? 'spice' : 'none';
+  if (raw.sounds.length > 0 && raw.audios.length === 0) raw.audios.push({ element: DEVICES, id: 1, type: implicitType });
   const first = raw.sounds.find((snd) => snd.model === 'ich9');
   const slotTaken = ordered.some((p) => {
     const a = p.user.address as PciAddress | undefined;

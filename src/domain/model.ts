@@ -193,7 +193,8 @@ export interface AudioDef {
   element: string;
   /** `<audio id>`: the qemu id is audioN. */
   id: number;
-  type: 'none';
+  /** none: qemu's null backend; spice: the sound goes to the SPICE client (needs a SPICE display). */
+  type: 'none' | 'spice';
 }
 
 /** `<sound>`: an HDA controller (ich9, ich6) with its codecs, or an AC97; it plays into an `<audio>` backend. */
@@ -340,7 +341,9 @@ export type CharSource =
   | { type: 'unix'; mode: 'bind' | 'connect'; path: string }
   /** A virtio channel's listening socket with no path: the host puts it in the guest's own run directory. */
   | { type: 'unix'; mode: 'bind'; path?: undefined }
-  | { type: 'tcp'; mode: 'bind' | 'connect'; host: string; service: number; protocol: 'raw' | 'telnet' };
+  | { type: 'tcp'; mode: 'bind' | 'connect'; host: string; service: number; protocol: 'raw' | 'telnet' }
+  /** The SPICE display's agent channel (vdagent): a channel of the SPICE client's, no host file or socket. */
+  | { type: 'spicevmc' };
 
 export interface CharLog {
   file: string;
@@ -378,7 +381,7 @@ export interface ChannelDef {
   chardevId: string;
 }
 
-export interface GraphicsDef {
+export interface VncGraphicsDef {
   element: string;
   type: 'vnc';
   listen: string;
@@ -387,14 +390,51 @@ export interface GraphicsDef {
   port?: number;
 }
 
+/** A SPICE display, without TLS and without a password (as a VNC one here). */
+export interface SpiceGraphicsDef {
+  element: string;
+  type: 'spice';
+  /** The address it listens on; absent for `<listen type='none'/>`: no listening socket at all. */
+  listen?: string;
+  /** The host chooses the port at each start (HostSettings.spicePort), as libvirt does from 5900 up. */
+  autoport: boolean;
+  /** TCP port when not autoport. */
+  port?: number;
+  /** `<mouse mode>`: client is the agent's absolute pointer (agent-mouse=on), server qemu's own. */
+  mouseMode?: 'server' | 'client';
+  /** defaultMode='insecure': every channel on the plain port (plaintext-channel=default). */
+  plaintextDefault: boolean;
+  /** Compression and streaming of the SPICE server, as [qemu key, value] in libvirt's key order. */
+  compression: [string, string][];
+  /** `<clipboard copypaste>` and `<filetransfer enable>`: what the client's agent may do (both on unless 'no'). */
+  copyPaste: boolean;
+  fileTransfer: boolean;
+}
+
+export type GraphicsDef = VncGraphicsDef | SpiceGraphicsDef;
+
 export interface VideoDef {
   /** Absent for the VGA added implicitly for `<graphics>`. */
   element?: string;
-  model: 'vga' | 'cirrus' | 'virtio' | 'bochs' | 'none';
-  /** vga and bochs: passed on (vgamem_mb, vgamem); cirrus: kept in the XML, not passed (as libvirt). */
+  model: 'vga' | 'cirrus' | 'qxl' | 'virtio' | 'bochs' | 'none';
+  /** vga and bochs: passed on (vgamem_mb, vgamem); cirrus: kept in the XML, not passed (as libvirt); qxl: vram_size. */
   vramKiB?: number;
+  /** qxl (libvirt's defaults filled in): ram_size, vram64_size_mb (0 when not given, as libvirt), vgamem_mb. */
+  qxl?: { ramKiB: number; vram64KiB: number; vgamemKiB: number };
+  /** qxl and virtio: max_outputs (libvirt's default 1). */
+  heads?: number;
+  /** The first video: qemu's VGA-compatible variant (qxl-vga, virtio-vga); the others are plain PCI displays (qxl, virtio-gpu-pci). */
+  primary: boolean;
   address?: PciAddress;
   id: string;
+}
+
+/** `<redirdev bus='usb' type='spicevmc'>`: a USB device of the SPICE client's, plugged into the guest (usb-redir). */
+export interface RedirdevDef {
+  element: string;
+  address: UsbAddress;
+  id: string;
+  chardevId: string;
 }
 
 export interface InputDef {
@@ -466,6 +506,7 @@ export interface DomainDef {
   graphics: GraphicsDef[];
   videos: VideoDef[];
   inputs: InputDef[];
+  redirdevs: RedirdevDef[];
   memballoon?: MemballoonDef;
   panic?: PanicDef;
   tpm?: TpmDef;
@@ -539,6 +580,8 @@ export interface HostSettings {
   nvramPath?: string;
   /** swtpm's control socket, for a domain with a `<tpm>` (the agent starts swtpm before qemu). */
   tpmSocketPath?: string;
+  /** The port the host chose for an autoport SPICE display that listens; needed for one. */
+  spicePort?: number;
 }
 
 /** What qemu is told for the files below a qcow2 image (fileArg's form of each). */

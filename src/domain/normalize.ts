@@ -116,6 +116,20 @@ function generateMac(randomBytes: NormalizeHost['randomBytes'], used: Set<string
   throw new Error('randomBytes keeps returning MAC addresses that are already in use');
 }
 
+/** libvirt's order of the `<video><model>` attributes. */
+const VIDEO_MODEL_ATTRS = ['type', 'ram', 'vram', 'vram64', 'vgamem', 'heads', 'primary'];
+
+/** libvirt's defaults of a qxl (ram, vram, vgamem, heads) and a virtio (heads), written where the XML has none. */
+function completeVideoModel(model: XElement, v: DomainDef['videos'][number]): void {
+  const defaults: [string, number | undefined][] = [['ram', v.qxl?.ramKiB], ['vram', v.qxl && v.vramKiB], ['vgamem', v.qxl?.vgamemKiB], ['heads', v.heads]];
+  const missing = defaults.filter(([name, value]) => value !== undefined && !model.attrs.has(name));
+  if (missing.length === 0) return;
+  const attrs = new Map([...model.attrs, ...missing.map(([name, value]): [string, string] => [name, String(value)])]);
+  const rank = (name: string) => (VIDEO_MODEL_ATTRS.includes(name) ? VIDEO_MODEL_ATTRS.indexOf(name) : VIDEO_MODEL_ATTRS.length);
+  model.attrs.clear();
+  for (const [name, value] of [...attrs].sort(([a], [b]) => rank(a) - rank(b))) model.attrs.set(name, value);
+}
+
 export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: string; def: DomainDef } {
   const { def, root, nodes } = parseInternal(xml, { allowMissingIds: true });
   const node = (path: string) => nodes.get(path)!;
@@ -210,8 +224,14 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
     if (!target.attrs.has('port')) target.attrs.set('port', String(s.port));
   }
   for (const c of [...def.consoles, ...def.channels]) addAddress(c.element, c.address);
+  // libvirt names a spicevmc channel's port when the XML does not.
+  for (const c of def.channels) {
+    const target = childEl(node(c.element), 'target')!;
+    if (!target.attrs.has('name')) target.attrs.set('name', c.name);
+  }
   for (const v of def.videos) {
     if (v.element !== undefined) {
+      completeVideoModel(childEl(node(v.element), 'model')!, v);
       addAddress(v.element, v.address);
       continue;
     }
@@ -219,6 +239,7 @@ export function normalizeDomainXml(xml: string, host: NormalizeHost): { xml: str
     devices.children.push(element('video', [], [model, addressElement(v.address!)]));
   }
   for (const i of def.inputs) addAddress(i.element, i.address);
+  for (const r of def.redirdevs) addAddress(r.element, r.address);
   addAddress(def.memballoon?.element, def.memballoon?.address);
   for (const r of def.rngs) addAddress(r.element, r.address);
   for (const snd of def.sounds) addAddress(snd.element, snd.address);

@@ -14,6 +14,7 @@ import {
   type RawDisk,
   type RawDomain,
   type RawInterface,
+  type RawRedirdev,
   type RawSerial,
   type RawWatchdog,
 } from './layout.js';
@@ -44,6 +45,7 @@ import type {
   HypervDef,
   PciModel,
   RngDef,
+  SpiceGraphicsDef,
   UsbAddress,
   VideoDef,
   VirtioSerialAddress,
@@ -246,7 +248,7 @@ function parseDomain(d: Node, opts: ParseOptions, nodes: Map<string, XElement>):
     return sysinfo.def;
   }) : undefined;
 
-  const devices: DeviceLists = { disks: [], controllers: [], interfaces: [], serials: [], consoles: [], channels: [], graphics: [], videos: [], inputs: [], rngs: [], watchdogs: [], audios: [], sounds: [] };
+  const devices: DeviceLists = { disks: [], controllers: [], interfaces: [], serials: [], consoles: [], channels: [], graphics: [], videos: [], inputs: [], redirdevs: [], rngs: [], watchdogs: [], audios: [], sounds: [] };
   const devicesNode = d.child('devices');
   // Devices are walked for their blockers even when the machine type is unknown (as i440fx then).
   const extras = devicesNode ? parseDevices(devicesNode, devices, family ?? 'i440fx', nodes, opts) : {};
@@ -815,9 +817,9 @@ function parseLifecycle(d: Node): Pick<RawDomain, 'onPoweroff' | 'onReboot' | 'o
 // ---- devices -------------------------------------------------------------------------------
 
 const DEVICE_KINDS = ['emulator', 'disk', 'controller', 'interface', 'serial', 'console', 'channel', 'graphics',
-  'video', 'input', 'memballoon', 'rng', 'watchdog', 'audio', 'panic', 'sound', 'tpm'];
+  'video', 'input', 'redirdev', 'memballoon', 'rng', 'watchdog', 'audio', 'panic', 'sound', 'tpm'];
 
-type DeviceLists = Pick<RawDomain, 'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'graphics' | 'videos' | 'inputs' | 'rngs' | 'watchdogs' | 'audios' | 'sounds'>;
+type DeviceLists = Pick<RawDomain, 'disks' | 'controllers' | 'interfaces' | 'serials' | 'consoles' | 'channels' | 'graphics' | 'videos' | 'inputs' | 'redirdevs' | 'rngs' | 'watchdogs' | 'audios' | 'sounds'>;
 
 /** Each device on its own (see parseDomain); the devices that occur once are answered apart. */
 function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: Map<string, XElement>, opts: ParseOptions): Pick<RawDomain, 'emulator' | 'memballoon' | 'panic' | 'tpm'> {
@@ -848,8 +850,9 @@ function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: M
         case 'console': raw.consoles.push(parseConsole(dev)); break;
         case 'channel': raw.channels.push(parseChannel(dev)); break;
         case 'graphics': raw.graphics.push(parseGraphics(dev)); break;
-        case 'video': raw.videos.push(parseVideo(dev)); break;
+        case 'video': raw.videos.push(parseVideo(dev, raw.videos.length)); break;
         case 'input': raw.inputs.push(parseInput(dev)); break;
+        case 'redirdev': raw.redirdevs.push(parseRedirdev(dev)); break;
         case 'memballoon': {
           if (once.memballoon) throw fail('duplicate_element', dev.path, 'only one <memballoon> is allowed');
           once.memballoon = parseMemballoon(dev);
@@ -889,8 +892,9 @@ function parseDevices(n: Node, raw: DeviceLists, family: MachineFamily, nodes: M
       }
     });
   }
-  for (const [list, what] of [[raw.graphics, 'graphics'], [raw.videos, 'video']] as const) {
-    if (list.length > 1) n.blockers!.add(fail('duplicate_element', `${n.path}/${what}[2]`, `only one <${what}> is supported`));
+  if (raw.graphics.length > 1) n.blockers!.add(fail('duplicate_element', `${n.path}/graphics[2]`, 'only one <graphics> is supported'));
+  if (raw.videos[0]?.model === 'none' && raw.videos.length > 1) {
+    n.blockers!.add(fail('invalid_value', `${raw.videos[0].element}/model/@type`, "a video of type 'none' must be the only <video> (as in libvirt)"));
   }
   return once;
 }
@@ -1249,7 +1253,7 @@ function ifname(v: string, path: string): string {
 }
 
 /** The character-device backend shared by serial, console and channel. */
-function parseCharSource(dev: Node, type: (typeof CHAR_TYPES)[number], hostPlacedSocket = false): { source: CharSource; log?: CharLog } {
+function parseCharSource(dev: Node, type: (typeof CHAR_TYPES)[number] | 'spicevmc', hostPlacedSocket = false): { source: CharSource; log?: CharLog } {
   const src = dev.child('source');
   const proto = dev.child('protocol');
   if (proto && type !== 'tcp') throw fail('unsupported_element', proto.path, '<protocol> only applies to tcp');
@@ -1261,7 +1265,8 @@ function parseCharSource(dev: Node, type: (typeof CHAR_TYPES)[number], hostPlace
       source = { type };
       break;
     case 'null':
-      if (src) throw fail('unsupported_element', src.path, "type 'null' takes no <source>");
+    case 'spicevmc':
+      if (src) throw fail('unsupported_element', src.path, `type '${type}' takes no <source>`);
       source = { type };
       break;
     case 'file': {
@@ -1338,14 +1343,21 @@ function parseConsole(dev: Node): RawConsole {
   return con;
 }
 
+/** The virtio port of the SPICE agent (vdagent): libvirt's name for a spicevmc channel when none is given. */
+export const SPICE_AGENT_CHANNEL = 'com.redhat.spice.0';
+
 function parseChannel(dev: Node): RawChannel {
-  const type = dev.requireEnumAttr('type', CHAR_TYPES);
+  const type = dev.requireEnumAttr('type', [...CHAR_TYPES, 'spicevmc'] as const);
   dev.expect({ attrs: ['type'], children: [...CHAR_CHILDREN, 'address'] });
   const t = dev.requireChild('target');
   t.requireEnumAttr('type', ['virtio'] as const);
   t.expect({ attrs: ['type', 'name'] });
-  const name = t.requireAttr('name');
+  const name = type === 'spicevmc' ? t.attr('name') ?? SPICE_AGENT_CHANNEL : t.requireAttr('name');
   if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) throw fail('invalid_value', t.attrPath('name'), `'${name}' is not a valid channel name`);
+  // qemu's spicevmc chardev here is the SPICE agent's (name=vdagent): the guest's agent looks for it on this port.
+  if (type === 'spicevmc' && name !== SPICE_AGENT_CHANNEL) {
+    throw fail('unsupported_value', t.attrPath('name'), `a spicevmc channel is the SPICE agent's, named '${SPICE_AGENT_CHANNEL}' (not '${name}')`);
+  }
   const ch: RawChannel = { element: dev.path, name, ...parseCharSource(dev, type, true) };
   const address = parseAddress(dev, ['virtio-serial'] as const);
   if (address) ch.address = address;
@@ -1355,51 +1367,145 @@ function parseChannel(dev: Node): RawChannel {
 const IPV4_RE = /^(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){3}$/;
 const IPV6_RE = /^[0-9a-fA-F:.]*:[0-9a-fA-F:.]*$/;
 
+/**
+ * Where a display listens: the listen attribute or `<listen type='address'>`, loopback when
+ * neither names an address (libvirt's default vnc_listen/spice_listen); `<listen type='none'/>`
+ * (SPICE only): undefined, no socket at all.
+ */
+function parseListen(dev: Node, allowNone: boolean): string | undefined {
+  let listen = dev.attr('listen');
+  let listenPath = dev.attrPath('listen');
+  const l = dev.child('listen');
+  if (l) {
+    const type = l.requireEnumAttr('type', allowNone ? ['address', 'none'] as const : ['address'] as const);
+    if (type === 'none') {
+      l.expect({ attrs: ['type'] });
+      if (listen !== undefined) throw fail('invalid_value', dev.attrPath('listen'), "a listen address contradicts <listen type='none'/>");
+      return undefined;
+    }
+    l.expect({ attrs: ['type', 'address'] });
+    const addr = l.attr('address');
+    if (addr !== undefined) {
+      if (listen !== undefined && listen !== addr) throw fail('invalid_value', l.attrPath('address'), 'the <listen> address differs from the listen attribute');
+      listen = addr;
+      listenPath = l.attrPath('address');
+    }
+  }
+  listen ??= '127.0.0.1';
+  if (!IPV4_RE.test(listen) && !IPV6_RE.test(listen)) throw fail('invalid_value', listenPath, `'${listen}' is not an IP address`);
+  return listen;
+}
+
 function parseGraphics(dev: Node): GraphicsDef {
-  dev.requireEnumAttr('type', ['vnc'] as const);
+  const type = dev.requireEnumAttr('type', ['vnc', 'spice'] as const);
+  if (type === 'spice') return parseSpice(dev);
   dev.expect({ attrs: ['type', 'port', 'autoport', 'listen'], children: ['listen'] });
   const portAttr = dev.attr('port');
   const port = portAttr === '-1' ? undefined : dev.intAttr('port', 5900, 65535);
   const autoport = dev.boolAttr('autoport', 'yes', 'no') ?? port === undefined;
   if (!autoport && port === undefined) throw fail('missing_attribute', dev.attrPath('port'), "autoport='no' needs a port");
-  let listen = dev.attr('listen');
-  let listenPath = dev.attrPath('listen');
-  const l = dev.child('listen');
-  if (l) {
-    l.requireEnumAttr('type', ['address'] as const);
-    l.expect({ attrs: ['type', 'address'] });
-    const addr = l.requireAttr('address');
-    if (listen !== undefined && listen !== addr) throw fail('invalid_value', l.attrPath('address'), 'the <listen> address differs from the listen attribute');
-    listen = addr;
-    listenPath = l.attrPath('address');
-  }
-  listen ??= '127.0.0.1';
-  if (!IPV4_RE.test(listen) && !IPV6_RE.test(listen)) throw fail('invalid_value', listenPath, `'${listen}' is not an IP address`);
-  const g: GraphicsDef = { element: dev.path, type: 'vnc', listen, autoport };
+  const g: GraphicsDef = { element: dev.path, type: 'vnc', listen: parseListen(dev, false)!, autoport };
   if (!autoport) g.port = port!;
   return g;
 }
 
-function parseVideo(dev: Node): Omit<VideoDef, 'id'> {
+/** The SPICE server's compression and streaming elements: [element, attribute, qemu key, values], in libvirt's order on -spice. */
+const SPICE_COMPRESSION = [
+  ['image', 'compression', 'image-compression', ['auto_glz', 'auto_lz', 'quic', 'glz', 'lz', 'off']],
+  ['jpeg', 'compression', 'jpeg-wan-compression', ['auto', 'never', 'always']],
+  ['zlib', 'compression', 'zlib-glz-wan-compression', ['auto', 'never', 'always']],
+  ['playback', 'compression', 'playback-compression', ['on', 'off']],
+  ['streaming', 'mode', 'streaming-video', ['filter', 'all', 'off']],
+] as const;
+
+/**
+ * `<graphics type='spice'>` as virt-manager and virsh dumpxml write it. No TLS (this agent sets
+ * up no certificates for displays) and no password, as for VNC: the listen address is confined
+ * by the host (--graphics-listen). No OpenGL: qemu here has no GPU to render with.
+ */
+function parseSpice(dev: Node): SpiceGraphicsDef {
+  dev.expect({
+    attrs: ['type', 'port', 'tlsPort', 'autoport', 'listen', 'defaultMode'],
+    children: ['listen', ...SPICE_COMPRESSION.map(([el]) => el), 'mouse', 'clipboard', 'filetransfer', 'gl'],
+  });
+  if (dev.attr('tlsPort') !== undefined) {
+    throw fail('unsupported_attribute', dev.attrPath('tlsPort'), 'a SPICE TLS port needs certificates for the display, which this agent does not set up: remove tlsPort (the display is plain text, on loopback unless --graphics-listen allows more)');
+  }
+  const mode = dev.enumAttr('defaultMode', ['any', 'secure', 'insecure'] as const);
+  if (mode === 'secure') throw fail('unsupported_value', dev.attrPath('defaultMode'), "defaultMode='secure' needs a SPICE TLS port, which this agent does not set up (supported: any, insecure)");
+  const gl = dev.child('gl');
+  if (gl) {
+    gl.expect({ attrs: ['enable'] });
+    if (gl.requireEnumAttr('enable', ['yes', 'no'] as const) === 'yes') {
+      throw fail('unsupported_value', gl.attrPath('enable'), "gl enable='yes' renders with a host GPU, which qemu is not given here (use enable='no')");
+    }
+  }
+  const listen = parseListen(dev, true);
+  const g: SpiceGraphicsDef = { element: dev.path, type: 'spice', autoport: false, plaintextDefault: mode === 'insecure', compression: [], copyPaste: true, fileTransfer: true };
+  if (listen !== undefined) {
+    g.listen = listen;
+    // qemu runs as an unprivileged user: it cannot bind a port below 1024.
+    const port = dev.attr('port') === '-1' ? undefined : dev.intAttr('port', 1024, 65535);
+    g.autoport = dev.boolAttr('autoport', 'yes', 'no') ?? port === undefined;
+    if (!g.autoport && port === undefined) throw fail('missing_attribute', dev.attrPath('port'), "autoport='no' needs a port");
+    if (!g.autoport) g.port = port!;
+  }
+  for (const [el, attr, key, values] of SPICE_COMPRESSION) {
+    const c = dev.child(el)?.expect({ attrs: [attr] });
+    if (c) g.compression.push([key, c.requireEnumAttr(attr, values)]);
+  }
+  const mouse = dev.child('mouse')?.expect({ attrs: ['mode'] }).requireEnumAttr('mode', ['server', 'client'] as const);
+  if (mouse) g.mouseMode = mouse;
+  g.copyPaste = dev.child('clipboard')?.expect({ attrs: ['copypaste'] }).boolAttr('copypaste', 'yes', 'no') ?? true;
+  g.fileTransfer = dev.child('filetransfer')?.expect({ attrs: ['enable'] }).boolAttr('enable', 'yes', 'no') ?? true;
+  return g;
+}
+
+/** A size in KiB that must be a power of two MiB within [minMiB, maxMiB] (what qemu takes as is). */
+function powerOfTwoMiB(m: Node, name: string, minMiB: number, maxMiB: number, defaultKiB: number): number {
+  const kib = m.intAttr(name, 0, 2 ** 32) ?? defaultKiB;
+  const mib = kib / 1024;
+  if (!Number.isInteger(mib) || mib < minMiB || mib > maxMiB || (mib & (mib - 1)) !== 0) {
+    throw fail('invalid_value', m.attrPath(name), `${name} must be a power of two MiB from ${minMiB * 1024} to ${maxMiB * 1024} KiB`);
+  }
+  return kib;
+}
+
+/** libvirt's qxl sizes when the XML gives none, in KiB. */
+const QXL_DEFAULT_KIB = { ram: 65536, vram: 65536, vgamem: 16384 };
+
+function parseVideo(dev: Node, position: number): Omit<VideoDef, 'id'> {
   dev.expect({ children: ['model', 'address'] });
   const m = dev.requireChild('model');
-  const model = m.requireEnumAttr('type', ['vga', 'cirrus', 'virtio', 'bochs', 'none'] as const);
-  m.expect({ attrs: ['type', 'vram', 'heads', 'primary'] });
-  m.enumAttr('heads', ['1'] as const);
-  m.enumAttr('primary', ['yes'] as const);
-  const v: Omit<VideoDef, 'id'> = { element: dev.path, model };
+  const model = m.requireEnumAttr('type', ['vga', 'cirrus', 'qxl', 'virtio', 'bochs', 'none'] as const);
+  const multihead = model === 'qxl' || model === 'virtio';
+  m.expect({ attrs: ['type', 'vram', 'heads', 'primary', ...(model === 'qxl' ? ['ram', 'vram64', 'vgamem'] : [])], children: model === 'virtio' ? ['acceleration'] : [] });
+  // As libvirt: the first video is the primary one (qemu's VGA-compatible device); only qxl and virtio come as further displays.
+  if (m.enumAttr('primary', ['yes'] as const) && position > 0) throw fail('unsupported_value', m.attrPath('primary'), 'put the primary video first');
+  if (position > 0 && !multihead) throw fail('unsupported_value', m.attrPath('type'), `a ${model} can only be the primary video (further ones: qxl, virtio)`);
+  const v: Omit<VideoDef, 'id'> = { element: dev.path, model, primary: position === 0 };
+  if (multihead) v.heads = m.intAttr('heads', 1, 16) ?? 1;
+  else m.enumAttr('heads', ['1'] as const);
+  const accel = m.child('acceleration');
+  if (accel) {
+    accel.expect({ attrs: ['accel3d'] });
+    if (accel.requireEnumAttr('accel3d', ['yes', 'no'] as const) === 'yes') {
+      throw fail('unsupported_value', accel.attrPath('accel3d'), "accel3d='yes' (virgl) renders with a host GPU, which qemu is not given here (use accel3d='no')");
+    }
+  }
   const vram = m.attr('vram');
   if (model === 'cirrus') {
     // libvirt passes cirrus no size (qemu's cirrus-vga has a fixed 4 MiB): vram is only kept.
     if (vram !== undefined) v.vramKiB = m.intAttr('vram', 1, 1048576)!;
   } else if (model === 'vga' || model === 'bochs') {
     // qemu takes whole MiB as a power of two (bochs-display at least 4).
-    const allowed = model === 'vga' ? [1, 2, 4, 8, 16, 32, 64, 128, 256] : [4, 8, 16, 32, 64, 128, 256];
-    const kib = vram === undefined ? 16384 : m.intAttr('vram', 1024, 262144)!;
-    if (!allowed.includes(kib / 1024)) {
-      throw fail('invalid_value', m.attrPath('vram'), `vram for ${model} must be one of ${allowed.map((x) => x * 1024).join(', ')} KiB`);
-    }
-    v.vramKiB = kib;
+    v.vramKiB = powerOfTwoMiB(m, 'vram', model === 'vga' ? 1 : 4, 256, 16384);
+  } else if (model === 'qxl') {
+    // ram_size and vram_size are 32-bit byte counts in qemu; the 64-bit BAR (vram64) at least the 32-bit one.
+    v.vramKiB = powerOfTwoMiB(m, 'vram', 1, 2048, QXL_DEFAULT_KIB.vram);
+    const vram64KiB = m.attr('vram64') === undefined ? 0 : powerOfTwoMiB(m, 'vram64', 1, 65536, 0);
+    if (vram64KiB !== 0 && vram64KiB < v.vramKiB) throw fail('invalid_value', m.attrPath('vram64'), 'vram64 must not be smaller than vram');
+    v.qxl = { ramKiB: powerOfTwoMiB(m, 'ram', 1, 2048, QXL_DEFAULT_KIB.ram), vram64KiB, vgamemKiB: powerOfTwoMiB(m, 'vgamem', 1, 256, QXL_DEFAULT_KIB.vgamem) };
   } else if (vram !== undefined) {
     throw fail('unsupported_attribute', m.attrPath('vram'), `vram does not apply to model '${model}'`);
   }
@@ -1417,6 +1523,24 @@ function parseInput(dev: Node): Omit<InputDef, 'id'> {
   const address = parseAddress(dev, bus === 'usb' ? ['usb'] as const : bus === 'virtio' ? ['pci'] as const : []);
   if (address) input.address = address;
   return input;
+}
+
+/**
+ * `<redirdev bus='usb' type='spicevmc'>` (virt-manager adds two): a USB device the SPICE client
+ * offers, plugged into the guest. Over a host socket (type tcp), whoever is at the other end
+ * would plug devices into the guest: not supported.
+ */
+function parseRedirdev(dev: Node): RawRedirdev {
+  dev.requireEnumAttr('bus', ['usb'] as const);
+  const type = dev.requireAttr('type');
+  if (type !== 'spicevmc') {
+    throw fail('unsupported_value', dev.attrPath('type'), `redirdev type '${type}' would plug whatever USB device a host socket offers into the guest (supported: spicevmc, the SPICE client's devices)`);
+  }
+  dev.expect({ attrs: ['bus', 'type'], children: ['address'] });
+  const r: RawRedirdev = { element: dev.path };
+  const address = parseAddress(dev, ['usb'] as const);
+  if (address) r.address = address;
+  return r;
 }
 
 function parseMemballoon(dev: Node): Omit<MemballoonDef, 'id'> {
@@ -1451,17 +1575,18 @@ function parseWatchdog(dev: Node, family: MachineFamily): RawWatchdog {
 }
 
 /**
- * A host audio backend. Only 'none' (qemu's null backend) is honoured: every other type plays
- * through a host sound server or device (pulseaudio, alsa, oss, jack, pipewire, sdl, coreaudio)
- * or a display (spice, dbus) that this agent does not provide, or writes a host file (file).
+ * A host audio backend: 'none' (qemu's null backend) or 'spice' (the SPICE client plays it).
+ * Every other type plays through a host sound server or device (pulseaudio, alsa, oss, jack,
+ * pipewire, sdl, coreaudio) or a display (dbus) that this agent does not provide, or writes a
+ * host file (file).
  */
 function parseAudio(dev: Node, position: number): AudioDef {
   const type = dev.requireAttr('type');
-  if (type !== 'none') {
-    throw fail('unsupported_value', dev.attrPath('type'), `audio type '${type}' needs a host sound server, device or display this agent does not provide (supported: none)`);
+  if (type !== 'none' && type !== 'spice') {
+    throw fail('unsupported_value', dev.attrPath('type'), `audio type '${type}' needs a host sound server, device or display this agent does not provide (supported: none, spice)`);
   }
   dev.expect({ attrs: ['id', 'type'] });
-  return { element: dev.path, id: dev.intAttr('id', 1, 255) ?? position, type: 'none' };
+  return { element: dev.path, id: dev.intAttr('id', 1, 255) ?? position, type };
 }
 
 function parseSound(dev: Node, position: number): SoundDef {

@@ -1,6 +1,6 @@
 /**
  * qemu 7.2 accepts the argv of the golden fixtures of libvirt's elements (NUMA cells, file-backed
- * RAM as with hugepages, itco, smbios, watchdogs, timers, the Hyper-V set): each is started with -S on TCG, with
+ * RAM as with hugepages, itco, smbios, watchdogs, timers, the Hyper-V set, SPICE's settings with a virtio-vga and a second qxl): each is started with -S on TCG, with
  * its host files replaced by scratch ones, and must still be running after a moment; it is then
  * ended by its PID. The RAM is made small and the hugepages directory is an ordinary one
  * (qemu's memory-backend-file takes any directory), so no huge pages are needed.
@@ -34,7 +34,7 @@ async function scratchXml(name: string, dir: string): Promise<string> {
     .replace(/(<cell id='\d' cpus='[^']*') memory='[^']*' unit='[^']*'/g, "$1 memory='128' unit='MiB'");
 }
 
-for (const name of ['dumpxml-q35-server', 'nova-pc-sysinfo', 'numa-hugepages-iothreads', 'virt-manager-windows-hyperv']) {
+for (const name of ['dumpxml-q35-server', 'nova-pc-sysinfo', 'numa-hugepages-iothreads', 'virt-manager-windows-hyperv', 'spice-pc-two-heads']) {
   t.test(name, async (t) => {
     const dir = await tmpDir(t);
     const { def } = normalizeDomainXml(await scratchXml(name, dir), {

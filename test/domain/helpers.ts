@@ -52,6 +52,7 @@ export const KVM_HOST: HostSettings = {
   hugepagesPath: '/dev/hugepages/kvm-migrate/guest',
   nvramPath: '/var/lib/kvm-migrate/nvram/guest.fd',
   tpmSocketPath: '/run/kvm-migrate/swtpm.sock',
+  spicePort: 5900,
 };
 export const TCG_HOST: HostSettings = { ...KVM_HOST, accel: 'tcg' };
 
