@@ -1,10 +1,12 @@
 /**
  * A real Linux guest booted through UEFI (Debian's OVMF, chosen by `<os firmware='efi'>` from
- * qemu's firmware descriptors): the variable it writes at its first boot is kept in the store
- * the agent made for it, survives a restart of the guest, goes with the guest A -> B -> A (the
- * destination's store then holds it, not the template's contents), and goes when the domain is
- * undefined.
+ * qemu's firmware descriptors) with a TPM (swtpm): the variable it writes at its first boot is
+ * kept in the store the agent made for it, survives a restart of the guest, goes with the guest
+ * A -> B -> A (the destination's store then holds it, not the template's contents), and goes when
+ * the domain is undefined; the PCR it extended before the migrations reads the same after them
+ * (PCRs are volatile: only the TPM state qemu carries in the stream can bring the value along).
  */
+import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
@@ -22,7 +24,7 @@ const skip = noGuest || ovmfMissing;
  * virt-install's `--boot uefi` shape, asking for Secure Boot without Microsoft's keys enrolled
  * (so OVMF starts Debian's kernel, signed by Debian, from -kernel): the secure, SMM-guarded build.
  */
-function uefiXml(o: { name: string; kernel: string; initrd: string; serial: string }): string {
+function uefiXml(o: { name: string; kernel: string; initrd: string; serial: string; tpm?: boolean }): string {
   return `<domain type="kvm">
   <name>${o.name}</name>
   <memory>262144</memory>
@@ -49,7 +51,10 @@ function uefiXml(o: { name: string; kernel: string; initrd: string; serial: stri
     <serial type="file">
       <source path="${o.serial}" append="on"/>
     </serial>
-    <memballoon model="none"/>
+    <memballoon model="none"/>${o.tpm ? `
+    <tpm model="tpm-crb">
+      <backend type="emulator" version="2.0"/>
+    </tpm>` : ''}
   </devices>
 </domain>
 `;
@@ -69,6 +74,9 @@ function statesAfter(file: string, skipCount: number, count: number, what: strin
     return l.states.length >= skipCount + count ? { log: l, states: l.states.slice(skipCount) } : null;
   }, { timeoutMs: 120_000, intervalMs: 250 });
 }
+
+/** PCR 16 after one extend with 32 bytes of 'K' from its reset value (32 zero bytes), as the guest does at boot. */
+const PCR16_AFTER_BOOT = createHash('sha256').update(Buffer.alloc(32)).update(Buffer.alloc(32, 'K')).digest('hex').toUpperCase();
 
 const ownStore = (agent: TestAgent, uuid: string) => path.join(agent.config.stateDir, 'nvram', `${uuid}.fd`);
 
@@ -105,24 +113,29 @@ t.test('firmware efi: OVMF chosen, its store made from the template, a variable 
   t.notOk(existsSync(store), 'undefine removed the store');
 });
 
-t.test('a UEFI guest migrates A -> B -> A: the destination\'s store holds the source\'s variables', { skip }, async (t) => {
+t.test('a UEFI guest with a TPM migrates A -> B -> A: the destination\'s store holds the source\'s variables, its TPM the PCR the guest extended', { skip }, async (t) => {
   const { dir, a, b } = await twoAgents(t);
   const { efiKernel: kernel, initrd } = await copyLinuxGuest(guest!, dir);
   const serial = path.join(dir, 'uefi2.serial');
-  await a.client.define(uefiXml({ name: 'uefi2', kernel, initrd, serial }));
+  await a.client.define(uefiXml({ name: 'uefi2', kernel, initrd, serial, tpm: true }));
   const { uuid } = a.app.agent.domains.get('uefi2');
   await a.client.lifecycle('uefi2', 'start');
   const booted = await statesAfter(serial, 0, 2, 'the guest to boot through UEFI and report');
   const line = `first boot ${booted.log.boots[0]}`;
   t.equal(booted.states.at(-1)!.efivar, line, 'the guest wrote its variable on A');
+  t.equal(booted.states.at(-1)!.pcr16, PCR16_AFTER_BOOT, 'the guest extended PCR 16 on A');
+  t.same((await serialLog(serial)).problems, [], 'the guest reported no problem');
 
   const hop = async (from: TestAgent, to: TestAgent, what: string) => {
     const before = (await serialLog(serial)).states.length;
-    const { job } = await from.client.perform({ domain: 'uefi2', destination: to.url, undefineSource: true }, true);
+    const { job } = await from.client.perform({ domain: 'uefi2', destination: to.url }, true);
     t.equal(job.status, 'completed', `${what}: completed`);
     const after = await statesAfter(serial, before, 3, `${what}: the guest to go on`);
     t.same(after.log.boots, booted.log.boots, `${what}: the same boot`);
     t.ok(after.states.every((s) => s.efivar === line), `${what}: the guest reads its variable on the destination`);
+    t.ok(after.states.every((s) => s.pcr16 === PCR16_AFTER_BOOT), `${what}: PCR 16 holds what the guest extended before the migration`);
+    t.ok(existsSync(path.join(to.config.stateDir, 'tpm', uuid)), `${what}: the destination keeps the TPM state`);
+    t.notOk(existsSync(path.join(from.config.stateDir, 'tpm', uuid)), `${what}: the source kept no TPM state of a guest that left`);
     t.ok(storeHolds(await readFile(ownStore(to, uuid)), line), `${what}: the destination's store on disk holds it`);
     t.notOk(existsSync(ownStore(from, uuid)), `${what}: the source kept no store of a domain it no longer holds`);
   };
@@ -135,4 +148,5 @@ t.test('a UEFI guest migrates A -> B -> A: the destination\'s store holds the so
   await a.client.lifecycle('uefi2', 'start');
   const cold = await statesAfter(serial, before, 1, 'the guest to boot again on A');
   t.equal(cold.states.at(-1)!.efivar, line, 'after a cold boot on A the variable written before both migrations is there');
+  t.equal(cold.states.at(-1)!.pcr16, PCR16_AFTER_BOOT, 'the TPM was reset with the machine: PCR 16 holds the new boot\'s one extend');
 });
