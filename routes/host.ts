@@ -19,6 +19,8 @@ export default async function hostRoutes(app: FastifyInstance): Promise<void> {
               accelerator: { type: 'string', enum: ['kvm', 'tcg'] },
               kvmUsable: { type: 'boolean', description: 'KVM opens and works for qemu, as the user it runs as' },
               qemuUser: { type: 'string', description: 'Whom guests\' qemu runs as (--qemu-user)' },
+              firmwares: { type: 'array', items: { type: 'string' }, description: 'the UEFI images qemu\'s firmware descriptors name, in the order <os firmware=\'efi\'> tries them' },
+              tpmEmulator: { type: 'boolean', description: 'swtpm is installed: a guest may have an emulated <tpm>' },
               protocolVersions: { type: 'array', items: { type: 'integer' } },
               machineAliases: { type: 'object', additionalProperties: { type: 'string' } },
               migrationAddress: { type: 'string' },

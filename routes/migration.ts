@@ -76,6 +76,16 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
                 accelerator: { type: 'string', enum: ['kvm', 'tcg'], description: 'what the guest runs on at the source' },
               },
             },
+            firmware: {
+              type: 'object',
+              description: "a UEFI guest's pflash sizes at the source (code, variable store): their contents travel in the stream as guest memory, so the destination must have the same sizes (409 firmware_mismatch)",
+              required: ['loaderBytes'],
+              additionalProperties: false,
+              properties: {
+                loaderBytes: { type: 'integer', minimum: 0 },
+                nvramBytes: { type: 'integer', minimum: 0 },
+              },
+            },
           },
         },
         response: {

@@ -20,6 +20,8 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v swtpm >/dev/null || need+=(swtpm)
 command -v swtpm_setup >/dev/null || need+=(swtpm-tools)
 command -v tpm2_nvread >/dev/null || need+=(tpm2-tools)
+# <os firmware='efi'>: OVMF and its descriptors in /usr/share/qemu/firmware.
+[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
 # The Linux test guest (src/guest/linux.ts): xz unpacks its kernel, cpio makes its initramfs.
 command -v xz >/dev/null || need+=(xz-utils)
 command -v cpio >/dev/null || need+=(cpio)

@@ -39,6 +39,10 @@ export interface HostInfo {
   kvmUsable: boolean;
   /** Whom guests' qemu runs as. */
   qemuUser: string;
+  /** The UEFI firmware images of qemu's descriptors, in the order `<os firmware='efi'>` tries them. */
+  firmwares: string[];
+  /** A guest may have an emulated `<tpm>` (swtpm is installed). */
+  tpmEmulator: boolean;
   protocolVersions: number[];
   machineAliases: Record<string, string>;
   migrationAddress: string;
@@ -237,6 +241,8 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     qemuBinary: qemu.binary,
     accelerator: accel,
     kvmUsable: qemu.kvmUsable,
+    firmwares: qemu.firmwares.map((d) => d.executable),
+    tpmEmulator: qemu.swtpm,
     qemuUser: qemuUsers.description,
     protocolVersions: [...PROTOCOL_VERSIONS],
     machineAliases: qemu.machineAliases,

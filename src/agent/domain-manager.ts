@@ -17,6 +17,7 @@ import {
 import { QmpClient } from '../qemu/qmp.js';
 import { attachQemu, endPidfileOwner, killQemu, launchQemu, QemuStartError, removeQemuFiles, waitForExit, type QemuCredentials, type QemuProcessRecord } from '../qemu/process.js';
 import type { QemuHostInfo } from '../qemu/host.js';
+import type { FirmwareSizes } from '../migration/protocol.js';
 import { killSwtpm, launchSwtpm, prepareTpmState, releaseTpmState, SwtpmStartError, swtpmRuns, type SwtpmRecord } from '../qemu/swtpm.js';
 import { StateStore, isObject } from '../store/state-store.js';
 import { checkAllowedPaths, openGuestFiles, sharedWrittenFile, type PathRoots } from './paths.js';
@@ -429,6 +430,9 @@ export class DomainManager extends EventEmitter {
       throw new DomainXmlError('exceeds_host_cpus', '/domain/vcpu', `the guest's ${normalized.def.vcpus} vCPUs exceed this host's ${hostCpus} CPUs`);
     }
     await this.checkPaths(normalized.def);
+    if (normalized.def.tpm && !this.opts.qemu.swtpm) {
+      throw new DomainXmlError('tpm_unavailable', normalized.def.tpm.element, 'this host has no TPM emulator: swtpm and swtpm_setup are not on PATH (Debian: apt-get install swtpm swtpm-tools)');
+    }
     this.checkNetworks(normalized.def);
     this.checkGraphicsListen(normalized.def);
     return normalized;
@@ -481,10 +485,41 @@ export class DomainManager extends EventEmitter {
    * start here, or a migration's arrival: qemu then writes the source's variables into it when
    * the guest resumes, since the flash's contents travel in the stream as guest memory).
    */
-  private async ensureNvram(entry: DomainEntry): Promise<void> {
+  /**
+   * The sizes of the guest's firmware flashes as this host would give them: the code, and the
+   * store (the file there is, else the template it would be made from; for an arrival the agent's
+   * own store is always made afresh). Their contents travel in the migration stream as guest
+   * memory, so both ends must agree on the sizes.
+   */
+  async firmwareSizes(entry: Pick<DomainEntry, 'uuid' | 'def'>, incoming = false): Promise<FirmwareSizes | undefined> {
+    const { loader, nvram } = entry.def.os;
+    if (loader?.type !== 'pflash' || loader.path === undefined) return undefined;
+    const size = (file: string) => fs.stat(file).then((st) => st.size, () => undefined);
+    const loaderBytes = await size(loader.path);
+    if (loaderBytes === undefined) return undefined;
+    if (!nvram) return { loaderBytes };
+    const store = nvram.path ?? this.ownNvramPath(entry)!;
+    const nvramBytes = (incoming && nvram.path === undefined ? undefined : await size(store)) ?? (nvram.template !== undefined ? await size(nvram.template) : undefined);
+    return { loaderBytes, ...(nvramBytes !== undefined ? { nvramBytes } : {}) };
+  }
+
+  /** An arrival's firmware must have the sizes the source runs it with: the stream would fail on them half-way (a RAM block's length). */
+  async checkFirmwareSizes(entry: Pick<DomainEntry, 'uuid' | 'def'>, source: FirmwareSizes | undefined): Promise<void> {
+    if (!source) return;
+    const here = await this.firmwareSizes(entry, true);
+    for (const [what, key] of [['firmware code', 'loaderBytes'], ['variable store', 'nvramBytes']] as const) {
+      if (source[key] === undefined || here?.[key] === source[key]) continue;
+      throw conflict('firmware_mismatch', `the guest's ${what} is ${source[key]} bytes at the source but ${here?.[key] ?? 'missing'}${here?.[key] === undefined ? '' : ' bytes'} here: the destination needs the same firmware build (${entry.def.os.loader?.path})`);
+    }
+  }
+
+  private async ensureNvram(entry: DomainEntry, incoming: boolean): Promise<void> {
     const nvram = entry.def.os.nvram;
     if (!nvram) return;
     const file = nvram.path ?? this.ownNvramPath(entry)!;
+    // What this host kept of an arriving guest is older than what the stream brings (and may be
+    // of another size); a file the XML names may be the very one the source runs on (shared storage).
+    if (incoming && nvram.path === undefined) await fs.rm(file, { force: true });
     if (await fs.lstat(file).then(() => true, () => false)) return;
     if (nvram.template === undefined) {
       throw new DomainXmlError('nvram_template_unknown', '/domain/os/nvram', `the variable store ${file} does not exist, and no template is known for loader ${entry.def.os.loader?.path}: name one in <nvram template>`);
@@ -611,7 +646,7 @@ export class DomainManager extends EventEmitter {
       await makeQemuDir(runDir, credentials);
       if (entry.def.tpm) swtpm = await this.startSwtpm(entry, credentials, opts.incoming);
       const hugepagesPath = await prepareHugepages(entry.def, entry.uuid, credentials);
-      await this.ensureNvram(entry);
+      await this.ensureNvram(entry, opts.incoming);
       const nvramPath = this.ownNvramPath(entry);
       // qemu gets the files the agent opened and checked, not paths it would resolve again itself.
       const files = await openGuestFiles(domainFileRefs(entry.def), this.pathRoots(), { qemuUser: credentials, scratchDir: runDir, ...(nvramPath ? { ownFiles: [nvramPath] } : {}) });

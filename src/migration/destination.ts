@@ -86,6 +86,7 @@ export class DestinationSide {
     if (req.source.accelerator && req.source.accelerator !== accelerator) {
       throw conflict('accelerator_mismatch', `the guest runs on ${req.source.accelerator} at the source but would run on ${accelerator} here`);
     }
+    await domains.checkFirmwareSizes({ uuid: def.uuid, def }, req.firmware);
     const entry = this.claimEntry(xml, def);
     let job: Job | undefined;
     try {

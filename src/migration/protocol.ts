@@ -24,6 +24,14 @@ export interface Prepare2Request {
   options: MigrationOptions;
   /** accelerator: what the guest runs on at the source; the destination must run it on the same. */
   source: { hostUuid: string; hostname: string; accelerator?: 'kvm' | 'tcg' };
+  /** A UEFI guest's flash sizes at the source: the destination refuses other ones (firmware_mismatch). */
+  firmware?: FirmwareSizes;
+}
+
+/** The sizes of a guest's pflash images: its firmware code and its variable store. */
+export interface FirmwareSizes {
+  loaderBytes: number;
+  nvramBytes?: number;
 }
 
 export interface Prepare2Response {

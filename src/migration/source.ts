@@ -145,6 +145,7 @@ export class SourceSide {
     const { options, peer } = job.record;
     const started = Date.now();
     const self = this.ctx.hostInfo();
+    const firmware = await this.ctx.domains.firmwareSizes(entry);
     // The destination refuses a Prepare2 from itself (same_host) and any protocol but 2 (400).
     const prepared = await this.prepare2(job, {
       protocolVersion: 2,
@@ -153,6 +154,7 @@ export class SourceSide {
       ...(options.desturi ? { desturi: options.desturi } : {}),
       options,
       source: { hostUuid: self.uuid, hostname: self.hostname, accelerator: this.ctx.domains.accelOf(entry.def) },
+      ...(firmware ? { firmware } : {}),
     });
     const { uri, host: streamHost } = streamUriFromPeer(prepared.uri);
     if (typeof prepared.finishToken !== 'string' || !new RegExp(FINISH_TOKEN_PATTERN).test(prepared.finishToken)) {

@@ -20,6 +20,8 @@ export interface QemuHostInfo {
   firmwares: FirmwareDescriptor[];
   /** Descriptors that could not be read, and why. */
   firmwaresSkipped: FirmwareScan['skipped'];
+  /** swtpm and swtpm_setup are on PATH: a guest may have an emulated `<tpm>`. */
+  swtpm: boolean;
 }
 
 const DEFAULT_BINARY = 'qemu-system-x86_64';
@@ -50,6 +52,7 @@ export async function probeQemu(binary?: string, credentials?: QemuCredentials):
     kvmUsable: kvmUsable() && (await qemuStartsWithKvm(bin, credentials)),
     firmwares: scan.descriptors,
     firmwaresSkipped: scan.skipped,
+    swtpm: findOnPath('swtpm') !== undefined && findOnPath('swtpm_setup') !== undefined,
   };
 }
 
