@@ -1428,7 +1428,9 @@ function parseSpice(dev: Node): SpiceGraphicsDef {
     attrs: ['type', 'port', 'tlsPort', 'autoport', 'listen', 'defaultMode'],
     children: ['listen', ...SPICE_COMPRESSION.map(([el]) => el), 'mouse', 'clipboard', 'filetransfer', 'gl'],
   });
-  if (dev.attr('tlsPort') !== undefined) {
+  // tlsPort='-1' (virt-manager writes it with autoport) asks for a TLS port only where the host
+  // has SPICE TLS set up; libvirt without spice_tls gives none, and so does this agent.
+  if (dev.attr('tlsPort') !== undefined && !(dev.attr('tlsPort') === '-1' && dev.attr('autoport') === 'yes')) {
     throw fail('unsupported_attribute', dev.attrPath('tlsPort'), 'a SPICE TLS port needs certificates for the display, which this agent does not set up: remove tlsPort (the display is plain text, on loopback unless --graphics-listen allows more)');
   }
   const mode = dev.enumAttr('defaultMode', ['any', 'secure', 'insecure'] as const);

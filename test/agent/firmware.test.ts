@@ -2,12 +2,12 @@
 // but its firmware images, and those read-only), the variable store made from its template at
 // the first start, and a Prepare2 whose firmware sizes differ from this host's refused before any
 // qemu starts.
-import { copyFile, stat } from 'node:fs/promises';
+import { copyFile, readFile, stat, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import { guestQmp } from '../helpers/migration.js';
-import { startAgent, tmpDir } from '../helpers/agents.js';
+import { startAgent, TEST_ACCEL, tmpDir } from '../helpers/agents.js';
 
 const skip = existsSync('/usr/share/OVMF/OVMF_CODE_4M.fd') ? false : 'no OVMF (apt-get install ovmf)';
 
@@ -79,4 +79,29 @@ t.test('Prepare2 with other firmware sizes than this host\'s: 409 firmware_misma
   const answer = await prepare('00000000-0000-4000-8000-00000000f003', { loaderBytes: code, nvramBytes: vars });
   t.match(answer, { uri: /^tcp:/ }, 'the same sizes are prepared');
   t.ok(agent.app.agent.domains.find('fw3')?.run, 'its qemu waits for the stream');
+});
+
+t.test("virt-manager's Windows 11 shape (UEFI Secure Boot, TPM, Hyper-V, SPICE with qxl, usb-redir) starts on this qemu", { skip }, async (t) => {
+  const dir = await tmpDir(t);
+  const agent = await startAgent(t, dir, 'a');
+  const disk = path.join(dir, 'win11.raw');
+  const iso = path.join(dir, 'win11.iso');
+  await writeFile(disk, Buffer.alloc(1 << 20));
+  await writeFile(iso, Buffer.alloc(1 << 20));
+  const xml = (await readFile(new URL('../../../test/domain/fixtures/virt-manager-win11.xml', import.meta.url), 'utf8'))
+    .replace('/var/lib/kvm-migrate-test/win11.qcow2', disk)
+    .replace('type="qcow2"', 'type="raw"')
+    .replace('/var/lib/kvm-migrate-test/Win11_23H2_English_x64.iso', iso)
+    .replace(/<memory>\d+<\/memory>\s*<currentMemory>\d+<\/currentMemory>/, '<memory>262144</memory>')
+    // TCG has no VP index for Hyper-V (qemu: "kernel doesn't allow setting HyperV VP_INDEX"); KVM has.
+    .replace('<vpindex state="on"/>', TEST_ACCEL === 'tcg' ? '<vpindex state="off"/>' : '<vpindex state="on"/>');
+  await agent.client.define(xml);
+  await agent.client.lifecycle('win11', 'start');
+  const qmp = guestQmp(agent, 'win11');
+  t.match(await qmp.execute('query-tpm'), [{ model: 'tpm-crb', options: { type: 'emulator' } }], 'the TPM is the emulator');
+  t.match(await qmp.execute('query-spice'), { enabled: true, host: '127.0.0.1', auth: 'none' }, 'SPICE on loopback');
+  const nodes = await qmp.execute<Array<{ 'node-name': string; file: string }>>('query-named-block-nodes');
+  t.ok(nodes.some((n) => n['node-name'] === 'pflash0-format'), 'the Secure Boot firmware is on pflash0');
+  t.equal((await agent.client.domain('win11')).state, 'running');
+  await agent.client.lifecycle('win11', 'destroy');
 });

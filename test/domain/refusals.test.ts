@@ -465,7 +465,7 @@ const cases: Case[] = [
   ['virtio-serial port 31', d({ devices: "<channel type='pty'><target type='virtio' name='a'/><address type='virtio-serial' port='31'/></channel>" }), 'invalid_value', '/domain/devices/channel[1]/address/@port'],
 
   // graphics, video, input
-  ['spice tls port', d({ devices: "<graphics type='spice' autoport='yes' tlsPort='-1'/>" }), 'unsupported_attribute', '/domain/devices/graphics[1]/@tlsPort'],
+  ['spice tls port chosen by the host', d({ devices: "<graphics type='spice' autoport='yes' tlsPort='0'/>" }), 'unsupported_attribute', '/domain/devices/graphics[1]/@tlsPort'],
   ['spice tls port fixed', d({ devices: "<graphics type='spice' port='5900' tlsPort='5901' autoport='no'/>" }), 'unsupported_attribute', '/domain/devices/graphics[1]/@tlsPort'],
   ['spice secure default mode', d({ devices: "<graphics type='spice' autoport='yes' defaultMode='secure'/>" }), 'unsupported_value', '/domain/devices/graphics[1]/@defaultMode'],
   ['spice secure channel', d({ devices: "<graphics type='spice' autoport='yes'><channel name='main' mode='secure'/></graphics>" }), 'unsupported_element', '/domain/devices/graphics[1]/channel'],
