@@ -135,7 +135,7 @@ pcr16=/sys/class/tpm/tpm0/pcr-sha256/16
 state=
 if grep -q kmstate /proc/cmdline; then
   state=1
-  if [ -d /sys/firmware/efi ] && mount -t efivarfs efivarfs /sys/firmware/efi/efivars; then
+  if [ -d /sys/firmware/efi ] && modprobe efivarfs && mount -t efivarfs efivarfs /sys/firmware/efi/efivars; then
     # 4 bytes of attributes (non-volatile, boot and runtime access), then the value.
     [ -e "$efivar" ] || printf '\007\000\000\000first boot %s' "$bootid" >"$efivar" || say efivar write failed
   else

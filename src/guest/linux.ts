@@ -44,7 +44,9 @@ export class GuestPackagesUnavailableError extends Error {
  */
 export const LINUX_GUEST_CMDLINE = 'console=ttyS0 quiet panic=-1';
 /** Modules /init loads; their dependencies (virtio, virtio_ring, failover, ...) come along. */
-const LINUX_GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_net', 'virtio_console', 'virtio_rng', 'virtio_balloon', 'efivarfs', 'tpm_crb', 'tpm_tis'];
+const LINUX_GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_net', 'virtio_console', 'virtio_rng', 'virtio_balloon', 'tpm_crb', 'tpm_tis'];
+/** Modules /init loads only where they apply: efivarfs refuses to load on a guest without UEFI. */
+const LINUX_GUEST_UEFI_MODULES = ['efivarfs'];
 /** Devices /init reports on the console, each as `KMLINUX dev <name> ok|FAIL`. */
 export const LINUX_GUEST_DEVICES = ['vda', 'net', 'rng', 'balloon', 'agent'];
 /** Name of the virtio-serial port the guest answers guest-ping and guest-sync on. */
@@ -140,7 +142,8 @@ async function build(work: string, out: string, pkgs: { kernel: Package; busybox
   // The package has no modules.dep (its postinst runs depmod); busybox's depmod makes one.
   await execa(busybox, ['depmod', '-b', kernelTree, release], { timeout: TOOL_TIMEOUT_MS });
   const moduleDir = join(kernelTree, 'lib', 'modules', release);
-  const modules = await moduleClosure(moduleDir);
+  const modules = await moduleClosure(moduleDir, LINUX_GUEST_MODULES);
+  const uefiModules = await moduleClosure(moduleDir, LINUX_GUEST_UEFI_MODULES);
 
   const root = join(work, 'root');
   const rootModules = join(root, 'lib', 'modules', release);
@@ -150,7 +153,7 @@ async function build(work: string, out: string, pkgs: { kernel: Package; busybox
   await writeFile(join(root, 'init'), pkgs.initScript, { mode: 0o755 });
   await writeFile(join(root, 'etc', 'kmlinux-modules'), modules.load.join(' ') + '\n');
   const depLines: string[] = [];
-  for (const [path, deps] of modules.files) {
+  for (const [path, deps] of new Map([...modules.files, ...uefiModules.files])) {
     const target = join(rootModules, uncompressedName(path));
     await mkdir(dirname(target), { recursive: true });
     // busybox insmod loads plain .ko files only.
@@ -199,11 +202,11 @@ async function writeVmlinux(bootDir: string, release: string, work: string, targ
 }
 
 /**
- * LINUX_GUEST_MODULES with everything they need, from modules.dep (which lists each
+ * The modules `names` with everything they need, from modules.dep (which lists each
  * module's dependencies transitively): `load` the names to modprobe (those built in left
  * out), `files` each module's path with its dependencies.
  */
-async function moduleClosure(moduleDir: string): Promise<{ load: string[]; files: Map<string, string[]> }> {
+async function moduleClosure(moduleDir: string, names: string[]): Promise<{ load: string[]; files: Map<string, string[]> }> {
   const deps = new Map<string, string[]>();
   for (const line of (await readFile(join(moduleDir, 'modules.dep'), 'utf8')).split('\n')) {
     const m = /^([^:]+):\s*(.*)$/.exec(line);
@@ -213,7 +216,7 @@ async function moduleClosure(moduleDir: string): Promise<{ load: string[]; files
   const builtin = new Set((await readFile(join(moduleDir, 'modules.builtin'), 'utf8')).split('\n').filter(Boolean).map(moduleName));
   const load: string[] = [];
   const files = new Map<string, string[]>();
-  for (const name of LINUX_GUEST_MODULES) {
+  for (const name of names) {
     if (builtin.has(name)) continue;
     const path = byName.get(name);
     if (!path) throw new Error(`kernel module ${name} is neither in ${join(moduleDir, 'modules.dep')} nor built in`);
