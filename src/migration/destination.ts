@@ -5,6 +5,7 @@ import type { DomainEntry } from '../agent/domain-manager.js';
 import { destinationCapabilities, parseDestUri } from './params.js';
 import { pickPort, portIsFree } from './ports.js';
 import type { Job } from './jobs.js';
+import { incomingStreamBytes } from './incoming-stream.js';
 import { newFinishToken, type Finish2Request, type Finish2Response, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
 const ACTIVE_INCOMING_PHASES = new Set(['prepared', 'receiving', 'received']);
@@ -17,6 +18,7 @@ const ACTIVE_INCOMING_PHASES = new Set(['prepared', 'receiving', 'received']);
  */
 export class DestinationSide {
   private readonly ctx: MigrationContext;
+  /** Each running job's bound on its phase: a lease (prepared, received) or the stream watch (receiving). */
   private readonly leases = new Map<string, NodeJS.Timeout>();
   /** The definition a same-named inactive domain had before an incoming migration borrowed its entry. */
   private readonly borrowed = new Map<string, { xml: string; def: DomainEntry['def'] }>();
@@ -204,8 +206,8 @@ export class DestinationSide {
         .run(job.id, async () => {
           if (job.terminal) return;
           if (status === 'active' && job.record.phase === 'prepared') {
-            this.clearLease(job);
             await jobs.setPhase(job, 'receiving');
+            this.armStallWatch(job);
           } else if (status === 'completed' && ['prepared', 'receiving'].includes(job.record.phase)) {
             await jobs.setPhase(job, 'received');
             this.armLease(job, 'no Finish2 after the stream ended');
@@ -383,6 +385,54 @@ export class DestinationSide {
     this.leases.set(job.id, timer);
   }
 
+  /**
+   * While the stream is under way: a source host that vanished (power loss, a partition that
+   * never heals: no FIN, no RST, no Finish2) would leave qemu waiting on its socket for ever. When
+   * no byte arrives for --incoming-timeout, the empty qemu is ended. Safe: until the stream
+   * completed here, the source has not handed the guest over, so its copy is the one.
+   */
+  private armStallWatch(job: Job): void {
+    this.clearLease(job);
+    const boundMs = this.ctx.config.incomingTimeoutSeconds * 1000;
+    // The URI this side listens on: tcp:HOST:PORT.
+    const uri = job.record.uri!;
+    const host = uri.slice('tcp:'.length, uri.lastIndexOf(':'));
+    const port = Number(uri.slice(uri.lastIndexOf(':') + 1));
+    let bytes: number | undefined;
+    let lastArrival = Date.now();
+    let checking = false;
+    const check = async () => {
+      const now = await incomingStreamBytes(host, port).catch((err: unknown) => {
+        this.ctx.log.warn({ err, migration: job.id }, 'could not read the incoming stream\'s byte count');
+        return bytes;
+      });
+      if (now !== undefined && now !== bytes) {
+        bytes = now;
+        lastArrival = Date.now();
+        return;
+      }
+      if (Date.now() - lastArrival < boundMs) return;
+      this.clearLease(job);
+      await this.ctx.jobs.locks.run(job.id, async () => {
+        const entry = this.ctx.domains.find(job.record.domain);
+        if (job.terminal || !entry || job.record.phase !== 'receiving') return;
+        await this.abort(job, entry, {
+          code: 'stream_stalled',
+          message: `no byte of the stream arrived for ${this.ctx.config.incomingTimeoutSeconds}s (${bytes ?? 0} bytes in all): the source host or the link is gone`,
+        });
+      });
+    };
+    const timer = setInterval(() => {
+      if (checking) return;
+      checking = true;
+      void check()
+        .catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'stream watch failed'))
+        .finally(() => (checking = false));
+    }, Math.min(5000, Math.max(250, boundMs / 4)));
+    timer.unref();
+    this.leases.set(job.id, timer);
+  }
+
   private clearLease(job: Job): void {
     const timer = this.leases.get(job.id);
     if (timer) clearTimeout(timer);
@@ -414,7 +464,8 @@ export class DestinationSide {
         if (status === 'completed') await this.ctx.jobs.setPhase(job, 'received');
       }
       this.followIncoming(job, entry);
-      this.armLease(job, 'agent restarted; waiting for the stream or Finish2');
+      if (job.record.phase === 'receiving') this.armStallWatch(job);
+      else this.armLease(job, 'agent restarted; waiting for the stream or Finish2');
     });
   }
 

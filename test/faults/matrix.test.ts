@@ -14,7 +14,7 @@ import type { JobRecord } from '../../src/migration/jobs.js';
  * crashed), that it is the same guest, that both agents agree who owns it, and that nothing is
  * left over.
  */
-const FAULTS = ['kill source agent', 'kill destination agent', 'kill source qemu', 'kill destination qemu', 'cut link'] as const;
+const FAULTS = ['kill source agent', 'kill destination agent', 'kill source qemu', 'kill destination qemu', 'cut link', 'freeze source host', 'freeze destination host'] as const;
 const PHASES = ['during Prepare2', 'early in stream', 'late in stream', 'after stream, before Finish2', 'during Finish2'] as const;
 type Fault = (typeof FAULTS)[number];
 type Phase = (typeof PHASES)[number];
@@ -23,6 +23,12 @@ const TOKEN = 'fault-matrix-token';
 const GUEST = { fillMiB: 24, hotMiB: 1, reportEvery: 16 };
 const STREAM_BANDWIDTH_MIBPS = 4;
 const LINK_DOWN_MS = 4000;
+/** The agents' --incoming-timeout: the destination's bound on each phase without word from the source. */
+const INCOMING_TIMEOUT_S = 20;
+/** A frozen host's peer settles its part within this, by itself (the bound the contract states, plus slack). */
+const FROZEN_PEER_BOUND_MS = (INCOMING_TIMEOUT_S + 15) * 1000;
+/** The source's own bound on a stream that stopped moving (perform's progressTimeoutSeconds) in the freeze cells. */
+const FREEZE_PROGRESS_TIMEOUT_S = 10;
 const matrix = new Map<string, string>();
 
 interface Host {
@@ -48,9 +54,20 @@ async function startHost(t: TestContext, rig: TwoHostRig, which: 'A' | 'B', dir:
     allowPath: dir,
     token: TOKEN,
     // Plain HTTP between the hosts: each names the other as its peer.
-    extra: ['--migration-address', which === 'A' ? rig.wireA : rig.wireB, '--peer', `http://${which === 'A' ? rig.wireB : rig.wireA}:7100`, '--incoming-timeout', '20', ...holds.flatMap((h) => ['--debug-hold', h])],
+    extra: ['--migration-address', which === 'A' ? rig.wireA : rig.wireB, '--peer', `http://${which === 'A' ? rig.wireB : rig.wireA}:7100`, '--incoming-timeout', String(INCOMING_TIMEOUT_S), ...holds.flatMap((h) => ['--debug-hold', h])],
   };
   return { agent: await spawnAgent(t, spawnArgs), stateDir, spawnArgs };
+}
+
+/** A host frozen: its agent and its qemus stopped, its link to the other host down. Returns the thaw. */
+function freeze(rig: TwoHostRig, host: Host, qemus: Array<{ pid: number }>): () => void {
+  const pids = [host.agent.child.pid!, ...qemus.map((q) => q.pid)];
+  for (const pid of pids) process.kill(pid, 'SIGSTOP');
+  rig.cut();
+  return () => {
+    rig.restore();
+    for (const pid of pids) process.kill(pid, 'SIGCONT');
+  };
 }
 
 async function restart(t: TestContext, host: Host): Promise<void> {
@@ -94,6 +111,7 @@ async function runCell(t: Test, fault: Fault, phase: Phase): Promise<string> {
     destination: `http://${rig.wireB}:7100`,
     migrationId,
     ...(streaming ? { bandwidthMiBps: STREAM_BANDWIDTH_MIBPS } : {}),
+    ...(fault.startsWith('freeze') ? { progressTimeoutSeconds: FREEZE_PROGRESS_TIMEOUT_S } : {}),
   });
 
   // Reach the phase.
@@ -140,6 +158,38 @@ async function runCell(t: Test, fault: Fault, phase: Phase): Promise<string> {
       await new Promise((r) => setTimeout(r, LINK_DOWN_MS));
       rig.restore();
       break;
+    case 'freeze source host': {
+      // Power loss as the destination sees it: no FIN, no RST, no Finish2, for as long as it takes.
+      const thaw = freeze(rig, A, sourceQemus);
+      if (hold) await releaseHold(hold.host === 'A' ? A : B, hold.point);
+      const settled = await waitFor('the destination to settle its part alone', async () => {
+        const j = await jobOf(B, migrationId);
+        return !j || j.status !== 'running' ? (j ?? { status: 'none' }) : null;
+      }, { timeoutMs: FROZEN_PEER_BOUND_MS, intervalMs: 200 });
+      if (settled.status !== 'completed') t.same(await liveQemus(B.stateDir), [], `within ${FROZEN_PEER_BOUND_MS / 1000}s no empty qemu is left on the destination`);
+      thaw();
+      break;
+    }
+    case 'freeze destination host': {
+      const thaw = freeze(rig, B, destinationQemus);
+      if (hold) await releaseHold(hold.host === 'A' ? A : B, hold.point);
+      if (phase === 'after stream, before Finish2' || phase === 'during Finish2') {
+        // Past the stream only the destination may decide: the source keeps its copy paused and waits.
+        await new Promise((r) => setTimeout(r, FREEZE_PROGRESS_TIMEOUT_S * 1000));
+        const j = await jobOf(A, migrationId);
+        t.equal(j?.status, 'running', 'the source waits for the frozen destination\'s word');
+        t.not((await A.agent.client.domain('vm')).state, 'running', 'and does not resume its copy meanwhile');
+      } else {
+        const ended = await waitFor('the source to end the job alone', async () => {
+          const j = await jobOf(A, migrationId);
+          return j && j.status !== 'running' ? j : null;
+        }, { timeoutMs: 90_000, intervalMs: 200 });
+        t.not(ended.status, 'completed', 'the source kept the guest');
+        t.equal((await A.agent.client.domain('vm')).state, 'running', 'and runs it while the destination is frozen');
+      }
+      thaw();
+      break;
+    }
   }
 
   // Both agents drive the job to an end by themselves.
