@@ -313,7 +313,9 @@ export class DestinationSide {
     const run = entry.run;
     try {
       if (!run) throw new Error('the incoming qemu is gone');
-      if (job.record.options.persistDestination && !entry.persistent) await domains.makePersistent(entry);
+      // A definition this host held already (inactive, same uuid) is replaced by the one that
+      // arrived and runs: keeping the old one stored would let it win after the next restart.
+      if (job.record.options.persistDestination || entry.persistent) await domains.makePersistent(entry);
       this.borrowed.delete(entry.name);
       run.incoming = false;
       await domains.saveRuntime(entry, run);
