@@ -174,6 +174,8 @@ export class SourceSide {
     await jobs.setPhase(job, 'streaming', { timings: { ...job.record.timings, setupMs: Date.now() - started } });
     await this.ctx.hold('before-migrate', job.id);
     await qmp.execute('migrate', { uri });
+    // A cancel answered before this point found no stream to cancel: cancel it now.
+    if (job.record.cancelRequested) await qmp.execute('migrate_cancel');
     return this.followStream(job, qmp);
   }
 
@@ -252,7 +254,9 @@ export class SourceSide {
           }
         }
         if (TERMINAL_STREAM.has(status)) {
-          if (status === 'completed') {
+          // A cancel answered during the stream wins even if qemu completed it meanwhile: the
+          // destination resumes only on Finish2(rc=0), which is then never sent.
+          if (status === 'completed' && !job.record.cancelRequested) {
             job.record.timings = {
               ...job.record.timings,
               qemuTotalMs: info['total-time'],
@@ -445,7 +449,8 @@ export class SourceSide {
     if ((SOURCE_AWAITS_DESTINATION as readonly string[]).includes(job.record.phase) || job.record.phase === 'confirmed') {
       throw conflict('too_late_to_cancel', `job ${id} is past the stream (phase ${job.record.phase}); the destination decides now`, { job: id });
     }
-    job.record.cancelRequested = true;
+    // Written before the answer: the stream's start and a restarted agent's recovery both honour it.
+    await this.ctx.jobs.update(job, { cancelRequested: true });
     const entry = this.ctx.domains.find(job.record.domain);
     if (job.record.phase === 'streaming' && entry?.run) await entry.run.qmp.execute('migrate_cancel');
     return job;
@@ -488,6 +493,7 @@ export class SourceSide {
         status = await this.settle(qmp);
       }
     }
+    if (job.record.cancelRequested) return this.rollBack(job, entry, new StreamEnded('cancelled', 'cancelled', 'cancelled before the stream completed'));
     if (status === 'completed') return this.finishCompleted(job, entry);
     return this.rollBack(job, entry, new StreamEnded('failed', 'agent_restarted', 'the source agent restarted during the migration'));
   }
