@@ -71,5 +71,6 @@ export const jobSchema = {
       },
     },
     cancelRequested: { type: 'boolean' },
+    runningBeforeMigration: { type: 'boolean', description: 'source: whether the guest ran when the migration started; a rollback runs it again only then' },
   },
 } as const;

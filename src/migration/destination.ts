@@ -217,10 +217,14 @@ export class DestinationSide {
         })
         .catch((err: unknown) => log.error({ err, migration: job.id }, 'incoming event handling failed'));
     });
-    const onExit = (name: string) => {
-      if (name !== entry.name) return;
+    // Listeners of this job only: they leave with it (the arrived guest's qemu may run on for ever).
+    const stopFollowing = () => {
       domains.off('exit', onExit);
       stopEvents();
+    };
+    const onExit = (name: string) => {
+      if (name !== entry.name) return;
+      stopFollowing();
       void jobs.locks
         .run(job.id, async () => {
           if (!job.terminal && job.record.phase !== 'finishing') {
@@ -230,6 +234,7 @@ export class DestinationSide {
         .catch((err: unknown) => log.error({ err, migration: job.id }, 'incoming exit handling failed'));
     };
     domains.on('exit', onExit);
+    job.once('end', stopFollowing);
   }
 
   async finish(req: Finish2Request): Promise<Finish2Response> {

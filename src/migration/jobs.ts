@@ -62,6 +62,11 @@ export interface JobRecord {
   waiting?: string;
   cancelRequested?: boolean;
   /**
+   * Source only: whether the guest ran when the migration started (libvirt's preMigrationState).
+   * A rollback, also after an agent restart, runs the guest again only when it did.
+   */
+  runningBeforeMigration?: boolean;
+  /**
    * Source only: an operator's decision while the Finish2 outcome stayed unknown (the destination
    * unreachable for good), applied instead of the destination's answer.
    */
@@ -124,7 +129,10 @@ export class JobRegistry {
     return this.list().filter((j) => j.record.role === role && !j.terminal);
   }
 
-  async create(fields: Pick<JobRecord, 'id' | 'role' | 'domain' | 'uuid' | 'options' | 'peer'> & Partial<Pick<JobRecord, 'finishToken'>>, phase: Phase): Promise<Job> {
+  async create(
+    fields: Pick<JobRecord, 'id' | 'role' | 'domain' | 'uuid' | 'options' | 'peer'> & Partial<Pick<JobRecord, 'finishToken' | 'runningBeforeMigration'>>,
+    phase: Phase,
+  ): Promise<Job> {
     const now = new Date().toISOString();
     const job = new Job({
       ...fields,

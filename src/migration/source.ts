@@ -99,6 +99,7 @@ export class SourceSide {
         }
         const run = domains.requireRunning(entry);
         if (run.incoming) throw conflict('domain_incoming', `domain ${req.domain} is still arriving here`);
+        const runningBeforeMigration = await this.guestRunning(run.qmp);
         // No await between this count and jobs.create registering the job: concurrent Performs cannot all slip in.
         if (jobs.running('source').length >= config.maxOutgoing) {
           throw new AgentError(503, 'too_many_migrations', `this agent already sends ${config.maxOutgoing} migrations`, {
@@ -106,8 +107,10 @@ export class SourceSide {
           });
         }
         const options: MigrationOptions = { ...DEFAULT_OPTIONS, ...req.options, ...(req.desturi ? { desturi: req.desturi } : {}) };
+        // A guest paused here arrives paused, whatever the flags say (as libvirt keeps it).
+        if (!runningBeforeMigration) options.paused = true;
         const job = await jobs.create(
-          { id: migrationId, role: 'source', domain: entry.name, uuid: entry.uuid, options, peer: { url: destination.toString() } },
+          { id: migrationId, role: 'source', domain: entry.name, uuid: entry.uuid, options, peer: { url: destination.toString() }, runningBeforeMigration },
           'preparing',
         );
         entry.activeJob = { id: job.id, role: 'source' };
@@ -121,9 +124,6 @@ export class SourceSide {
   private async run(job: Job, entry: DomainEntry): Promise<void> {
     const { log } = this.ctx;
     const qmp = entry.run!.qmp;
-    const wasRunning = await this.guestRunning(qmp);
-    // A guest paused here arrives paused, whatever the flags say (as libvirt keeps it).
-    if (!wasRunning && !job.record.options.paused) await this.ctx.jobs.update(job, { options: { ...job.record.options, paused: true } });
     let pausedAt: number | undefined;
     try {
       pausedAt = await this.prepareAndStream(job, entry, qmp);
@@ -133,10 +133,10 @@ export class SourceSide {
           ? err
           : new StreamEnded('failed', (err as AgentError).code ?? 'migration_failed', (err as Error).message);
       log.warn({ migration: job.id, domain: entry.name, err: ended.message }, 'migration failed before the stream completed');
-      await this.rollBack(job, entry, wasRunning, ended);
+      await this.rollBack(job, entry, ended);
       return;
     }
-    await this.finishCompleted(job, entry, wasRunning, pausedAt);
+    await this.finishCompleted(job, entry, pausedAt);
   }
 
   /** Prepare2, QMP set-up and the stream; when the source vCPUs stopped for the switch-over, if qemu said. */
@@ -172,7 +172,10 @@ export class SourceSide {
     if (this.ctx.streamTls) await useQemuTls(qmp, await this.ctx.domains.qemuTlsDir(entry), 'client', streamHost);
     if (!options.live) await qmp.execute('stop');
     await jobs.setPhase(job, 'streaming', { timings: { ...job.record.timings, setupMs: Date.now() - started } });
+    await this.ctx.hold('before-migrate', job.id);
     await qmp.execute('migrate', { uri });
+    // A cancel answered before this point found no stream to cancel: cancel it now.
+    if (job.record.cancelRequested) await qmp.execute('migrate_cancel');
     return this.followStream(job, qmp);
   }
 
@@ -251,7 +254,9 @@ export class SourceSide {
           }
         }
         if (TERMINAL_STREAM.has(status)) {
-          if (status === 'completed') {
+          // A cancel answered during the stream wins even if qemu completed it meanwhile: the
+          // destination resumes only on Finish2(rc=0), which is then never sent.
+          if (status === 'completed' && !job.record.cancelRequested) {
             job.record.timings = {
               ...job.record.timings,
               qemuTotalMs: info['total-time'],
@@ -289,7 +294,7 @@ export class SourceSide {
    * The stream completed: the source guest is paused; the destination decides who owns it.
    * `pausedAt`: when the source vCPUs stopped, for the switch-over time the guest saw.
    */
-  private async finishCompleted(job: Job, entry: DomainEntry, wasRunning: boolean, pausedAt = Date.now()): Promise<void> {
+  private async finishCompleted(job: Job, entry: DomainEntry, pausedAt = Date.now()): Promise<void> {
     const { jobs, log } = this.ctx;
     // One write while the guest is paused: both phases precede the same action, Finish2.
     if (job.record.phase !== 'finishing') {
@@ -304,7 +309,7 @@ export class SourceSide {
     } else {
       log.warn({ migration: job.id, error: answer.error }, 'destination aborted after the stream completed; resuming the source');
       const why = new StreamEnded('failed', answer.error?.code ?? 'destination_aborted', answer.error?.message ?? 'the destination aborted');
-      await this.rollBack(job, entry, wasRunning, why, { waiting: undefined, finish });
+      await this.rollBack(job, entry, why, { waiting: undefined, finish });
     }
   }
 
@@ -321,11 +326,12 @@ export class SourceSide {
 
   /**
    * The migration failed: tell the destination (Finish2 rc!=0, which ends its empty qemu) and
-   * make sure the guest runs here again. When the stream never completed, the destination cannot
-   * run the guest (it resumes only on rc=0), so resuming here is safe without waiting for it.
-   * `answered`: the destination already answered Finish2 (the exchange, recorded with the phase).
+   * make sure the guest runs here again if it ran before the migration. When the stream never
+   * completed, the destination cannot run the guest (it resumes only on rc=0), so resuming here is
+   * safe without waiting for it. `answered`: the destination already answered Finish2 (the
+   * exchange, recorded with the phase).
    */
-  private async rollBack(job: Job, entry: DomainEntry, wasRunning: boolean, why: StreamEnded, answered?: Partial<JobRecord>): Promise<void> {
+  private async rollBack(job: Job, entry: DomainEntry, why: StreamEnded, answered?: Partial<JobRecord>): Promise<void> {
     const { jobs, log } = this.ctx;
     await jobs.setPhase(job, 'rolling-back', { ...answered, error: { code: why.code, message: why.message } });
     if (!answered) {
@@ -333,7 +339,8 @@ export class SourceSide {
     }
     let message = why.message;
     const run = entry.run;
-    if (run && wasRunning) {
+    // A record written before agents kept the run state holds none: resume, as they did.
+    if (run && job.record.runningBeforeMigration !== false) {
       const notResumed = await resumeAfterMigration(run.qmp, RESUME_TIMEOUT_MS, (reason) =>
         jobs.update(job, { waiting: `the guest resumes here as soon as it can: ${reason}` }),
       );
@@ -442,7 +449,8 @@ export class SourceSide {
     if ((SOURCE_AWAITS_DESTINATION as readonly string[]).includes(job.record.phase) || job.record.phase === 'confirmed') {
       throw conflict('too_late_to_cancel', `job ${id} is past the stream (phase ${job.record.phase}); the destination decides now`, { job: id });
     }
-    job.record.cancelRequested = true;
+    // Written before the answer: the stream's start and a restarted agent's recovery both honour it.
+    await this.ctx.jobs.update(job, { cancelRequested: true });
     const entry = this.ctx.domains.find(job.record.domain);
     if (job.record.phase === 'streaming' && entry?.run) await entry.run.qmp.execute('migrate_cancel');
     return job;
@@ -472,9 +480,9 @@ export class SourceSide {
     log.warn({ migration: job.id, phase }, 'recovering source job after restart');
     if (phase === 'confirmed') return this.confirm(job, entry);
     if (phase === 'rolling-back') {
-      return this.rollBack(job, entry, true, new StreamEnded('failed', job.record.error?.code ?? 'agent_restarted', job.record.error?.message ?? 'agent restarted'));
+      return this.rollBack(job, entry, new StreamEnded('failed', job.record.error?.code ?? 'agent_restarted', job.record.error?.message ?? 'agent restarted'));
     }
-    if (phase === 'stream-completed' || phase === 'finishing') return this.finishCompleted(job, entry, true);
+    if (phase === 'stream-completed' || phase === 'finishing') return this.finishCompleted(job, entry);
     // preparing / prepared / streaming: the stream may still run inside qemu without us.
     const qmp = entry.run?.qmp;
     let status = 'none';
@@ -485,8 +493,9 @@ export class SourceSide {
         status = await this.settle(qmp);
       }
     }
-    if (status === 'completed') return this.finishCompleted(job, entry, true);
-    return this.rollBack(job, entry, true, new StreamEnded('failed', 'agent_restarted', 'the source agent restarted during the migration'));
+    if (job.record.cancelRequested) return this.rollBack(job, entry, new StreamEnded('cancelled', 'cancelled', 'cancelled before the stream completed'));
+    if (status === 'completed') return this.finishCompleted(job, entry);
+    return this.rollBack(job, entry, new StreamEnded('failed', 'agent_restarted', 'the source agent restarted during the migration'));
   }
 
   private async settle(qmp: QmpClient): Promise<string> {

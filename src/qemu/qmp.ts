@@ -180,6 +180,11 @@ export class QmpClient {
     return this.execute<string>('human-monitor-command', { 'command-line': commandLine }, opts);
   }
 
+  /** How many event listeners are subscribed: what lets a check see that a job's listeners left with it. */
+  get eventListenerCount(): number {
+    return this.#eventListeners.size;
+  }
+
   /** Calls listener for every event; returns the unsubscribe function. */
   onEvent(listener: (e: QmpEvent) => void): () => void {
     this.#eventListeners.add(listener);
