@@ -14,6 +14,23 @@ t.test('atomic write replaces whole files and leaves no temp file', async (t) =>
   t.same(await fs.readdir(dir), ['x.json']);
 });
 
+t.test('overlapping saves of one record: the file ends with the last one issued, every time', async (t) => {
+  const dir = await tmpDir(t);
+  const store = new StateStore(dir);
+  await store.init();
+  for (let round = 0; round < 20; round++) {
+    const saves = Array.from({ length: 20 }, (_, version) => store.saveRecord('jobs', 'j', { version, round }));
+    await Promise.all(saves);
+    const onDisk = JSON.parse(await fs.readFile(path.join(dir, 'jobs', 'j.json'), 'utf8')) as { version: number; round: number };
+    if (onDisk.version !== 19) t.fail(`round ${round}: version ${onDisk.version} on disk, 19 was written last`);
+  }
+  t.same(await fs.readdir(path.join(dir, 'jobs')), ['j.json'], 'no temp file left');
+  await store.saveRecord('jobs', 'j', { version: 20 });
+  const removed = store.removeRecord('jobs', 'j');
+  await Promise.all([store.saveRecord('jobs', 'j', { version: 21 }), removed]);
+  t.equal(JSON.parse(await fs.readFile(path.join(dir, 'jobs', 'j.json'), 'utf8')).version, 21, 'a save issued after a remove is what stays');
+});
+
 t.test('stale temp files of an interrupted write are removed at start', async (t) => {
   const dir = await tmpDir(t);
   const store = new StateStore(dir);
