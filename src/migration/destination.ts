@@ -136,7 +136,7 @@ export class DestinationSide {
     }
     const existing = domains.find(def.name);
     if (!existing) return domains.addTransient(xml, def);
-    if (existing.run || existing.activeJob) {
+    if (domains.isActive(existing) || existing.activeJob) {
       throw conflict('domain_active', `domain ${def.name} is already active on this host`, { domain: def.name });
     }
     if (existing.uuid !== def.uuid) {
@@ -237,7 +237,7 @@ export class DestinationSide {
       if (!job || job.record.role !== 'destination') {
         // No record (never prepared here, or removed as old history). "Never ran here" is what the
         // source will conclude, so say it only when no qemu of this guest runs here.
-        const active = req.uuid ? this.ctx.domains.list().find((d) => d.uuid === req.uuid && d.run) : undefined;
+        const active = req.uuid ? this.ctx.domains.list().find((d) => d.uuid === req.uuid && this.ctx.domains.isActive(d)) : undefined;
         if (active) {
           throw conflict(
             'guest_active_here',

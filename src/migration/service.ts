@@ -49,8 +49,12 @@ export class MigrationService {
     await this.jobs.prune();
     for (const job of loaded) {
       if (job.terminal) continue;
-      const recovery = job.record.role === 'source' ? this.source.recover(job) : this.destination.recover(job);
-      void recovery.catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'job recovery failed'));
+      const recovery = async () => {
+        // Recovery acts on the guest's qemu: not before the agent knows whether it runs (its monitor may not answer yet).
+        if (!(await this.ctx.domains.settled(job.record.domain))) return;
+        await (job.record.role === 'source' ? this.source.recover(job) : this.destination.recover(job));
+      };
+      void recovery().catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'job recovery failed'));
     }
   }
 
