@@ -4,7 +4,8 @@ import { useQemuTls } from '../agent/tls.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
 import { destinationCapabilities, parseDestUri } from './params.js';
 import { pickPort, portIsFree } from './ports.js';
-import type { Job } from './jobs.js';
+import { setTimeout as delay } from 'node:timers/promises';
+import { CRASHED_JOB_RETRY_MS, type Job } from './jobs.js';
 import { newFinishToken, type Finish2Request, type Finish2Response, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
 const ACTIVE_INCOMING_PHASES = new Set(['prepared', 'receiving', 'received']);
@@ -17,6 +18,7 @@ const ACTIVE_INCOMING_PHASES = new Set(['prepared', 'receiving', 'received']);
  */
 export class DestinationSide {
   private readonly ctx: MigrationContext;
+  private closed = false;
   private readonly leases = new Map<string, NodeJS.Timeout>();
   /** The definition a same-named inactive domain had before an incoming migration borrowed its entry. */
   private readonly borrowed = new Map<string, { xml: string; def: DomainEntry['def'] }>();
@@ -195,7 +197,7 @@ export class DestinationSide {
 
   /** Follow the incoming stream through qemu's MIGRATION events and the qemu's own exit. */
   private followIncoming(job: Job, entry: DomainEntry): void {
-    const { domains, jobs, log } = this.ctx;
+    const { domains, jobs } = this.ctx;
     const run = entry.run!;
     const stopEvents = run.qmp.onEvent((e) => {
       if (e.event !== 'MIGRATION' || job.terminal) return;
@@ -213,7 +215,7 @@ export class DestinationSide {
             await this.abort(job, entry, { code: 'stream_failed', message: 'the incoming stream failed' });
           }
         })
-        .catch((err: unknown) => log.error({ err, migration: job.id }, 'incoming event handling failed'));
+        .catch((err: unknown) => this.settleCrash(job, err));
     });
     const onExit = (name: string) => {
       if (name !== entry.name) return;
@@ -225,7 +227,7 @@ export class DestinationSide {
             await this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu ended before Finish2' });
           }
         })
-        .catch((err: unknown) => log.error({ err, migration: job.id }, 'incoming exit handling failed'));
+        .catch((err: unknown) => this.settleCrash(job, err));
     };
     domains.on('exit', onExit);
   }
@@ -254,7 +256,7 @@ export class DestinationSide {
       if (job.record.finish?.outcome) return this.finishAnswer(job);
       const entry = this.ctx.domains.find(job.record.domain);
       if (job.terminal || !entry?.run) {
-        if (!job.terminal && entry) await this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu is gone' });
+        if (!job.terminal && entry) await this.settlingOnThrow(job, this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu is gone' }));
         // The incoming side already ended on its own (its qemu exits when the stream breaks);
         // the source's word tells why, so the record says cancelled when it was.
         const cancelled = req.cancelled === true && job.record.status === 'failed';
@@ -265,18 +267,28 @@ export class DestinationSide {
         return this.finishAnswer(job);
       }
       if (req.rc !== 0) {
-        await this.abort(
+        await this.settlingOnThrow(job, this.abort(
           job,
           entry,
           { code: req.cancelled ? 'cancelled' : 'source_failed', message: req.error ?? `the source reported rc=${req.rc}` },
           req.cancelled ? 'cancelled' : 'failed',
           req.rc,
-        );
+        ));
         return this.finishAnswer(job);
       }
-      await this.handOver(job, entry);
+      await this.settlingOnThrow(job, this.handOver(job, entry));
       return this.finishAnswer(job);
     });
+  }
+
+  /** A step Finish2 takes on a job: a throw is answered (the source asks again) and the job carried on by settleCrash meanwhile. */
+  private async settlingOnThrow(job: Job, step: Promise<void>): Promise<void> {
+    try {
+      await step;
+    } catch (err) {
+      void this.settleCrash(job, err);
+      throw err;
+    }
   }
 
   private finishAnswer(job: Job): Finish2Response {
@@ -377,7 +389,7 @@ export class DestinationSide {
             message: `lease of ${this.ctx.config.incomingTimeoutSeconds}s expired: ${why}`,
           });
         })
-        .catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'lease expiry failed'));
+        .catch((err: unknown) => this.settleCrash(job, err));
     }, this.ctx.config.incomingTimeoutSeconds * 1000);
     timer.unref();
     this.leases.set(job.id, timer);
@@ -418,7 +430,36 @@ export class DestinationSide {
     });
   }
 
+  /**
+   * A throw escaped a job's own handling (a bug, a failed write, in an event, a lease expiry or
+   * a recovery): the job is carried on by the rule of its phase, attempt after attempt until it
+   * ends, never left running with its domain blocked or an empty qemu behind. In `finishing` this
+   * host owns the guest: the hand-over is carried out. Before it no guest ran here: the incoming
+   * qemu is ended and the job fails with code `internal`. Never rejects.
+   */
+  async settleCrash(job: Job, err: unknown): Promise<void> {
+    const { jobs, domains, log } = this.ctx;
+    for (let attempt = 0; !job.terminal && !this.closed; attempt++) {
+      log.error({ err, migration: job.id, phase: job.record.phase, attempt }, 'incoming migration job crashed; carrying it on by its phase');
+      const crashed = { code: 'internal', message: `internal error: ${(err as Error).message}` };
+      try {
+        await jobs.locks.run(job.id, async () => {
+          if (job.terminal) return;
+          const entry = domains.find(job.record.domain);
+          if (!entry) await jobs.end(job, 'failed', crashed);
+          else if (job.record.phase === 'finishing') await this.completeHandOver(job, entry);
+          else await this.abort(job, entry, crashed);
+        });
+        return;
+      } catch (again) {
+        err = again;
+      }
+      await delay(CRASHED_JOB_RETRY_MS[Math.min(attempt, CRASHED_JOB_RETRY_MS.length - 1)]!, undefined, { ref: false });
+    }
+  }
+
   close(): void {
+    this.closed = true;
     for (const timer of this.leases.values()) clearTimeout(timer);
     this.leases.clear();
   }
