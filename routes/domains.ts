@@ -78,7 +78,8 @@ export default async function domainRoutes(app: FastifyInstance): Promise<void> 
           summary,
           tags: ['domains'],
           params: domainNameParams,
-          response: { [status]: { $ref: 'DomainInfo#' }, ...errorResponses },
+          // 503 domain_unreachable: its qemu runs, but its monitor does not answer yet.
+          response: { [status]: { $ref: 'DomainInfo#' }, ...errorResponses, 503: { $ref: 'Error#' } },
         },
       },
       async (req, reply) => reply.code(status).send(await domains.info(await run(req.params.name))),
@@ -92,7 +93,7 @@ export default async function domainRoutes(app: FastifyInstance): Promise<void> 
         summary: 'Undefine a domain (refused while it runs)',
         tags: ['domains'],
         params: domainNameParams,
-        response: { 204: { type: 'null' }, ...errorResponses },
+        response: { 204: { type: 'null' }, ...errorResponses, 503: { $ref: 'Error#' } },
       },
     },
     async (req, reply) => {

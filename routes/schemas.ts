@@ -29,9 +29,13 @@ export const domainInfoSchema = {
   properties: {
     name: { type: 'string' },
     uuid: { type: 'string', format: 'uuid' },
-    state: { type: 'string', enum: ['shutoff', 'running', 'paused', 'migrating', 'incoming'] },
-    reason: { type: 'string', description: 'why the domain is in this state (e.g. crashed, destroyed, migrated, start_failed)' },
-    reasonMessage: { type: 'string', description: 'for start_failed: what qemu said' },
+    state: {
+      type: 'string',
+      enum: ['shutoff', 'running', 'paused', 'migrating', 'incoming', 'unreachable'],
+      description: 'unreachable: its qemu runs but its monitor has not answered since the agent started (another client on it, a slow host); the agent keeps trying to attach, and refuses lifecycle actions (503 domain_unreachable) meanwhile',
+    },
+    reason: { type: 'string', description: 'why the domain is in this state (e.g. crashed, destroyed, migrated, start_failed, monitor_not_answering)' },
+    reasonMessage: { type: 'string', description: 'for start_failed: what qemu said; for unreachable: since when, and the last error' },
     persistent: { type: 'boolean' },
     memoryKiB: { type: 'integer' },
     vcpus: { type: 'integer' },

@@ -2,6 +2,7 @@ import { EventEmitter } from 'node:events';
 import fsSync, { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { FastifyBaseLogger } from 'fastify';
 import { AgentError, DomainXmlError, conflict, notFound } from '../errors.js';
 import {
@@ -38,7 +39,7 @@ import { DisplayPorts } from './display-ports.js';
  */
 const QEMU_SANDBOX_ARGS = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'];
 
-export type DomainState = 'shutoff' | 'running' | 'paused' | 'migrating' | 'incoming';
+export type DomainState = 'shutoff' | 'running' | 'paused' | 'migrating' | 'incoming' | 'unreachable';
 /** Why a domain is not running (libvirt keeps a reason beside each state for the same purpose). */
 export type ShutoffReason = 'defined' | 'shutdown' | 'destroyed' | 'crashed' | 'migrated' | 'failed' | 'start_failed' | 'unknown';
 
@@ -57,6 +58,23 @@ export interface RunningQemu {
   swtpm?: SwtpmRecord;
 }
 
+/**
+ * A qemu found alive at start-up (its pid and start time match the record) whose monitor did not
+ * greet: another client holds it (qemu serves one at a time), or qemu or the host is too slow.
+ * It is the guest's running copy all the same: kept, never taken for gone, and attached to again
+ * in the background; meanwhile nothing is done to it blind.
+ */
+export interface UnreachableQemu {
+  record: QemuProcessRecord;
+  swtpm?: SwtpmRecord;
+  startedAt: string;
+  since: string;
+  attempts: number;
+  lastError: string;
+  /** Ends once the agent attached to it or found it gone (true), or is shutting down first (false). */
+  settled: Promise<boolean>;
+}
+
 export interface DomainEntry {
   name: string;
   uuid: string;
@@ -65,6 +83,8 @@ export interface DomainEntry {
   /** A transient domain (an incoming one not asked to persist) has no stored definition and vanishes when it stops. */
   persistent: boolean;
   run?: RunningQemu;
+  /** Set instead of `run` while the qemu runs but its monitor has not answered since a restart. */
+  unreachable?: UnreachableQemu;
   lastExit?: { reason: ShutoffReason; at: string; message?: string };
   /** The migration job that owns this domain now, if any: lifecycle calls are refused meanwhile. */
   activeJob?: { id: string; role: 'source' | 'destination' };
@@ -108,6 +128,12 @@ export interface GraphicsInfo {
   port?: number;
 }
 
+/** At start-up: how long each monitor may take to greet before its qemu is kept as unreachable (all at once, not one after the other). */
+const FIRST_ATTACH_TIMEOUT_MS = 2000;
+/** Then: the pauses between attempts, doubling up to the cap; each attempt waits QMP's own connect timeout. */
+const REATTACH_FIRST_PAUSE_MS = 500;
+const REATTACH_MAX_PAUSE_MS = 30_000;
+
 const QMP_STATUS_TO_STATE: Record<string, DomainState> = {
   running: 'running',
   inmigrate: 'incoming',
@@ -147,8 +173,8 @@ export class DomainManager extends EventEmitter {
   private readonly domains = new Map<string, DomainEntry>();
   private readonly mutex = new KeyedMutex();
   private readonly opts: DomainManagerOptions;
-  /** Set while the agent shuts down: QMP connections close but the guests go on running. */
-  private detaching = false;
+  /** Aborted when the agent shuts down: QMP connections close (and attempts to attach stop) but the guests go on running. */
+  private readonly detaching = new AbortController();
   private readonly logCap: NodeJS.Timeout;
   private readonly displayPorts = new DisplayPorts();
 
@@ -173,45 +199,129 @@ export class DomainManager extends EventEmitter {
       }
     }
     const records = await store.loadRecords<RuntimeRecord>('runtime', isRuntimeRecord);
-    for (const { id, value: rec } of records) {
-      const qmp = await attachQemu(rec.process).catch((err: unknown) => {
-        log.warn({ err, domain: rec.name }, 're-attach failed');
-        return null;
-      });
-      if (!qmp) {
-        log.warn({ domain: rec.name, pid: rec.process.pid }, 'qemu of a running domain is gone; marked shut off');
-        if (rec.swtpm) await killSwtpm(rec.swtpm);
-        // An arrival that never took over, or a transient domain: its TPM state goes with it.
-        if (rec.incoming || !rec.persistent) await this.removeOwnState({ uuid: rec.uuid, def: parseDomainXml(rec.xml) });
-        await store.removeRecord('runtime', id);
-        const entry = this.domains.get(rec.name);
-        if (entry) entry.lastExit = { reason: 'unknown', at: new Date().toISOString() };
-        continue;
-      }
-      let entry = this.domains.get(rec.name);
-      if (!entry || entry.uuid !== rec.uuid) {
-        entry = { name: rec.name, uuid: rec.uuid, xml: rec.xml, def: parseDomainXml(rec.xml), persistent: rec.persistent };
-        this.domains.set(rec.name, entry);
-      }
-      this.watch(entry, {
-        record: rec.process,
-        qmp,
-        startedAt: rec.startedAt,
-        incoming: rec.incoming,
-        guestShutdown: false,
-        outputFds: await this.reopenOutputs(entry),
-        ...(rec.swtpm ? { swtpm: rec.swtpm } : {}),
-      });
-      if (rec.swtpm && !swtpmRuns(rec.swtpm)) log.warn({ domain: rec.name, pid: rec.swtpm.pid }, "the guest's swtpm is gone: its TPM no longer answers");
-      // Its SPICE port stays its own (another guest's autoport must not choose it).
-      const spicePort = (await this.graphicsInfo(entry.def, qmp)).find((g) => g.type === 'spice')?.port;
-      if (spicePort) this.displayPorts.hold(entry.name, spicePort);
-      log.info({ domain: rec.name, pid: rec.process.pid }, 're-attached to running qemu');
-    }
+    // All at once, each bounded: a monitor that does not answer holds up neither the others nor the agent's start.
+    await Promise.all(records.map(({ id, value }) => this.reattach(id, value)));
     await this.reclaimOrphans();
     await this.reclaimTaps();
     await this.reclaimTpmStates();
     await this.reclaimNvrams();
+  }
+
+  /**
+   * A qemu recorded as running, at start-up: attached to again; kept as unreachable (and attached
+   * to later) while it runs but its monitor does not greet; recorded as gone when it no longer runs.
+   */
+  private async reattach(id: string, rec: RuntimeRecord): Promise<void> {
+    let qmp: QmpClient | null;
+    try {
+      qmp = await attachQemu(rec.process, { connectTimeoutMs: FIRST_ATTACH_TIMEOUT_MS });
+    } catch (err) {
+      const entry = this.entryOf(rec);
+      this.opts.log.warn({ err, domain: rec.name, pid: rec.process.pid }, "qemu runs but its monitor does not answer: kept, reported unreachable, attached to again in the background");
+      const unreachable: UnreachableQemu = {
+        record: rec.process,
+        ...(rec.swtpm ? { swtpm: rec.swtpm } : {}),
+        startedAt: rec.startedAt,
+        since: new Date().toISOString(),
+        attempts: 1,
+        lastError: (err as Error).message,
+        settled: Promise.resolve(false),
+      };
+      entry.unreachable = unreachable;
+      unreachable.settled = this.attachLater(entry, id, rec);
+      return;
+    }
+    if (!qmp) return this.recordGone(id, rec);
+    await this.adopt(this.entryOf(rec), rec, qmp);
+  }
+
+  /** The entry a runtime record belongs to: its stored definition's, else one made from the record (a transient domain). */
+  private entryOf(rec: RuntimeRecord): DomainEntry {
+    let entry = this.domains.get(rec.name);
+    if (!entry || entry.uuid !== rec.uuid) {
+      entry = { name: rec.name, uuid: rec.uuid, xml: rec.xml, def: parseDomainXml(rec.xml), persistent: rec.persistent };
+      this.domains.set(rec.name, entry);
+    }
+    return entry;
+  }
+
+  /** Follow a qemu found running after a restart, through the monitor connection just made. */
+  private async adopt(entry: DomainEntry, rec: RuntimeRecord, qmp: QmpClient): Promise<void> {
+    const { log } = this.opts;
+    this.watch(entry, {
+      record: rec.process,
+      qmp,
+      startedAt: rec.startedAt,
+      incoming: rec.incoming,
+      guestShutdown: false,
+      outputFds: await this.reopenOutputs(entry),
+      ...(rec.swtpm ? { swtpm: rec.swtpm } : {}),
+    });
+    if (rec.swtpm && !swtpmRuns(rec.swtpm)) log.warn({ domain: rec.name, pid: rec.swtpm.pid }, "the guest's swtpm is gone: its TPM no longer answers");
+    // Its SPICE port stays its own (another guest's autoport must not choose it).
+    const spicePort = (await this.graphicsInfo(entry.def, qmp)).find((g) => g.type === 'spice')?.port;
+    if (spicePort) this.displayPorts.hold(entry.name, spicePort);
+    log.info({ domain: rec.name, pid: rec.process.pid }, 're-attached to running qemu');
+  }
+
+  /** The qemu of a runtime record no longer runs (it ended while the agent was down): the domain is shut off. */
+  private async recordGone(id: string, rec: RuntimeRecord): Promise<void> {
+    this.opts.log.warn({ domain: rec.name, pid: rec.process.pid }, 'qemu of a running domain is gone; marked shut off');
+    if (rec.swtpm) await killSwtpm(rec.swtpm);
+    // An arrival that never took over, or a transient domain: its TPM state goes with it.
+    if (rec.incoming || !rec.persistent) await this.removeOwnState({ uuid: rec.uuid, def: parseDomainXml(rec.xml) });
+    await this.opts.store.removeRecord('runtime', id);
+    const entry = this.domains.get(rec.name);
+    if (entry) entry.lastExit = { reason: 'unknown', at: new Date().toISOString() };
+  }
+
+  /**
+   * Attaches to an unreachable qemu, trying again after a pause that doubles up to a bound, for as
+   * long as the qemu runs: a busy or slow monitor is no reason to give the guest up. Never rejects.
+   */
+  private async attachLater(entry: DomainEntry, id: string, rec: RuntimeRecord): Promise<boolean> {
+    const { log } = this.opts;
+    const { signal } = this.detaching;
+    const unreachable = entry.unreachable!;
+    try {
+      for (let pauseMs = REATTACH_FIRST_PAUSE_MS; ; pauseMs = Math.min(pauseMs * 2, REATTACH_MAX_PAUSE_MS)) {
+        await sleep(pauseMs, undefined, { signal, ref: false }).catch(() => undefined);
+        if (signal.aborted) return false;
+        let qmp: QmpClient | null;
+        try {
+          qmp = await attachQemu(rec.process, { signal });
+        } catch (err) {
+          if (signal.aborted) return false;
+          unreachable.attempts++;
+          unreachable.lastError = (err as Error).message;
+          log.warn({ domain: entry.name, pid: rec.process.pid, attempts: unreachable.attempts, err: unreachable.lastError }, 'monitor still does not answer');
+          continue;
+        }
+        return await this.withLock(entry.name, async () => {
+          entry.unreachable = undefined;
+          if (qmp && signal.aborted) {
+            await qmp.close();
+            return false;
+          }
+          if (qmp) await this.adopt(entry, rec, qmp);
+          else await this.endedUnreachable(entry, id, rec);
+          return true;
+        });
+      }
+    } catch (err) {
+      log.error({ err, domain: entry.name }, 'attaching to the qemu failed');
+      return false;
+    }
+  }
+
+  /** An unreachable qemu ended before the agent could attach: what start-up leaves for a gone qemu, and what it kept for this one. */
+  private async endedUnreachable(entry: DomainEntry, id: string, rec: RuntimeRecord): Promise<void> {
+    await this.recordGone(id, rec);
+    await removeQemuFiles(rec.process);
+    if (path.dirname(rec.process.qmpSocketPath) === this.runDir(entry.uuid)) await fs.rm(this.runDir(entry.uuid), { recursive: true, force: true });
+    await this.removeTaps(entry.name);
+    if (entry.def.hugepages) await releaseHugepages(entry.uuid);
+    if (!entry.persistent && this.domains.get(entry.name) === entry) this.domains.delete(entry.name);
   }
 
   /** A variable store of a domain this agent no longer holds (it crashed while the domain left): removed. */
@@ -231,7 +341,7 @@ export class DomainManager extends EventEmitter {
     const known = new Map([...this.domains.values()].map((e) => [e.uuid, e]));
     for (const uuid of await fs.readdir(this.opts.store.dir('tpm'))) {
       const entry = known.get(uuid);
-      if (entry?.run) continue;
+      if (entry?.run || entry?.unreachable) continue;
       if (entry) await releaseTpmState(this.tpmDir(uuid));
       else await this.removeTpmState(uuid);
     }
@@ -249,7 +359,8 @@ export class DomainManager extends EventEmitter {
   /** Taps recorded for a domain whose qemu no longer runs (the agent was down when it ended): deleted now. */
   private async reclaimTaps(): Promise<void> {
     for (const { id } of await this.opts.store.loadRecords<{ taps: TapRecord[] }>('taps', isTapsRecord)) {
-      if (this.domains.get(id)?.run) continue;
+      const entry = this.domains.get(id);
+      if (entry?.run || entry?.unreachable) continue;
       await this.removeTaps(id);
     }
   }
@@ -331,10 +442,13 @@ export class DomainManager extends EventEmitter {
    * tracks; its pidfile in run/ names it. End such orphans and remove stale sockets/pidfiles.
    */
   private async reclaimOrphans(): Promise<void> {
-    const tracked = new Set([...this.domains.values()].flatMap((e) => [
-      ...(e.run ? [e.run.record.pidfilePath, e.run.record.qmpSocketPath] : []),
-      ...(e.run?.swtpm ? [e.run.swtpm.pidfilePath, e.run.swtpm.socketPath] : []),
-    ]));
+    const tracked = new Set([...this.domains.values()].flatMap((e) => {
+      const qemu = e.run ?? e.unreachable;
+      return [
+        ...(qemu ? [qemu.record.pidfilePath, qemu.record.qmpSocketPath] : []),
+        ...(qemu?.swtpm ? [qemu.swtpm.pidfilePath, qemu.swtpm.socketPath] : []),
+      ];
+    }));
     const reclaim = async (dir: string): Promise<void> => {
       for (const file of await fs.readdir(dir, { withFileTypes: true })) {
         const full = path.join(dir, file.name);
@@ -552,6 +666,7 @@ export class DomainManager extends EventEmitter {
       if (existing && existing.uuid !== def.uuid) {
         throw conflict('domain_exists', `domain ${def.name} already exists with uuid ${existing.uuid}`, { domain: def.name });
       }
+      if (existing) this.refuseUnreachable(existing, 'redefine');
       if (existing?.run || existing?.activeJob) {
         throw conflict('domain_active', `domain ${def.name} is active; shut it down before redefining it`, { domain: def.name });
       }
@@ -853,7 +968,7 @@ export class DomainManager extends EventEmitter {
 
   /** Forget a domain that is not running (transient after it stopped, or undefine after migrating away). */
   async forget(entry: DomainEntry, removeDefinition: boolean): Promise<void> {
-    if (entry.run) throw new AgentError(500, 'internal', `forget of running domain ${entry.name}`);
+    if (entry.run || entry.unreachable) throw new AgentError(500, 'internal', `forget of running domain ${entry.name}`);
     if (removeDefinition && entry.persistent) await this.opts.store.removeDefinition(entry.name);
     if (this.domains.get(entry.name) === entry) this.domains.delete(entry.name);
     await this.removeOwnState(entry);
@@ -869,6 +984,13 @@ export class DomainManager extends EventEmitter {
       machine: entry.def.machine,
       ...(entry.activeJob ? { job: entry.activeJob } : {}),
     };
+    const unreachable = entry.unreachable;
+    if (unreachable) {
+      return {
+        ...base, state: 'unreachable', reason: 'monitor_not_answering', pid: unreachable.record.pid, startedAt: unreachable.startedAt,
+        reasonMessage: `qemu runs, but its monitor has not answered since ${unreachable.since} (${unreachable.attempts} attempts; the agent keeps trying): ${unreachable.lastError}`,
+      };
+    }
     const run = entry.run;
     if (!run) return { ...base, state: 'shutoff', reason: entry.lastExit?.reason ?? 'unknown', ...(entry.lastExit?.message ? { reasonMessage: entry.lastExit.message } : {}) };
     let qemuStatus: string | undefined;
@@ -890,11 +1012,37 @@ export class DomainManager extends EventEmitter {
   }
 
   requireRunning(entry: DomainEntry): RunningQemu {
+    this.refuseUnreachable(entry, 'use');
     if (!entry.run) throw conflict('domain_not_running', `domain ${entry.name} is not running`, { domain: entry.name });
     return entry.run;
   }
 
+  /** Whether the domain's qemu runs, reachable or not: what bars starting, undefining or replacing it. */
+  isActive(entry: DomainEntry): boolean {
+    return entry.run !== undefined || entry.unreachable !== undefined;
+  }
+
+  /** Nothing is done to a qemu whose monitor does not answer: its state is not known. */
+  refuseUnreachable(entry: DomainEntry, action: string): void {
+    const unreachable = entry.unreachable;
+    if (!unreachable) return;
+    throw new AgentError(503, 'domain_unreachable', `cannot ${action} domain ${entry.name}: its qemu (pid ${unreachable.record.pid}) runs, but its monitor has not answered since the agent started; the agent keeps trying to attach`, {
+      domain: entry.name,
+      pid: unreachable.record.pid,
+      retryAfterSeconds: 5,
+    });
+  }
+
+  /**
+   * Resolves once the domain's qemu is attached to or known gone (at once unless it is unreachable);
+   * false when the agent shuts down first.
+   */
+  settled(name: string): Promise<boolean> {
+    return this.domains.get(name)?.unreachable?.settled ?? Promise.resolve(true);
+  }
+
   private refuseWhileBusy(entry: DomainEntry, action: string): void {
+    this.refuseUnreachable(entry, action);
     if (entry.activeJob) {
       throw conflict('domain_busy', `cannot ${action} domain ${entry.name}: migration job ${entry.activeJob.id} owns it`, {
         domain: entry.name,
@@ -927,8 +1075,9 @@ export class DomainManager extends EventEmitter {
 
   /** Close every QMP connection without ending any guest (agent shutdown). */
   async close(): Promise<void> {
-    this.detaching = true;
+    this.detaching.abort();
     clearInterval(this.logCap);
+    await Promise.all(this.list().map((entry) => entry.unreachable?.settled));
     await Promise.all(this.list().map((entry) => entry.run?.qmp.close()));
     for (const entry of this.list()) if (entry.run) closeOutputs(entry.run);
   }
@@ -965,7 +1114,7 @@ export class DomainManager extends EventEmitter {
   }
 
   private async onQmpClosed(entry: DomainEntry, run: RunningQemu): Promise<void> {
-    if (entry.run !== run || this.detaching) return;
+    if (entry.run !== run || this.detaching.signal.aborted) return;
     const { log } = this.opts;
     // The socket closes a moment before the process is reaped. A qemu that is still alive lost
     // only its monitor connection: attach again rather than lose the guest.

@@ -4,7 +4,8 @@ import { useQemuTls } from '../agent/tls.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
 import { destinationCapabilities, parseDestUri } from './params.js';
 import { pickPort, portIsFree } from './ports.js';
-import type { Job } from './jobs.js';
+import { setTimeout as delay } from 'node:timers/promises';
+import { CRASHED_JOB_RETRY_MS, type Job } from './jobs.js';
 import { incomingStreamBytes } from './incoming-stream.js';
 import { newFinishToken, type Finish2Request, type Finish2Response, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
@@ -18,6 +19,7 @@ const ACTIVE_INCOMING_PHASES = new Set(['prepared', 'receiving', 'received']);
  */
 export class DestinationSide {
   private readonly ctx: MigrationContext;
+  private closed = false;
   /** Each running job's bound on its phase: a lease (prepared, received) or the stream watch (receiving). */
   private readonly leases = new Map<string, NodeJS.Timeout>();
   /** The definition a same-named inactive domain had before an incoming migration borrowed its entry. */
@@ -138,7 +140,7 @@ export class DestinationSide {
     }
     const existing = domains.find(def.name);
     if (!existing) return domains.addTransient(xml, def);
-    if (existing.run || existing.activeJob) {
+    if (domains.isActive(existing) || existing.activeJob) {
       throw conflict('domain_active', `domain ${def.name} is already active on this host`, { domain: def.name });
     }
     if (existing.uuid !== def.uuid) {
@@ -197,7 +199,7 @@ export class DestinationSide {
 
   /** Follow the incoming stream through qemu's MIGRATION events and the qemu's own exit. */
   private followIncoming(job: Job, entry: DomainEntry): void {
-    const { domains, jobs, log } = this.ctx;
+    const { domains, jobs } = this.ctx;
     const run = entry.run!;
     const stopEvents = run.qmp.onEvent((e) => {
       if (e.event !== 'MIGRATION' || job.terminal) return;
@@ -215,7 +217,7 @@ export class DestinationSide {
             await this.abort(job, entry, { code: 'stream_failed', message: 'the incoming stream failed' });
           }
         })
-        .catch((err: unknown) => log.error({ err, migration: job.id }, 'incoming event handling failed'));
+        .catch((err: unknown) => this.settleCrash(job, err));
     });
     // Listeners of this job only: they leave with it (the arrived guest's qemu may run on for ever).
     const stopFollowing = () => {
@@ -231,7 +233,7 @@ export class DestinationSide {
             await this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu ended before Finish2' });
           }
         })
-        .catch((err: unknown) => log.error({ err, migration: job.id }, 'incoming exit handling failed'));
+        .catch((err: unknown) => this.settleCrash(job, err));
     };
     domains.on('exit', onExit);
     job.once('end', stopFollowing);
@@ -244,7 +246,7 @@ export class DestinationSide {
       if (!job || job.record.role !== 'destination') {
         // No record (never prepared here, or removed as old history). "Never ran here" is what the
         // source will conclude, so say it only when no qemu of this guest runs here.
-        const active = req.uuid ? this.ctx.domains.list().find((d) => d.uuid === req.uuid && d.run) : undefined;
+        const active = req.uuid ? this.ctx.domains.list().find((d) => d.uuid === req.uuid && this.ctx.domains.isActive(d)) : undefined;
         if (active) {
           throw conflict(
             'guest_active_here',
@@ -261,7 +263,7 @@ export class DestinationSide {
       if (job.record.finish?.outcome) return this.finishAnswer(job);
       const entry = this.ctx.domains.find(job.record.domain);
       if (job.terminal || !entry?.run) {
-        if (!job.terminal && entry) await this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu is gone' });
+        if (!job.terminal && entry) await this.settlingOnThrow(job, this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu is gone' }));
         // The incoming side already ended on its own (its qemu exits when the stream breaks);
         // the source's word tells why, so the record says cancelled when it was.
         const cancelled = req.cancelled === true && job.record.status === 'failed';
@@ -272,18 +274,28 @@ export class DestinationSide {
         return this.finishAnswer(job);
       }
       if (req.rc !== 0) {
-        await this.abort(
+        await this.settlingOnThrow(job, this.abort(
           job,
           entry,
           { code: req.cancelled ? 'cancelled' : 'source_failed', message: req.error ?? `the source reported rc=${req.rc}` },
           req.cancelled ? 'cancelled' : 'failed',
           req.rc,
-        );
+        ));
         return this.finishAnswer(job);
       }
-      await this.handOver(job, entry);
+      await this.settlingOnThrow(job, this.handOver(job, entry));
       return this.finishAnswer(job);
     });
+  }
+
+  /** A step Finish2 takes on a job: a throw is answered (the source asks again) and the job carried on by settleCrash meanwhile. */
+  private async settlingOnThrow(job: Job, step: Promise<void>): Promise<void> {
+    try {
+      await step;
+    } catch (err) {
+      void this.settleCrash(job, err);
+      throw err;
+    }
   }
 
   private finishAnswer(job: Job): Finish2Response {
@@ -386,7 +398,7 @@ export class DestinationSide {
             message: `lease of ${this.ctx.config.incomingTimeoutSeconds}s expired: ${why}`,
           });
         })
-        .catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'lease expiry failed'));
+        .catch((err: unknown) => this.settleCrash(job, err));
     }, this.ctx.config.incomingTimeoutSeconds * 1000);
     timer.unref();
     this.leases.set(job.id, timer);
@@ -433,7 +445,7 @@ export class DestinationSide {
       if (checking) return;
       checking = true;
       void check()
-        .catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'stream watch failed'))
+        .catch((err: unknown) => this.settleCrash(job, err))
         .finally(() => (checking = false));
     }, Math.min(5000, Math.max(250, boundMs / 4)));
     timer.unref();
@@ -476,7 +488,36 @@ export class DestinationSide {
     });
   }
 
+  /**
+   * A throw escaped a job's own handling (a bug, a failed write, in an event, a lease expiry or
+   * a recovery): the job is carried on by the rule of its phase, attempt after attempt until it
+   * ends, never left running with its domain blocked or an empty qemu behind. In `finishing` this
+   * host owns the guest: the hand-over is carried out. Before it no guest ran here: the incoming
+   * qemu is ended and the job fails with code `internal`. Never rejects.
+   */
+  async settleCrash(job: Job, err: unknown): Promise<void> {
+    const { jobs, domains, log } = this.ctx;
+    for (let attempt = 0; !job.terminal && !this.closed; attempt++) {
+      log.error({ err, migration: job.id, phase: job.record.phase, attempt }, 'incoming migration job crashed; carrying it on by its phase');
+      const crashed = { code: 'internal', message: `internal error: ${(err as Error).message}` };
+      try {
+        await jobs.locks.run(job.id, async () => {
+          if (job.terminal) return;
+          const entry = domains.find(job.record.domain);
+          if (!entry) await jobs.end(job, 'failed', crashed);
+          else if (job.record.phase === 'finishing') await this.completeHandOver(job, entry);
+          else await this.abort(job, entry, crashed);
+        });
+        return;
+      } catch (again) {
+        err = again;
+      }
+      await delay(CRASHED_JOB_RETRY_MS[Math.min(attempt, CRASHED_JOB_RETRY_MS.length - 1)]!, undefined, { ref: false });
+    }
+  }
+
   close(): void {
+    this.closed = true;
     for (const timer of this.leases.values()) clearTimeout(timer);
     this.leases.clear();
   }

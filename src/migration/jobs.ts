@@ -75,6 +75,13 @@ export interface JobRecord {
   finishToken?: string;
 }
 
+/**
+ * The pauses before each new attempt to carry on a job whose run threw (a bug, a failed write),
+ * the last one repeated: attempts go on until the job ends, since leaving it would leave its
+ * domain blocked, or a guest's fate undecided.
+ */
+export const CRASHED_JOB_RETRY_MS = [1000, 2000, 5000, 10_000, 30_000];
+
 export class Job extends EventEmitter {
   record: JobRecord;
   constructor(record: JobRecord) {

@@ -49,8 +49,13 @@ export class MigrationService {
     await this.jobs.prune();
     for (const job of loaded) {
       if (job.terminal) continue;
-      const recovery = job.record.role === 'source' ? this.source.recover(job) : this.destination.recover(job);
-      void recovery.catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'job recovery failed'));
+      const side = job.record.role === 'source' ? this.source : this.destination;
+      const recovery = async () => {
+        // Recovery acts on the guest's qemu: not before the agent knows whether it runs (its monitor may not answer yet).
+        if (!(await this.ctx.domains.settled(job.record.domain))) return;
+        await side.recover(job).catch((err: unknown) => side.settleCrash(job, err));
+      };
+      void recovery().catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'job recovery failed'));
     }
   }
 

@@ -19,7 +19,7 @@ import {
 import { PeerCertificateError, PeerRefusedError, PeerUnreachableError } from './peer-client.js';
 import { useQemuTls } from '../agent/tls.js';
 import { isLoopback, type AgentConfig } from '../config.js';
-import type { Job, JobRecord, MigrationStats } from './jobs.js';
+import { CRASHED_JOB_RETRY_MS, type Job, type JobRecord, type MigrationStats } from './jobs.js';
 import { FINISH_TOKEN_PATTERN, type Finish2Request, type Finish2Response, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
 export interface PerformRequest {
@@ -114,7 +114,7 @@ export class SourceSide {
           'preparing',
         );
         entry.activeJob = { id: job.id, role: 'source' };
-        // Errors are handled inside; this only keeps an unexpected one from taking the agent down.
+        // Errors are handled inside (a throw that escapes is carried on by settleCrash); this only keeps one from taking the agent down.
         void this.run(job, entry).catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'migration job crashed'));
         return job;
       });
@@ -133,10 +133,50 @@ export class SourceSide {
           ? err
           : new StreamEnded('failed', (err as AgentError).code ?? 'migration_failed', (err as Error).message);
       log.warn({ migration: job.id, domain: entry.name, err: ended.message }, 'migration failed before the stream completed');
-      await this.rollBack(job, entry, ended);
+      await this.rollBack(job, entry, ended).catch((crash: unknown) => this.settleCrash(job, crash));
       return;
     }
-    await this.finishCompleted(job, entry, pausedAt);
+    await this.finishCompleted(job, entry, pausedAt).catch((crash: unknown) => this.settleCrash(job, crash));
+  }
+
+  /**
+   * A throw escaped a job's own handling (a bug, a failed write, in its run or its recovery): the
+   * job is carried on by the rule of the phase it reached, attempt after attempt until it ends,
+   * never left running with its domain blocked. Before the stream completed the guest is the
+   * source's: the job is rolled back (the destination told, the guest resumed here) and ends
+   * failed, code `internal`. After it the outcome is the destination's: the guest stays paused,
+   * Finish2 is asked again (or an operator's resolution applied), and a confirmed job ends its
+   * copy here; nothing resumes it without the destination's word. Never rejects.
+   */
+  async settleCrash(job: Job, err: unknown): Promise<void> {
+    const { jobs, domains, log } = this.ctx;
+    for (let attempt = 0; !job.terminal && !this.closed; attempt++) {
+      const { phase, error } = job.record;
+      log.error({ err, migration: job.id, phase, attempt }, 'migration job crashed; carrying it on by its phase');
+      const crashed = `internal error${phase === 'rolling-back' && error ? ` while rolling back (${error.code}: ${error.message})` : ''}: ${(err as Error).message}`;
+      const interrupt = new AbortController();
+      try {
+        const entry = domains.find(job.record.domain);
+        if (!entry) {
+          await jobs.end(job, 'failed', { code: 'domain_gone', message: `the domain vanished; ${crashed}` });
+        } else if (phase === 'confirmed') {
+          await this.confirm(job, entry);
+        } else if ((SOURCE_AWAITS_DESTINATION as readonly string[]).includes(phase)) {
+          await this.finishCompleted(job, entry);
+        } else {
+          await this.rollBack(job, entry, new StreamEnded('failed', 'internal', crashed));
+        }
+        return;
+      } catch (again) {
+        err = again;
+      }
+      const retryInMs = CRASHED_JOB_RETRY_MS[Math.min(attempt, CRASHED_JOB_RETRY_MS.length - 1)]!;
+      // Past the stream the job waits as for an unknown Finish2: an operator may resolve it, which cuts the pause short.
+      this.finishWaits.set(job.id, interrupt);
+      await jobs.update(job, { waiting: `${crashed}; carried on again in ${retryInMs / 1000}s` }).catch(() => undefined);
+      await sleep(retryInMs, interrupt.signal);
+      this.finishWaits.delete(job.id);
+    }
   }
 
   /** Prepare2, QMP set-up and the stream; when the source vCPUs stopped for the switch-over, if qemu said. */

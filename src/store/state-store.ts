@@ -83,7 +83,8 @@ export class StateStore {
   async loadDefinitions(): Promise<Array<{ name: string; xml: string; file: string }>> {
     const out: Array<{ name: string; xml: string; file: string }> = [];
     for (const entry of (await fs.readdir(this.dir('domains'))).sort()) {
-      if (!entry.endsWith('.xml') || entry.startsWith('.')) continue;
+      // Not "skip hidden files": a name may start with a dot (libvirt allows it). Temp files end in .tmp.
+      if (!entry.endsWith('.xml')) continue;
       const file = path.join(this.dir('domains'), entry);
       out.push({ name: entry.slice(0, -4), xml: await fs.readFile(file, 'utf8'), file });
     }
@@ -104,7 +105,7 @@ export class StateStore {
   async loadRecords<T>(kind: 'runtime' | 'jobs' | 'taps', valid: (v: unknown) => boolean): Promise<Array<{ id: string; value: T }>> {
     const out: Array<{ id: string; value: T }> = [];
     for (const entry of (await fs.readdir(this.dir(kind))).sort()) {
-      if (!entry.endsWith('.json') || entry.startsWith('.')) continue;
+      if (!entry.endsWith('.json')) continue;
       const value = await this.readJson<T>(path.join(this.dir(kind), entry), valid);
       if (value) out.push({ id: entry.slice(0, -5), value });
     }

@@ -1,9 +1,10 @@
 import t from 'tap';
 import path from 'node:path';
 import { promises as fs, statSync } from 'node:fs';
+import net from 'node:net';
 import { killQemu, launchQemu, processMatches } from '../../src/qemu/process.js';
 import { parseSerialLog } from '../../src/guest/image.js';
-import { freePort, qemuRecords, spawnAgent, testGuest, tmpDir, waitFor } from '../helpers/agents.js';
+import { freePort, qemuRecords, spawnAgent, startAgent, testGuest, tmpDir, waitFor } from '../helpers/agents.js';
 
 async function lastPass(serialLog: string): Promise<number> {
   return parseSerialLog(await fs.readFile(serialLog, 'utf8').catch(() => '')).lastPass ?? -1;
@@ -88,4 +89,58 @@ t.test('an orphaned qemu (started, but no runtime record written before a crash)
   await waitFor('orphan ended', () => !processMatches(record));
   t.same(await fs.readdir(runDir), [], 'its pidfile and socket removed');
   t.same(await agent.client.domains(), []);
+});
+
+/** A client on a qemu's monitor that got the greeting and stays: qemu serves one client at a time. */
+async function occupyMonitor(socketPath: string): Promise<net.Socket> {
+  const socket = net.createConnection(socketPath);
+  await new Promise<void>((resolve, reject) => {
+    socket.once('data', () => resolve());
+    socket.once('error', reject);
+  });
+  return socket;
+}
+
+t.test('a restart while monitors do not answer keeps the guests, reports them unreachable and attaches later', async (t) => {
+  const dir = await tmpDir(t);
+  const first = await startAgent(t, dir, 'a');
+  for (const name of ['busy', 'stopped']) {
+    await first.client.define((await testGuest(dir, name)).xml);
+    await first.client.lifecycle(name, 'start');
+  }
+  const busy = first.app.agent.domains.find('busy')!.run!.record;
+  const stopped = first.app.agent.domains.find('stopped')!.run!.record;
+  await first.app.close();
+  // Another client holds one monitor; the other qemu is stopped (a host too slow to answer).
+  const blocker = await occupyMonitor(busy.qmpSocketPath);
+  t.teardown(() => blocker.destroy());
+  process.kill(stopped.pid, 'SIGSTOP');
+  t.teardown(() => processMatches(stopped) && process.kill(stopped.pid, 'SIGCONT'));
+
+  const startedAt = Date.now();
+  const second = await startAgent(t, dir, 'a');
+  t.equal((await second.client.call<{ status: string }>('GET', '/health')).status, 'ok');
+  const startMs = Date.now() - startedAt;
+  t.ok(startMs < 5000, `the agent answered /health ${startMs} ms after it was started (the monitors' 10 s timeouts are not waited for)`);
+  t.ok(processMatches(busy) && processMatches(stopped), 'neither qemu was killed');
+  t.same((await qemuRecords(second.config.stateDir)).map((r) => r.pid).sort(), [busy.pid, stopped.pid].sort(), 'their runtime records stay');
+  for (const [name, rec] of [['busy', busy], ['stopped', stopped]] as const) {
+    const info = await second.client.domain(name);
+    t.equal(info.state, 'unreachable', `${name} is reported unreachable`);
+    t.equal(info.pid, rec.pid, `${name}: the pid of its qemu`);
+    await t.rejects(second.client.lifecycle(name, 'suspend'), { status: 503, code: 'domain_unreachable' }, `${name}: no action taken blind`);
+    await t.rejects(second.client.lifecycle(name, 'start'), { status: 503, code: 'domain_unreachable' }, `${name}: no second qemu started`);
+  }
+
+  blocker.destroy();
+  process.kill(stopped.pid, 'SIGCONT');
+  for (const [name, rec] of [['busy', busy], ['stopped', stopped]] as const) {
+    const info = await waitFor(`${name} re-attached`, async () => {
+      const i = await second.client.domain(name);
+      return i.state === 'running' ? i : null;
+    }, { timeoutMs: 60_000, intervalMs: 250 });
+    t.equal(info.pid, rec.pid, `${name}: the same qemu, running`);
+    t.equal((await second.client.lifecycle(name, 'destroy')).state, 'shutoff', `${name}: controllable again`);
+    t.notOk(processMatches(rec), `${name}: ended by the agent`);
+  }
 });
