@@ -5,11 +5,13 @@ import type { DomainEntry } from '../agent/domain-manager.js';
 import { destinationCapabilities, parseDestUri } from './params.js';
 import { pickPort, portIsFree } from './ports.js';
 import { setTimeout as delay } from 'node:timers/promises';
-import { CRASHED_JOB_RETRY_MS, type Job } from './jobs.js';
+import { CRASHED_JOB_RETRY_MS, isDestinationJob, type DestinationJob } from './jobs.js';
 import { incomingStreamBytes } from './incoming-stream.js';
+import { DESTINATION_OBLIGATIONS, unhandledPhase, type DestinationPhase } from './phases.js';
 import { newFinishToken, type Finish2Request, type Finish2Response, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
-const ACTIVE_INCOMING_PHASES = new Set(['prepared', 'receiving', 'received']);
+/** Phases in which a repeated Prepare2 is answered again: the incoming qemu is there and waits. */
+const ACTIVE_INCOMING_PHASES = new Set<DestinationPhase>(['listening', 'receiving', 'received']);
 
 /**
  * The destination's half of protocol v2: Prepare2 starts an empty qemu waiting for the stream,
@@ -20,7 +22,7 @@ const ACTIVE_INCOMING_PHASES = new Set(['prepared', 'receiving', 'received']);
 export class DestinationSide {
   private readonly ctx: MigrationContext;
   private closed = false;
-  /** Each running job's bound on its phase: a lease (prepared, received) or the stream watch (receiving). */
+  /** Each running job's bound on its phase: a lease (listening, received) or the stream watch (receiving). */
   private readonly leases = new Map<string, NodeJS.Timeout>();
   /** The definition a same-named inactive domain had before an incoming migration borrowed its entry. */
   private readonly borrowed = new Map<string, { xml: string; def: DomainEntry['def'] }>();
@@ -38,16 +40,14 @@ export class DestinationSide {
     const { jobs } = this.ctx;
     return jobs.locks.run(req.migrationId, async () => {
       const existing = jobs.get(req.migrationId);
+      if (existing && !isDestinationJob(existing)) throw new AgentError(400, 'same_host', `migration ${existing.id} is an outgoing one on this agent`);
       if (existing) return this.replayPrepare(existing);
       return this.prepareNew(req);
     });
   }
 
-  private replayPrepare(job: Job): Prepare2Response {
+  private replayPrepare(job: DestinationJob): Prepare2Response {
     const { record } = job;
-    if (record.role !== 'destination') {
-      throw new AgentError(400, 'same_host', `migration ${record.id} is an outgoing one on this agent`);
-    }
     if (record.status === 'running' && record.uri && ACTIVE_INCOMING_PHASES.has(record.phase)) {
       return this.prepareAnswer(record.id, record.uri, record.finishToken!);
     }
@@ -92,7 +92,7 @@ export class DestinationSide {
     }
     await domains.checkFirmwareSizes({ uuid: def.uuid, def }, req.firmware);
     const entry = this.claimEntry(xml, def);
-    let job: Job | undefined;
+    let job: DestinationJob | undefined;
     try {
       const listen = await this.choosePort(req.migrationId, req.desturi);
       job = await jobs.create(
@@ -105,7 +105,7 @@ export class DestinationSide {
           peer: { hostUuid: req.source.hostUuid, hostname: req.source.hostname },
           finishToken: newFinishToken(),
         },
-        'preparing',
+        'starting-incoming',
       );
       entry.activeJob = { id: job.id, role: 'destination' };
       const run = await domains.launch(entry, { incoming: true });
@@ -114,8 +114,8 @@ export class DestinationSide {
       const listenUri = `tcp:${listen.host}:${listen.port}`;
       await run.qmp.execute('migrate-incoming', { uri: listenUri });
       this.followIncoming(job, entry);
-      await jobs.setPhase(job, 'prepared', { uri: listenUri });
-      this.armLease(job, 'no stream started');
+      await jobs.setPhase(job, 'listening', { uri: listenUri });
+      this.armBound(job);
       await this.ctx.hold('prepare2', job.id);
       log.info({ migration: job.id, domain: def.name, uri: listenUri }, 'prepared incoming migration');
       return this.prepareAnswer(job.id, listenUri, job.record.finishToken!);
@@ -198,7 +198,7 @@ export class DestinationSide {
   }
 
   /** Follow the incoming stream through qemu's MIGRATION events and the qemu's own exit. */
-  private followIncoming(job: Job, entry: DomainEntry): void {
+  private followIncoming(job: DestinationJob, entry: DomainEntry): void {
     const { domains, jobs } = this.ctx;
     const run = entry.run!;
     const stopEvents = run.qmp.onEvent((e) => {
@@ -207,12 +207,12 @@ export class DestinationSide {
       void jobs.locks
         .run(job.id, async () => {
           if (job.terminal) return;
-          if (status === 'active' && job.record.phase === 'prepared') {
+          if (status === 'active' && job.record.phase === 'listening') {
             await jobs.setPhase(job, 'receiving');
-            this.armStallWatch(job);
-          } else if (status === 'completed' && ['prepared', 'receiving'].includes(job.record.phase)) {
+            this.armBound(job);
+          } else if (status === 'completed' && ['listening', 'receiving'].includes(job.record.phase)) {
             await jobs.setPhase(job, 'received');
-            this.armLease(job, 'no Finish2 after the stream ended');
+            this.armBound(job);
           } else if (status === 'failed') {
             await this.abort(job, entry, { code: 'stream_failed', message: 'the incoming stream failed' });
           }
@@ -229,7 +229,7 @@ export class DestinationSide {
       stopFollowing();
       void jobs.locks
         .run(job.id, async () => {
-          if (!job.terminal && job.record.phase !== 'finishing') {
+          if (!job.terminal && job.record.phase !== 'taking-over') {
             await this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu ended before Finish2' });
           }
         })
@@ -243,7 +243,7 @@ export class DestinationSide {
     const { jobs } = this.ctx;
     return jobs.locks.run(req.migrationId, async () => {
       const job = jobs.get(req.migrationId);
-      if (!job || job.record.role !== 'destination') {
+      if (!job || !isDestinationJob(job)) {
         // No record (never prepared here, or removed as old history). "Never ran here" is what the
         // source will conclude, so say it only when no qemu of this guest runs here.
         const active = req.uuid ? this.ctx.domains.list().find((d) => d.uuid === req.uuid && this.ctx.domains.isActive(d)) : undefined;
@@ -289,7 +289,7 @@ export class DestinationSide {
   }
 
   /** A step Finish2 takes on a job: a throw is answered (the source asks again) and the job carried on by settleCrash meanwhile. */
-  private async settlingOnThrow(job: Job, step: Promise<void>): Promise<void> {
+  private async settlingOnThrow(job: DestinationJob, step: Promise<void>): Promise<void> {
     try {
       await step;
     } catch (err) {
@@ -298,7 +298,7 @@ export class DestinationSide {
     }
   }
 
-  private finishAnswer(job: Job): Finish2Response {
+  private finishAnswer(job: DestinationJob): Finish2Response {
     const { record } = job;
     const outcome = record.finish?.outcome ?? (record.status === 'completed' ? 'finished' : 'aborted');
     return {
@@ -310,7 +310,7 @@ export class DestinationSide {
   }
 
   /** Finish2(rc=0): wait for the stream's tail, take ownership durably, then resume the guest. */
-  private async handOver(job: Job, entry: DomainEntry): Promise<void> {
+  private async handOver(job: DestinationJob, entry: DomainEntry): Promise<void> {
     const { jobs, config } = this.ctx;
     const run = entry.run!;
     const status = await this.waitIncomingComplete(job, run.qmp, config.incomingTimeoutSeconds * 1000);
@@ -319,13 +319,13 @@ export class DestinationSide {
       return;
     }
     this.clearLease(job);
-    await jobs.setPhase(job, 'finishing', { finish: { rc: 0, attempts: 1 } });
+    await jobs.setPhase(job, 'taking-over', { finish: { rc: 0, attempts: 1 } });
     await this.ctx.hold('finish2', job.id);
     await this.completeHandOver(job, entry);
   }
 
-  /** From phase `finishing` (also after a restart): the guest is this host's; start it and close the job. */
-  async completeHandOver(job: Job, entry: DomainEntry): Promise<void> {
+  /** From phase `taking-over` (also after a restart): the guest is this host's; start it and close the job. */
+  async completeHandOver(job: DestinationJob, entry: DomainEntry): Promise<void> {
     const { jobs, domains, log } = this.ctx;
     const run = entry.run;
     try {
@@ -348,7 +348,7 @@ export class DestinationSide {
     log.info({ migration: job.id, domain: entry.name }, 'incoming migration finished; guest owned here');
   }
 
-  private async waitIncomingComplete(job: Job, qmp: NonNullable<DomainEntry['run']>['qmp'], timeoutMs: number): Promise<string> {
+  private async waitIncomingComplete(job: DestinationJob, qmp: NonNullable<DomainEntry['run']>['qmp'], timeoutMs: number): Promise<string> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       if (job.record.phase === 'received') return 'completed';
@@ -367,7 +367,7 @@ export class DestinationSide {
 
   /** End the empty qemu, put the entry back as it was, and close the job. */
   async abort(
-    job: Job,
+    job: DestinationJob,
     entry: DomainEntry,
     error: { code: string; message: string },
     status: 'failed' | 'cancelled' = 'failed',
@@ -385,14 +385,22 @@ export class DestinationSide {
     log.warn({ migration: job.id, domain: entry.name, error }, 'incoming migration aborted; its qemu is gone');
   }
 
-  private armLease(job: Job, why: string): void {
+  /** The bound the job's phase obliges (DESTINATION_OBLIGATIONS), armed afresh. */
+  private armBound(job: DestinationJob): void {
+    const bound = DESTINATION_OBLIGATIONS[job.record.phase].bound;
+    if (bound.kind === 'lease') this.armLease(job, bound.why);
+    else if (bound.kind === 'stream-watch') this.armStallWatch(job);
+    else this.clearLease(job);
+  }
+
+  private armLease(job: DestinationJob, why: string): void {
     this.clearLease(job);
     const timer = setTimeout(() => {
       this.leases.delete(job.id);
       void this.ctx.jobs.locks
         .run(job.id, async () => {
           const entry = this.ctx.domains.find(job.record.domain);
-          if (job.terminal || !entry || !['prepared', 'received'].includes(job.record.phase)) return;
+          if (job.terminal || !entry || DESTINATION_OBLIGATIONS[job.record.phase].bound.kind !== 'lease') return;
           await this.abort(job, entry, {
             code: 'incoming_timeout',
             message: `lease of ${this.ctx.config.incomingTimeoutSeconds}s expired: ${why}`,
@@ -410,7 +418,7 @@ export class DestinationSide {
    * no byte arrives for --incoming-timeout, the empty qemu is ended. Safe: until the stream
    * completed here, the source has not handed the guest over, so its copy is the one.
    */
-  private armStallWatch(job: Job): void {
+  private armStallWatch(job: DestinationJob): void {
     this.clearLease(job);
     const boundMs = this.ctx.config.incomingTimeoutSeconds * 1000;
     // The URI this side listens on: tcp:HOST:PORT.
@@ -452,7 +460,7 @@ export class DestinationSide {
     this.leases.set(job.id, timer);
   }
 
-  private clearLease(job: Job): void {
+  private clearLease(job: DestinationJob): void {
     const timer = this.leases.get(job.id);
     if (timer) clearTimeout(timer);
     this.leases.delete(job.id);
@@ -460,42 +468,55 @@ export class DestinationSide {
 
   /**
    * After an agent restart: a destination job that was mid-flight. The decision to own the
-   * guest (phase finishing) is carried out; anything short of it waits for Finish2 under a
+   * guest (phase taking-over) is carried out; anything short of it waits for Finish2 under a
    * fresh lease, or ends the empty qemu when it is already gone.
    */
-  async recover(job: Job): Promise<void> {
+  async recover(job: DestinationJob): Promise<void> {
     const { domains } = this.ctx;
     await this.ctx.jobs.locks.run(job.id, async () => {
       const entry = domains.find(job.record.domain);
-      if (job.record.phase === 'finishing' && entry) return this.completeHandOver(job, entry);
+      const phase = job.record.phase;
+      if (phase === 'done') return;
+      if (phase === 'taking-over' && entry) return this.completeHandOver(job, entry);
       if (!entry?.run) {
         if (entry) return this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu ended while the agent was down' });
         await this.ctx.jobs.end(job, 'failed', { code: 'destination_qemu_ended', message: 'the incoming qemu ended while the agent was down' });
         return;
       }
       entry.activeJob = { id: job.id, role: 'destination' };
-      if (job.record.phase === 'aborting' || job.record.phase === 'preparing') {
-        return this.abort(job, entry, job.record.error ?? { code: 'agent_restarted', message: 'the agent restarted while preparing' });
-      }
-      // The stream may have ended while the agent was down, without us seeing its event.
-      if (job.record.phase === 'receiving') {
-        const status = (await entry.run.qmp.execute<{ status?: string }>('query-migrate').catch(() => ({ status: undefined }))).status;
-        if (status === 'completed') await this.ctx.jobs.setPhase(job, 'received');
+      // The rule of each phase (DESTINATION_OBLIGATIONS[phase].restart); a phase without one does not compile.
+      switch (phase) {
+        case 'starting-incoming':
+        case 'aborting':
+          return this.abort(job, entry, job.record.error ?? { code: 'agent_restarted', message: 'the agent restarted while preparing' });
+        case 'receiving': {
+          // The stream may have ended while the agent was down, without us seeing its event.
+          const status = (await entry.run.qmp.execute<{ status?: string }>('query-migrate').catch(() => ({ status: undefined }))).status;
+          if (status === 'completed') await this.ctx.jobs.setPhase(job, 'received');
+          break;
+        }
+        case 'listening':
+        case 'received':
+          break;
+        case 'taking-over':
+          return this.completeHandOver(job, entry);
+        default:
+          return unhandledPhase(phase);
       }
       this.followIncoming(job, entry);
-      if (job.record.phase === 'receiving') this.armStallWatch(job);
-      else this.armLease(job, 'agent restarted; waiting for the stream or Finish2');
+      this.armBound(job);
     });
   }
+
 
   /**
    * A throw escaped a job's own handling (a bug, a failed write, in an event, a lease expiry or
    * a recovery): the job is carried on by the rule of its phase, attempt after attempt until it
-   * ends, never left running with its domain blocked or an empty qemu behind. In `finishing` this
+   * ends, never left running with its domain blocked or an empty qemu behind. In `taking-over` this
    * host owns the guest: the hand-over is carried out. Before it no guest ran here: the incoming
    * qemu is ended and the job fails with code `internal`. Never rejects.
    */
-  async settleCrash(job: Job, err: unknown): Promise<void> {
+  async settleCrash(job: DestinationJob, err: unknown): Promise<void> {
     const { jobs, domains, log } = this.ctx;
     for (let attempt = 0; !job.terminal && !this.closed; attempt++) {
       log.error({ err, migration: job.id, phase: job.record.phase, attempt }, 'incoming migration job crashed; carrying it on by its phase');
@@ -504,9 +525,23 @@ export class DestinationSide {
         await jobs.locks.run(job.id, async () => {
           if (job.terminal) return;
           const entry = domains.find(job.record.domain);
-          if (!entry) await jobs.end(job, 'failed', crashed);
-          else if (job.record.phase === 'finishing') await this.completeHandOver(job, entry);
-          else await this.abort(job, entry, crashed);
+          if (!entry) return jobs.end(job, 'failed', crashed);
+          // The rule of each phase (DESTINATION_OBLIGATIONS[phase].crash); a phase without one does not compile.
+          const phase = job.record.phase;
+          switch (phase) {
+            case 'taking-over':
+              return this.completeHandOver(job, entry);
+            case 'starting-incoming':
+            case 'listening':
+            case 'receiving':
+            case 'received':
+            case 'aborting':
+              return this.abort(job, entry, crashed);
+            case 'done':
+              return;
+            default:
+              return unhandledPhase(phase);
+          }
         });
         return;
       } catch (again) {

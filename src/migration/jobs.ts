@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import { AgentError } from '../errors.js';
 import { isObject, type StateStore } from '../store/state-store.js';
 import { KeyedMutex } from '../agent/lock.js';
-import { canMove, type JobRole, type JobStatus, type Phase } from './phases.js';
+import { canMove, currentPhase, type DestinationPhase, type JobRole, type JobStatus, type Phase, type SourcePhase } from './phases.js';
 import type { MigrationOptions } from './params.js';
 
 /** Progress of the stream as qemu reports it (query-migrate), in the units an operator reads. */
@@ -39,13 +39,12 @@ export interface JobTimings {
   switchoverMs?: number;
 }
 
-export interface JobRecord {
+/** What jobs of both roles record. */
+interface JobRecordCommon {
   id: string;
-  role: JobRole;
   domain: string;
   uuid: string;
   status: JobStatus;
-  phase: Phase;
   options: MigrationOptions;
   peer: { url?: string; hostUuid?: string; hostname?: string };
   uri?: string;
@@ -53,7 +52,6 @@ export interface JobRecord {
   createdAt: string;
   updatedAt: string;
   endedAt?: string;
-  phaseHistory: Array<{ phase: Phase; at: string }>;
   timings: JobTimings;
   stats?: MigrationStats;
   /** Source: the Finish2 exchange. Destination: the rc it was told and the outcome it decided. */
@@ -61,19 +59,37 @@ export interface JobRecord {
   /** Why the job is waiting, when it is (e.g. the peer is unreachable and the guest stays paused). */
   waiting?: string;
   cancelRequested?: boolean;
-  /**
-   * Source only: whether the guest ran when the migration started (libvirt's preMigrationState).
-   * A rollback, also after an agent restart, runs the guest again only when it did.
-   */
-  runningBeforeMigration?: boolean;
-  /**
-   * Source only: an operator's decision while the Finish2 outcome stayed unknown (the destination
-   * unreachable for good), applied instead of the destination's answer.
-   */
-  resolution?: { outcome: 'finished' | 'aborted'; reason: string; at: string };
   /** The Prepare2 answer's finishToken (both roles); never served by the API. */
   finishToken?: string;
 }
+
+export interface SourceJobRecord extends JobRecordCommon {
+  role: 'source';
+  phase: SourcePhase;
+  phaseHistory: Array<{ phase: SourcePhase; at: string }>;
+  /**
+   * Whether the guest ran when the migration started (libvirt's preMigrationState). A rollback,
+   * also after an agent restart, runs the guest again only when it did.
+   */
+  runningBeforeMigration?: boolean;
+  /**
+   * An operator's decision while the Finish2 outcome stayed unknown (the destination unreachable
+   * for good), applied instead of the destination's answer.
+   */
+  resolution?: { outcome: 'finished' | 'aborted'; reason: string; at: string };
+}
+
+export interface DestinationJobRecord extends JobRecordCommon {
+  role: 'destination';
+  phase: DestinationPhase;
+  phaseHistory: Array<{ phase: DestinationPhase; at: string }>;
+}
+
+/** A job's record, tagged by its role: each role has phases (and a few fields) of its own. */
+export type JobRecord = SourceJobRecord | DestinationJobRecord;
+
+/** A patch of a record: the common fields, plus the source's own. */
+export type JobPatch = Partial<Omit<JobRecordCommon, 'id'>> & Partial<Pick<SourceJobRecord, 'runningBeforeMigration' | 'resolution'>>;
 
 /**
  * The pauses before each new attempt to carry on a job whose run threw (a bug, a failed write),
@@ -82,9 +98,9 @@ export interface JobRecord {
  */
 export const CRASHED_JOB_RETRY_MS = [1000, 2000, 5000, 10_000, 30_000];
 
-export class Job extends EventEmitter {
-  record: JobRecord;
-  constructor(record: JobRecord) {
+export class Job<R extends JobRecord = JobRecord> extends EventEmitter {
+  record: R;
+  constructor(record: R) {
     super();
     this.record = record;
   }
@@ -94,6 +110,17 @@ export class Job extends EventEmitter {
   get terminal(): boolean {
     return this.record.status !== 'running';
   }
+}
+
+export type SourceJob = Job<SourceJobRecord>;
+export type DestinationJob = Job<DestinationJobRecord>;
+
+export function isSourceJob(job: Job): job is SourceJob {
+  return job.record.role === 'source';
+}
+
+export function isDestinationJob(job: Job): job is DestinationJob {
+  return job.record.role === 'destination';
 }
 
 /**
@@ -114,7 +141,11 @@ export class JobRegistry {
 
   async load(): Promise<Job[]> {
     const loaded = await this.store.loadRecords<JobRecord>('jobs', isJobRecord);
-    for (const { value } of loaded) this.jobs.set(value.id, new Job(value));
+    for (const { value } of loaded) {
+      value.phase = currentPhase(value.role, value.phase) as never;
+      for (const h of value.phaseHistory) h.phase = currentPhase(value.role, h.phase) as never;
+      this.jobs.set(value.id, new Job(value));
+    }
     return [...this.jobs.values()];
   }
 
@@ -136,10 +167,11 @@ export class JobRegistry {
     return this.list().filter((j) => j.record.role === role && !j.terminal);
   }
 
-  async create(
-    fields: Pick<JobRecord, 'id' | 'role' | 'domain' | 'uuid' | 'options' | 'peer'> & Partial<Pick<JobRecord, 'finishToken' | 'runningBeforeMigration'>>,
-    phase: Phase,
-  ): Promise<Job> {
+  async create<Role extends JobRole>(
+    fields: Pick<JobRecordCommon, 'id' | 'domain' | 'uuid' | 'options' | 'peer'> & Partial<Pick<JobRecordCommon, 'finishToken'>> &
+      { role: Role } & (Role extends 'source' ? { runningBeforeMigration?: boolean } : unknown),
+    phase: Extract<JobRecord, { role: Role }>['phase'],
+  ): Promise<Job<Extract<JobRecord, { role: Role }>>> {
     const now = new Date().toISOString();
     const job = new Job({
       ...fields,
@@ -149,7 +181,7 @@ export class JobRegistry {
       updatedAt: now,
       phaseHistory: [{ phase, at: now }],
       timings: {},
-    });
+    } as unknown as Extract<JobRecord, { role: Role }>);
     // Registered before the write, so that admission counts it from the first moment.
     this.jobs.set(job.id, job);
     try {
@@ -165,11 +197,11 @@ export class JobRegistry {
    * Move to `phase` durably, passing through the phases in `via` (kept in the history) in the
    * same write; refuses a move the phase model does not allow.
    */
-  async setPhase(job: Job, phase: Phase, patch: Partial<JobRecord> = {}, via: readonly Phase[] = []): Promise<void> {
+  async setPhase<R extends JobRecord>(job: Job<R>, phase: R['phase'], patch: JobPatch = {}, via: readonly R['phase'][] = []): Promise<void> {
     const { record } = job;
     const now = new Date().toISOString();
-    const phaseHistory = [...record.phaseHistory];
-    let from = record.phase;
+    const phaseHistory: Array<{ phase: Phase; at: string }> = [...record.phaseHistory];
+    let from: Phase = record.phase;
     for (const next of [...via, phase]) {
       if (next === from) continue;
       if (!canMove(record.role, from, next)) {
@@ -178,12 +210,13 @@ export class JobRegistry {
       phaseHistory.push({ phase: next, at: now });
       from = next;
     }
-    job.record = { ...record, ...patch, phase, updatedAt: now, phaseHistory };
+    // canMove let only the record's own role's phases through.
+    job.record = { ...record, ...patch, phase, updatedAt: now, phaseHistory } as R;
     await this.save(job);
   }
 
-  async update(job: Job, patch: Partial<JobRecord>): Promise<void> {
-    job.record = { ...job.record, ...patch, updatedAt: new Date().toISOString() };
+  async update<R extends JobRecord>(job: Job<R>, patch: JobPatch): Promise<void> {
+    job.record = { ...job.record, ...patch, updatedAt: new Date().toISOString() } as R;
     await this.save(job);
   }
 
@@ -193,7 +226,7 @@ export class JobRegistry {
   }
 
   /** Close the job (phase `done`), with `patch` in the same write. */
-  async end(job: Job, status: Exclude<JobStatus, 'running'>, error?: { code: string; message: string }, patch: Partial<JobRecord> = {}): Promise<void> {
+  async end<R extends JobRecord>(job: Job<R>, status: Exclude<JobStatus, 'running'>, error?: { code: string; message: string }, patch: JobPatch = {}): Promise<void> {
     const endedAt = new Date().toISOString();
     const totalMs = Date.parse(endedAt) - Date.parse(job.record.createdAt);
     await this.setPhase(job, 'done', {

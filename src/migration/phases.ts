@@ -1,8 +1,11 @@
 /**
- * The phase model of a migration job, in one place for both roles. Each phase is written to
- * disk before the action it names is taken, so a restarted agent knows exactly how far a job
- * got and which way to drive it (forward to the destination owning the guest, or back to the
- * source keeping it).
+ * The phase model of a migration job, in one place for both roles: each phase, what it means,
+ * where it may go next, and what it obliges (who decides the outcome, what a cancel does, which
+ * bound runs when the peer is never heard from again, what an agent restart and a crash inside
+ * the phase do). Each phase is written to disk before the action it names is taken, so a
+ * restarted agent knows exactly how far a job got and which way to drive it (forward to the
+ * destination owning the guest, or back to the source keeping it). The two roles' phases have
+ * names of their own; only `done` is shared.
  */
 export const PROTOCOL_VERSIONS = [2] as const;
 
@@ -14,18 +17,18 @@ export const SOURCE_PHASES = [
   'prepared', // the destination answered a URI; its qemu waits for the stream
   'streaming', // QMP migrate issued; the guest runs (live) while memory streams
   'stream-completed', // the stream completed; the source guest is paused (postmigrate)
-  'finishing', // Finish2(rc=0) sent; outcome not yet known: the source stays paused
+  'asking-outcome', // Finish2(rc=0) sent; outcome not yet known: the source stays paused
   'confirmed', // the destination owns the guest; the source qemu is being ended
   'rolling-back', // the stream failed or the destination aborted: Finish2(rc!=0), resume the source
   'done', // terminal
 ] as const;
 
 export const DESTINATION_PHASES = [
-  'preparing', // the incoming qemu is being started
-  'prepared', // qemu listens (-incoming defer + migrate-incoming); the lease runs
-  'receiving', // the stream is under way
+  'starting-incoming', // the incoming qemu is being started
+  'listening', // qemu listens (-incoming defer + migrate-incoming); the lease runs
+  'receiving', // the stream is under way; the stream watch runs
   'received', // the stream completed; the guest is paused here, waiting for Finish2
-  'finishing', // Finish2(rc=0) accepted: this host owns the guest; resuming it
+  'taking-over', // Finish2(rc=0) accepted: this host owns the guest; resuming it
   'aborting', // Finish2(rc!=0), a lease expiry or a failed stream: ending the empty qemu
   'done', // terminal
 ] as const;
@@ -34,23 +37,106 @@ export type SourcePhase = (typeof SOURCE_PHASES)[number];
 export type DestinationPhase = (typeof DESTINATION_PHASES)[number];
 export type Phase = SourcePhase | DestinationPhase;
 
+/**
+ * Phase names of records written by agents before the roles' names were told apart (a job in
+ * flight across an upgrade, or kept as history), as each role's phase of today.
+ */
+const LEGACY_PHASES: { source: Record<string, SourcePhase>; destination: Record<string, DestinationPhase> } = {
+  source: { finishing: 'asking-outcome' },
+  destination: { preparing: 'starting-incoming', prepared: 'listening', finishing: 'taking-over' },
+};
+
+export function currentPhase(role: JobRole, phase: string): string {
+  return LEGACY_PHASES[role][phase] ?? phase;
+}
+
+/** What ends a phase when the peer is never heard from again. */
+export type PhaseBound =
+  /** The destination's lease: --incoming-timeout from the phase's start. */
+  | { kind: 'lease'; why: string }
+  /** The destination's stream watch: --incoming-timeout without a byte of the stream. */
+  | { kind: 'stream-watch' }
+  /** The source's: each Prepare2 call times out, retries on 503 are bounded. */
+  | { kind: 'request-timeout' }
+  /** The source's: the stream's progress timeout (progressTimeoutSeconds) cancels it. */
+  | { kind: 'progress-timeout' }
+  /** Nothing: only the peer (or an operator's resolution) may end it; the guest meanwhile stays safe. */
+  | { kind: 'waits-for-peer' }
+  /** The agent's own work, not the peer's: it ends as soon as the agent carries it out. */
+  | { kind: 'local' };
+
+export interface PhaseObligations {
+  /**
+   * Who may still decide how the job ends: `source` while the stream has not completed (the
+   * source's copy is the guest), `destination` after it (resuming the source without the
+   * destination's word could leave two running copies), `decided` once the outcome is fixed.
+   */
+  decides: 'source' | 'destination' | 'decided';
+  /** What POST /jobs/{id}/cancel does (source jobs; a destination job is never cancelled there). */
+  cancel: 'rolls-back' | 'refused';
+  bound: PhaseBound;
+  /** What recovery does with a job found in this phase after an agent restart (see each side's recover()). */
+  restart: string;
+  /** What settleCrash does when a throw escapes the job's handling in this phase. */
+  crash: string;
+}
+
+const ROLL_BACK = 'cancels any stream qemu still runs, rolls back (Finish2 rc!=0) and resumes the guest if it ran before';
+const ASK_AGAIN = 'keeps the guest paused and asks the destination again (Finish2), or applies an operator\'s resolution';
+
+export const SOURCE_OBLIGATIONS: Record<SourcePhase, PhaseObligations> = {
+  preparing: { decides: 'source', cancel: 'rolls-back', bound: { kind: 'request-timeout' }, restart: ROLL_BACK, crash: ROLL_BACK },
+  prepared: { decides: 'source', cancel: 'rolls-back', bound: { kind: 'progress-timeout' }, restart: ROLL_BACK, crash: ROLL_BACK },
+  streaming: {
+    decides: 'source', cancel: 'rolls-back', bound: { kind: 'progress-timeout' },
+    restart: `if qemu completed the stream meanwhile and no cancel was answered, asks the outcome as after the stream; else ${ROLL_BACK}`,
+    crash: ROLL_BACK,
+  },
+  'stream-completed': { decides: 'destination', cancel: 'refused', bound: { kind: 'waits-for-peer' }, restart: ASK_AGAIN, crash: ASK_AGAIN },
+  'asking-outcome': { decides: 'destination', cancel: 'refused', bound: { kind: 'waits-for-peer' }, restart: ASK_AGAIN, crash: ASK_AGAIN },
+  confirmed: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'ends the source copy (the destination owns the guest)', crash: 'ends the source copy (the destination owns the guest)' },
+  'rolling-back': { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'finishes the rollback', crash: 'finishes the rollback' },
+  done: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'nothing (terminal)', crash: 'nothing (terminal)' },
+};
+
+const END_EMPTY = 'ends the empty qemu; the job fails';
+
+export const DESTINATION_OBLIGATIONS: Record<DestinationPhase, PhaseObligations> = {
+  'starting-incoming': { decides: 'source', cancel: 'refused', bound: { kind: 'local' }, restart: END_EMPTY, crash: END_EMPTY },
+  listening: {
+    decides: 'source', cancel: 'refused', bound: { kind: 'lease', why: 'no stream started' },
+    restart: 'waits for the stream or Finish2 under a fresh lease (ends the job if its qemu is gone)', crash: END_EMPTY,
+  },
+  receiving: {
+    decides: 'source', cancel: 'refused', bound: { kind: 'stream-watch' },
+    restart: 'takes the stream\'s end if qemu saw it, else watches the stream again (ends the job if its qemu is gone)', crash: END_EMPTY,
+  },
+  received: {
+    decides: 'source', cancel: 'refused', bound: { kind: 'lease', why: 'no Finish2 after the stream ended' },
+    restart: 'waits for Finish2 under a fresh lease (ends the job if its qemu is gone)', crash: END_EMPTY,
+  },
+  'taking-over': { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'completes the hand-over (resumes the guest it owns)', crash: 'completes the hand-over (resumes the guest it owns)' },
+  aborting: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: END_EMPTY, crash: END_EMPTY },
+  done: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'nothing (terminal)', crash: 'nothing (terminal)' },
+};
+
 const SOURCE_NEXT: Record<SourcePhase, readonly SourcePhase[]> = {
   preparing: ['prepared', 'rolling-back'],
   prepared: ['streaming', 'rolling-back'],
   streaming: ['stream-completed', 'rolling-back'],
-  'stream-completed': ['finishing'],
-  finishing: ['confirmed', 'rolling-back'],
+  'stream-completed': ['asking-outcome'],
+  'asking-outcome': ['confirmed', 'rolling-back'],
   confirmed: ['done'],
   'rolling-back': ['done'],
   done: [],
 };
 
 const DESTINATION_NEXT: Record<DestinationPhase, readonly DestinationPhase[]> = {
-  preparing: ['prepared', 'aborting'],
-  prepared: ['receiving', 'received', 'finishing', 'aborting'],
-  receiving: ['received', 'finishing', 'aborting'],
-  received: ['finishing', 'aborting'],
-  finishing: ['done', 'aborting'],
+  'starting-incoming': ['listening', 'aborting'],
+  listening: ['receiving', 'received', 'taking-over', 'aborting'],
+  receiving: ['received', 'taking-over', 'aborting'],
+  received: ['taking-over', 'aborting'],
+  'taking-over': ['done', 'aborting'],
   aborting: ['done'],
   done: [],
 };
@@ -60,8 +146,15 @@ export function canMove(role: JobRole, from: Phase, to: Phase): boolean {
   return table[from]?.includes(to) ?? false;
 }
 
-/**
- * Source phases after which only the destination may decide the outcome: the stream completed,
- * so resuming the source without its word could leave two running copies.
- */
-export const SOURCE_AWAITS_DESTINATION: readonly SourcePhase[] = ['stream-completed', 'finishing'];
+/** The obligations of a job's phase, by its role. */
+export function obligationsOf(role: JobRole, phase: Phase): PhaseObligations {
+  const table = (role === 'source' ? SOURCE_OBLIGATIONS : DESTINATION_OBLIGATIONS) as Record<string, PhaseObligations>;
+  const o = table[phase];
+  if (!o) throw new Error(`phase ${phase} is not a ${role} phase`);
+  return o;
+}
+
+/** For an exhaustive switch over a role's phases: a phase without a case fails to compile here. */
+export function unhandledPhase(phase: never): never {
+  throw new Error(`no rule for phase ${String(phase)}`);
+}

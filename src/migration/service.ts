@@ -3,7 +3,7 @@ import type { AgentConfig } from '../config.js';
 import type { StateStore } from '../store/state-store.js';
 import type { DomainManager } from '../agent/domain-manager.js';
 import type { HostInfo } from '../agent/app.js';
-import { JobRegistry, type Job } from './jobs.js';
+import { isDestinationJob, isSourceJob, JobRegistry, type Job } from './jobs.js';
 import { PeerClient } from './peer-client.js';
 import type { TlsMaterial } from '../agent/tls.js';
 import { holdAt } from './holds.js';
@@ -49,11 +49,11 @@ export class MigrationService {
     await this.jobs.prune();
     for (const job of loaded) {
       if (job.terminal) continue;
-      const side = job.record.role === 'source' ? this.source : this.destination;
       const recovery = async () => {
         // Recovery acts on the guest's qemu: not before the agent knows whether it runs (its monitor may not answer yet).
         if (!(await this.ctx.domains.settled(job.record.domain))) return;
-        await side.recover(job).catch((err: unknown) => side.settleCrash(job, err));
+        if (isSourceJob(job)) await this.source.recover(job).catch((err: unknown) => this.source.settleCrash(job, err));
+        else if (isDestinationJob(job)) await this.destination.recover(job).catch((err: unknown) => this.destination.settleCrash(job, err));
       };
       void recovery().catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'job recovery failed'));
     }

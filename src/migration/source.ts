@@ -4,7 +4,7 @@ import { AgentError, conflict } from '../errors.js';
 import type { DomainEntry } from '../agent/domain-manager.js';
 import type { QmpClient } from '../qemu/qmp.js';
 import { resumeAfterMigration } from '../qemu/resume.js';
-import { SOURCE_AWAITS_DESTINATION } from './phases.js';
+import { SOURCE_OBLIGATIONS, unhandledPhase } from './phases.js';
 import {
   DEFAULT_OPTIONS,
   ESCALATE_AFTER_MS,
@@ -19,7 +19,7 @@ import {
 import { PeerCertificateError, PeerRefusedError, PeerUnreachableError } from './peer-client.js';
 import { useQemuTls } from '../agent/tls.js';
 import { isLoopback, type AgentConfig } from '../config.js';
-import { CRASHED_JOB_RETRY_MS, type Job, type JobRecord, type MigrationStats } from './jobs.js';
+import { CRASHED_JOB_RETRY_MS, isSourceJob, type JobPatch, type SourceJob, type SourceJobRecord, type MigrationStats } from './jobs.js';
 import { FINISH_TOKEN_PATTERN, type Finish2Request, type Finish2Response, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
 export interface PerformRequest {
@@ -69,7 +69,7 @@ export class SourceSide {
     this.ctx = ctx;
   }
 
-  async perform(req: PerformRequest): Promise<Job> {
+  async perform(req: PerformRequest): Promise<SourceJob> {
     const { domains, jobs, config } = this.ctx;
     let destination: URL;
     try {
@@ -84,7 +84,7 @@ export class SourceSide {
     return jobs.locks.run(migrationId, async () => {
       const replay = jobs.get(migrationId);
       if (replay) {
-        if (replay.record.role !== 'source' || replay.record.domain !== req.domain) {
+        if (!isSourceJob(replay) || replay.record.domain !== req.domain) {
           throw conflict('migration_id_in_use', `migration id ${migrationId} belongs to another job here`, { job: migrationId });
         }
         return replay;
@@ -121,7 +121,7 @@ export class SourceSide {
     });
   }
 
-  private async run(job: Job, entry: DomainEntry): Promise<void> {
+  private async run(job: SourceJob, entry: DomainEntry): Promise<void> {
     const { log } = this.ctx;
     const qmp = entry.run!.qmp;
     let pausedAt: number | undefined;
@@ -148,7 +148,7 @@ export class SourceSide {
    * Finish2 is asked again (or an operator's resolution applied), and a confirmed job ends its
    * copy here; nothing resumes it without the destination's word. Never rejects.
    */
-  async settleCrash(job: Job, err: unknown): Promise<void> {
+  async settleCrash(job: SourceJob, err: unknown): Promise<void> {
     const { jobs, domains, log } = this.ctx;
     for (let attempt = 0; !job.terminal && !this.closed; attempt++) {
       const { phase, error } = job.record;
@@ -159,12 +159,27 @@ export class SourceSide {
         const entry = domains.find(job.record.domain);
         if (!entry) {
           await jobs.end(job, 'failed', { code: 'domain_gone', message: `the domain vanished; ${crashed}` });
-        } else if (phase === 'confirmed') {
-          await this.confirm(job, entry);
-        } else if ((SOURCE_AWAITS_DESTINATION as readonly string[]).includes(phase)) {
-          await this.finishCompleted(job, entry);
-        } else {
-          await this.rollBack(job, entry, new StreamEnded('failed', 'internal', crashed));
+          return;
+        }
+        // The rule of each phase (SOURCE_OBLIGATIONS[phase].crash); a phase without one does not compile.
+        switch (phase) {
+          case 'preparing':
+          case 'prepared':
+          case 'streaming':
+          case 'rolling-back':
+            await this.rollBack(job, entry, new StreamEnded('failed', 'internal', crashed));
+            break;
+          case 'stream-completed':
+          case 'asking-outcome':
+            await this.finishCompleted(job, entry);
+            break;
+          case 'confirmed':
+            await this.confirm(job, entry);
+            break;
+          case 'done':
+            break;
+          default:
+            unhandledPhase(phase);
         }
         return;
       } catch (again) {
@@ -180,7 +195,7 @@ export class SourceSide {
   }
 
   /** Prepare2, QMP set-up and the stream; when the source vCPUs stopped for the switch-over, if qemu said. */
-  private async prepareAndStream(job: Job, entry: DomainEntry, qmp: QmpClient): Promise<number | undefined> {
+  private async prepareAndStream(job: SourceJob, entry: DomainEntry, qmp: QmpClient): Promise<number | undefined> {
     const { jobs } = this.ctx;
     const { options, peer } = job.record;
     const started = Date.now();
@@ -220,7 +235,7 @@ export class SourceSide {
   }
 
   /** Prepare2, retried while the destination says "not now" (503 + Retry-After), bounded. */
-  private async prepare2(job: Job, body: Prepare2Request): Promise<Prepare2Response> {
+  private async prepare2(job: SourceJob, body: Prepare2Request): Promise<Prepare2Response> {
     const deadline = Date.now() + 120_000;
     for (let attempt = 1; ; attempt++) {
       try {
@@ -238,7 +253,7 @@ export class SourceSide {
    * Poll query-migrate (woken early by MIGRATION events) until the stream ends. Returns when
    * the source vCPUs stopped for the switch-over (qemu's STOP event), if that happened here.
    */
-  private async followStream(job: Job, qmp: QmpClient): Promise<number | undefined> {
+  private async followStream(job: SourceJob, qmp: QmpClient): Promise<number | undefined> {
     // Progress = what remains reaching a new low. A guest that dirties memory faster than the
     // stream carries it never gets there; past the progress timeout the stream is cancelled
     // (the guest keeps running here) instead of streaming for ever.
@@ -334,15 +349,15 @@ export class SourceSide {
    * The stream completed: the source guest is paused; the destination decides who owns it.
    * `pausedAt`: when the source vCPUs stopped, for the switch-over time the guest saw.
    */
-  private async finishCompleted(job: Job, entry: DomainEntry, pausedAt = Date.now()): Promise<void> {
+  private async finishCompleted(job: SourceJob, entry: DomainEntry, pausedAt = Date.now()): Promise<void> {
     const { jobs, log } = this.ctx;
     // One write while the guest is paused: both phases precede the same action, Finish2.
-    if (job.record.phase !== 'finishing') {
-      await jobs.setPhase(job, 'finishing', { finish: { rc: 0, attempts: 0 } }, job.record.phase === 'streaming' ? ['stream-completed'] : []);
+    if (job.record.phase !== 'asking-outcome') {
+      await jobs.setPhase(job, 'asking-outcome', { finish: { rc: 0, attempts: 0 } }, job.record.phase === 'streaming' ? ['stream-completed'] : []);
     }
     await this.ctx.hold('before-finish2', job.id);
     const outcome = await this.finish2Until(job, { migrationId: job.id, rc: 0, uuid: job.record.uuid, finishToken: job.record.finishToken });
-    if (!outcome) return; // agent shutting down: the job stays in `finishing` for the next start
+    if (!outcome) return; // agent shutting down: the job stays in `asking-outcome` for the next start
     const { answer, finish } = outcome;
     if (answer.outcome === 'finished') {
       await this.confirm(job, entry, { waiting: undefined, finish, timings: { ...job.record.timings, switchoverMs: Date.now() - pausedAt } });
@@ -354,7 +369,7 @@ export class SourceSide {
   }
 
   /** The destination owns the guest: end the paused source copy. `answered`: the Finish2 exchange, recorded with the phase. */
-  private async confirm(job: Job, entry: DomainEntry, answered: Partial<JobRecord> = {}): Promise<void> {
+  private async confirm(job: SourceJob, entry: DomainEntry, answered: JobPatch = {}): Promise<void> {
     const { jobs, domains, log } = this.ctx;
     await jobs.setPhase(job, 'confirmed', answered);
     await domains.stopQemu(entry, 'migrated');
@@ -371,7 +386,7 @@ export class SourceSide {
    * safe without waiting for it. `answered`: the destination already answered Finish2 (the
    * exchange, recorded with the phase).
    */
-  private async rollBack(job: Job, entry: DomainEntry, why: StreamEnded, answered?: Partial<JobRecord>): Promise<void> {
+  private async rollBack(job: SourceJob, entry: DomainEntry, why: StreamEnded, answered?: JobPatch): Promise<void> {
     const { jobs, log } = this.ctx;
     await jobs.setPhase(job, 'rolling-back', { ...answered, error: { code: why.code, message: why.message } });
     if (!answered) {
@@ -398,7 +413,7 @@ export class SourceSide {
    * resolves the job: the answer and the exchange for the job record (the caller writes it with
    * the phase that acts on it); null if the agent closes first.
    */
-  private async finish2Until(job: Job, body: Finish2Request): Promise<{ answer: Finish2Response; finish: NonNullable<JobRecord['finish']> } | null> {
+  private async finish2Until(job: SourceJob, body: Finish2Request): Promise<{ answer: Finish2Response; finish: NonNullable<SourceJobRecord['finish']> } | null> {
     const { jobs, log } = this.ctx;
     const interrupt = new AbortController();
     this.finishWaits.set(job.id, interrupt);
@@ -446,10 +461,10 @@ export class SourceSide {
    * does not: resume it here). Only while the source is asking Finish2 with no answer; the
    * operator must have checked the destination, since this decides who owns the guest.
    */
-  async resolve(id: string, outcome: 'finished' | 'aborted', reason: string): Promise<Job> {
+  async resolve(id: string, outcome: 'finished' | 'aborted', reason: string): Promise<SourceJob> {
     const { jobs } = this.ctx;
     const job = jobs.require(id);
-    if (job.record.role !== 'source' || job.terminal || job.record.phase !== 'finishing' || !job.record.waiting || job.record.resolution) {
+    if (!isSourceJob(job) || job.terminal || job.record.phase !== 'asking-outcome' || !job.record.waiting || job.record.resolution) {
       throw conflict(
         'not_waiting_on_destination',
         `job ${id} is not a source job waiting for an unknown Finish2 outcome (status ${job.record.status}, phase ${job.record.phase})`,
@@ -464,7 +479,7 @@ export class SourceSide {
   }
 
   /** Finish2 after a failure: a few tries; if all fail, the destination's lease ends its qemu anyway. */
-  private async finish2BestEffort(job: Job, body: Finish2Request): Promise<void> {
+  private async finish2BestEffort(job: SourceJob, body: Finish2Request): Promise<void> {
     for (let attempt = 1; attempt <= 3; attempt++) {
       try {
         await this.ctx.peers.call<Finish2Response>(job.record.peer.url!, 'POST', '/finish2', body, 30_000);
@@ -482,11 +497,11 @@ export class SourceSide {
     }
   }
 
-  async cancel(id: string): Promise<Job> {
+  async cancel(id: string): Promise<SourceJob> {
     const job = this.ctx.jobs.require(id);
-    if (job.record.role !== 'source') throw conflict('not_cancellable', 'only the source side of a migration can cancel it', { job: id });
+    if (!isSourceJob(job)) throw conflict('not_cancellable', 'only the source side of a migration can cancel it', { job: id });
     if (job.terminal) throw conflict('job_ended', `job ${id} already ${job.record.status}`, { job: id });
-    if ((SOURCE_AWAITS_DESTINATION as readonly string[]).includes(job.record.phase) || job.record.phase === 'confirmed') {
+    if (SOURCE_OBLIGATIONS[job.record.phase].cancel === 'refused') {
       throw conflict('too_late_to_cancel', `job ${id} is past the stream (phase ${job.record.phase}); the destination decides now`, { job: id });
     }
     // Written before the answer: the stream's start and a restarted agent's recovery both honour it.
@@ -508,7 +523,7 @@ export class SourceSide {
    * After an agent restart, drive a source job that was mid-flight to a safe end by the same
    * rules: before the stream completed -> cancel and resume; after -> ask the destination.
    */
-  async recover(job: Job): Promise<void> {
+  async recover(job: SourceJob): Promise<void> {
     const { domains, log } = this.ctx;
     const entry = domains.find(job.record.domain);
     if (!entry) {
@@ -518,12 +533,28 @@ export class SourceSide {
     entry.activeJob = { id: job.id, role: 'source' };
     const phase = job.record.phase;
     log.warn({ migration: job.id, phase }, 'recovering source job after restart');
-    if (phase === 'confirmed') return this.confirm(job, entry);
-    if (phase === 'rolling-back') {
-      return this.rollBack(job, entry, new StreamEnded('failed', job.record.error?.code ?? 'agent_restarted', job.record.error?.message ?? 'agent restarted'));
+    // The rule of each phase (SOURCE_OBLIGATIONS[phase].restart); a phase without one does not compile.
+    switch (phase) {
+      case 'confirmed':
+        return this.confirm(job, entry);
+      case 'rolling-back':
+        return this.rollBack(job, entry, new StreamEnded('failed', job.record.error?.code ?? 'agent_restarted', job.record.error?.message ?? 'agent restarted'));
+      case 'stream-completed':
+      case 'asking-outcome':
+        return this.finishCompleted(job, entry);
+      case 'preparing':
+      case 'prepared':
+      case 'streaming':
+        return this.recoverBeforeStreamEnd(job, entry);
+      case 'done':
+        return;
+      default:
+        return unhandledPhase(phase);
     }
-    if (phase === 'stream-completed' || phase === 'finishing') return this.finishCompleted(job, entry);
-    // preparing / prepared / streaming: the stream may still run inside qemu without us.
+  }
+
+  /** Before the stream's end was recorded: the stream may still run inside qemu without us. */
+  private async recoverBeforeStreamEnd(job: SourceJob, entry: DomainEntry): Promise<void> {
     const qmp = entry.run?.qmp;
     let status = 'none';
     if (qmp) {

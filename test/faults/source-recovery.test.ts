@@ -1,4 +1,5 @@
 import t from 'tap';
+import type { SourceJobRecord } from '../../src/migration/jobs.js';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { processMatches } from '../../src/qemu/process.js';
@@ -21,7 +22,7 @@ t.test('a guest paused before the migration stays paused when a restarted source
   await a.kill9();
   await fs.rm(path.join(aState, 'hold.before-migrate'), { force: true });
   a = await spawnAgent(t, aArgs);
-  const job = await waitForJobEnd(a.client, 'paused-rollback', 'source recovery', 30_000);
+  const job = (await waitForJobEnd(a.client, 'paused-rollback', 'source recovery', 30_000)) as SourceJobRecord;
   t.equal(job.status, 'failed');
   t.equal(job.error?.code, 'agent_restarted');
   t.equal(job.runningBeforeMigration, false, 'the job recorded the run state before the migration');

@@ -6,7 +6,7 @@ import { parseSerialLog } from '../../src/guest/image.js';
 import { freePort, spawnAgent, TEST_TOKEN, testGuest, waitFor, waitForJobEnd } from '../helpers/agents.js';
 import { runCli } from '../helpers/cli.js';
 import { assertOwnedBy, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
-import type { JobRecord } from '../../src/migration/jobs.js';
+import type { SourceJobRecord } from '../../src/migration/jobs.js';
 import type { Finish2Request } from '../../src/migration/protocol.js';
 
 // A guest big enough that a bandwidth-limited stream takes a few seconds.
@@ -116,7 +116,7 @@ t.test('Finish2 outcome unknown: the source stays paused and asks again until it
     const j = await a.client.job(job.id);
     return j.waiting ? j : null;
   });
-  t.equal(waiting.phase, 'finishing');
+  t.equal(waiting.phase, 'asking-outcome');
   t.equal((await a.client.domain('vm6')).qemuStatus, 'postmigrate', 'the source guest stays paused meanwhile');
   const ended = await a.app.agent.migrations.jobs.waitForEnd(a.app.agent.migrations.jobs.require(job.id), 60_000);
   t.equal(ended.status, 'completed');
@@ -167,7 +167,7 @@ t.test('Finish2 unanswerable for good: an operator who checked the destination r
       } else {
         await a.client.resolve(job.id, outcome, `checked ${b.url} by hand`);
       }
-      const resolved = await a.client.job(job.id);
+      const resolved = (await a.client.job(job.id)) as SourceJobRecord;
       t.equal(resolved.status, runsOnDestination ? 'completed' : 'failed');
       t.match(resolved.resolution, { outcome: runsOnDestination ? 'finished' : 'aborted', reason: `checked ${b.url} by hand` });
       t.notOk(resolved.waiting, 'no longer waiting');
@@ -209,12 +209,12 @@ t.test("an operator's decision written just before the source agent died is carr
   // The crash comes right after the decision was written, before it was acted on.
   await a.kill9();
   const recordPath = path.join(stateDir, 'jobs', `${job.id}.json`);
-  const record = JSON.parse(await fs.readFile(recordPath, 'utf8')) as JobRecord;
+  const record = JSON.parse(await fs.readFile(recordPath, 'utf8')) as SourceJobRecord;
   record.resolution = { outcome: 'aborted', reason: 'checked hostB: no guest there', at: new Date().toISOString() };
   await fs.writeFile(recordPath, JSON.stringify(record));
 
   const restarted = await spawnAgent(t, opts);
-  const ended = await waitForJobEnd(restarted.client, job.id, 'the recovered job carried out the decision');
+  const ended = (await waitForJobEnd(restarted.client, job.id, 'the recovered job carried out the decision')) as SourceJobRecord;
   t.equal(ended.status, 'failed');
   t.equal(ended.error?.code, 'operator_aborted');
   t.match(ended.resolution, { outcome: 'aborted', reason: 'checked hostB: no guest there' });
