@@ -13,7 +13,7 @@ import { StateStore } from '../store/state-store.js';
 import { StateDirLock } from '../store/dir-lock.js';
 import { checkTlsMaterial, loadTls, writeQemuTlsDir, type TlsMaterial } from './tls.js';
 import { probeQemu, resolveAccel, type QemuHostInfo } from '../qemu/host.js';
-import { chooseAccel, type AccelChoice } from '../qemu/accel-probe.js';
+import { chooseAccel } from '../qemu/accel-probe.js';
 import type { Accel } from '../domain/index.js';
 import { DomainManager } from './domain-manager.js';
 import { QemuUsers } from './qemu-user.js';
@@ -29,33 +29,7 @@ import jobRoutes from '../../routes/jobs.js';
 import documentationRoutes from '../../routes/documentation.js';
 import { jobSchema } from '../../routes/job-schema.js';
 import { version } from './version.js';
-
-export interface HostInfo {
-  uuid: string;
-  hostname: string;
-  qemuVersion: string;
-  qemuBinary: string;
-  accelerator: 'kvm' | 'tcg';
-  kvmUsable: boolean;
-  /** Whom guests' qemu runs as. */
-  qemuUser: string;
-  /** The UEFI firmware images of qemu's descriptors, in the order `<os firmware='efi'>` tries them. */
-  firmwares: string[];
-  /** A guest may have an emulated `<tpm>` (swtpm is installed). */
-  tpmEmulator: boolean;
-  protocolVersions: number[];
-  machineAliases: Record<string, string>;
-  migrationAddress: string;
-  migrationPorts: string;
-  quarantined: StateStore['quarantined'];
-  accelProbe: AccelProbeReport;
-}
-
-/** The start-time measurement behind --accel auto (see src/qemu/accel-probe.ts). */
-export type AccelProbeReport =
-  | { state: 'not-measured'; reason: string }
-  | { state: 'measuring' }
-  | ({ state: 'measured'; kvmSlow: boolean } & AccelChoice);
+import type { AccelProbeReport, HostInfo } from '../host-info.js';
 
 /** What the routes reach through `app.agent`. */
 export interface AgentContext {

@@ -3,7 +3,7 @@ import fsSync, { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { FastifyBaseLogger } from 'fastify';
+import type { Logger } from '../log.js';
 import { AgentError, DomainXmlError, conflict, notFound } from '../errors.js';
 import {
   buildArgv,
@@ -145,7 +145,7 @@ export interface DomainManagerOptions {
   qemu: QemuHostInfo;
   accel: 'kvm' | 'tcg';
   allowPaths: string[];
-  log: FastifyBaseLogger;
+  log: Logger;
   /** Domains this agent holds at most (defined and arriving). */
   maxDomains: number;
   /** A guest's output file (serial log, chardev log) larger than this is truncated. */

@@ -1,8 +1,8 @@
 import { randomBytes } from 'node:crypto';
-import type { FastifyBaseLogger } from 'fastify';
+import type { Logger } from '../log.js';
 import type { AgentConfig } from '../config.js';
 import type { DomainManager } from '../agent/domain-manager.js';
-import type { HostInfo } from '../agent/app.js';
+import type { HostInfo } from '../host-info.js';
 import type { JobRegistry, JobRecord } from './jobs.js';
 import type { MigrationOptions } from './params.js';
 import type { PeerClient } from './peer-client.js';
@@ -74,7 +74,7 @@ export interface MigrationContext {
   jobs: JobRegistry;
   peers: PeerClient;
   hostInfo: () => HostInfo;
-  log: FastifyBaseLogger;
+  log: Logger;
   hold: (point: HoldPoint, migrationId: string) => Promise<void>;
   /** With TLS, both ends' qemu stream over TLS too (DomainManager.qemuTlsDir gives each its credentials). */
   streamTls: boolean;

@@ -1,8 +1,8 @@
-import type { FastifyBaseLogger } from 'fastify';
+import type { Logger } from '../log.js';
 import type { AgentConfig } from '../config.js';
 import type { StateStore } from '../store/state-store.js';
 import type { DomainManager } from '../agent/domain-manager.js';
-import type { HostInfo } from '../agent/app.js';
+import type { HostInfo } from '../host-info.js';
 import { isDestinationJob, isSourceJob, JobRegistry, type Job } from './jobs.js';
 import { PeerClient } from './peer-client.js';
 import type { TlsMaterial } from '../agent/tls.js';
@@ -23,7 +23,7 @@ export class MigrationService {
     store: StateStore;
     domains: DomainManager;
     hostInfo: () => HostInfo;
-    log: FastifyBaseLogger;
+    log: Logger;
     /** The agent's certificate material, when it runs with TLS. */
     tls?: TlsMaterial;
   }) {

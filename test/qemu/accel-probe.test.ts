@@ -4,7 +4,7 @@ import os from 'node:os';
 import { chooseAccel, decideAccel, measureFill, PROBE_BOUND_MS, type FillMeasurement } from '../../src/qemu/accel-probe.js';
 import { probeQemu } from '../../src/qemu/host.js';
 import { startAgent, tmpDir, waitFor } from '../helpers/agents.js';
-import type { HostInfo } from '../../src/agent/app.js';
+import type { HostInfo } from '../../src/host-info.js';
 import { processesMentioning } from './helpers.js';
 
 const fill = (accel: 'kvm' | 'tcg', fillMs?: number, failure?: string): FillMeasurement => ({ accel, fillMiB: 16, ...(fillMs !== undefined ? { fillMs } : {}), ...(failure ? { failure } : {}) });
