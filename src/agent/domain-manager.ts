@@ -177,6 +177,8 @@ export class DomainManager extends EventEmitter {
   private readonly detaching = new AbortController();
   private readonly logCap: NodeJS.Timeout;
   private readonly displayPorts = new DisplayPorts();
+  /** The definition a same-named inactive domain had before an incoming migration's claim borrowed its entry, by name. */
+  private readonly borrowed = new Map<string, { xml: string; def: DomainDef }>();
 
   constructor(opts: DomainManagerOptions) {
     super();
@@ -952,15 +954,105 @@ export class DomainManager extends EventEmitter {
     }
   }
 
-  /** Add a transient domain (an incoming migration); it becomes persistent only when asked. */
-  addTransient(xml: string, def: DomainDef): DomainEntry {
-    this.refuseBeyondMaxDomains();
-    const entry: DomainEntry = { name: def.name, uuid: def.uuid, xml, def, persistent: false };
-    this.domains.set(def.name, entry);
-    return entry;
+  // A migration's claim on a domain (entry.activeJob): while it lasts the job owns the entry and
+  // lifecycle calls are refused (refuseWhileBusy). Migration code never writes an entry itself: it
+  // begins a claim, then commits it (the job succeeded) or releases it (the job failed).
+
+  /** The source's claim on a guest it is about to send: only a running guest that is not already migrating or arriving. */
+  beginOutgoing(entry: DomainEntry, jobId: string): RunningQemu {
+    if (entry.activeJob) {
+      throw conflict('domain_busy', `domain ${entry.name} is already migrating (job ${entry.activeJob.id})`, {
+        domain: entry.name,
+        job: entry.activeJob.id,
+      });
+    }
+    const run = this.requireRunning(entry);
+    if (run.incoming) throw conflict('domain_incoming', `domain ${entry.name} is still arriving here`);
+    entry.activeJob = { id: jobId, role: 'source' };
+    return run;
   }
 
-  async makePersistent(entry: DomainEntry): Promise<void> {
+  /**
+   * The destination's claim on the entry the arriving guest will live in: a new transient one, or
+   * a same-named domain defined here but inactive, whose definition is set aside to be given back
+   * if the migration fails (release).
+   */
+  beginIncoming(xml: string, def: DomainDef, jobId: string): DomainEntry {
+    for (const other of this.domains.values()) {
+      if (other.uuid === def.uuid && other.name !== def.name) {
+        throw conflict('uuid_in_use', `uuid ${def.uuid} belongs to domain ${other.name} here`, { domain: other.name });
+      }
+    }
+    const existing = this.domains.get(def.name);
+    if (!existing) {
+      this.refuseBeyondMaxDomains();
+      const entry: DomainEntry = { name: def.name, uuid: def.uuid, xml, def, persistent: false, activeJob: { id: jobId, role: 'destination' } };
+      this.domains.set(def.name, entry);
+      return entry;
+    }
+    if (this.isActive(existing) || existing.activeJob) {
+      throw conflict('domain_active', `domain ${def.name} is already active on this host`, { domain: def.name });
+    }
+    if (existing.uuid !== def.uuid) {
+      throw conflict('domain_exists', `a different domain named ${def.name} is defined here`, { domain: def.name });
+    }
+    this.borrowed.set(def.name, { xml: existing.xml, def: existing.def });
+    existing.xml = xml;
+    existing.def = def;
+    existing.activeJob = { id: jobId, role: 'destination' };
+    return existing;
+  }
+
+  /**
+   * After an agent restart: the claim of a job whose record says it owns the domain (claims live in
+   * memory only). A borrowed definition set aside before the restart is not known any more.
+   */
+  restoreClaim(entry: DomainEntry, jobId: string, role: 'source' | 'destination'): void {
+    entry.activeJob = { id: jobId, role };
+  }
+
+  /**
+   * The arrival succeeded: the guest is this host's. The definition that arrived is kept (stored
+   * when the domain is persistent or `persist`: keeping the old one stored would let it win after
+   * the next restart), the runtime record no longer says incoming, the guest runs unless `paused`,
+   * and only then the claim ends. A throw leaves the claim (and any borrowed definition) in place
+   * for release.
+   */
+  async commitIncoming(entry: DomainEntry, opts: { persist: boolean; paused: boolean }): Promise<void> {
+    const run = entry.run;
+    if (!run) throw new Error('the incoming qemu is gone');
+    if (opts.persist || entry.persistent) await this.makePersistent(entry);
+    this.borrowed.delete(entry.name);
+    run.incoming = false;
+    await this.saveRuntime(entry, run);
+    if (!opts.paused) await run.qmp.execute('cont');
+    entry.activeJob = undefined;
+  }
+
+  /** The destination owns the guest: the paused copy here ends, then its definition when `undefine` or transient. */
+  async commitOutgoing(entry: DomainEntry, opts: { undefine: boolean }): Promise<void> {
+    await this.stopQemu(entry, 'migrated');
+    entry.activeJob = undefined;
+    if (opts.undefine || !entry.persistent) await this.forget(entry, true);
+  }
+
+  /**
+   * The job failed: the claim ends. A borrowed definition is given back; a transient entry whose
+   * qemu is gone is forgotten (an arrival that never took over leaves nothing behind).
+   */
+  release(entry: DomainEntry): void {
+    entry.activeJob = undefined;
+    const previous = this.borrowed.get(entry.name);
+    this.borrowed.delete(entry.name);
+    if (previous) {
+      entry.xml = previous.xml;
+      entry.def = previous.def;
+    } else if (!entry.persistent && !entry.run) {
+      void this.forget(entry, false);
+    }
+  }
+
+  private async makePersistent(entry: DomainEntry): Promise<void> {
     await this.opts.store.saveDefinition(entry.name, entry.xml);
     entry.persistent = true;
     if (entry.run) await this.saveRuntime(entry, entry.run);

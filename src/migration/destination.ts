@@ -24,8 +24,6 @@ export class DestinationSide {
   private closed = false;
   /** Each running job's bound on its phase: a lease (listening, received) or the stream watch (receiving). */
   private readonly leases = new Map<string, NodeJS.Timeout>();
-  /** The definition a same-named inactive domain had before an incoming migration borrowed its entry. */
-  private readonly borrowed = new Map<string, { xml: string; def: DomainEntry['def'] }>();
   /**
    * Prepare2s admitted but not yet answered, with the port each has picked: they count against
    * --max-incoming and hold their port before their job record names it (see reservedPorts).
@@ -91,7 +89,7 @@ export class DestinationSide {
       throw conflict('accelerator_mismatch', `the guest runs on ${req.source.accelerator} at the source but would run on ${accelerator} here`);
     }
     await domains.checkFirmwareSizes({ uuid: def.uuid, def }, req.firmware);
-    const entry = this.claimEntry(xml, def);
+    const entry = domains.beginIncoming(xml, def, req.migrationId);
     let job: DestinationJob | undefined;
     try {
       const listen = await this.choosePort(req.migrationId, req.desturi);
@@ -107,7 +105,6 @@ export class DestinationSide {
         },
         'starting-incoming',
       );
-      entry.activeJob = { id: job.id, role: 'destination' };
       const run = await domains.launch(entry, { incoming: true });
       await run.qmp.execute('migrate-set-capabilities', { capabilities: destinationCapabilities() });
       if (this.ctx.streamTls) await useQemuTls(run.qmp, await domains.qemuTlsDir(entry), 'server');
@@ -121,46 +118,9 @@ export class DestinationSide {
       return this.prepareAnswer(job.id, listenUri, job.record.finishToken!);
     } catch (err) {
       if (job) await this.abort(job, entry, { code: 'prepare_failed', message: (err as Error).message });
-      else this.releaseEntry(entry);
+      else domains.release(entry);
       if (err instanceof AgentError) throw err;
       throw new AgentError(500, 'prepare_failed', `could not prepare the incoming qemu: ${(err as Error).message}`);
-    }
-  }
-
-  /**
-   * The entry the incoming guest will live in: a new transient one, or a same-named domain that
-   * is defined here but inactive (its stored definition comes back if the migration fails).
-   */
-  private claimEntry(xml: string, def: DomainEntry['def']): DomainEntry {
-    const { domains } = this.ctx;
-    for (const other of domains.list()) {
-      if (other.uuid === def.uuid && other.name !== def.name) {
-        throw conflict('uuid_in_use', `uuid ${def.uuid} belongs to domain ${other.name} here`, { domain: other.name });
-      }
-    }
-    const existing = domains.find(def.name);
-    if (!existing) return domains.addTransient(xml, def);
-    if (domains.isActive(existing) || existing.activeJob) {
-      throw conflict('domain_active', `domain ${def.name} is already active on this host`, { domain: def.name });
-    }
-    if (existing.uuid !== def.uuid) {
-      throw conflict('domain_exists', `a different domain named ${def.name} is defined here`, { domain: def.name });
-    }
-    this.borrowed.set(def.name, { xml: existing.xml, def: existing.def });
-    existing.xml = xml;
-    existing.def = def;
-    return existing;
-  }
-
-  private releaseEntry(entry: DomainEntry): void {
-    entry.activeJob = undefined;
-    const previous = this.borrowed.get(entry.name);
-    this.borrowed.delete(entry.name);
-    if (previous) {
-      entry.xml = previous.xml;
-      entry.def = previous.def;
-    } else if (!entry.persistent && !entry.run) {
-      void this.ctx.domains.forget(entry, false);
     }
   }
 
@@ -327,23 +287,15 @@ export class DestinationSide {
   /** From phase `taking-over` (also after a restart): the guest is this host's; start it and close the job. */
   async completeHandOver(job: DestinationJob, entry: DomainEntry): Promise<void> {
     const { jobs, domains, log } = this.ctx;
-    const run = entry.run;
+    const { options } = job.record;
     try {
-      if (!run) throw new Error('the incoming qemu is gone');
-      // A definition this host held already (inactive, same uuid) is replaced by the one that
-      // arrived and runs: keeping the old one stored would let it win after the next restart.
-      if (job.record.options.persistDestination || entry.persistent) await domains.makePersistent(entry);
-      this.borrowed.delete(entry.name);
-      run.incoming = false;
-      await domains.saveRuntime(entry, run);
-      if (!job.record.options.paused) await run.qmp.execute('cont');
+      await domains.commitIncoming(entry, { persist: options.persistDestination, paused: options.paused });
     } catch (err) {
       // No running copy exists here, so aborting is safe and tells the source to resume its own.
       log.error({ err, migration: job.id }, 'hand-over failed');
       await this.abort(job, entry, { code: 'resume_failed', message: (err as Error).message }, 'failed', 0);
       return;
     }
-    entry.activeJob = undefined;
     await jobs.end(job, 'completed', undefined, { finish: { rc: 0, attempts: 1, outcome: 'finished' } });
     log.info({ migration: job.id, domain: entry.name }, 'incoming migration finished; guest owned here');
   }
@@ -380,7 +332,7 @@ export class DestinationSide {
       ...(rc !== undefined ? { finish: { rc, attempts: 1, outcome: 'aborted' as const } } : {}),
     });
     if (entry.run) await domains.stopQemu(entry, 'failed');
-    this.releaseEntry(entry);
+    domains.release(entry);
     await jobs.end(job, status, error);
     log.warn({ migration: job.id, domain: entry.name, error }, 'incoming migration aborted; its qemu is gone');
   }
@@ -483,7 +435,7 @@ export class DestinationSide {
         await this.ctx.jobs.end(job, 'failed', { code: 'destination_qemu_ended', message: 'the incoming qemu ended while the agent was down' });
         return;
       }
-      entry.activeJob = { id: job.id, role: 'destination' };
+      domains.restoreClaim(entry, job.id, 'destination');
       // The rule of each phase (DESTINATION_OBLIGATIONS[phase].restart); a phase without one does not compile.
       switch (phase) {
         case 'starting-incoming':

@@ -91,29 +91,28 @@ export class SourceSide {
       }
       return domains.withLock(req.domain, async () => {
         const entry = domains.get(req.domain);
-        if (entry.activeJob) {
-          throw conflict('domain_busy', `domain ${req.domain} is already migrating (job ${entry.activeJob.id})`, {
-            domain: req.domain,
-            job: entry.activeJob.id,
-          });
+        // Checked and claimed in one step; a refusal before the job exists gives the claim back.
+        const run = domains.beginOutgoing(entry, migrationId);
+        let job: SourceJob;
+        try {
+          const runningBeforeMigration = await this.guestRunning(run.qmp);
+          // No await between this count and jobs.create registering the job: concurrent Performs cannot all slip in.
+          if (jobs.running('source').length >= config.maxOutgoing) {
+            throw new AgentError(503, 'too_many_migrations', `this agent already sends ${config.maxOutgoing} migrations`, {
+              retryAfterSeconds: 5,
+            });
+          }
+          const options: MigrationOptions = { ...DEFAULT_OPTIONS, ...req.options, ...(req.desturi ? { desturi: req.desturi } : {}) };
+          // A guest paused here arrives paused, whatever the flags say (as libvirt keeps it).
+          if (!runningBeforeMigration) options.paused = true;
+          job = await jobs.create(
+            { id: migrationId, role: 'source', domain: entry.name, uuid: entry.uuid, options, peer: { url: destination.toString() }, runningBeforeMigration },
+            'preparing',
+          );
+        } catch (err) {
+          domains.release(entry);
+          throw err;
         }
-        const run = domains.requireRunning(entry);
-        if (run.incoming) throw conflict('domain_incoming', `domain ${req.domain} is still arriving here`);
-        const runningBeforeMigration = await this.guestRunning(run.qmp);
-        // No await between this count and jobs.create registering the job: concurrent Performs cannot all slip in.
-        if (jobs.running('source').length >= config.maxOutgoing) {
-          throw new AgentError(503, 'too_many_migrations', `this agent already sends ${config.maxOutgoing} migrations`, {
-            retryAfterSeconds: 5,
-          });
-        }
-        const options: MigrationOptions = { ...DEFAULT_OPTIONS, ...req.options, ...(req.desturi ? { desturi: req.desturi } : {}) };
-        // A guest paused here arrives paused, whatever the flags say (as libvirt keeps it).
-        if (!runningBeforeMigration) options.paused = true;
-        const job = await jobs.create(
-          { id: migrationId, role: 'source', domain: entry.name, uuid: entry.uuid, options, peer: { url: destination.toString() }, runningBeforeMigration },
-          'preparing',
-        );
-        entry.activeJob = { id: job.id, role: 'source' };
         // Errors are handled inside (a throw that escapes is carried on by settleCrash); this only keeps one from taking the agent down.
         void this.run(job, entry).catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'migration job crashed'));
         return job;
@@ -372,9 +371,7 @@ export class SourceSide {
   private async confirm(job: SourceJob, entry: DomainEntry, answered: JobPatch = {}): Promise<void> {
     const { jobs, domains, log } = this.ctx;
     await jobs.setPhase(job, 'confirmed', answered);
-    await domains.stopQemu(entry, 'migrated');
-    entry.activeJob = undefined;
-    if (job.record.options.undefineSource || !entry.persistent) await domains.forget(entry, true);
+    await domains.commitOutgoing(entry, { undefine: job.record.options.undefineSource });
     await jobs.end(job, 'completed');
     log.info({ migration: job.id, domain: entry.name, timings: job.record.timings }, 'migration completed');
   }
@@ -404,7 +401,7 @@ export class SourceSide {
         message += `; the source guest stays paused, resume it by hand: ${notResumed.message}`;
       }
     }
-    entry.activeJob = undefined;
+    this.ctx.domains.release(entry);
     await jobs.end(job, why.status, { code: why.code, message });
   }
 
@@ -530,7 +527,7 @@ export class SourceSide {
       await this.ctx.jobs.end(job, 'failed', { code: 'domain_gone', message: 'the domain vanished while the agent was down' });
       return;
     }
-    entry.activeJob = { id: job.id, role: 'source' };
+    domains.restoreClaim(entry, job.id, 'source');
     const phase = job.record.phase;
     log.warn({ migration: job.id, phase }, 'recovering source job after restart');
     // The rule of each phase (SOURCE_OBLIGATIONS[phase].restart); a phase without one does not compile.
