@@ -320,9 +320,7 @@ export class DomainManager extends EventEmitter {
   private async endedUnreachable(entry: DomainEntry, id: string, rec: RuntimeRecord): Promise<void> {
     await this.recordGone(id, rec);
     await removeQemuFiles(rec.process);
-    if (path.dirname(rec.process.qmpSocketPath) === this.runDir(entry.uuid)) await fs.rm(this.runDir(entry.uuid), { recursive: true, force: true });
-    await this.removeTaps(entry.name);
-    if (entry.def.hugepages) await releaseHugepages(entry.uuid);
+    await this.releaseHostResources(entry, rec.process);
     if (!entry.persistent && this.domains.get(entry.name) === entry) this.domains.delete(entry.name);
   }
 
@@ -597,11 +595,6 @@ export class DomainManager extends EventEmitter {
   }
 
   /**
-   * The domain's variable store, made from its template when it does not exist yet (its first
-   * start here, or a migration's arrival: qemu then writes the source's variables into it when
-   * the guest resumes, since the flash's contents travel in the stream as guest memory).
-   */
-  /**
    * The sizes of the guest's firmware flashes as this host would give them: the code, and the
    * store (the file there is, else the template it would be made from; for an arrival the agent's
    * own store is always made afresh). Their contents travel in the migration stream as guest
@@ -629,6 +622,11 @@ export class DomainManager extends EventEmitter {
     }
   }
 
+  /**
+   * The domain's variable store, made from its template when it does not exist yet (its first
+   * start here, or a migration's arrival: qemu then writes the source's variables into it when
+   * the guest resumes, since the flash's contents travel in the stream as guest memory).
+   */
   private async ensureNvram(entry: DomainEntry, incoming: boolean): Promise<void> {
     const nvram = entry.def.os.nvram;
     if (!nvram) return;
@@ -1205,6 +1203,20 @@ export class DomainManager extends EventEmitter {
     }
   }
 
+  /**
+   * What a qemu that is gone leaves on the host besides its own files: its run directory (the TLS
+   * copy, anything it made there), its taps, its hugetlbfs directory. A failure is logged and the
+   * rest is released all the same.
+   */
+  private async releaseHostResources(entry: DomainEntry, record: QemuProcessRecord): Promise<void> {
+    const logFailure = (what: string) => (err: unknown) => this.opts.log.error({ err, domain: entry.name }, `could not remove ${what}`);
+    if (path.dirname(record.qmpSocketPath) === this.runDir(entry.uuid)) {
+      await fs.rm(this.runDir(entry.uuid), { recursive: true, force: true }).catch(logFailure('the qemu run directory'));
+    }
+    await this.removeTaps(entry.name).catch(logFailure('the taps'));
+    if (entry.def.hugepages) await releaseHugepages(entry.uuid).catch(logFailure("the guest's hugetlbfs directory"));
+  }
+
   private async onQmpClosed(entry: DomainEntry, run: RunningQemu): Promise<void> {
     if (entry.run !== run || this.detaching.signal.aborted) return;
     const { log } = this.opts;
@@ -1228,12 +1240,8 @@ export class DomainManager extends EventEmitter {
     const drop = reason === 'migrated' || run.incoming || !entry.persistent;
     if (run.swtpm) await this.endSwtpm(entry.uuid, run.swtpm, drop).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not end swtpm'));
     if (drop) await this.removeOwnState(entry).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the state kept for the guest'));
-    // Its directory goes with it (the TLS copy, anything it made there); entry.run still bars a new start.
-    if (path.dirname(run.record.qmpSocketPath) === this.runDir(entry.uuid)) {
-      await fs.rm(this.runDir(entry.uuid), { recursive: true, force: true }).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the qemu run directory'));
-    }
-    await this.removeTaps(entry.name).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the taps'));
-    if (entry.def.hugepages) await releaseHugepages(entry.uuid).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not remove the guest\'s hugetlbfs directory'));
+    // entry.run still bars a new start meanwhile.
+    await this.releaseHostResources(entry, run.record);
     closeOutputs(run);
     this.displayPorts.release(entry.name);
     entry.run = undefined;
