@@ -16,10 +16,10 @@ import {
   type SpiceGraphicsDef,
 } from '../domain/index.js';
 import { QmpClient } from '../qemu/qmp.js';
-import { attachQemu, endPidfileOwner, killQemu, launchQemu, QemuStartError, removeQemuFiles, waitForExit, type QemuCredentials, type QemuProcessRecord } from '../qemu/process.js';
+import { attachQemu, endPidfileOwner, killQemu, launchQemu, processMatches, QemuStartError, removeQemuFiles, waitForExit, type QemuCredentials, type QemuProcessRecord } from '../qemu/process.js';
 import type { QemuHostInfo } from '../qemu/host.js';
 import type { FirmwareSizes } from '../migration/protocol.js';
-import { killSwtpm, launchSwtpm, prepareTpmState, releaseTpmState, SwtpmStartError, swtpmRuns, type SwtpmRecord } from '../qemu/swtpm.js';
+import { killSwtpm, launchSwtpm, prepareTpmState, releaseTpmState, SwtpmStartError, type SwtpmRecord } from '../qemu/swtpm.js';
 import { StateStore, isObject } from '../store/state-store.js';
 import { checkAllowedPaths, openGuestFiles, sharedWrittenFile, type PathRoots } from './paths.js';
 import { firmwareDirs } from '../qemu/firmware.js';
@@ -259,7 +259,7 @@ export class DomainManager extends EventEmitter {
       outputFds: await this.reopenOutputs(entry),
       ...(rec.swtpm ? { swtpm: rec.swtpm } : {}),
     });
-    if (rec.swtpm && !swtpmRuns(rec.swtpm)) log.warn({ domain: rec.name, pid: rec.swtpm.pid }, "the guest's swtpm is gone: its TPM no longer answers");
+    if (rec.swtpm && !processMatches(rec.swtpm)) log.warn({ domain: rec.name, pid: rec.swtpm.pid }, "the guest's swtpm is gone: its TPM no longer answers");
     // Its SPICE port stays its own (another guest's autoport must not choose it).
     const spicePort = (await this.graphicsInfo(entry.def, qmp)).find((g) => g.type === 'spice')?.port;
     if (spicePort) this.displayPorts.hold(entry.name, spicePort);

@@ -49,15 +49,18 @@ export interface QemuProcessRecord {
   credentials?: QemuCredentials;
 }
 
-/** qemu did not come up; `logTail` is what it wrote while starting (its own error text). */
-export class QemuStartError extends Error {
+/** A process the agent starts (qemu, swtpm) did not come up; `logTail` is what it wrote meanwhile (its own error text). */
+export class ProcessStartError extends Error {
   readonly logTail: string;
   constructor(message: string, logTail: string) {
     super(logTail ? `${message}: ${logTail}` : message);
-    this.name = 'QemuStartError';
+    this.name = new.target.name;
     this.logTail = logTail;
   }
 }
+
+/** qemu did not come up. */
+export class QemuStartError extends ProcessStartError {}
 
 const DEFAULT_START_TIMEOUT_MS = 30_000;
 const DEFAULT_GRACE_MS = 10_000;

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import type { TpmPcrBank, TpmVersion } from '../domain/index.js';
-import { pidfileOwner, processMatches, readLogTail, runningIdentity, spawnDetached, terminateProcess, type QemuCredentials } from './process.js';
+import { pidfileOwner, ProcessStartError, readLogTail, runningIdentity, spawnDetached, terminateProcess, type QemuCredentials } from './process.js';
 
 export interface SwtpmLaunch {
   version: TpmVersion;
@@ -41,15 +41,8 @@ export interface SwtpmRecord {
   pidfilePath: string;
 }
 
-/** swtpm or swtpm_setup failed; `logTail` is what they wrote. */
-export class SwtpmStartError extends Error {
-  readonly logTail: string;
-  constructor(message: string, logTail: string) {
-    super(logTail ? `${message}: ${logTail}` : message);
-    this.name = 'SwtpmStartError';
-    this.logTail = logTail;
-  }
-}
+/** swtpm or swtpm_setup failed. */
+export class SwtpmStartError extends ProcessStartError {}
 
 const SWTPM = 'swtpm';
 const SWTPM_SETUP = 'swtpm_setup';
@@ -137,11 +130,6 @@ export async function launchSwtpm(l: SwtpmLaunch): Promise<SwtpmRecord> {
 export async function killSwtpm(rec: SwtpmRecord): Promise<void> {
   await terminateProcess(rec, GRACE_MS);
   if (pidfileOwner(rec.pidfilePath) === null) await removeFiles(rec);
-}
-
-/** True while the recorded swtpm runs. */
-export function swtpmRuns(rec: SwtpmRecord): boolean {
-  return processMatches(rec);
 }
 
 /** libvirt's swtpm command line, in the foreground (the agent tracks the pid it starts). */
