@@ -126,7 +126,7 @@ export class DestinationSide {
 
   /** Ports of running incoming jobs (from their URI) and of prepares still in flight. */
   private reservedPorts(): Set<number> {
-    const ofJobs = this.ctx.jobs.running('destination').flatMap((j) => (j.record.uri ? [Number(j.record.uri.split(':').pop())] : []));
+    const ofJobs = this.ctx.jobs.running('destination').flatMap((j) => (j.record.uri ? [listenAddressOf(j.record.uri).port] : []));
     const ofPrepares = [...this.inFlight.values()].filter((p): p is number => p !== undefined);
     return new Set([...ofJobs, ...ofPrepares]);
   }
@@ -349,15 +349,7 @@ export class DestinationSide {
     this.clearLease(job);
     const timer = setTimeout(() => {
       this.leases.delete(job.id);
-      void this.ctx.jobs.locks
-        .run(job.id, async () => {
-          const entry = this.ctx.domains.find(job.record.domain);
-          if (job.terminal || !entry || DESTINATION_OBLIGATIONS[job.record.phase].bound.kind !== 'lease') return;
-          await this.abort(job, entry, {
-            code: 'incoming_timeout',
-            message: `lease of ${this.ctx.config.incomingTimeoutSeconds}s expired: ${why}`,
-          });
-        })
+      void this.boundExpired(job, 'lease', { code: 'incoming_timeout', message: `lease of ${this.ctx.config.incomingTimeoutSeconds}s expired: ${why}` })
         .catch((err: unknown) => this.settleCrash(job, err));
     }, this.ctx.config.incomingTimeoutSeconds * 1000);
     timer.unref();
@@ -373,10 +365,7 @@ export class DestinationSide {
   private armStallWatch(job: DestinationJob): void {
     this.clearLease(job);
     const boundMs = this.ctx.config.incomingTimeoutSeconds * 1000;
-    // The URI this side listens on: tcp:HOST:PORT.
-    const uri = job.record.uri!;
-    const host = uri.slice('tcp:'.length, uri.lastIndexOf(':'));
-    const port = Number(uri.slice(uri.lastIndexOf(':') + 1));
+    const { host, port } = listenAddressOf(job.record.uri!);
     let bytes: number | undefined;
     let lastArrival = Date.now();
     let checking = false;
@@ -392,13 +381,9 @@ export class DestinationSide {
       }
       if (Date.now() - lastArrival < boundMs) return;
       this.clearLease(job);
-      await this.ctx.jobs.locks.run(job.id, async () => {
-        const entry = this.ctx.domains.find(job.record.domain);
-        if (job.terminal || !entry || job.record.phase !== 'receiving') return;
-        await this.abort(job, entry, {
-          code: 'stream_stalled',
-          message: `no byte of the stream arrived for ${this.ctx.config.incomingTimeoutSeconds}s (${bytes ?? 0} bytes in all): the source host or the link is gone`,
-        });
+      await this.boundExpired(job, 'stream-watch', {
+        code: 'stream_stalled',
+        message: `no byte of the stream arrived for ${this.ctx.config.incomingTimeoutSeconds}s (${bytes ?? 0} bytes in all): the source host or the link is gone`,
       });
     };
     const timer = setInterval(() => {
@@ -410,6 +395,15 @@ export class DestinationSide {
     }, Math.min(5000, Math.max(250, boundMs / 4)));
     timer.unref();
     this.leases.set(job.id, timer);
+  }
+
+  /** A bound ran out: the empty qemu is ended, unless the job has moved on to a phase without that bound meanwhile. */
+  private boundExpired(job: DestinationJob, kind: 'lease' | 'stream-watch', error: { code: string; message: string }): Promise<void> {
+    return this.ctx.jobs.locks.run(job.id, async () => {
+      const entry = this.ctx.domains.find(job.record.domain);
+      if (job.terminal || !entry || DESTINATION_OBLIGATIONS[job.record.phase].bound.kind !== kind) return;
+      await this.abort(job, entry, error);
+    });
   }
 
   private clearLease(job: DestinationJob): void {
@@ -508,4 +502,10 @@ export class DestinationSide {
     for (const timer of this.leases.values()) clearTimeout(timer);
     this.leases.clear();
   }
+}
+
+/** The address of this side's listener in the stream URI it answered: tcp:HOST:PORT. */
+function listenAddressOf(uri: string): { host: string; port: number } {
+  const colon = uri.lastIndexOf(':');
+  return { host: uri.slice('tcp:'.length, colon), port: Number(uri.slice(colon + 1)) };
 }
