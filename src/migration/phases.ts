@@ -81,43 +81,40 @@ export interface PhaseObligations {
   crash: string;
 }
 
-const ROLL_BACK = 'cancels any stream qemu still runs, rolls back (Finish2 rc!=0) and resumes the guest if it ran before';
-const ASK_AGAIN = 'keeps the guest paused and asks the destination again (Finish2), or applies an operator\'s resolution';
+// The texts of the restart and crash rules are docs/protocol.md's (its phase table, checked
+// against these by a test). "Rolls back": any stream qemu still runs is cancelled, the destination
+// is told (Finish2 rc!=0), and the guest runs again if it ran before the migration.
+const ROLL_BACK = 'rolls back';
+const ASK_AGAIN = 'asks the outcome again';
+const END_EMPTY = 'ends the empty qemu';
+const TERMINAL = 'nothing (terminal)';
 
 export const SOURCE_OBLIGATIONS: Record<SourcePhase, PhaseObligations> = {
   preparing: { decides: 'source', cancel: 'rolls-back', bound: { kind: 'request-timeout' }, restart: ROLL_BACK, crash: ROLL_BACK },
   prepared: { decides: 'source', cancel: 'rolls-back', bound: { kind: 'progress-timeout' }, restart: ROLL_BACK, crash: ROLL_BACK },
   streaming: {
     decides: 'source', cancel: 'rolls-back', bound: { kind: 'progress-timeout' },
-    restart: `if qemu completed the stream meanwhile and no cancel was answered, asks the outcome as after the stream; else ${ROLL_BACK}`,
+    restart: 'finishes as after the stream if qemu completed it and no cancel was answered; else rolls back',
     crash: ROLL_BACK,
   },
   'stream-completed': { decides: 'destination', cancel: 'refused', bound: { kind: 'waits-for-peer' }, restart: ASK_AGAIN, crash: ASK_AGAIN },
   'asking-outcome': { decides: 'destination', cancel: 'refused', bound: { kind: 'waits-for-peer' }, restart: ASK_AGAIN, crash: ASK_AGAIN },
-  confirmed: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'ends the source copy (the destination owns the guest)', crash: 'ends the source copy (the destination owns the guest)' },
+  confirmed: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'ends the source copy', crash: 'ends the source copy' },
   'rolling-back': { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'finishes the rollback', crash: 'finishes the rollback' },
-  done: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'nothing (terminal)', crash: 'nothing (terminal)' },
+  done: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: TERMINAL, crash: TERMINAL },
 };
-
-const END_EMPTY = 'ends the empty qemu; the job fails';
 
 export const DESTINATION_OBLIGATIONS: Record<DestinationPhase, PhaseObligations> = {
   'starting-incoming': { decides: 'source', cancel: 'refused', bound: { kind: 'local' }, restart: END_EMPTY, crash: END_EMPTY },
-  listening: {
-    decides: 'source', cancel: 'refused', bound: { kind: 'lease', why: 'no stream started' },
-    restart: 'waits for the stream or Finish2 under a fresh lease (ends the job if its qemu is gone)', crash: END_EMPTY,
-  },
+  listening: { decides: 'source', cancel: 'refused', bound: { kind: 'lease', why: 'no stream started' }, restart: 'waits under a fresh lease', crash: END_EMPTY },
   receiving: {
     decides: 'source', cancel: 'refused', bound: { kind: 'stream-watch' },
-    restart: 'takes the stream\'s end if qemu saw it, else watches the stream again (ends the job if its qemu is gone)', crash: END_EMPTY,
+    restart: 'takes the stream\'s end if qemu saw it, else watches again', crash: END_EMPTY,
   },
-  received: {
-    decides: 'source', cancel: 'refused', bound: { kind: 'lease', why: 'no Finish2 after the stream ended' },
-    restart: 'waits for Finish2 under a fresh lease (ends the job if its qemu is gone)', crash: END_EMPTY,
-  },
-  'taking-over': { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'completes the hand-over (resumes the guest it owns)', crash: 'completes the hand-over (resumes the guest it owns)' },
+  received: { decides: 'source', cancel: 'refused', bound: { kind: 'lease', why: 'no Finish2 after the stream ended' }, restart: 'waits under a fresh lease', crash: END_EMPTY },
+  'taking-over': { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'completes the hand-over', crash: 'completes the hand-over' },
   aborting: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: END_EMPTY, crash: END_EMPTY },
-  done: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'nothing (terminal)', crash: 'nothing (terminal)' },
+  done: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: TERMINAL, crash: TERMINAL },
 };
 
 const SOURCE_NEXT: Record<SourcePhase, readonly SourcePhase[]> = {
