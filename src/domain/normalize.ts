@@ -63,11 +63,11 @@ function normalizeFirmware(root: XElement, def: DomainDef, machine: string, firm
   let type = loader.type;
   let needsSmm = loader.secure;
   if (path === undefined) {
-    const yesNo = (v: string | undefined) => (v === undefined ? undefined : v === 'yes');
+    // Only what the XML says narrows the choice (parse fills in defaults for the rest).
     const chosen = selectFirmware({
       machine,
       ...(loaderEl?.attrs.has('type') ? { loaderType: loader.type } : {}),
-      ...(loaderEl?.attrs.has('secure') ? { secure: yesNo(loaderEl.attrs.get('secure')) } : {}),
+      ...(loaderEl?.attrs.has('secure') ? { secure: loader.secure } : {}),
       ...(template !== undefined ? { template } : {}),
       features: def.os.firmwareFeatures ?? {},
       ...(def.features.smm ? { smm: def.features.smm.on } : {}),
