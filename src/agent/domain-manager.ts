@@ -179,10 +179,13 @@ export class DomainManager extends EventEmitter {
   private readonly displayPorts = new DisplayPorts();
   /** The definition a same-named inactive domain had before an incoming migration's claim borrowed its entry, by name. */
   private readonly borrowed = new Map<string, { xml: string; def: DomainDef }>();
+  /** Where a guest's files may lie (--allow-path, the firmware directories) and where never (the agent's state): fixed for the agent's life. */
+  private readonly pathRoots: PathRoots;
 
   constructor(opts: DomainManagerOptions) {
     super();
     this.opts = opts;
+    this.pathRoots = { allow: opts.allowPaths, forbidden: opts.store.internalPaths(), firmware: firmwareDirs(opts.qemu.firmwares) };
     this.logCap = setInterval(() => this.capOutputs(), opts.logCheckIntervalMs ?? 5000);
     this.logCap.unref();
   }
@@ -576,16 +579,12 @@ export class DomainManager extends EventEmitter {
    */
   private async checkPaths(def: DomainDef): Promise<void> {
     const refs = domainFileRefs(def);
-    await checkAllowedPaths(refs, this.pathRoots());
+    await checkAllowedPaths(refs, this.pathRoots);
     const others = [...this.domains.values()].filter((d) => d.name !== def.name && d.uuid !== def.uuid).map((d) => ({ domain: d.name, refs: domainFileRefs(d.def) }));
     const shared = await sharedWrittenFile(refs, others);
     if (shared) {
       throw new DomainXmlError('file_in_use', shared.ref.element, `${shared.ref.path} is also ${shared.other.kind === 'disk' ? 'a disk' : `the ${shared.other.kind} file`} of domain ${shared.domain} (${shared.other.element}), and one of them writes it`);
     }
-  }
-
-  private pathRoots(): PathRoots {
-    return { allow: this.opts.allowPaths, forbidden: this.opts.store.internalPaths(), firmware: firmwareDirs(this.opts.qemu.firmwares) };
   }
 
   /** The UEFI variable store the agent keeps for a domain whose `<nvram>` names no file. */
@@ -764,7 +763,7 @@ export class DomainManager extends EventEmitter {
       await this.ensureNvram(entry, opts.incoming);
       const nvramPath = this.ownNvramPath(entry);
       // qemu gets the files the agent opened and checked, not paths it would resolve again itself.
-      const files = await openGuestFiles(domainFileRefs(entry.def), this.pathRoots(), { qemuUser: credentials, scratchDir: runDir, ...(nvramPath ? { ownFiles: [nvramPath] } : {}) });
+      const files = await openGuestFiles(domainFileRefs(entry.def), this.pathRoots, { qemuUser: credentials, scratchDir: runDir, ...(nvramPath ? { ownFiles: [nvramPath] } : {}) });
       const spicePort = await this.spicePort(entry);
       const host = {
         ...this.hostSettings(entry.uuid, taps),
@@ -1195,7 +1194,7 @@ export class DomainManager extends EventEmitter {
   /** After a restart: the output files of a guest found running, opened again (checked) for the cap. */
   private async reopenOutputs(entry: DomainEntry): Promise<number[]> {
     try {
-      const files = await openGuestFiles(domainFileRefs(entry.def), this.pathRoots(), { outputsOnly: true });
+      const files = await openGuestFiles(domainFileRefs(entry.def), this.pathRoots, { outputsOnly: true });
       return files.outputs;
     } catch (err) {
       this.opts.log.warn({ err, domain: entry.name }, 'output files not re-opened: their size is not capped until the guest restarts');
