@@ -19,6 +19,8 @@ import { QmpClient } from '../qemu/qmp.js';
 import { attachQemu, endPidfileOwner, killQemu, launchQemu, processMatches, QemuStartError, removeQemuFiles, waitForExit, type QemuCredentials, type QemuProcessRecord } from '../qemu/process.js';
 import type { QemuHostInfo } from '../qemu/host.js';
 import type { FirmwareSizes } from '../migration/protocol.js';
+import type { MigrationDomains } from '../migration/domains.js';
+import { QmpMigrationMonitor, type MigrationMonitor } from '../qemu/migration-monitor.js';
 import { killSwtpm, launchSwtpm, prepareTpmState, releaseTpmState, SwtpmStartError, type SwtpmRecord } from '../qemu/swtpm.js';
 import { StateStore, isObject } from '../store/state-store.js';
 import { checkAllowedPaths, openGuestFiles, sharedWrittenFile, type PathRoots } from './paths.js';
@@ -46,6 +48,8 @@ export type ShutoffReason = 'defined' | 'shutdown' | 'destroyed' | 'crashed' | '
 export interface RunningQemu {
   record: QemuProcessRecord;
   qmp: QmpClient;
+  /** The same connection, in the typed calls a migration makes. */
+  monitor: MigrationMonitor;
   startedAt: string;
   /** Started with -incoming defer and not yet handed over by a finished migration. */
   incoming: boolean;
@@ -169,7 +173,7 @@ export interface DomainManagerOptions {
  * each. One lifecycle operation at a time per domain (KeyedMutex); every state change is on
  * disk before it is acted upon, so a restarted agent finds its guests again.
  */
-export class DomainManager extends EventEmitter {
+export class DomainManager extends EventEmitter implements MigrationDomains<DomainEntry> {
   private readonly domains = new Map<string, DomainEntry>();
   private readonly mutex = new KeyedMutex();
   private readonly opts: DomainManagerOptions;
@@ -246,6 +250,12 @@ export class DomainManager extends EventEmitter {
     if (!entry || entry.uuid !== rec.uuid) {
       entry = { name: rec.name, uuid: rec.uuid, xml: rec.xml, def: parseDomainXml(rec.xml), persistent: rec.persistent };
       this.domains.set(rec.name, entry);
+    } else if (rec.incoming && entry.xml !== rec.xml) {
+      // An arrival into this defined domain was under way (beginIncoming): its qemu runs the XML
+      // that arrived, and the stored definition is set aside again, to be given back if it fails.
+      this.borrowed.set(rec.name, { xml: entry.xml, def: entry.def });
+      entry.xml = rec.xml;
+      entry.def = parseDomainXml(rec.xml);
     }
     return entry;
   }
@@ -256,6 +266,7 @@ export class DomainManager extends EventEmitter {
     this.watch(entry, {
       record: rec.process,
       qmp,
+      monitor: new QmpMigrationMonitor(qmp),
       startedAt: rec.startedAt,
       incoming: rec.incoming,
       guestShutdown: false,
@@ -795,6 +806,7 @@ export class DomainManager extends EventEmitter {
       const run: RunningQemu = {
         record,
         qmp,
+        monitor: new QmpMigrationMonitor(qmp),
         startedAt: new Date().toISOString(),
         incoming: opts.incoming,
         guestShutdown: false,
@@ -929,6 +941,11 @@ export class DomainManager extends EventEmitter {
     await this.opts.store.saveRecord('runtime', entry.name, rec);
   }
 
+  onExit(listener: (name: string) => void): () => void {
+    this.on('exit', listener);
+    return () => this.off('exit', listener);
+  }
+
   /** End the domain's qemu (by pid) and wait until it is gone and its exit is recorded. */
   async stopQemu(entry: DomainEntry, reason: ShutoffReason): Promise<void> {
     const run = entry.run;
@@ -1002,7 +1019,7 @@ export class DomainManager extends EventEmitter {
 
   /**
    * After an agent restart: the claim of a job whose record says it owns the domain (claims live in
-   * memory only). A borrowed definition set aside before the restart is not known any more.
+   * memory only). A definition an arrival had set aside is found again at start (entryOf).
    */
   restoreClaim(entry: DomainEntry, jobId: string, role: 'source' | 'destination'): void {
     entry.activeJob = { id: jobId, role };

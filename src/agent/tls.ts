@@ -148,24 +148,3 @@ export async function writeQemuTlsDir(dir: string, m: TlsMaterial): Promise<void
   if (m.crl) await writeFile(path.join(dir, 'ca-crl.pem'), m.crl, { mode: 0o600 });
   else await rm(path.join(dir, 'ca-crl.pem'), { force: true });
 }
-
-/** The id of qemu's credentials object for one end; a guest that arrived (server) may leave later (client). */
-export const qemuTlsCredsId = (endpoint: 'server' | 'client') => `kvmm-tls-${endpoint}`;
-
-/**
- * Gives a qemu fresh credentials for one end of a stream and makes its migration use them (the
- * files are read when the object is made, so an object left from an earlier migration is
- * replaced: certificates may have been renewed since). `hostname`: what the source checks the
- * destination's certificate against.
- */
-export async function useQemuTls(
-  qmp: { execute(cmd: string, args?: Record<string, unknown>): Promise<unknown> },
-  dir: string,
-  endpoint: 'server' | 'client',
-  hostname?: string,
-): Promise<void> {
-  const id = qemuTlsCredsId(endpoint);
-  await qmp.execute('object-del', { id }).catch(() => undefined);
-  await qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id, dir, endpoint, 'verify-peer': true });
-  await qmp.execute('migrate-set-parameters', { 'tls-creds': id, ...(hostname ? { 'tls-hostname': hostname } : {}) });
-}

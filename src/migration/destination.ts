@@ -1,12 +1,11 @@
 import { AgentError, badRequest, conflict } from '../errors.js';
 import { secretsMatch } from '../secrets.js';
-import { useQemuTls } from '../agent/tls.js';
-import type { DomainEntry } from '../agent/domain-manager.js';
+import type { MigrationMonitor } from '../qemu/migration-monitor.js';
+import type { MigratingDomain } from './domains.js';
 import { destinationCapabilities, parseDestUri } from './params.js';
 import { pickPort, portIsFree } from './ports.js';
 import { setTimeout as delay } from 'node:timers/promises';
 import { CRASHED_JOB_RETRY_MS, isDestinationJob, type DestinationJob } from './jobs.js';
-import { incomingStreamBytes } from './incoming-stream.js';
 import { DESTINATION_OBLIGATIONS, unhandledPhase, type DestinationPhase } from './phases.js';
 import { newFinishToken, type Finish2Request, type Finish2Response, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
@@ -105,11 +104,11 @@ export class DestinationSide {
         },
         'starting-incoming',
       );
-      const run = await domains.launch(entry, { incoming: true });
-      await run.qmp.execute('migrate-set-capabilities', { capabilities: destinationCapabilities() });
-      if (this.ctx.streamTls) await useQemuTls(run.qmp, await domains.qemuTlsDir(entry), 'server');
+      const { monitor } = await domains.launch(entry, { incoming: true });
+      await monitor.setCapabilities(destinationCapabilities());
+      if (this.ctx.streamTls) await monitor.useTls(await domains.qemuTlsDir(entry), 'server');
       const listenUri = `tcp:${listen.host}:${listen.port}`;
-      await run.qmp.execute('migrate-incoming', { uri: listenUri });
+      await monitor.listenIncoming(listenUri);
       this.followIncoming(job, entry);
       await jobs.setPhase(job, 'listening', { uri: listenUri });
       this.armBound(job);
@@ -158,12 +157,11 @@ export class DestinationSide {
   }
 
   /** Follow the incoming stream through qemu's MIGRATION events and the qemu's own exit. */
-  private followIncoming(job: DestinationJob, entry: DomainEntry): void {
+  private followIncoming(job: DestinationJob, entry: MigratingDomain): void {
     const { domains, jobs } = this.ctx;
-    const run = entry.run!;
-    const stopEvents = run.qmp.onEvent((e) => {
-      if (e.event !== 'MIGRATION' || job.terminal) return;
-      const status = e.data.status as string;
+    const stopEvents = entry.run!.monitor.onMigrationEvent((e) => {
+      if (e.kind !== 'status' || job.terminal) return;
+      const { status } = e;
       void jobs.locks
         .run(job.id, async () => {
           if (job.terminal) return;
@@ -181,7 +179,7 @@ export class DestinationSide {
     });
     // Listeners of this job only: they leave with it (the arrived guest's qemu may run on for ever).
     const stopFollowing = () => {
-      domains.off('exit', onExit);
+      stopExits();
       stopEvents();
     };
     const onExit = (name: string) => {
@@ -195,7 +193,7 @@ export class DestinationSide {
         })
         .catch((err: unknown) => this.settleCrash(job, err));
     };
-    domains.on('exit', onExit);
+    const stopExits = domains.onExit(onExit);
     job.once('end', stopFollowing);
   }
 
@@ -223,7 +221,7 @@ export class DestinationSide {
       if (job.record.finish?.outcome) return this.finishAnswer(job);
       const entry = this.ctx.domains.find(job.record.domain);
       if (job.terminal || !entry?.run) {
-        if (!job.terminal && entry) await this.settlingOnThrow(job, this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu is gone' }));
+        if (!job.terminal) await this.settlingOnThrow(job, this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu is gone' }));
         // The incoming side already ended on its own (its qemu exits when the stream breaks);
         // the source's word tells why, so the record says cancelled when it was.
         const cancelled = req.cancelled === true && job.record.status === 'failed';
@@ -270,10 +268,9 @@ export class DestinationSide {
   }
 
   /** Finish2(rc=0): wait for the stream's tail, take ownership durably, then resume the guest. */
-  private async handOver(job: DestinationJob, entry: DomainEntry): Promise<void> {
+  private async handOver(job: DestinationJob, entry: MigratingDomain): Promise<void> {
     const { jobs, config } = this.ctx;
-    const run = entry.run!;
-    const status = await this.waitIncomingComplete(job, run.qmp, config.incomingTimeoutSeconds * 1000);
+    const status = await this.waitIncomingComplete(job, entry.run!.monitor, config.incomingTimeoutSeconds * 1000);
     if (status !== 'completed') {
       await this.abort(job, entry, { code: 'incoming_incomplete', message: `the source said the stream completed, but here it is ${status}` }, 'failed', 0);
       return;
@@ -285,7 +282,7 @@ export class DestinationSide {
   }
 
   /** From phase `taking-over` (also after a restart): the guest is this host's; start it and close the job. */
-  async completeHandOver(job: DestinationJob, entry: DomainEntry): Promise<void> {
+  async completeHandOver(job: DestinationJob, entry: MigratingDomain): Promise<void> {
     const { jobs, domains, log } = this.ctx;
     const { options } = job.record;
     try {
@@ -300,13 +297,13 @@ export class DestinationSide {
     log.info({ migration: job.id, domain: entry.name }, 'incoming migration finished; guest owned here');
   }
 
-  private async waitIncomingComplete(job: DestinationJob, qmp: NonNullable<DomainEntry['run']>['qmp'], timeoutMs: number): Promise<string> {
+  private async waitIncomingComplete(job: DestinationJob, monitor: MigrationMonitor, timeoutMs: number): Promise<string> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       if (job.record.phase === 'received') return 'completed';
       let status: string;
       try {
-        status = (await qmp.execute<{ status?: string }>('query-migrate', {}, { timeoutMs: 5000 })).status ?? 'none';
+        status = (await monitor.queryMigrate(5000)).status;
       } catch {
         return 'gone';
       }
@@ -317,10 +314,13 @@ export class DestinationSide {
     }
   }
 
-  /** End the empty qemu, put the entry back as it was, and close the job. */
+  /**
+   * End the empty qemu, put the entry back as it was, and close the job. `entry` is undefined
+   * when the arrival's domain is already gone (its qemu ended while the agent was down).
+   */
   async abort(
     job: DestinationJob,
-    entry: DomainEntry,
+    entry: MigratingDomain | undefined,
     error: { code: string; message: string },
     status: 'failed' | 'cancelled' = 'failed',
     rc?: number,
@@ -331,10 +331,10 @@ export class DestinationSide {
       error,
       ...(rc !== undefined ? { finish: { rc, attempts: 1, outcome: 'aborted' as const } } : {}),
     });
-    if (entry.run) await domains.stopQemu(entry, 'failed');
-    domains.release(entry);
+    if (entry?.run) await domains.stopQemu(entry, 'failed');
+    if (entry) domains.release(entry);
     await jobs.end(job, status, error);
-    log.warn({ migration: job.id, domain: entry.name, error }, 'incoming migration aborted; its qemu is gone');
+    log.warn({ migration: job.id, domain: job.record.domain, error }, 'incoming migration aborted; its qemu is gone');
   }
 
   /** The bound the job's phase obliges (DESTINATION_OBLIGATIONS), armed afresh. */
@@ -370,7 +370,7 @@ export class DestinationSide {
     let lastArrival = Date.now();
     let checking = false;
     const check = async () => {
-      const now = await incomingStreamBytes(host, port).catch((err: unknown) => {
+      const now = await this.ctx.incomingBytes(host, port).catch((err: unknown) => {
         this.ctx.log.warn({ err, migration: job.id }, 'could not read the incoming stream\'s byte count');
         return bytes;
       });
@@ -400,9 +400,8 @@ export class DestinationSide {
   /** A bound ran out: the empty qemu is ended, unless the job has moved on to a phase without that bound meanwhile. */
   private boundExpired(job: DestinationJob, kind: 'lease' | 'stream-watch', error: { code: string; message: string }): Promise<void> {
     return this.ctx.jobs.locks.run(job.id, async () => {
-      const entry = this.ctx.domains.find(job.record.domain);
-      if (job.terminal || !entry || DESTINATION_OBLIGATIONS[job.record.phase].bound.kind !== kind) return;
-      await this.abort(job, entry, error);
+      if (job.terminal || DESTINATION_OBLIGATIONS[job.record.phase].bound.kind !== kind) return;
+      await this.abort(job, this.ctx.domains.find(job.record.domain), error);
     });
   }
 
@@ -424,11 +423,8 @@ export class DestinationSide {
       const phase = job.record.phase;
       if (phase === 'done') return;
       if (phase === 'taking-over' && entry) return this.completeHandOver(job, entry);
-      if (!entry?.run) {
-        if (entry) return this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu ended while the agent was down' });
-        await this.ctx.jobs.end(job, 'failed', { code: 'destination_qemu_ended', message: 'the incoming qemu ended while the agent was down' });
-        return;
-      }
+      // Its qemu ended while the agent was down; a transient arrival's domain went with it.
+      if (!entry?.run) return this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu ended while the agent was down' });
       domains.restoreClaim(entry, job.id, 'destination');
       // The rule of each phase (DESTINATION_OBLIGATIONS[phase].restart); a phase without one does not compile.
       switch (phase) {
@@ -437,7 +433,7 @@ export class DestinationSide {
           return this.abort(job, entry, job.record.error ?? { code: 'agent_restarted', message: 'the agent restarted while preparing' });
         case 'receiving': {
           // The stream may have ended while the agent was down, without us seeing its event.
-          const status = (await entry.run.qmp.execute<{ status?: string }>('query-migrate').catch(() => ({ status: undefined }))).status;
+          const status = (await entry.run.monitor.queryMigrate().catch(() => ({ status: 'none' }))).status;
           if (status === 'completed') await this.ctx.jobs.setPhase(job, 'received');
           break;
         }
@@ -471,7 +467,7 @@ export class DestinationSide {
         await jobs.locks.run(job.id, async () => {
           if (job.terminal) return;
           const entry = domains.find(job.record.domain);
-          if (!entry) return jobs.end(job, 'failed', crashed);
+          if (!entry) return this.abort(job, undefined, crashed);
           // The rule of each phase (DESTINATION_OBLIGATIONS[phase].crash); a phase without one does not compile.
           const phase = job.record.phase;
           switch (phase) {

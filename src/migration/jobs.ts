@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { AgentError } from '../errors.js';
-import { isObject, type StateStore } from '../store/state-store.js';
+import { isObject, type RecordStore } from '../store/state-store.js';
 import { KeyedMutex } from '../agent/lock.js';
 import { canMove, currentPhase, type DestinationPhase, type JobRole, type JobStatus, type Phase, type SourcePhase } from './phases.js';
 import type { MigrationOptions } from './params.js';
@@ -129,12 +129,12 @@ export function isDestinationJob(job: Job): job is DestinationJob {
  */
 export class JobRegistry {
   private readonly jobs = new Map<string, Job>();
-  private readonly store: StateStore;
+  private readonly store: RecordStore;
   private readonly history: number;
   readonly locks = new KeyedMutex();
 
   /** `history`: ended jobs kept per domain; older ones are removed when another one ends. */
-  constructor(store: StateStore, history: number) {
+  constructor(store: RecordStore, history: number) {
     this.store = store;
     this.history = history;
   }

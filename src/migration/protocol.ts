@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../log.js';
 import type { AgentConfig } from '../config.js';
-import type { DomainManager } from '../agent/domain-manager.js';
+import type { MigrationDomains } from './domains.js';
 import type { HostInfo } from '../host-info.js';
 import type { JobRegistry, JobRecord } from './jobs.js';
 import type { MigrationOptions } from './params.js';
@@ -67,12 +67,17 @@ export interface Finish2Response {
   error?: { code: string; message: string };
 }
 
+/** How one agent calls another's protocol routes (PeerClient over HTTP; the fast tier's in-process peer). */
+export type PeerCalls = Pick<PeerClient, 'call' | 'close'>;
+
 /** What both sides of the protocol share inside one agent. */
 export interface MigrationContext {
   config: AgentConfig;
-  domains: DomainManager;
+  domains: MigrationDomains;
   jobs: JobRegistry;
-  peers: PeerClient;
+  peers: PeerCalls;
+  /** Bytes of the incoming stream arrived so far on host:port (see incoming-stream.ts); undefined when no stream is connected. */
+  incomingBytes: (host: string, port: number) => Promise<number | undefined>;
   hostInfo: () => HostInfo;
   log: Logger;
   hold: (point: HoldPoint, migrationId: string) => Promise<void>;

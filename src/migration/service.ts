@@ -1,15 +1,16 @@
 import type { Logger } from '../log.js';
 import type { AgentConfig } from '../config.js';
-import type { StateStore } from '../store/state-store.js';
-import type { DomainManager } from '../agent/domain-manager.js';
+import type { RecordStore } from '../store/state-store.js';
+import type { MigrationDomains } from './domains.js';
 import type { HostInfo } from '../host-info.js';
 import { isDestinationJob, isSourceJob, JobRegistry, type Job } from './jobs.js';
 import { PeerClient } from './peer-client.js';
+import { incomingStreamBytes } from './incoming-stream.js';
 import type { TlsMaterial } from '../agent/tls.js';
 import { holdAt } from './holds.js';
 import { DestinationSide } from './destination.js';
 import { SourceSide, type PerformRequest } from './source.js';
-import type { Finish2Request, Finish2Response, MigrationContext, Prepare2Request, Prepare2Response } from './protocol.js';
+import type { Finish2Request, Finish2Response, MigrationContext, PeerCalls, Prepare2Request, Prepare2Response } from './protocol.js';
 
 /** The agent's migration entry points, for both roles; the routes call only this. */
 export class MigrationService {
@@ -20,12 +21,15 @@ export class MigrationService {
 
   constructor(opts: {
     config: AgentConfig;
-    store: StateStore;
-    domains: DomainManager;
+    store: RecordStore;
+    domains: MigrationDomains;
     hostInfo: () => HostInfo;
     log: Logger;
     /** The agent's certificate material, when it runs with TLS. */
     tls?: TlsMaterial;
+    /** The fast tier's in-process peers and stream counter; an agent calls peers over HTTP and asks the kernel. */
+    peers?: PeerCalls;
+    incomingBytes?: MigrationContext['incomingBytes'];
   }) {
     this.jobs = new JobRegistry(opts.store, opts.config.jobHistory);
     const holds = opts.config.debugHolds ?? [];
@@ -35,7 +39,8 @@ export class MigrationService {
       hostInfo: opts.hostInfo,
       log: opts.log,
       jobs: this.jobs,
-      peers: new PeerClient({ token: opts.config.token, tls: opts.tls }),
+      peers: opts.peers ?? new PeerClient({ token: opts.config.token, tls: opts.tls }),
+      incomingBytes: opts.incomingBytes ?? incomingStreamBytes,
       streamTls: opts.tls !== undefined,
       hold: (point, migrationId) => holdAt(point, holds, opts.config.stateDir, migrationId),
     };

@@ -1,26 +1,16 @@
 import { randomUUID } from 'node:crypto';
-import { setTimeout as delay } from 'node:timers/promises';
 import { AgentError, conflict } from '../errors.js';
-import type { DomainEntry } from '../agent/domain-manager.js';
-import type { QmpClient } from '../qemu/qmp.js';
-import { resumeAfterMigration } from '../qemu/resume.js';
-import { SOURCE_OBLIGATIONS, unhandledPhase } from './phases.js';
-import {
-  DEFAULT_OPTIONS,
-  ESCALATE_AFTER_MS,
-  QEMU_DEFAULT_DOWNTIME_MS,
-  sourceCapabilities,
-  sourceParameters,
-  parseDestUri,
-  PeerProtocolError,
-  streamUriFromPeer,
-  type MigrationOptions,
-} from './params.js';
-import { PeerCertificateError, PeerRefusedError, PeerUnreachableError } from './peer-client.js';
-import { useQemuTls } from '../agent/tls.js';
+import type { MigrationMonitor } from '../qemu/migration-monitor.js';
+import { SOURCE_OBLIGATIONS } from './phases.js';
+import { DEFAULT_OPTIONS, sourceCapabilities, sourceParameters, parseDestUri, PeerProtocolError, streamUriFromPeer, type MigrationOptions } from './params.js';
+import { PeerRefusedError } from './peer-client.js';
 import { isLoopback, type AgentConfig } from '../config.js';
-import { CRASHED_JOB_RETRY_MS, isSourceJob, type JobPatch, type SourceJob, type SourceJobRecord, type MigrationStats } from './jobs.js';
-import { FINISH_TOKEN_PATTERN, type Finish2Request, type Finish2Response, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
+import { isSourceJob, type JobPatch, type SourceJob } from './jobs.js';
+import type { MigratingDomain } from './domains.js';
+import { Finish2Exchange, sleep } from './finish2-exchange.js';
+import { followStream, StreamEnded } from './stream-follower.js';
+import { SourceRecovery } from './source-recovery.js';
+import { FINISH_TOKEN_PATTERN, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
 export interface PerformRequest {
   domain: string;
@@ -31,10 +21,6 @@ export interface PerformRequest {
   options?: Partial<Omit<MigrationOptions, 'desturi'>>;
 }
 
-const POLL_MS = 250;
-const TERMINAL_STREAM = new Set(['completed', 'failed', 'cancelled']);
-/** Backoff while the destination cannot tell the outcome of Finish2: retry forever, never guess. */
-const FINISH_RETRY_MS = [250, 500, 1000, 2000, 5000];
 /**
  * How long a rollback may wait to run the source guest again: qemu finalizing the migration, or
  * the destination's qemu still holding the disks (until its lease, --incoming-timeout, ends it).
@@ -42,16 +28,6 @@ const FINISH_RETRY_MS = [250, 500, 1000, 2000, 5000];
 const RESUME_TIMEOUT_MS = 5 * 60_000;
 /** How long POST /jobs/{id}/resolve waits for the decision to be carried out before answering. */
 const RESOLVE_WAIT_MS = 30_000;
-
-class StreamEnded extends Error {
-  readonly status: 'failed' | 'cancelled';
-  readonly code: string;
-  constructor(status: 'failed' | 'cancelled', code: string, message: string) {
-    super(message);
-    this.status = status;
-    this.code = code;
-  }
-}
 
 /**
  * The source's half of protocol v2, and the coordinator of the whole migration (Perform):
@@ -62,11 +38,22 @@ class StreamEnded extends Error {
 export class SourceSide {
   private readonly ctx: MigrationContext;
   private closed = false;
-  /** Interrupts the Finish2 retries of a job when an operator resolves it. */
-  private readonly finishWaits = new Map<string, AbortController>();
+  private readonly finish2: Finish2Exchange;
+  private readonly recovery: SourceRecovery;
 
   constructor(ctx: MigrationContext) {
     this.ctx = ctx;
+    this.finish2 = new Finish2Exchange(ctx, () => this.closed);
+    this.recovery = new SourceRecovery(
+      ctx,
+      {
+        confirm: (job, entry) => this.confirm(job, entry),
+        rollBack: (job, entry, why) => this.rollBack(job, entry, why),
+        finishCompleted: (job, entry) => this.finishCompleted(job, entry),
+      },
+      this.finish2,
+      () => this.closed,
+    );
   }
 
   async perform(req: PerformRequest): Promise<SourceJob> {
@@ -95,7 +82,7 @@ export class SourceSide {
         const run = domains.beginOutgoing(entry, migrationId);
         let job: SourceJob;
         try {
-          const runningBeforeMigration = await this.guestRunning(run.qmp);
+          const runningBeforeMigration = await run.monitor.guestRunning().catch(() => false);
           // No await between this count and jobs.create registering the job: concurrent Performs cannot all slip in.
           if (jobs.running('source').length >= config.maxOutgoing) {
             throw new AgentError(503, 'too_many_migrations', `this agent already sends ${config.maxOutgoing} migrations`, {
@@ -114,18 +101,17 @@ export class SourceSide {
           throw err;
         }
         // Errors are handled inside (a throw that escapes is carried on by settleCrash); this only keeps one from taking the agent down.
-        void this.run(job, entry).catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'migration job crashed'));
+        void this.run(job, entry, run.monitor).catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'migration job crashed'));
         return job;
       });
     });
   }
 
-  private async run(job: SourceJob, entry: DomainEntry): Promise<void> {
+  private async run(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor): Promise<void> {
     const { log } = this.ctx;
-    const qmp = entry.run!.qmp;
     let pausedAt: number | undefined;
     try {
-      pausedAt = await this.prepareAndStream(job, entry, qmp);
+      pausedAt = await this.prepareAndStream(job, entry, monitor);
     } catch (err) {
       const ended =
         err instanceof StreamEnded
@@ -138,63 +124,18 @@ export class SourceSide {
     await this.finishCompleted(job, entry, pausedAt).catch((crash: unknown) => this.settleCrash(job, crash));
   }
 
-  /**
-   * A throw escaped a job's own handling (a bug, a failed write, in its run or its recovery): the
-   * job is carried on by the rule of the phase it reached, attempt after attempt until it ends,
-   * never left running with its domain blocked. Before the stream completed the guest is the
-   * source's: the job is rolled back (the destination told, the guest resumed here) and ends
-   * failed, code `internal`. After it the outcome is the destination's: the guest stays paused,
-   * Finish2 is asked again (or an operator's resolution applied), and a confirmed job ends its
-   * copy here; nothing resumes it without the destination's word. Never rejects.
-   */
-  async settleCrash(job: SourceJob, err: unknown): Promise<void> {
-    const { jobs, domains, log } = this.ctx;
-    for (let attempt = 0; !job.terminal && !this.closed; attempt++) {
-      const { phase, error } = job.record;
-      log.error({ err, migration: job.id, phase, attempt }, 'migration job crashed; carrying it on by its phase');
-      const crashed = `internal error${phase === 'rolling-back' && error ? ` while rolling back (${error.code}: ${error.message})` : ''}: ${(err as Error).message}`;
-      const interrupt = new AbortController();
-      try {
-        const entry = domains.find(job.record.domain);
-        if (!entry) {
-          await jobs.end(job, 'failed', { code: 'domain_gone', message: `the domain vanished; ${crashed}` });
-          return;
-        }
-        // The rule of each phase (SOURCE_OBLIGATIONS[phase].crash); a phase without one does not compile.
-        switch (phase) {
-          case 'preparing':
-          case 'prepared':
-          case 'streaming':
-          case 'rolling-back':
-            await this.rollBack(job, entry, new StreamEnded('failed', 'internal', crashed));
-            break;
-          case 'stream-completed':
-          case 'asking-outcome':
-            await this.finishCompleted(job, entry);
-            break;
-          case 'confirmed':
-            await this.confirm(job, entry);
-            break;
-          case 'done':
-            break;
-          default:
-            unhandledPhase(phase);
-        }
-        return;
-      } catch (again) {
-        err = again;
-      }
-      const retryInMs = CRASHED_JOB_RETRY_MS[Math.min(attempt, CRASHED_JOB_RETRY_MS.length - 1)]!;
-      // Past the stream the job waits as for an unknown Finish2: an operator may resolve it, which cuts the pause short.
-      this.finishWaits.set(job.id, interrupt);
-      await jobs.update(job, { waiting: `${crashed}; carried on again in ${retryInMs / 1000}s` }).catch(() => undefined);
-      await sleep(retryInMs, interrupt.signal);
-      this.finishWaits.delete(job.id);
-    }
+  /** A throw escaped a job's own handling: carried on by its phase's crash rule (see SourceRecovery). Never rejects. */
+  settleCrash(job: SourceJob, err: unknown): Promise<void> {
+    return this.recovery.settleCrash(job, err);
+  }
+
+  /** After an agent restart: the job is driven by its phase's restart rule (see SourceRecovery). */
+  recover(job: SourceJob): Promise<void> {
+    return this.recovery.recover(job);
   }
 
   /** Prepare2, QMP set-up and the stream; when the source vCPUs stopped for the switch-over, if qemu said. */
-  private async prepareAndStream(job: SourceJob, entry: DomainEntry, qmp: QmpClient): Promise<number | undefined> {
+  private async prepareAndStream(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor): Promise<number | undefined> {
     const { jobs } = this.ctx;
     const { options, peer } = job.record;
     const started = Date.now();
@@ -220,17 +161,17 @@ export class SourceSide {
       peer: { ...peer, hostUuid: prepared.destination.hostUuid, hostname: prepared.destination.hostname },
     });
     if (job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'cancelled before the stream started');
-    await qmp.execute('migrate-set-capabilities', { capabilities: sourceCapabilities(options) });
-    await qmp.execute('migrate-set-parameters', sourceParameters(options));
+    await monitor.setCapabilities(sourceCapabilities(options));
+    await monitor.setParameters(sourceParameters(options));
     // The destination's qemu demands the stream over TLS; its certificate must name the host streamed to.
-    if (this.ctx.streamTls) await useQemuTls(qmp, await this.ctx.domains.qemuTlsDir(entry), 'client', streamHost);
-    if (!options.live) await qmp.execute('stop');
+    if (this.ctx.streamTls) await monitor.useTls(await this.ctx.domains.qemuTlsDir(entry), 'client', streamHost);
+    if (!options.live) await monitor.pause();
     await jobs.setPhase(job, 'streaming', { timings: { ...job.record.timings, setupMs: Date.now() - started } });
     await this.ctx.hold('before-migrate', job.id);
-    await qmp.execute('migrate', { uri });
+    await monitor.migrate(uri);
     // A cancel answered before this point found no stream to cancel: cancel it now.
-    if (job.record.cancelRequested) await qmp.execute('migrate_cancel');
-    return this.followStream(job, qmp);
+    if (job.record.cancelRequested) await monitor.cancelMigration();
+    return followStream(job, monitor, this.ctx);
   }
 
   /** Prepare2, retried while the destination says "not now" (503 + Retry-After), bounded. */
@@ -249,113 +190,19 @@ export class SourceSide {
   }
 
   /**
-   * Poll query-migrate (woken early by MIGRATION events) until the stream ends. Returns when
-   * the source vCPUs stopped for the switch-over (qemu's STOP event), if that happened here.
-   */
-  private async followStream(job: SourceJob, qmp: QmpClient): Promise<number | undefined> {
-    // Progress = what remains reaching a new low. A guest that dirties memory faster than the
-    // stream carries it never gets there; past the progress timeout the stream is cancelled
-    // (the guest keeps running here) instead of streaming for ever.
-    const { options } = job.record;
-    const progressTimeoutMs = (options.progressTimeoutSeconds ?? 0) * 1000;
-    let downtimeLimitMs = options.downtimeLimitMs ?? QEMU_DEFAULT_DOWNTIME_MS;
-    let lowestRemaining = Infinity;
-    let lastProgressAt = Date.now();
-    let stalled = false;
-    let wake: (() => void) | undefined;
-    // An event that arrives while query-migrate is in flight must still cut the next wait short.
-    let eventPending = false;
-    let stoppedAt: number | undefined;
-    const unsubscribe = qmp.onEvent((e) => {
-      if (e.event === 'STOP') stoppedAt = e.timestamp.seconds * 1000 + Math.floor(e.timestamp.microseconds / 1000);
-      if (e.event === 'MIGRATION') {
-        eventPending = true;
-        wake?.();
-      }
-    });
-    try {
-      for (;;) {
-        eventPending = false;
-        let info: QueryMigrate;
-        try {
-          info = await qmp.execute<QueryMigrate>('query-migrate', {}, { timeoutMs: 10_000 });
-        } catch (err) {
-          if (qmp.isClosed) throw new StreamEnded('failed', 'source_qemu_ended', 'the source qemu ended during the stream');
-          throw err;
-        }
-        // A cancelled or failed stream reports no RAM figures: keep the last ones seen.
-        const previous = job.record.stats;
-        this.ctx.jobs.setStats(job, {
-          ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status ?? 'none' }),
-          downtimeLimitMs,
-        });
-        const status = info.status ?? 'none';
-        const remaining = info.ram?.remaining;
-        if (status === 'active' && remaining !== undefined) {
-          const sinceProgress = Date.now() - lastProgressAt;
-          if (remaining < lowestRemaining) {
-            lowestRemaining = remaining;
-            lastProgressAt = Date.now();
-          } else if (options.maxDowntimeMs && downtimeLimitMs < options.maxDowntimeMs && sinceProgress > ESCALATE_AFTER_MS) {
-            // Convergence: allow a longer pause at switch-over, within what the caller accepted.
-            downtimeLimitMs = Math.min(downtimeLimitMs * 2, options.maxDowntimeMs);
-            await qmp.execute('migrate-set-parameters', { 'downtime-limit': downtimeLimitMs });
-            this.ctx.log.info({ migration: job.id, downtimeLimitMs }, 'stream not converging; downtime limit raised');
-            lastProgressAt = Date.now();
-          } else if (progressTimeoutMs > 0 && !stalled && sinceProgress > progressTimeoutMs) {
-            stalled = true;
-            await qmp.execute('migrate_cancel');
-          }
-        }
-        if (TERMINAL_STREAM.has(status)) {
-          // A cancel answered during the stream wins even if qemu completed it meanwhile: the
-          // destination resumes only on Finish2(rc=0), which is then never sent.
-          if (status === 'completed' && !job.record.cancelRequested) {
-            job.record.timings = {
-              ...job.record.timings,
-              qemuTotalMs: info['total-time'],
-              qemuDowntimeMs: info.downtime,
-              qemuSetupMs: info['setup-time'],
-            };
-            return stoppedAt;
-          }
-          if (stalled && !job.record.cancelRequested) {
-            throw new StreamEnded(
-              'failed',
-              'not_converging',
-              `no progress for ${progressTimeoutMs / 1000}s: the guest dirties memory faster than the stream carries it ` +
-                `(never less than ${(lowestRemaining / 1048576).toFixed(1)} MiB left); try autoConverge, more bandwidth or a higher downtime limit`,
-            );
-          }
-          if (status === 'cancelled' || job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'the stream was cancelled');
-          throw new StreamEnded('failed', 'stream_failed', `the stream failed: ${info['error-desc'] ?? 'no reason given by qemu'}`);
-        }
-        if (eventPending) continue;
-        await new Promise<void>((resolve) => {
-          const timer = setTimeout(resolve, POLL_MS);
-          wake = () => {
-            clearTimeout(timer);
-            resolve();
-          };
-        });
-      }
-    } finally {
-      unsubscribe();
-    }
-  }
-
-  /**
    * The stream completed: the source guest is paused; the destination decides who owns it.
-   * `pausedAt`: when the source vCPUs stopped, for the switch-over time the guest saw.
+   * `pausedAt`: when the source vCPUs stopped, for the switch-over time the guest saw. `entry`,
+   * here and in confirm and rollBack, is undefined when the domain is gone from this host (a
+   * transient one whose qemu ended while the agent was down): the job still ends by its phase.
    */
-  private async finishCompleted(job: SourceJob, entry: DomainEntry, pausedAt = Date.now()): Promise<void> {
+  private async finishCompleted(job: SourceJob, entry: MigratingDomain | undefined, pausedAt = Date.now()): Promise<void> {
     const { jobs, log } = this.ctx;
     // One write while the guest is paused: both phases precede the same action, Finish2.
     if (job.record.phase !== 'asking-outcome') {
       await jobs.setPhase(job, 'asking-outcome', { finish: { rc: 0, attempts: 0 } }, job.record.phase === 'streaming' ? ['stream-completed'] : []);
     }
     await this.ctx.hold('before-finish2', job.id);
-    const outcome = await this.finish2Until(job, { migrationId: job.id, rc: 0, uuid: job.record.uuid, finishToken: job.record.finishToken });
+    const outcome = await this.finish2.until(job, { migrationId: job.id, rc: 0, uuid: job.record.uuid, finishToken: job.record.finishToken });
     if (!outcome) return; // agent shutting down: the job stays in `asking-outcome` for the next start
     const { answer, finish } = outcome;
     if (answer.outcome === 'finished') {
@@ -368,12 +215,12 @@ export class SourceSide {
   }
 
   /** The destination owns the guest: end the paused source copy. `answered`: the Finish2 exchange, recorded with the phase. */
-  private async confirm(job: SourceJob, entry: DomainEntry, answered: JobPatch = {}): Promise<void> {
+  private async confirm(job: SourceJob, entry: MigratingDomain | undefined, answered: JobPatch = {}): Promise<void> {
     const { jobs, domains, log } = this.ctx;
     await jobs.setPhase(job, 'confirmed', answered);
-    await domains.commitOutgoing(entry, { undefine: job.record.options.undefineSource });
+    if (entry) await domains.commitOutgoing(entry, { undefine: job.record.options.undefineSource });
     await jobs.end(job, 'completed');
-    log.info({ migration: job.id, domain: entry.name, timings: job.record.timings }, 'migration completed');
+    log.info({ migration: job.id, domain: job.record.domain, timings: job.record.timings }, 'migration completed');
   }
 
   /**
@@ -383,17 +230,17 @@ export class SourceSide {
    * safe without waiting for it. `answered`: the destination already answered Finish2 (the
    * exchange, recorded with the phase).
    */
-  private async rollBack(job: SourceJob, entry: DomainEntry, why: StreamEnded, answered?: JobPatch): Promise<void> {
+  private async rollBack(job: SourceJob, entry: MigratingDomain | undefined, why: StreamEnded, answered?: JobPatch): Promise<void> {
     const { jobs, log } = this.ctx;
     await jobs.setPhase(job, 'rolling-back', { ...answered, error: { code: why.code, message: why.message } });
     if (!answered) {
-      await this.finish2BestEffort(job, { migrationId: job.id, rc: 1, error: why.message, cancelled: why.status === 'cancelled', uuid: job.record.uuid, finishToken: job.record.finishToken });
+      await this.finish2.bestEffort(job, { migrationId: job.id, rc: 1, error: why.message, cancelled: why.status === 'cancelled', uuid: job.record.uuid, finishToken: job.record.finishToken });
     }
     let message = why.message;
-    const run = entry.run;
+    const monitor = entry?.run?.monitor;
     // A record written before agents kept the run state holds none: resume, as they did.
-    if (run && job.record.runningBeforeMigration !== false) {
-      const notResumed = await resumeAfterMigration(run.qmp, RESUME_TIMEOUT_MS, (reason) =>
+    if (monitor && job.record.runningBeforeMigration !== false) {
+      const notResumed = await monitor.resumeAfterMigration(RESUME_TIMEOUT_MS, (reason) =>
         jobs.update(job, { waiting: `the guest resumes here as soon as it can: ${reason}` }),
       );
       if (notResumed) {
@@ -401,55 +248,9 @@ export class SourceSide {
         message += `; the source guest stays paused, resume it by hand: ${notResumed.message}`;
       }
     }
-    this.ctx.domains.release(entry);
+    if (entry) this.ctx.domains.release(entry);
+    else message += '; the guest\'s qemu here had already ended';
     await jobs.end(job, why.status, { code: why.code, message });
-  }
-
-  /**
-   * Finish2 until the destination answers (success or a definite refusal) or an operator
-   * resolves the job: the answer and the exchange for the job record (the caller writes it with
-   * the phase that acts on it); null if the agent closes first.
-   */
-  private async finish2Until(job: SourceJob, body: Finish2Request): Promise<{ answer: Finish2Response; finish: NonNullable<SourceJobRecord['finish']> } | null> {
-    const { jobs, log } = this.ctx;
-    const interrupt = new AbortController();
-    this.finishWaits.set(job.id, interrupt);
-    try {
-      for (let attempt = 1; !this.closed; attempt++) {
-        const decided = job.record.resolution;
-        if (decided) {
-          const error = { code: 'operator_aborted', message: `an operator resolved the migration as aborted: ${decided.reason}` };
-          const answer = { migrationId: job.id, outcome: decided.outcome, ...(decided.outcome === 'aborted' ? { error } : {}) };
-          return { answer, finish: { rc: body.rc, attempts: attempt - 1, outcome: answer.outcome } };
-        }
-        try {
-          const answer = await this.ctx.peers.call<Finish2Response>(job.record.peer.url!, 'POST', '/finish2', body, 120_000, interrupt.signal);
-          return { answer, finish: { rc: body.rc, attempts: attempt, outcome: answer.outcome } };
-        } catch (err) {
-          if (err instanceof PeerRefusedError && err.peerStatus === 404) {
-            // The destination has no such migration: it never ran it, so it runs no copy of the guest.
-            const answer: Finish2Response = { migrationId: job.id, outcome: 'aborted', error: { code: err.code, message: err.message } };
-            return { answer, finish: { rc: body.rc, attempts: attempt, outcome: 'aborted' } };
-          }
-          if (job.record.resolution) continue;
-          const message = (err as Error).message;
-          const retryInMs = FINISH_RETRY_MS[Math.min(attempt - 1, FINISH_RETRY_MS.length - 1)]!;
-          log.warn({ migration: job.id, attempt, err: message }, 'Finish2 outcome unknown; the guest stays paused; asking again');
-          // 409 guest_active_here: the destination forgot the job but runs a guest with this UUID.
-          const why = err instanceof PeerRefusedError && err.code === 'guest_active_here' ? 'the destination cannot tell' : 'outcome unknown';
-          await jobs.update(job, {
-            waiting:
-              `Finish2 ${why} after ${attempt} attempt(s) (${message}); the guest stays paused here until the destination ` +
-              `answers, or until an operator who checked the destination resolves the job (POST /jobs/${job.id}/resolve)`,
-            finish: { rc: body.rc, attempts: attempt, lastError: message },
-          });
-          await sleep(retryInMs, interrupt.signal);
-        }
-      }
-      return null;
-    } finally {
-      this.finishWaits.delete(job.id);
-    }
   }
 
   /**
@@ -470,28 +271,9 @@ export class SourceSide {
     }
     await jobs.update(job, { resolution: { outcome, reason, at: new Date().toISOString() } });
     this.ctx.log.warn({ migration: id, outcome, reason }, 'an operator resolved the migration');
-    this.finishWaits.get(id)?.abort();
+    this.finish2.interrupt(id);
     await jobs.waitForEnd(job, RESOLVE_WAIT_MS);
     return job;
-  }
-
-  /** Finish2 after a failure: a few tries; if all fail, the destination's lease ends its qemu anyway. */
-  private async finish2BestEffort(job: SourceJob, body: Finish2Request): Promise<void> {
-    for (let attempt = 1; attempt <= 3; attempt++) {
-      try {
-        await this.ctx.peers.call<Finish2Response>(job.record.peer.url!, 'POST', '/finish2', body, 30_000);
-        await this.ctx.jobs.update(job, { finish: { rc: body.rc, attempts: attempt, outcome: 'aborted' } });
-        return;
-      } catch (err) {
-        if (err instanceof PeerRefusedError) return; // 404: nothing was prepared there
-        // A refused certificate stays refused: no point in trying again.
-        if (!(err instanceof PeerUnreachableError) || err instanceof PeerCertificateError || attempt === 3) {
-          await this.ctx.jobs.update(job, { finish: { rc: body.rc, attempts: attempt, lastError: (err as Error).message } });
-          return;
-        }
-        await sleep(500 * attempt);
-      }
-    }
   }
 
   async cancel(id: string): Promise<SourceJob> {
@@ -504,120 +286,13 @@ export class SourceSide {
     // Written before the answer: the stream's start and a restarted agent's recovery both honour it.
     await this.ctx.jobs.update(job, { cancelRequested: true });
     const entry = this.ctx.domains.find(job.record.domain);
-    if (job.record.phase === 'streaming' && entry?.run) await entry.run.qmp.execute('migrate_cancel');
+    if (job.record.phase === 'streaming' && entry?.run) await entry.run.monitor.cancelMigration();
     return job;
-  }
-
-  private async guestRunning(qmp: QmpClient): Promise<boolean> {
-    try {
-      return (await qmp.execute<{ running: boolean }>('query-status', {}, { timeoutMs: 5000 })).running;
-    } catch {
-      return false;
-    }
-  }
-
-  /**
-   * After an agent restart, drive a source job that was mid-flight to a safe end by the same
-   * rules: before the stream completed -> cancel and resume; after -> ask the destination.
-   */
-  async recover(job: SourceJob): Promise<void> {
-    const { domains, log } = this.ctx;
-    const entry = domains.find(job.record.domain);
-    if (!entry) {
-      await this.ctx.jobs.end(job, 'failed', { code: 'domain_gone', message: 'the domain vanished while the agent was down' });
-      return;
-    }
-    domains.restoreClaim(entry, job.id, 'source');
-    const phase = job.record.phase;
-    log.warn({ migration: job.id, phase }, 'recovering source job after restart');
-    // The rule of each phase (SOURCE_OBLIGATIONS[phase].restart); a phase without one does not compile.
-    switch (phase) {
-      case 'confirmed':
-        return this.confirm(job, entry);
-      case 'rolling-back':
-        return this.rollBack(job, entry, new StreamEnded('failed', job.record.error?.code ?? 'agent_restarted', job.record.error?.message ?? 'agent restarted'));
-      case 'stream-completed':
-      case 'asking-outcome':
-        return this.finishCompleted(job, entry);
-      case 'preparing':
-      case 'prepared':
-      case 'streaming':
-        return this.recoverBeforeStreamEnd(job, entry);
-      case 'done':
-        return;
-      default:
-        return unhandledPhase(phase);
-    }
-  }
-
-  /** Before the stream's end was recorded: the stream may still run inside qemu without us. */
-  private async recoverBeforeStreamEnd(job: SourceJob, entry: DomainEntry): Promise<void> {
-    const qmp = entry.run?.qmp;
-    let status = 'none';
-    if (qmp) {
-      status = (await qmp.execute<QueryMigrate>('query-migrate').catch(() => ({}) as QueryMigrate)).status ?? 'none';
-      if (status !== 'none' && !TERMINAL_STREAM.has(status)) {
-        await qmp.execute('migrate_cancel').catch(() => undefined);
-        status = await this.settle(qmp);
-      }
-    }
-    if (job.record.cancelRequested) return this.rollBack(job, entry, new StreamEnded('cancelled', 'cancelled', 'cancelled before the stream completed'));
-    if (status === 'completed') return this.finishCompleted(job, entry);
-    return this.rollBack(job, entry, new StreamEnded('failed', 'agent_restarted', 'the source agent restarted during the migration'));
-  }
-
-  private async settle(qmp: QmpClient): Promise<string> {
-    for (let i = 0; i < 100; i++) {
-      const status = (await qmp.execute<QueryMigrate>('query-migrate').catch(() => ({}) as QueryMigrate)).status ?? 'none';
-      if (TERMINAL_STREAM.has(status)) return status;
-      await sleep(100);
-    }
-    return 'unknown';
   }
 
   close(): void {
     this.closed = true;
   }
-}
-
-interface QueryMigrate {
-  status?: string;
-  'total-time'?: number;
-  'setup-time'?: number;
-  downtime?: number;
-  'expected-downtime'?: number;
-  'error-desc'?: string;
-  ram?: {
-    transferred: number;
-    remaining: number;
-    total: number;
-    mbps: number;
-    'dirty-pages-rate': number;
-    'dirty-sync-count': number;
-  };
-}
-
-function toStats(info: QueryMigrate): MigrationStats {
-  const ram = info.ram;
-  const transferred = ram?.transferred ?? 0;
-  const total = ram?.total ?? 0;
-  const remaining = ram?.remaining ?? 0;
-  return {
-    qemuStatus: info.status ?? 'none',
-    transferredBytes: transferred,
-    remainingBytes: remaining,
-    totalBytes: total,
-    throughputBytesPerSec: Math.round(((ram?.mbps ?? 0) * 1e6) / 8),
-    dirtyPagesRate: ram?.['dirty-pages-rate'] ?? 0,
-    iterations: ram?.['dirty-sync-count'] ?? 0,
-    ...(info['expected-downtime'] !== undefined ? { expectedDowntimeMs: info['expected-downtime'] } : {}),
-    percent: info.status === 'completed' ? 100 : total > 0 ? Math.min(99, Math.floor(((total - remaining) / total) * 100)) : 0,
-  };
-}
-
-/** Resolves after `ms`, or as soon as `signal` aborts; never keeps the process alive. */
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return delay(ms, undefined, { ref: false, signal }).catch(() => undefined);
 }
 
 /**

@@ -31,6 +31,9 @@ export interface QuarantinedFile {
  *   tpm/<uuid>/           a domain's TPM state (swtpm's), from its first start until it is undefined or leaves
  *   agent.lock            the flock that makes one agent per directory
  */
+/** The records a job registry keeps: StateStore on disk, or the fast tier's in memory. */
+export type RecordStore = Pick<StateStore, 'saveRecord' | 'removeRecord' | 'loadRecords'>;
+
 export class StateStore {
   readonly root: string;
   readonly quarantined: QuarantinedFile[] = [];

@@ -9,7 +9,7 @@ import { Agent, request } from 'undici';
 import { packageRoot } from '../../src/agent/package-root.js';
 import { AgentClient } from '../../src/client.js';
 import type { AgentConfig } from '../../src/config.js';
-import { qemuTlsCredsId } from '../../src/agent/tls.js';
+import { qemuTlsCredsId } from '../../src/qemu/migration-monitor.js';
 import { startAgent, tmpDir, type TestContext } from '../helpers/agents.js';
 import { assertOwnedBy, guestQmp, startGuest, waitForPasses } from '../helpers/migration.js';
 
