@@ -183,7 +183,7 @@ async function asSystemdRunsIt(t: Test, withoutCaps: string[] = []) {
   t.equal(setting(unit, 'Service', 'EnvironmentFile'), '/etc/kvm-migrate/kvm-migrate.env');
 
   const [program, ...args] = setting(unit, 'Service', 'ExecStart').split(/\s+/);
-  t.equal(program, INSTALLED_COMMAND);
+  t.equal(program, INSTALLED_COMMAND, 'ExecStart= runs the command npm install -g installs');
   const caps = setting(unit, 'Service', 'CapabilityBoundingSet').split(/\s+/);
   for (const cap of withoutCaps) t.ok(caps.includes(cap), `the unit's bounding set has ${cap}`);
   const bounding = caps.filter((cap) => !withoutCaps.includes(cap)).map((cap) => `+${cap.replace(/^CAP_/, '').toLowerCase()}`);
