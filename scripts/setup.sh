@@ -25,6 +25,8 @@ command -v tpm2_nvread >/dev/null || need+=(tpm2-tools)
 # The Linux test guest (src/guest/linux.ts): xz unpacks its kernel, cpio makes its initramfs.
 command -v xz >/dev/null || need+=(xz-utils)
 command -v cpio >/dev/null || need+=(cpio)
+# The test of deploy/systemd checks the unit with systemd-analyze verify (no systemd as PID 1 needed).
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need[*]}; run as root or install them with apt-get" >&2
