@@ -32,13 +32,15 @@ RUN npm ci --omit=dev --no-audit --no-fund
 FROM toolchain AS build
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
-COPY tsconfig.json LICENSE README.md ./
+COPY tsconfig.json ./
 COPY bin bin
 COPY routes routes
 COPY src src
 COPY openapi openapi
-RUN npm run build \
- && npm pack --silent \
+RUN npm run build
+# npm packs them too; after the build, so a change of the README does not compile again.
+COPY LICENSE README.md ./
+RUN npm pack --silent \
  && mkdir /opt/kvm-migrate \
  && tar -xzf kvm-migrate-*.tgz -C /opt/kvm-migrate --strip-components=1
 
