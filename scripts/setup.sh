@@ -27,6 +27,12 @@ command -v xz >/dev/null || need+=(xz-utils)
 command -v cpio >/dev/null || need+=(cpio)
 # The test of deploy/systemd checks the unit with systemd-analyze verify (no systemd as PID 1 needed).
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# The compose rig's test (test/rig): podman builds the image and runs it, podman-compose runs
+# compose.yaml; aardvark-dns resolves the services' names on their network (netavark only
+# recommends it, and this installs without recommends).
+command -v podman >/dev/null || need+=(podman netavark)
+command -v podman-compose >/dev/null || need+=(podman-compose)
+[ -x /usr/lib/podman/aardvark-dns ] || need+=(aardvark-dns)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need[*]}; run as root or install them with apt-get" >&2

@@ -3,6 +3,7 @@ import { promises as fs } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import { TMP_PREFIX } from './helpers/agents.js';
+import { havePodman, podmanObjectsNamed, RIG_PREFIX } from './helpers/containers.js';
 
 // The tests' own temp dirs, and those of the accelerator probe and the demo that tests run.
 const SUITE_PREFIXES = [TMP_PREFIX, 'kvm-migrate-probe-', 'kvm-migrate-demo-'];
@@ -35,4 +36,12 @@ t.test('no network namespace of the suite is left', async (t) => {
     return;
   }
   t.same(out.split('\n').filter((l) => l.startsWith('kmt')), [], 'namespaces named kmt*');
+});
+
+t.test('no container, volume or network of the compose rig is left', async (t) => {
+  if (!(await havePodman())) {
+    t.comment('podman is not installed: nothing to check');
+    return;
+  }
+  t.same(await podmanObjectsNamed(RIG_PREFIX), [], `podman objects named ${RIG_PREFIX}*`);
 });
