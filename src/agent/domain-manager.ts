@@ -225,23 +225,28 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
     try {
       qmp = await attachQemu(rec.process, { connectTimeoutMs: FIRST_ATTACH_TIMEOUT_MS });
     } catch (err) {
-      const entry = this.entryOf(rec);
       this.opts.log.warn({ err, domain: rec.name, pid: rec.process.pid }, "qemu runs but its monitor does not answer: kept, reported unreachable, attached to again in the background");
-      const unreachable: UnreachableQemu = {
-        record: rec.process,
-        ...(rec.swtpm ? { swtpm: rec.swtpm } : {}),
-        startedAt: rec.startedAt,
-        since: new Date().toISOString(),
-        attempts: 1,
-        lastError: (err as Error).message,
-        settled: Promise.resolve(false),
-      };
-      entry.unreachable = unreachable;
-      unreachable.settled = this.attachLater(entry, id, rec);
+      this.keepUnreachable(this.entryOf(rec), rec, err);
       return;
     }
     if (!qmp) return this.recordGone(id, rec);
     await this.adopt(this.entryOf(rec), rec, qmp);
+  }
+
+  /** A running qemu whose monitor does not answer: the entry reports it unreachable until attachLater gets through. */
+  private keepUnreachable(entry: DomainEntry, rec: RuntimeRecord, err: unknown): void {
+    entry.run = undefined;
+    const unreachable: UnreachableQemu = {
+      record: rec.process,
+      ...(rec.swtpm ? { swtpm: rec.swtpm } : {}),
+      startedAt: rec.startedAt,
+      since: new Date().toISOString(),
+      attempts: 1,
+      lastError: (err as Error).message,
+      settled: Promise.resolve(false),
+    };
+    entry.unreachable = unreachable;
+    unreachable.settled = this.attachLater(entry, entry.name, rec);
   }
 
   /** The entry a runtime record belongs to: its stored definition's, else one made from the record (a transient domain). */
@@ -928,17 +933,7 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
   }
 
   async saveRuntime(entry: DomainEntry, run: RunningQemu): Promise<void> {
-    const rec: RuntimeRecord = {
-      name: entry.name,
-      uuid: entry.uuid,
-      xml: entry.xml,
-      persistent: entry.persistent,
-      incoming: run.incoming,
-      startedAt: run.startedAt,
-      process: run.record,
-      ...(run.swtpm ? { swtpm: run.swtpm } : {}),
-    };
-    await this.opts.store.saveRecord('runtime', entry.name, rec);
+    await this.opts.store.saveRecord('runtime', entry.name, runtimeRecordOf(entry, run));
   }
 
   onExit(listener: (name: string) => void): () => void {
@@ -1239,14 +1234,28 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
     // The socket closes a moment before the process is reaped. A qemu that is still alive lost
     // only its monitor connection: attach again rather than lose the guest.
     if (!(await waitForExit(run.record, 3000))) {
-      const qmp = await attachQemu(run.record).catch(() => null);
+      let attachError: unknown;
+      const qmp = await attachQemu(run.record).catch((err: unknown) => {
+        attachError = err;
+        return null;
+      });
       if (qmp) {
         log.warn({ domain: entry.name, pid: run.record.pid }, 'QMP connection lost; re-attached');
-        this.watch(entry, { ...run, qmp });
+        this.watch(entry, { ...run, qmp, monitor: new QmpMigrationMonitor(qmp) });
         return;
       }
-      log.error({ domain: entry.name, pid: run.record.pid }, 'qemu alive but unreachable over QMP; ending it');
-      await killQemu(run.record, { graceMs: 2000 }).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not end qemu'));
+      if (attachError !== undefined && !run.incoming) {
+        // A guest's qemu runs on: a monitor that does not answer is no reason to end it (as at a restart).
+        log.error({ domain: entry.name, pid: run.record.pid, err: attachError }, 'qemu runs but its monitor does not answer: kept, reported unreachable, attached to again in the background');
+        this.keepUnreachable(entry, runtimeRecordOf(entry, run), attachError);
+        closeOutputs(run);
+        return;
+      }
+      if (attachError !== undefined) {
+        // An arrival's empty shell that cannot be told what to do is ended: the source keeps the guest.
+        log.error({ domain: entry.name, pid: run.record.pid }, 'incoming qemu alive but unreachable over QMP; ending it');
+        await killQemu(run.record, { graceMs: 2000 }).catch((err: unknown) => log.error({ err, domain: entry.name }, 'could not end qemu'));
+      }
     } else {
       // A killed qemu leaves its socket and pidfile.
       await removeQemuFiles(run.record).catch((err: unknown) => log.error({ err, domain: entry.name }, 'cleanup after qemu exit failed'));
@@ -1293,6 +1302,19 @@ async function memAvailableKiB(): Promise<number | undefined> {
   const text = await fs.readFile('/proc/meminfo', 'utf8').catch(() => '');
   const m = /^MemAvailable:\s+(\d+) kB$/m.exec(text);
   return m ? Number(m[1]) : undefined;
+}
+
+function runtimeRecordOf(entry: DomainEntry, run: RunningQemu): RuntimeRecord {
+  return {
+    name: entry.name,
+    uuid: entry.uuid,
+    xml: entry.xml,
+    persistent: entry.persistent,
+    incoming: run.incoming,
+    startedAt: run.startedAt,
+    process: run.record,
+    ...(run.swtpm ? { swtpm: run.swtpm } : {}),
+  };
 }
 
 function closeOutputs(run: RunningQemu): void {

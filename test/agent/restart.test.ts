@@ -144,3 +144,30 @@ t.test('a restart while monitors do not answer keeps the guests, reports them un
     t.notOk(processMatches(rec), `${name}: ended by the agent`);
   }
 });
+
+t.test('a guest whose monitor connection drops while its qemu does not answer is kept and attached to again, not ended', async (t) => {
+  const dir = await tmpDir(t);
+  const agent = await startAgent(t, dir, 'a');
+  await agent.client.define((await testGuest(dir, 'dropped')).xml);
+  await agent.client.lifecycle('dropped', 'start');
+  const run = agent.app.agent.domains.find('dropped')!.run!;
+  // A qemu too slow to greet a new connection (stopped), whose monitor connection is lost.
+  process.kill(run.record.pid, 'SIGSTOP');
+  t.teardown(() => processMatches(run.record) && process.kill(run.record.pid, 'SIGCONT'));
+  await run.qmp.close();
+  const info = await waitFor('the domain reported unreachable', async () => {
+    const i = await agent.client.domain('dropped');
+    return i.state === 'unreachable' ? i : null;
+  }, { timeoutMs: 30_000, intervalMs: 250 });
+  t.equal(info.pid, run.record.pid, 'the pid of its qemu');
+  t.ok(processMatches(run.record), 'its qemu was not killed');
+  await t.rejects(agent.client.lifecycle('dropped', 'suspend'), { status: 503, code: 'domain_unreachable' }, 'no action taken blind');
+
+  process.kill(run.record.pid, 'SIGCONT');
+  const back = await waitFor('re-attached', async () => {
+    const i = await agent.client.domain('dropped');
+    return i.state === 'running' ? i : null;
+  }, { timeoutMs: 60_000, intervalMs: 250 });
+  t.equal(back.pid, run.record.pid, 'the same qemu, running');
+  t.equal((await agent.client.lifecycle('dropped', 'destroy')).state, 'shutoff', 'controllable again');
+});
