@@ -32,6 +32,7 @@ import type { XmlPool } from './xml-pool.js';
 import { bridgeExists, createTap, deleteTap, isTapRecord, newTapName, tunUsableBy, type TapRecord } from './taps.js';
 import { applyPinning, checkCpuVendor, checkPinning, prepareHugepages, releaseHugepages } from './host-resources.js';
 import { DisplayPorts } from './display-ports.js';
+import { DomainClaims } from './claims.js';
 
 /**
  * Host policy, not guest ABI (so not part of the domain's argv): qemu's seccomp filter refuses
@@ -181,8 +182,8 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
   private readonly detaching = new AbortController();
   private readonly logCap: NodeJS.Timeout;
   private readonly displayPorts = new DisplayPorts();
-  /** The definition a same-named inactive domain had before an incoming migration's claim borrowed its entry, by name. */
-  private readonly borrowed = new Map<string, { xml: string; def: DomainDef }>();
+  /** Migrations' claims on the entries (see claims.ts). */
+  private readonly claims = new DomainClaims(this.domains, (entry) => this.isActive(entry));
   /** Where a guest's files may lie (--allow-path, the firmware directories) and where never (the agent's state): fixed for the agent's life. */
   private readonly pathRoots: PathRoots;
 
@@ -256,11 +257,9 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
       entry = { name: rec.name, uuid: rec.uuid, xml: rec.xml, def: parseDomainXml(rec.xml), persistent: rec.persistent };
       this.domains.set(rec.name, entry);
     } else if (rec.incoming && entry.xml !== rec.xml) {
-      // An arrival into this defined domain was under way (beginIncoming): its qemu runs the XML
-      // that arrived, and the stored definition is set aside again, to be given back if it fails.
-      this.borrowed.set(rec.name, { xml: entry.xml, def: entry.def });
-      entry.xml = rec.xml;
-      entry.def = parseDomainXml(rec.xml);
+      // An arrival into this defined domain was under way: its qemu runs the XML that arrived, and
+      // the stored definition is set aside again, to be given back if it fails.
+      this.claims.arrivingInto(entry, rec.xml, parseDomainXml(rec.xml));
     }
     return entry;
   }
@@ -963,61 +962,30 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
     }
   }
 
-  // A migration's claim on a domain (entry.activeJob): while it lasts the job owns the entry and
-  // lifecycle calls are refused (refuseWhileBusy). Migration code never writes an entry itself: it
-  // begins a claim, then commits it (the job succeeded) or releases it (the job failed).
+  // A migration's claim on a domain (entry.activeJob, the rules in claims.ts): while it lasts the
+  // job owns the entry and lifecycle calls are refused (refuseWhileBusy). Migration code never
+  // writes an entry itself: it begins a claim, then commits it (the job succeeded) or releases it.
 
   /** The source's claim on a guest it is about to send: only a running guest that is not already migrating or arriving. */
   beginOutgoing(entry: DomainEntry, jobId: string): RunningQemu {
-    if (entry.activeJob) {
-      throw conflict('domain_busy', `domain ${entry.name} is already migrating (job ${entry.activeJob.id})`, {
-        domain: entry.name,
-        job: entry.activeJob.id,
-      });
-    }
+    this.claims.refuseClaimed(entry);
     const run = this.requireRunning(entry);
     if (run.incoming) throw conflict('domain_incoming', `domain ${entry.name} is still arriving here`);
-    entry.activeJob = { id: jobId, role: 'source' };
+    this.claims.claimOutgoing(entry, jobId);
     return run;
   }
 
-  /**
-   * The destination's claim on the entry the arriving guest will live in: a new transient one, or
-   * a same-named domain defined here but inactive, whose definition is set aside to be given back
-   * if the migration fails (release).
-   */
+  /** The destination's claim on the entry the arriving guest will live in (DomainClaims.claimIncoming). */
   beginIncoming(xml: string, def: DomainDef, jobId: string): DomainEntry {
-    for (const other of this.domains.values()) {
-      if (other.uuid === def.uuid && other.name !== def.name) {
-        throw conflict('uuid_in_use', `uuid ${def.uuid} belongs to domain ${other.name} here`, { domain: other.name });
-      }
-    }
-    const existing = this.domains.get(def.name);
-    if (!existing) {
+    return this.claims.claimIncoming(xml, def, jobId, () => {
       this.refuseBeyondMaxDomains();
-      const entry: DomainEntry = { name: def.name, uuid: def.uuid, xml, def, persistent: false, activeJob: { id: jobId, role: 'destination' } };
-      this.domains.set(def.name, entry);
-      return entry;
-    }
-    if (this.isActive(existing) || existing.activeJob) {
-      throw conflict('domain_active', `domain ${def.name} is already active on this host`, { domain: def.name });
-    }
-    if (existing.uuid !== def.uuid) {
-      throw conflict('domain_exists', `a different domain named ${def.name} is defined here`, { domain: def.name });
-    }
-    this.borrowed.set(def.name, { xml: existing.xml, def: existing.def });
-    existing.xml = xml;
-    existing.def = def;
-    existing.activeJob = { id: jobId, role: 'destination' };
-    return existing;
+      return { name: def.name, uuid: def.uuid, xml, def, persistent: false };
+    });
   }
 
-  /**
-   * After an agent restart: the claim of a job whose record says it owns the domain (claims live in
-   * memory only). A definition an arrival had set aside is found again at start (entryOf).
-   */
+  /** After an agent restart: the claim of a job whose record says it owns the domain. */
   restoreClaim(entry: DomainEntry, jobId: string, role: 'source' | 'destination'): void {
-    entry.activeJob = { id: jobId, role };
+    this.claims.restore(entry, jobId, role);
   }
 
   /**
@@ -1031,34 +999,23 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
     const run = entry.run;
     if (!run) throw new Error('the incoming qemu is gone');
     if (opts.persist || entry.persistent) await this.makePersistent(entry);
-    this.borrowed.delete(entry.name);
+    this.claims.keepArrival(entry);
     run.incoming = false;
     await this.saveRuntime(entry, run);
     if (!opts.paused) await run.qmp.execute('cont');
-    entry.activeJob = undefined;
+    this.claims.end(entry);
   }
 
   /** The destination owns the guest: the paused copy here ends, then its definition when `undefine` or transient. */
   async commitOutgoing(entry: DomainEntry, opts: { undefine: boolean }): Promise<void> {
     await this.stopQemu(entry, 'migrated');
-    entry.activeJob = undefined;
+    this.claims.end(entry);
     if (opts.undefine || !entry.persistent) await this.forget(entry, true);
   }
 
-  /**
-   * The job failed: the claim ends. A borrowed definition is given back; a transient entry whose
-   * qemu is gone is forgotten (an arrival that never took over leaves nothing behind).
-   */
+  /** The job failed: the claim ends, the domain is as before it (DomainClaims.release). */
   release(entry: DomainEntry): void {
-    entry.activeJob = undefined;
-    const previous = this.borrowed.get(entry.name);
-    this.borrowed.delete(entry.name);
-    if (previous) {
-      entry.xml = previous.xml;
-      entry.def = previous.def;
-    } else if (!entry.persistent && !entry.run) {
-      void this.forget(entry, false);
-    }
+    if (this.claims.release(entry)) void this.forget(entry, false);
   }
 
   private async makePersistent(entry: DomainEntry): Promise<void> {

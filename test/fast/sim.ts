@@ -14,6 +14,7 @@ import { AgentError } from '../../src/errors.js';
 import { parseDomainXml } from '../../src/domain/parse.js';
 import type { DomainDef } from '../../src/domain/model.js';
 import { KeyedMutex } from '../../src/agent/lock.js';
+import { DomainClaims } from '../../src/agent/claims.js';
 import type { AgentConfig } from '../../src/config.js';
 import type { HostInfo } from '../../src/host-info.js';
 import type { Logger } from '../../src/log.js';
@@ -259,11 +260,12 @@ export interface SimEntry extends MigratingDomain {
 
 /**
  * One incarnation's view of its host's domains: built from the host's stored definitions and live
- * qemus at start, with the domain manager's claim rules (src/agent/domain-manager.ts).
+ * qemus at start, with the domain manager's own claim rules (src/agent/claims.ts) and a model of
+ * its process work.
  */
 class SimDomains implements MigrationDomains<SimEntry> {
   private readonly entries = new Map<string, SimEntry>();
-  private readonly borrowed = new Map<string, { xml: string; def: DomainDef }>();
+  private readonly claims = new DomainClaims(this.entries, (entry) => entry.run !== undefined);
   private readonly mutex = new KeyedMutex();
   private readonly exitListeners = new Set<(name: string) => void>();
   private readonly agent: SimAgent;
@@ -282,9 +284,7 @@ class SimDomains implements MigrationDomains<SimEntry> {
         entry = { name: rec.domain, uuid: rec.uuid, xml: rec.xml, def: parseDomainXml(rec.xml), persistent: rec.persistent };
         this.entries.set(rec.domain, entry);
       } else if (rec.incoming && entry.xml !== rec.xml) {
-        this.borrowed.set(rec.domain, { xml: entry.xml, def: entry.def });
-        entry.xml = rec.xml;
-        entry.def = parseDomainXml(rec.xml);
+        this.claims.arrivingInto(entry, rec.xml, parseDomainXml(rec.xml));
       }
       entry.run = { monitor: new SimMonitor(qemu, agent), qemu };
     }
@@ -364,31 +364,19 @@ class SimDomains implements MigrationDomains<SimEntry> {
   }
 
   beginOutgoing(entry: SimEntry, jobId: string): { monitor: MigrationMonitor } {
-    if (entry.activeJob) throw new AgentError(409, 'domain_busy', `domain ${entry.name} is already migrating`);
+    this.claims.refuseClaimed(entry);
     if (!entry.run) throw new AgentError(409, 'domain_not_running', `domain ${entry.name} is not running`);
     if (entry.run.qemu.record.incoming) throw new AgentError(409, 'domain_incoming', `domain ${entry.name} is still arriving here`);
-    entry.activeJob = { id: jobId, role: 'source' };
+    this.claims.claimOutgoing(entry, jobId);
     return entry.run;
   }
 
   beginIncoming(xml: string, def: DomainDef, jobId: string): SimEntry {
-    const existing = this.entries.get(def.name);
-    if (!existing) {
-      const entry: SimEntry = { name: def.name, uuid: def.uuid, xml, def, persistent: false, activeJob: { id: jobId, role: 'destination' } };
-      this.entries.set(def.name, entry);
-      return entry;
-    }
-    if (existing.run || existing.activeJob) throw new AgentError(409, 'domain_active', `domain ${def.name} is already active on this host`);
-    if (existing.uuid !== def.uuid) throw new AgentError(409, 'domain_exists', `a different domain named ${def.name} is defined here`);
-    this.borrowed.set(def.name, { xml: existing.xml, def: existing.def });
-    existing.xml = xml;
-    existing.def = def;
-    existing.activeJob = { id: jobId, role: 'destination' };
-    return existing;
+    return this.claims.claimIncoming(xml, def, jobId, () => ({ name: def.name, uuid: def.uuid, xml, def, persistent: false }));
   }
 
   restoreClaim(entry: SimEntry, jobId: string, role: 'source' | 'destination'): void {
-    entry.activeJob = { id: jobId, role };
+    this.claims.restore(entry, jobId, role);
   }
 
   async commitIncoming(entry: SimEntry, opts: { persist: boolean; paused: boolean }): Promise<void> {
@@ -400,16 +388,16 @@ class SimDomains implements MigrationDomains<SimEntry> {
       this.agent.host.definitions.set(entry.name, entry.xml);
       entry.persistent = true;
     }
-    this.borrowed.delete(entry.name);
+    this.claims.keepArrival(entry);
     run.qemu.record = { ...run.qemu.record, incoming: false, persistent: entry.persistent, xml: entry.xml };
     await this.agent.step();
     if (!opts.paused) await run.monitor.resume();
-    entry.activeJob = undefined;
+    this.claims.end(entry);
   }
 
   async commitOutgoing(entry: SimEntry, opts: { undefine: boolean }): Promise<void> {
     await this.stopQemu(entry);
-    entry.activeJob = undefined;
+    this.claims.end(entry);
     if (opts.undefine || !entry.persistent) {
       this.agent.host.definitions.delete(entry.name);
       this.entries.delete(entry.name);
@@ -417,15 +405,7 @@ class SimDomains implements MigrationDomains<SimEntry> {
   }
 
   release(entry: SimEntry): void {
-    entry.activeJob = undefined;
-    const previous = this.borrowed.get(entry.name);
-    this.borrowed.delete(entry.name);
-    if (previous) {
-      entry.xml = previous.xml;
-      entry.def = previous.def;
-    } else if (!entry.persistent && !entry.run) {
-      this.entries.delete(entry.name);
-    }
+    if (this.claims.release(entry)) this.entries.delete(entry.name);
   }
 }
 
