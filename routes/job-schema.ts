@@ -40,6 +40,10 @@ export const jobSchema = {
       properties: {
         totalMs: { type: 'integer' },
         setupMs: { type: 'integer' },
+        prepare2Ms: { type: 'integer', description: "from the caller's request to the destination's Prepare2 answer" },
+        firstByteMs: { type: 'integer', description: "from the caller's request to the first byte streamed" },
+        streamEndToRunningMs: { type: 'integer', description: "from the stream's end to the guest running on the destination" },
+        aroundStreamMs: { type: 'integer', description: "the agent's own cost: totalMs minus qemu's stream time" },
         qemuTotalMs: { type: 'integer' },
         qemuDowntimeMs: { type: 'integer' },
         qemuSetupMs: { type: 'integer' },

@@ -52,6 +52,7 @@ export function summarize(job: JobRecord): string {
   if (t.totalMs !== undefined) parts.push(`total ${t.totalMs} ms`);
   if (t.qemuDowntimeMs !== undefined) parts.push(`qemu downtime ${t.qemuDowntimeMs} ms`);
   if (t.switchoverMs !== undefined) parts.push(`switch-over ${t.switchoverMs} ms`);
+  if (t.aroundStreamMs !== undefined) parts.push(`${t.aroundStreamMs} ms around the stream`);
   if (job.stats) parts.push(`${mib(job.stats.transferredBytes)} MiB sent`);
   if (job.error) parts.push(`error ${job.error.code}: ${job.error.message}`);
   return parts.join(', ');

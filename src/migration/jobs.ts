@@ -27,6 +27,14 @@ export interface JobTimings {
   totalMs?: number;
   /** Prepare2 round trip and source-side QMP set-up before `migrate`. */
   setupMs?: number;
+  /** From the caller's request to the destination's Prepare2 answer (its qemu listening). */
+  prepare2Ms?: number;
+  /** From the caller's request to the first byte streamed (qemu's stream active). */
+  firstByteMs?: number;
+  /** From the stream's end, as the source saw it, to the destination's Finish2 answer (the guest running there). */
+  streamEndToRunningMs?: number;
+  /** The agent's own cost: totalMs minus qemu's stream time (qemuTotalMs). */
+  aroundStreamMs?: number;
   /** qemu's own figures: the stream's duration and the guest's stop time at switch-over. */
   qemuTotalMs?: number;
   qemuDowntimeMs?: number;
@@ -229,13 +237,15 @@ export class JobRegistry {
   async end<R extends JobRecord>(job: Job<R>, status: Exclude<JobStatus, 'running'>, error?: { code: string; message: string }, patch: JobPatch = {}): Promise<void> {
     const endedAt = new Date().toISOString();
     const totalMs = Date.parse(endedAt) - Date.parse(job.record.createdAt);
+    const timings = { ...job.record.timings, ...patch.timings, totalMs };
+    if (timings.qemuTotalMs !== undefined) timings.aroundStreamMs = totalMs - timings.qemuTotalMs;
     await this.setPhase(job, 'done', {
       ...patch,
       status,
       endedAt,
       waiting: undefined,
       ...(error ? { error } : {}),
-      timings: { ...job.record.timings, totalMs },
+      timings,
     });
     job.emit('end', job.record);
     await this.prune(job.record.domain);

@@ -8,7 +8,7 @@ import { isLoopback, type AgentConfig } from '../config.js';
 import { isSourceJob, type JobPatch, type SourceJob } from './jobs.js';
 import type { MigratingDomain } from './domains.js';
 import { Finish2Exchange, sleep } from './finish2-exchange.js';
-import { followStream, StreamEnded } from './stream-follower.js';
+import { followStream, StreamEnded, type StreamCompletion } from './stream-follower.js';
 import { SourceRecovery } from './source-recovery.js';
 import { FINISH_TOKEN_PATTERN, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
@@ -109,9 +109,9 @@ export class SourceSide {
 
   private async run(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor): Promise<void> {
     const { log } = this.ctx;
-    let pausedAt: number | undefined;
+    let completion: StreamCompletion;
     try {
-      pausedAt = await this.prepareAndStream(job, entry, monitor);
+      completion = await this.prepareAndStream(job, entry, monitor);
     } catch (err) {
       const ended =
         err instanceof StreamEnded
@@ -121,7 +121,7 @@ export class SourceSide {
       await this.rollBack(job, entry, ended).catch((crash: unknown) => this.settleCrash(job, crash));
       return;
     }
-    await this.finishCompleted(job, entry, pausedAt).catch((crash: unknown) => this.settleCrash(job, crash));
+    await this.finishCompleted(job, entry, completion).catch((crash: unknown) => this.settleCrash(job, crash));
   }
 
   /** A throw escaped a job's own handling: carried on by its phase's crash rule (see SourceRecovery). Never rejects. */
@@ -134,8 +134,8 @@ export class SourceSide {
     return this.recovery.recover(job);
   }
 
-  /** Prepare2, QMP set-up and the stream; when the source vCPUs stopped for the switch-over, if qemu said. */
-  private async prepareAndStream(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor): Promise<number | undefined> {
+  /** Prepare2, QMP set-up and the stream, to its completion. */
+  private async prepareAndStream(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor): Promise<StreamCompletion> {
     const { jobs } = this.ctx;
     const { options, peer } = job.record;
     const started = Date.now();
@@ -156,6 +156,7 @@ export class SourceSide {
       throw new PeerProtocolError('the destination answered Prepare2 without a finishToken');
     }
     await jobs.setPhase(job, 'prepared', {
+      timings: { ...job.record.timings, prepare2Ms: Date.now() - Date.parse(job.record.createdAt) },
       uri,
       finishToken: prepared.finishToken,
       peer: { ...peer, hostUuid: prepared.destination.hostUuid, hostname: prepared.destination.hostname },
@@ -191,11 +192,13 @@ export class SourceSide {
 
   /**
    * The stream completed: the source guest is paused; the destination decides who owns it.
-   * `pausedAt`: when the source vCPUs stopped, for the switch-over time the guest saw. `entry`,
+   * `completion`: how this run saw the stream end (none after a restart), for the switch-over time
+   * the guest saw and the time from the stream's end to the guest running there. `entry`,
    * here and in confirm and rollBack, is undefined when the domain is gone from this host (a
    * transient one whose qemu ended while the agent was down): the job still ends by its phase.
    */
-  private async finishCompleted(job: SourceJob, entry: MigratingDomain | undefined, pausedAt = Date.now()): Promise<void> {
+  private async finishCompleted(job: SourceJob, entry: MigratingDomain | undefined, completion?: StreamCompletion): Promise<void> {
+    const pausedAt = completion?.stoppedAt ?? completion?.endedAt ?? Date.now();
     const { jobs, log } = this.ctx;
     // One write while the guest is paused: both phases precede the same action, Finish2.
     if (job.record.phase !== 'asking-outcome') {
@@ -206,7 +209,9 @@ export class SourceSide {
     if (!outcome) return; // agent shutting down: the job stays in `asking-outcome` for the next start
     const { answer, finish } = outcome;
     if (answer.outcome === 'finished') {
-      await this.confirm(job, entry, { waiting: undefined, finish, timings: { ...job.record.timings, switchoverMs: Date.now() - pausedAt } });
+      const running = Date.now();
+      const timings = { ...job.record.timings, switchoverMs: running - pausedAt, ...(completion ? { streamEndToRunningMs: running - completion.endedAt } : {}) };
+      await this.confirm(job, entry, { waiting: undefined, finish, timings });
     } else {
       log.warn({ migration: job.id, error: answer.error }, 'destination aborted after the stream completed; resuming the source');
       const why = new StreamEnded('failed', answer.error?.code ?? 'destination_aborted', answer.error?.message ?? 'the destination aborted');

@@ -4,6 +4,20 @@ import { ESCALATE_AFTER_MS, QEMU_DEFAULT_DOWNTIME_MS, type MigrationOptions } fr
 import type { JobRegistry, MigrationStats, SourceJob } from './jobs.js';
 
 const POLL_MS = 250;
+/**
+ * qemu 7.2 reports `completed` a moment before it has computed the stream's total time and
+ * downtime (query-migrate then says 0): asked again this often, this many times.
+ */
+const FIGURES_RETRY_MS = 5;
+const FIGURES_RETRIES = 100;
+
+/** How a completed stream ended, as the source saw it (ms since the epoch). */
+export interface StreamCompletion {
+  /** The source vCPUs stopped for the switch-over (qemu's STOP), if that happened during the stream. */
+  stoppedAt?: number;
+  /** The source saw the stream complete. */
+  endedAt: number;
+}
 
 /** The stream ended without completing: how the job ends, and why. */
 export class StreamEnded extends Error {
@@ -74,21 +88,25 @@ export class ConvergencePolicy {
 
 /**
  * Follow the source's stream (query-migrate, woken early by MIGRATION events) until it ends,
- * carrying out the convergence policy. Returns when the source vCPUs stopped for the switch-over
- * (qemu's STOP), if that happened here; throws StreamEnded when the stream did not complete, or
- * completed after a cancel was answered (the destination resumes only on Finish2 rc=0, which is
- * then never sent).
+ * carrying out the convergence policy; the job's timings get the first byte and qemu's own
+ * figures. Throws StreamEnded when the stream did not complete, or completed after a cancel was
+ * answered (the destination resumes only on Finish2 rc=0, which is then never sent).
  */
-export async function followStream(job: SourceJob, monitor: MigrationMonitor, deps: { jobs: JobRegistry; log: Logger }): Promise<number | undefined> {
+export async function followStream(job: SourceJob, monitor: MigrationMonitor, deps: { jobs: JobRegistry; log: Logger }): Promise<StreamCompletion> {
   const { jobs, log } = deps;
   const policy = new ConvergencePolicy(job.record.options, Date.now());
   let wake: (() => void) | undefined;
   // An event that arrives while query-migrate is in flight must still cut the next wait short.
   let eventPending = false;
   let stoppedAt: number | undefined;
+  const createdAt = Date.parse(job.record.createdAt);
+  const streaming = () => {
+    if (job.record.timings.firstByteMs === undefined) job.record.timings = { ...job.record.timings, firstByteMs: Date.now() - createdAt };
+  };
   const unsubscribe = monitor.onMigrationEvent((e) => {
     if (e.kind === 'stopped') stoppedAt = e.atMs;
     else {
+      if (e.status === 'active') streaming();
       eventPending = true;
       wake?.();
     }
@@ -106,6 +124,7 @@ export async function followStream(job: SourceJob, monitor: MigrationMonitor, de
       // A cancelled or failed stream reports no RAM figures: keep the last ones seen.
       const previous = job.record.stats;
       jobs.setStats(job, { ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status }), downtimeLimitMs: policy.downtimeLimitMs });
+      if (info.status === 'active') streaming();
       if (info.status === 'active' && info.ram) {
         const action = policy.observe(info.ram.remainingBytes, Date.now());
         if (action.kind === 'raise-downtime') {
@@ -117,13 +136,15 @@ export async function followStream(job: SourceJob, monitor: MigrationMonitor, de
       }
       if (TERMINAL_STREAM_STATUSES.has(info.status)) {
         if (info.status === 'completed' && !job.record.cancelRequested) {
+          const endedAt = Date.now();
+          const figures = await completedFigures(monitor, info);
           job.record.timings = {
             ...job.record.timings,
-            ...(info.totalTimeMs !== undefined ? { qemuTotalMs: info.totalTimeMs } : {}),
-            ...(info.downtimeMs !== undefined ? { qemuDowntimeMs: info.downtimeMs } : {}),
-            ...(info.setupTimeMs !== undefined ? { qemuSetupMs: info.setupTimeMs } : {}),
+            ...(figures.totalTimeMs ? { qemuTotalMs: figures.totalTimeMs } : {}),
+            ...(figures.downtimeMs ? { qemuDowntimeMs: figures.downtimeMs } : {}),
+            ...(figures.setupTimeMs !== undefined ? { qemuSetupMs: figures.setupTimeMs } : {}),
           };
-          return stoppedAt;
+          return { ...(stoppedAt !== undefined ? { stoppedAt } : {}), endedAt };
         }
         if (policy.gaveUp && !job.record.cancelRequested) throw policy.notConverging();
         if (info.status === 'cancelled' || job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'the stream was cancelled');
@@ -141,6 +162,21 @@ export async function followStream(job: SourceJob, monitor: MigrationMonitor, de
   } finally {
     unsubscribe();
   }
+}
+
+/**
+ * qemu's figures of a completed stream, asked again while they still read 0 (see
+ * FIGURES_RETRY_MS); a figure still 0 after that is left out of the record, never stored as 0.
+ */
+async function completedFigures(monitor: MigrationMonitor, info: MigrationInfo): Promise<MigrationInfo> {
+  let figures = info;
+  for (let i = 0; i < FIGURES_RETRIES && !(figures.totalTimeMs && figures.downtimeMs); i++) {
+    await new Promise((r) => setTimeout(r, FIGURES_RETRY_MS));
+    const again = await monitor.queryMigrate().catch(() => undefined);
+    if (again?.status !== 'completed') break;
+    figures = again;
+  }
+  return figures;
 }
 
 export function toStats(info: MigrationInfo): MigrationStats {
