@@ -260,6 +260,14 @@ async function resolveAction(id: string, o: { on: string; token?: string; tokenF
   return job.status === 'running' ? EXIT.inProgress : EXIT.ok;
 }
 
+async function tuneAction(id: string, o: { on: string; token?: string; tokenFile?: string; bandwidth?: number; downtime?: number }, cmd: Command): Promise<number> {
+  if (o.bandwidth === undefined && o.downtime === undefined) throw new UsageError('give --bandwidth, --downtime or both');
+  const tuning = { ...(o.bandwidth !== undefined ? { bandwidthMiBps: o.bandwidth } : {}), ...(o.downtime !== undefined ? { downtimeLimitMs: o.downtime } : {}) };
+  const job = await new AgentClient(o.on, readToken(o, cmd)).tune(id, tuning);
+  process.stdout.write(`${job.id}: ${job.phase}, bandwidth ${job.options.bandwidthMiBps ?? 'unlimited'} MiB/s, downtime limit ${job.options.downtimeLimitMs ?? 'default'} ms\n`);
+  return EXIT.ok;
+}
+
 async function demoAction(): Promise<number> {
   const abort = new AbortController();
   // The first signal is the reason; a second one while it cleans up changes nothing.
@@ -349,6 +357,18 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
       .description("one line per migration job of an agent; WAITING and why when one is stuck")
       .addOption(valueOption('--on <url>', 'the agent').makeOptionMandatory())
       .action((o: { on: string; token?: string; tokenFile?: string }, cmd: Command) => run(jobsAction(o, cmd))),
+  );
+
+  tokenOptions(
+    program
+      .command('tune')
+      .description("change a running migration's stream limits on its source agent, applied to qemu at once")
+      .argument('<job>', 'the job id on the source agent')
+      .addOption(valueOption('--on <url>', 'the source agent').makeOptionMandatory())
+      .addOption(valueOption('--bandwidth <MiB/s>', 'stream bandwidth limit').argParser(wholeNumber(1)))
+      .addOption(valueOption('--downtime <ms>', 'downtime limit').argParser(wholeNumber(1)))
+      .addHelpText('after', '\nExit codes: 0 applied, 1 refused (the stream has completed, or not a source job), 64 usage error, 69 agent unreachable.')
+      .action((id: string, o: { on: string; token?: string; tokenFile?: string; bandwidth?: number; downtime?: number }, cmd: Command) => run(tuneAction(id, o, cmd))),
   );
 
   tokenOptions(

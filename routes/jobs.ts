@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { errorResponses } from './schemas.js';
+import { migrationOptionsSchema, type StreamTuning } from '../src/migration/params.js';
 
 export default async function jobRoutes(app: FastifyInstance): Promise<void> {
   const { migrations } = app.agent;
@@ -41,6 +42,31 @@ export default async function jobRoutes(app: FastifyInstance): Promise<void> {
       },
     },
     async (req, reply) => reply.code(202).send((await migrations.cancel(req.params.id)).record),
+  );
+
+  app.patch<{ Params: { id: string }; Body: StreamTuning }>(
+    '/jobs/:id',
+    {
+      schema: {
+        summary: "Change a running migration's stream limits (source side): bandwidth, downtime limit",
+        description:
+          'Applied to qemu at once while the stream runs, and kept in the job\'s options for the rest of it. Refused once the ' +
+          'stream has completed (409 too_late_to_tune) and on the destination side.',
+        tags: ['jobs'],
+        params: idParams,
+        body: {
+          type: 'object',
+          additionalProperties: false,
+          minProperties: 1,
+          properties: {
+            bandwidthMiBps: migrationOptionsSchema.properties.bandwidthMiBps,
+            downtimeLimitMs: migrationOptionsSchema.properties.downtimeLimitMs,
+          },
+        },
+        response: { 200: { $ref: 'Job#' }, ...errorResponses },
+      },
+    },
+    async (req) => (await migrations.tune(req.params.id, req.body)).record,
   );
 
   app.post<{ Params: { id: string }; Body: { outcome: 'finished' | 'aborted'; reason: string } }>(

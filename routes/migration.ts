@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { errorResponses } from './schemas.js';
 import { MAX_DOMAIN_XML_BYTES } from './domains.js';
-import { migrationOptionsSchema, DEFAULT_OPTIONS, type MigrationOptions } from '../src/migration/params.js';
+import { migrationOptionsSchema, DEFAULT_OPTIONS, type MigrationOptions, type StreamTuning } from '../src/migration/params.js';
 import { FINISH_TOKEN_PATTERN, type Finish2Request, type Prepare2Request } from '../src/migration/protocol.js';
 
 const migrationId = { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' } as const;
@@ -46,6 +46,59 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
       const job = await migrations.perform({ domain, destination, migrationId: id, desturi, options: flags });
       if (!req.query.wait) return reply.code(202).send({ job: job.record });
       return reply.code(200).send({ job: await migrations.jobs.waitForEnd(job, WAIT_LIMIT_MS) });
+    },
+  );
+
+  app.post<{ Body: { domain: string; destination?: string } & StreamTuning }>(
+    '/forecast',
+    {
+      schema: {
+        summary: 'Before migrating: predicted total time and downtime, and whether pre-copy converges (on the source; nothing starts on the destination)',
+        description:
+          "Measures the guest's dirty rate for about a second (qemu's calc-dirty-rate, page sampling) and takes the stream rate " +
+          'from bandwidthMiBps, or from the last completed migration to `destination`; without either, no prediction is made.',
+        tags: ['migration'],
+        body: {
+          type: 'object',
+          required: ['domain'],
+          additionalProperties: false,
+          properties: {
+            domain: { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' },
+            destination: { type: 'string', description: "the destination agent's base URL: its last stream rate is used" },
+            bandwidthMiBps: migrationOptionsSchema.properties.bandwidthMiBps,
+            downtimeLimitMs: migrationOptionsSchema.properties.downtimeLimitMs,
+          },
+        },
+        response: {
+          200: {
+            type: 'object',
+            properties: {
+              domain: { type: 'string' },
+              memoryBytes: { type: 'integer' },
+              dirtyRateBytesPerSec: { type: 'integer' },
+              measuredForMs: { type: 'integer' },
+              streamRateBytesPerSec: { type: 'integer' },
+              streamRateFrom: { type: 'string', enum: ['bandwidth-limit', 'last-migration', 'unknown'] },
+              downtimeLimitMs: { type: 'integer' },
+              precopy: {
+                type: 'object',
+                properties: {
+                  converges: { type: 'boolean' },
+                  iterations: { type: 'integer' },
+                  predictedTotalMs: { type: 'integer' },
+                  predictedDowntimeMs: { type: 'integer' },
+                },
+              },
+              verdict: { type: 'string' },
+            },
+          },
+          ...errorResponses,
+        },
+      },
+    },
+    async (req) => {
+      const { domain, destination, ...options } = req.body;
+      return migrations.forecast({ domain, ...(destination ? { destination } : {}), options });
     },
   );
 

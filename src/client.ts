@@ -1,5 +1,6 @@
 import { Agent, request } from 'undici';
 import type { JobRecord } from './migration/jobs.js';
+import type { Forecast } from './migration/forecast.js';
 import type { DomainInfo } from './agent/domain-manager.js';
 
 export class AgentHttpError extends Error {
@@ -89,6 +90,14 @@ export class AgentClient {
   job(id: string) {
     return this.call<JobRecord>('GET', `/jobs/${encodeURIComponent(id)}`);
   }
+  forecast(req: { domain: string; destination?: string; bandwidthMiBps?: number; downtimeLimitMs?: number }) {
+    return this.call<Forecast>('POST', '/forecast', req);
+  }
+
+  tune(id: string, tuning: { bandwidthMiBps?: number; downtimeLimitMs?: number }) {
+    return this.call<JobRecord>('PATCH', `/jobs/${encodeURIComponent(id)}`, tuning);
+  }
+
   cancel(id: string) {
     return this.call<JobRecord>('POST', `/jobs/${encodeURIComponent(id)}/cancel`);
   }

@@ -31,6 +31,17 @@ export interface MigrationOptions {
   desturi?: string;
 }
 
+/** What may change while a job streams (PATCH /jobs/{id}). */
+export type StreamTuning = Partial<Pick<MigrationOptions, 'bandwidthMiBps' | 'downtimeLimitMs'>>;
+
+/** The qemu parameters a tuning sets. */
+export function tuningParameters(t: StreamTuning): Record<string, number> {
+  return {
+    ...(t.bandwidthMiBps !== undefined ? { 'max-bandwidth': t.bandwidthMiBps * 1024 * 1024 } : {}),
+    ...(t.downtimeLimitMs !== undefined ? { 'downtime-limit': t.downtimeLimitMs } : {}),
+  };
+}
+
 export const DEFAULT_OPTIONS: MigrationOptions = {
   live: true,
   paused: false,

@@ -10,6 +10,8 @@ import type { TlsMaterial } from '../agent/tls.js';
 import { holdAt } from './holds.js';
 import { DestinationSide } from './destination.js';
 import { SourceSide, type PerformRequest } from './source.js';
+import type { StreamTuning } from './params.js';
+import type { Forecast } from './forecast.js';
 import type { Finish2Request, Finish2Response, MigrationContext, PeerCalls, Prepare2Request, Prepare2Response } from './protocol.js';
 
 /** The agent's migration entry points, for both roles; the routes call only this. */
@@ -78,6 +80,14 @@ export class MigrationService {
 
   cancel(id: string): Promise<Job> {
     return this.source.cancel(id);
+  }
+
+  forecast(req: { domain: string; destination?: string; options?: StreamTuning }): Promise<Forecast> {
+    return this.source.forecast(req);
+  }
+
+  tune(id: string, tuning: StreamTuning): Promise<Job> {
+    return this.source.tune(id, tuning);
   }
 
   resolve(id: string, outcome: 'finished' | 'aborted', reason: string): Promise<Job> {

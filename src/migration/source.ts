@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { AgentError, conflict } from '../errors.js';
 import type { MigrationMonitor } from '../qemu/migration-monitor.js';
 import { SOURCE_OBLIGATIONS } from './phases.js';
-import { DEFAULT_OPTIONS, sourceCapabilities, sourceParameters, parseDestUri, PeerProtocolError, streamUriFromPeer, type MigrationOptions } from './params.js';
+import { DEFAULT_OPTIONS, sourceCapabilities, sourceParameters, parseDestUri, PeerProtocolError, streamUriFromPeer, tuningParameters, type MigrationOptions, type StreamTuning } from './params.js';
 import { PeerRefusedError } from './peer-client.js';
 import { isLoopback, type AgentConfig } from '../config.js';
 import { isSourceJob, type JobPatch, type SourceJob } from './jobs.js';
@@ -10,6 +10,7 @@ import type { MigratingDomain } from './domains.js';
 import { Finish2Exchange, sleep } from './finish2-exchange.js';
 import { followStream, StreamEnded, type StreamCompletion } from './stream-follower.js';
 import { SourceRecovery } from './source-recovery.js';
+import { buildForecast, lastStreamRate, type Forecast } from './forecast.js';
 import { FINISH_TOKEN_PATTERN, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
 export interface PerformRequest {
@@ -28,6 +29,12 @@ export interface PerformRequest {
 const RESUME_TIMEOUT_MS = 5 * 60_000;
 /** How long POST /jobs/{id}/resolve waits for the decision to be carried out before answering. */
 const RESOLVE_WAIT_MS = 30_000;
+/** How long a forecast samples the guest's dirty rate. */
+const FORECAST_SAMPLE_SECONDS = 1;
+
+function withRate(rate: number | undefined): { lastRateBytesPerSec?: number } {
+  return rate === undefined ? {} : { lastRateBytesPerSec: rate };
+}
 
 /**
  * The source's half of protocol v2, and the coordinator of the whole migration (Perform):
@@ -163,7 +170,8 @@ export class SourceSide {
     });
     if (job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'cancelled before the stream started');
     await monitor.setCapabilities(sourceCapabilities(options));
-    await monitor.setParameters(sourceParameters(options));
+    // Read again: a tuning (PATCH /jobs/{id}) may have come since the job started.
+    await monitor.setParameters(sourceParameters(job.record.options));
     // The destination's qemu demands the stream over TLS; its certificate must name the host streamed to.
     if (this.ctx.streamTls) await monitor.useTls(await this.ctx.domains.qemuTlsDir(entry), 'client', streamHost);
     if (!options.live) await monitor.pause();
@@ -279,6 +287,49 @@ export class SourceSide {
     this.finish2.interrupt(id);
     await jobs.waitForEnd(job, RESOLVE_WAIT_MS);
     return job;
+  }
+
+  /**
+   * What migrating `domain` with `options` would do, from its dirty rate measured now and the
+   * stream rate expected to `destination`; nothing starts on the destination.
+   */
+  async forecast(req: { domain: string; destination?: string; options?: StreamTuning }): Promise<Forecast> {
+    const { domains, jobs } = this.ctx;
+    const entry = domains.get(req.domain);
+    const monitor = entry.run?.monitor;
+    if (!monitor) throw conflict('domain_not_running', `domain ${req.domain} is not running`, { domain: req.domain });
+    const started = Date.now();
+    const dirtyRateBytesPerSec = await monitor.measureDirtyRate(FORECAST_SAMPLE_SECONDS);
+    return buildForecast({
+      domain: entry.name,
+      memoryBytes: entry.def.memoryKiB * 1024,
+      dirtyRateBytesPerSec,
+      measuredForMs: Date.now() - started,
+      options: { ...req.options },
+      ...(req.destination ? withRate(lastStreamRate(jobs.list().map((j) => j.record), req.destination)) : {}),
+    });
+  }
+
+  /**
+   * New stream limits for a running job: kept in its options (the stream's set-up and the
+   * convergence policy read them from there) and, while qemu streams, applied to it at once.
+   */
+  async tune(id: string, tuning: StreamTuning): Promise<SourceJob> {
+    const { jobs, domains } = this.ctx;
+    const job = jobs.require(id);
+    if (!isSourceJob(job)) throw conflict('not_tunable', 'only the source side of a migration sets its stream limits', { job: id });
+    return jobs.locks.run(`tune:${id}`, async () => {
+      if (job.terminal) throw conflict('job_ended', `job ${id} already ${job.record.status}`, { job: id });
+      if (SOURCE_OBLIGATIONS[job.record.phase].decides !== 'source') {
+        throw conflict('too_late_to_tune', `job ${id} is past the stream (phase ${job.record.phase})`, { job: id });
+      }
+      await jobs.update(job, { options: { ...job.record.options, ...tuning } });
+      const monitor = domains.find(job.record.domain)?.run?.monitor;
+      // Before the stream's set-up this is overwritten by the same values; during the stream it is what changes it.
+      if (monitor) await monitor.setParameters(tuningParameters(tuning));
+      this.ctx.log.info({ migration: id, ...tuning }, 'stream limits changed');
+      return job;
+    });
   }
 
   async cancel(id: string): Promise<SourceJob> {

@@ -32,6 +32,8 @@ export interface MigrationMonitor {
   resumeAfterMigration(timeoutMs: number, onWait: (reason: string) => Promise<void> | void): Promise<Error | null>;
   /** Destination: run the guest that arrived. */
   resume(): Promise<void>;
+  /** How fast the guest dirties its memory, in bytes per second, sampled over `seconds` (calc-dirty-rate). */
+  measureDirtyRate(seconds: number): Promise<number>;
 }
 
 /** qemu's MigrationStatus values the agent acts on; others (setup, pre-switchover, device, ...) are passed through. */
@@ -170,5 +172,18 @@ export class QmpMigrationMonitor implements MigrationMonitor {
 
   async resume(): Promise<void> {
     await this.qmp.execute('cont');
+  }
+
+  async measureDirtyRate(seconds: number): Promise<number> {
+    // Page sampling hashes sample pages before and after: it needs no dirty log, so it works under TCG too.
+    await this.qmp.execute('calc-dirty-rate', { 'calc-time': seconds, mode: 'page-sampling' });
+    const deadline = Date.now() + seconds * 1000 + 5000;
+    for (;;) {
+      const r = await this.qmp.execute<{ status: string; 'dirty-rate'?: number }>('query-dirty-rate');
+      // qemu gives whole MB/s.
+      if (r.status === 'measured') return (r['dirty-rate'] ?? 0) * 1e6;
+      if (Date.now() > deadline) throw new Error(`qemu did not finish measuring the dirty rate within ${seconds + 5} s (status ${r.status})`);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
   }
 }

@@ -8,7 +8,7 @@ import { packageRoot } from '../../src/agent/package-root.js';
 import { version } from '../../src/agent/version.js';
 import { processesMentioning } from '../qemu/helpers.js';
 
-const COMMANDS = ['agent', 'migrate', 'jobs', 'resolve', 'demo', 'check-accel'];
+const COMMANDS = ['agent', 'migrate', 'jobs', 'tune', 'resolve', 'demo', 'check-accel'];
 
 t.test('--version and --help for every command', async (t) => {
   const v = await runCli(['--version']);
@@ -38,6 +38,8 @@ t.test('usage errors exit 64 and name the flag', async (t) => {
     { args: ['migrate', 'vm1', '--from', 'http://127.0.0.1:1', '--to', 'http://127.0.0.1:2', '--bandwith', '5'], says: /unknown option '--bandwith'/ },
     { args: ['migrate', 'vm1', '--from', 'http://127.0.0.1:1', '--to', 'http://127.0.0.1:2'], env: { KVM_MIGRATE_OFFLINE: 'maybe' }, says: /KVM_MIGRATE_OFFLINE \(for --offline\) must be/ },
     { args: ['resolve', 'j1', '--on', 'http://127.0.0.1:1', '--outcome', 'maybe', '--reason', 'x'], says: /option '--outcome <outcome>' argument 'maybe' is invalid. must be one of finished, aborted/ },
+    { args: ['tune', 'j1', '--on', 'http://127.0.0.1:1', '--token', 't'], says: /give --bandwidth, --downtime or both/ },
+    { args: ['tune', 'j1', '--on', 'http://127.0.0.1:1', '--bandwidth', '0'], says: /option '--bandwidth <MiB\/s>' argument '0' is invalid/ },
     { args: ['agent', '--listen', 'nowhere'], says: /--listen must be HOST:PORT/ },
     { args: ['agent', '--accel', 'xen'], says: /option '--accel <accel>' argument 'xen' is invalid/ },
     { args: ['agent'], env: { KVM_MIGRATE_MAX_INCOMING: 'many' }, says: /'--max-incoming <n>' value 'many' from env 'KVM_MIGRATE_MAX_INCOMING' is invalid/ },

@@ -240,6 +240,10 @@ class SimMonitor implements MigrationMonitor {
     });
   }
 
+  measureDirtyRate(): Promise<number> {
+    return this.command(() => 0);
+  }
+
   resume(): Promise<void> {
     return this.command(() => {
       if (this.qemu.migration !== 'completed' && this.qemu.record.incoming) throw new Error('the incoming stream has not completed');
