@@ -10,17 +10,20 @@
  * the source qemu. Same argv builder, same guest, same loopback addresses. While one guest is
  * measured the other is paused, so the two never compete for the machine's cores.
  */
+import os from 'node:os';
 import path from 'node:path';
 import { benchOptions, benchRun, median } from './harness.js';
 import { buildArgv, normalizeDomainXml, type DomainDef } from '../src/domain/index.js';
 import { launchQemu, killQemu, type QemuProcessRecord } from '../src/qemu/process.js';
 import { probeQemu, resolveAccel } from '../src/qemu/host.js';
 import type { QmpClient } from '../src/qemu/qmp.js';
-import { destinationCapabilities, sourceCapabilities, sourceParameters, DEFAULT_OPTIONS } from '../src/migration/params.js';
+import { channelLimit, destinationCapabilities, destinationParameters, offerTransport, sourceCapabilities, sourceParameters, DEFAULT_OPTIONS } from '../src/migration/params.js';
 import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus } from '../src/guest/image.js';
 import { startAgent, testGuest, type TestAgent } from '../test/helpers/agents.js';
 
 const { rounds, params, accel: accelMode } = benchOptions();
+// The stream the agents' defaults agree on between two agents of this host: raw streams the same.
+const transport = offerTransport(DEFAULT_OPTIONS, channelLimit(os.availableParallelism()));
 
 
 async function waitGuestFilled(qmp: QmpClient): Promise<void> {
@@ -56,7 +59,7 @@ async function main(): Promise<void> {
     const rawGuest = await testGuest(dir, 'bench-raw', params, { memoryMiB });
     const qemu = await probeQemu();
     const accel = resolveAccel(accelMode, qemu.kvmUsable);
-    process.stdout.write(`qemu ${qemu.version}, accel ${accel}, guest ${memoryMiB} MiB (${params.fillMiB} MiB filled), ${rounds} rounds each\n`);
+    process.stdout.write(`qemu ${qemu.version}, accel ${accel}, guest ${memoryMiB} MiB (${params.fillMiB} MiB filled), ${rounds} rounds each, both with ${JSON.stringify(transport)}\n`);
 
     // --- agent-driven ---
     // The tests' agent factory; what it arranges to end at teardown is ended by this run's clean-up.
@@ -139,11 +142,12 @@ async function main(): Promise<void> {
       await raw.qmp.execute('cont');
       const t0 = performance.now();
       const dest = await rawLaunch(String(round + 1), true);
-      await dest.qmp.execute('migrate-set-capabilities', { capabilities: destinationCapabilities() });
+      await dest.qmp.execute('migrate-set-capabilities', { capabilities: destinationCapabilities(transport) });
+      await dest.qmp.execute('migrate-set-parameters', destinationParameters(transport));
       const uri = `tcp:${rawHosts[round % 2]}:${49180 + (round % 2)}`;
       await dest.qmp.execute('migrate-incoming', { uri });
-      await raw.qmp.execute('migrate-set-capabilities', { capabilities: sourceCapabilities(DEFAULT_OPTIONS) });
-      await raw.qmp.execute('migrate-set-parameters', sourceParameters(DEFAULT_OPTIONS));
+      await raw.qmp.execute('migrate-set-capabilities', { capabilities: sourceCapabilities(DEFAULT_OPTIONS, transport) });
+      await raw.qmp.execute('migrate-set-parameters', sourceParameters(DEFAULT_OPTIONS, transport));
       await raw.qmp.execute('migrate', { uri });
       await waitMigration(raw.qmp, 600_000);
       const info = await raw.qmp.execute<{ 'total-time'?: number; downtime?: number }>('query-migrate');

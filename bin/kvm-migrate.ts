@@ -13,6 +13,7 @@ import { runDemo } from '../src/cli/demo.js';
 import { EXIT, EXIT_CODES_HELP, UsageError } from '../src/cli/exit-codes.js';
 import { chooseHostAccel } from '../src/qemu/accel-probe.js';
 import { HOLD_POINTS } from '../src/migration/holds.js';
+import { MAX_MULTIFD_CHANNELS, type StreamCompression } from '../src/migration/params.js';
 import { version } from '../src/agent/version.js';
 import type { TlsFiles } from '../src/agent/tls.js';
 
@@ -30,6 +31,15 @@ function wholeNumber(min: number) {
   return (value: string): number => {
     const n = Number(value);
     if (!/^\d+$/.test(value.trim()) || n < min) throw new InvalidArgumentError(`must be a whole number of at least ${min}`);
+    return n;
+  };
+}
+
+function boundedNumber(min: number, max: number) {
+  const whole = wholeNumber(min);
+  return (value: string): number => {
+    const n = whole(value);
+    if (n > max) throw new InvalidArgumentError(`must be a whole number from ${min} to ${max}`);
     return n;
   };
 }
@@ -110,6 +120,7 @@ interface AgentOptions {
   incomingTimeout: number;
   maxIncoming: number;
   maxOutgoing: number;
+  migrationChannels?: number;
   jobHistory: number;
   logLevel: string;
   qemuBinary?: string;
@@ -174,6 +185,7 @@ async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
       qemuUids: parseUidRange(o.qemuUids),
       maxIncoming: o.maxIncoming,
       maxOutgoing: o.maxOutgoing,
+      ...(o.migrationChannels !== undefined ? { migrationChannels: o.migrationChannels } : {}),
       jobHistory: o.jobHistory,
       debugHolds: listFlag(o.debugHold, 'debug-hold', ','),
       networks: parseNetworks(listFlag(o.network, 'network', ',')),
@@ -207,6 +219,9 @@ interface MigrateOptions {
   downtime?: number;
   maxDowntime?: number;
   autoConverge?: boolean;
+  multifdChannels?: number;
+  compress?: StreamCompression;
+  xbzrle?: boolean;
   undefineSource?: boolean;
   persist: boolean;
   desturi?: string;
@@ -225,6 +240,9 @@ async function migrateAction(domain: string, o: MigrateOptions, cmd: Command): P
     undefineSource: o.undefineSource === true,
     persistDestination: o.persist,
     ...(o.bandwidth !== undefined ? { bandwidthMiBps: o.bandwidth } : {}),
+    ...(o.multifdChannels !== undefined ? { multifdChannels: o.multifdChannels } : {}),
+    ...(o.compress !== undefined ? { compression: o.compress } : {}),
+    ...(o.xbzrle !== undefined ? { xbzrle: o.xbzrle } : {}),
     ...(o.downtime !== undefined ? { downtimeLimitMs: o.downtime } : {}),
     ...(o.maxDowntime !== undefined ? { maxDowntimeMs: o.maxDowntime } : {}),
     ...(o.progressTimeout !== undefined ? { progressTimeoutSeconds: o.progressTimeout } : {}),
@@ -314,6 +332,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(valueOption('--incoming-timeout <seconds>', 'lease of a prepared destination').argParser(wholeNumber(1)).default(DEFAULTS.incomingTimeoutSeconds))
     .addOption(valueOption('--max-incoming <n>', 'concurrent incoming migrations').argParser(wholeNumber(1)).default(DEFAULTS.maxIncoming))
     .addOption(valueOption('--max-outgoing <n>', 'concurrent outgoing migrations').argParser(wholeNumber(1)).default(DEFAULTS.maxOutgoing))
+    .addOption(valueOption('--migration-channels <n>', `the most parallel stream connections (multifd) one migration uses here, either way; 1: never multifd (default: one per core, at most 8; a migration uses the lower of both agents')`).argParser(boundedNumber(1, MAX_MULTIFD_CHANNELS)))
     .addOption(valueOption('--max-domains <n>', 'domains this agent holds at most, defined and arriving').argParser(wholeNumber(1)).default(DEFAULTS.maxDomains))
     .addOption(valueOption('--max-log-size <MiB>', "a guest's serial or chardev log file over this is truncated").argParser(wholeNumber(1)).default(DEFAULTS.maxLogBytes / 1024 / 1024))
     .addOption(valueOption('--job-history <n>', 'ended migration jobs kept per domain').argParser(wholeNumber(1)).default(DEFAULTS.jobHistory))
@@ -339,6 +358,9 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
       .addOption(valueOption('--downtime <ms>', 'downtime limit').argParser(wholeNumber(1)))
       .addOption(valueOption('--max-downtime <ms>', 'convergence: raise the downtime limit up to this when the stream is stuck').argParser(wholeNumber(1)))
       .option('--auto-converge', "throttle the guest's vCPUs when the stream does not converge")
+      .addOption(valueOption('--multifd-channels <n>', 'at most this many parallel stream connections (default: the agents choose, the lower of their limits; 1: one plain stream)').argParser(boundedNumber(1, MAX_MULTIFD_CHANNELS)))
+      .addOption(valueOption('--compress <method>', "compress the stream's pages: none or zstd (both agents agree; see the README's Benchmark for when it pays)").argParser(oneOf(['none', 'zstd'] as const)))
+      .option('--xbzrle', 'send re-dirtied pages as deltas (one plain stream; see the README for when it pays)')
       .option('--undefine-source', 'remove the definition from the source afterwards')
       .option('--no-persist', 'do not store the definition on the destination (transient there)')
       .addOption(valueOption('--desturi <uri>', 'tcp://HOST:PORT the destination listens on'))

@@ -25,6 +25,7 @@ export default async function hostRoutes(app: FastifyInstance): Promise<void> {
               machineAliases: { type: 'object', additionalProperties: { type: 'string' } },
               migrationAddress: { type: 'string' },
               migrationPorts: { type: 'string' },
+              migrationChannels: { type: 'integer', description: 'the most multifd channels one migration uses here, either way (--migration-channels; default one per core, at most 8); a migration uses the lower of both agents\' figures' },
               accelProbe: {
                 type: 'object',
                 description:

@@ -21,6 +21,7 @@ export const jobSchema = {
       properties: { url: { type: 'string' }, hostUuid: { type: 'string' }, hostname: { type: 'string' } },
     },
     uri: { type: 'string', description: 'the stream URI (qemu syntax)' },
+    transport: { $ref: 'StreamTransport#' },
     error: errorObject,
     waiting: { type: 'string', description: 'why the job waits, when it does (e.g. the peer is unreachable)' },
     resolution: {

@@ -1,8 +1,8 @@
 import type { FastifyInstance } from 'fastify';
 import { errorResponses } from './schemas.js';
 import { MAX_DOMAIN_XML_BYTES } from './domains.js';
-import { migrationOptionsSchema, DEFAULT_OPTIONS, type MigrationOptions, type StreamTuning } from '../src/migration/params.js';
-import { FINISH_TOKEN_PATTERN, type Finish2Request, type Prepare2Request } from '../src/migration/protocol.js';
+import { migrationOptionsSchema, peerOptionsSchema, DEFAULT_OPTIONS, type MigrationOptions, type StreamTuning } from '../src/migration/params.js';
+import { FINISH_TOKEN_PATTERN, type Finish2Request, type PeerOptions, type Prepare2Request } from '../src/migration/protocol.js';
 
 const migrationId = { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' } as const;
 const uuid = { type: 'string', pattern: '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' } as const;
@@ -102,7 +102,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
     },
   );
 
-  app.post<{ Body: Omit<Prepare2Request, 'options'> & { options?: Partial<MigrationOptions> } }>(
+  app.post<{ Body: Omit<Prepare2Request, 'options'> & { options?: Partial<PeerOptions> } }>(
     '/prepare2',
     {
       config: { peer: true },
@@ -119,7 +119,8 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
             // The stored XML: what was defined, plus the uuid, MACs and addresses the agent filled in.
             xml: { type: 'string', maxLength: 2 * MAX_DOMAIN_XML_BYTES },
             desturi: migrationOptionsSchema.properties.desturi,
-            options: migrationOptionsSchema,
+            options: peerOptionsSchema,
+            transport: { $ref: 'StreamTransport#' },
             source: {
               type: 'object',
               required: ['hostUuid'],
@@ -150,6 +151,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
               uri: { type: 'string' },
               destination: { type: 'object', properties: { hostUuid: { type: 'string' }, hostname: { type: 'string' } } },
               finishToken: { type: 'string', description: 'the secret Finish2 of this migration must carry' },
+              transport: { $ref: 'StreamTransport#' },
             },
           },
           ...errorResponses,

@@ -61,7 +61,7 @@ export class AgentClient {
   }
 
   host() {
-    return this.call<{ uuid: string; accelerator: string; qemuVersion: string; hostname: string; qemuUser: string }>('GET', '/host');
+    return this.call<{ uuid: string; accelerator: string; qemuVersion: string; hostname: string; qemuUser: string; migrationChannels: number }>('GET', '/host');
   }
   define(xml: string) {
     return this.call<DomainInfo>('POST', '/domains', xml, 'application/xml');

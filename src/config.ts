@@ -1,6 +1,7 @@
 import { isIP } from 'node:net';
 import path from 'node:path';
 import { HOLD_POINTS } from './migration/holds.js';
+import { MAX_MULTIFD_CHANNELS } from './migration/params.js';
 import type { TlsFiles } from './agent/tls.js';
 import { DEFAULT_QEMU_UIDS, type QemuUserSetting, type UidRange } from './agent/qemu-user.js';
 
@@ -49,6 +50,8 @@ export interface AgentConfig {
   /** How many migrations may run at once on this agent, in each direction. */
   maxIncoming: number;
   maxOutgoing: number;
+  /** The most multifd channels one migration uses here (the link's cap); absent: one per core, at most 8. */
+  migrationChannels?: number;
   /** Ended jobs kept per domain (newest first); older records are removed. */
   jobHistory: number;
   /** libvirt network name -> this host's bridge (`--network NAME=BRIDGE`), for `<interface type='network'>`. */
@@ -145,6 +148,9 @@ export function validateConfig(config: AgentConfig): AgentConfig & { token: stri
   }
   if (!['auto', 'kvm', 'tcg'].includes(config.accel)) throw new Error(`--accel must be auto, kvm or tcg`);
   if (!(config.incomingTimeoutSeconds > 0)) throw new Error('--incoming-timeout must be a positive number of seconds');
+  if (config.migrationChannels !== undefined && !(Number.isInteger(config.migrationChannels) && config.migrationChannels >= 1 && config.migrationChannels <= MAX_MULTIFD_CHANNELS)) {
+    throw new Error(`--migration-channels must be a whole number from 1 to ${MAX_MULTIFD_CHANNELS}`);
+  }
   for (const hold of config.debugHolds ?? []) {
     if (!(HOLD_POINTS as readonly string[]).includes(hold)) throw new Error(`--debug-hold must be one of ${HOLD_POINTS.join(', ')}`);
   }

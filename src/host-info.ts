@@ -19,6 +19,8 @@ export interface HostInfo {
   machineAliases: Record<string, string>;
   migrationAddress: string;
   migrationPorts: string;
+  /** The most multifd channels one migration uses here, either way (see params.ts channelLimit). */
+  migrationChannels: number;
   quarantined: StateStore['quarantined'];
   accelProbe: AccelProbeReport;
 }

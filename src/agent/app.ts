@@ -28,6 +28,7 @@ import migrationRoutes from '../../routes/migration.js';
 import jobRoutes from '../../routes/jobs.js';
 import documentationRoutes from '../../routes/documentation.js';
 import { jobSchema } from '../../routes/job-schema.js';
+import { channelLimit, streamTransportSchema } from '../migration/params.js';
 import { version } from './version.js';
 import type { AccelProbeReport, HostInfo } from '../host-info.js';
 
@@ -208,6 +209,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
   });
   await domains.init();
   const accelProbe = new BackgroundAccelProbe(app, config, qemu, accel);
+  const migrationChannels = channelLimit(os.availableParallelism(), config.migrationChannels);
   const hostInfo = (): HostInfo => ({
     uuid: identity.uuid,
     hostname: os.hostname(),
@@ -222,6 +224,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     machineAliases: qemu.machineAliases,
     migrationAddress: config.migrationAddress,
     migrationPorts: `${config.migrationPorts.low}-${config.migrationPorts.high}`,
+    migrationChannels,
     quarantined: store.quarantined,
     accelProbe: accelProbe.report,
   });
@@ -290,6 +293,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
   });
   app.addSchema(errorSchema);
   app.addSchema(domainInfoSchema);
+  app.addSchema(streamTransportSchema);
   app.addSchema(jobSchema);
   app.addSchema(fillMeasurementSchema);
   await app.register(healthRoutes);

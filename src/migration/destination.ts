@@ -2,7 +2,7 @@ import { AgentError, badRequest, conflict } from '../errors.js';
 import { secretsMatch } from '../secrets.js';
 import type { MigrationMonitor } from '../qemu/migration-monitor.js';
 import type { MigratingDomain } from './domains.js';
-import { destinationCapabilities, parseDestUri } from './params.js';
+import { acceptTransport, DEFAULT_OPTIONS, destinationCapabilities, destinationParameters, parseDestUri, PLAIN_STREAM, type StreamTransport } from './params.js';
 import { pickPort, portIsFree } from './ports.js';
 import { setTimeout as delay } from 'node:timers/promises';
 import { CRASHED_JOB_RETRY_MS, isDestinationJob, type DestinationJob } from './jobs.js';
@@ -46,7 +46,7 @@ export class DestinationSide {
   private replayPrepare(job: DestinationJob): Prepare2Response {
     const { record } = job;
     if (record.status === 'running' && record.uri && ACTIVE_INCOMING_PHASES.has(record.phase)) {
-      return this.prepareAnswer(record.id, record.uri, record.finishToken!);
+      return this.prepareAnswer(record.id, record.uri, record.finishToken!, record.transport);
     }
     throw conflict('migration_ended', `migration ${record.id} is ${record.status} (phase ${record.phase}) here`, {
       job: record.id,
@@ -54,9 +54,10 @@ export class DestinationSide {
     });
   }
 
-  private prepareAnswer(migrationId: string, uri: string, finishToken: string): Prepare2Response {
+  /** `transport`: what this qemu is set to; a record older than the agreement holds none, and its qemu listens plain. */
+  private prepareAnswer(migrationId: string, uri: string, finishToken: string, transport: StreamTransport | undefined): Prepare2Response {
     const host = this.ctx.hostInfo();
-    return { migrationId, uri, destination: { hostUuid: host.uuid, hostname: host.hostname }, finishToken };
+    return { migrationId, uri, destination: { hostUuid: host.uuid, hostname: host.hostname }, finishToken, ...(transport ? { transport } : {}) };
   }
 
   private async prepareNew(req: Prepare2Request): Promise<Prepare2Response> {
@@ -88,6 +89,8 @@ export class DestinationSide {
       throw conflict('accelerator_mismatch', `the guest runs on ${req.source.accelerator} at the source but would run on ${accelerator} here`);
     }
     await domains.checkFirmwareSizes({ uuid: def.uuid, def }, req.firmware);
+    // A source older than the agreement offers nothing and streams plain.
+    const transport = req.transport ? acceptTransport(req.transport, this.ctx.hostInfo().migrationChannels) : PLAIN_STREAM;
     const entry = domains.beginIncoming(xml, def, req.migrationId);
     let job: DestinationJob | undefined;
     try {
@@ -98,14 +101,17 @@ export class DestinationSide {
           role: 'destination',
           domain: def.name,
           uuid: def.uuid,
-          options: req.options,
+          options: { ...DEFAULT_OPTIONS, ...req.options, compression: transport.compression },
           peer: { hostUuid: req.source.hostUuid, hostname: req.source.hostname },
           finishToken: newFinishToken(),
+          transport,
         },
         'starting-incoming',
       );
       const { monitor } = await domains.launch(entry, { incoming: true });
-      await monitor.setCapabilities(destinationCapabilities());
+      // Before migrate-incoming: qemu opens its multifd listeners with it.
+      await monitor.setCapabilities(destinationCapabilities(transport));
+      await monitor.setParameters(destinationParameters(transport));
       if (this.ctx.streamTls) await monitor.useTls(await domains.qemuTlsDir(entry), 'server');
       const listenUri = `tcp:${listen.host}:${listen.port}`;
       await monitor.listenIncoming(listenUri);
@@ -114,7 +120,7 @@ export class DestinationSide {
       this.armBound(job);
       await this.ctx.hold('prepare2', job.id);
       log.info({ migration: job.id, domain: def.name, uri: listenUri }, 'prepared incoming migration');
-      return this.prepareAnswer(job.id, listenUri, job.record.finishToken!);
+      return this.prepareAnswer(job.id, listenUri, job.record.finishToken!, transport);
     } catch (err) {
       if (job) await this.abort(job, entry, { code: 'prepare_failed', message: (err as Error).message });
       else domains.release(entry);

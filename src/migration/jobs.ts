@@ -3,7 +3,7 @@ import { AgentError } from '../errors.js';
 import { isObject, type RecordStore } from '../store/state-store.js';
 import { KeyedMutex } from '../agent/lock.js';
 import { canMove, currentPhase, type DestinationPhase, type JobRole, type JobStatus, type Phase, type SourcePhase } from './phases.js';
-import type { MigrationOptions } from './params.js';
+import type { MigrationOptions, StreamTransport } from './params.js';
 
 /** Progress of the stream as qemu reports it (query-migrate), in the units an operator reads. */
 export interface MigrationStats {
@@ -67,6 +67,8 @@ interface JobRecordCommon {
   /** Why the job is waiting, when it is (e.g. the peer is unreachable and the guest stays paused). */
   waiting?: string;
   cancelRequested?: boolean;
+  /** How the stream is carried, as both ends agreed in Prepare2 (absent before the answer, and in older records). */
+  transport?: StreamTransport;
   /** The Prepare2 answer's finishToken (both roles); never served by the API. */
   finishToken?: string;
 }
@@ -176,7 +178,7 @@ export class JobRegistry {
   }
 
   async create<Role extends JobRole>(
-    fields: Pick<JobRecordCommon, 'id' | 'domain' | 'uuid' | 'options' | 'peer'> & Partial<Pick<JobRecordCommon, 'finishToken'>> &
+    fields: Pick<JobRecordCommon, 'id' | 'domain' | 'uuid' | 'options' | 'peer'> & Partial<Pick<JobRecordCommon, 'finishToken' | 'transport'>> &
       { role: Role } & (Role extends 'source' ? { runningBeforeMigration?: boolean } : unknown),
     phase: Extract<JobRecord, { role: Role }>['phase'],
   ): Promise<Job<Extract<JobRecord, { role: Role }>>> {

@@ -1,6 +1,6 @@
 import { isIP } from 'node:net';
 import { isUnspecified } from '../config.js';
-import { badRequest } from '../errors.js';
+import { AgentError, badRequest } from '../errors.js';
 /**
  * Migration flags and tuning parameters: what the caller may ask for, and how each maps onto
  * qemu's migration capabilities and parameters (migrate-set-capabilities/-parameters).
@@ -29,7 +29,18 @@ export interface MigrationOptions {
   maxDowntimeMs?: number;
   /** `tcp://host:port`: the destination listens there instead of on a port from its range. */
   desturi?: string;
+  /**
+   * At most this many parallel stream connections (qemu's multifd); absent: the agent's choice
+   * (see channelLimit). Both ends take the lower of the two agents' limits (see agreeTransport).
+   */
+  multifdChannels?: number;
+  /** Compress the stream's pages (zstd, on the multifd channels; both ends must agree). */
+  compression: StreamCompression;
+  /** Send re-dirtied pages as deltas against a cache of what was sent (qemu's xbzrle; the source alone). */
+  xbzrle: boolean;
 }
+
+export type StreamCompression = 'none' | 'zstd';
 
 /** What may change while a job streams (PATCH /jobs/{id}). */
 export type StreamTuning = Partial<Pick<MigrationOptions, 'bandwidthMiBps' | 'downtimeLimitMs'>>;
@@ -50,7 +61,15 @@ export const DEFAULT_OPTIONS: MigrationOptions = {
   autoConverge: false,
   // KubeVirt's default: long enough for any converging stream to make a new low.
   progressTimeoutSeconds: 150,
+  compression: 'none',
+  xbzrle: false,
 };
+
+/**
+ * The most channels a caller may ask for (qemu takes up to 255): each is a connection and a
+ * thread on both ends, and an agent's own limit (channelLimit) caps what it uses anyway.
+ */
+export const MAX_MULTIFD_CHANNELS = 64;
 
 /** JSON schema of the options, shared by /perform (caller) and /prepare2 (source agent). */
 export const migrationOptionsSchema = {
@@ -67,6 +86,36 @@ export const migrationOptionsSchema = {
     progressTimeoutSeconds: { type: 'integer', minimum: 0, maximum: 86400, default: 150 },
     maxDowntimeMs: { type: 'integer', minimum: 1, maximum: 2000000 },
     desturi: { type: 'string', pattern: '^tcp://[^/:]+:[0-9]{1,5}$' },
+    multifdChannels: {
+      type: 'integer',
+      minimum: 1,
+      maximum: MAX_MULTIFD_CHANNELS,
+      description: 'at most this many parallel stream connections (multifd); absent: the agents choose (each end caps it at its own limit, GET /host migrationChannels); 1: one plain stream',
+    },
+    compression: { type: 'string', enum: ['none', 'zstd'], default: 'none', description: "zstd: compress the stream's pages on the multifd channels (both ends agree in Prepare2)" },
+    xbzrle: { type: 'boolean', default: false, description: 'send re-dirtied pages as deltas (xbzrle); one plain stream, qemu 7.2 does not combine it with multifd' },
+  },
+} as const;
+
+/** The options a source tells the destination in Prepare2: without the transport's, which travel as its offer. */
+export const peerOptionsSchema = {
+  ...migrationOptionsSchema,
+  properties: Object.fromEntries(
+    Object.entries(migrationOptionsSchema.properties).filter(([k]) => !['multifdChannels', 'compression', 'xbzrle'].includes(k)),
+  ),
+};
+
+/** A StreamTransport: Prepare2's offer and answer, and the jobs' record of it. */
+export const streamTransportSchema = {
+  $id: 'StreamTransport',
+  type: 'object',
+  description: "how the stream is carried, as both ends set it: the source offers one in Prepare2, the destination answers what it set (the lower channel count of the two agents' limits), the source sets exactly that",
+  required: ['multifd', 'channels', 'compression'],
+  additionalProperties: false,
+  properties: {
+    multifd: { type: 'boolean', description: "qemu's multifd capability; false: one plain stream" },
+    channels: { type: 'integer', minimum: 1, maximum: MAX_MULTIFD_CHANNELS },
+    compression: { type: 'string', enum: ['none', 'zstd'] },
   },
 } as const;
 
@@ -78,23 +127,118 @@ export const ESCALATE_AFTER_MS = 3000;
 // qemu's own default is 32 MiB/s, far below any modern link; unlimited unless asked, as libvirt does.
 const UNLIMITED_BYTES_PER_SEC = 1024 ** 4;
 
-export function sourceCapabilities(o: MigrationOptions): Array<{ capability: string; state: boolean }> {
+/**
+ * How the stream is carried, as both ends set it: the source offers one in Prepare2, the
+ * destination answers the one it set on its qemu, and the source sets exactly that on its own.
+ * Both qemus must agree on every field, or the stream fails (multifd channels are refused by a
+ * plain listener, compressed pages cannot be read by one that expects them raw).
+ */
+export interface StreamTransport {
+  /** qemu's multifd: `channels` parallel connections; false: the one plain stream (channels 1). */
+  multifd: boolean;
+  channels: number;
+  compression: StreamCompression;
+}
+
+/** What an agent older than the agreement streams: the destination's answer has no transport. */
+export const PLAIN_STREAM: StreamTransport = { multifd: false, channels: 1, compression: 'none' };
+
+/** KubeVirt's parallel migration connections: past this, more channels only add threads. */
+const DEFAULT_CHANNEL_CAP = 8;
+
+/**
+ * An agent's channel limit, for both directions: one channel per core of this host (each
+ * channel's thread copies, and with TLS encrypts, on a core of its own), at most 8, unless the
+ * operator set one (--migration-channels: the link's cap, which no NIC speed tells: it is the
+ * path's). A migration uses the lower of the two agents' limits (agreeTransport).
+ */
+export function channelLimit(cores: number, configured?: number): number {
+  return configured ?? Math.max(1, Math.min(cores, DEFAULT_CHANNEL_CAP));
+}
+
+function transportOf(channels: number, compression: StreamCompression): StreamTransport {
+  // Compression runs on the multifd channels, so it needs multifd even on one channel.
+  return { multifd: channels > 1 || compression !== 'none', channels, compression };
+}
+
+/** What the source offers: the caller's channels (or its limit), capped at its limit; xbzrle keeps one plain stream. */
+export function offerTransport(o: MigrationOptions, limit: number): StreamTransport {
+  // qemu 7.2 sends multifd pages without xbzrle: with multifd on, xbzrle would cache and never encode.
+  const channels = o.xbzrle ? 1 : Math.min(o.multifdChannels ?? limit, limit);
+  return transportOf(channels, o.compression);
+}
+
+/** Options qemu 7.2 cannot combine, refused before anything is sent. */
+export function checkTransportOptions(o: Partial<MigrationOptions>): void {
+  if (o.xbzrle && (o.compression === 'zstd' || (o.multifdChannels ?? 1) > 1)) {
+    throw badRequest('conflicting_options', 'xbzrle runs on one plain stream (qemu 7.2 sends multifd pages without it): it excludes compression and multifdChannels above 1');
+  }
+}
+
+/** The destination's answer to an offer: the lower channel count of the two agents, the offer's compression. */
+export function acceptTransport(offer: StreamTransport, limit: number): StreamTransport {
+  return transportOf(Math.min(offer.channels, limit), offer.compression);
+}
+
+/**
+ * What the source sets, from the destination's answer to its offer: exactly what the destination
+ * set, so the two qemus cannot disagree. No answer is a destination older than the agreement,
+ * whose qemu listens plain: one plain stream, unless compression was asked (it needs both ends).
+ * An answer the offer does not allow is a peer breaking the protocol.
+ */
+export function agreedTransport(offer: StreamTransport, answer: unknown): StreamTransport {
+  if (answer === undefined) {
+    if (offer.compression !== 'none') {
+      throw new AgentError(409, 'compression_unsupported', `the destination does not agree on the stream's transport (an agent older than it): ${offer.compression} compression needs both ends`);
+    }
+    return PLAIN_STREAM;
+  }
+  const a = (typeof answer === 'object' && answer !== null ? answer : {}) as Partial<StreamTransport>;
+  const channels = a.channels;
+  if (typeof channels !== 'number' || !Number.isInteger(channels) || channels < 1 || channels > offer.channels || a.compression !== offer.compression || a.multifd !== transportOf(channels, offer.compression).multifd) {
+    throw new PeerProtocolError(`the destination answered a stream transport its offer does not allow: ${JSON.stringify(answer).slice(0, 200)} (offered ${JSON.stringify(offer)})`);
+  }
+  return transportOf(channels, offer.compression);
+}
+
+/*
+ * Capabilities and parameters, one row each: set on the source, the destination or both. A
+ * capability is always set, on or off: a qemu that arrived with multifd on keeps it for its next
+ * migration out otherwise.
+ */
+function transportCapabilities(t: StreamTransport): Array<{ capability: string; state: boolean }> {
+  return [{ capability: 'multifd', state: t.multifd }];
+}
+
+function transportParameters(t: StreamTransport): Record<string, number | string> {
+  return t.multifd ? { 'multifd-channels': t.channels, 'multifd-compression': t.compression } : {};
+}
+
+export function sourceCapabilities(o: MigrationOptions, t: StreamTransport): Array<{ capability: string; state: boolean }> {
   return [
     { capability: 'events', state: true },
     { capability: 'auto-converge', state: o.autoConverge },
+    // The destination reads xbzrle pages whatever its own capability says.
+    { capability: 'xbzrle', state: o.xbzrle },
+    ...transportCapabilities(t),
   ];
 }
 
-/** The destination needs `events` to report the stream's progress; nothing else must match here. */
-export function destinationCapabilities(): Array<{ capability: string; state: boolean }> {
-  return [{ capability: 'events', state: true }];
+/** The destination needs `events` to report the stream's progress, and the transport the source streams with. */
+export function destinationCapabilities(t: StreamTransport): Array<{ capability: string; state: boolean }> {
+  return [{ capability: 'events', state: true }, ...transportCapabilities(t)];
 }
 
-export function sourceParameters(o: MigrationOptions): Record<string, number> {
+export function sourceParameters(o: MigrationOptions, t: StreamTransport): Record<string, number | string> {
   return {
     'max-bandwidth': o.bandwidthMiBps ? o.bandwidthMiBps * 1024 * 1024 : UNLIMITED_BYTES_PER_SEC,
     ...(o.downtimeLimitMs ? { 'downtime-limit': o.downtimeLimitMs } : {}),
+    ...transportParameters(t),
   };
+}
+
+export function destinationParameters(t: StreamTransport): Record<string, number | string> {
+  return transportParameters(t);
 }
 
 /**

@@ -5,7 +5,9 @@ import type { TlsMaterial } from '../agent/tls.js';
 /** The peer answered with an HTTP error: a definite refusal, carrying the peer's code. */
 export class PeerRefusedError extends AgentError {
   readonly peerStatus: number;
-  constructor(peerStatus: number, body: { code?: string; message?: string }, url: string, retryAfterSeconds?: number) {
+  /** A 400 unknown_property's list: what of the request the peer does not know (an older agent). */
+  readonly unknownProperties: string[];
+  constructor(peerStatus: number, body: { code?: string; message?: string; unknownProperties?: unknown }, url: string, retryAfterSeconds?: number) {
     super(
       502,
       body.code ?? 'peer_refused',
@@ -13,6 +15,7 @@ export class PeerRefusedError extends AgentError {
       { peerStatus, ...(retryAfterSeconds !== undefined ? { retryAfterSeconds } : {}) },
     );
     this.peerStatus = peerStatus;
+    this.unknownProperties = Array.isArray(body.unknownProperties) ? body.unknownProperties.filter((p): p is string => typeof p === 'string') : [];
   }
   get retryAfterSeconds(): number | undefined {
     return this.details.retryAfterSeconds as number | undefined;

@@ -4,7 +4,7 @@ import type { AgentConfig } from '../config.js';
 import type { MigrationDomains } from './domains.js';
 import type { HostInfo } from '../host-info.js';
 import type { JobRegistry, JobRecord } from './jobs.js';
-import type { MigrationOptions } from './params.js';
+import type { MigrationOptions, StreamTransport } from './params.js';
 import type { PeerClient } from './peer-client.js';
 import type { HoldPoint } from './holds.js';
 
@@ -21,12 +21,18 @@ export interface Prepare2Request {
   migrationId: string;
   xml: string;
   desturi?: string;
-  options: MigrationOptions;
+  options: PeerOptions;
   /** accelerator: what the guest runs on at the source; the destination must run it on the same. */
   source: { hostUuid: string; hostname: string; accelerator?: 'kvm' | 'tcg' };
   /** A UEFI guest's flash sizes at the source: the destination refuses other ones (firmware_mismatch). */
   firmware?: FirmwareSizes;
+  /** The stream's transport the source offers (see params.ts agreeTransport); absent from sources older than it. */
+  transport?: StreamTransport;
 }
+
+/** The options the destination is told: the transport's own travel as the offer, which an older destination may not know. */
+export type PeerOptions = Omit<MigrationOptions, TransportOptionKey>;
+export type TransportOptionKey = 'multifdChannels' | 'compression' | 'xbzrle';
 
 /** The sizes of a guest's pflash images: its firmware code and its variable store. */
 export interface FirmwareSizes {
@@ -44,6 +50,8 @@ export interface Prepare2Response {
    * answer (the source that sent Prepare2) can end the migration, not any holder of a credential.
    */
   finishToken: string;
+  /** The transport the destination's qemu is set to, which the source's must match; absent from destinations older than the agreement. */
+  transport?: StreamTransport;
 }
 
 export interface Finish2Request {

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { AgentError, conflict } from '../errors.js';
 import type { MigrationMonitor } from '../qemu/migration-monitor.js';
 import { SOURCE_OBLIGATIONS } from './phases.js';
-import { DEFAULT_OPTIONS, sourceCapabilities, sourceParameters, parseDestUri, PeerProtocolError, streamUriFromPeer, tuningParameters, type MigrationOptions, type StreamTuning } from './params.js';
+import { agreedTransport, checkTransportOptions, DEFAULT_OPTIONS, offerTransport, sourceCapabilities, sourceParameters, parseDestUri, PeerProtocolError, streamUriFromPeer, tuningParameters, type MigrationOptions, type StreamTuning } from './params.js';
 import { PeerRefusedError } from './peer-client.js';
 import { isLoopback, type AgentConfig } from '../config.js';
 import { isSourceJob, type JobPatch, type SourceJob } from './jobs.js';
@@ -73,6 +73,7 @@ export class SourceSide {
       throw new AgentError(400, 'invalid_destination', `destination must be an http(s) agent URL, got ${req.destination}`);
     }
     if (req.desturi) parseDestUri(req.desturi);
+    checkTransportOptions(req.options ?? {});
     checkKnownPeer(config, destination);
     const migrationId = req.migrationId ?? randomUUID();
     return jobs.locks.run(migrationId, async () => {
@@ -148,30 +149,46 @@ export class SourceSide {
     const started = Date.now();
     const self = this.ctx.hostInfo();
     const firmware = await this.ctx.domains.firmwareSizes(entry);
+    const offer = offerTransport(options, self.migrationChannels);
+    // The transport travels beside the options, not in them: a destination older than the
+    // agreement refuses unknown options, and prepare2 below asks it again without the offer.
+    const { multifdChannels: _channels, compression: _compression, xbzrle: _xbzrle, ...destinationOptions } = options;
     // The destination refuses a Prepare2 from itself (same_host) and any protocol but 2 (400).
     const prepared = await this.prepare2(job, {
       protocolVersion: 2,
       migrationId: job.id,
       xml: entry.xml,
       ...(options.desturi ? { desturi: options.desturi } : {}),
-      options,
+      options: destinationOptions,
       source: { hostUuid: self.uuid, hostname: self.hostname, accelerator: this.ctx.domains.accelOf(entry.def) },
       ...(firmware ? { firmware } : {}),
+      transport: offer,
     });
-    const { uri, host: streamHost } = streamUriFromPeer(prepared.uri);
     if (typeof prepared.finishToken !== 'string' || !new RegExp(FINISH_TOKEN_PATTERN).test(prepared.finishToken)) {
       throw new PeerProtocolError('the destination answered Prepare2 without a finishToken');
     }
+    let stream: { uri: string; host: string };
+    let transport: ReturnType<typeof agreedTransport>;
+    try {
+      stream = streamUriFromPeer(prepared.uri);
+      transport = agreedTransport(offer, prepared.transport);
+    } catch (err) {
+      // A refused answer's Finish2 must carry the token, so that it ends the destination's qemu at once.
+      await jobs.update(job, { finishToken: prepared.finishToken });
+      throw err;
+    }
+    const { uri, host: streamHost } = stream;
     await jobs.setPhase(job, 'prepared', {
       timings: { ...job.record.timings, prepare2Ms: Date.now() - Date.parse(job.record.createdAt) },
       uri,
       finishToken: prepared.finishToken,
+      transport,
       peer: { ...peer, hostUuid: prepared.destination.hostUuid, hostname: prepared.destination.hostname },
     });
     if (job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'cancelled before the stream started');
-    await monitor.setCapabilities(sourceCapabilities(options));
+    await monitor.setCapabilities(sourceCapabilities(options, transport));
     // Read again: a tuning (PATCH /jobs/{id}) may have come since the job started.
-    await monitor.setParameters(sourceParameters(job.record.options));
+    await monitor.setParameters(sourceParameters(job.record.options, transport));
     // The destination's qemu demands the stream over TLS; its certificate must name the host streamed to.
     if (this.ctx.streamTls) await monitor.useTls(await this.ctx.domains.qemuTlsDir(entry), 'client', streamHost);
     if (!options.live) await monitor.pause();
@@ -183,13 +200,23 @@ export class SourceSide {
     return followStream(job, monitor, this.ctx);
   }
 
-  /** Prepare2, retried while the destination says "not now" (503 + Retry-After), bounded. */
+  /**
+   * Prepare2, retried while the destination says "not now" (503 + Retry-After), bounded. A
+   * destination older than the transport agreement refuses the offer as an unknown property
+   * (nothing was started there): it is asked once more without it, and its answer, without a
+   * transport, means one plain stream (agreedTransport).
+   */
   private async prepare2(job: SourceJob, body: Prepare2Request): Promise<Prepare2Response> {
     const deadline = Date.now() + 120_000;
     for (let attempt = 1; ; attempt++) {
       try {
         return await this.ctx.peers.call<Prepare2Response>(job.record.peer.url!, 'POST', '/prepare2', body, 60_000);
       } catch (err) {
+        if (body.transport && err instanceof PeerRefusedError && err.unknownProperties.includes('transport')) {
+          const { transport: _offer, ...older } = body;
+          body = older;
+          continue;
+        }
         const retryAfter = err instanceof PeerRefusedError && err.peerStatus === 503 ? err.retryAfterSeconds ?? 5 : undefined;
         if (retryAfter === undefined || Date.now() + retryAfter * 1000 > deadline || job.record.cancelRequested) throw err;
         await this.ctx.jobs.update(job, { waiting: `destination busy (attempt ${attempt}); retrying Prepare2 in ${retryAfter}s` });

@@ -54,6 +54,9 @@ export class SimQemu {
   migration: MigrationStatus = 'none';
   listenUri?: string;
   receivedBytes = 0;
+  /** The capabilities and parameters set over the monitor (as qemu keeps them, across migrations). */
+  readonly capabilities = new Map<string, boolean>();
+  readonly parameters = new Map<string, number | string>();
   private peer?: SimQemu;
   private streamTimer?: NodeJS.Timeout;
   private step = 0;
@@ -81,8 +84,14 @@ export class SimQemu {
     if (this.migration === 'active') throw new Error('a migration is already under way');
     const target = this.host.world.listenerAt(uri);
     this.setStatus('active');
-    if (!target) {
+    // Both ends must carry the stream alike: a plain listener refuses multifd channels, and
+    // compressed pages cannot be read raw.
+    if (!target || this.transport() !== target.transport()) {
       this.setStatus('failed');
+      if (target) {
+        target.setStatus('failed');
+        target.exit();
+      }
       return;
     }
     this.peer = target;
@@ -90,6 +99,11 @@ export class SimQemu {
     target.setStatus('active');
     this.step = 0;
     this.streamTimer = setInterval(() => this.advance(), STREAM_STEP_MS);
+  }
+
+  private transport(): string {
+    const multifd = this.capabilities.get('multifd') === true;
+    return multifd ? `multifd ${this.parameters.get('multifd-channels') ?? 2} ${this.parameters.get('multifd-compression') ?? 'none'}` : 'plain';
   }
 
   private advance(): void {
@@ -201,12 +215,16 @@ class SimMonitor implements MigrationMonitor {
     return () => this.qemu.events.off('event', onEvent);
   }
 
-  setCapabilities(): Promise<void> {
-    return this.command(() => undefined);
+  setCapabilities(capabilities: Array<{ capability: string; state: boolean }>): Promise<void> {
+    return this.command(() => {
+      for (const c of capabilities) this.qemu.capabilities.set(c.capability, c.state);
+    });
   }
 
-  setParameters(): Promise<void> {
-    return this.command(() => undefined);
+  setParameters(parameters: Record<string, number | string>): Promise<void> {
+    return this.command(() => {
+      for (const [k, v] of Object.entries(parameters)) this.qemu.parameters.set(k, v);
+    });
   }
 
   useTls(): Promise<void> {
@@ -429,6 +447,8 @@ export class SimHost {
   readonly records = new Map<string, unknown>();
   readonly qemus = new Set<SimQemu>();
   agent?: SimAgent;
+  /** Its agents' channel limit (GET /host migrationChannels). */
+  migrationChannels = 2;
   /** All qemus ever started here, for the checks. */
   readonly everStarted: SimQemu[] = [];
 
@@ -484,7 +504,7 @@ export class SimAgent {
       config: world.config,
       store: this.recordStore(),
       domains: this.domains,
-      hostInfo: () => ({ uuid: `host-${host.name}`, hostname: host.name }) as HostInfo,
+      hostInfo: () => ({ uuid: `host-${host.name}`, hostname: host.name, migrationChannels: host.migrationChannels }) as HostInfo,
       log,
       peers: this.peerCalls(),
       incomingBytes: async (address, port) => {
@@ -565,7 +585,7 @@ export class SimAgent {
           await this.step();
           if (err instanceof PeerUnreachableError) throw err;
           if (err instanceof AgentError && (err.statusCode < 500 || err.statusCode === 503)) {
-            throw new PeerRefusedError(err.statusCode, { code: err.code, message: err.message }, url, err.details.retryAfterSeconds as number | undefined);
+            throw new PeerRefusedError(err.statusCode, { code: err.code, message: err.message, unknownProperties: err.details.unknownProperties }, url, err.details.retryAfterSeconds as number | undefined);
           }
           const failed = err as AgentError;
           throw new PeerUnreachableError(url, new Error(`HTTP ${failed.statusCode ?? 500}: ${failed.message}`), failed.code ?? 'peer_failed');

@@ -9,6 +9,8 @@ import { freePort, testGuest, waitFor, waitForJobEnd } from '../helpers/agents.j
 import { guestQmp, sendPrepare2, startGuest, twoAgents } from '../helpers/migration.js';
 import type { Finish2Request } from '../../src/migration/protocol.js';
 
+const FAKE_FINISH_TOKEN = 'ab'.repeat(32);
+
 /** An HTTP server on 127.0.0.4 that plays a destination agent: every Prepare2 gets `uri`. */
 async function fakeDestination(t: Test, uri: string): Promise<{ url: string; finish2: Finish2Request[] }> {
   const finish2: Finish2Request[] = [];
@@ -19,7 +21,7 @@ async function fakeDestination(t: Test, uri: string): Promise<{ url: string; fin
       const parsed = body ? (JSON.parse(body) as { migrationId?: string }) : {};
       res.setHeader('content-type', 'application/json');
       if (req.url === '/prepare2') {
-        res.end(JSON.stringify({ migrationId: parsed.migrationId, uri, destination: { hostUuid: '00000000-0000-4000-8000-000000000bad', hostname: 'evil' } }));
+        res.end(JSON.stringify({ migrationId: parsed.migrationId, uri, destination: { hostUuid: '00000000-0000-4000-8000-000000000bad', hostname: 'evil' }, finishToken: FAKE_FINISH_TOKEN }));
       } else if (req.url === '/finish2') {
         finish2.push(parsed as Finish2Request);
         res.end(JSON.stringify({ migrationId: parsed.migrationId, outcome: 'finished' }));
@@ -58,7 +60,8 @@ t.test('a Prepare2 answer with any URI but tcp:HOST:PORT never reaches qemu', as
     t.equal(job.status, 'failed', `${uri}: the migration fails`);
     t.equal(job.error?.code, 'bad_peer_answer', `${uri}: as a bad peer answer`);
     t.equal((await a.client.domain('vm1')).state, 'running', `${uri}: the guest runs on at the source, whatever the peer says in Finish2`);
-    t.match(fake.finish2, [{ rc: 1 }], `${uri}: the peer is told the migration failed`);
+    // With the token of its answer: a destination ends its empty qemu only on a Finish2 that carries it.
+    t.match(fake.finish2, [{ rc: 1, finishToken: FAKE_FINISH_TOKEN }], `${uri}: the peer is told the migration failed`);
   }
   t.notOk(await fs.stat(marker).catch(() => null), 'qemu ran nothing and wrote nothing');
   await a.client.lifecycle('vm1', 'destroy');
