@@ -13,6 +13,7 @@ import { runDemo } from '../src/cli/demo.js';
 import { EXIT, EXIT_CODES_HELP, UsageError } from '../src/cli/exit-codes.js';
 import { chooseHostAccel } from '../src/qemu/accel-probe.js';
 import { HOLD_POINTS } from '../src/migration/holds.js';
+import { DEFAULT_OPTIONS } from '../src/migration/params.js';
 import { version } from '../src/agent/version.js';
 import type { TlsFiles } from '../src/agent/tls.js';
 
@@ -207,6 +208,9 @@ interface MigrateOptions {
   downtime?: number;
   maxDowntime?: number;
   autoConverge?: boolean;
+  dirtyLimit?: number;
+  completionTimeoutPerGib?: number;
+  deadlineAction?: 'pause' | 'abort';
   undefineSource?: boolean;
   persist: boolean;
   desturi?: string;
@@ -221,12 +225,15 @@ async function migrateAction(domain: string, o: MigrateOptions, cmd: Command): P
     destination: o.to,
     live: !o.offline,
     paused: o.paused === true,
-    autoConverge: o.autoConverge === true,
+    ...(o.autoConverge !== undefined ? { autoConverge: o.autoConverge } : {}),
     undefineSource: o.undefineSource === true,
     persistDestination: o.persist,
     ...(o.bandwidth !== undefined ? { bandwidthMiBps: o.bandwidth } : {}),
     ...(o.downtime !== undefined ? { downtimeLimitMs: o.downtime } : {}),
     ...(o.maxDowntime !== undefined ? { maxDowntimeMs: o.maxDowntime } : {}),
+    ...(o.dirtyLimit !== undefined ? { dirtyLimitMiBps: o.dirtyLimit } : {}),
+    ...(o.completionTimeoutPerGib !== undefined ? { completionTimeoutPerGiBSeconds: o.completionTimeoutPerGib } : {}),
+    ...(o.deadlineAction !== undefined ? { deadlineAction: o.deadlineAction } : {}),
     ...(o.progressTimeout !== undefined ? { progressTimeoutSeconds: o.progressTimeout } : {}),
     ...(o.desturi ? { desturi: o.desturi } : {}),
     ...(o.migrationId ? { migrationId: o.migrationId } : {}),
@@ -329,8 +336,12 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
       .option('--paused', 'leave the guest paused on the destination')
       .addOption(valueOption('--bandwidth <MiB/s>', 'stream bandwidth limit').argParser(wholeNumber(1)))
       .addOption(valueOption('--downtime <ms>', 'downtime limit').argParser(wholeNumber(1)))
-      .addOption(valueOption('--max-downtime <ms>', 'convergence: raise the downtime limit up to this when the stream is stuck').argParser(wholeNumber(1)))
-      .option('--auto-converge', "throttle the guest's vCPUs when the stream does not converge")
+      .addOption(valueOption('--max-downtime <ms>', `convergence: raise the downtime limit up to this when the stream stalls (default ${DEFAULT_OPTIONS.maxDowntimeMs})`).argParser(wholeNumber(1)))
+      .option('--auto-converge', "convergence may throttle the guest's vCPUs once the downtime schedule is spent (the default)")
+      .option('--no-auto-converge', "convergence never throttles the guest's vCPUs")
+      .addOption(valueOption('--dirty-limit <MiB/s>', 'convergence throttles by a per-vCPU dirty-rate limit instead (KVM with a dirty ring only; else auto-converge)').argParser(wholeNumber(1)))
+      .addOption(valueOption('--completion-timeout-per-gib <seconds>', `the completion deadline per GiB of guest RAM (default ${DEFAULT_OPTIONS.completionTimeoutPerGiBSeconds}; 0 = none)`).argParser(wholeNumber(0)))
+      .addOption(valueOption('--deadline-action <action>', `at the deadline: pause (the guest pauses for the rest of the copy) or abort (default ${DEFAULT_OPTIONS.deadlineAction})`).argParser(oneOf(['pause', 'abort'] as const)))
       .option('--undefine-source', 'remove the definition from the source afterwards')
       .option('--no-persist', 'do not store the definition on the destination (transient there)')
       .addOption(valueOption('--desturi <uri>', 'tcp://HOST:PORT the destination listens on'))
