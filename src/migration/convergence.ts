@@ -62,7 +62,7 @@ type Options = Pick<
  * 2. the guest is throttled: a dirty-rate limit on the vCPUs that write when asked for and
  *    qemu can (KVM with a dirty ring), else qemu's auto-converge (every vCPU slowed);
  * 3. at the completion deadline (completionTimeoutPerGiBSeconds per GiB of guest RAM from the
- *    stream's start) the caller's deadline action: `pause` (the guest stops, the rest copies,
+ *    stream's start), once the rungs above are taken, the caller's deadline action: `pause` (the guest stops, the rest copies,
  *    it runs on at the destination: a long pause but a finished migration) or `abort` (the
  *    stream is cancelled, the guest keeps running here: not_converging).
  *
@@ -120,7 +120,8 @@ export class ConvergencePolicy {
       this.lastProgressAt = now;
     }
     const paused = this.state_.step === 'paused';
-    if (!paused && this.deadlineAt !== undefined && now >= this.deadlineAt && moving) {
+    // A small guest's deadline can come before the stream stalled at all: the rungs below go first.
+    if (!paused && this.deadlineAt !== undefined && now >= this.deadlineAt && moving && this.ladderSpent()) {
       if (this.state_.deadlineAction === 'abort') return this.giveUp('deadline');
       this.state_.step = 'paused';
       this.lastProgressAt = now;
@@ -165,6 +166,13 @@ export class ConvergencePolicy {
       `${why}: the guest dirties memory faster than the stream carries it (${left}); ` +
       `try more bandwidth, a higher maxDowntimeMs, or deadlineAction pause`
     );
+  }
+
+  /** Every rung below the deadline is taken (or not asked for). */
+  private ladderSpent(): boolean {
+    const s = this.state_;
+    const throttleLeft = s.dirtyLimit?.state === 'not-yet' || (s.autoConverge === 'held' && s.dirtyLimit?.state !== 'applied');
+    return this.downtimeLimitMs >= this.maxDowntimeMs && !throttleLeft;
   }
 
   /** The next rung of the ladder below the deadline, or none when every one is taken. */

@@ -106,6 +106,14 @@ t.test('after pause and finish only the progress timeout acts: a paused stream t
   t.same(run(policy, 10_250, 40_000, () => busy(10_000)), [{ at: 25_250, action: { kind: 'cancel' } }]);
 });
 
+t.test("a small guest's deadline comes before any stall: the rungs below are taken first, then the deadline action", async (t) => {
+  const policy = new ConvergencePolicy(options({ deadlineAction: 'abort' }), 0);
+  // 23 MiB at 150 s per GiB: the deadline is at 3.4 s, before the first 3 s stall is over.
+  const taken = run(policy, 0, 30_000, (at) => ({ ...busy(at), totalBytes: 23 * MiB }));
+  t.same(taken.map((x) => x.action.kind), ['raise-downtime', 'raise-downtime', 'engage-auto-converge', 'cancel']);
+  t.equal(policy.gaveUp, 'deadline');
+});
+
 t.test('a record written before the deadline existed has none', async (t) => {
   const legacy = { progressTimeoutSeconds: 150, autoConverge: false } as MigrationOptions;
   const policy = new ConvergencePolicy(legacy, 0);
