@@ -13,7 +13,7 @@ import { runDemo } from '../src/cli/demo.js';
 import { EXIT, EXIT_CODES_HELP, UsageError } from '../src/cli/exit-codes.js';
 import { chooseHostAccel } from '../src/qemu/accel-probe.js';
 import { HOLD_POINTS } from '../src/migration/holds.js';
-import { MAX_MULTIFD_CHANNELS, type StreamCompression } from '../src/migration/params.js';
+import { DEFAULT_OPTIONS, MAX_MULTIFD_CHANNELS, type StreamCompression } from '../src/migration/params.js';
 import { version } from '../src/agent/version.js';
 import type { TlsFiles } from '../src/agent/tls.js';
 
@@ -222,6 +222,9 @@ interface MigrateOptions {
   multifdChannels?: number;
   compress?: StreamCompression;
   xbzrle?: boolean;
+  dirtyLimit?: number;
+  completionTimeoutPerGib?: number;
+  deadlineAction?: 'pause' | 'abort';
   undefineSource?: boolean;
   persist: boolean;
   desturi?: string;
@@ -236,7 +239,7 @@ async function migrateAction(domain: string, o: MigrateOptions, cmd: Command): P
     destination: o.to,
     live: !o.offline,
     paused: o.paused === true,
-    autoConverge: o.autoConverge === true,
+    ...(o.autoConverge !== undefined ? { autoConverge: o.autoConverge } : {}),
     undefineSource: o.undefineSource === true,
     persistDestination: o.persist,
     ...(o.bandwidth !== undefined ? { bandwidthMiBps: o.bandwidth } : {}),
@@ -245,6 +248,9 @@ async function migrateAction(domain: string, o: MigrateOptions, cmd: Command): P
     ...(o.xbzrle !== undefined ? { xbzrle: o.xbzrle } : {}),
     ...(o.downtime !== undefined ? { downtimeLimitMs: o.downtime } : {}),
     ...(o.maxDowntime !== undefined ? { maxDowntimeMs: o.maxDowntime } : {}),
+    ...(o.dirtyLimit !== undefined ? { dirtyLimitMiBps: o.dirtyLimit } : {}),
+    ...(o.completionTimeoutPerGib !== undefined ? { completionTimeoutPerGiBSeconds: o.completionTimeoutPerGib } : {}),
+    ...(o.deadlineAction !== undefined ? { deadlineAction: o.deadlineAction } : {}),
     ...(o.progressTimeout !== undefined ? { progressTimeoutSeconds: o.progressTimeout } : {}),
     ...(o.desturi ? { desturi: o.desturi } : {}),
     ...(o.migrationId ? { migrationId: o.migrationId } : {}),
@@ -356,8 +362,12 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
       .option('--paused', 'leave the guest paused on the destination')
       .addOption(valueOption('--bandwidth <MiB/s>', 'stream bandwidth limit').argParser(wholeNumber(1)))
       .addOption(valueOption('--downtime <ms>', 'downtime limit').argParser(wholeNumber(1)))
-      .addOption(valueOption('--max-downtime <ms>', 'convergence: raise the downtime limit up to this when the stream is stuck').argParser(wholeNumber(1)))
-      .option('--auto-converge', "throttle the guest's vCPUs when the stream does not converge")
+      .addOption(valueOption('--max-downtime <ms>', `convergence: raise the downtime limit up to this when the stream stalls (default ${DEFAULT_OPTIONS.maxDowntimeMs})`).argParser(wholeNumber(1)))
+      .option('--auto-converge', "convergence may throttle the guest's vCPUs once the downtime schedule is spent (the default)")
+      .option('--no-auto-converge', "convergence never throttles the guest's vCPUs")
+      .addOption(valueOption('--dirty-limit <MiB/s>', 'convergence throttles by a per-vCPU dirty-rate limit instead (KVM with a dirty ring only; else auto-converge)').argParser(wholeNumber(1)))
+      .addOption(valueOption('--completion-timeout-per-gib <seconds>', `the completion deadline per GiB of guest RAM (default ${DEFAULT_OPTIONS.completionTimeoutPerGiBSeconds}; 0 = none)`).argParser(wholeNumber(0)))
+      .addOption(valueOption('--deadline-action <action>', `at the deadline: pause (the guest pauses for the rest of the copy) or abort (default ${DEFAULT_OPTIONS.deadlineAction})`).argParser(oneOf(['pause', 'abort'] as const)))
       .addOption(valueOption('--multifd-channels <n>', 'at most this many parallel stream connections (default: the agents choose, the lower of their limits; 1: one plain stream)').argParser(boundedNumber(1, MAX_MULTIFD_CHANNELS)))
       .addOption(valueOption('--compress <method>', "compress the stream's pages: none or zstd (both agents agree; see the README's Benchmark for when it pays)").argParser(oneOf(['none', 'zstd'] as const)))
       .option('--xbzrle', 'send re-dirtied pages as deltas (one plain stream; see the README for when it pays)')

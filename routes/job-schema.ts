@@ -63,6 +63,25 @@ export const jobSchema = {
         iterations: { type: 'integer' },
         expectedDowntimeMs: { type: 'integer' },
         downtimeLimitMs: { type: 'integer' },
+        convergence: {
+          type: 'object',
+          description: "source: the convergence policy's last step, its throttle and its deadline",
+          properties: {
+            step: { type: 'string', enum: ['live', 'downtime-raised', 'throttled', 'paused', 'giving-up'] },
+            autoConverge: { type: 'string', enum: ['off', 'held', 'engaged'], description: 'held: on in qemu but kept at 1% until the policy engages it' },
+            cpuThrottlePercent: { type: 'integer', description: "qemu's current vCPU throttle" },
+            dirtyLimit: {
+              type: 'object',
+              properties: {
+                mibPerSec: { type: 'integer' },
+                state: { type: 'string', enum: ['not-yet', 'applied', 'unavailable'] },
+                reason: { type: 'string', description: "qemu's refusal, when unavailable" },
+              },
+            },
+            deadlineAt: { type: 'string', format: 'date-time' },
+            deadlineAction: { type: 'string', enum: ['pause', 'abort'] },
+          },
+        },
         percent: { type: 'integer' },
       },
     },

@@ -4,6 +4,7 @@ import { isObject, type RecordStore } from '../store/state-store.js';
 import { KeyedMutex } from '../agent/lock.js';
 import { canMove, currentPhase, type DestinationPhase, type JobRole, type JobStatus, type Phase, type SourcePhase } from './phases.js';
 import type { MigrationOptions, StreamTransport } from './params.js';
+import type { ConvergenceState } from './convergence.js';
 
 /** Progress of the stream as qemu reports it (query-migrate), in the units an operator reads. */
 export interface MigrationStats {
@@ -18,6 +19,8 @@ export interface MigrationStats {
   expectedDowntimeMs?: number;
   /** The downtime limit in force (it rises when the convergence policy escalates it). */
   downtimeLimitMs?: number;
+  /** Source: the convergence policy's step, throttle and deadline. */
+  convergence?: ConvergenceState;
   /** How far the stream is, 0-100, from what is transferred and what remains. */
   percent: number;
 }

@@ -1,6 +1,7 @@
 import type { Logger } from '../log.js';
 import { TERMINAL_STREAM_STATUSES, type MigrationInfo, type MigrationMonitor } from '../qemu/migration-monitor.js';
-import { ESCALATE_AFTER_MS, QEMU_DEFAULT_DOWNTIME_MS, type MigrationOptions } from './params.js';
+import { AUTO_CONVERGE_ENGAGED } from './params.js';
+import { ConvergencePolicy, type ConvergenceAction } from './convergence.js';
 import type { JobRegistry, MigrationStats, SourceJob } from './jobs.js';
 
 const POLL_MS = 250;
@@ -30,62 +31,6 @@ export class StreamEnded extends Error {
   }
 }
 
-export type ConvergenceAction = { kind: 'none' } | { kind: 'raise-downtime'; downtimeLimitMs: number } | { kind: 'cancel' };
-
-/**
- * When a live stream is not converging, what to do about it. Progress is what remains reaching a
- * new low. Without progress for ESCALATE_AFTER_MS the downtime limit doubles, up to the caller's
- * maxDowntimeMs (a longer pause at switch-over, within what the caller accepted); without
- * progress for the progress timeout the stream is cancelled (the guest keeps running here)
- * instead of streaming for ever. Pure: the caller samples and carries the action out.
- */
-export class ConvergencePolicy {
-  downtimeLimitMs: number;
-  lowestRemaining = Infinity;
-  /** The policy cancelled the stream: it ends as not converging, not as cancelled by a caller. */
-  gaveUp = false;
-  private lastProgressAt: number;
-  private readonly progressTimeoutMs: number;
-  private readonly maxDowntimeMs?: number;
-
-  constructor(options: Pick<MigrationOptions, 'progressTimeoutSeconds' | 'maxDowntimeMs' | 'downtimeLimitMs'>, now: number) {
-    this.progressTimeoutMs = (options.progressTimeoutSeconds ?? 0) * 1000;
-    if (options.maxDowntimeMs !== undefined) this.maxDowntimeMs = options.maxDowntimeMs;
-    this.downtimeLimitMs = options.downtimeLimitMs ?? QEMU_DEFAULT_DOWNTIME_MS;
-    this.lastProgressAt = now;
-  }
-
-  /** A sample of an active stream: `remaining` bytes at `now`. */
-  observe(remaining: number, now: number): ConvergenceAction {
-    const sinceProgress = now - this.lastProgressAt;
-    if (remaining < this.lowestRemaining) {
-      this.lowestRemaining = remaining;
-      this.lastProgressAt = now;
-      return { kind: 'none' };
-    }
-    if (this.maxDowntimeMs && this.downtimeLimitMs < this.maxDowntimeMs && sinceProgress > ESCALATE_AFTER_MS) {
-      this.downtimeLimitMs = Math.min(this.downtimeLimitMs * 2, this.maxDowntimeMs);
-      this.lastProgressAt = now;
-      return { kind: 'raise-downtime', downtimeLimitMs: this.downtimeLimitMs };
-    }
-    if (this.progressTimeoutMs > 0 && !this.gaveUp && sinceProgress > this.progressTimeoutMs) {
-      this.gaveUp = true;
-      return { kind: 'cancel' };
-    }
-    return { kind: 'none' };
-  }
-
-  /** Why the stream ended after the policy cancelled it. */
-  notConverging(): StreamEnded {
-    return new StreamEnded(
-      'failed',
-      'not_converging',
-      `no progress for ${this.progressTimeoutMs / 1000}s: the guest dirties memory faster than the stream carries it ` +
-        `(never less than ${(this.lowestRemaining / 1048576).toFixed(1)} MiB left); try autoConverge, more bandwidth or a higher downtime limit`,
-    );
-  }
-}
-
 /**
  * Follow the source's stream (query-migrate, woken early by MIGRATION events) until it ends,
  * carrying out the convergence policy; the job's timings get the first byte and qemu's own
@@ -95,6 +40,7 @@ export class ConvergencePolicy {
 export async function followStream(job: SourceJob, monitor: MigrationMonitor, deps: { jobs: JobRegistry; log: Logger }): Promise<StreamCompletion> {
   const { jobs, log } = deps;
   const policy = new ConvergencePolicy(job.record.options, Date.now());
+  let tunedDowntimeMs = job.record.options.downtimeLimitMs;
   let wake: (() => void) | undefined;
   // An event that arrives while query-migrate is in flight must still cut the next wait short.
   let eventPending = false;
@@ -123,16 +69,17 @@ export async function followStream(job: SourceJob, monitor: MigrationMonitor, de
       }
       // A cancelled or failed stream reports no RAM figures: keep the last ones seen.
       const previous = job.record.stats;
-      jobs.setStats(job, { ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status }), downtimeLimitMs: policy.downtimeLimitMs });
+      // The policy's state as of the previous sample: what it does about this one shows at the next.
+      jobs.setStats(job, { ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status }), downtimeLimitMs: policy.downtimeLimitMs, convergence: policy.state() });
       if (info.status === 'active') streaming();
+      if (job.record.options.downtimeLimitMs !== tunedDowntimeMs && job.record.options.downtimeLimitMs !== undefined) {
+        tunedDowntimeMs = job.record.options.downtimeLimitMs;
+        policy.tuned(tunedDowntimeMs);
+      }
       if (info.status === 'active' && info.ram) {
-        const action = policy.observe(info.ram.remainingBytes, Date.now());
-        if (action.kind === 'raise-downtime') {
-          await monitor.setParameters({ 'downtime-limit': action.downtimeLimitMs });
-          log.info({ migration: job.id, downtimeLimitMs: action.downtimeLimitMs }, 'stream not converging; downtime limit raised');
-        } else if (action.kind === 'cancel') {
-          await monitor.cancelMigration();
-        }
+        const { remainingBytes, transferredBytes, totalBytes } = info.ram;
+        const action = policy.observe({ remainingBytes, transferredBytes, totalBytes, ...(info.cpuThrottlePercent !== undefined ? { cpuThrottlePercent: info.cpuThrottlePercent } : {}) }, Date.now());
+        await carryOut(action, policy, monitor, job, log);
       }
       if (TERMINAL_STREAM_STATUSES.has(info.status)) {
         if (info.status === 'completed' && !job.record.cancelRequested) {
@@ -146,7 +93,7 @@ export async function followStream(job: SourceJob, monitor: MigrationMonitor, de
           };
           return { ...(stoppedAt !== undefined ? { stoppedAt } : {}), endedAt };
         }
-        if (policy.gaveUp && !job.record.cancelRequested) throw policy.notConverging();
+        if (policy.gaveUp && !job.record.cancelRequested) throw new StreamEnded('failed', 'not_converging', policy.notConvergingMessage());
         if (info.status === 'cancelled' || job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'the stream was cancelled');
         throw new StreamEnded('failed', 'stream_failed', `the stream failed: ${info.errorDesc ?? 'no reason given by qemu'}`);
       }
@@ -161,6 +108,43 @@ export async function followStream(job: SourceJob, monitor: MigrationMonitor, de
     }
   } finally {
     unsubscribe();
+    // The limit outlives the stream in qemu: a guest that stays here must run unthrottled again.
+    if (policy.state().dirtyLimit?.state === 'applied') await monitor.cancelDirtyLimit().catch((err: unknown) => log.warn({ err, migration: job.id }, 'could not lift the dirty-rate limit'));
+  }
+}
+
+/** Carry out one convergence action over the monitor (a dirty limit qemu refuses falls through to the policy's next step). */
+async function carryOut(action: ConvergenceAction, policy: ConvergencePolicy, monitor: MigrationMonitor, job: SourceJob, log: Logger): Promise<void> {
+  const migration = job.id;
+  switch (action.kind) {
+    case 'none':
+      return;
+    case 'raise-downtime':
+      await monitor.setParameters({ 'downtime-limit': action.downtimeLimitMs });
+      log.info({ migration, downtimeLimitMs: action.downtimeLimitMs }, 'stream not converging; downtime limit raised');
+      return;
+    case 'limit-dirty-rate':
+      try {
+        await monitor.limitDirtyRate(action.mibPerSec);
+      } catch (err) {
+        log.info({ migration, reason: (err as Error).message }, 'qemu refused the dirty-rate limit; the throttle step falls back');
+        await carryOut(policy.dirtyLimitRefused((err as Error).message), policy, monitor, job, log);
+        return;
+      }
+      policy.dirtyLimitApplied();
+      log.info({ migration, dirtyLimitMiBps: action.mibPerSec }, 'stream not converging; vCPU dirty rate limited');
+      return;
+    case 'engage-auto-converge':
+      await monitor.setParameters(AUTO_CONVERGE_ENGAGED);
+      log.info({ migration }, 'stream not converging; auto-converge engaged');
+      return;
+    case 'pause':
+      await monitor.pause();
+      log.warn({ migration }, 'completion deadline passed; the guest is paused so the rest of its memory copies (pause and finish)');
+      return;
+    case 'cancel':
+      await monitor.cancelMigration();
+      return;
   }
 }
 

@@ -20,8 +20,15 @@ export interface MigrationMonitor {
   setParameters(parameters: Record<string, number | string>): Promise<void>;
   /** The stream over TLS: the x509 credentials in `dir`, as `endpoint`; a client checks the server's certificate names `hostname`. */
   useTls(dir: string, endpoint: 'server' | 'client', hostname?: string): Promise<void>;
-  /** Stop the vCPUs (an offline migration streams a paused guest). */
+  /** Stop the vCPUs (an offline migration streams a paused guest; convergence's pause and finish). */
   pause(): Promise<void>;
+  /**
+   * Source: cap the dirty-page rate of every vCPU at `mibPerSec` (set-vcpu-dirty-limit); qemu 7.2
+   * refuses it (the error says why) unless the guest runs under KVM with a dirty ring.
+   */
+  limitDirtyRate(mibPerSec: number): Promise<void>;
+  /** Source: lift the dirty-rate limit again (cancel-vcpu-dirty-limit). */
+  cancelDirtyLimit(): Promise<void>;
   /** Source: start streaming to `uri` (tcp:HOST:PORT). */
   migrate(uri: string): Promise<void>;
   /** Source: cancel the stream; the guest stays here. */
@@ -48,6 +55,8 @@ export interface MigrationInfo {
   setupTimeMs?: number;
   downtimeMs?: number;
   expectedDowntimeMs?: number;
+  /** How much auto-converge throttles the vCPUs now, when it does. */
+  cpuThrottlePercent?: number;
   errorDesc?: string;
   ram?: {
     transferredBytes: number;
@@ -72,6 +81,7 @@ interface QueryMigrateReply {
   'setup-time'?: number;
   downtime?: number;
   'expected-downtime'?: number;
+  'cpu-throttle-percentage'?: number;
   'error-desc'?: string;
   ram?: {
     transferred: number;
@@ -110,6 +120,7 @@ export class QmpMigrationMonitor implements MigrationMonitor {
       ...(r['setup-time'] !== undefined ? { setupTimeMs: r['setup-time'] } : {}),
       ...(r.downtime !== undefined ? { downtimeMs: r.downtime } : {}),
       ...(r['expected-downtime'] !== undefined ? { expectedDowntimeMs: r['expected-downtime'] } : {}),
+      ...(r['cpu-throttle-percentage'] !== undefined ? { cpuThrottlePercent: r['cpu-throttle-percentage'] } : {}),
       ...(r['error-desc'] !== undefined ? { errorDesc: r['error-desc'] } : {}),
       ...(r.ram
         ? {
@@ -152,6 +163,14 @@ export class QmpMigrationMonitor implements MigrationMonitor {
 
   async pause(): Promise<void> {
     await this.qmp.execute('stop');
+  }
+
+  async limitDirtyRate(mibPerSec: number): Promise<void> {
+    await this.qmp.execute('set-vcpu-dirty-limit', { 'dirty-rate': mibPerSec });
+  }
+
+  async cancelDirtyLimit(): Promise<void> {
+    await this.qmp.execute('cancel-vcpu-dirty-limit');
   }
 
   async migrate(uri: string): Promise<void> {
