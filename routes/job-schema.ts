@@ -63,6 +63,7 @@ export const jobSchema = {
         iterations: { type: 'integer' },
         expectedDowntimeMs: { type: 'integer' },
         downtimeLimitMs: { type: 'integer' },
+        etaMs: { type: 'integer', description: 'the time the stream has left: a countdown that never rises; absent while it does not converge' },
         convergence: {
           type: 'object',
           description: "source: the convergence policy's last step, its throttle and its deadline",

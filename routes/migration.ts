@@ -1,8 +1,9 @@
 import type { FastifyInstance } from 'fastify';
 import { errorResponses } from './schemas.js';
 import { MAX_DOMAIN_XML_BYTES } from './domains.js';
-import { migrationOptionsSchema, peerOptionsSchema, DEFAULT_OPTIONS, type MigrationOptions, type StreamTuning } from '../src/migration/params.js';
+import { migrationOptionsSchema, peerOptionsSchema, DEFAULT_OPTIONS, type MigrationOptions } from '../src/migration/params.js';
 import { FINISH_TOKEN_PATTERN, type Finish2Request, type PeerOptions, type Prepare2Request } from '../src/migration/protocol.js';
+import type { ForecastOptions } from '../src/migration/forecast.js';
 
 const migrationId = { type: 'string', pattern: '^[A-Za-z0-9_.-]{1,64}$' } as const;
 const uuid = { type: 'string', pattern: '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' } as const;
@@ -49,7 +50,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
     },
   );
 
-  app.post<{ Body: { domain: string; destination?: string } & StreamTuning }>(
+  app.post<{ Body: { domain: string; destination?: string } & ForecastOptions }>(
     '/forecast',
     {
       schema: {
@@ -67,6 +68,10 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
             destination: { type: 'string', description: "the destination agent's base URL: its last stream rate is used" },
             bandwidthMiBps: migrationOptionsSchema.properties.bandwidthMiBps,
             downtimeLimitMs: migrationOptionsSchema.properties.downtimeLimitMs,
+            maxDowntimeMs: migrationOptionsSchema.properties.maxDowntimeMs,
+            deadlineAction: migrationOptionsSchema.properties.deadlineAction,
+            completionTimeoutPerGiBSeconds: migrationOptionsSchema.properties.completionTimeoutPerGiBSeconds,
+            progressTimeoutSeconds: migrationOptionsSchema.properties.progressTimeoutSeconds,
           },
         },
         response: {
@@ -74,6 +79,18 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
             type: 'object',
             properties: {
               domain: { type: 'string' },
+              strategy: {
+                type: 'object',
+                description: 'what the convergence policy will end up doing',
+                properties: {
+                  kind: { type: 'string', enum: ['precopy', 'deadline', 'progress-timeout'] },
+                  downtimeLimitMs: { type: 'integer' },
+                  action: { type: 'string' },
+                  atMs: { type: 'integer' },
+                  pauseMs: { type: 'integer' },
+                  afterMs: { type: 'integer' },
+                },
+              },
               memoryBytes: { type: 'integer' },
               dirtyRateBytesPerSec: { type: 'integer' },
               measuredForMs: { type: 'integer' },

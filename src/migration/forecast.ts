@@ -1,4 +1,4 @@
-import { QEMU_DEFAULT_DOWNTIME_MS, type MigrationOptions } from './params.js';
+import { DEFAULT_OPTIONS, QEMU_DEFAULT_DOWNTIME_MS, type MigrationOptions } from './params.js';
 import type { JobRecord } from './jobs.js';
 
 /**
@@ -18,9 +18,19 @@ export interface Forecast {
   downtimeLimitMs: number;
   /** Absent when the stream rate is unknown. */
   precopy?: PrecopyForecast;
+  /** What the convergence policy will end up doing (auto-converge's throttle is not modelled: it can only help). */
+  strategy?: ForecastStrategy;
   /** What the migration will do, in words: precopy converging, or why it will not. */
   verdict: string;
 }
+
+export type ForecastStrategy =
+  /** Pre-copy switches over within this downtime limit (the caller's, or one the schedule raises it to). */
+  | { kind: 'precopy'; downtimeLimitMs: number }
+  /** Pre-copy does not converge: the deadline action runs at `atMs` from the stream's start; pause and finish pauses the guest about `pauseMs`. */
+  | { kind: 'deadline'; action: MigrationOptions['deadlineAction']; atMs: number; pauseMs?: number }
+  /** Nothing ends the stream but its progress timeout (no deadline): it is cancelled then. */
+  | { kind: 'progress-timeout'; afterMs: number };
 
 export interface PrecopyForecast {
   converges: boolean;
@@ -51,6 +61,34 @@ export function forecastPrecopy(p: { memoryBytes: number; dirtyRateBytesPerSec: 
 }
 
 /**
+ * While a stream runs: the time it has left, as a countdown that never rises. Each sample's
+ * estimate is the pre-copy model's from what remains, the guest's dirty rate and the stream's
+ * rate as qemu reports them; an estimate later than the countdown is not taken (a sawtooth of
+ * pre-copy passes would make it jump), an earlier one is. Absent while the model says the stream
+ * does not converge. Pure.
+ */
+export class EtaCountdown {
+  private etaAt: number | undefined;
+
+  /** The time left in ms after this sample, or undefined when it cannot be told. */
+  update(s: { remainingBytes: number; dirtyRateBytesPerSec: number; streamRateBytesPerSec: number; downtimeLimitMs: number }, now: number): number | undefined {
+    if (s.streamRateBytesPerSec <= 0) return this.left(now);
+    const model = forecastPrecopy({ memoryBytes: s.remainingBytes, dirtyRateBytesPerSec: s.dirtyRateBytesPerSec, streamRateBytesPerSec: s.streamRateBytesPerSec, downtimeLimitMs: s.downtimeLimitMs });
+    if (!model.converges) {
+      this.etaAt = undefined;
+      return undefined;
+    }
+    const estimate = now + model.predictedTotalMs!;
+    if (this.etaAt === undefined || estimate < this.etaAt) this.etaAt = estimate;
+    return this.left(now);
+  }
+
+  private left(now: number): number | undefined {
+    return this.etaAt === undefined ? undefined : Math.max(0, Math.round(this.etaAt - now));
+  }
+}
+
+/**
  * The stream rate this agent saw on its last completed outgoing migration to `destination`
  * (bytes sent over qemu's stream time), if any.
  */
@@ -63,12 +101,45 @@ export function lastStreamRate(jobs: readonly JobRecord[], destination: string):
   return last ? Math.round((last.stats!.transferredBytes / last.timings.qemuTotalMs!) * 1000) : undefined;
 }
 
+/** The options a forecast reads; the rest of a migration's do not change its prediction. */
+export type ForecastOptions = Partial<Pick<MigrationOptions, 'bandwidthMiBps' | 'downtimeLimitMs' | 'maxDowntimeMs' | 'deadlineAction' | 'completionTimeoutPerGiBSeconds' | 'progressTimeoutSeconds'>>;
+
+/** The convergence policy's ladder (src/migration/convergence.ts) as the model sees it: the downtime schedule, then the deadline. */
+function policyStrategy(p: { memoryBytes: number; dirtyRateBytesPerSec: number; options: ForecastOptions }, rate: number, precopy: PrecopyForecast): ForecastStrategy {
+  const o = { ...DEFAULT_OPTIONS, ...p.options };
+  const start = o.downtimeLimitMs ?? QEMU_DEFAULT_DOWNTIME_MS;
+  if (precopy.converges) return { kind: 'precopy', downtimeLimitMs: start };
+  const top = Math.max(start, o.maxDowntimeMs ?? start);
+  if (forecastPrecopy({ memoryBytes: p.memoryBytes, dirtyRateBytesPerSec: p.dirtyRateBytesPerSec, streamRateBytesPerSec: rate, downtimeLimitMs: top }).converges) {
+    return { kind: 'precopy', downtimeLimitMs: top };
+  }
+  if (o.completionTimeoutPerGiBSeconds > 0) {
+    const atMs = Math.round((o.completionTimeoutPerGiBSeconds * 1000 * p.memoryBytes) / 1024 ** 3);
+    // Paused, the guest dirties nothing: the rest is at most all of its memory.
+    return o.deadlineAction === 'pause' ? { kind: 'deadline', action: 'pause', atMs, pauseMs: Math.round((p.memoryBytes / rate) * 1000) } : { kind: 'deadline', action: o.deadlineAction, atMs };
+  }
+  return { kind: 'progress-timeout', afterMs: o.progressTimeoutSeconds * 1000 };
+}
+
+function describe(s: ForecastStrategy): string {
+  switch (s.kind) {
+    case 'precopy':
+      return `the policy raises the downtime limit to ${s.downtimeLimitMs} ms, and it converges`;
+    case 'deadline':
+      return s.action === 'pause'
+        ? `at the deadline (${s.atMs} ms) the guest is paused and the rest copied: a pause of up to ${s.pauseMs} ms`
+        : `the migration is aborted at the deadline (${s.atMs} ms); the guest stays on the source`;
+    case 'progress-timeout':
+      return `the stream is cancelled after ${s.afterMs} ms without progress`;
+  }
+}
+
 export function buildForecast(p: {
   domain: string;
   memoryBytes: number;
   dirtyRateBytesPerSec: number;
   measuredForMs: number;
-  options: Pick<MigrationOptions, 'bandwidthMiBps' | 'downtimeLimitMs'>;
+  options: ForecastOptions;
   lastRateBytesPerSec?: number;
 }): Forecast {
   const downtimeLimitMs = p.options.downtimeLimitMs ?? QEMU_DEFAULT_DOWNTIME_MS;
@@ -82,8 +153,10 @@ export function buildForecast(p: {
   }
   const precopy = forecastPrecopy({ memoryBytes: p.memoryBytes, dirtyRateBytesPerSec: p.dirtyRateBytesPerSec, streamRateBytesPerSec: rate, downtimeLimitMs });
   const mib = (b: number) => (b / 1048576).toFixed(1);
+  const strategy = policyStrategy(p, rate, precopy);
   const verdict = precopy.converges
     ? `pre-copy converges in ${precopy.iterations} pass(es): about ${precopy.predictedTotalMs} ms, the guest paused about ${precopy.predictedDowntimeMs} ms`
-    : `pre-copy does not converge: the guest dirties ${mib(p.dirtyRateBytesPerSec)} MiB/s against a stream of ${mib(rate)} MiB/s within a ${downtimeLimitMs} ms downtime limit`;
-  return { ...base, streamRateBytesPerSec: rate, precopy, verdict };
+    : `pre-copy does not converge within a ${downtimeLimitMs} ms downtime limit: the guest dirties ${mib(p.dirtyRateBytesPerSec)} MiB/s against a stream of ${mib(rate)} MiB/s; ` +
+      describe(strategy);
+  return { ...base, streamRateBytesPerSec: rate, precopy, strategy, verdict };
 }

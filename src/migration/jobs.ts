@@ -23,6 +23,8 @@ export interface MigrationStats {
   convergence?: ConvergenceState;
   /** How far the stream is, 0-100, from what is transferred and what remains. */
   percent: number;
+  /** The time the stream has left, a countdown that never rises (see EtaCountdown); absent while it does not converge. */
+  etaMs?: number;
 }
 
 export interface JobTimings {

@@ -11,7 +11,7 @@ import { holdAt } from './holds.js';
 import { DestinationSide } from './destination.js';
 import { SourceSide, type PerformRequest } from './source.js';
 import type { StreamTuning } from './params.js';
-import type { Forecast } from './forecast.js';
+import type { Forecast, ForecastOptions } from './forecast.js';
 import type { Finish2Request, Finish2Response, MigrationContext, PeerCalls, Prepare2Request, Prepare2Response } from './protocol.js';
 
 /** The agent's migration entry points, for both roles; the routes call only this. */
@@ -82,7 +82,7 @@ export class MigrationService {
     return this.source.cancel(id);
   }
 
-  forecast(req: { domain: string; destination?: string; options?: StreamTuning }): Promise<Forecast> {
+  forecast(req: { domain: string; destination?: string; options?: ForecastOptions }): Promise<Forecast> {
     return this.source.forecast(req);
   }
 

@@ -10,7 +10,7 @@ import type { MigratingDomain } from './domains.js';
 import { Finish2Exchange, sleep } from './finish2-exchange.js';
 import { followStream, StreamEnded, type StreamCompletion } from './stream-follower.js';
 import { SourceRecovery } from './source-recovery.js';
-import { buildForecast, lastStreamRate, type Forecast } from './forecast.js';
+import { buildForecast, lastStreamRate, type Forecast, type ForecastOptions } from './forecast.js';
 import { FINISH_TOKEN_PATTERN, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
 
 export interface PerformRequest {
@@ -320,7 +320,7 @@ export class SourceSide {
    * What migrating `domain` with `options` would do, from its dirty rate measured now and the
    * stream rate expected to `destination`; nothing starts on the destination.
    */
-  async forecast(req: { domain: string; destination?: string; options?: StreamTuning }): Promise<Forecast> {
+  async forecast(req: { domain: string; destination?: string; options?: ForecastOptions }): Promise<Forecast> {
     const { domains, jobs } = this.ctx;
     const entry = domains.get(req.domain);
     const monitor = entry.run?.monitor;

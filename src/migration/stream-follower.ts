@@ -2,9 +2,12 @@ import type { Logger } from '../log.js';
 import { TERMINAL_STREAM_STATUSES, type MigrationInfo, type MigrationMonitor } from '../qemu/migration-monitor.js';
 import { AUTO_CONVERGE_ENGAGED } from './params.js';
 import { ConvergencePolicy, type ConvergenceAction } from './convergence.js';
+import { EtaCountdown } from './forecast.js';
 import type { JobRegistry, MigrationStats, SourceJob } from './jobs.js';
 
 const POLL_MS = 250;
+/** qemu counts dirty pages of this size (x86's). */
+const PAGE_BYTES = 4096;
 /**
  * qemu 7.2 reports `completed` a moment before it has computed the stream's total time and
  * downtime (query-migrate then says 0): asked again this often, this many times.
@@ -41,6 +44,7 @@ export async function followStream(job: SourceJob, monitor: MigrationMonitor, de
   const { jobs, log } = deps;
   const policy = new ConvergencePolicy(job.record.options, Date.now());
   let tunedDowntimeMs = job.record.options.downtimeLimitMs;
+  const countdown = new EtaCountdown();
   let wake: (() => void) | undefined;
   // An event that arrives while query-migrate is in flight must still cut the next wait short.
   let eventPending = false;
@@ -70,7 +74,20 @@ export async function followStream(job: SourceJob, monitor: MigrationMonitor, de
       // A cancelled or failed stream reports no RAM figures: keep the last ones seen.
       const previous = job.record.stats;
       // The policy's state as of the previous sample: what it does about this one shows at the next.
-      jobs.setStats(job, { ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status }), downtimeLimitMs: policy.downtimeLimitMs, convergence: policy.state() });
+      const eta = info.status === 'active' && info.ram
+        ? countdown.update({
+            remainingBytes: info.ram.remainingBytes,
+            dirtyRateBytesPerSec: info.ram.dirtyPagesRate * PAGE_BYTES,
+            streamRateBytesPerSec: (info.ram.mbps * 1e6) / 8,
+            downtimeLimitMs: policy.downtimeLimitMs,
+          }, Date.now())
+        : undefined;
+      jobs.setStats(job, {
+        ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status }),
+        downtimeLimitMs: policy.downtimeLimitMs,
+        convergence: policy.state(),
+        ...(eta !== undefined ? { etaMs: eta } : {}),
+      });
       if (info.status === 'active') streaming();
       if (job.record.options.downtimeLimitMs !== tunedDowntimeMs && job.record.options.downtimeLimitMs !== undefined) {
         tunedDowntimeMs = job.record.options.downtimeLimitMs;

@@ -1,5 +1,5 @@
 import t from 'tap';
-import { forecastPrecopy } from '../../src/migration/forecast.js';
+import { buildForecast, EtaCountdown, forecastPrecopy } from '../../src/migration/forecast.js';
 import { startGuest, twoAgents } from '../helpers/migration.js';
 
 t.test('the pre-copy model', async (t) => {
@@ -13,6 +13,37 @@ t.test('the pre-copy model', async (t) => {
   const never = forecastPrecopy({ memoryBytes: GiB, dirtyRateBytesPerSec: GiB, streamRateBytesPerSec: GiB / 2, downtimeLimitMs: 300 });
   t.equal(never.converges, false, 'a guest dirtying faster than the stream never converges');
   t.notOk(never.predictedTotalMs, 'and gets no predicted time');
+});
+
+t.test('the strategy the convergence policy will take', async (t) => {
+  const MiB = 1048576;
+  const base = { domain: 'vm', memoryBytes: 1024 * MiB, measuredForMs: 1000 };
+  const quiet = buildForecast({ ...base, dirtyRateBytesPerSec: 0, options: { bandwidthMiBps: 100 } });
+  t.same(quiet.strategy, { kind: 'precopy', downtimeLimitMs: 300 }, 'a quiet guest: pre-copy at the caller\'s downtime limit');
+  // Each pass sends what the guest dirtied during the previous one: 90 MiB/s of dirt over a
+  // 100 MiB/s stream shrinks the rest by a tenth a pass, too slowly to fit 300 ms within the
+  // model's 30 passes; 1000 ms it fits.
+  const warm = buildForecast({ ...base, dirtyRateBytesPerSec: 90 * MiB, options: { bandwidthMiBps: 100 } });
+  t.equal(warm.precopy?.converges, false, 'not within 300 ms');
+  t.same(warm.strategy, { kind: 'precopy', downtimeLimitMs: 1000 }, 'but within the schedule\'s 1000 ms');
+  const hot = buildForecast({ ...base, dirtyRateBytesPerSec: 200 * MiB, options: { bandwidthMiBps: 100 } });
+  t.same(hot.strategy, { kind: 'deadline', action: 'abort', atMs: 150_000 }, 'a guest dirtying faster than the stream: aborted at 150 s/GiB');
+  t.match(hot.verdict, /aborted at the deadline/);
+  const paused = buildForecast({ ...base, dirtyRateBytesPerSec: 200 * MiB, options: { bandwidthMiBps: 100, deadlineAction: 'pause' } });
+  t.same(paused.strategy, { kind: 'deadline', action: 'pause', atMs: 150_000, pauseMs: 10_240 }, 'pause and finish: the guest pauses for up to all of its memory');
+  const noDeadline = buildForecast({ ...base, dirtyRateBytesPerSec: 200 * MiB, options: { bandwidthMiBps: 100, completionTimeoutPerGiBSeconds: 0 } });
+  t.same(noDeadline.strategy, { kind: 'progress-timeout', afterMs: 150_000 }, 'without a deadline only the progress timeout ends it');
+});
+
+t.test('the running ETA counts down and never rises', async (t) => {
+  const MiB = 1048576;
+  const eta = new EtaCountdown();
+  const sample = (remainingMiB: number) => ({ remainingBytes: remainingMiB * MiB, dirtyRateBytesPerSec: 0, streamRateBytesPerSec: 100 * MiB, downtimeLimitMs: 300 });
+  t.equal(eta.update(sample(1000), 0), 10_000, '1000 MiB at 100 MiB/s: 10 s');
+  t.equal(eta.update(sample(900), 1000), 9000, 'as the stream goes on, the countdown goes down');
+  t.equal(eta.update(sample(1000), 2000), 8000, 'a new pass that finds more to send does not raise it');
+  t.equal(eta.update(sample(100), 3000), 1000, 'a better estimate lowers it');
+  t.equal(eta.update({ ...sample(100), dirtyRateBytesPerSec: 200 * MiB }, 4000), undefined, 'while the stream does not converge there is none');
 });
 
 t.test('a forecast before migrating: measured dirty rate, the stream rate it expects, and whether pre-copy converges', async (t) => {
@@ -34,6 +65,7 @@ t.test('a forecast before migrating: measured dirty rate, the stream rate it exp
   const busy = await a.client.forecast({ domain: 'busy', bandwidthMiBps: 1, downtimeLimitMs: 100 });
   t.ok(busy.dirtyRateBytesPerSec > 1048576, `the busy guest dirties ${(busy.dirtyRateBytesPerSec / 1048576).toFixed(0)} MiB/s`);
   t.equal(busy.precopy?.converges, false, 'over 1 MiB/s it does not converge');
+  t.equal(busy.strategy?.kind, 'deadline', 'the policy will end it at its deadline');
   t.match(busy.verdict, /does not converge/);
 
   const { job } = await a.client.perform({ domain: 'quiet', destination: b.url }, true);

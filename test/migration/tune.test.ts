@@ -10,6 +10,8 @@ t.test("a running migration's bandwidth and downtime limit change live (PATCH /j
   const { job } = await a.client.perform({ domain: 'vm1', destination: b.url, bandwidthMiBps: 1 });
   await waitFor('the stream under way', async () => (await a.client.job(job.id)).stats?.qemuStatus === 'active', { timeoutMs: 30_000, intervalMs: 50 });
 
+  const before = await waitFor('an ETA', async () => (await a.client.job(job.id)).stats?.etaMs, { timeoutMs: 10_000, intervalMs: 100 });
+  t.ok(before > 10_000, `at 1 MiB/s the stream has ${before} ms left`);
   const tuned = await a.client.tune(job.id, { bandwidthMiBps: 4096, downtimeLimitMs: 750 });
   t.equal(tuned.options.bandwidthMiBps, 4096, 'the job keeps the new bandwidth');
   t.equal(tuned.options.downtimeLimitMs, 750, 'and the new downtime limit');
