@@ -4,6 +4,7 @@ import type { MigrationMonitor } from '../qemu/migration-monitor.js';
 import type { MigratingDomain } from './domains.js';
 import { acceptTransport, DEFAULT_OPTIONS, destinationCapabilities, destinationParameters, parseDestUri, PLAIN_STREAM, type StreamTransport } from './params.js';
 import { pickPort, portIsFree } from './ports.js';
+import { streamAddressOf } from './stream-sockets.js';
 import { setTimeout as delay } from 'node:timers/promises';
 import { CRASHED_JOB_RETRY_MS, isDestinationJob, type DestinationJob } from './jobs.js';
 import { DESTINATION_OBLIGATIONS, unhandledPhase, type DestinationPhase } from './phases.js';
@@ -131,7 +132,7 @@ export class DestinationSide {
 
   /** Ports of running incoming jobs (from their URI) and of prepares still in flight. */
   private reservedPorts(): Set<number> {
-    const ofJobs = this.ctx.jobs.running('destination').flatMap((j) => (j.record.uri ? [listenAddressOf(j.record.uri).port] : []));
+    const ofJobs = this.ctx.jobs.running('destination').flatMap((j) => (j.record.uri ? [streamAddressOf(j.record.uri).port] : []));
     const ofPrepares = [...this.inFlight.values()].filter((p): p is number => p !== undefined);
     return new Set([...ofJobs, ...ofPrepares]);
   }
@@ -371,7 +372,7 @@ export class DestinationSide {
   private armStallWatch(job: DestinationJob): void {
     this.clearLease(job);
     const boundMs = this.ctx.config.incomingTimeoutSeconds * 1000;
-    const { host, port } = listenAddressOf(job.record.uri!);
+    const { host, port } = streamAddressOf(job.record.uri!);
     let bytes: number | undefined;
     let lastArrival = Date.now();
     let checking = false;
@@ -504,10 +505,4 @@ export class DestinationSide {
     for (const timer of this.leases.values()) clearTimeout(timer);
     this.leases.clear();
   }
-}
-
-/** The address of this side's listener in the stream URI it answered: tcp:HOST:PORT. */
-function listenAddressOf(uri: string): { host: string; port: number } {
-  const colon = uri.lastIndexOf(':');
-  return { host: uri.slice('tcp:'.length, colon), port: Number(uri.slice(colon + 1)) };
 }

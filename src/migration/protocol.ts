@@ -84,8 +84,10 @@ export interface MigrationContext {
   domains: MigrationDomains;
   jobs: JobRegistry;
   peers: PeerCalls;
-  /** Bytes of the incoming stream arrived so far on host:port (see incoming-stream.ts); undefined when no stream is connected. */
+  /** Bytes of the incoming stream arrived so far on host:port (see stream-sockets.ts); undefined when no stream is connected. */
   incomingBytes: (host: string, port: number) => Promise<number | undefined>;
+  /** Resets the source's connections of a stream to host:port (see stream-sockets.ts). */
+  resetStream: (host: string, port: number) => Promise<void>;
   hostInfo: () => HostInfo;
   log: Logger;
   hold: (point: HoldPoint, migrationId: string) => Promise<void>;

@@ -5,7 +5,7 @@ import type { MigrationDomains } from './domains.js';
 import type { HostInfo } from '../host-info.js';
 import { isDestinationJob, isSourceJob, JobRegistry, type Job } from './jobs.js';
 import { PeerClient } from './peer-client.js';
-import { incomingStreamBytes } from './incoming-stream.js';
+import { incomingStreamBytes, resetOutgoingStream } from './stream-sockets.js';
 import type { TlsMaterial } from '../agent/tls.js';
 import { holdAt } from './holds.js';
 import { DestinationSide } from './destination.js';
@@ -29,9 +29,10 @@ export class MigrationService {
     log: Logger;
     /** The agent's certificate material, when it runs with TLS. */
     tls?: TlsMaterial;
-    /** The fast tier's in-process peers and stream counter; an agent calls peers over HTTP and asks the kernel. */
+    /** The fast tier's in-process peers and stream sockets; an agent calls peers over HTTP and asks the kernel. */
     peers?: PeerCalls;
     incomingBytes?: MigrationContext['incomingBytes'];
+    resetStream?: MigrationContext['resetStream'];
   }) {
     this.jobs = new JobRegistry(opts.store, opts.config.jobHistory);
     const holds = opts.config.debugHolds ?? [];
@@ -43,6 +44,7 @@ export class MigrationService {
       jobs: this.jobs,
       peers: opts.peers ?? new PeerClient({ token: opts.config.token, tls: opts.tls }),
       incomingBytes: opts.incomingBytes ?? incomingStreamBytes,
+      resetStream: opts.resetStream ?? resetOutgoingStream,
       streamTls: opts.tls !== undefined,
       hold: (point, migrationId) => holdAt(point, holds, opts.config.stateDir, migrationId),
     };

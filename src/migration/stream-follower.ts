@@ -3,9 +3,15 @@ import { TERMINAL_STREAM_STATUSES, type MigrationInfo, type MigrationMonitor } f
 import { AUTO_CONVERGE_ENGAGED } from './params.js';
 import { ConvergencePolicy, type ConvergenceAction } from './convergence.js';
 import { EtaCountdown } from './forecast.js';
+import { streamAddressOf } from './stream-sockets.js';
 import type { JobRegistry, MigrationStats, SourceJob } from './jobs.js';
 
 const POLL_MS = 250;
+/**
+ * A cancelled stream normally ends within a poll; one still going after this is blocked on a peer
+ * that takes no bytes, and its connections are reset (resetStream).
+ */
+const CANCEL_SETTLE_MS = 5000;
 /** qemu counts dirty pages of this size (x86's). */
 const PAGE_BYTES = 4096;
 /**
@@ -40,8 +46,14 @@ export class StreamEnded extends Error {
  * figures. Throws StreamEnded when the stream did not complete, or completed after a cancel was
  * answered (the destination resumes only on Finish2 rc=0, which is then never sent).
  */
-export async function followStream(job: SourceJob, monitor: MigrationMonitor, deps: { jobs: JobRegistry; log: Logger }): Promise<StreamCompletion> {
+export async function followStream(
+  job: SourceJob,
+  monitor: MigrationMonitor,
+  deps: { jobs: JobRegistry; log: Logger; resetStream: (host: string, port: number) => Promise<void> },
+): Promise<StreamCompletion> {
   const { jobs, log } = deps;
+  let cancelledAt: number | undefined;
+  let connectionsReset = false;
   const policy = new ConvergencePolicy(job.record.options, Date.now());
   let tunedDowntimeMs = job.record.options.downtimeLimitMs;
   const countdown = new EtaCountdown();
@@ -97,6 +109,13 @@ export async function followStream(job: SourceJob, monitor: MigrationMonitor, de
         const { remainingBytes, transferredBytes, totalBytes } = info.ram;
         const action = policy.observe({ remainingBytes, transferredBytes, totalBytes, ...(info.cpuThrottlePercent !== undefined ? { cpuThrottlePercent: info.cpuThrottlePercent } : {}) }, Date.now());
         await carryOut(action, policy, monitor, job, log);
+      }
+      if ((job.record.cancelRequested || policy.gaveUp) && cancelledAt === undefined) cancelledAt = Date.now();
+      if (cancelledAt !== undefined && !connectionsReset && !TERMINAL_STREAM_STATUSES.has(info.status) && Date.now() - cancelledAt > CANCEL_SETTLE_MS && job.record.uri) {
+        connectionsReset = true;
+        log.warn({ migration: job.id, qemuStatus: info.status }, 'the cancelled stream does not end: its peer takes no bytes; resetting its connections');
+        const { host, port } = streamAddressOf(job.record.uri);
+        await deps.resetStream(host, port).catch((err: unknown) => log.error({ err, migration: job.id }, 'could not reset the stream\'s connections'));
       }
       if (TERMINAL_STREAM_STATUSES.has(info.status)) {
         if (info.status === 'completed' && !job.record.cancelRequested) {

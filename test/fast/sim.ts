@@ -148,6 +148,11 @@ export class SimQemu {
     }
   }
 
+  /** A listener whose connection is reset: the source's stream breaks (as its writes fail). */
+  dropConnection(): void {
+    this.peer?.breakStream('cancelled');
+  }
+
   /** The process ends (killed, or failed). */
   exit(): void {
     if (!this.alive) return;
@@ -521,6 +526,10 @@ export class SimAgent {
         const uri = `tcp:${address}:${port}`;
         const listener = [...host.qemus].find((q) => q.listenUri === uri && q.migration === 'active');
         return listener?.receivedBytes;
+      },
+      resetStream: async (address, port) => {
+        await this.step();
+        world.listenerAt(`tcp:${address}:${port}`)?.dropConnection();
       },
     });
   }
