@@ -11,94 +11,21 @@
  * measured the other is paused, so the two never compete for the machine's cores.
  */
 import os from 'node:os';
-import path from 'node:path';
 import { benchOptions, benchRun, median } from './harness.js';
-import { buildArgv, normalizeDomainXml, type DomainDef } from '../src/domain/index.js';
-import { launchQemu, killQemu, type QemuProcessRecord } from '../src/qemu/process.js';
-import { probeQemu, resolveAccel } from '../src/qemu/host.js';
-import type { QmpClient } from '../src/qemu/qmp.js';
+import { benchSides, migrateRaw, waitGuestFilled } from './raw-qemu.js';
 import { channelLimit, destinationCapabilities, destinationParameters, offerTransport, sourceCapabilities, sourceParameters, DEFAULT_OPTIONS } from '../src/migration/params.js';
-import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus } from '../src/guest/image.js';
-import { startAgent, testGuest, type TestAgent } from '../test/helpers/agents.js';
 
 const { rounds, params, accel: accelMode } = benchOptions();
 // The stream the agents' defaults agree on between two agents of this host: raw streams the same.
 const transport = offerTransport(DEFAULT_OPTIONS, channelLimit(os.availableParallelism()));
 
 
-async function waitGuestFilled(qmp: QmpClient): Promise<void> {
-  for (let i = 0; i < 6000; i++) {
-    if ((await readGuestStatus(qmp)).state === GUEST_STATE_RUNNING) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error('guest did not finish filling its RAM');
-}
-
-async function waitMigration(qmp: QmpClient, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const { status } = await qmp.execute<{ status?: string }>('query-migrate');
-    if (status === 'completed') return;
-    if (status === 'failed' || status === 'cancelled') throw new Error(`raw migration ${status}`);
-    if (Date.now() > deadline) throw new Error('raw migration timed out');
-    await qmp.waitForEvent('MIGRATION', { timeoutMs: 250 }).catch(() => undefined);
-  }
-}
-
-interface RawGuest {
-  record: QemuProcessRecord;
-  qmp: QmpClient;
-}
-
 async function main(): Promise<void> {
   await benchRun(async (run) => {
-    const { dir } = run;
-    // One image each: a running qemu holds its disk's write lock.
-    const memoryMiB = guestMemoryMiB(params) + 16;
-    const agentGuest = await testGuest(dir, 'bench-agent', params, { memoryMiB });
-    const rawGuest = await testGuest(dir, 'bench-raw', params, { memoryMiB });
-    const qemu = await probeQemu();
-    const accel = resolveAccel(accelMode, qemu.kvmUsable);
+    const { qemu, accel, memoryMiB, agents, rawLaunch, agentGuestOn } = await benchSides(run, params, accelMode);
     process.stdout.write(`qemu ${qemu.version}, accel ${accel}, guest ${memoryMiB} MiB (${params.fillMiB} MiB filled), ${rounds} rounds each, both with ${JSON.stringify(transport)}\n`);
 
-    // --- agent-driven ---
-    // The tests' agent factory; what it arranges to end at teardown is ended by this run's clean-up.
-        const agents: TestAgent[] = [];
-    for (const [name, host, ports] of [
-      ['a', '127.0.0.2', { low: 49152, high: 49160 }],
-      ['b', '127.0.0.3', { low: 49161, high: 49170 }],
-    ] as const) {
-      const overrides = { listenHost: host, migrationAddress: host, migrationPorts: ports, accel: accelMode, incomingTimeoutSeconds: 120, maxIncoming: 1, maxOutgoing: 1 };
-      agents.push(await startAgent(run, dir, name, overrides));
-    }
-    await agents[0]!.client.define(agentGuest.xml);
-    await agents[0]!.client.lifecycle('bench-agent', 'start');
-
-    // --- raw: the same domain model, argv from the same builder ---
-    const { def } = normalizeDomainXml(rawGuest.xml, {
-      machineAliases: qemu.machineAliases,
-      knownMachines: qemu.knownMachines,
-      firmwares: qemu.firmwares,
-      randomBytes: (n) => Buffer.alloc(n, 7),
-    });
-    const rawLaunch = async (tag: string, incoming: boolean): Promise<RawGuest> => {
-      const host = {
-        qemuBinary: qemu.binary,
-        accel,
-        qmpSocketPath: path.join(dir, `raw-${tag}.qmp`),
-        pidfilePath: path.join(dir, `raw-${tag}.pid`),
-      };
-      const g = await launchQemu({
-        binary: qemu.binary,
-        argv: buildArgv(def as DomainDef, host, { incoming }),
-        logPath: path.join(dir, `raw-${tag}.log`),
-        pidfilePath: host.pidfilePath,
-        qmpSocketPath: host.qmpSocketPath,
-      });
-      run.onEnd(() => killQemu(g.record, { graceMs: 500 }));
-      return g;
-    };
-    let raw = await rawLaunch('0', false);
+    let raw = await rawLaunch(false);
     await raw.qmp.execute('cont');
 
     // Both guests fill their RAM before any round, so every round moves the same data.
@@ -114,7 +41,6 @@ async function main(): Promise<void> {
     // is 3-4x slower inside qemu's own stream time, whichever side goes first (a host effect).
     const warmUp = 2;
     const rawHosts = ['127.0.0.3', '127.0.0.2'];
-    const agentGuestOn = () => agents.find((a) => a.app.agent.domains.find('bench-agent')?.run)!;
 
     // Only the guest being measured runs: the other one's busy vCPU would compete for the cores.
     const measureAgent = async (round: number) => {
@@ -141,19 +67,14 @@ async function main(): Promise<void> {
     const measureRaw = async (round: number) => {
       await raw.qmp.execute('cont');
       const t0 = performance.now();
-      const dest = await rawLaunch(String(round + 1), true);
-      await dest.qmp.execute('migrate-set-capabilities', { capabilities: destinationCapabilities(transport) });
-      await dest.qmp.execute('migrate-set-parameters', destinationParameters(transport));
+      const dest = await rawLaunch(true);
       const uri = `tcp:${rawHosts[round % 2]}:${49180 + (round % 2)}`;
-      await dest.qmp.execute('migrate-incoming', { uri });
-      await raw.qmp.execute('migrate-set-capabilities', { capabilities: sourceCapabilities(DEFAULT_OPTIONS, transport) });
-      await raw.qmp.execute('migrate-set-parameters', sourceParameters(DEFAULT_OPTIONS, transport));
-      await raw.qmp.execute('migrate', { uri });
-      await waitMigration(raw.qmp, 600_000);
-      const info = await raw.qmp.execute<{ 'total-time'?: number; downtime?: number }>('query-migrate');
-      await waitMigration(dest.qmp, 600_000);
-      await dest.qmp.execute('cont');
-      await killQemu(raw.record, { qmp: raw.qmp, graceMs: 3000 });
+      const info = await migrateRaw(raw, dest, uri, {
+        sourceCapabilities: sourceCapabilities(DEFAULT_OPTIONS, transport),
+        sourceParameters: sourceParameters(DEFAULT_OPTIONS, transport),
+        destinationCapabilities: destinationCapabilities(transport),
+        destinationParameters: destinationParameters(transport),
+      });
       const ms = performance.now() - t0;
       raw = dest;
       await raw.qmp.execute('stop');

@@ -15,18 +15,13 @@
  * compete for the machine's cores. --bandwidth caps every configuration's stream (max-bandwidth);
  * --hot-mib makes the guests rewrite that much memory without pause (4 words of each page).
  */
-import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { benchRun, median } from './harness.js';
-import { buildArgv, normalizeDomainXml, type DomainDef } from '../src/domain/index.js';
-import { launchQemu, killQemu, type QemuProcessRecord } from '../src/qemu/process.js';
-import { probeQemu, resolveAccel } from '../src/qemu/host.js';
-import type { QmpClient } from '../src/qemu/qmp.js';
+import { benchSides, migrateRaw, waitGuestFilled } from './raw-qemu.js';
+import type { GuestParams } from '../src/guest/image.js';
 import type { MigrationOptions } from '../src/migration/params.js';
 import type { JobRecord } from '../src/migration/jobs.js';
-import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus, type GuestParams } from '../src/guest/image.js';
 import type { AgentConfig } from '../src/config.js';
-import { startAgent, testGuest, type TestAgent } from '../test/helpers/agents.js';
 
 const { values } = parseArgs({
   options: {
@@ -71,37 +66,6 @@ const only = values.only?.split(',');
 const setups = only ? ALL.filter((s) => only.includes(s.name)) : ALL;
 if (only && setups.length !== only.length) throw new Error(`--only names one of ${ALL.map((s) => s.name).join(', ')}`);
 
-async function waitGuestFilled(qmp: QmpClient): Promise<void> {
-  for (let i = 0; i < 6000; i++) {
-    if ((await readGuestStatus(qmp)).state === GUEST_STATE_RUNNING) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error('guest did not finish filling its RAM');
-}
-
-interface StreamInfo {
-  status?: string;
-  'total-time'?: number;
-  downtime?: number;
-  ram?: { transferred: number };
-}
-
-async function waitMigration(qmp: QmpClient, timeoutMs: number): Promise<StreamInfo> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const info = await qmp.execute<StreamInfo>('query-migrate');
-    if (info.status === 'completed') return info;
-    if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`raw migration ${info.status}`);
-    if (Date.now() > deadline) throw new Error('raw migration timed out');
-    await qmp.waitForEvent('MIGRATION', { timeoutMs: 250 }).catch(() => undefined);
-  }
-}
-
-interface RawGuest {
-  record: QemuProcessRecord;
-  qmp: QmpClient;
-}
-
 interface Sample {
   ms: number;
   streamMs?: number;
@@ -112,56 +76,18 @@ interface Sample {
 
 async function main(): Promise<void> {
   await benchRun(async (run) => {
-    const { dir } = run;
-    const memoryMiB = guestMemoryMiB(params) + 16;
-    // One image each: a running qemu holds its disk's write lock.
-    const agentGuest = await testGuest(dir, 'bench-agent', params, { memoryMiB });
-    const rawGuest = await testGuest(dir, 'bench-raw', params, { memoryMiB });
-    const qemu = await probeQemu();
-    const accel = resolveAccel(accelMode, qemu.kvmUsable);
+    const { qemu, accel, memoryMiB, agents, rawLaunch, agentGuestOn } = await benchSides(run, params, accelMode);
     process.stdout.write(
       `qemu ${qemu.version}, accel ${accel}, guest ${memoryMiB} MiB (${params.fillMiB} MiB filled, ${params.hotMiB} MiB hot), ` +
         `bandwidth ${bandwidthMiBps ? `${bandwidthMiBps} MiB/s` : 'unlimited'}, ${rounds} rounds of ${setups.map((s) => s.name).join(', ')}\n`,
     );
 
-    const agents: TestAgent[] = [];
-    for (const [name, host, ports] of [
-      ['a', '127.0.0.2', { low: 49152, high: 49160 }],
-      ['b', '127.0.0.3', { low: 49161, high: 49170 }],
-    ] as const) {
-      const overrides = { listenHost: host, migrationAddress: host, migrationPorts: ports, accel: accelMode, incomingTimeoutSeconds: 120, maxIncoming: 1, maxOutgoing: 1 };
-      agents.push(await startAgent(run, dir, name, overrides));
-    }
     process.stdout.write(`agents' channel limit (GET /host migrationChannels): ${(await agents[0]!.client.host()).migrationChannels}\n`);
-    await agents[0]!.client.define(agentGuest.xml);
-    await agents[0]!.client.lifecycle('bench-agent', 'start');
-
-    const { def } = normalizeDomainXml(rawGuest.xml, {
-      machineAliases: qemu.machineAliases,
-      knownMachines: qemu.knownMachines,
-      firmwares: qemu.firmwares,
-      randomBytes: (n) => Buffer.alloc(n, 7),
-    });
-    let launches = 0;
-    const rawLaunch = async (incoming: boolean): Promise<RawGuest> => {
-      const tag = String(launches++);
-      const host = { qemuBinary: qemu.binary, accel, qmpSocketPath: path.join(dir, `raw-${tag}.qmp`), pidfilePath: path.join(dir, `raw-${tag}.pid`) };
-      const g = await launchQemu({
-        binary: qemu.binary,
-        argv: buildArgv(def as DomainDef, host, { incoming }),
-        logPath: path.join(dir, `raw-${tag}.log`),
-        pidfilePath: host.pidfilePath,
-        qmpSocketPath: host.qmpSocketPath,
-      });
-      run.onEnd(() => killQemu(g.record, { graceMs: 500 }));
-      return g;
-    };
     let raw = await rawLaunch(false);
     await raw.qmp.execute('cont');
     await waitGuestFilled(raw.qmp);
     await waitGuestFilled(agents[0]!.app.agent.domains.get('bench-agent').run!.qmp);
     await raw.qmp.execute('stop');
-    const agentGuestOn = () => agents.find((a) => a.app.agent.domains.find('bench-agent')?.run)!;
     await agentGuestOn().client.lifecycle('bench-agent', 'suspend');
 
     const measureAgent = async (setup: AgentSetup): Promise<Sample> => {
@@ -189,20 +115,16 @@ async function main(): Promise<void> {
       const dest = await rawLaunch(true);
       const multifd = setup.channels > 0;
       const capabilities = [{ capability: 'events', state: true }, { capability: 'multifd', state: multifd }];
-      const transport = multifd ? { 'multifd-channels': setup.channels } : {};
-      await dest.qmp.execute('migrate-set-capabilities', { capabilities });
-      await dest.qmp.execute('migrate-set-parameters', transport);
+      const transport: Record<string, number> = multifd ? { 'multifd-channels': setup.channels } : {};
       const uri = `tcp:${rawHosts[rawRound % 2]}:${49180 + (rawRound % 2)}`;
       rawRound++;
-      await dest.qmp.execute('migrate-incoming', { uri });
-      await raw.qmp.execute('migrate-set-capabilities', { capabilities });
-      const bandwidth = bandwidthMiBps ? { 'max-bandwidth': bandwidthMiBps * 2 ** 20 } : setup.qemuDefaults ? {} : { 'max-bandwidth': 1024 ** 4 };
-      await raw.qmp.execute('migrate-set-parameters', { ...transport, ...bandwidth });
-      await raw.qmp.execute('migrate', { uri });
-      const info = await waitMigration(raw.qmp, 600_000);
-      await waitMigration(dest.qmp, 600_000);
-      await dest.qmp.execute('cont');
-      await killQemu(raw.record, { qmp: raw.qmp, graceMs: 3000 });
+      const bandwidth: Record<string, number> = bandwidthMiBps ? { 'max-bandwidth': bandwidthMiBps * 2 ** 20 } : setup.qemuDefaults ? {} : { 'max-bandwidth': 1024 ** 4 };
+      const info = await migrateRaw(raw, dest, uri, {
+        sourceCapabilities: capabilities,
+        sourceParameters: { ...transport, ...bandwidth },
+        destinationCapabilities: capabilities,
+        destinationParameters: transport,
+      });
       const ms = performance.now() - t0;
       raw = dest;
       await raw.qmp.execute('stop');
