@@ -30,11 +30,16 @@ export class Finish2Exchange {
   }
 
   /** A pause of `ms` for a job waiting on the outcome, which interrupt() cuts short. */
-  async pause(jobId: string, ms: number): Promise<void> {
+  pause(jobId: string, ms: number): Promise<void> {
+    return this.interruptible(jobId, (signal) => sleep(ms, signal));
+  }
+
+  /** Runs `wait` with a signal that interrupt(jobId) aborts. */
+  private async interruptible<T>(jobId: string, wait: (signal: AbortSignal) => Promise<T>): Promise<T> {
     const interrupt = new AbortController();
     this.waits.set(jobId, interrupt);
     try {
-      await sleep(ms, interrupt.signal);
+      return await wait(interrupt.signal);
     } finally {
       this.waits.delete(jobId);
     }
@@ -45,46 +50,44 @@ export class Finish2Exchange {
    * resolves the job: the answer and the exchange for the job record (the caller writes it with
    * the phase that acts on it); null if the agent closes first.
    */
-  async until(job: SourceJob, body: Finish2Request): Promise<Finish2Outcome | null> {
+  until(job: SourceJob, body: Finish2Request): Promise<Finish2Outcome | null> {
+    return this.interruptible(job.id, (signal) => this.askUntilAnswered(job, body, signal));
+  }
+
+  private async askUntilAnswered(job: SourceJob, body: Finish2Request, signal: AbortSignal): Promise<Finish2Outcome | null> {
     const { jobs, log } = this.ctx;
-    const interrupt = new AbortController();
-    this.waits.set(job.id, interrupt);
-    try {
-      for (let attempt = 1; !this.isClosed(); attempt++) {
-        const decided = job.record.resolution;
-        if (decided) {
-          const error = { code: 'operator_aborted', message: `an operator resolved the migration as aborted: ${decided.reason}` };
-          const answer = { migrationId: job.id, outcome: decided.outcome, ...(decided.outcome === 'aborted' ? { error } : {}) };
-          return { answer, finish: { rc: body.rc, attempts: attempt - 1, outcome: answer.outcome } };
-        }
-        try {
-          const answer = await this.ctx.peers.call<Finish2Response>(job.record.peer.url!, 'POST', '/finish2', body, 120_000, interrupt.signal);
-          return { answer, finish: { rc: body.rc, attempts: attempt, outcome: answer.outcome } };
-        } catch (err) {
-          if (err instanceof PeerRefusedError && err.peerStatus === 404) {
-            // The destination has no such migration: it never ran it, so it runs no copy of the guest.
-            const answer: Finish2Response = { migrationId: job.id, outcome: 'aborted', error: { code: err.code, message: err.message } };
-            return { answer, finish: { rc: body.rc, attempts: attempt, outcome: 'aborted' } };
-          }
-          if (job.record.resolution) continue;
-          const message = (err as Error).message;
-          const retryInMs = FINISH_RETRY_MS[Math.min(attempt - 1, FINISH_RETRY_MS.length - 1)]!;
-          log.warn({ migration: job.id, attempt, err: message }, 'Finish2 outcome unknown; the guest stays paused; asking again');
-          // 409 guest_active_here: the destination forgot the job but runs a guest with this UUID.
-          const why = err instanceof PeerRefusedError && err.code === 'guest_active_here' ? 'the destination cannot tell' : 'outcome unknown';
-          await jobs.update(job, {
-            waiting:
-              `Finish2 ${why} after ${attempt} attempt(s) (${message}); the guest stays paused here until the destination ` +
-              `answers, or until an operator who checked the destination resolves the job (POST /jobs/${job.id}/resolve)`,
-            finish: { rc: body.rc, attempts: attempt, lastError: message },
-          });
-          await sleep(retryInMs, interrupt.signal);
-        }
+    for (let attempt = 1; !this.isClosed(); attempt++) {
+      const decided = job.record.resolution;
+      if (decided) {
+        const error = { code: 'operator_aborted', message: `an operator resolved the migration as aborted: ${decided.reason}` };
+        const answer = { migrationId: job.id, outcome: decided.outcome, ...(decided.outcome === 'aborted' ? { error } : {}) };
+        return { answer, finish: { rc: body.rc, attempts: attempt - 1, outcome: answer.outcome } };
       }
-      return null;
-    } finally {
-      this.waits.delete(job.id);
+      try {
+        const answer = await this.ctx.peers.call<Finish2Response>(job.record.peer.url!, 'POST', '/finish2', body, 120_000, signal);
+        return { answer, finish: { rc: body.rc, attempts: attempt, outcome: answer.outcome } };
+      } catch (err) {
+        if (err instanceof PeerRefusedError && err.peerStatus === 404) {
+          // The destination has no such migration: it never ran it, so it runs no copy of the guest.
+          const answer: Finish2Response = { migrationId: job.id, outcome: 'aborted', error: { code: err.code, message: err.message } };
+          return { answer, finish: { rc: body.rc, attempts: attempt, outcome: 'aborted' } };
+        }
+        if (job.record.resolution) continue;
+        const message = (err as Error).message;
+        const retryInMs = FINISH_RETRY_MS[Math.min(attempt - 1, FINISH_RETRY_MS.length - 1)]!;
+        log.warn({ migration: job.id, attempt, err: message }, 'Finish2 outcome unknown; the guest stays paused; asking again');
+        // 409 guest_active_here: the destination forgot the job but runs a guest with this UUID.
+        const why = err instanceof PeerRefusedError && err.code === 'guest_active_here' ? 'the destination cannot tell' : 'outcome unknown';
+        await jobs.update(job, {
+          waiting:
+            `Finish2 ${why} after ${attempt} attempt(s) (${message}); the guest stays paused here until the destination ` +
+            `answers, or until an operator who checked the destination resolves the job (POST /jobs/${job.id}/resolve)`,
+          finish: { rc: body.rc, attempts: attempt, lastError: message },
+        });
+        await sleep(retryInMs, signal);
+      }
     }
+    return null;
   }
 
   /** Finish2 after a failure: a few tries; if all fail, the destination's lease ends its qemu anyway. */

@@ -8,7 +8,7 @@ import { isLoopback, type AgentConfig } from '../config.js';
 import { isSourceJob, type JobPatch, type SourceJob } from './jobs.js';
 import type { MigratingDomain } from './domains.js';
 import { Finish2Exchange, sleep } from './finish2-exchange.js';
-import { followStream, StreamEnded, type StreamCompletion } from './stream-follower.js';
+import { followStream, qemuFigures, StreamEnded, type StreamCompletion } from './stream-follower.js';
 import { SourceRecovery } from './source-recovery.js';
 import { buildForecast, lastStreamRate, type Forecast, type ForecastOptions } from './forecast.js';
 import { FINISH_TOKEN_PATTERN, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
@@ -32,9 +32,6 @@ const RESOLVE_WAIT_MS = 30_000;
 /** How long a forecast samples the guest's dirty rate. */
 const FORECAST_SAMPLE_SECONDS = 1;
 
-function withRate(rate: number | undefined): { lastRateBytesPerSec?: number } {
-  return rate === undefined ? {} : { lastRateBytesPerSec: rate };
-}
 
 /**
  * The source's half of protocol v2, and the coordinator of the whole migration (Perform):
@@ -245,12 +242,18 @@ export class SourceSide {
     const { answer, finish } = outcome;
     if (answer.outcome === 'finished') {
       const running = Date.now();
-      const timings = { ...job.record.timings, switchoverMs: running - pausedAt, ...(completion ? { streamEndToRunningMs: running - completion.endedAt } : {}) };
+      const timings = {
+        ...job.record.timings,
+        switchoverMs: running - pausedAt,
+        ...(completion ? { streamEndToRunningMs: running - completion.endedAt, ...(await qemuFigures(entry?.run?.monitor, completion.info)) } : {}),
+      };
       await this.confirm(job, entry, { waiting: undefined, finish, timings });
     } else {
       log.warn({ migration: job.id, error: answer.error }, 'destination aborted after the stream completed; resuming the source');
       const why = new StreamEnded('failed', answer.error?.code ?? 'destination_aborted', answer.error?.message ?? 'the destination aborted');
-      await this.rollBack(job, entry, why, { waiting: undefined, finish });
+      // The guest waits to run here again: qemu's figures as the stream's end gave them, not asked again.
+      const timings = completion ? { ...job.record.timings, ...(await qemuFigures(undefined, completion.info)) } : job.record.timings;
+      await this.rollBack(job, entry, why, { waiting: undefined, finish, timings });
     }
   }
 
@@ -333,7 +336,7 @@ export class SourceSide {
       dirtyRateBytesPerSec,
       measuredForMs: Date.now() - started,
       options: { ...req.options },
-      ...(req.destination ? withRate(lastStreamRate(jobs.list().map((j) => j.record), req.destination)) : {}),
+      lastRateBytesPerSec: req.destination ? lastStreamRate(jobs.list().map((j) => j.record), req.destination) : undefined,
     });
   }
 

@@ -4,7 +4,7 @@ import { AUTO_CONVERGE_ENGAGED } from './params.js';
 import { ConvergencePolicy, type ConvergenceAction } from './convergence.js';
 import { EtaCountdown } from './forecast.js';
 import { streamAddressOf } from './stream-sockets.js';
-import type { JobRegistry, MigrationStats, SourceJob } from './jobs.js';
+import type { JobRegistry, JobTimings, MigrationStats, SourceJob } from './jobs.js';
 
 const POLL_MS = 250;
 /**
@@ -27,6 +27,8 @@ export interface StreamCompletion {
   stoppedAt?: number;
   /** The source saw the stream complete. */
   endedAt: number;
+  /** query-migrate's answer that said so. */
+  info: MigrationInfo;
 }
 
 /** The stream ended without completing: how the job ends, and why. */
@@ -119,15 +121,8 @@ export async function followStream(
       }
       if (TERMINAL_STREAM_STATUSES.has(info.status)) {
         if (info.status === 'completed' && !job.record.cancelRequested) {
-          const endedAt = Date.now();
-          const figures = await completedFigures(monitor, info);
-          job.record.timings = {
-            ...job.record.timings,
-            ...(figures.totalTimeMs ? { qemuTotalMs: figures.totalTimeMs } : {}),
-            ...(figures.downtimeMs ? { qemuDowntimeMs: figures.downtimeMs } : {}),
-            ...(figures.setupTimeMs !== undefined ? { qemuSetupMs: figures.setupTimeMs } : {}),
-          };
-          return { ...(stoppedAt !== undefined ? { stoppedAt } : {}), endedAt };
+          // The guest is paused until Finish2: qemu's figures are not waited for here (qemuFigures).
+          return { ...(stoppedAt !== undefined ? { stoppedAt } : {}), endedAt: Date.now(), info };
         }
         if (policy.gaveUp && !job.record.cancelRequested) throw new StreamEnded('failed', 'not_converging', policy.notConvergingMessage());
         if (info.status === 'cancelled' || job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'the stream was cancelled');
@@ -185,21 +180,26 @@ async function carryOut(action: ConvergenceAction, policy: ConvergencePolicy, mo
 }
 
 /**
- * qemu's figures of a completed stream, asked again while they still read 0 (see
- * FIGURES_RETRY_MS); a figure still 0 after that is left out of the record, never stored as 0.
+ * qemu's figures of a completed stream for the job's timings, asked again while they still read
+ * 0 (see FIGURES_RETRY_MS); a figure still 0 after that is left out of the record, never stored
+ * as 0. Asked once the guest runs on the destination, so the wait is not part of its pause.
  */
-async function completedFigures(monitor: MigrationMonitor, info: MigrationInfo): Promise<MigrationInfo> {
+export async function qemuFigures(monitor: MigrationMonitor | undefined, info: MigrationInfo): Promise<Pick<JobTimings, 'qemuTotalMs' | 'qemuDowntimeMs' | 'qemuSetupMs'>> {
   let figures = info;
-  for (let i = 0; i < FIGURES_RETRIES && !(figures.totalTimeMs && figures.downtimeMs); i++) {
+  for (let i = 0; monitor && i < FIGURES_RETRIES && !(figures.totalTimeMs && figures.downtimeMs); i++) {
     await new Promise((r) => setTimeout(r, FIGURES_RETRY_MS));
     const again = await monitor.queryMigrate().catch(() => undefined);
     if (again?.status !== 'completed') break;
     figures = again;
   }
-  return figures;
+  return {
+    ...(figures.totalTimeMs ? { qemuTotalMs: figures.totalTimeMs } : {}),
+    ...(figures.downtimeMs ? { qemuDowntimeMs: figures.downtimeMs } : {}),
+    ...(figures.setupTimeMs !== undefined ? { qemuSetupMs: figures.setupTimeMs } : {}),
+  };
 }
 
-export function toStats(info: MigrationInfo): MigrationStats {
+function toStats(info: MigrationInfo): MigrationStats {
   const ram = info.ram;
   const transferred = ram?.transferredBytes ?? 0;
   const total = ram?.totalBytes ?? 0;
