@@ -64,10 +64,12 @@ async function buildImage(env: NodeJS.ProcessEnv, probeName: string): Promise<vo
 
 async function twoFreePorts(): Promise<[number, number]> {
   const a = await freePort('127.0.0.1');
-  for (;;) {
+  // The kernel may hand the same free port out twice in a row; a few tries differ.
+  for (let attempt = 0; attempt < 10; attempt++) {
     const b = await freePort('127.0.0.1');
     if (b !== a) return [a, b];
   }
+  throw new Error(`127.0.0.1 gave port ${a} ten times`);
 }
 
 t.test('the compose rig: two agents in containers migrate the test guest there and back with the CLI', { skip: notRoot || noBase }, async (t) => {
