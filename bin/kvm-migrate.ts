@@ -224,7 +224,9 @@ interface MigrateOptions {
   xbzrle?: boolean;
   dirtyLimit?: number;
   completionTimeoutPerGib?: number;
-  deadlineAction?: 'pause' | 'abort';
+  deadlineAction?: 'pause' | 'abort' | 'postcopy';
+  allowPostcopy?: boolean;
+  postcopyRecovery?: number;
   undefineSource?: boolean;
   persist: boolean;
   desturi?: string;
@@ -251,6 +253,8 @@ async function migrateAction(domain: string, o: MigrateOptions, cmd: Command): P
     ...(o.dirtyLimit !== undefined ? { dirtyLimitMiBps: o.dirtyLimit } : {}),
     ...(o.completionTimeoutPerGib !== undefined ? { completionTimeoutPerGiBSeconds: o.completionTimeoutPerGib } : {}),
     ...(o.deadlineAction !== undefined ? { deadlineAction: o.deadlineAction } : {}),
+    ...(o.allowPostcopy ? { allowPostcopy: true } : {}),
+    ...(o.postcopyRecovery !== undefined ? { postcopyRecoverySeconds: o.postcopyRecovery } : {}),
     ...(o.progressTimeout !== undefined ? { progressTimeoutSeconds: o.progressTimeout } : {}),
     ...(o.desturi ? { desturi: o.desturi } : {}),
     ...(o.migrationId ? { migrationId: o.migrationId } : {}),
@@ -289,6 +293,18 @@ async function tuneAction(id: string, o: { on: string; token?: string; tokenFile
   const tuning = { ...(o.bandwidth !== undefined ? { bandwidthMiBps: o.bandwidth } : {}), ...(o.downtime !== undefined ? { downtimeLimitMs: o.downtime } : {}) };
   const job = await new AgentClient(o.on, readToken(o, cmd)).tune(id, tuning);
   process.stdout.write(`${job.id}: ${job.phase}, bandwidth ${job.options.bandwidthMiBps ?? 'unlimited'} MiB/s, downtime limit ${job.options.downtimeLimitMs ?? 'default'} ms\n`);
+  return EXIT.ok;
+}
+
+async function completeAction(id: string, o: { on: string; token?: string; tokenFile?: string; mode?: 'postcopy' | 'pause' }, cmd: Command): Promise<number> {
+  const job = await new AgentClient(o.on, readToken(o, cmd)).complete(id, o.mode);
+  process.stdout.write(`${job.id}: completing by ${job.completeRequested?.mode ?? o.mode}\n`);
+  return EXIT.ok;
+}
+
+async function recoverAction(id: string, o: { on: string; token?: string; tokenFile?: string }, cmd: Command): Promise<number> {
+  const job = await new AgentClient(o.on, readToken(o, cmd)).recoverPostcopy(id);
+  process.stdout.write(`${job.id}: recovering the postcopy stream (${job.stats?.postcopy?.recoveries ?? 0} recovered before)\n`);
   return EXIT.ok;
 }
 
@@ -367,7 +383,9 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
       .option('--no-auto-converge', "convergence never throttles the guest's vCPUs")
       .addOption(valueOption('--dirty-limit <MiB/s>', 'convergence throttles by a per-vCPU dirty-rate limit instead (KVM with a dirty ring only; else auto-converge)').argParser(wholeNumber(1)))
       .addOption(valueOption('--completion-timeout-per-gib <seconds>', `the completion deadline per GiB of guest RAM (default ${DEFAULT_OPTIONS.completionTimeoutPerGiBSeconds}; 0 = none)`).argParser(wholeNumber(0)))
-      .addOption(valueOption('--deadline-action <action>', `at the deadline: pause (the guest pauses for the rest of the copy) or abort (default ${DEFAULT_OPTIONS.deadlineAction})`).argParser(oneOf(['pause', 'abort'] as const)))
+      .addOption(valueOption('--deadline-action <action>', `at the deadline: pause (the guest pauses for the rest of the copy), postcopy (needs --allow-postcopy; its default) or abort (default ${DEFAULT_OPTIONS.deadlineAction})`).argParser(oneOf(['pause', 'abort', 'postcopy'] as const)))
+      .option('--allow-postcopy', 'the stream may switch to postcopy (once the downtime schedule is spent, at the deadline, or `kvm-migrate complete`); one plain stream; the destination must support it')
+      .addOption(valueOption('--postcopy-recovery <seconds>', `how long the agents recover a broken postcopy stream by themselves (default ${DEFAULT_OPTIONS.postcopyRecoverySeconds})`).argParser(wholeNumber(1)))
       .addOption(valueOption('--multifd-channels <n>', 'at most this many parallel stream connections (default: the agents choose, the lower of their limits; 1: one plain stream)').argParser(boundedNumber(1, MAX_MULTIFD_CHANNELS)))
       .addOption(valueOption('--compress <method>', "compress the stream's pages: none or zstd (both agents agree; see the README's Benchmark for when it pays)").argParser(oneOf(['none', 'zstd'] as const)))
       .option('--xbzrle', 'send re-dirtied pages as deltas (one plain stream; see the README for when it pays)')
@@ -401,6 +419,27 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
       .addOption(valueOption('--downtime <ms>', 'downtime limit').argParser(wholeNumber(1)))
       .addHelpText('after', '\nExit codes: 0 applied, 1 refused (the stream has completed, or not a source job), 64 usage error, 69 agent unreachable.')
       .action((id: string, o: { on: string; token?: string; tokenFile?: string; bandwidth?: number; downtime?: number }, cmd: Command) => run(tuneAction(id, o, cmd))),
+  );
+
+  tokenOptions(
+    program
+      .command('complete')
+      .description('complete a running migration now: switch it to postcopy (started with --allow-postcopy), or pause the guest so the rest copies')
+      .argument('<job>', 'the job id on the source agent')
+      .addOption(valueOption('--on <url>', 'the source agent').makeOptionMandatory())
+      .addOption(valueOption('--mode <mode>', 'postcopy or pause (default: postcopy where the migration allows it, else pause)').argParser(oneOf(['postcopy', 'pause'] as const)))
+      .addHelpText('after', '\nExit codes: 0 asked (carried out within a quarter second), 1 refused, 64 usage error, 69 agent unreachable.')
+      .action((id: string, o: { on: string; token?: string; tokenFile?: string; mode?: 'postcopy' | 'pause' }, cmd: Command) => run(completeAction(id, o, cmd))),
+  );
+
+  tokenOptions(
+    program
+      .command('recover')
+      .description('recover a broken postcopy stream again, after the agents gave up by themselves (the link must be back)')
+      .argument('<job>', 'the job id on the source agent')
+      .addOption(valueOption('--on <url>', 'the source agent').makeOptionMandatory())
+      .addHelpText('after', '\nExit codes: 0 asked, 1 refused (not following a postcopy stream), 64 usage error, 69 agent unreachable.')
+      .action((id: string, o: { on: string; token?: string; tokenFile?: string }, cmd: Command) => run(recoverAction(id, o, cmd))),
   );
 
   tokenOptions(

@@ -49,6 +49,7 @@ export const jobSchema = {
         qemuDowntimeMs: { type: 'integer' },
         qemuSetupMs: { type: 'integer' },
         switchoverMs: { type: 'integer' },
+        postcopyMs: { type: 'integer', description: 'from the switch to postcopy to the end of the stream: the guest ran at the destination while pages still arrived' },
       },
     },
     stats: {
@@ -68,7 +69,7 @@ export const jobSchema = {
           type: 'object',
           description: "source: the convergence policy's last step, its throttle and its deadline",
           properties: {
-            step: { type: 'string', enum: ['live', 'downtime-raised', 'throttled', 'paused', 'giving-up'] },
+            step: { type: 'string', enum: ['live', 'downtime-raised', 'throttled', 'paused', 'postcopy', 'giving-up'] },
             autoConverge: { type: 'string', enum: ['off', 'held', 'engaged'], description: 'held: on in qemu but kept at 1% until the policy engages it' },
             cpuThrottlePercent: { type: 'integer', description: "qemu's current vCPU throttle" },
             dirtyLimit: {
@@ -80,7 +81,20 @@ export const jobSchema = {
               },
             },
             deadlineAt: { type: 'string', format: 'date-time' },
-            deadlineAction: { type: 'string', enum: ['pause', 'abort'] },
+            deadlineAction: { type: 'string', enum: ['pause', 'abort', 'postcopy'] },
+          },
+        },
+        postcopy: {
+          type: 'object',
+          description: 'once the stream switched to postcopy: its state, and the recoveries of a broken stream',
+          properties: {
+            state: { type: 'string', enum: ['active', 'paused', 'recovering'], description: 'paused: the stream broke; both qemus wait, the guest stalls at the destination on the pages it lacks' },
+            startedAt: { type: 'string', format: 'date-time' },
+            recoveries: { type: 'integer', description: 'breaks recovered so far' },
+            attempts: { type: 'integer', description: 'source: recovery attempts on the current break' },
+            pausedSince: { type: 'string', format: 'date-time' },
+            lastError: { type: 'string' },
+            gaveUp: { type: 'boolean', description: 'source: postcopyRecoverySeconds passed; POST /jobs/{id}/recover tries again' },
           },
         },
         percent: { type: 'integer' },
@@ -96,6 +110,12 @@ export const jobSchema = {
       },
     },
     cancelRequested: { type: 'boolean' },
+    completeRequested: {
+      type: 'object',
+      description: 'source: a POST /jobs/{id}/complete, carried out by the stream',
+      properties: { mode: { type: 'string', enum: ['postcopy', 'pause'] }, at: { type: 'string', format: 'date-time' } },
+    },
+    recoveryUri: { type: 'string', description: 'destination: where its broken postcopy stream listens for the source to resume it' },
     runningBeforeMigration: { type: 'boolean', description: 'source: whether the guest ran when the migration started; a rollback runs it again only then' },
   },
 } as const;

@@ -44,6 +44,47 @@ export default async function jobRoutes(app: FastifyInstance): Promise<void> {
     async (req, reply) => reply.code(202).send((await migrations.cancel(req.params.id)).record),
   );
 
+  app.post<{ Params: { id: string }; Body: { mode?: 'postcopy' | 'pause' } | undefined }>(
+    '/jobs/:id/complete',
+    {
+      schema: {
+        summary: 'Complete a running migration now (source side): switch it to postcopy, or pause the guest so the rest copies',
+        description:
+          '`postcopy` (the default when the migration was started with allowPostcopy): the guest runs on at the destination ' +
+          'at once and pulls the pages it lacks from the source; from then the migration cannot be cancelled. `pause` (the ' +
+          'default otherwise): the guest pauses here until the rest of its memory has copied, then runs at the destination. ' +
+          'Carried out within a quarter second. Refused once the stream has completed (409 too_late_to_complete), and postcopy ' +
+          'without allowPostcopy (409 postcopy_not_allowed).',
+        tags: ['jobs'],
+        params: idParams,
+        body: {
+          type: 'object',
+          additionalProperties: false,
+          properties: { mode: { type: 'string', enum: ['postcopy', 'pause'] } },
+        },
+        response: { 202: { $ref: 'Job#' }, ...errorResponses },
+      },
+    },
+    async (req, reply) => reply.code(202).send((await migrations.complete(req.params.id, req.body?.mode)).record),
+  );
+
+  app.post<{ Params: { id: string } }>(
+    '/jobs/:id/recover',
+    {
+      schema: {
+        summary: 'Recover a broken postcopy stream again (source side), after the agents gave up by themselves',
+        description:
+          'A postcopy stream that broke is recovered by the agents for postcopyRecoverySeconds (the job says so in `waiting` ' +
+          'and `stats.postcopy`); after that, once the link is back, this starts a fresh round of attempts at once. Refused ' +
+          'unless the job follows a postcopy stream (409 not_in_postcopy).',
+        tags: ['jobs'],
+        params: idParams,
+        response: { 202: { $ref: 'Job#' }, ...errorResponses },
+      },
+    },
+    async (req, reply) => reply.code(202).send((await migrations.recoverPostcopy(req.params.id)).record),
+  );
+
   app.patch<{ Params: { id: string }; Body: StreamTuning }>(
     '/jobs/:id',
     {

@@ -1,3 +1,4 @@
+import type { RecoverRequest } from '../src/migration/postcopy.js';
 import type { FastifyInstance } from 'fastify';
 import { errorResponses } from './schemas.js';
 import { MAX_DOMAIN_XML_BYTES } from './domains.js';
@@ -70,6 +71,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
             downtimeLimitMs: migrationOptionsSchema.properties.downtimeLimitMs,
             maxDowntimeMs: migrationOptionsSchema.properties.maxDowntimeMs,
             deadlineAction: migrationOptionsSchema.properties.deadlineAction,
+            allowPostcopy: { type: 'boolean', description: 'the migration would allow postcopy' },
             completionTimeoutPerGiBSeconds: migrationOptionsSchema.properties.completionTimeoutPerGiBSeconds,
             progressTimeoutSeconds: migrationOptionsSchema.properties.progressTimeoutSeconds,
           },
@@ -83,11 +85,13 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
                 type: 'object',
                 description: 'what the convergence policy will end up doing',
                 properties: {
-                  kind: { type: 'string', enum: ['precopy', 'deadline', 'progress-timeout'] },
+                  kind: { type: 'string', enum: ['precopy', 'deadline', 'postcopy', 'progress-timeout'] },
                   downtimeLimitMs: { type: 'integer' },
                   action: { type: 'string' },
                   atMs: { type: 'integer' },
                   pauseMs: { type: 'integer' },
+                  postcopyMs: { type: 'integer' },
+                  predictedTotalMs: { type: 'integer' },
                   afterMs: { type: 'integer' },
                 },
               },
@@ -220,5 +224,39 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
       },
     },
     async (req) => migrations.finish2(req.body),
+  );
+
+  app.post<{ Body: RecoverRequest }>(
+    '/recover2',
+    {
+      config: { peer: true },
+      schema: {
+        summary: 'Postcopy recovery (destination): the source found the postcopy stream broken; this end listens anew for it to resume',
+        description:
+          'Breaks this end of the stream too when it has not noticed (a dead link sends nothing), then listens on a port of ' +
+          'its range (migrate-recover) and answers where; the source resumes the stream there. Only with the finishToken of the ' +
+          "migration's Prepare2 answer. 409 not_in_postcopy unless the migration runs in postcopy here.",
+        tags: ['protocol'],
+        body: {
+          type: 'object',
+          required: ['migrationId'],
+          additionalProperties: false,
+          properties: {
+            migrationId,
+            finishToken: { type: 'string', pattern: FINISH_TOKEN_PATTERN, description: "the Prepare2 answer's finishToken" },
+          },
+        },
+        response: {
+          200: {
+            type: 'object',
+            required: ['migrationId', 'uri'],
+            properties: { migrationId: { type: 'string' }, uri: { type: 'string', description: 'tcp:HOST:PORT' } },
+          },
+          ...errorResponses,
+          ...busy,
+        },
+      },
+    },
+    async (req) => migrations.recover2(req.body),
   );
 }

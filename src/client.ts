@@ -102,6 +102,16 @@ export class AgentClient {
     return this.call<JobRecord>('POST', `/jobs/${encodeURIComponent(id)}/cancel`);
   }
 
+  /** POST /jobs/{id}/complete: switch the stream to postcopy, or pause the guest so the rest copies (mode absent: the agent's choice). */
+  complete(id: string, mode?: 'postcopy' | 'pause') {
+    return this.call<JobRecord>('POST', `/jobs/${encodeURIComponent(id)}/complete`, mode ? { mode } : {});
+  }
+
+  /** POST /jobs/{id}/recover: a fresh round of recovery of a broken postcopy stream. */
+  recoverPostcopy(id: string) {
+    return this.call<JobRecord>('POST', `/jobs/${encodeURIComponent(id)}/recover`);
+  }
+
   resolve(id: string, outcome: 'finished' | 'aborted', reason: string) {
     return this.call<JobRecord>('POST', `/jobs/${encodeURIComponent(id)}/resolve`, { outcome, reason });
   }

@@ -27,16 +27,18 @@ export type ConvergenceAction =
   | { kind: 'engage-auto-converge' }
   /** Pause and finish: the guest stops dirtying memory, the rest copies, the destination resumes it. */
   | { kind: 'pause' }
+  /** Switch to postcopy: the guest runs on at the destination at once and pulls what it lacks. */
+  | { kind: 'postcopy' }
   | { kind: 'cancel' };
 
 /**
  * Where the policy stands, as the job's stats show it. `step` is the last rung reached:
  * `live` (nothing changed yet), `downtime-raised`, `throttled` (auto-converge engaged or a dirty
- * limit applied), `paused` (the deadline's pause and finish), `giving-up` (the stream is being
- * cancelled: not converging).
+ * limit applied), `paused` (the deadline's pause and finish), `postcopy` (the stream switched to
+ * postcopy), `giving-up` (the stream is being cancelled: not converging).
  */
 export interface ConvergenceState {
-  step: 'live' | 'downtime-raised' | 'throttled' | 'paused' | 'giving-up';
+  step: 'live' | 'downtime-raised' | 'throttled' | 'paused' | 'postcopy' | 'giving-up';
   /** `off`: not asked for; `held`: qemu's auto-converge is on but kept at 1%; `engaged`: qemu throttles as it sees fit, up to 99%. */
   autoConverge: 'off' | 'held' | 'engaged';
   cpuThrottlePercent?: number;
@@ -48,7 +50,7 @@ export interface ConvergenceState {
 
 type Options = Pick<
   MigrationOptions,
-  'progressTimeoutSeconds' | 'maxDowntimeMs' | 'downtimeLimitMs' | 'autoConverge' | 'dirtyLimitMiBps' | 'completionTimeoutPerGiBSeconds' | 'deadlineAction'
+  'progressTimeoutSeconds' | 'maxDowntimeMs' | 'downtimeLimitMs' | 'autoConverge' | 'dirtyLimitMiBps' | 'completionTimeoutPerGiBSeconds' | 'deadlineAction' | 'allowPostcopy'
 >;
 
 /**
@@ -59,17 +61,20 @@ type Options = Pick<
  *
  * 1. the downtime limit doubles, up to maxDowntimeMs (a longer pause at switch-over, within
  *    what the caller accepted);
- * 2. the guest is throttled: a dirty-rate limit on the vCPUs that write when asked for and
- *    qemu can (KVM with a dirty ring), else qemu's auto-converge (every vCPU slowed);
+ * 2. with postcopy allowed, the stream switches to postcopy (the guest runs on at the
+ *    destination within a short pause; what it lacks follows): seconds of slower page access
+ *    there cost a busy guest less than minutes of throttling here. Else the guest is throttled:
+ *    a dirty-rate limit on the vCPUs that write when asked for and qemu can (KVM with a dirty
+ *    ring), else qemu's auto-converge (every vCPU slowed);
  * 3. at the completion deadline (completionTimeoutPerGiBSeconds per GiB of guest RAM from the
  *    stream's start), once the rungs above are taken, the caller's deadline action: `pause` (the guest stops, the rest copies,
- *    it runs on at the destination: a long pause but a finished migration) or `abort` (the
+ *    it runs on at the destination: a long pause but a finished migration), `postcopy`, or `abort` (the
  *    stream is cancelled, the guest keeps running here: not_converging).
  *
  * Apart from the ladder, a stream whose remaining bytes reach no new low for the progress
  * timeout is cancelled (not_converging), a paused one too; each step starts that clock again,
  * since the step changed what the stream can do. Pure: the caller samples and carries the
- * action out; the action type has room for a `postcopy` deadline action (a later slice).
+ * action out.
  */
 export class ConvergencePolicy {
   downtimeLimitMs: number;
@@ -85,6 +90,7 @@ export class ConvergencePolicy {
   private readonly perGiBMs: number;
   private deadlineAt: number | undefined;
   private readonly state_: ConvergenceState;
+  private readonly allowPostcopy: boolean;
 
   constructor(options: Options, now: number) {
     this.progressTimeoutMs = options.progressTimeoutSeconds * 1000;
@@ -92,6 +98,7 @@ export class ConvergencePolicy {
     this.maxDowntimeMs = options.maxDowntimeMs ?? this.downtimeLimitMs;
     // Records written before the deadline existed have none: they keep their old behaviour.
     this.perGiBMs = (options.completionTimeoutPerGiBSeconds ?? 0) * 1000;
+    this.allowPostcopy = options.allowPostcopy === true;
     this.started = now;
     this.lastProgressAt = now;
     this.lastMovedAt = now;
@@ -119,10 +126,12 @@ export class ConvergencePolicy {
       this.lowestRemaining = sample.remainingBytes;
       this.lastProgressAt = now;
     }
+    if (this.state_.step === 'postcopy') return { kind: 'none' };
     const paused = this.state_.step === 'paused';
     // A small guest's deadline can come before the stream stalled at all: the rungs below go first.
     if (!paused && this.deadlineAt !== undefined && now >= this.deadlineAt && moving && this.ladderSpent()) {
       if (this.state_.deadlineAction === 'abort') return this.giveUp('deadline');
+      if (this.state_.deadlineAction === 'postcopy' && this.allowPostcopy) return this.switchToPostcopy();
       this.state_.step = 'paused';
       this.lastProgressAt = now;
       return { kind: 'pause' };
@@ -146,6 +155,11 @@ export class ConvergencePolicy {
   tuned(downtimeLimitMs: number): void {
     this.downtimeLimitMs = downtimeLimitMs;
     this.maxDowntimeMs = Math.max(this.maxDowntimeMs, downtimeLimitMs);
+  }
+
+  /** A caller asked the stream to complete now (POST /jobs/{id}/complete): the policy takes no further step. */
+  completing(mode: 'postcopy' | 'pause'): void {
+    this.state_.step = mode === 'postcopy' ? 'postcopy' : 'paused';
   }
 
   /** qemu applied the dirty-rate limit. */
@@ -180,7 +194,7 @@ export class ConvergencePolicy {
   /** Every rung below the deadline is taken (or not asked for). */
   private ladderSpent(): boolean {
     const s = this.state_;
-    const throttleLeft = s.dirtyLimit?.state === 'not-yet' || (s.autoConverge === 'held' && s.dirtyLimit?.state !== 'applied');
+    const throttleLeft = !this.allowPostcopy && (s.dirtyLimit?.state === 'not-yet' || (s.autoConverge === 'held' && s.dirtyLimit?.state !== 'applied'));
     return this.downtimeLimitMs >= this.maxDowntimeMs && !throttleLeft;
   }
 
@@ -192,6 +206,7 @@ export class ConvergencePolicy {
       s.step = 'downtime-raised';
       return { kind: 'raise-downtime', downtimeLimitMs: this.downtimeLimitMs };
     }
+    if (this.allowPostcopy) return this.switchToPostcopy();
     if (s.dirtyLimit?.state === 'not-yet') {
       s.step = 'throttled';
       return { kind: 'limit-dirty-rate', mibPerSec: s.dirtyLimit.mibPerSec };
@@ -202,6 +217,11 @@ export class ConvergencePolicy {
       return { kind: 'engage-auto-converge' };
     }
     return { kind: 'none' };
+  }
+
+  private switchToPostcopy(): ConvergenceAction {
+    this.state_.step = 'postcopy';
+    return { kind: 'postcopy' };
   }
 
   private giveUp(why: 'progress-timeout' | 'deadline'): ConvergenceAction {

@@ -2,7 +2,8 @@ import { AgentError, badRequest, conflict } from '../errors.js';
 import { secretsMatch } from '../secrets.js';
 import type { MigrationMonitor } from '../qemu/migration-monitor.js';
 import type { MigratingDomain } from './domains.js';
-import { acceptTransport, DEFAULT_OPTIONS, destinationCapabilities, destinationParameters, parseDestUri, PLAIN_STREAM, type StreamTransport } from './params.js';
+import { acceptTransport, DEFAULT_OPTIONS, destinationCapabilities, destinationParameters, parseDestUri, PLAIN_STREAM, POSTCOPY_CAPABILITY, type StreamTransport } from './params.js';
+import type { RecoverRequest, RecoverResponse } from './postcopy.js';
 import { pickPort, portIsFree } from './ports.js';
 import { streamAddressOf } from './stream-sockets.js';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -112,6 +113,7 @@ export class DestinationSide {
       const { monitor } = await domains.launch(entry, { incoming: true });
       // Before migrate-incoming: qemu opens its multifd listeners with it.
       await monitor.setCapabilities(destinationCapabilities(transport));
+      if (req.options.allowPostcopy) await this.enablePostcopy(monitor);
       await monitor.setParameters(destinationParameters(transport));
       if (this.ctx.streamTls) await monitor.useTls(await domains.qemuTlsDir(entry), 'server');
       const listenUri = `tcp:${listen.host}:${listen.port}`;
@@ -130,9 +132,25 @@ export class DestinationSide {
     }
   }
 
-  /** Ports of running incoming jobs (from their URI) and of prepares still in flight. */
+  /** A source that may switch to postcopy needs this qemu to take it: refused before the stream, with the reason and the fix. */
+  private async enablePostcopy(monitor: MigrationMonitor): Promise<void> {
+    try {
+      await monitor.setCapabilities(POSTCOPY_CAPABILITY);
+    } catch (err) {
+      throw conflict(
+        'postcopy_unavailable',
+        `this host's qemu cannot receive a postcopy stream (qemu: ${(err as Error).message}). qemu 7.2 takes the pages it lacks through ` +
+          'the userfaultfd system call, which this kernel allows a process without CAP_SYS_PTRACE only with sysctl vm.unprivileged_userfaultfd=1 ' +
+          '(or qemu running as root, --qemu-user root, which gives a guest that takes over its qemu the host). Migrate without allowPostcopy, or allow it here',
+      );
+    }
+  }
+
+  /** Ports of running incoming jobs (from their URIs) and of prepares still in flight. */
   private reservedPorts(): Set<number> {
-    const ofJobs = this.ctx.jobs.running('destination').flatMap((j) => (j.record.uri ? [streamAddressOf(j.record.uri).port] : []));
+    const ofJobs = this.ctx.jobs
+      .running('destination')
+      .flatMap((j) => [j.record.uri, j.record.recoveryUri].flatMap((uri) => (uri ? [streamAddressOf(uri).port] : [])));
     const ofPrepares = [...this.inFlight.values()].filter((p): p is number => p !== undefined);
     return new Set([...ofJobs, ...ofPrepares]);
   }
@@ -172,10 +190,15 @@ export class DestinationSide {
       void jobs.locks
         .run(job.id, async () => {
           if (job.terminal) return;
-          if (status === 'active' && job.record.phase === 'listening') {
+          const phase = job.record.phase;
+          if (phase === 'postcopy-active') {
+            await this.postcopyEvent(job, status);
+          } else if (status === 'postcopy-active' && (phase === 'listening' || phase === 'receiving')) {
+            await this.takeOverPostcopy(job, entry);
+          } else if (status === 'active' && phase === 'listening') {
             await jobs.setPhase(job, 'receiving');
             this.armBound(job);
-          } else if (status === 'completed' && ['listening', 'receiving'].includes(job.record.phase)) {
+          } else if (status === 'completed' && (phase === 'listening' || phase === 'receiving')) {
             await jobs.setPhase(job, 'received');
             this.armBound(job);
           } else if (status === 'failed') {
@@ -194,9 +217,9 @@ export class DestinationSide {
       stopFollowing();
       void jobs.locks
         .run(job.id, async () => {
-          if (!job.terminal && job.record.phase !== 'taking-over') {
-            await this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu ended before Finish2' });
-          }
+          if (job.terminal || job.record.phase === 'taking-over') return;
+          if (job.record.phase === 'postcopy-active') return this.postcopyGuestEnded(job, 'its qemu ended during postcopy');
+          await this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu ended before Finish2' });
         })
         .catch((err: unknown) => this.settleCrash(job, err));
     };
@@ -226,6 +249,7 @@ export class DestinationSide {
         throw new AgentError(403, 'finish2_not_from_source', `Finish2 for migration ${req.migrationId} does not carry the finishToken of its Prepare2 answer: only the source that prepared it may end it`);
       }
       if (job.record.finish?.outcome) return this.finishAnswer(job);
+      if (job.record.phase === 'postcopy-active' && !job.terminal) return this.finishPostcopy(job, req);
       const entry = this.ctx.domains.find(job.record.domain);
       if (job.terminal || !entry?.run) {
         if (!job.terminal) await this.settlingOnThrow(job, this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu is gone' }));
@@ -270,6 +294,7 @@ export class DestinationSide {
       migrationId: record.id,
       outcome,
       ...(outcome === 'finished' ? { state: record.options.paused ? 'paused' : 'running' } : {}),
+      ...(record.phaseHistory.some((h) => h.phase === 'postcopy-active') ? { postcopy: true } : {}),
       ...(record.error ? { error: record.error } : {}),
     };
   }
@@ -430,6 +455,12 @@ export class DestinationSide {
       const phase = job.record.phase;
       if (phase === 'done') return;
       if (phase === 'taking-over' && entry) return this.completeHandOver(job, entry);
+      // The guest is this host's since the switch (its claim ended then): follow the stream to its end.
+      if (phase === 'postcopy-active') {
+        if (entry?.run && !job.record.arrivalCommitted) domains.restoreClaim(entry, job.id, 'destination');
+        if (!(await this.settlePostcopy(job)) && entry?.run) this.followIncoming(job, entry);
+        return;
+      }
       // Its qemu ended while the agent was down; a transient arrival's domain went with it.
       if (!entry?.run) return this.abort(job, entry, { code: 'destination_qemu_ended', message: 'the incoming qemu ended while the agent was down' });
       domains.restoreClaim(entry, job.id, 'destination');
@@ -473,10 +504,15 @@ export class DestinationSide {
       try {
         await jobs.locks.run(job.id, async () => {
           if (job.terminal) return;
-          const entry = domains.find(job.record.domain);
-          if (!entry) return this.abort(job, undefined, crashed);
           // The rule of each phase (DESTINATION_OBLIGATIONS[phase].crash); a phase without one does not compile.
           const phase = job.record.phase;
+          if (phase === 'postcopy-active') {
+            // The job follows its stream's events still; this ends it once the stream did.
+            await this.settlePostcopy(job);
+            return;
+          }
+          const entry = domains.find(job.record.domain);
+          if (!entry) return this.abort(job, undefined, crashed);
           switch (phase) {
             case 'taking-over':
               return this.completeHandOver(job, entry);
@@ -492,12 +528,151 @@ export class DestinationSide {
               return unhandledPhase(phase);
           }
         });
+        if (!job.terminal && job.record.phase === 'postcopy-active') {
+          await delay(CRASHED_JOB_RETRY_MS[Math.min(attempt, CRASHED_JOB_RETRY_MS.length - 1)]!, undefined, { ref: false });
+          continue;
+        }
         return;
       } catch (again) {
         err = again;
       }
       await delay(CRASHED_JOB_RETRY_MS[Math.min(attempt, CRASHED_JOB_RETRY_MS.length - 1)]!, undefined, { ref: false });
     }
+  }
+
+  /**
+   * The source switched the stream to postcopy: from now this host owns the guest (the source
+   * never resumes its copy past the switch), so it runs here at once, while the pages it lacks
+   * still arrive. The phase is written first; the job ends with the stream.
+   */
+  private async takeOverPostcopy(job: DestinationJob, entry: MigratingDomain): Promise<void> {
+    this.clearLease(job);
+    await this.ctx.jobs.setPhase(job, 'postcopy-active');
+    this.armBound(job);
+    await this.commitPostcopyArrival(job, entry);
+  }
+
+  /**
+   * In `postcopy-active`: the guest becomes this host's and runs (unless asked to arrive paused),
+   * once; recorded, so that a restart or a crash in between does it again. A failure is told, not
+   * undone: nothing goes back now, the source's copy is out of date.
+   */
+  private async commitPostcopyArrival(job: DestinationJob, entry: MigratingDomain): Promise<void> {
+    const { jobs, domains, log } = this.ctx;
+    if (job.record.arrivalCommitted) return;
+    try {
+      await domains.commitIncoming(entry, { persist: job.record.options.persistDestination, paused: job.record.options.paused });
+    } catch (err) {
+      log.error({ err, migration: job.id }, 'the guest could not be resumed after the switch to postcopy');
+      await jobs.update(job, { waiting: `the guest could not be resumed after the switch to postcopy: ${(err as Error).message}; resume it by hand (POST /domains/${entry.name}/resume)` });
+      return;
+    }
+    await jobs.update(job, { arrivalCommitted: true });
+    log.warn({ migration: job.id, domain: entry.name }, 'the stream switched to postcopy: the guest runs here while the rest of its memory arrives');
+  }
+
+  /** A status of a stream in postcopy: its breaks and recoveries are told, its end ends the job. */
+  private async postcopyEvent(job: DestinationJob, status: string): Promise<void> {
+    const { jobs, log } = this.ctx;
+    if (status === 'completed') return this.endPostcopy(job);
+    if (status === 'failed') return this.postcopyGuestEnded(job, 'the postcopy stream failed');
+    if (status === 'postcopy-paused') {
+      log.warn({ migration: job.id }, 'the postcopy stream broke; the guest stalls on the pages it lacks until the source recovers the stream');
+      await jobs.update(job, { waiting: 'the postcopy stream broke: the guest waits for the pages it lacks until the source recovers the stream' });
+    } else if (status === 'postcopy-active' && job.record.waiting) {
+      log.warn({ migration: job.id }, 'the postcopy stream runs again');
+      await jobs.update(job, { waiting: undefined, recoveryUri: undefined });
+    }
+  }
+
+  /** The postcopy stream completed: the whole guest is here. */
+  private async endPostcopy(job: DestinationJob): Promise<void> {
+    await this.ctx.jobs.end(job, 'completed', undefined, { waiting: undefined, finish: { rc: 0, attempts: 0, outcome: 'finished' } });
+    this.ctx.log.info({ migration: job.id, domain: job.record.domain }, 'incoming postcopy migration finished; guest owned here');
+  }
+
+  /** The stream cannot complete: the guest here lacks pages for good. Its qemu, if still there, is kept for an operator to look at. */
+  private async postcopyGuestEnded(job: DestinationJob, why: string): Promise<void> {
+    const error = { code: 'postcopy_failed', message: `${why}: the guest ran here since the switch to postcopy, but lacks memory that stayed at the source` };
+    this.ctx.log.error({ migration: job.id, domain: job.record.domain, error }, 'incoming postcopy migration failed');
+    await this.ctx.jobs.end(job, 'failed', error, { waiting: undefined });
+  }
+
+  /**
+   * Phase `postcopy-active` after a restart or a crash: the arrival committed if it was not yet,
+   * and the job ended when its stream has ended. True when the job ended.
+   */
+  private async settlePostcopy(job: DestinationJob): Promise<boolean> {
+    const entry = this.ctx.domains.find(job.record.domain);
+    const monitor = entry?.run?.monitor;
+    if (!entry || !monitor) {
+      await this.postcopyGuestEnded(job, 'its qemu ended during postcopy');
+      return true;
+    }
+    await this.commitPostcopyArrival(job, entry);
+    const status = (await monitor.queryMigrate().catch(() => ({ status: 'none' }))).status;
+    if (status === 'completed') await this.endPostcopy(job);
+    else if (status === 'failed') await this.postcopyGuestEnded(job, 'the postcopy stream failed');
+    return job.terminal;
+  }
+
+  /**
+   * Finish2 of a stream in postcopy: rc=0 once the stream completed (waited for, bounded; the
+   * source asks again on a 503). The guest runs here since the switch: no rc ends it.
+   */
+  private async finishPostcopy(job: DestinationJob, req: Finish2Request): Promise<Finish2Response> {
+    if (req.rc !== 0) {
+      throw conflict('postcopy_owned_here', `migration ${job.id} switched to postcopy: the guest runs here and is not ended by Finish2 (rc=${req.rc})`, { job: job.id });
+    }
+    const monitor = this.ctx.domains.find(job.record.domain)?.run?.monitor;
+    const status = monitor ? await this.waitIncomingComplete(job, monitor, 10_000) : 'gone';
+    if (status === 'completed') await this.endPostcopy(job);
+    else if (status === 'failed' || status === 'gone') await this.postcopyGuestEnded(job, status === 'gone' ? 'its qemu ended during postcopy' : 'the postcopy stream failed');
+    else throw new AgentError(503, 'postcopy_in_progress', `the postcopy stream of ${job.id} is ${status} here`, { retryAfterSeconds: 1 });
+    return this.finishAnswer(job);
+  }
+
+  /**
+   * POST /recover2: the source found the postcopy stream broken. This qemu's end is broken too
+   * (migrate-pause, when it has not noticed: a dead link sends nothing), then listens on a fresh
+   * port for the source to resume the stream (migrate-recover). Only the source that prepared the
+   * migration may ask (its finishToken). Repeated while a recovery listens: the same answer.
+   */
+  async recoverPostcopy(req: RecoverRequest): Promise<RecoverResponse> {
+    const { jobs, log } = this.ctx;
+    return jobs.locks.run(req.migrationId, async () => {
+      const job = jobs.get(req.migrationId);
+      if (!job || !isDestinationJob(job)) throw new AgentError(404, 'migration_not_found', `no incoming migration ${req.migrationId} here`);
+      if (job.record.finishToken !== undefined && !secretsMatch(req.finishToken, job.record.finishToken)) {
+        throw new AgentError(403, 'recover_not_from_source', `recovery of migration ${req.migrationId} does not carry the finishToken of its Prepare2 answer`);
+      }
+      const monitor = this.ctx.domains.find(job.record.domain)?.run?.monitor;
+      if (job.terminal || job.record.phase !== 'postcopy-active' || !monitor) {
+        throw conflict('not_in_postcopy', `migration ${req.migrationId} is not in postcopy here (status ${job.record.status}, phase ${job.record.phase})`, { job: job.id });
+      }
+      let status = (await monitor.queryMigrate()).status;
+      if (status === 'postcopy-recover' && job.record.recoveryUri) return { migrationId: job.id, uri: job.record.recoveryUri };
+      if (status === 'postcopy-active') {
+        log.warn({ migration: job.id }, 'the source found the postcopy stream broken; breaking this end too');
+        await monitor.pausePostcopy();
+      }
+      // qemu shuts the stream down and reports the pause within milliseconds; bounded at 5 s.
+      for (let i = 0; i < 100 && status !== 'postcopy-paused'; i++) {
+        await delay(50);
+        status = (await monitor.queryMigrate()).status;
+      }
+      if (status !== 'postcopy-paused') throw new AgentError(503, 'postcopy_not_paused', `the postcopy stream of ${job.id} is ${status} here`, { retryAfterSeconds: 1 });
+      const listen = await this.choosePort(job.id);
+      try {
+        const uri = `tcp:${listen.host}:${listen.port}`;
+        await monitor.listenForRecovery(uri);
+        await jobs.update(job, { recoveryUri: uri });
+        log.warn({ migration: job.id, uri }, 'listening for the source to recover the postcopy stream');
+        return { migrationId: job.id, uri };
+      } finally {
+        this.inFlight.delete(job.id);
+      }
+    });
   }
 
   close(): void {

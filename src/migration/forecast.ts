@@ -1,4 +1,4 @@
-import { DEFAULT_OPTIONS, QEMU_DEFAULT_DOWNTIME_MS, type MigrationOptions } from './params.js';
+import { DEFAULT_OPTIONS, ESCALATE_AFTER_MS, QEMU_DEFAULT_DOWNTIME_MS, type MigrationOptions } from './params.js';
 import type { JobRecord } from './jobs.js';
 
 /**
@@ -29,6 +29,12 @@ export type ForecastStrategy =
   | { kind: 'precopy'; downtimeLimitMs: number }
   /** Pre-copy does not converge: the deadline action runs at `atMs` from the stream's start; pause and finish pauses the guest about `pauseMs`. */
   | { kind: 'deadline'; action: MigrationOptions['deadlineAction']; atMs: number; pauseMs?: number }
+  /**
+   * Pre-copy does not converge and postcopy is allowed: the stream switches after one pass and
+   * the downtime schedule (`atMs`), and the rest of memory follows in about `postcopyMs` while the
+   * guest runs at the destination.
+   */
+  | { kind: 'postcopy'; atMs: number; postcopyMs: number; predictedTotalMs: number }
   /** Nothing ends the stream but its progress timeout (no deadline): it is cancelled then. */
   | { kind: 'progress-timeout'; afterMs: number };
 
@@ -102,7 +108,7 @@ export function lastStreamRate(jobs: readonly JobRecord[], destination: string):
 }
 
 /** The options a forecast reads; the rest of a migration's do not change its prediction. */
-export type ForecastOptions = Partial<Pick<MigrationOptions, 'bandwidthMiBps' | 'downtimeLimitMs' | 'maxDowntimeMs' | 'deadlineAction' | 'completionTimeoutPerGiBSeconds' | 'progressTimeoutSeconds'>>;
+export type ForecastOptions = Partial<Pick<MigrationOptions, 'bandwidthMiBps' | 'downtimeLimitMs' | 'maxDowntimeMs' | 'deadlineAction' | 'completionTimeoutPerGiBSeconds' | 'progressTimeoutSeconds' | 'allowPostcopy'>>;
 
 /** The convergence policy's ladder (src/migration/convergence.ts) as the model sees it: the downtime schedule, then the deadline. */
 function policyStrategy(p: { memoryBytes: number; dirtyRateBytesPerSec: number; options: ForecastOptions }, rate: number, precopy: PrecopyForecast): ForecastStrategy {
@@ -112,6 +118,14 @@ function policyStrategy(p: { memoryBytes: number; dirtyRateBytesPerSec: number; 
   const top = Math.max(start, o.maxDowntimeMs ?? start);
   if (forecastPrecopy({ memoryBytes: p.memoryBytes, dirtyRateBytesPerSec: p.dirtyRateBytesPerSec, streamRateBytesPerSec: rate, downtimeLimitMs: top }).converges) {
     return { kind: 'precopy', downtimeLimitMs: top };
+  }
+  if (o.allowPostcopy) {
+    // The policy's rungs: the first pass, then a stall of ESCALATE_AFTER_MS before each doubling of the downtime limit and before the switch.
+    const doublings = Math.max(0, Math.ceil(Math.log2(top / start)));
+    const atMs = Math.round((p.memoryBytes / rate) * 1000 + (doublings + 1) * ESCALATE_AFTER_MS);
+    // After the switch each page crosses once: at most all of memory.
+    const postcopyMs = Math.round((p.memoryBytes / rate) * 1000);
+    return { kind: 'postcopy', atMs, postcopyMs, predictedTotalMs: atMs + postcopyMs };
   }
   if (o.completionTimeoutPerGiBSeconds > 0) {
     const atMs = Math.round((o.completionTimeoutPerGiBSeconds * 1000 * p.memoryBytes) / 1024 ** 3);
@@ -129,6 +143,8 @@ function describe(s: ForecastStrategy): string {
       return s.action === 'pause'
         ? `at the deadline (${s.atMs} ms) the guest is paused and the rest copied: a pause of up to ${s.pauseMs} ms`
         : `the migration is aborted at the deadline (${s.atMs} ms); the guest stays on the source`;
+    case 'postcopy':
+      return `the stream switches to postcopy after about ${s.atMs} ms and completes about ${s.postcopyMs} ms later, the guest running at the destination meanwhile`;
     case 'progress-timeout':
       return `the stream is cancelled after ${s.afterMs} ms without progress`;
   }

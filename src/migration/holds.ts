@@ -7,10 +7,11 @@ import path from 'node:path';
  * test can kill a process or cut a link at exactly that point. Unused in production.
  *   prepare2        destination, incoming qemu listening, before answering Prepare2
  *   before-migrate  source, Prepare2 answered, QMP set up and phase `streaming` written, before `migrate`
+ *   before-postcopy source, phase `postcopy` written, before migrate-start-postcopy
  *   before-finish2  source, stream completed and phase `asking-outcome` written, before Finish2
  *   finish2         destination, Finish2(rc=0) accepted and phase `taking-over` written, before resuming
  */
-export const HOLD_POINTS = ['prepare2', 'before-migrate', 'before-finish2', 'finish2'] as const;
+export const HOLD_POINTS = ['prepare2', 'before-migrate', 'before-postcopy', 'before-finish2', 'finish2'] as const;
 export type HoldPoint = (typeof HOLD_POINTS)[number];
 
 const HOLD_LIMIT_MS = 10 * 60 * 1000;

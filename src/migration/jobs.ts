@@ -25,6 +25,22 @@ export interface MigrationStats {
   percent: number;
   /** The time the stream has left, a countdown that never rises (see EtaCountdown); absent while it does not converge. */
   etaMs?: number;
+  /** Once the stream switched to postcopy: its state and the recoveries of a broken stream. */
+  postcopy?: PostcopyState;
+}
+
+/** A postcopy stream as the job's stats show it. */
+export interface PostcopyState {
+  /** `active`: pages stream; `paused`: the stream broke, both qemus wait; `recovering`: a recovery is under way. */
+  state: 'active' | 'paused' | 'recovering';
+  startedAt: string;
+  /** Streams broken and recovered so far, and attempts made on the current break (source). */
+  recoveries: number;
+  attempts: number;
+  pausedSince?: string;
+  lastError?: string;
+  /** The source gave up recovering by itself (postcopyRecoverySeconds passed): POST /jobs/{id}/recover tries again. */
+  gaveUp?: boolean;
 }
 
 export interface JobTimings {
@@ -40,6 +56,8 @@ export interface JobTimings {
   streamEndToRunningMs?: number;
   /** The agent's own cost: totalMs minus qemu's stream time (qemuTotalMs). */
   aroundStreamMs?: number;
+  /** From the switch to postcopy to the stream's end: the time the guest ran at the destination while pages still arrived. */
+  postcopyMs?: number;
   /** qemu's own figures: the stream's duration and the guest's stop time at switch-over. */
   qemuTotalMs?: number;
   qemuDowntimeMs?: number;
@@ -72,6 +90,13 @@ interface JobRecordCommon {
   /** Why the job is waiting, when it is (e.g. the peer is unreachable and the guest stays paused). */
   waiting?: string;
   cancelRequested?: boolean;
+  /**
+   * Source: a caller's POST /jobs/{id}/complete, carried out by the stream follower: `postcopy`
+   * switches the stream to postcopy, `pause` pauses the guest so the rest copies (pause and finish).
+   */
+  completeRequested?: { mode: 'postcopy' | 'pause'; at: string };
+  /** Destination: where its paused postcopy listens for the source's recovery (migrate-recover). */
+  recoveryUri?: string;
   /** How the stream is carried, as both ends agreed in Prepare2 (absent before the answer, and in older records). */
   transport?: StreamTransport;
   /** The Prepare2 answer's finishToken (both roles); never served by the API. */
@@ -98,13 +123,15 @@ export interface DestinationJobRecord extends JobRecordCommon {
   role: 'destination';
   phase: DestinationPhase;
   phaseHistory: Array<{ phase: DestinationPhase; at: string }>;
+  /** In postcopy: the arrival was committed (the guest is this host's and runs) while the stream goes on. */
+  arrivalCommitted?: boolean;
 }
 
 /** A job's record, tagged by its role: each role has phases (and a few fields) of its own. */
 export type JobRecord = SourceJobRecord | DestinationJobRecord;
 
 /** A patch of a record: the common fields, plus the source's own. */
-export type JobPatch = Partial<Omit<JobRecordCommon, 'id'>> & Partial<Pick<SourceJobRecord, 'runningBeforeMigration' | 'resolution'>>;
+export type JobPatch = Partial<Omit<JobRecordCommon, 'id'>> & Partial<Pick<SourceJobRecord, 'runningBeforeMigration' | 'resolution'>> & Partial<Pick<DestinationJobRecord, 'arrivalCommitted'>>;
 
 /**
  * The pauses before each new attempt to carry on a job whose run threw (a bug, a failed write),

@@ -43,9 +43,24 @@ export interface MigrationOptions {
   /**
    * At the completion deadline: `pause` stops the guest so the rest of its memory copies without
    * being dirtied again (it runs on at the destination after a long pause), `abort` cancels the
-   * stream (the guest keeps running here; not_converging). Postcopy is not offered yet.
+   * stream (the guest keeps running here; not_converging), `postcopy` switches the stream to
+   * postcopy (needs allowPostcopy; the default when it is given).
    */
   deadlineAction: DeadlineAction;
+  /**
+   * The stream may switch to postcopy: the guest runs on at the destination at once and pulls
+   * the pages it still lacks from the source. Convergence switches once the downtime schedule is
+   * spent (instead of throttling the guest), at the deadline, or on POST /jobs/{id}/complete.
+   * qemu 7.2 carries postcopy on one plain stream only (no multifd, no compression), and the
+   * destination's qemu needs userfaultfd (409 postcopy_unavailable otherwise).
+   */
+  allowPostcopy: boolean;
+  /**
+   * A postcopy stream that broke (both qemus pause, neither copy is whole) is recovered by the
+   * agents, attempt after attempt, for this long from the break; then the job waits for an
+   * operator's POST /jobs/{id}/recover. Neither qemu is ever ended meanwhile.
+   */
+  postcopyRecoverySeconds: number;
   /** `tcp://host:port`: the destination listens there instead of on a port from its range. */
   desturi?: string;
   /**
@@ -67,12 +82,13 @@ export type StreamTuning = Partial<Pick<MigrationOptions, 'bandwidthMiBps' | 'do
 /** The qemu parameters a tuning sets. */
 export function tuningParameters(t: StreamTuning): Record<string, number> {
   return {
-    ...(t.bandwidthMiBps !== undefined ? { 'max-bandwidth': t.bandwidthMiBps * 1024 * 1024 } : {}),
+    // qemu has a limit of its own for the pages a postcopy sends unasked (0: unlimited): the caller's limit holds there too.
+    ...(t.bandwidthMiBps !== undefined ? { 'max-bandwidth': t.bandwidthMiBps * 1024 * 1024, 'max-postcopy-bandwidth': t.bandwidthMiBps * 1024 * 1024 } : {}),
     ...(t.downtimeLimitMs !== undefined ? { 'downtime-limit': t.downtimeLimitMs } : {}),
   };
 }
 
-export type DeadlineAction = 'pause' | 'abort';
+export type DeadlineAction = 'pause' | 'abort' | 'postcopy';
 
 export const DEFAULT_OPTIONS: MigrationOptions = {
   live: true,
@@ -88,6 +104,8 @@ export const DEFAULT_OPTIONS: MigrationOptions = {
   // KubeVirt's completionTimeoutPerGiB.
   completionTimeoutPerGiBSeconds: 150,
   deadlineAction: 'abort',
+  allowPostcopy: false,
+  postcopyRecoverySeconds: 300,
 };
 
 /**
@@ -112,8 +130,19 @@ export const migrationOptionsSchema = {
     maxDowntimeMs: { type: 'integer', minimum: 1, maximum: 2000000, default: DEFAULT_OPTIONS.maxDowntimeMs, description: 'the top of the downtime-limit schedule' },
     dirtyLimitMiBps: { type: 'integer', minimum: 1, maximum: 1048576, description: 'throttle step as a per-vCPU dirty-rate limit (KVM with a dirty ring only; else auto-converge)' },
     completionTimeoutPerGiBSeconds: { type: 'integer', minimum: 0, maximum: 86400, default: DEFAULT_OPTIONS.completionTimeoutPerGiBSeconds },
-    // 'postcopy' is the next value to come; until then the schema refuses it (400 invalid_request).
-    deadlineAction: { type: 'string', enum: ['pause', 'abort'], default: DEFAULT_OPTIONS.deadlineAction },
+    deadlineAction: { type: 'string', enum: ['pause', 'abort', 'postcopy'], description: "at the completion deadline; default abort, or postcopy when allowPostcopy is given; postcopy needs allowPostcopy" },
+    allowPostcopy: {
+      type: 'boolean',
+      default: DEFAULT_OPTIONS.allowPostcopy,
+      description: 'the stream may switch to postcopy (convergence, the deadline, POST /jobs/{id}/complete); one plain stream (qemu 7.2 has no multifd postcopy); the destination must support it (409 postcopy_unavailable)',
+    },
+    postcopyRecoverySeconds: {
+      type: 'integer',
+      minimum: 1,
+      maximum: 86400,
+      default: DEFAULT_OPTIONS.postcopyRecoverySeconds,
+      description: 'how long the agents try, by themselves, to recover a postcopy stream that broke; then POST /jobs/{id}/recover',
+    },
     desturi: { type: 'string', pattern: '^tcp://[^/:]+:[0-9]{1,5}$' },
     multifdChannels: {
       type: 'integer',
@@ -192,8 +221,9 @@ function transportOf(channels: number, compression: StreamCompression): StreamTr
 
 /** What the source offers: the caller's channels (or its limit), capped at its limit; xbzrle keeps one plain stream. */
 export function offerTransport(o: MigrationOptions, limit: number): StreamTransport {
-  // qemu 7.2 sends multifd pages without xbzrle: with multifd on, xbzrle would cache and never encode.
-  const channels = o.xbzrle ? 1 : Math.min(o.multifdChannels ?? limit, limit);
+  // qemu 7.2 sends multifd pages without xbzrle (with multifd on, xbzrle would cache and never
+  // encode), and its postcopy runs on the one plain stream.
+  const channels = o.xbzrle || o.allowPostcopy ? 1 : Math.min(o.multifdChannels ?? limit, limit);
   return transportOf(channels, o.compression);
 }
 
@@ -202,6 +232,17 @@ export function checkTransportOptions(o: Partial<MigrationOptions>): void {
   if (o.xbzrle && (o.compression === 'zstd' || (o.multifdChannels ?? 1) > 1)) {
     throw badRequest('conflicting_options', 'xbzrle runs on one plain stream (qemu 7.2 sends multifd pages without it): it excludes compression and multifdChannels above 1');
   }
+  if (o.allowPostcopy && (o.compression === 'zstd' || (o.multifdChannels ?? 1) > 1)) {
+    throw badRequest('conflicting_options', 'postcopy runs on one plain stream (qemu 7.2 has no multifd postcopy): allowPostcopy excludes compression and multifdChannels above 1');
+  }
+  if (o.deadlineAction === 'postcopy' && !o.allowPostcopy) {
+    throw badRequest('conflicting_options', 'deadlineAction postcopy needs allowPostcopy');
+  }
+}
+
+/** The caller's options over the defaults: with allowPostcopy and no deadline action of its own, the deadline switches to postcopy. */
+export function migrationOptions(asked: Partial<MigrationOptions>): MigrationOptions {
+  return { ...DEFAULT_OPTIONS, ...(asked.allowPostcopy && asked.deadlineAction === undefined ? { deadlineAction: 'postcopy' as const } : {}), ...asked };
 }
 
 /** The destination's answer to an offer: the lower channel count of the two agents, the offer's compression. */
@@ -255,6 +296,8 @@ export const AUTO_CONVERGE_ENGAGED = { 'cpu-throttle-initial': 20, 'cpu-throttle
 export function sourceCapabilities(o: MigrationOptions, t: StreamTransport): Array<{ capability: string; state: boolean }> {
   return [
     { capability: 'events', state: true },
+    // Set on both ends before the stream starts; the switch itself is migrate-start-postcopy.
+    { capability: 'postcopy-ram', state: o.allowPostcopy === true },
     { capability: 'auto-converge', state: o.autoConverge },
     // The destination reads xbzrle pages whatever its own capability says.
     { capability: 'xbzrle', state: o.xbzrle },
@@ -267,9 +310,14 @@ export function destinationCapabilities(t: StreamTransport): Array<{ capability:
   return [{ capability: 'events', state: true }, ...transportCapabilities(t)];
 }
 
+/** Set on its own at the destination: it is the one capability a host may lack (qemu needs userfaultfd to receive postcopy). */
+export const POSTCOPY_CAPABILITY = [{ capability: 'postcopy-ram', state: true }];
+
 export function sourceParameters(o: MigrationOptions, t: StreamTransport): Record<string, number | string> {
   return {
     'max-bandwidth': o.bandwidthMiBps ? o.bandwidthMiBps * 1024 * 1024 : UNLIMITED_BYTES_PER_SEC,
+    // qemu's limit for the pages a postcopy sends unasked; 0 (its default) is unlimited.
+    'max-postcopy-bandwidth': o.bandwidthMiBps ? o.bandwidthMiBps * 1024 * 1024 : 0,
     ...(o.downtimeLimitMs ? { 'downtime-limit': o.downtimeLimitMs } : {}),
     ...transportParameters(t),
     ...(o.autoConverge ? AUTO_CONVERGE_HELD : {}),

@@ -16,6 +16,7 @@ export const SOURCE_PHASES = [
   'preparing', // Prepare2 is being sent to the destination
   'prepared', // the destination answered a URI; its qemu waits for the stream
   'streaming', // QMP migrate issued; the guest runs (live) while memory streams
+  'postcopy', // migrate-start-postcopy issued: the destination runs the guest; pages it lacks stream from here
   'stream-completed', // the stream completed; the source guest is paused (postmigrate)
   'asking-outcome', // Finish2(rc=0) sent; outcome not yet known: the source stays paused
   'confirmed', // the destination owns the guest; the source qemu is being ended
@@ -28,6 +29,7 @@ export const DESTINATION_PHASES = [
   'listening', // qemu listens (-incoming defer + migrate-incoming); the lease runs
   'receiving', // the stream is under way; the stream watch runs
   'received', // the stream completed; the guest is paused here, waiting for Finish2
+  'postcopy-active', // the source switched to postcopy: this host owns the guest and runs it while the rest arrives
   'taking-over', // Finish2(rc=0) accepted: this host owns the guest; resuming it
   'aborting', // Finish2(rc!=0), a lease expiry or a failed stream: ending the empty qemu
   'done', // terminal
@@ -60,6 +62,12 @@ export type PhaseBound =
   | { kind: 'request-timeout' }
   /** The source's: the stream's progress timeout (progressTimeoutSeconds) cancels it. */
   | { kind: 'progress-timeout' }
+  /**
+   * The stream runs in postcopy: neither qemu is ever ended (the destination runs the guest, the
+   * source holds the pages it lacks). A broken stream is recovered by the source, attempt after
+   * attempt for postcopyRecoverySeconds, then on an operator's POST /jobs/{id}/recover.
+   */
+  | { kind: 'postcopy-recovery' }
   /** Nothing: only the peer (or an operator's resolution) may end it; the guest meanwhile stays safe. */
   | { kind: 'waits-for-peer' }
   /** The agent's own work, not the peer's: it ends as soon as the agent carries it out. */
@@ -88,6 +96,9 @@ const ROLL_BACK = 'rolls back';
 const ASK_AGAIN = 'asks the outcome again';
 const END_EMPTY = 'ends the empty qemu';
 const TERMINAL = 'nothing (terminal)';
+// Once the switch to postcopy is asked, the destination's word decides: if its qemu switched, the guest
+// ran there and neither copy is whole, so the job only goes forward, to the stream's end.
+const FOLLOW_POSTCOPY = 'follows the postcopy to its end (a broken stream is recovered), never ends either qemu';
 
 export const SOURCE_OBLIGATIONS: Record<SourcePhase, PhaseObligations> = {
   preparing: { decides: 'source', cancel: 'rolls-back', bound: { kind: 'request-timeout' }, restart: ROLL_BACK, crash: ROLL_BACK },
@@ -97,6 +108,7 @@ export const SOURCE_OBLIGATIONS: Record<SourcePhase, PhaseObligations> = {
     restart: 'finishes as after the stream if qemu completed it and no cancel was answered; else rolls back',
     crash: ROLL_BACK,
   },
+  postcopy: { decides: 'destination', cancel: 'refused', bound: { kind: 'postcopy-recovery' }, restart: FOLLOW_POSTCOPY, crash: FOLLOW_POSTCOPY },
   'stream-completed': { decides: 'destination', cancel: 'refused', bound: { kind: 'waits-for-peer' }, restart: ASK_AGAIN, crash: ASK_AGAIN },
   'asking-outcome': { decides: 'destination', cancel: 'refused', bound: { kind: 'waits-for-peer' }, restart: ASK_AGAIN, crash: ASK_AGAIN },
   confirmed: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'ends the source copy', crash: 'ends the source copy' },
@@ -112,6 +124,7 @@ export const DESTINATION_OBLIGATIONS: Record<DestinationPhase, PhaseObligations>
     restart: 'takes the stream\'s end if qemu saw it, else watches again', crash: END_EMPTY,
   },
   received: { decides: 'source', cancel: 'refused', bound: { kind: 'lease', why: 'no Finish2 after the stream ended' }, restart: 'waits under a fresh lease', crash: END_EMPTY },
+  'postcopy-active': { decides: 'decided', cancel: 'refused', bound: { kind: 'postcopy-recovery' }, restart: FOLLOW_POSTCOPY, crash: FOLLOW_POSTCOPY },
   'taking-over': { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: 'completes the hand-over', crash: 'completes the hand-over' },
   aborting: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: END_EMPTY, crash: END_EMPTY },
   done: { decides: 'decided', cancel: 'refused', bound: { kind: 'local' }, restart: TERMINAL, crash: TERMINAL },
@@ -120,7 +133,10 @@ export const DESTINATION_OBLIGATIONS: Record<DestinationPhase, PhaseObligations>
 const SOURCE_NEXT: Record<SourcePhase, readonly SourcePhase[]> = {
   preparing: ['prepared', 'rolling-back'],
   prepared: ['streaming', 'rolling-back'],
-  streaming: ['stream-completed', 'rolling-back'],
+  streaming: ['stream-completed', 'rolling-back', 'postcopy'],
+  // The stream's end, then the destination's word: it owns the guest (confirmed), it never ran it
+  // (the switch did not reach it: rolling-back, the copy here is whole), or it ran it and lost it (done, failed).
+  postcopy: ['confirmed', 'rolling-back', 'done'],
   'stream-completed': ['asking-outcome'],
   'asking-outcome': ['confirmed', 'rolling-back'],
   confirmed: ['done'],
@@ -130,9 +146,11 @@ const SOURCE_NEXT: Record<SourcePhase, readonly SourcePhase[]> = {
 
 const DESTINATION_NEXT: Record<DestinationPhase, readonly DestinationPhase[]> = {
   'starting-incoming': ['listening', 'aborting'],
-  listening: ['receiving', 'received', 'taking-over', 'aborting'],
-  receiving: ['received', 'taking-over', 'aborting'],
+  listening: ['receiving', 'received', 'postcopy-active', 'taking-over', 'aborting'],
+  receiving: ['received', 'postcopy-active', 'taking-over', 'aborting'],
   received: ['taking-over', 'aborting'],
+  // The guest runs here: the job ends with the stream (completed), or when its qemu is gone (failed: the guest is lost).
+  'postcopy-active': ['done'],
   'taking-over': ['done', 'aborting'],
   aborting: ['done'],
   done: [],

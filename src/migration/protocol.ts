@@ -72,6 +72,11 @@ export interface Finish2Response {
   /** finished: the destination owns and runs (or holds paused) the guest; aborted: its qemu is gone. */
   outcome: 'finished' | 'aborted';
   state?: string;
+  /**
+   * The stream switched to postcopy here: the guest ran here, so the source's copy is out of date
+   * (absent or false: it never ran here, and an aborted migration leaves the source's copy whole).
+   */
+  postcopy?: boolean;
   error?: { code: string; message: string };
 }
 

@@ -1,3 +1,4 @@
+import type { RecoverRequest, RecoverResponse } from './postcopy.js';
 import type { Logger } from '../log.js';
 import type { AgentConfig } from '../config.js';
 import type { RecordStore } from '../store/state-store.js';
@@ -82,6 +83,18 @@ export class MigrationService {
 
   cancel(id: string): Promise<Job> {
     return this.source.cancel(id);
+  }
+
+  complete(id: string, mode?: 'postcopy' | 'pause'): Promise<Job> {
+    return this.source.complete(id, mode);
+  }
+
+  recoverPostcopy(id: string): Promise<Job> {
+    return this.source.recoverPostcopy(id);
+  }
+
+  recover2(req: RecoverRequest): Promise<RecoverResponse> {
+    return this.destination.recoverPostcopy(req);
   }
 
   forecast(req: { domain: string; destination?: string; options?: ForecastOptions }): Promise<Forecast> {

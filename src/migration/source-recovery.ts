@@ -1,4 +1,4 @@
-import { TERMINAL_STREAM_STATUSES, type MigrationMonitor } from '../qemu/migration-monitor.js';
+import { POSTCOPY_STREAM_STATUSES, TERMINAL_STREAM_STATUSES, type MigrationMonitor } from '../qemu/migration-monitor.js';
 import { unhandledPhase } from './phases.js';
 import { CRASHED_JOB_RETRY_MS, type SourceJob } from './jobs.js';
 import type { MigratingDomain } from './domains.js';
@@ -14,6 +14,8 @@ export interface SourceEndings {
   rollBack(job: SourceJob, entry: MigratingDomain | undefined, why: StreamEnded): Promise<void>;
   /** The stream completed: ask the destination who owns the guest. */
   finishCompleted(job: SourceJob, entry: MigratingDomain | undefined): Promise<void>;
+  /** The stream runs in postcopy: follow it to its end (recovering it when it breaks), never resuming the guest here. */
+  followPostcopy(job: SourceJob, entry: MigratingDomain | undefined): Promise<void>;
 }
 
 /**
@@ -55,6 +57,8 @@ export class SourceRecovery {
       case 'stream-completed':
       case 'asking-outcome':
         return this.endings.finishCompleted(job, entry);
+      case 'postcopy':
+        return this.endings.followPostcopy(job, entry);
       case 'preparing':
       case 'prepared':
       case 'streaming':
@@ -75,6 +79,11 @@ export class SourceRecovery {
     let status = 'none';
     if (monitor) {
       status = await streamStatus(monitor);
+      // Never cancelled: the destination runs the guest. (The phase is written before the switch, so only a record from a lost write gets here.)
+      if (POSTCOPY_STREAM_STATUSES.has(status)) {
+        await this.ctx.jobs.setPhase(job, 'postcopy');
+        return this.endings.followPostcopy(job, entry);
+      }
       if (status !== 'none' && !TERMINAL_STREAM_STATUSES.has(status)) {
         await monitor.cancelMigration().catch(() => undefined);
         status = await settledStreamStatus(monitor);
@@ -115,6 +124,9 @@ export class SourceRecovery {
             break;
           case 'confirmed':
             await this.endings.confirm(job, entry);
+            break;
+          case 'postcopy':
+            await this.endings.followPostcopy(job, entry);
             break;
           case 'done':
             break;

@@ -2,13 +2,15 @@ import { randomUUID } from 'node:crypto';
 import { AgentError, conflict } from '../errors.js';
 import type { MigrationMonitor } from '../qemu/migration-monitor.js';
 import { SOURCE_OBLIGATIONS } from './phases.js';
-import { agreedTransport, checkTransportOptions, DEFAULT_OPTIONS, offerTransport, sourceCapabilities, sourceParameters, parseDestUri, PeerProtocolError, streamUriFromPeer, tuningParameters, type MigrationOptions, type StreamTuning } from './params.js';
+import { agreedTransport, checkTransportOptions, migrationOptions, offerTransport, sourceCapabilities, sourceParameters, parseDestUri, PeerProtocolError, streamUriFromPeer, tuningParameters, type MigrationOptions, type StreamTuning } from './params.js';
 import { PeerRefusedError } from './peer-client.js';
 import { isLoopback, type AgentConfig } from '../config.js';
 import { isSourceJob, type JobPatch, type SourceJob } from './jobs.js';
 import type { MigratingDomain } from './domains.js';
 import { Finish2Exchange, sleep } from './finish2-exchange.js';
-import { followStream, qemuFigures, StreamEnded, type StreamCompletion } from './stream-follower.js';
+import { followStream, qemuFigures, StreamEnded, type PostcopySwitch, type StreamCompletion } from './stream-follower.js';
+import { PostcopySource } from './postcopy.js';
+import type { Finish2Response } from './protocol.js';
 import { SourceRecovery } from './source-recovery.js';
 import { buildForecast, lastStreamRate, type Forecast, type ForecastOptions } from './forecast.js';
 import { FINISH_TOKEN_PATTERN, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
@@ -44,16 +46,19 @@ export class SourceSide {
   private closed = false;
   private readonly finish2: Finish2Exchange;
   private readonly recovery: SourceRecovery;
+  private readonly postcopy: PostcopySource;
 
   constructor(ctx: MigrationContext) {
     this.ctx = ctx;
     this.finish2 = new Finish2Exchange(ctx, () => this.closed);
+    this.postcopy = new PostcopySource(ctx, () => this.closed);
     this.recovery = new SourceRecovery(
       ctx,
       {
         confirm: (job, entry) => this.confirm(job, entry),
         rollBack: (job, entry, why) => this.rollBack(job, entry, why),
         finishCompleted: (job, entry) => this.finishCompleted(job, entry),
+        followPostcopy: (job, entry) => this.followPostcopy(job, entry),
       },
       this.finish2,
       () => this.closed,
@@ -94,7 +99,7 @@ export class SourceSide {
               retryAfterSeconds: 5,
             });
           }
-          const options: MigrationOptions = { ...DEFAULT_OPTIONS, ...req.options, ...(req.desturi ? { desturi: req.desturi } : {}) };
+          const options: MigrationOptions = { ...migrationOptions(req.options ?? {}), ...(req.desturi ? { desturi: req.desturi } : {}) };
           // A guest paused here arrives paused, whatever the flags say (as libvirt keeps it).
           if (!runningBeforeMigration) options.paused = true;
           job = await jobs.create(
@@ -114,10 +119,15 @@ export class SourceSide {
 
   private async run(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor): Promise<void> {
     const { log } = this.ctx;
-    let completion: StreamCompletion;
+    let completion: StreamCompletion | PostcopySwitch;
     try {
       completion = await this.prepareAndStream(job, entry, monitor);
     } catch (err) {
+      // Past the phase write the stream may be in postcopy (a throw after the switch): forward only.
+      if (job.record.phase === 'postcopy') {
+        await this.followPostcopy(job, entry).catch((crash: unknown) => this.settleCrash(job, crash));
+        return;
+      }
       const ended =
         err instanceof StreamEnded
           ? err
@@ -126,7 +136,90 @@ export class SourceSide {
       await this.rollBack(job, entry, ended).catch((crash: unknown) => this.settleCrash(job, crash));
       return;
     }
+    if ('postcopy' in completion) {
+      await this.followPostcopy(job, entry).catch((crash: unknown) => this.settleCrash(job, crash));
+      return;
+    }
     await this.finishCompleted(job, entry, completion).catch((crash: unknown) => this.settleCrash(job, crash));
+  }
+
+  /**
+   * Switch the stream to postcopy: the phase first (from it, nothing resumes the guest here),
+   * then qemu. Shares its lock with cancel, so a cancel answered before the switch stops it, and
+   * none comes after it. False when a cancel came first.
+   */
+  private switchToPostcopy(job: SourceJob, monitor: MigrationMonitor): Promise<boolean> {
+    return this.ctx.jobs.locks.run(`stream:${job.id}`, async () => {
+      if (job.record.cancelRequested) return false;
+      const postcopy = { state: 'active' as const, startedAt: new Date().toISOString(), recoveries: 0, attempts: 0 };
+      await this.ctx.jobs.setPhase(job, 'postcopy', { ...(job.record.stats ? { stats: { ...job.record.stats, postcopy } } : {}) });
+      await this.ctx.hold('before-postcopy', job.id);
+      await monitor.startPostcopy();
+      this.ctx.log.warn({ migration: job.id, domain: job.record.domain }, 'stream switched to postcopy: the guest runs at the destination from now on');
+      return true;
+    });
+  }
+
+  /**
+   * Phase `postcopy` (also after a restart or a crash): follow the stream to its end, recovering
+   * it when it breaks; then the destination's word. `finished`: it owns the guest, the copy here
+   * ends. `aborted` without having switched (the switch never reached its qemu): the copy here is
+   * whole and the job rolls back. `aborted` after switching: the guest ran there and is lost with
+   * the stream (endPostcopyLost). Nothing here resumes a guest the destination ran.
+   */
+  private async followPostcopy(job: SourceJob, entry: MigratingDomain | undefined): Promise<void> {
+    const { log } = this.ctx;
+    const monitor = entry?.run?.monitor;
+    const end = monitor
+      ? await this.postcopy.follow(job, monitor)
+      : { kind: 'failed' as const, code: 'source_qemu_ended', message: 'the source qemu ended during postcopy: the pages it had not sent yet are lost with it' };
+    if (end.kind === 'closing') return;
+    const body = { migrationId: job.id, uuid: job.record.uuid, finishToken: job.record.finishToken };
+    let answer: Finish2Response;
+    let finish: NonNullable<SourceJob['record']['finish']>;
+    if (end.kind === 'completed') {
+      const outcome = await this.finish2.until(job, { ...body, rc: 0 });
+      if (!outcome) return;
+      ({ answer, finish } = outcome);
+    } else {
+      // The stream cannot complete from here: one report; a destination that switched keeps the guest whatever it is told.
+      try {
+        answer = await this.ctx.peers.call<Finish2Response>(job.record.peer.url!, 'POST', '/finish2', { ...body, rc: 1, error: end.message }, 30_000);
+      } catch (err) {
+        answer = { migrationId: job.id, outcome: 'aborted', postcopy: true, error: { code: end.code, message: `${end.message}; the destination did not answer (${(err as Error).message})` } };
+      }
+      finish = { rc: 1, attempts: 1, outcome: answer.outcome };
+    }
+    if (answer.outcome === 'finished') {
+      const timings = end.kind === 'completed'
+        ? { ...job.record.timings, postcopyMs: end.endedAt - Date.parse(job.record.stats?.postcopy?.startedAt ?? job.record.updatedAt), ...(await qemuFigures(monitor, end.info)) }
+        : job.record.timings;
+      return this.confirm(job, entry, { waiting: undefined, finish, timings });
+    }
+    if (!answer.postcopy) {
+      log.warn({ migration: job.id, error: answer.error }, 'the switch to postcopy never reached the destination, which aborted; resuming the source');
+      const why = new StreamEnded('failed', answer.error?.code ?? 'destination_aborted', answer.error?.message ?? 'the destination aborted before switching to postcopy');
+      return this.rollBack(job, entry, why, { waiting: undefined, finish });
+    }
+    log.error({ migration: job.id, err: answer.error }, 'the postcopy stream ended without completing');
+    return this.endPostcopyLost(job, entry, end.kind === 'failed' ? { ...answer, error: { code: end.code, message: end.message } } : answer, finish);
+  }
+
+  /**
+   * Past the switch to postcopy, the destination does not hold the whole guest: neither copy is
+   * the guest any more. Nothing is resumed or ended here (an operator decides what is left); the
+   * job fails and says so.
+   */
+  private async endPostcopyLost(job: SourceJob, entry: MigratingDomain | undefined, answer: Finish2Response, finish: NonNullable<SourceJob['record']['finish']>): Promise<void> {
+    const error = {
+      code: answer.error?.code ?? 'postcopy_failed',
+      message:
+        `${answer.error?.message ?? 'the destination did not complete the postcopy stream'}. The guest ran at the destination since the switch to postcopy ` +
+        'and its memory was split between both hosts: the copy here stays paused and is not resumed (it is out of date); check the destination before ending either qemu',
+    };
+    await this.ctx.jobs.update(job, { finish, waiting: undefined });
+    if (entry) this.ctx.domains.release(entry);
+    await this.ctx.jobs.end(job, 'failed', error);
   }
 
   /** A throw escaped a job's own handling: carried on by its phase's crash rule (see SourceRecovery). Never rejects. */
@@ -140,7 +233,7 @@ export class SourceSide {
   }
 
   /** Prepare2, QMP set-up and the stream, to its completion. */
-  private async prepareAndStream(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor): Promise<StreamCompletion> {
+  private async prepareAndStream(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor): Promise<StreamCompletion | PostcopySwitch> {
     const { jobs } = this.ctx;
     const { options, peer } = job.record;
     const started = Date.now();
@@ -194,7 +287,7 @@ export class SourceSide {
     await monitor.migrate(uri);
     // A cancel answered before this point found no stream to cancel: cancel it now.
     if (job.record.cancelRequested) await monitor.cancelMigration();
-    return followStream(job, monitor, this.ctx);
+    return followStream(job, monitor, this.ctx, () => this.switchToPostcopy(job, monitor));
   }
 
   /**
@@ -369,10 +462,46 @@ export class SourceSide {
     if (SOURCE_OBLIGATIONS[job.record.phase].cancel === 'refused') {
       throw conflict('too_late_to_cancel', `job ${id} is past the stream (phase ${job.record.phase}); the destination decides now`, { job: id });
     }
-    // Written before the answer: the stream's start and a restarted agent's recovery both honour it.
-    await this.ctx.jobs.update(job, { cancelRequested: true });
-    const entry = this.ctx.domains.find(job.record.domain);
-    if (job.record.phase === 'streaming' && entry?.run) await entry.run.monitor.cancelMigration();
+    // Under the switch's lock: a stream switched to postcopy must never be cancelled (the guest would be lost).
+    return this.ctx.jobs.locks.run(`stream:${id}`, async () => {
+      if (SOURCE_OBLIGATIONS[job.record.phase].cancel === 'refused') {
+        throw conflict('too_late_to_cancel', `job ${id} is past the stream (phase ${job.record.phase}); the destination decides now`, { job: id });
+      }
+      // Written before the answer: the stream's start and a restarted agent's recovery both honour it.
+      await this.ctx.jobs.update(job, { cancelRequested: true });
+      const entry = this.ctx.domains.find(job.record.domain);
+      if (job.record.phase === 'streaming' && entry?.run) await entry.run.monitor.cancelMigration();
+      return job;
+    });
+  }
+
+  /**
+   * Complete a running stream now (POST /jobs/{id}/complete): `postcopy` switches it to postcopy
+   * (the migration must allow it), `pause` pauses the guest so the rest copies. Default: postcopy
+   * where allowed, else pause. Carried out by the stream follower within a poll.
+   */
+  async complete(id: string, mode?: 'postcopy' | 'pause'): Promise<SourceJob> {
+    const job = this.ctx.jobs.require(id);
+    if (!isSourceJob(job)) throw conflict('not_completable', 'only the source side of a migration completes its stream', { job: id });
+    if (job.terminal) throw conflict('job_ended', `job ${id} already ${job.record.status}`, { job: id });
+    const chosen = mode ?? (job.record.options.allowPostcopy ? 'postcopy' : 'pause');
+    if (chosen === 'postcopy' && !job.record.options.allowPostcopy) {
+      throw conflict('postcopy_not_allowed', `job ${id} was started without allowPostcopy: its stream is not set up for postcopy (use mode pause)`, { job: id });
+    }
+    if (SOURCE_OBLIGATIONS[job.record.phase].decides !== 'source' || job.record.cancelRequested) {
+      throw conflict('too_late_to_complete', `job ${id} is past the stream or cancelled (phase ${job.record.phase})`, { job: id });
+    }
+    if (!job.record.completeRequested) await this.ctx.jobs.update(job, { completeRequested: { mode: chosen, at: new Date().toISOString() } });
+    return job;
+  }
+
+  /** An operator's POST /jobs/{id}/recover: the broken postcopy stream is recovered again, at once (its bound starts afresh). */
+  async recoverPostcopy(id: string): Promise<SourceJob> {
+    const job = this.ctx.jobs.require(id);
+    if (!isSourceJob(job) || job.terminal || job.record.phase !== 'postcopy' || !this.postcopy.recoverNow(id)) {
+      throw conflict('not_in_postcopy', `job ${id} is not a source job following a postcopy stream (status ${job.record.status}, phase ${job.record.phase})`, { job: id });
+    }
+    this.ctx.log.warn({ migration: id }, 'postcopy recovery asked by an operator');
     return job;
   }
 

@@ -31,6 +31,13 @@ export interface StreamCompletion {
   info: MigrationInfo;
 }
 
+/** The stream left pre-copy for postcopy: the job goes on in phase `postcopy` (see postcopy.ts). */
+export interface PostcopySwitch {
+  postcopy: true;
+  /** The source vCPUs stopped for the switch (qemu's STOP), when seen. */
+  stoppedAt?: number;
+}
+
 /** The stream ended without completing: how the job ends, and why. */
 export class StreamEnded extends Error {
   readonly status: 'failed' | 'cancelled';
@@ -46,13 +53,15 @@ export class StreamEnded extends Error {
  * Follow the source's stream (query-migrate, woken early by MIGRATION events) until it ends,
  * carrying out the convergence policy; the job's timings get the first byte and qemu's own
  * figures. Throws StreamEnded when the stream did not complete, or completed after a cancel was
- * answered (the destination resumes only on Finish2 rc=0, which is then never sent).
+ * answered (the destination resumes only on Finish2 rc=0, which is then never sent). Returns a
+ * PostcopySwitch once `switchToPostcopy` (the phase written, then qemu told) said it switched.
  */
 export async function followStream(
   job: SourceJob,
   monitor: MigrationMonitor,
   deps: { jobs: JobRegistry; log: Logger; resetStream: (host: string, port: number) => Promise<void> },
-): Promise<StreamCompletion> {
+  switchToPostcopy: () => Promise<boolean>,
+): Promise<StreamCompletion | PostcopySwitch> {
   const { jobs, log } = deps;
   let cancelledAt: number | undefined;
   let connectionsReset = false;
@@ -63,6 +72,7 @@ export async function followStream(
   // An event that arrives while query-migrate is in flight must still cut the next wait short.
   let eventPending = false;
   let stoppedAt: number | undefined;
+  let completing = false;
   const createdAt = Date.parse(job.record.createdAt);
   const streaming = () => {
     if (job.record.timings.firstByteMs === undefined) job.record.timings = { ...job.record.timings, firstByteMs: Date.now() - createdAt };
@@ -109,8 +119,20 @@ export async function followStream(
       }
       if (info.status === 'active' && info.ram) {
         const { remainingBytes, transferredBytes, totalBytes } = info.ram;
-        const action = policy.observe({ remainingBytes, transferredBytes, totalBytes, ...(info.cpuThrottlePercent !== undefined ? { cpuThrottlePercent: info.cpuThrottlePercent } : {}) }, Date.now());
-        await carryOut(action, policy, monitor, job, log);
+        let action = policy.observe({ remainingBytes, transferredBytes, totalBytes, ...(info.cpuThrottlePercent !== undefined ? { cpuThrottlePercent: info.cpuThrottlePercent } : {}) }, Date.now());
+        const asked = job.record.completeRequested;
+        if (asked && !completing) {
+          // The caller's word comes before the policy's: it ends the ladder.
+          completing = true;
+          policy.completing(asked.mode);
+          action = { kind: asked.mode };
+          log.info({ migration: job.id, mode: asked.mode }, 'completing the stream as asked');
+        }
+        if (action.kind === 'postcopy') {
+          // Written with the switch's phase: the policy's last step is the switch.
+          if (job.record.stats) jobs.setStats(job, { ...job.record.stats, convergence: policy.state() });
+          if (await switchToPostcopy()) return { postcopy: true, ...(stoppedAt !== undefined ? { stoppedAt } : {}) };
+        } else await carryOut(action, policy, monitor, job, log);
       }
       if ((job.record.cancelRequested || policy.gaveUp) && cancelledAt === undefined) cancelledAt = Date.now();
       if (cancelledAt !== undefined && !connectionsReset && !TERMINAL_STREAM_STATUSES.has(info.status) && Date.now() - cancelledAt > CANCEL_SETTLE_MS && job.record.uri) {
@@ -171,8 +193,10 @@ async function carryOut(action: ConvergenceAction, policy: ConvergencePolicy, mo
       return;
     case 'pause':
       await monitor.pause();
-      log.warn({ migration }, 'completion deadline passed; the guest is paused so the rest of its memory copies (pause and finish)');
+      log.warn({ migration }, 'the guest is paused so the rest of its memory copies (pause and finish)');
       return;
+    case 'postcopy':
+      return; // carried out by followStream itself: the phase is written first
     case 'cancel':
       await monitor.cancelMigration();
       return;
@@ -199,7 +223,7 @@ export async function qemuFigures(monitor: MigrationMonitor | undefined, info: M
   };
 }
 
-function toStats(info: MigrationInfo): MigrationStats {
+export function toStats(info: MigrationInfo): MigrationStats {
   const ram = info.ram;
   const transferred = ram?.transferredBytes ?? 0;
   const total = ram?.totalBytes ?? 0;

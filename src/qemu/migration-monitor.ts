@@ -31,8 +31,16 @@ export interface MigrationMonitor {
   cancelDirtyLimit(): Promise<void>;
   /** Source: start streaming to `uri` (tcp:HOST:PORT). */
   migrate(uri: string): Promise<void>;
-  /** Source: cancel the stream; the guest stays here. */
+  /** Source: cancel the stream; the guest stays here. Never during postcopy: the guest would be lost. */
   cancelMigration(): Promise<void>;
+  /** Source: switch the stream to postcopy (migrate-start-postcopy; needs the postcopy-ram capability on both ends). */
+  startPostcopy(): Promise<void>;
+  /** Either end: break a postcopy stream that hangs on a dead link, so that it can be recovered (migrate-pause). */
+  pausePostcopy(): Promise<void>;
+  /** Destination: a paused postcopy listens on `uri` for the source to resume it (migrate-recover). */
+  listenForRecovery(uri: string): Promise<void>;
+  /** Source: resume a paused postcopy stream to the destination now listening on `uri` (migrate with resume). */
+  resumePostcopy(uri: string): Promise<void>;
   /** Destination: a qemu started with -incoming defer listens on `uri`. */
   listenIncoming(uri: string): Promise<void>;
   /** Run the guest again after its outgoing stream ended; the error if it could not within `timeoutMs` (see resumeAfterMigration). */
@@ -47,6 +55,12 @@ export interface MigrationMonitor {
 export type MigrationStatus = 'none' | 'active' | 'completed' | 'failed' | 'cancelled' | 'cancelling' | (string & {});
 
 export const TERMINAL_STREAM_STATUSES: ReadonlySet<string> = new Set(['completed', 'failed', 'cancelled']);
+
+/**
+ * The statuses of a stream switched to postcopy: from then the destination runs the guest and the
+ * source holds pages it lacks, so neither copy may be ended or resumed until the stream completes.
+ */
+export const POSTCOPY_STREAM_STATUSES: ReadonlySet<string> = new Set(['postcopy-active', 'postcopy-paused', 'postcopy-recover']);
 
 /** query-migrate's answer, in milliseconds and bytes. */
 export interface MigrationInfo {
@@ -179,6 +193,22 @@ export class QmpMigrationMonitor implements MigrationMonitor {
 
   async cancelMigration(): Promise<void> {
     await this.qmp.execute('migrate_cancel');
+  }
+
+  async startPostcopy(): Promise<void> {
+    await this.qmp.execute('migrate-start-postcopy');
+  }
+
+  async pausePostcopy(): Promise<void> {
+    await this.qmp.execute('migrate-pause');
+  }
+
+  async listenForRecovery(uri: string): Promise<void> {
+    await this.qmp.execute('migrate-recover', { uri });
+  }
+
+  async resumePostcopy(uri: string): Promise<void> {
+    await this.qmp.execute('migrate', { uri, resume: true });
   }
 
   async listenIncoming(uri: string): Promise<void> {

@@ -109,24 +109,68 @@ export class SimQemu {
   private advance(): void {
     const target = this.peer;
     if (!target) return;
-    if (this.host.world.linkDown) return; // bytes do not flow; qemu waits on the socket
+    const steps = this.host.world.streamSteps;
+    if (this.migration === 'postcopy-paused' || this.migration === 'postcopy-recover') return;
+    if (this.host.world.linkDown) {
+      // A postcopy stream breaks on a dead link (its page requests fail): both ends pause. Else bytes do not flow; qemu waits on the socket.
+      if (this.migration === 'postcopy-active') this.pausePostcopy();
+      return;
+    }
     this.step++;
-    target.receivedBytes += GUEST_BYTES / STREAM_STEPS;
-    if (this.host.world.streamsBreak && this.step === STREAM_STEPS / 2) {
+    target.receivedBytes += GUEST_BYTES / steps;
+    if (this.host.world.streamsBreak && this.step === steps / 2) {
       this.breakStream('failed');
       return;
     }
-    if (this.step < STREAM_STEPS) return;
+    if (this.step < steps) return;
     clearInterval(this.streamTimer);
-    // Switch-over: the source stops, the last pages go, both sides complete.
-    this.running = false;
-    this.emit({ kind: 'stopped', atMs: Date.now() });
+    // Switch-over: the source stops, the last pages go, both sides complete (a postcopy's source stopped at the switch).
+    if (this.migration === 'active') {
+      this.running = false;
+      this.emit({ kind: 'stopped', atMs: Date.now() });
+    }
     target.holdsGuest = true;
     target.listenUri = undefined;
     this.setStatus('completed');
     target.setStatus('completed');
     this.peer = undefined;
     target.peer = undefined;
+  }
+
+  /** Source: migrate-start-postcopy. The source stops; the destination takes the guest's state and may run it. */
+  startPostcopy(): void {
+    const target = this.peer;
+    if (this.migration !== 'active' || !target) throw new Error(`postcopy cannot start: the migration is ${this.migration}`);
+    if (!this.capabilities.get('postcopy-ram') || !target.capabilities.get('postcopy-ram')) throw new Error('postcopy-ram is not set on both ends');
+    this.running = false;
+    this.emit({ kind: 'stopped', atMs: Date.now() });
+    this.setStatus('postcopy-active');
+    target.setStatus('postcopy-active');
+  }
+
+  /** Either end: the postcopy stream breaks; both ends pause and keep what they hold. */
+  pausePostcopy(): void {
+    const target = this.peer;
+    if (this.migration !== 'postcopy-active' || !target) return;
+    this.setStatus('postcopy-paused');
+    target.setStatus('postcopy-paused');
+  }
+
+  /** Destination: listen for the source to resume the paused postcopy. */
+  listenForRecovery(uri: string): void {
+    if (this.migration !== 'postcopy-paused') throw new Error('Migrate recover can only be run when postcopy is paused.');
+    this.listenUri = uri;
+    this.setStatus('postcopy-recover');
+  }
+
+  /** Source: resume the paused postcopy at `uri`; a connection that fails leaves it paused (as qemu's does). */
+  resumePostcopy(uri: string): void {
+    if (this.migration !== 'postcopy-paused') throw new Error('Cannot resume if there is no paused migration');
+    const target = this.host.world.listenerAt(uri);
+    if (!target || target !== this.peer || target.migration !== 'postcopy-recover' || this.host.world.linkDown) return;
+    target.listenUri = undefined;
+    this.setStatus('postcopy-active');
+    target.setStatus('postcopy-active');
   }
 
   /** Source: migrate_cancel. The destination's qemu sees its stream break, and exits (as qemu does). */
@@ -204,7 +248,7 @@ class SimMonitor implements MigrationMonitor {
     return this.command(() => {
       const q = this.qemu;
       const info: MigrationInfo = { status: q.migration };
-      if (q.migration === 'active' || q.migration === 'completed') {
+      if (q.migration === 'active' || q.migration === 'completed' || q.migration.startsWith('postcopy-')) {
         info.ram = { transferredBytes: q.receivedBytes, remainingBytes: q.migration === 'completed' ? 0 : GUEST_BYTES / 2, totalBytes: GUEST_BYTES, mbps: 1000, dirtyPagesRate: 0, iterations: 1 };
       }
       if (q.migration === 'completed') Object.assign(info, { totalTimeMs: STREAM_STEPS * STREAM_STEP_MS, downtimeMs: STREAM_STEP_MS, setupTimeMs: 1 });
@@ -263,6 +307,22 @@ class SimMonitor implements MigrationMonitor {
     return this.command(() => {
       this.qemu.listenUri = uri;
     });
+  }
+
+  startPostcopy(): Promise<void> {
+    return this.command(() => this.qemu.startPostcopy());
+  }
+
+  pausePostcopy(): Promise<void> {
+    return this.command(() => this.qemu.pausePostcopy());
+  }
+
+  listenForRecovery(uri: string): Promise<void> {
+    return this.command(() => this.qemu.listenForRecovery(uri));
+  }
+
+  resumePostcopy(uri: string): Promise<void> {
+    return this.command(() => this.qemu.resumePostcopy(uri));
   }
 
   resumeAfterMigration(): Promise<Error | null> {
@@ -619,6 +679,7 @@ export class SimAgent {
   handle(path: string, body: unknown): Promise<unknown> {
     if (path === '/prepare2') return this.service.prepare2(body as never);
     if (path === '/finish2') return this.service.finish2(body as never);
+    if (path === '/recover2') return this.service.recover2(body as never);
     throw new AgentError(404, 'not_found', `no route ${path}`);
   }
 }
@@ -634,6 +695,8 @@ export class SimWorld {
   streamsBreak = false;
   /** A destination cannot run the guest that arrived (its resume fails). */
   handOverFails = false;
+  /** Steps of STREAM_STEP_MS a stream takes (longer ones leave time to switch to postcopy). */
+  streamSteps = STREAM_STEPS;
   writeHook?: WriteHook;
 
   constructor(config: Partial<AgentConfig> = {}) {

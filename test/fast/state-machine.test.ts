@@ -29,7 +29,7 @@ const FAULTS = {
 type FaultName = keyof typeof FAULTS;
 
 /** How the migration was going when the fault struck. */
-const PATHS = ['completes', 'stream breaks', 'cancelled while streaming', 'hand-over fails'] as const;
+const PATHS = ['completes', 'stream breaks', 'cancelled while streaming', 'hand-over fails', 'switched to postcopy'] as const;
 type PathName = (typeof PATHS)[number];
 
 const GUEST_STATES = ['running', 'paused'] as const;
@@ -82,6 +82,8 @@ export async function run(s: Scenario): Promise<Outcome> {
   await b.startAgent();
   if (s.path === 'stream breaks') world.streamsBreak = true;
   if (s.path === 'hand-over fails') world.handOverFails = true;
+  // Long enough a stream for the caller's complete (asked once Prepare2 is answered) to switch it.
+  if (s.path === 'switched to postcopy') world.streamSteps = 20;
 
   const fault = FAULTS[s.fault];
   let reached = false;
@@ -89,11 +91,16 @@ export async function run(s: Scenario): Promise<Outcome> {
   const restart = (host: SimHost, afterMs: number) =>
     restarts.push(new Promise((r) => setTimeout(r, afterMs)).then(() => host.startAgent()));
   let cancelAsked = false;
+  let completeAsked = false;
   world.writeHook = (host, record) => {
     // The caller cancels a moment after the stream was set up: before or during qemu's stream.
     if (s.path === 'cancelled while streaming' && !cancelAsked && record.role === 'source' && record.phase === 'streaming') {
       cancelAsked = true;
       setTimeout(() => a.agent?.service.cancel(record.id).catch(() => undefined), 5);
+    }
+    if (s.path === 'switched to postcopy' && !completeAsked && record.role === 'source' && record.phase === 'prepared') {
+      completeAsked = true;
+      setTimeout(() => a.agent?.service.complete(record.id, 'postcopy').catch(() => undefined), 0);
     }
     if (reached || host !== roleHost || record.role !== s.role) return undefined;
     const stored = enteredPhase(record, s.phase);
@@ -125,7 +132,7 @@ export async function run(s: Scenario): Promise<Outcome> {
   const migrationId = randomUUID();
   const source = a.agent!;
   const answered = await Promise.race([
-    source.service.perform({ domain: 'vm', destination: b.url, migrationId }).then(() => null, (err: Error) => err),
+    source.service.perform({ domain: 'vm', destination: b.url, migrationId, ...(s.path === 'switched to postcopy' ? { options: { allowPostcopy: true } } : {}) }).then(() => null, (err: Error) => err),
     new Promise<null>((resolve) => source.onDeath(() => resolve(null))),
   ]);
   const job = { id: migrationId };

@@ -1,0 +1,203 @@
+import type { MigrationInfo, MigrationMonitor } from '../qemu/migration-monitor.js';
+import type { PostcopyState, SourceJob } from './jobs.js';
+import { streamUriFromPeer } from './params.js';
+import type { MigrationContext } from './protocol.js';
+import { toStats } from './stream-follower.js';
+
+const POLL_MS = 250;
+/**
+ * A postcopy stream that moves no byte for this long while pages remain hangs on a dead link (a
+ * frozen peer sends no RST: qemu would wait for TCP's own timeout, many minutes, with the guest
+ * stalled on the pages it lacks). It is broken on purpose (migrate-pause) so that it can be recovered.
+ */
+export const POSTCOPY_STALL_MS = 10_000;
+/** Pauses between recovery attempts of one break, the last one repeated until postcopyRecoverySeconds. */
+const RECOVERY_RETRY_MS = [500, 1000, 2000, 5000, 10_000];
+/** How long one recovery's calls may take: the destination's migrate-recover, then the source's resume. */
+const RECOVER2_TIMEOUT_MS = 30_000;
+
+/** How a followed postcopy stream ended, as the source saw it. */
+export type PostcopyEnd =
+  | { kind: 'completed'; info: MigrationInfo; endedAt: number }
+  /** qemu reports the stream failed, or the source qemu is gone: what it had not sent is lost with it. */
+  | { kind: 'failed'; code: string; message: string }
+  /** The agent is stopping: the job stays in phase `postcopy` for its next start. */
+  | { kind: 'closing' };
+
+export interface RecoverRequest {
+  migrationId: string;
+  finishToken?: string;
+}
+
+export interface RecoverResponse {
+  migrationId: string;
+  /** Where the destination's paused postcopy listens for the source to resume it (tcp:HOST:PORT). */
+  uri: string;
+}
+
+/**
+ * The source's half of a postcopy stream, from the switch to its end: the destination runs the
+ * guest and pulls the pages it lacks from here, so nothing in this phase may cancel the stream,
+ * resume the guest here or end either qemu. When the stream breaks (both qemus go to
+ * postcopy-paused, the guest stalls on its first missing page), the agents recover it by
+ * themselves: the destination listens anew (POST /recover2, migrate-recover) and this qemu
+ * resumes the stream there (migrate with resume), attempt after attempt for
+ * postcopyRecoverySeconds from the break; then the job says so and waits for an operator's
+ * POST /jobs/{id}/recover. A stream that hangs without breaking is broken on purpose first.
+ */
+export class PostcopySource {
+  private readonly ctx: MigrationContext;
+  private readonly isClosed: () => boolean;
+  /** Wakes a job's follower for an operator's recovery request. */
+  private readonly wakers = new Map<string, () => void>();
+
+  constructor(ctx: MigrationContext, isClosed: () => boolean) {
+    this.ctx = ctx;
+    this.isClosed = isClosed;
+  }
+
+  /** An operator's POST /jobs/{id}/recover: a fresh round of recovery attempts, at once. False when the job's follower is not waiting on a broken stream. */
+  recoverNow(jobId: string): boolean {
+    const wake = this.wakers.get(jobId);
+    wake?.();
+    return wake !== undefined;
+  }
+
+  async follow(job: SourceJob, monitor: MigrationMonitor): Promise<PostcopyEnd> {
+    const { jobs, log } = this.ctx;
+    const recoveryMs = (job.record.options.postcopyRecoverySeconds ?? 300) * 1000;
+    const pc: PostcopyState = job.record.stats?.postcopy ?? { state: 'active', startedAt: new Date().toISOString(), recoveries: 0, attempts: 0 };
+    let lastTransferred = -1;
+    let lastMovedAt = Date.now();
+    let brokeAt: number | undefined;
+    let nextAttemptAt = 0;
+    let wake: (() => void) | undefined;
+    let operatorAsked = false;
+    this.wakers.set(job.id, () => {
+      operatorAsked = true;
+      wake?.();
+    });
+    const unsubscribe = monitor.onMigrationEvent((e) => {
+      if (e.kind === 'status') wake?.();
+    });
+    try {
+      for (;;) {
+        if (this.isClosed()) return { kind: 'closing' };
+        let info: MigrationInfo;
+        try {
+          info = await monitor.queryMigrate();
+        } catch (err) {
+          if (monitor.isClosed) return { kind: 'failed', code: 'source_qemu_ended', message: 'the source qemu ended during postcopy: the pages it had not sent yet are lost with it' };
+          throw err;
+        }
+        const now = Date.now();
+        switch (info.status) {
+          case 'completed':
+            jobs.setStats(job, { ...toStats(info), ...(job.record.stats?.convergence ? { convergence: job.record.stats.convergence } : {}), postcopy: { ...pc, state: 'active' } });
+            return { kind: 'completed', info, endedAt: now };
+          case 'failed':
+          case 'cancelled':
+            return { kind: 'failed', code: 'postcopy_failed', message: `the postcopy stream ${info.status}: ${info.errorDesc ?? 'no reason given by qemu'}` };
+          case 'active':
+            // The phase was written but qemu never got the switch (the agent stopped between the two).
+            await monitor.startPostcopy();
+            break;
+          case 'postcopy-active':
+          case 'postcopy-recover': {
+            if (pc.state !== 'active' && info.status === 'postcopy-active') {
+              pc.recoveries++;
+              pc.attempts = 0;
+              pc.state = 'active';
+              delete pc.pausedSince;
+              delete pc.gaveUp;
+              brokeAt = undefined;
+              await jobs.update(job, { waiting: undefined });
+              log.warn({ migration: job.id, recoveries: pc.recoveries }, 'postcopy stream recovered');
+            }
+            const transferred = info.ram?.transferredBytes ?? 0;
+            if (transferred !== lastTransferred) {
+              lastTransferred = transferred;
+              lastMovedAt = now;
+            } else if (now - lastMovedAt > POSTCOPY_STALL_MS && (info.ram?.remainingBytes ?? 1) > 0) {
+              log.warn({ migration: job.id, qemuStatus: info.status }, `the postcopy stream moved no byte for ${POSTCOPY_STALL_MS / 1000}s: breaking it to recover it`);
+              lastMovedAt = now;
+              await monitor.pausePostcopy().catch((err: unknown) => log.warn({ err, migration: job.id }, 'could not pause the hung postcopy stream'));
+            }
+            break;
+          }
+          case 'postcopy-paused': {
+            if (brokeAt === undefined || operatorAsked) {
+              brokeAt = now;
+              nextAttemptAt = now;
+              pc.attempts = 0;
+              delete pc.gaveUp;
+              if (operatorAsked) log.warn({ migration: job.id }, 'an operator asked to recover the postcopy stream');
+              operatorAsked = false;
+            }
+            pc.state = 'paused';
+            pc.pausedSince ??= new Date(brokeAt).toISOString();
+            if (!pc.gaveUp && now >= nextAttemptAt) {
+              if (now - brokeAt > recoveryMs) {
+                pc.gaveUp = true;
+                const message =
+                  `the postcopy stream broke at ${pc.pausedSince}; recovery gave up after ${pc.attempts} attempt(s) over ${recoveryMs / 1000}s` +
+                  `${pc.lastError ? ` (last: ${pc.lastError})` : ''}. The guest waits paused at the destination for pages only this host has; ` +
+                  `neither qemu is ended. Once the link is back: POST /jobs/${job.id}/recover`;
+                log.error({ migration: job.id }, message);
+                await jobs.update(job, { waiting: message });
+              } else {
+                pc.attempts++;
+                pc.state = 'recovering';
+                const error = await this.attemptRecovery(job, monitor);
+                // Also after a resume qemu took: one whose connection fails pauses again.
+                nextAttemptAt = Date.now() + RECOVERY_RETRY_MS[Math.min(pc.attempts - 1, RECOVERY_RETRY_MS.length - 1)]!;
+                if (error) {
+                  pc.state = 'paused';
+                  pc.lastError = error;
+                  log.warn({ migration: job.id, attempt: pc.attempts, err: error }, 'postcopy recovery attempt failed; trying again');
+                  await jobs.update(job, { waiting: `the postcopy stream broke at ${pc.pausedSince}; recovering it (attempt ${pc.attempts} failed: ${error})` });
+                }
+              }
+            }
+            break;
+          }
+          default:
+            break;
+        }
+        const previous = job.record.stats;
+        jobs.setStats(job, { ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status }), ...(previous?.convergence ? { convergence: previous.convergence } : {}), postcopy: { ...pc } });
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, POLL_MS);
+          wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        wake = undefined;
+      }
+    } finally {
+      unsubscribe();
+      this.wakers.delete(job.id);
+    }
+  }
+
+  /** One recovery: the destination listens anew, this qemu resumes the stream there. The error's words, or undefined. */
+  private async attemptRecovery(job: SourceJob, monitor: MigrationMonitor): Promise<string | undefined> {
+    try {
+      const answer = await this.ctx.peers.call<RecoverResponse>(
+        job.record.peer.url!,
+        'POST',
+        '/recover2',
+        { migrationId: job.id, finishToken: job.record.finishToken } satisfies RecoverRequest,
+        RECOVER2_TIMEOUT_MS,
+      );
+      // As for the first stream: only a tcp:HOST:PORT rebuilt from a checked answer reaches qemu.
+      const { uri } = streamUriFromPeer(answer.uri);
+      await monitor.resumePostcopy(uri);
+      this.ctx.log.info({ migration: job.id, uri }, 'postcopy stream resuming');
+      return undefined;
+    } catch (err) {
+      return (err as Error).message;
+    }
+  }
+}

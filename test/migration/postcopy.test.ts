@@ -1,0 +1,125 @@
+// Postcopy against real qemu: the switch by the convergence policy and by a caller, a broken
+// stream recovered by the agents themselves, and the refusals before any stream starts. The
+// destination's qemu runs as root here: qemu 7.2 takes the pages a postcopy lacks through the
+// userfaultfd system call, which this kernel refuses to a process without CAP_SYS_PTRACE while
+// vm.unprivileged_userfaultfd is 0 (see the README, Postcopy).
+import { promises as fs } from 'node:fs';
+import t from 'tap';
+import { parseSerialLog } from '../../src/guest/image.js';
+import { resetOutgoingStream, streamAddressOf } from '../../src/migration/stream-sockets.js';
+import { assertOwnedBy, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
+import { waitFor, waitForJobEnd } from '../helpers/agents.js';
+
+/** All of its 4 MiB rewritten continuously: no pre-copy over a few MiB/s converges. */
+const BUSY = { fillMiB: 4, hotMiB: 4, reportEvery: 64 };
+const POSTCOPY_CAPABLE = { b: { qemuUser: 'root' } } as const;
+
+async function unprivilegedUserfaultfd(): Promise<boolean> {
+  return (await fs.readFile('/proc/sys/vm/unprivileged_userfaultfd', 'utf8').catch(() => '0')).trim() === '1';
+}
+
+t.test('with allowPostcopy a guest that never converges switches to postcopy once the downtime schedule is spent, and runs on at the destination', async (t) => {
+  const { dir, a, b } = await twoAgents(t, POSTCOPY_CAPABLE);
+  const { guest, boot } = await startGuest(a, dir, 'pc1', BUSY);
+  const { job } = await a.client.perform({ domain: 'pc1', destination: b.url, bandwidthMiBps: 4, maxDowntimeMs: 300, allowPostcopy: true }, true);
+  t.equal(job.status, 'completed', `completed (${job.error?.message ?? ''})`);
+  t.same(job.transport, { multifd: false, channels: 1, compression: 'none' }, 'one plain stream: qemu 7.2 has no multifd postcopy');
+  t.equal(job.options.deadlineAction, 'postcopy', 'allowPostcopy makes postcopy the deadline action');
+  t.equal(job.stats?.convergence?.step, 'postcopy', 'the policy switched');
+  t.equal(job.stats?.convergence?.autoConverge, 'held', 'the guest was never throttled: postcopy came instead');
+  t.ok(job.phaseHistory.some((p) => p.phase === 'postcopy'), 'the source passed through phase postcopy');
+  t.ok(job.timings.postcopyMs! > 0, `${job.timings.postcopyMs} ms in postcopy`);
+  t.ok(job.timings.qemuDowntimeMs! > 0 && job.timings.qemuDowntimeMs! < 1000, `qemu's downtime ${job.timings.qemuDowntimeMs} ms`);
+  const incoming = b.app.agent.migrations.jobs.require(job.id).record;
+  t.equal(incoming.status, 'completed');
+  t.ok(incoming.phaseHistory.some((p) => p.phase === 'postcopy-active'), 'the destination ran the guest in postcopy-active');
+  await assertOwnedBy(t, b, a, 'pc1');
+  t.equal((await waitForPasses(b, 'pc1', boot.passes)).bootId, boot.bootId, 'same guest, running on the destination');
+  t.equal(parseSerialLog(await fs.readFile(guest.serialLog, 'utf8')).boots.length, 1, 'never rebooted');
+  await b.client.lifecycle('pc1', 'destroy');
+});
+
+t.test('a caller completes a stream by postcopy (POST /jobs/{id}/complete); from then it cannot be cancelled', async (t) => {
+  const { dir, a, b } = await twoAgents(t, POSTCOPY_CAPABLE);
+  const { boot } = await startGuest(a, dir, 'pc2', BUSY);
+  const { job: started } = await a.client.perform({ domain: 'pc2', destination: b.url, bandwidthMiBps: 4, allowPostcopy: true, completionTimeoutPerGiBSeconds: 0 });
+  await waitFor('the stream to run', async () => ((await a.client.job(started.id)).phase === 'streaming' ? true : null), { timeoutMs: 30_000 });
+  const asked = await a.client.complete(started.id);
+  t.equal(asked.completeRequested?.mode, 'postcopy', 'postcopy is the default mode where allowed');
+  await waitFor('the switch', async () => ((await a.client.job(started.id)).phase !== 'streaming' ? true : null), { timeoutMs: 10_000 });
+  await t.rejects(a.client.cancel(started.id), { status: 409, code: 'too_late_to_cancel' }, 'a cancel after the switch is refused');
+  const job = await waitForJobEnd(a.client, started.id, 'the migration', 60_000);
+  t.equal(job.status, 'completed', `completed (${job.error?.message ?? ''})`);
+  t.ok(job.phaseHistory.some((p) => p.phase === 'postcopy'));
+  await assertOwnedBy(t, b, a, 'pc2');
+  t.equal((await waitForPasses(b, 'pc2', boot.passes)).bootId, boot.bootId, 'same guest, running on the destination');
+  await b.client.lifecycle('pc2', 'destroy');
+});
+
+t.test('a postcopy stream whose connection is reset is recovered by the agents, and completes', async (t) => {
+  const { dir, a, b } = await twoAgents(t, POSTCOPY_CAPABLE);
+  const { guest, boot } = await startGuest(a, dir, 'pc3', BUSY);
+  // Switched at once at 2 MiB/s: most of the guest's memory still follows, for several seconds.
+  const { job: started } = await a.client.perform({ domain: 'pc3', destination: b.url, bandwidthMiBps: 2, allowPostcopy: true, completionTimeoutPerGiBSeconds: 0 });
+  await waitFor('the stream to run', async () => ((await a.client.job(started.id)).phase === 'streaming' ? true : null), { timeoutMs: 30_000 });
+  await a.client.complete(started.id, 'postcopy');
+  const inPostcopy = await waitFor('postcopy', async () => {
+    const j = await a.client.job(started.id);
+    return j.stats?.qemuStatus === 'postcopy-active' ? j : null;
+  }, { timeoutMs: 10_000 });
+  const { host, port } = streamAddressOf(inPostcopy.uri!);
+  await resetOutgoingStream(host, port);
+  const broken = await waitFor('the break to be seen', async () => {
+    const j = await a.client.job(started.id);
+    return (j.stats?.postcopy?.recoveries ?? 0) >= 1 || j.status !== 'running' ? j : null;
+  }, { timeoutMs: 30_000 });
+  t.equal(broken.status === 'running' || broken.status === 'completed', true, `the job goes on (${broken.status})`);
+  const job = await waitForJobEnd(a.client, started.id, 'the migration', 90_000);
+  t.equal(job.status, 'completed', `completed (${job.error?.message ?? ''})`);
+  t.ok(job.stats!.postcopy!.recoveries >= 1, `${job.stats!.postcopy!.recoveries} recovery`);
+  const incoming = b.app.agent.migrations.jobs.require(job.id).record;
+  t.equal(incoming.status, 'completed');
+  await assertOwnedBy(t, b, a, 'pc3');
+  t.equal((await waitForPasses(b, 'pc3', boot.passes)).bootId, boot.bootId, 'same guest, running on the destination');
+  t.equal(parseSerialLog(await fs.readFile(guest.serialLog, 'utf8')).boots.length, 1, 'never rebooted');
+  await b.client.lifecycle('pc3', 'destroy');
+});
+
+t.test('refused before any stream: postcopy with multifd, deadline postcopy without allowPostcopy, complete by postcopy without it', async (t) => {
+  const { dir, a, b } = await twoAgents(t, POSTCOPY_CAPABLE);
+  await startGuest(a, dir, 'pc4', BUSY);
+  for (const [body, why] of [
+    [{ allowPostcopy: true, multifdChannels: 2 }, 'multifd'],
+    [{ allowPostcopy: true, compression: 'zstd' as const }, 'compression'],
+    [{ deadlineAction: 'postcopy' as const }, 'no allowPostcopy'],
+  ] as const) {
+    await t.rejects(a.client.perform({ domain: 'pc4', destination: b.url, ...body }), { status: 400, code: 'conflicting_options' }, why);
+  }
+  const { job: started } = await a.client.perform({ domain: 'pc4', destination: b.url, bandwidthMiBps: 4, completionTimeoutPerGiBSeconds: 0 });
+  await t.rejects(a.client.complete(started.id, 'postcopy'), { status: 409, code: 'postcopy_not_allowed' });
+  // Pause and finish instead: the guest pauses, the rest copies, it runs on at the destination.
+  await a.client.complete(started.id, 'pause');
+  const job = await waitForJobEnd(a.client, started.id, 'the migration', 60_000);
+  t.equal(job.status, 'completed', `completed by pausing (${job.error?.message ?? ''})`);
+  t.equal(job.stats?.convergence?.step, 'paused');
+  t.notOk(job.phaseHistory.some((p) => p.phase === 'postcopy'), 'never in postcopy');
+  await assertOwnedBy(t, b, a, 'pc4');
+  await b.client.lifecycle('pc4', 'destroy');
+});
+
+t.test('a destination whose qemu cannot take postcopy refuses it in Prepare2 (409 postcopy_unavailable), and the guest runs on at the source', { skip: process.getuid?.() !== 0 ? 'needs root to run qemu as a user of its own' : false }, async (t) => {
+  if (await unprivilegedUserfaultfd()) {
+    t.comment('vm.unprivileged_userfaultfd is 1 here: every qemu can take postcopy; nothing to refuse');
+    return;
+  }
+  const { dir, a, b } = await twoAgents(t);
+  const { boot } = await startGuest(a, dir, 'pc5', BUSY);
+  const { job } = await a.client.perform({ domain: 'pc5', destination: b.url, allowPostcopy: true }, true);
+  t.equal(job.status, 'failed');
+  t.equal(job.error?.code, 'postcopy_unavailable');
+  t.match(job.error?.message, /userfaultfd.*vm\.unprivileged_userfaultfd=1/s, 'says why and what to change');
+  t.notOk(job.phaseHistory.some((p) => p.phase === 'streaming'), 'refused before any stream');
+  await assertOwnedBy(t, a, b, 'pc5');
+  t.equal((await waitForPasses(a, 'pc5', boot.passes)).bootId, boot.bootId, 'same guest, running on the source');
+  await a.client.lifecycle('pc5', 'destroy');
+});
