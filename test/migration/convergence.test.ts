@@ -129,3 +129,28 @@ t.test("an operator's downtime limit (PATCH /jobs/{id}) is where the schedule go
   t.notOk(taken.some((x) => x.action.kind === 'raise-downtime'), 'no rung brings it back down to the schedule\'s 1000 ms');
   t.equal(policy.downtimeLimitMs, 2000);
 });
+
+t.test('with allowPostcopy the switch to postcopy replaces the throttle: downtime schedule, then postcopy, then nothing more', async (t) => {
+  const policy = new ConvergencePolicy(options({ allowPostcopy: true, deadlineAction: 'postcopy' }), 0);
+  const taken = run(policy, 0, 200_000, busy);
+  const kinds = taken.map((x) => x.action.kind);
+  t.equal(kinds.at(-1), 'postcopy', 'the last step is the switch');
+  t.same(kinds.filter((k) => k !== 'raise-downtime'), ['postcopy'], 'no throttle, no deadline pause or abort: only the switch, once');
+  t.ok(taken.at(-1)!.at - taken.at(-2)!.at > ESCALATE_AFTER_MS, 'the switch waits for a stall after the last downtime step');
+  t.equal(policy.state().step, 'postcopy');
+  t.equal(policy.state().autoConverge, 'held', 'the guest was never throttled');
+  t.equal(policy.gaveUp, undefined, 'the progress timeout does not cancel a switched stream');
+});
+
+t.test('with allowPostcopy and a deadline before the first stall, the deadline switches', async (t) => {
+  // 1 s per GiB of a 512 MiB guest: the deadline at 500 ms; the downtime schedule is spent at once (no room above 300 ms).
+  const policy = new ConvergencePolicy(options({ allowPostcopy: true, deadlineAction: 'postcopy', maxDowntimeMs: 300, completionTimeoutPerGiBSeconds: 1 }), 0);
+  t.same(run(policy, 0, 10_000, busy), [{ at: 500, action: { kind: 'postcopy' } }]);
+});
+
+t.test("a caller's complete ends the ladder", async (t) => {
+  const policy = new ConvergencePolicy(options(), 0);
+  policy.completing('pause');
+  t.same(run(policy, 0, 20_000, busy).map((x) => x.action.kind).filter((k) => k !== 'raise-downtime' && k !== 'cancel'), [], 'no throttle or deadline step after it');
+  t.equal(policy.state().step, 'paused');
+});

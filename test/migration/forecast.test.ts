@@ -33,6 +33,10 @@ t.test('the strategy the convergence policy will take', async (t) => {
   t.same(paused.strategy, { kind: 'deadline', action: 'pause', atMs: 150_000, pauseMs: 10_240 }, 'pause and finish: the guest pauses for up to all of its memory');
   const noDeadline = buildForecast({ ...base, dirtyRateBytesPerSec: 200 * MiB, options: { bandwidthMiBps: 100, completionTimeoutPerGiBSeconds: 0 } });
   t.same(noDeadline.strategy, { kind: 'progress-timeout', afterMs: 150_000 }, 'without a deadline only the progress timeout ends it');
+  // 1 GiB at 100 MiB/s: a first pass of 10.24 s, two stalls of 3 s (300 -> 600 -> 1000 ms), a third before the switch; then up to all of memory again.
+  const postcopy = buildForecast({ ...base, dirtyRateBytesPerSec: 200 * MiB, options: { bandwidthMiBps: 100, allowPostcopy: true } });
+  t.same(postcopy.strategy, { kind: 'postcopy', atMs: 19_240, postcopyMs: 10_240, predictedTotalMs: 29_480 }, 'with postcopy allowed: the switch after the downtime schedule');
+  t.match(postcopy.verdict, /switches to postcopy after about 19240 ms/);
 });
 
 t.test('the running ETA counts down and never rises', async (t) => {
