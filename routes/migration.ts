@@ -216,6 +216,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
               migrationId: { type: 'string' },
               outcome: { type: 'string', enum: ['finished', 'aborted'] },
               state: { type: 'string' },
+              postcopy: { type: 'boolean', description: 'the stream switched to postcopy here: the guest ran here, the source copy is out of date' },
               error: { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' } } },
             },
           },

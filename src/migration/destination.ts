@@ -618,11 +618,14 @@ export class DestinationSide {
 
   /**
    * Finish2 of a stream in postcopy: rc=0 once the stream completed (waited for, bounded; the
-   * source asks again on a 503). The guest runs here since the switch: no rc ends it.
+   * source asks again on a 503). rc!=0: the source cannot complete the stream (its qemu is gone,
+   * or it failed): the job fails with its word, and the guest's qemu here is kept for an operator,
+   * never ended by Finish2 (it ran the guest since the switch).
    */
   private async finishPostcopy(job: DestinationJob, req: Finish2Request): Promise<Finish2Response> {
     if (req.rc !== 0) {
-      throw conflict('postcopy_owned_here', `migration ${job.id} switched to postcopy: the guest runs here and is not ended by Finish2 (rc=${req.rc})`, { job: job.id });
+      await this.postcopyGuestEnded(job, `the source cannot complete the postcopy stream (rc=${req.rc}: ${req.error ?? 'no reason given'})`);
+      return this.finishAnswer(job);
     }
     const monitor = this.ctx.domains.find(job.record.domain)?.run?.monitor;
     const status = monitor ? await this.waitIncomingComplete(job, monitor, 10_000) : 'gone';

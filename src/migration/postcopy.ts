@@ -1,18 +1,24 @@
 import type { MigrationInfo, MigrationMonitor } from '../qemu/migration-monitor.js';
 import type { PostcopyState, SourceJob } from './jobs.js';
 import { streamUriFromPeer } from './params.js';
+import { PeerRefusedError } from './peer-client.js';
 import type { MigrationContext } from './protocol.js';
 import { toStats } from './stream-follower.js';
 
 const POLL_MS = 250;
 /**
- * A postcopy stream that moves no byte for this long while pages remain hangs on a dead link (a
+ * A postcopy stream that moves no byte for this long hangs on a dead link (a
  * frozen peer sends no RST: qemu would wait for TCP's own timeout, many minutes, with the guest
  * stalled on the pages it lacks). It is broken on purpose (migrate-pause) so that it can be recovered.
  */
 export const POSTCOPY_STALL_MS = 10_000;
 /** Pauses between recovery attempts of one break, the last one repeated until postcopyRecoverySeconds. */
 const RECOVERY_RETRY_MS = [500, 1000, 2000, 5000, 10_000];
+/**
+ * query-migrate answers within milliseconds unless qemu's main loop is blocked, which a postcopy
+ * stream hung on a dead link does (its writes hold the loop): then the stream is broken out of band.
+ */
+const QUERY_TIMEOUT_MS = 3000;
 /** How long one recovery's calls may take: the destination's migrate-recover, then the source's resume. */
 const RECOVER2_TIMEOUT_MS = 30_000;
 
@@ -69,6 +75,13 @@ export class PostcopySource {
     const pc: PostcopyState = job.record.stats?.postcopy ?? { state: 'active', startedAt: new Date().toISOString(), recoveries: 0, attempts: 0 };
     let lastTransferred = -1;
     let lastMovedAt = Date.now();
+    let lastBreakAt = 0;
+    const breakHung = async (why: string) => {
+      if (Date.now() - lastBreakAt < POSTCOPY_STALL_MS) return;
+      lastBreakAt = Date.now();
+      log.warn({ migration: job.id }, `${why}: breaking the postcopy stream to recover it`);
+      await monitor.pausePostcopy().catch((err: unknown) => log.warn({ err, migration: job.id }, 'qemu could not pause the hung postcopy stream; it goes on when the link does'));
+    };
     let brokeAt: number | undefined;
     let nextAttemptAt = 0;
     let wake: (() => void) | undefined;
@@ -85,10 +98,11 @@ export class PostcopySource {
         if (this.isClosed()) return { kind: 'closing' };
         let info: MigrationInfo;
         try {
-          info = await monitor.queryMigrate();
+          info = await monitor.queryMigrate(QUERY_TIMEOUT_MS);
         } catch (err) {
           if (monitor.isClosed) return { kind: 'failed', code: 'source_qemu_ended', message: 'the source qemu ended during postcopy: the pages it had not sent yet are lost with it' };
-          throw err;
+          await breakHung(`qemu did not answer query-migrate within ${QUERY_TIMEOUT_MS / 1000}s (${(err as Error).message})`);
+          continue;
         }
         const now = Date.now();
         switch (info.status) {
@@ -118,10 +132,10 @@ export class PostcopySource {
             if (transferred !== lastTransferred) {
               lastTransferred = transferred;
               lastMovedAt = now;
-            } else if (now - lastMovedAt > POSTCOPY_STALL_MS && (info.ram?.remainingBytes ?? 1) > 0) {
-              log.warn({ migration: job.id, qemuStatus: info.status }, `the postcopy stream moved no byte for ${POSTCOPY_STALL_MS / 1000}s: breaking it to recover it`);
+            } else if (now - lastMovedAt > POSTCOPY_STALL_MS) {
+              // Not even the last pages' writes end (what remains reads 0 once they are queued): a stream that is done completes.
               lastMovedAt = now;
-              await monitor.pausePostcopy().catch((err: unknown) => log.warn({ err, migration: job.id }, 'could not pause the hung postcopy stream'));
+              await breakHung(`the postcopy stream moved no byte for ${POSTCOPY_STALL_MS / 1000}s`);
             }
             break;
           }
@@ -149,9 +163,10 @@ export class PostcopySource {
                 pc.attempts++;
                 pc.state = 'recovering';
                 const error = await this.attemptRecovery(job, monitor);
+                if (error instanceof PostcopyGone) return { kind: 'failed', code: 'postcopy_failed', message: error.message };
                 // Also after a resume qemu took: one whose connection fails pauses again.
                 nextAttemptAt = Date.now() + RECOVERY_RETRY_MS[Math.min(pc.attempts - 1, RECOVERY_RETRY_MS.length - 1)]!;
-                if (error) {
+                if (typeof error === 'string') {
                   pc.state = 'paused';
                   pc.lastError = error;
                   log.warn({ migration: job.id, attempt: pc.attempts, err: error }, 'postcopy recovery attempt failed; trying again');
@@ -181,8 +196,12 @@ export class PostcopySource {
     }
   }
 
-  /** One recovery: the destination listens anew, this qemu resumes the stream there. The error's words, or undefined. */
-  private async attemptRecovery(job: SourceJob, monitor: MigrationMonitor): Promise<string | undefined> {
+  /**
+   * One recovery: the destination listens anew, this qemu resumes the stream there. The error's
+   * words, undefined when qemu took the resume, or PostcopyGone when the destination's end of the
+   * stream is gone for good (its job ended: its qemu is gone), which no attempt can mend.
+   */
+  private async attemptRecovery(job: SourceJob, monitor: MigrationMonitor): Promise<string | PostcopyGone | undefined> {
     try {
       const answer = await this.ctx.peers.call<RecoverResponse>(
         job.record.peer.url!,
@@ -197,7 +216,12 @@ export class PostcopySource {
       this.ctx.log.info({ migration: job.id, uri }, 'postcopy stream resuming');
       return undefined;
     } catch (err) {
+      if (err instanceof PeerRefusedError && (err.peerStatus === 404 || err.code === 'not_in_postcopy')) {
+        return new PostcopyGone(`the destination's end of the postcopy stream is gone: ${err.message}`);
+      }
       return (err as Error).message;
     }
   }
 }
+
+class PostcopyGone extends Error {}

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { AgentError, conflict } from '../errors.js';
-import type { MigrationMonitor } from '../qemu/migration-monitor.js';
+import { POSTCOPY_STREAM_STATUSES, type MigrationMonitor } from '../qemu/migration-monitor.js';
 import { SOURCE_OBLIGATIONS } from './phases.js';
 import { agreedTransport, checkTransportOptions, migrationOptions, offerTransport, sourceCapabilities, sourceParameters, parseDestUri, PeerProtocolError, streamUriFromPeer, tuningParameters, type MigrationOptions, type StreamTuning } from './params.js';
 import { PeerRefusedError } from './peer-client.js';
@@ -197,9 +197,18 @@ export class SourceSide {
       return this.confirm(job, entry, { waiting: undefined, finish, timings });
     }
     if (!answer.postcopy) {
-      log.warn({ migration: job.id, error: answer.error }, 'the switch to postcopy never reached the destination, which aborted; resuming the source');
-      const why = new StreamEnded('failed', answer.error?.code ?? 'destination_aborted', answer.error?.message ?? 'the destination aborted before switching to postcopy');
-      return this.rollBack(job, entry, why, { waiting: undefined, finish });
+      // Its word that the guest never ran there makes the copy here the guest, if qemu can run it:
+      // not from a paused postcopy (qemu 7.2 ends itself on migrate_cancel there), which is kept as it is.
+      const status = monitor ? (await monitor.queryMigrate().catch(() => ({ status: 'none' }))).status : 'none';
+      if (!POSTCOPY_STREAM_STATUSES.has(status)) {
+        log.warn({ migration: job.id, error: answer.error }, 'the switch to postcopy never reached the destination, which aborted; resuming the source');
+        const why = new StreamEnded('failed', answer.error?.code ?? 'destination_aborted', answer.error?.message ?? 'the destination aborted before switching to postcopy');
+        return this.rollBack(job, entry, why, { waiting: undefined, finish });
+      }
+      const message =
+        `${answer.error?.message ?? 'the destination aborted'} before it ran the guest, so the whole guest is in the qemu here; ` +
+        `but its stream is ${status}, from which qemu 7.2 cannot run it again: the qemu is kept, paused`;
+      return this.endPostcopyLost(job, entry, { ...answer, error: { code: 'postcopy_failed', message } }, finish);
     }
     log.error({ migration: job.id, err: answer.error }, 'the postcopy stream ended without completing');
     return this.endPostcopyLost(job, entry, end.kind === 'failed' ? { ...answer, error: { code: end.code, message: end.message } } : answer, finish);

@@ -200,7 +200,8 @@ export class QmpMigrationMonitor implements MigrationMonitor {
   }
 
   async pausePostcopy(): Promise<void> {
-    await this.qmp.execute('migrate-pause');
+    // Out of band: a stream hung on a dead link may hold qemu's main loop, and with it every in-band command.
+    await this.qmp.executeOob('migrate-pause');
   }
 
   async listenForRecovery(uri: string): Promise<void> {

@@ -92,6 +92,7 @@ export class QmpClient {
   #closeCause: Error | undefined;
   #onGreeting: ((msg: Message) => void) | null = null;
   #greeting!: QmpGreeting;
+  #oob = false;
 
   private constructor(socket: net.Socket, commandTimeoutMs: number) {
     this.#socket = socket;
@@ -141,7 +142,10 @@ export class QmpClient {
     const client = new QmpClient(socket, opts.commandTimeoutMs ?? DEFAULT_COMMAND_TIMEOUT_MS);
     try {
       client.#greeting = await client.#waitForGreeting(socketPath, deadline, timeoutMs, opts.signal);
-      await client.execute('qmp_capabilities', undefined, { timeoutMs: Math.max(deadline - Date.now(), 1) });
+      // Out-of-band execution lets a command through while the main loop is blocked (migrate-pause of a stream hung on a dead link).
+      const oob = client.#greeting.capabilities?.includes('oob') === true;
+      await client.execute('qmp_capabilities', oob ? { enable: ['oob'] } : undefined, { timeoutMs: Math.max(deadline - Date.now(), 1) });
+      client.#oob = oob;
       return client;
     } catch (err) {
       socket.destroy();
@@ -158,13 +162,25 @@ export class QmpClient {
   }
 
   execute<T = unknown>(command: string, args?: Record<string, unknown>, opts?: { timeoutMs?: number }): Promise<T> {
+    return this.#send('execute', command, args, opts);
+  }
+
+  /**
+   * Runs a command out of band when qemu offers it (and the command allows it): answered even while
+   * qemu's main loop is blocked, as it is when a postcopy stream hangs on a dead link. In band otherwise.
+   */
+  executeOob<T = unknown>(command: string, args?: Record<string, unknown>, opts?: { timeoutMs?: number }): Promise<T> {
+    return this.#send(this.#oob ? 'exec-oob' : 'execute', command, args, opts);
+  }
+
+  #send<T>(kind: 'execute' | 'exec-oob', command: string, args: Record<string, unknown> | undefined, opts: { timeoutMs?: number } | undefined): Promise<T> {
     // destroyed: close() was called and the 'close' event is still on its way.
     if (this.#isClosed || this.#socket.destroyed) {
       return Promise.reject(new QmpClosedError(`QMP connection is closed; cannot run '${command}'`, { cause: this.#closeCause }));
     }
     const id = this.#nextId++;
     const timeoutMs = opts?.timeoutMs ?? this.#commandTimeoutMs;
-    const message = args === undefined ? { execute: command, id } : { execute: command, arguments: args, id };
+    const message = args === undefined ? { [kind]: command, id } : { [kind]: command, arguments: args, id };
     return new Promise<T>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#pending.delete(id);

@@ -15,7 +15,7 @@ import type { JobRecord } from '../../src/migration/jobs.js';
  * left over.
  */
 const FAULTS = ['kill source agent', 'kill destination agent', 'kill source qemu', 'kill destination qemu', 'cut link', 'freeze source host', 'freeze destination host'] as const;
-const PHASES = ['during Prepare2', 'early in stream', 'late in stream', 'after stream, before Finish2', 'during Finish2'] as const;
+const PHASES = ['during Prepare2', 'early in stream', 'late in stream', 'after stream, before Finish2', 'during Finish2', 'in postcopy'] as const;
 type Fault = (typeof FAULTS)[number];
 type Phase = (typeof PHASES)[number];
 
@@ -29,6 +29,8 @@ const INCOMING_TIMEOUT_S = 20;
 const FROZEN_PEER_BOUND_MS = (INCOMING_TIMEOUT_S + 15) * 1000;
 /** The source's own bound on a stream that stopped moving (perform's progressTimeoutSeconds) in the freeze cells. */
 const FREEZE_PROGRESS_TIMEOUT_S = 10;
+/** How long a host stays frozen in postcopy: past the source's stall detection (10 s), so that recovery is tried against it. */
+const POSTCOPY_FREEZE_MS = 14_000;
 const matrix = new Map<string, string>();
 
 interface Host {
@@ -44,7 +46,7 @@ function holdFor(phase: Phase): { host: 'A' | 'B'; point: string } | null {
   return null;
 }
 
-async function startHost(t: TestContext, rig: TwoHostRig, which: 'A' | 'B', dir: string, holds: string[]): Promise<Host> {
+async function startHost(t: TestContext, rig: TwoHostRig, which: 'A' | 'B', dir: string, holds: string[], more: string[] = []): Promise<Host> {
   const stateDir = path.join(dir, which);
   const spawnArgs = {
     host: '0.0.0.0',
@@ -54,7 +56,7 @@ async function startHost(t: TestContext, rig: TwoHostRig, which: 'A' | 'B', dir:
     allowPath: dir,
     token: TOKEN,
     // Plain HTTP between the hosts: each names the other as its peer.
-    extra: ['--migration-address', which === 'A' ? rig.wireA : rig.wireB, '--peer', `http://${which === 'A' ? rig.wireB : rig.wireA}:7100`, '--incoming-timeout', String(INCOMING_TIMEOUT_S), ...holds.flatMap((h) => ['--debug-hold', h])],
+    extra: ['--migration-address', which === 'A' ? rig.wireA : rig.wireB, '--peer', `http://${which === 'A' ? rig.wireB : rig.wireA}:7100`, '--incoming-timeout', String(INCOMING_TIMEOUT_S), ...more, ...holds.flatMap((h) => ['--debug-hold', h])],
   };
   return { agent: await spawnAgent(t, spawnArgs), stateDir, spawnArgs };
 }
@@ -92,8 +94,10 @@ async function runCell(t: Test, fault: Fault, phase: Phase): Promise<string> {
   const rig = makeTwoHostRig(t);
   const dir = await tmpDir(t);
   const hold = holdFor(phase);
+  const postcopy = phase === 'in postcopy';
   const A = await startHost(t, rig, 'A', dir, hold?.host === 'A' ? [hold.point] : []);
-  const B = await startHost(t, rig, 'B', dir, hold?.host === 'B' ? [hold.point] : []);
+  // qemu 7.2 receives postcopy only where it may use userfaultfd (see test/migration/postcopy.test.ts).
+  const B = await startHost(t, rig, 'B', dir, hold?.host === 'B' ? [hold.point] : [], postcopy ? ['--qemu-user', 'root'] : []);
   const guest = await testGuest(dir, 'vm', GUEST);
   await A.agent.client.define(guest.xml);
   await A.agent.client.lifecycle('vm', 'start');
@@ -104,18 +108,28 @@ async function runCell(t: Test, fault: Fault, phase: Phase): Promise<string> {
   });
   const bootId = before.boots[0];
 
-  const streaming = phase === 'early in stream' || phase === 'late in stream';
+  const streaming = phase === 'early in stream' || phase === 'late in stream' || postcopy;
   const migrationId = `cell-${Date.now()}`;
   await A.agent.client.perform({
     domain: 'vm',
     destination: `http://${rig.wireB}:7100`,
     migrationId,
     ...(streaming ? { bandwidthMiBps: STREAM_BANDWIDTH_MIBPS } : {}),
-    ...(fault.startsWith('freeze') ? { progressTimeoutSeconds: FREEZE_PROGRESS_TIMEOUT_S } : {}),
+    ...(fault.startsWith('freeze') && !postcopy ? { progressTimeoutSeconds: FREEZE_PROGRESS_TIMEOUT_S } : {}),
+    ...(postcopy ? { allowPostcopy: true, completionTimeoutPerGiBSeconds: 0 } : {}),
   });
 
   // Reach the phase.
-  if (hold) {
+  if (postcopy) {
+    // Switched once a MiB has gone: most of the guest's memory still follows, at the stream's 4 MiB/s.
+    await waitFor('the stream under way', async () => {
+      const j = await A.agent.client.job(migrationId);
+      if (j.status !== 'running') throw new Error(`job ended early: ${j.status}`);
+      return j.phase === 'streaming' && (j.stats?.transferredBytes ?? 0) >= 1024 * 1024;
+    }, { timeoutMs: 60_000, intervalMs: 50 });
+    await A.agent.client.complete(migrationId, 'postcopy');
+    await waitFor('postcopy', async () => (await A.agent.client.job(migrationId)).stats?.qemuStatus === 'postcopy-active', { timeoutMs: 10_000, intervalMs: 50 });
+  } else if (hold) {
     const holder = hold.host === 'A' ? A : B;
     await waitFor(`hold ${hold.point}`, () => fs.access(path.join(holder.stateDir, `hold.${hold.point}`)).then(() => true), { timeoutMs: 60_000 });
   } else {
@@ -161,6 +175,15 @@ async function runCell(t: Test, fault: Fault, phase: Phase): Promise<string> {
     case 'freeze source host': {
       // Power loss as the destination sees it: no FIN, no RST, no Finish2, for as long as it takes.
       const thaw = freeze(rig, A, sourceQemus);
+      if (postcopy) {
+        // The guest runs at B and waits there for pages only A has: B keeps it, whatever the wait.
+        await new Promise((r) => setTimeout(r, POSTCOPY_FREEZE_MS));
+        const j = await jobOf(B, migrationId);
+        t.match(j, { status: 'running', phase: 'postcopy-active' }, 'the destination waits in postcopy for the frozen source');
+        t.equal((await liveQemus(B.stateDir)).length, 1, 'and keeps the guest\'s qemu');
+        thaw();
+        break;
+      }
       if (hold) await releaseHold(hold.host === 'A' ? A : B, hold.point);
       const settled = await waitFor('the destination to settle its part alone', async () => {
         const j = await jobOf(B, migrationId);
@@ -173,6 +196,15 @@ async function runCell(t: Test, fault: Fault, phase: Phase): Promise<string> {
     case 'freeze destination host': {
       const thaw = freeze(rig, B, destinationQemus);
       if (hold) await releaseHold(hold.host === 'A' ? A : B, hold.point);
+      if (postcopy) {
+        // The source follows the hung stream (qemu 7.2 cannot always break it: it goes on when the link does), never resuming its copy.
+        await new Promise((r) => setTimeout(r, POSTCOPY_FREEZE_MS));
+        const j = await jobOf(A, migrationId);
+        t.match(j, { status: 'running', phase: 'postcopy' }, 'the source follows the postcopy while the destination is frozen');
+        t.not((await A.agent.client.domain('vm')).state, 'running', 'and never resumes its copy');
+        thaw();
+        break;
+      }
       if (phase === 'after stream, before Finish2' || phase === 'during Finish2') {
         // Past the stream only the destination may decide: the source keeps its copy paused and waits.
         await new Promise((r) => setTimeout(r, FREEZE_PROGRESS_TIMEOUT_S * 1000));
@@ -207,11 +239,20 @@ async function runCell(t: Test, fault: Fault, phase: Phase): Promise<string> {
   const liveA = await liveQemus(A.stateDir);
   const liveB = await liveQemus(B.stateDir);
   const copies = liveA.length + liveB.length;
-  const guestQemuKilled = fault === 'kill source qemu' && !['after stream, before Finish2', 'during Finish2'].includes(phase);
+  const guestQemuKilled = fault === 'kill source qemu' && !['after stream, before Finish2', 'during Finish2', 'in postcopy'].includes(phase);
   const infoA = await A.agent.client.domain('vm').catch(() => null);
   const infoB = await B.agent.client.domain('vm').catch(() => null);
   let outcome: string;
-  if (copies === 0 && guestQemuKilled) {
+  if (postcopy && (fault === 'kill source qemu' || fault === 'kill destination qemu')) {
+    // Postcopy's price: the guest's memory was split between the hosts, and half of it is gone.
+    t.equal(sourceJob.status, 'failed', `the source job fails (${sourceJob.error?.code}: ${sourceJob.error?.message})`);
+    t.equal(destinationJob.status, 'failed', 'and so does the destination\'s');
+    t.equal(copies, 1, 'the qemu that is left is kept for an operator to look at, never ended by the agents');
+    t.not(infoA?.state, 'running', 'the source\'s out-of-date copy is never resumed');
+    const [left] = liveA.length === 1 ? [A] : [B];
+    await left.agent.client.lifecycle('vm', 'destroy');
+    outcome = `lost (${sourceJob.error?.code}, reported by both)`;
+  } else if (copies === 0 && guestQemuKilled) {
     t.equal(infoA?.state, 'shutoff', 'the guest whose qemu was killed is shut off on A');
     t.equal(infoA?.reason, 'crashed', 'and reported crashed, not silently');
     t.notOk(infoB && infoB.state !== 'shutoff', 'B does not claim it');

@@ -124,7 +124,9 @@ export async function killAgentQemus(app: FastifyInstance | undefined, stateDir:
 /** An agent in this process, listening on port 0; its qemus are ended at teardown. */
 export async function startAgent(t: TestContext, dir: string, name: string, overrides: Partial<AgentConfig> = {}): Promise<TestAgent> {
   const config = agentConfig(dir, name, overrides);
-  const app = await buildAgent(config);
+  // KM_TEST_LOG=warn (or info, debug) shows an in-process agent's log on stderr, for debugging a test.
+  const level = process.env.KM_TEST_LOG;
+  const app = await buildAgent(config, level ? { logger: { level, base: { agent: name } } } : {});
   t.teardown(async () => {
     await killAgentQemus(app, config.stateDir);
     await app.close();

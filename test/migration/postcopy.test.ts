@@ -123,3 +123,24 @@ t.test('a destination whose qemu cannot take postcopy refuses it in Prepare2 (40
   t.equal((await waitForPasses(a, 'pc5', boot.passes)).bootId, boot.bootId, 'same guest, running on the source');
   await a.client.lifecycle('pc5', 'destroy');
 });
+
+t.test("the destination's qemu killed in postcopy: the guest is lost; both jobs fail and say so, and the source's copy is kept, never resumed", async (t) => {
+  const { dir, a, b } = await twoAgents(t, POSTCOPY_CAPABLE);
+  await startGuest(a, dir, 'pc7', BUSY);
+  const { job: started } = await a.client.perform({ domain: 'pc7', destination: b.url, bandwidthMiBps: 2, allowPostcopy: true, completionTimeoutPerGiBSeconds: 0 });
+  await waitFor('the stream to run', async () => ((await a.client.job(started.id)).phase === 'streaming' ? true : null), { timeoutMs: 30_000 });
+  await a.client.complete(started.id, 'postcopy');
+  await waitFor('postcopy', async () => ((await a.client.job(started.id)).stats?.qemuStatus === 'postcopy-active' ? true : null), { timeoutMs: 10_000 });
+  process.kill(b.app.agent.domains.find('pc7')!.run!.record.pid, 'SIGKILL');
+  const job = await waitFor('the source job to end', async () => {
+    const j = await a.client.job(started.id);
+    t.comment(`${j.phase} ${j.stats?.qemuStatus} ${JSON.stringify(j.stats?.postcopy)} ${j.waiting ?? ''}`);
+    return j.status !== 'running' ? j : null;
+  }, { timeoutMs: 60_000, intervalMs: 1000 });
+  t.equal(job.status, 'failed');
+  t.match(job.error, { code: 'postcopy_failed', message: /out of date/ });
+  t.equal(b.app.agent.migrations.jobs.require(job.id).record.status, 'failed', 'the destination job failed too');
+  const left = await a.client.domain('pc7');
+  t.ok(left.pid !== undefined && left.state !== 'running', `the source copy is kept, not running (${left.state}, qemu ${left.qemuStatus})`);
+  await a.client.lifecycle('pc7', 'destroy');
+});
