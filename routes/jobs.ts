@@ -76,7 +76,7 @@ export default async function jobRoutes(app: FastifyInstance): Promise<void> {
         description:
           'A postcopy stream that broke is recovered by the agents for postcopyRecoverySeconds (the job says so in `waiting` ' +
           'and `stats.postcopy`); after that, once the link is back, this starts a fresh round of attempts at once. Refused ' +
-          'unless the job follows a postcopy stream (409 not_in_postcopy).',
+          'unless the job follows a postcopy stream (409 not_in_postcopy) that is broken (409 postcopy_not_broken).',
         tags: ['jobs'],
         params: idParams,
         response: { 202: { $ref: 'Job#' }, ...errorResponses },

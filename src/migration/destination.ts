@@ -546,10 +546,11 @@ export class DestinationSide {
    * still arrive. The phase is written first; the job ends with the stream.
    */
   private async takeOverPostcopy(job: DestinationJob, entry: MigratingDomain): Promise<void> {
+    const switchedAt = Date.now();
     this.clearLease(job);
     await this.ctx.jobs.setPhase(job, 'postcopy-active');
     this.armBound(job);
-    await this.commitPostcopyArrival(job, entry);
+    await this.commitPostcopyArrival(job, entry, switchedAt);
   }
 
   /**
@@ -557,7 +558,7 @@ export class DestinationSide {
    * once; recorded, so that a restart or a crash in between does it again. A failure is told, not
    * undone: nothing goes back now, the source's copy is out of date.
    */
-  private async commitPostcopyArrival(job: DestinationJob, entry: MigratingDomain): Promise<void> {
+  private async commitPostcopyArrival(job: DestinationJob, entry: MigratingDomain, switchedAt?: number): Promise<void> {
     const { jobs, domains, log } = this.ctx;
     if (job.record.arrivalCommitted) return;
     try {
@@ -567,7 +568,8 @@ export class DestinationSide {
       await jobs.update(job, { waiting: `the guest could not be resumed after the switch to postcopy: ${(err as Error).message}; resume it by hand (POST /domains/${entry.name}/resume)` });
       return;
     }
-    await jobs.update(job, { arrivalCommitted: true });
+    // The agent's share of the guest's pause at the switch: from this qemu switching to the guest running (qemu's downtime at the source comes before it).
+    await jobs.update(job, { arrivalCommitted: true, ...(switchedAt !== undefined ? { timings: { ...job.record.timings, switchoverMs: Date.now() - switchedAt } } : {}) });
     log.warn({ migration: job.id, domain: entry.name }, 'the stream switched to postcopy: the guest runs here while the rest of its memory arrives');
   }
 

@@ -1,5 +1,5 @@
 import type { MigrationInfo, MigrationMonitor } from '../qemu/migration-monitor.js';
-import type { PostcopyState, SourceJob } from './jobs.js';
+import type { MigrationStats, PostcopyState, SourceJob } from './jobs.js';
 import { streamUriFromPeer } from './params.js';
 import { PeerRefusedError } from './peer-client.js';
 import type { MigrationContext } from './protocol.js';
@@ -107,7 +107,7 @@ export class PostcopySource {
         const now = Date.now();
         switch (info.status) {
           case 'completed':
-            jobs.setStats(job, { ...toStats(info), ...(job.record.stats?.convergence ? { convergence: job.record.stats.convergence } : {}), postcopy: { ...pc, state: 'active' } });
+            jobs.setStats(job, { ...toStats(info), ...policyFigures(job.record.stats), postcopy: { ...pc, state: 'active' } });
             return { kind: 'completed', info, endedAt: now };
           case 'failed':
           case 'cancelled':
@@ -180,7 +180,7 @@ export class PostcopySource {
             break;
         }
         const previous = job.record.stats;
-        jobs.setStats(job, { ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status }), ...(previous?.convergence ? { convergence: previous.convergence } : {}), postcopy: { ...pc } });
+        jobs.setStats(job, { ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status }), ...policyFigures(previous), postcopy: { ...pc } });
         await new Promise<void>((resolve) => {
           const timer = setTimeout(resolve, POLL_MS);
           wake = () => {
@@ -225,3 +225,11 @@ export class PostcopySource {
 }
 
 class PostcopyGone extends Error {}
+
+/** What the convergence policy left in the stats before the switch: kept beside the postcopy's own figures. */
+function policyFigures(stats: MigrationStats | undefined): Pick<MigrationStats, 'convergence' | 'downtimeLimitMs'> {
+  return {
+    ...(stats?.convergence ? { convergence: stats.convergence } : {}),
+    ...(stats?.downtimeLimitMs !== undefined ? { downtimeLimitMs: stats.downtimeLimitMs } : {}),
+  };
+}

@@ -507,8 +507,11 @@ export class SourceSide {
   /** An operator's POST /jobs/{id}/recover: the broken postcopy stream is recovered again, at once (its bound starts afresh). */
   async recoverPostcopy(id: string): Promise<SourceJob> {
     const job = this.ctx.jobs.require(id);
-    if (!isSourceJob(job) || job.terminal || job.record.phase !== 'postcopy' || !this.postcopy.recoverNow(id)) {
+    if (!isSourceJob(job) || job.terminal || job.record.phase !== 'postcopy') {
       throw conflict('not_in_postcopy', `job ${id} is not a source job following a postcopy stream (status ${job.record.status}, phase ${job.record.phase})`, { job: id });
+    }
+    if (job.record.stats?.postcopy?.state === 'active' || !this.postcopy.recoverNow(id)) {
+      throw conflict('postcopy_not_broken', `the postcopy stream of job ${id} is not broken (${job.record.stats?.postcopy?.state ?? 'unknown'}): nothing to recover`, { job: id });
     }
     this.ctx.log.warn({ migration: id }, 'postcopy recovery asked by an operator');
     return job;

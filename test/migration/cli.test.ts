@@ -1,7 +1,7 @@
 import t from 'tap';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { testGuest } from '../helpers/agents.js';
+import { testGuest, waitForJobEnd } from '../helpers/agents.js';
 import { runCli } from '../helpers/cli.js';
 import { assertOwnedBy, twoAgents, waitForPasses } from '../helpers/migration.js';
 
@@ -46,4 +46,25 @@ t.test('kvm-migrate migrate: progress while it runs, a summary and exit 0 when c
   t.match(back.options, { paused: true, persistDestination: false, bandwidthMiBps: 32 }, 'KVM_MIGRATE_PAUSED, _NO_PERSIST and _BANDWIDTH carried');
   await assertOwnedBy(t, a, b, 'vm1', 'paused');
   await a.client.lifecycle('vm1', 'destroy');
+});
+
+t.test('kvm-migrate complete and recover: a running migration finished by postcopy from the CLI; recover refused when nothing is broken', async (t) => {
+  const { dir, a, b } = await twoAgents(t, { a: { token: 'cli-token' }, b: { token: 'cli-token', qemuUser: 'root' } });
+  await a.client.define((await testGuest(dir, 'vm2', { fillMiB: 4, hotMiB: 4, reportEvery: 64 })).xml);
+  await a.client.lifecycle('vm2', 'start');
+  await waitForPasses(a, 'vm2', 0);
+  const { job } = await a.client.perform({ domain: 'vm2', destination: b.url, bandwidthMiBps: 4, allowPostcopy: true, completionTimeoutPerGiBSeconds: 0 });
+  const completed = await runCli(['complete', job.id, '--on', a.url, '--token', 'cli-token']);
+  t.equal(completed.code, 0, `exit 0 (stderr: ${completed.stderr.slice(-300)})`);
+  t.match(completed.stdout, new RegExp(`^${job.id}: completing by postcopy`));
+  const recover = await runCli(['recover', job.id, '--on', a.url, '--token', 'cli-token']);
+  t.equal(recover.code, 1, 'recover refused: no broken postcopy stream');
+  t.match(recover.stderr, /not_in_postcopy|postcopy_not_broken/);
+  const badMode = await runCli(['complete', job.id, '--on', a.url, '--token', 'cli-token', '--mode', 'later']);
+  t.equal(badMode.code, 64, 'an unknown mode is a usage error');
+  const ended = await waitForJobEnd(a.client, job.id, 'the migration', 60_000);
+  t.equal(ended.status, 'completed');
+  t.ok(ended.phaseHistory.some((p) => p.phase === 'postcopy'), 'completed by postcopy');
+  await assertOwnedBy(t, b, a, 'vm2');
+  await b.client.lifecycle('vm2', 'destroy');
 });
