@@ -3,7 +3,9 @@
  * commands matched to replies by id (so several may be in flight), events delivered as a stream,
  * every command bounded by a timeout, and errors that carry QEMU's error class.
  */
+import fs from 'node:fs';
 import net from 'node:net';
+import nodePath from 'node:path';
 import { StringDecoder } from 'node:string_decoder';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -62,8 +64,10 @@ export interface QmpConnectOptions {
 
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
 const DEFAULT_COMMAND_TIMEOUT_MS = 30_000;
-// qemu listens some tens of ms after exec: retry soon at first (each wait is on the critical
-// path of a guest start and of Prepare2), then back off.
+// qemu listens some tens of ms after exec (each wait is on the critical path of a guest start
+// and of Prepare2): a watch on the socket's directory retries as soon as something appears there;
+// these pauses only bound the wait where the watch sees nothing (no inotify, the directory not
+// there yet), soon at first, then backing off.
 const CONNECT_RETRY_FIRST_MS = 2;
 const CONNECT_RETRY_MAX_MS = 50;
 // qemu creates the socket asynchronously after exec; these mean "not listening yet".
@@ -391,20 +395,63 @@ export class QmpClient {
 }
 
 async function openSocket(path: string, deadline: number, timeoutMs: number, signal?: AbortSignal): Promise<net.Socket> {
-  for (let retryMs = CONNECT_RETRY_FIRST_MS; ; retryMs = Math.min(retryMs * 2, CONNECT_RETRY_MAX_MS)) {
-    signal?.throwIfAborted();
-    try {
-      return await connectOnce(path, Math.max(deadline - Date.now(), 1));
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code ?? '';
-      if (!RETRYABLE_CONNECT_ERRORS.has(code)) throw err;
-      if (Date.now() + retryMs > deadline) {
-        throw new QmpTimeoutError('connect', timeoutMs, `could not connect to QMP socket ${path} within ${timeoutMs} ms (${code})`);
+  // Watching from before the first attempt: a socket made between an attempt and its pause still wakes it.
+  const appeared = watchDirectory(path);
+  try {
+    for (let retryMs = CONNECT_RETRY_FIRST_MS; ; retryMs = Math.min(retryMs * 2, CONNECT_RETRY_MAX_MS)) {
+      signal?.throwIfAborted();
+      try {
+        return await connectOnce(path, Math.max(deadline - Date.now(), 1));
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code ?? '';
+        if (!RETRYABLE_CONNECT_ERRORS.has(code)) throw err;
+        if (Date.now() + retryMs > deadline) {
+          throw new QmpTimeoutError('connect', timeoutMs, `could not connect to QMP socket ${path} within ${timeoutMs} ms (${code})`);
+        }
+        // An abort ends the pause early; the loop head then throws the abort reason.
+        await appeared.pause(retryMs, signal);
       }
-      // An abort ends the sleep early; the loop head then throws the abort reason.
-      await sleep(retryMs, undefined, { signal }).catch(() => undefined);
     }
+  } finally {
+    appeared.close();
   }
+}
+
+/**
+ * Pauses that end early when an entry of the directory of `file` is made or renamed (inotify).
+ * A change seen while no pause runs ends the next one at once. Without a watch (the directory
+ * does not exist yet, no inotify) a pause lasts its full time.
+ */
+function watchDirectory(file: string): { pause(ms: number, signal?: AbortSignal): Promise<void>; close(): void } {
+  let changed = false;
+  let wake: (() => void) | undefined;
+  let watcher: fs.FSWatcher | undefined;
+  const name = nodePath.basename(file);
+  try {
+    watcher = fs.watch(nodePath.dirname(file), { persistent: false }, (_event, entry) => {
+      if (entry !== null && entry !== name) return;
+      changed = true;
+      wake?.();
+    });
+    watcher.on('error', () => watcher?.close());
+  } catch {
+    watcher = undefined;
+  }
+  return {
+    pause: async (ms, signal) => {
+      if (!changed) {
+        const ac = new AbortController();
+        wake = () => ac.abort();
+        const onAbort = () => ac.abort();
+        signal?.addEventListener('abort', onAbort, { once: true });
+        await sleep(ms, undefined, { signal: ac.signal }).catch(() => undefined);
+        signal?.removeEventListener('abort', onAbort);
+        wake = undefined;
+      }
+      changed = false;
+    },
+    close: () => watcher?.close(),
+  };
 }
 
 function connectOnce(path: string, timeoutMs: number): Promise<net.Socket> {
