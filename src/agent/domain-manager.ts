@@ -1001,6 +1001,7 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
     if (opts.persist || entry.persistent) await this.makePersistent(entry);
     this.claims.keepArrival(entry);
     run.incoming = false;
+    // One write for both: the domain persistent, its qemu no longer incoming.
     await this.saveRuntime(entry, run);
     if (!opts.paused) await run.qmp.execute('cont');
     this.claims.end(entry);
@@ -1018,10 +1019,10 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
     if (this.claims.release(entry)) void this.forget(entry, false);
   }
 
+  /** The definition stored; the runtime record that says so is commitIncoming's to write. */
   private async makePersistent(entry: DomainEntry): Promise<void> {
     await this.opts.store.saveDefinition(entry.name, entry.xml);
     entry.persistent = true;
-    if (entry.run) await this.saveRuntime(entry, entry.run);
   }
 
   /** Forget a domain that is not running (transient after it stopped, or undefine after migrating away). */

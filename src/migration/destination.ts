@@ -7,9 +7,12 @@ import type { RecoverRequest, RecoverResponse } from './postcopy.js';
 import { pickPort, portIsFree } from './ports.js';
 import { streamAddressOf } from './stream-sockets.js';
 import { setTimeout as delay } from 'node:timers/promises';
-import { CRASHED_JOB_RETRY_MS, isDestinationJob, type DestinationJob } from './jobs.js';
+import { CRASHED_JOB_RETRY_MS, isDestinationJob, settled, type DestinationJob } from './jobs.js';
 import { DESTINATION_OBLIGATIONS, unhandledPhase, type DestinationPhase } from './phases.js';
 import { newFinishToken, type Finish2Request, type Finish2Response, type MigrationContext, type Prepare2Request, type Prepare2Response } from './protocol.js';
+
+/** Finish2(rc=0) before the incoming side completed: how often qemu is asked again when no MIGRATION event comes. */
+const INCOMING_TAIL_POLL_MS = 100;
 
 /** Phases in which a repeated Prepare2 is answered again: the incoming qemu is there and waits. */
 const ACTIVE_INCOMING_PHASES = new Set<DestinationPhase>(['listening', 'receiving', 'received']);
@@ -111,15 +114,29 @@ export class DestinationSide {
         'starting-incoming',
       );
       const { monitor } = await domains.launch(entry, { incoming: true });
-      // Before migrate-incoming: qemu opens its multifd listeners with it.
-      await monitor.setCapabilities(destinationCapabilities(transport));
-      if (req.options.allowPostcopy) await this.enablePostcopy(monitor);
-      await monitor.setParameters(destinationParameters(transport));
-      if (this.ctx.streamTls) await monitor.useTls(await domains.qemuTlsDir(entry), 'server');
       const listenUri = `tcp:${listen.host}:${listen.port}`;
-      await monitor.listenIncoming(listenUri);
+      // Written while qemu is set up: the phase precedes its action, the answer below; a restart
+      // that finds it before qemu listens waits under a lease that ends the empty qemu all the same.
+      const recorded = jobs.setPhase(job, 'listening', { uri: listenUri });
+      const setUp = (async () => {
+        // Before migrate-incoming: qemu opens its multifd listeners with it. Sent together: qemu
+        // takes them in order, one round trip.
+        const transportSet = Promise.all([
+          monitor.setCapabilities(destinationCapabilities(transport)),
+          ...(req.options.allowPostcopy ? [this.enablePostcopy(monitor)] : []),
+          monitor.setParameters(destinationParameters(transport)),
+        ]);
+        if (this.ctx.streamTls || req.options.allowPostcopy) {
+          // What may be refused for a reason of its own (postcopy, the TLS files) is, before qemu listens.
+          await transportSet;
+          if (this.ctx.streamTls) await monitor.useTls(await domains.qemuTlsDir(entry), 'server');
+          await monitor.listenIncoming(listenUri);
+        } else {
+          await Promise.all([transportSet, monitor.listenIncoming(listenUri)]);
+        }
+      })();
       this.followIncoming(job, entry);
-      await jobs.setPhase(job, 'listening', { uri: listenUri });
+      await settled(recorded, setUp);
       this.armBound(job);
       await this.ctx.hold('prepare2', job.id);
       log.info({ migration: job.id, domain: def.name, uri: listenUri }, 'prepared incoming migration');
@@ -331,18 +348,39 @@ export class DestinationSide {
 
   private async waitIncomingComplete(job: DestinationJob, monitor: MigrationMonitor, timeoutMs: number): Promise<string> {
     const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      if (job.record.phase === 'received') return 'completed';
-      let status: string;
-      try {
-        status = (await monitor.queryMigrate(5000)).status;
-      } catch {
-        return 'gone';
+    // The tail is usually loaded within milliseconds of the source finishing: qemu's MIGRATION
+    // event asks again at once; the pause only bounds the wait for one that does not come.
+    let wake: (() => void) | undefined;
+    let eventPending = false;
+    const stopEvents = monitor.onMigrationEvent((e) => {
+      if (e.kind !== 'status') return;
+      eventPending = true;
+      wake?.();
+    });
+    try {
+      for (;;) {
+        eventPending = false;
+        if (job.record.phase === 'received') return 'completed';
+        let status: string;
+        try {
+          status = (await monitor.queryMigrate(5000)).status;
+        } catch {
+          return 'gone';
+        }
+        if (status === 'completed' || status === 'failed') return status;
+        if (Date.now() > deadline) return `still ${status}`;
+        if (eventPending) continue;
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, INCOMING_TAIL_POLL_MS);
+          wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        wake = undefined;
       }
-      if (status === 'completed' || status === 'failed') return status;
-      if (Date.now() > deadline) return `still ${status}`;
-      // The tail is usually loaded within milliseconds of the source finishing.
-      await new Promise((r) => setTimeout(r, 10));
+    } finally {
+      stopEvents();
     }
   }
 

@@ -140,6 +140,17 @@ export type JobPatch = Partial<Omit<JobRecordCommon, 'id'>> & Partial<Pick<Sourc
  */
 export const CRASHED_JOB_RETRY_MS = [1000, 2000, 5000, 10_000, 30_000];
 
+/**
+ * Waits for every one of `steps` (a phase's write made alongside the action it precedes, say) to
+ * settle, then rejects with the first failure, if any: nothing is left running when the caller
+ * handles the error.
+ */
+export async function settled(...steps: Promise<unknown>[]): Promise<void> {
+  const results = await Promise.allSettled(steps);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
+}
+
 export class Job<R extends JobRecord = JobRecord> extends EventEmitter {
   record: R;
   constructor(record: R) {

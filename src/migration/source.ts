@@ -5,7 +5,7 @@ import { SOURCE_OBLIGATIONS } from './phases.js';
 import { agreedTransport, checkTransportOptions, migrationOptions, offerTransport, sourceCapabilities, sourceParameters, parseDestUri, PeerProtocolError, streamUriFromPeer, tuningParameters, type MigrationOptions, type StreamTuning } from './params.js';
 import { PeerRefusedError } from './peer-client.js';
 import { isLoopback, type AgentConfig } from '../config.js';
-import { isSourceJob, type JobPatch, type SourceJob } from './jobs.js';
+import { isSourceJob, settled, type JobPatch, type SourceJob } from './jobs.js';
 import type { MigratingDomain } from './domains.js';
 import { Finish2Exchange, sleep } from './finish2-exchange.js';
 import { followStream, qemuFigures, StreamEnded, type PostcopySwitch, type StreamCompletion } from './stream-follower.js';
@@ -277,21 +277,31 @@ export class SourceSide {
       throw err;
     }
     const { uri, host: streamHost } = stream;
-    await jobs.setPhase(job, 'prepared', {
+    // One write for both phases, made while qemu is set up: both precede the same action,
+    // `migrate`, and both roll back alike (the set-up is qemu's own, local, state).
+    const recorded = jobs.setPhase(job, 'streaming', {
       timings: { ...job.record.timings, prepare2Ms: Date.now() - Date.parse(job.record.createdAt) },
       uri,
       finishToken: prepared.finishToken,
       transport,
       peer: { ...peer, hostUuid: prepared.destination.hostUuid, hostname: prepared.destination.hostname },
-    });
+    }, ['prepared']);
+    const setUp = (async () => {
+      // Sent together: qemu takes them in order, one round trip.
+      await Promise.all([
+        monitor.setCapabilities(sourceCapabilities(options, transport)),
+        // Read again: a tuning (PATCH /jobs/{id}) may have come since the job started.
+        monitor.setParameters(sourceParameters(job.record.options, transport)),
+      ]);
+      // The destination's qemu demands the stream over TLS; its certificate must name the host streamed to.
+      if (this.ctx.streamTls) await monitor.useTls(await this.ctx.domains.qemuTlsDir(entry), 'client', streamHost);
+      if (!options.live) await monitor.pause();
+    })();
+    await settled(recorded, setUp);
+    // Only now, with the finishToken recorded: the rollback's Finish2 then ends the destination's qemu at once.
     if (job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'cancelled before the stream started');
-    await monitor.setCapabilities(sourceCapabilities(options, transport));
-    // Read again: a tuning (PATCH /jobs/{id}) may have come since the job started.
-    await monitor.setParameters(sourceParameters(job.record.options, transport));
-    // The destination's qemu demands the stream over TLS; its certificate must name the host streamed to.
-    if (this.ctx.streamTls) await monitor.useTls(await this.ctx.domains.qemuTlsDir(entry), 'client', streamHost);
-    if (!options.live) await monitor.pause();
-    await jobs.setPhase(job, 'streaming', { timings: { ...job.record.timings, setupMs: Date.now() - started } });
+    // Kept in memory, written with the next phase (as firstByteMs).
+    job.record.timings = { ...job.record.timings, setupMs: Date.now() - started };
     await this.ctx.hold('before-migrate', job.id);
     await monitor.migrate(uri);
     // A cancel answered before this point found no stream to cancel: cancel it now.
@@ -339,6 +349,9 @@ export class SourceSide {
       await jobs.setPhase(job, 'asking-outcome', { finish: { rc: 0, attempts: 0 } }, job.record.phase === 'streaming' ? ['stream-completed'] : []);
     }
     await this.ctx.hold('before-finish2', job.id);
+    // Asked while Finish2 is under way (they are for the record, never waited for before it), so
+    // the job need not wait for them after the answer.
+    const figures = completion && entry?.run ? qemuFigures(entry.run.monitor, completion.info) : undefined;
     const outcome = await this.finish2.until(job, { migrationId: job.id, rc: 0, uuid: job.record.uuid, finishToken: job.record.finishToken });
     if (!outcome) return; // agent shutting down: the job stays in `asking-outcome` for the next start
     const { answer, finish } = outcome;
@@ -347,7 +360,7 @@ export class SourceSide {
       const timings = {
         ...job.record.timings,
         switchoverMs: running - pausedAt,
-        ...(completion ? { streamEndToRunningMs: running - completion.endedAt, ...(await qemuFigures(entry?.run?.monitor, completion.info)) } : {}),
+        ...(completion ? { streamEndToRunningMs: running - completion.endedAt, ...(await (figures ?? qemuFigures(undefined, completion.info))) } : {}),
       };
       await this.confirm(job, entry, { waiting: undefined, finish, timings });
     } else {

@@ -206,7 +206,7 @@ async function carryOut(action: ConvergenceAction, policy: ConvergencePolicy, mo
 /**
  * qemu's figures of a completed stream for the job's timings, asked again while they still read
  * 0 (see FIGURES_RETRY_MS); a figure still 0 after that is left out of the record, never stored
- * as 0. Asked once the guest runs on the destination, so the wait is not part of its pause.
+ * as 0. Asked while Finish2 is under way or after it, so the wait is not part of the guest's pause.
  */
 export async function qemuFigures(monitor: MigrationMonitor | undefined, info: MigrationInfo): Promise<Pick<JobTimings, 'qemuTotalMs' | 'qemuDowntimeMs' | 'qemuSetupMs'>> {
   let figures = info;

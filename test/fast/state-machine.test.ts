@@ -59,11 +59,17 @@ const PERSISTED = {
   destination: DESTINATION_PHASES.filter((p) => p !== 'done'),
 };
 
-/** The source passes `stream-completed` inside the write of `asking-outcome`: a record left in it is that write, as an agent that stopped between the two would leave it. */
+/**
+ * The source passes `prepared` inside the write of `streaming`, and `stream-completed` inside the
+ * write of `asking-outcome`: a record left in one of them is that write, as an agent that stopped
+ * between the two would leave it (or an older agent, which wrote each on its own).
+ */
+const PASSED_INSIDE: Partial<Record<Phase, Phase>> = { prepared: 'streaming', 'stream-completed': 'asking-outcome' };
+
 function enteredPhase(record: JobRecord, phase: Phase): JobRecord | undefined {
   if (record.phase === phase) return record;
-  if (phase === 'stream-completed' && record.role === 'source' && record.phase === 'asking-outcome') {
-    return { ...record, phase: 'stream-completed', phaseHistory: record.phaseHistory.filter((h) => h.phase !== 'asking-outcome') };
+  if (record.role === 'source' && PASSED_INSIDE[phase] === record.phase) {
+    return { ...record, phase, phaseHistory: record.phaseHistory.filter((h) => h.phase !== record.phase) } as JobRecord;
   }
   return undefined;
 }
@@ -105,7 +111,7 @@ export async function run(s: Scenario): Promise<Outcome> {
     if (reached || host !== roleHost || record.role !== s.role) return undefined;
     const stored = enteredPhase(record, s.phase);
     if (!stored) return undefined;
-    // A record left in stream-completed exists only on disk: only a death there leaves it.
+    // A record left in prepared or stream-completed exists only on disk: only a death there leaves it.
     if (stored !== record && fault.kind !== 'die') return undefined;
     reached = true;
     switch (fault.kind) {
@@ -212,8 +218,8 @@ if (!process.env.FAST_TIER_ONLY) t.test('from every persisted phase, under every
   for (const role of ['source', 'destination'] as const) {
     for (const phase of PERSISTED[role]) {
       for (const fault of Object.keys(FAULTS) as FaultName[]) {
-        // A record left in stream-completed exists only on disk: only a death there leaves it.
-        if (phase === 'stream-completed' && FAULTS[fault].kind !== 'die') continue;
+        // A record left in prepared or stream-completed exists only on disk: only a death there leaves it.
+        if (PASSED_INSIDE[phase] && FAULTS[fault].kind !== 'die') continue;
         if (!reached.some((o) => o.scenario.role === role && o.scenario.phase === phase && o.scenario.fault === fault)) missed.push(`${role} ${phase} / ${fault}`);
       }
     }
