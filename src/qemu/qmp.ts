@@ -398,7 +398,7 @@ async function openSocket(path: string, deadline: number, timeoutMs: number, sig
   // Watching from before the first attempt: a socket made between an attempt and its pause still wakes it.
   const appeared = watchDirectory(path);
   try {
-    for (let retryMs = CONNECT_RETRY_FIRST_MS; ; retryMs = Math.min(retryMs * 2, CONNECT_RETRY_MAX_MS)) {
+    for (let retryMs = CONNECT_RETRY_FIRST_MS; ; ) {
       signal?.throwIfAborted();
       try {
         return await connectOnce(path, Math.max(deadline - Date.now(), 1));
@@ -408,8 +408,10 @@ async function openSocket(path: string, deadline: number, timeoutMs: number, sig
         if (Date.now() + retryMs > deadline) {
           throw new QmpTimeoutError('connect', timeoutMs, `could not connect to QMP socket ${path} within ${timeoutMs} ms (${code})`);
         }
-        // An abort ends the pause early; the loop head then throws the abort reason.
-        await appeared.pause(retryMs, signal);
+        // An abort ends the pause early; the loop head then throws the abort reason. qemu binds
+        // its socket (the change seen) a moment before it listens: after a change, soon again.
+        const changed = await appeared.pause(retryMs, signal);
+        retryMs = changed ? CONNECT_RETRY_FIRST_MS : Math.min(retryMs * 2, CONNECT_RETRY_MAX_MS);
       }
     }
   } finally {
@@ -418,11 +420,11 @@ async function openSocket(path: string, deadline: number, timeoutMs: number, sig
 }
 
 /**
- * Pauses that end early when an entry of the directory of `file` is made or renamed (inotify).
- * A change seen while no pause runs ends the next one at once. Without a watch (the directory
- * does not exist yet, no inotify) a pause lasts its full time.
+ * Pauses that end early when `file` is made, renamed or removed in its directory (inotify), and
+ * say whether they did. A change seen while no pause runs ends the next one at once. Without a
+ * watch (the directory does not exist yet, no inotify) a pause lasts its full time.
  */
-function watchDirectory(file: string): { pause(ms: number, signal?: AbortSignal): Promise<void>; close(): void } {
+function watchDirectory(file: string): { pause(ms: number, signal?: AbortSignal): Promise<boolean>; close(): void } {
   let changed = false;
   let wake: (() => void) | undefined;
   let watcher: fs.FSWatcher | undefined;
@@ -448,7 +450,9 @@ function watchDirectory(file: string): { pause(ms: number, signal?: AbortSignal)
         signal?.removeEventListener('abort', onAbort);
         wake = undefined;
       }
+      const seen = changed;
       changed = false;
+      return seen;
     },
     close: () => watcher?.close(),
   };
