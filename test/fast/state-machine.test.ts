@@ -104,7 +104,8 @@ export async function run(s: Scenario): Promise<Outcome> {
       cancelAsked = true;
       setTimeout(() => a.agent?.service.cancel(record.id).catch(() => undefined), 5);
     }
-    if (s.path === 'switched to postcopy' && !completeAsked && record.role === 'source' && record.phase === 'prepared') {
+    // Asked before `migrate`: the source writes prepared and streaming in one write, before it.
+    if (s.path === 'switched to postcopy' && !completeAsked && record.role === 'source' && record.phase === 'streaming') {
       completeAsked = true;
       setTimeout(() => a.agent?.service.complete(record.id, 'postcopy').catch(() => undefined), 0);
     }
