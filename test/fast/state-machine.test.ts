@@ -88,8 +88,8 @@ export async function run(s: Scenario): Promise<Outcome> {
   await b.startAgent();
   if (s.path === 'stream breaks') world.streamsBreak = true;
   if (s.path === 'hand-over fails') world.handOverFails = true;
-  // Long enough a stream for the caller's complete (asked once Prepare2 is answered) to switch it.
-  if (s.path === 'switched to postcopy') world.streamSteps = 20;
+  // Long enough a stream (600 ms) for the caller's complete, asked at the streaming write, to be seen by a poll (every 250 ms) before it ends.
+  if (s.path === 'switched to postcopy') world.streamSteps = 60;
 
   const fault = FAULTS[s.fault];
   let reached = false;
