@@ -118,6 +118,7 @@ export default async function jobRoutes(app: FastifyInstance): Promise<void> {
         description:
           'For an operator who has checked the destination host: `finished` when the guest runs there (the paused copy here ' +
           'is ended), `aborted` when it does not (the guest resumes here). Refused unless the job is waiting for Finish2. ' +
+          'In postcopy: `finished` once its stream completed, `aborted` once its recovery gave up (the guest is given up, the copy here is not resumed). ' +
           'A wrong decision means two running copies or none: check first.',
         tags: ['jobs'],
         params: idParams,

@@ -995,7 +995,7 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
    * and only then the claim ends. A throw leaves the claim (and any borrowed definition) in place
    * for release.
    */
-  async commitIncoming(entry: DomainEntry, opts: { persist: boolean; paused: boolean }): Promise<void> {
+  async commitIncoming(entry: DomainEntry, opts: { persist: boolean; paused: boolean; keepClaim?: boolean }): Promise<void> {
     const run = entry.run;
     if (!run) throw new Error('the incoming qemu is gone');
     if (opts.persist || entry.persistent) await this.makePersistent(entry);
@@ -1004,6 +1004,11 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
     // One write for both: the domain persistent, its qemu no longer incoming.
     await this.saveRuntime(entry, run);
     if (!opts.paused) await run.qmp.execute('cont');
+    if (!opts.keepClaim) this.claims.end(entry);
+  }
+
+  /** A claim kept past commitIncoming (a postcopy arrival, until its stream ends) ends. */
+  endClaim(entry: DomainEntry): void {
     this.claims.end(entry);
   }
 

@@ -1,6 +1,6 @@
 import { AgentError, badRequest, conflict } from '../errors.js';
 import { secretsMatch } from '../secrets.js';
-import type { MigrationMonitor } from '../qemu/migration-monitor.js';
+import { POSTCOPY_STREAM_STATUSES, type MigrationMonitor } from '../qemu/migration-monitor.js';
 import type { MigratingDomain } from './domains.js';
 import { acceptTransport, DEFAULT_OPTIONS, destinationCapabilities, destinationParameters, parseDestUri, PLAIN_STREAM, POSTCOPY_CAPABILITY, type StreamTransport } from './params.js';
 import type { RecoverRequest, RecoverResponse } from './postcopy.js';
@@ -13,6 +13,11 @@ import { newFinishToken, type Finish2Request, type Finish2Response, type Migrati
 
 /** Finish2(rc=0) before the incoming side completed: how often qemu is asked again when no MIGRATION event comes. */
 const INCOMING_TAIL_POLL_MS = 100;
+
+/** Beyond the source's own recovery bound: how long a destination waits for a recovery before it ends its job. */
+const POSTCOPY_GRACE_MS = 60_000;
+/** query-migrate on a destination whose main loop may wait for a page: its answer is not waited for longer. */
+const RECOVER_QUERY_TIMEOUT_MS = 3000;
 
 /** Phases in which a repeated Prepare2 is answered again: the incoming qemu is there and waits. */
 const ACTIVE_INCOMING_PHASES = new Set<DestinationPhase>(['listening', 'receiving', 'received']);
@@ -495,7 +500,7 @@ export class DestinationSide {
       if (phase === 'taking-over' && entry) return this.completeHandOver(job, entry);
       // The guest is this host's since the switch (its claim ended then): follow the stream to its end.
       if (phase === 'postcopy-active') {
-        if (entry?.run && !job.record.arrivalCommitted) domains.restoreClaim(entry, job.id, 'destination');
+        if (entry?.run) domains.restoreClaim(entry, job.id, 'destination');
         if (!(await this.settlePostcopy(job)) && entry?.run) this.followIncoming(job, entry);
         return;
       }
@@ -507,13 +512,17 @@ export class DestinationSide {
         case 'starting-incoming':
         case 'aborting':
           return this.abort(job, entry, job.record.error ?? { code: 'agent_restarted', message: 'the agent restarted while preparing' });
+        case 'listening':
         case 'receiving': {
-          // The stream may have ended while the agent was down, without us seeing its event.
+          // The stream may have ended, or switched to postcopy (the source needs no word from here for it), while the agent was down.
           const status = (await entry.run.monitor.queryMigrate().catch(() => ({ status: 'none' }))).status;
+          if (POSTCOPY_STREAM_STATUSES.has(status)) {
+            this.followIncoming(job, entry);
+            return this.takeOverPostcopy(job, entry);
+          }
           if (status === 'completed') await this.ctx.jobs.setPhase(job, 'received');
           break;
         }
-        case 'listening':
         case 'received':
           break;
         case 'taking-over':
@@ -600,7 +609,8 @@ export class DestinationSide {
     const { jobs, domains, log } = this.ctx;
     if (job.record.arrivalCommitted) return;
     try {
-      await domains.commitIncoming(entry, { persist: job.record.options.persistDestination, paused: job.record.options.paused });
+      // The claim lasts until the stream ends: no lifecycle call or new migration may end a qemu that still pulls pages.
+      await domains.commitIncoming(entry, { persist: job.record.options.persistDestination, paused: job.record.options.paused, keepClaim: true });
     } catch (err) {
       log.error({ err, migration: job.id }, 'the guest could not be resumed after the switch to postcopy');
       await jobs.update(job, { waiting: `the guest could not be resumed after the switch to postcopy: ${(err as Error).message}; resume it by hand (POST /domains/${entry.name}/resume)` });
@@ -619,20 +629,52 @@ export class DestinationSide {
     if (status === 'postcopy-paused') {
       log.warn({ migration: job.id }, 'the postcopy stream broke; the guest stalls on the pages it lacks until the source recovers the stream');
       await jobs.update(job, { waiting: 'the postcopy stream broke: the guest waits for the pages it lacks until the source recovers the stream' });
-    } else if (status === 'postcopy-active' && job.record.waiting) {
-      log.warn({ migration: job.id }, 'the postcopy stream runs again');
-      await jobs.update(job, { waiting: undefined, recoveryUri: undefined });
+      this.armPostcopyBound(job);
+    } else if (status === 'postcopy-active' || status === 'postcopy-recover') {
+      this.clearLease(job);
+      if (status === 'postcopy-active' && job.record.waiting) {
+        log.warn({ migration: job.id }, 'the postcopy stream runs again');
+        await jobs.update(job, { waiting: undefined, recoveryUri: undefined });
+      }
     }
+  }
+
+  /**
+   * A broken postcopy stream that the source does not recover within its own bound (the
+   * migration's postcopyRecoverySeconds) and a grace minute ends the job here (failed): the source
+   * is gone, or gave up. The qemu is kept, unclaimed, for an operator; the agent never ends it.
+   */
+  private armPostcopyBound(job: DestinationJob): void {
+    if (this.leases.has(job.id)) return;
+    const boundMs = (job.record.options.postcopyRecoverySeconds ?? DEFAULT_OPTIONS.postcopyRecoverySeconds) * 1000 + POSTCOPY_GRACE_MS;
+    const timer = setTimeout(() => {
+      this.leases.delete(job.id);
+      void this.ctx.jobs.locks
+        .run(job.id, async () => {
+          if (job.terminal || job.record.phase !== 'postcopy-active') return;
+          await this.postcopyGuestEnded(job, `the source did not recover the broken postcopy stream within ${boundMs / 1000}s`);
+        })
+        .catch((err: unknown) => this.settleCrash(job, err));
+    }, boundMs);
+    timer.unref();
+    this.leases.set(job.id, timer);
   }
 
   /** The postcopy stream completed: the whole guest is here. */
   private async endPostcopy(job: DestinationJob): Promise<void> {
+    this.clearLease(job);
+    const entry = this.ctx.domains.find(job.record.domain);
+    if (entry) this.ctx.domains.endClaim(entry);
     await this.ctx.jobs.end(job, 'completed', undefined, { waiting: undefined, finish: { rc: 0, attempts: 0, outcome: 'finished' } });
     this.ctx.log.info({ migration: job.id, domain: job.record.domain }, 'incoming postcopy migration finished; guest owned here');
   }
 
   /** The stream cannot complete: the guest here lacks pages for good. Its qemu, if still there, is kept for an operator to look at. */
   private async postcopyGuestEnded(job: DestinationJob, why: string): Promise<void> {
+    this.clearLease(job);
+    const entry = this.ctx.domains.find(job.record.domain);
+    // The claim ends, the definition that arrived stays: what is left is the operator's to look at and end.
+    if (entry) this.ctx.domains.endClaim(entry);
     const error = { code: 'postcopy_failed', message: `${why}: the guest ran here since the switch to postcopy, but lacks memory that stayed at the source` };
     this.ctx.log.error({ migration: job.id, domain: job.record.domain, error }, 'incoming postcopy migration failed');
     await this.ctx.jobs.end(job, 'failed', error, { waiting: undefined });
@@ -689,22 +731,31 @@ export class DestinationSide {
       if (job.record.finishToken !== undefined && !secretsMatch(req.finishToken, job.record.finishToken)) {
         throw new AgentError(403, 'recover_not_from_source', `recovery of migration ${req.migrationId} does not carry the finishToken of its Prepare2 answer`);
       }
-      const monitor = this.ctx.domains.find(job.record.domain)?.run?.monitor;
-      if (job.terminal || job.record.phase !== 'postcopy-active' || !monitor) {
+      const entry = this.ctx.domains.find(job.record.domain);
+      const monitor = entry?.run?.monitor;
+      if (job.terminal) {
         throw conflict('not_in_postcopy', `migration ${req.migrationId} is not in postcopy here (status ${job.record.status}, phase ${job.record.phase})`, { job: job.id });
       }
-      let status = (await monitor.queryMigrate()).status;
+      // Not yet attached again after a restart: ask again soon.
+      if (!entry || !monitor) throw new AgentError(503, 'postcopy_not_ready', `the qemu of migration ${job.id} is not attached here yet`, { retryAfterSeconds: 1 });
+      let status = (await monitor.queryMigrate(RECOVER_QUERY_TIMEOUT_MS).catch(() => ({ status: 'no answer' }))).status;
+      // A switch this agent did not see (it was down, or its write failed): the guest is this host's.
+      if (job.record.phase !== 'postcopy-active' && POSTCOPY_STREAM_STATUSES.has(status)) await this.takeOverPostcopy(job, entry);
+      if (job.record.phase !== 'postcopy-active') {
+        throw conflict('not_in_postcopy', `migration ${req.migrationId} is not in postcopy here (status ${job.record.status}, phase ${job.record.phase})`, { job: job.id });
+      }
       if (status === 'postcopy-recover' && job.record.recoveryUri) return { migrationId: job.id, uri: job.record.recoveryUri };
-      if (status === 'postcopy-active') {
-        log.warn({ migration: job.id }, 'the source found the postcopy stream broken; breaking this end too');
-        await monitor.pausePostcopy();
+      if (status === 'postcopy-active' || status === 'no answer') {
+        log.warn({ migration: job.id, status }, 'the source found the postcopy stream broken; breaking this end too');
+        await monitor.pausePostcopy().catch((err: unknown) => log.warn({ err, migration: job.id }, 'could not pause this end of the postcopy stream'));
       }
-      // qemu shuts the stream down and reports the pause within milliseconds; bounded at 5 s.
-      for (let i = 0; i < 100 && status !== 'postcopy-paused'; i++) {
+      // qemu shuts the stream down and reports the pause within milliseconds; bounded at 5 s. A main
+      // loop that does not answer waits for a page: the out-of-band migrate-recover goes ahead.
+      for (let i = 0; i < 100 && status !== 'postcopy-paused' && status !== 'no answer'; i++) {
         await delay(50);
-        status = (await monitor.queryMigrate()).status;
+        status = (await monitor.queryMigrate(RECOVER_QUERY_TIMEOUT_MS).catch(() => ({ status: 'no answer' }))).status;
       }
-      if (status !== 'postcopy-paused') throw new AgentError(503, 'postcopy_not_paused', `the postcopy stream of ${job.id} is ${status} here`, { retryAfterSeconds: 1 });
+      if (status !== 'postcopy-paused' && status !== 'no answer') throw new AgentError(503, 'postcopy_not_paused', `the postcopy stream of ${job.id} is ${status} here`, { retryAfterSeconds: 1 });
       const listen = await this.choosePort(job.id);
       try {
         const uri = `tcp:${listen.host}:${listen.port}`;

@@ -53,8 +53,13 @@ export interface MigrationDomains<E extends MigratingDomain = MigratingDomain> {
   beginIncoming(xml: string, def: DomainDef, jobId: string): E;
   /** After an agent restart: the claim of a job whose record says it owns the domain. */
   restoreClaim(entry: E, jobId: string, role: 'source' | 'destination'): void;
-  /** The arrival succeeded: the guest is this host's (runs unless `paused`); the claim ends. */
-  commitIncoming(entry: E, opts: { persist: boolean; paused: boolean }): Promise<void>;
+  /**
+   * The arrival succeeded: the guest is this host's (runs unless `paused`); the claim ends, or,
+   * with `keepClaim` (a postcopy still pulling pages), lasts until endClaim.
+   */
+  commitIncoming(entry: E, opts: { persist: boolean; paused: boolean; keepClaim?: boolean }): Promise<void>;
+  /** The claim kept by commitIncoming ends: the domain takes lifecycle calls again. */
+  endClaim(entry: E): void;
   /** The departure succeeded: the paused copy here ends (and its definition when `undefine` or transient). */
   commitOutgoing(entry: E, opts: { undefine: boolean }): Promise<void>;
   /** The job failed: the claim ends and the domain is as before it. */

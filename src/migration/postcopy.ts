@@ -28,7 +28,9 @@ export type PostcopyEnd =
   /** qemu reports the stream failed, or the source qemu is gone: what it had not sent is lost with it. */
   | { kind: 'failed'; code: string; message: string }
   /** The agent is stopping: the job stays in phase `postcopy` for its next start. */
-  | { kind: 'closing' };
+  | { kind: 'closing' }
+  /** The monitor connection closed: qemu ended, or the agent lost its monitor (it attaches again, or finds qemu gone). */
+  | { kind: 'monitor-closed' };
 
 export interface RecoverRequest {
   migrationId: string;
@@ -96,12 +98,18 @@ export class PostcopySource {
     try {
       for (;;) {
         if (this.isClosed()) return { kind: 'closing' };
+        const resolution = job.record.resolution;
+        if (resolution?.outcome === 'aborted') {
+          return { kind: 'failed', code: 'operator_aborted', message: `an operator gave the broken postcopy stream up: ${resolution.reason}` };
+        }
         let info: MigrationInfo;
         try {
           info = await monitor.queryMigrate(QUERY_TIMEOUT_MS);
         } catch (err) {
-          if (monitor.isClosed) return { kind: 'failed', code: 'source_qemu_ended', message: 'the source qemu ended during postcopy: the pages it had not sent yet are lost with it' };
+          if (monitor.isClosed) return { kind: 'monitor-closed' };
           await breakHung(`qemu did not answer query-migrate within ${QUERY_TIMEOUT_MS / 1000}s (${(err as Error).message})`);
+          // Never a busy loop: an error reply comes back at once.
+          await new Promise((r) => setTimeout(r, POLL_MS));
           continue;
         }
         const now = Date.now();

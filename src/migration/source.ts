@@ -9,7 +9,7 @@ import { isSourceJob, settled, type JobPatch, type SourceJob } from './jobs.js';
 import type { MigratingDomain } from './domains.js';
 import { Finish2Exchange, sleep } from './finish2-exchange.js';
 import { followStream, qemuFigures, StreamEnded, type PostcopySwitch, type StreamCompletion } from './stream-follower.js';
-import { PostcopySource } from './postcopy.js';
+import { PostcopySource, type PostcopyEnd } from './postcopy.js';
 import type { Finish2Response } from './protocol.js';
 import { SourceRecovery } from './source-recovery.js';
 import { buildForecast, lastStreamRate, type Forecast, type ForecastOptions } from './forecast.js';
@@ -152,7 +152,14 @@ export class SourceSide {
     return this.ctx.jobs.locks.run(`stream:${job.id}`, async () => {
       if (job.record.cancelRequested) return false;
       const postcopy = { state: 'active' as const, startedAt: new Date().toISOString(), recoveries: 0, attempts: 0 };
-      await this.ctx.jobs.setPhase(job, 'postcopy', { ...(job.record.stats ? { stats: { ...job.record.stats, postcopy } } : {}) });
+      const before = job.record;
+      try {
+        await this.ctx.jobs.setPhase(job, 'postcopy', { ...(job.record.stats ? { stats: { ...job.record.stats, postcopy } } : {}) });
+      } catch (err) {
+        // Not on disk, so not taken: the job goes on (or rolls back) as streaming, and qemu is never told.
+        job.record = before;
+        throw err;
+      }
       await this.ctx.hold('before-postcopy', job.id);
       await monitor.startPostcopy();
       this.ctx.log.warn({ migration: job.id, domain: job.record.domain }, 'stream switched to postcopy: the guest runs at the destination from now on');
@@ -168,12 +175,20 @@ export class SourceSide {
    * the stream (endPostcopyLost). Nothing here resumes a guest the destination ran.
    */
   private async followPostcopy(job: SourceJob, entry: MigratingDomain | undefined): Promise<void> {
-    const { log } = this.ctx;
-    const monitor = entry?.run?.monitor;
-    const end = monitor
-      ? await this.postcopy.follow(job, monitor)
-      : { kind: 'failed' as const, code: 'source_qemu_ended', message: 'the source qemu ended during postcopy: the pages it had not sent yet are lost with it' };
+    const { log, domains } = this.ctx;
+    let monitor = entry?.run?.monitor;
+    let end: PostcopyEnd = { kind: 'monitor-closed' };
+    // A closed monitor is not yet an ended qemu: the domain manager attaches again or finds it gone (bounded: it settles each time).
+    for (let attach = 0; attach < 10 && end.kind === 'monitor-closed'; attach++) {
+      if (attach > 0) {
+        if (!(await domains.settled(job.record.domain))) return;
+        monitor = domains.find(job.record.domain)?.run?.monitor;
+      }
+      if (!monitor || monitor.isClosed) break;
+      end = await this.postcopy.follow(job, monitor);
+    }
     if (end.kind === 'closing') return;
+    if (end.kind === 'monitor-closed') end = { kind: 'failed', code: 'source_qemu_ended', message: 'the source qemu ended during postcopy: the pages it had not sent yet are lost with it' };
     const body = { migrationId: job.id, uuid: job.record.uuid, finishToken: job.record.finishToken };
     let answer: Finish2Response;
     let finish: NonNullable<SourceJob['record']['finish']>;
@@ -226,6 +241,9 @@ export class SourceSide {
         `${answer.error?.message ?? 'the destination did not complete the postcopy stream'}. The guest ran at the destination since the switch to postcopy ` +
         'and its memory was split between both hosts: the copy here stays paused and is not resumed (it is out of date); check the destination before ending either qemu',
     };
+    // qemu runs a source guest again when its migration fails, if it ran before: never this out-of-date copy.
+    const monitor = entry?.run?.monitor;
+    if (monitor && (await monitor.guestRunning().catch(() => false))) await monitor.pause().catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'could not pause the out-of-date source copy'));
     await this.ctx.jobs.update(job, { finish, waiting: undefined });
     if (entry) this.ctx.domains.release(entry);
     await this.ctx.jobs.end(job, 'failed', error);
@@ -420,7 +438,11 @@ export class SourceSide {
   async resolve(id: string, outcome: 'finished' | 'aborted', reason: string): Promise<SourceJob> {
     const { jobs } = this.ctx;
     const job = jobs.require(id);
-    if (!isSourceJob(job) || job.terminal || job.record.phase !== 'asking-outcome' || !job.record.waiting || job.record.resolution) {
+    // In postcopy: `finished` once the stream completed (only Finish2's answer is missing), `aborted` once recovery gave up.
+    const postcopyResolvable =
+      isSourceJob(job) && job.record.phase === 'postcopy' &&
+      (outcome === 'finished' ? job.record.stats?.qemuStatus === 'completed' : job.record.stats?.postcopy?.gaveUp === true);
+    if (!isSourceJob(job) || job.terminal || !(job.record.phase === 'asking-outcome' || postcopyResolvable) || !job.record.waiting || job.record.resolution) {
       throw conflict(
         'not_waiting_on_destination',
         `job ${id} is not a source job waiting for an unknown Finish2 outcome (status ${job.record.status}, phase ${job.record.phase})`,

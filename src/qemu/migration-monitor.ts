@@ -205,7 +205,8 @@ export class QmpMigrationMonitor implements MigrationMonitor {
   }
 
   async listenForRecovery(uri: string): Promise<void> {
-    await this.qmp.execute('migrate-recover', { uri });
+    // Out of band: a destination waiting for a page it lacks may hold its main loop.
+    await this.qmp.executeOob('migrate-recover', { uri });
   }
 
   async resumePostcopy(uri: string): Promise<void> {

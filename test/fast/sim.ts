@@ -475,7 +475,7 @@ class SimDomains implements MigrationDomains<SimEntry> {
     this.claims.restore(entry, jobId, role);
   }
 
-  async commitIncoming(entry: SimEntry, opts: { persist: boolean; paused: boolean }): Promise<void> {
+  async commitIncoming(entry: SimEntry, opts: { persist: boolean; paused: boolean; keepClaim?: boolean }): Promise<void> {
     await this.agent.step();
     const run = entry.run;
     if (!run) throw new Error('the incoming qemu is gone');
@@ -488,6 +488,10 @@ class SimDomains implements MigrationDomains<SimEntry> {
     run.qemu.record = { ...run.qemu.record, incoming: false, persistent: entry.persistent, xml: entry.xml };
     await this.agent.step();
     if (!opts.paused) await run.monitor.resume();
+    if (!opts.keepClaim) this.claims.end(entry);
+  }
+
+  endClaim(entry: SimEntry): void {
     this.claims.end(entry);
   }
 

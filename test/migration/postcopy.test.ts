@@ -48,6 +48,9 @@ t.test('a caller completes a stream by postcopy (POST /jobs/{id}/complete); from
   t.equal(asked.completeRequested?.mode, 'postcopy', 'postcopy is the default mode where allowed');
   await waitFor('the switch', async () => ((await a.client.job(started.id)).phase !== 'streaming' ? true : null), { timeoutMs: 10_000 });
   await t.rejects(a.client.cancel(started.id), { status: 409, code: 'too_late_to_cancel' }, 'a cancel after the switch is refused');
+  if ((await a.client.job(started.id)).status === 'running') {
+    await t.rejects(b.client.lifecycle('pc2', 'destroy'), { status: 409, code: 'domain_busy' }, 'the destination refuses to end a qemu that still pulls pages');
+  }
   const job = await waitForJobEnd(a.client, started.id, 'the migration', 60_000);
   t.equal(job.status, 'completed', `completed (${job.error?.message ?? ''})`);
   t.ok(job.phaseHistory.some((p) => p.phase === 'postcopy'));
@@ -143,4 +146,33 @@ t.test("the destination's qemu killed in postcopy: the guest is lost; both jobs 
   const left = await a.client.domain('pc7');
   t.ok(left.pid !== undefined && left.state !== 'running', `the source copy is kept, not running (${left.state}, qemu ${left.qemuStatus})`);
   await a.client.lifecycle('pc7', 'destroy');
+});
+
+t.test('a broken postcopy stream whose destination agent is gone: recovery gives up at its bound, and an operator gives the guest up (resolve aborted); the copy here is kept, never resumed', async (t) => {
+  const { dir, a, b } = await twoAgents(t, POSTCOPY_CAPABLE);
+  await startGuest(a, dir, 'pc8', BUSY);
+  const { job: started } = await a.client.perform({ domain: 'pc8', destination: b.url, bandwidthMiBps: 2, allowPostcopy: true, completionTimeoutPerGiBSeconds: 0, postcopyRecoverySeconds: 2 });
+  await waitFor('the stream to run', async () => ((await a.client.job(started.id)).phase === 'streaming' ? true : null), { timeoutMs: 30_000 });
+  await a.client.complete(started.id, 'postcopy');
+  const inPostcopy = await waitFor('postcopy', async () => {
+    const j = await a.client.job(started.id);
+    return j.stats?.qemuStatus === 'postcopy-active' ? j : null;
+  }, { timeoutMs: 10_000 });
+  // The destination's agent goes away (its qemu stays), then the stream breaks: nobody answers /recover2.
+  await b.app.close();
+  const { host, port } = streamAddressOf(inPostcopy.uri!);
+  await resetOutgoingStream(host, port);
+  const gaveUp = await waitFor('recovery to give up', async () => {
+    const j = await a.client.job(started.id);
+    return j.stats?.postcopy?.gaveUp ? j : null;
+  }, { timeoutMs: 30_000 });
+  t.match(gaveUp, { status: 'running', phase: 'postcopy', waiting: /recovery gave up after \d+ attempt.*POST \/jobs\/.*\/recover/s }, 'the operator is told');
+  t.ok(gaveUp.stats!.postcopy!.attempts >= 1, `${gaveUp.stats!.postcopy!.attempts} attempts`);
+  await t.rejects(a.client.resolve(started.id, 'finished', 'x'), { status: 409, code: 'not_waiting_on_destination' }, 'finished is refused: the stream did not complete');
+  await a.client.resolve(started.id, 'aborted', 'hostB is gone');
+  const job = await waitForJobEnd(a.client, started.id, 'the job', 30_000);
+  t.match(job, { status: 'failed', error: { code: 'operator_aborted' } });
+  const left = await a.client.domain('pc8');
+  t.ok(left.pid !== undefined && left.state !== 'running', `the copy here is kept, not running (${left.state})`);
+  await a.client.lifecycle('pc8', 'destroy');
 });
