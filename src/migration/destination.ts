@@ -4,6 +4,7 @@ import { POSTCOPY_STREAM_STATUSES, type MigrationMonitor } from '../qemu/migrati
 import type { MigratingDomain } from './domains.js';
 import { acceptTransport, DEFAULT_OPTIONS, destinationCapabilities, destinationParameters, parseDestUri, PLAIN_STREAM, POSTCOPY_CAPABILITY, type StreamTransport } from './params.js';
 import type { RecoverRequest, RecoverResponse } from './postcopy.js';
+import { Wakeup } from './wakeup.js';
 import { pickPort, portIsFree } from './ports.js';
 import { streamAddressOf } from './stream-sockets.js';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -266,10 +267,7 @@ export class DestinationSide {
         }
         throw new AgentError(404, 'migration_not_found', `no incoming migration ${req.migrationId} here`);
       }
-      // A record without one was prepared before agents had finishTokens (an upgrade mid-migration).
-      if (job.record.finishToken !== undefined && !secretsMatch(req.finishToken, job.record.finishToken)) {
-        throw new AgentError(403, 'finish2_not_from_source', `Finish2 for migration ${req.migrationId} does not carry the finishToken of its Prepare2 answer: only the source that prepared it may end it`);
-      }
+      requireSourceToken(job, req.finishToken, 'finish2_not_from_source', `Finish2 for migration ${req.migrationId}`, 'end it');
       if (job.record.finish?.outcome) return this.finishAnswer(job);
       if (job.record.phase === 'postcopy-active' && !job.terminal) return this.finishPostcopy(job, req);
       const entry = this.ctx.domains.find(job.record.domain);
@@ -355,16 +353,12 @@ export class DestinationSide {
     const deadline = Date.now() + timeoutMs;
     // The tail is usually loaded within milliseconds of the source finishing: qemu's MIGRATION
     // event asks again at once; the pause only bounds the wait for one that does not come.
-    let wake: (() => void) | undefined;
-    let eventPending = false;
+    const wakeup = new Wakeup();
     const stopEvents = monitor.onMigrationEvent((e) => {
-      if (e.kind !== 'status') return;
-      eventPending = true;
-      wake?.();
+      if (e.kind === 'status') wakeup.wake();
     });
     try {
       for (;;) {
-        eventPending = false;
         if (job.record.phase === 'received') return 'completed';
         let status: string;
         try {
@@ -374,15 +368,7 @@ export class DestinationSide {
         }
         if (status === 'completed' || status === 'failed') return status;
         if (Date.now() > deadline) return `still ${status}`;
-        if (eventPending) continue;
-        await new Promise<void>((resolve) => {
-          const timer = setTimeout(resolve, INCOMING_TAIL_POLL_MS);
-          wake = () => {
-            clearTimeout(timer);
-            resolve();
-          };
-        });
-        wake = undefined;
+        await wakeup.sleep(INCOMING_TAIL_POLL_MS);
       }
     } finally {
       stopEvents();
@@ -728,9 +714,7 @@ export class DestinationSide {
     return jobs.locks.run(req.migrationId, async () => {
       const job = jobs.get(req.migrationId);
       if (!job || !isDestinationJob(job)) throw new AgentError(404, 'migration_not_found', `no incoming migration ${req.migrationId} here`);
-      if (job.record.finishToken !== undefined && !secretsMatch(req.finishToken, job.record.finishToken)) {
-        throw new AgentError(403, 'recover_not_from_source', `recovery of migration ${req.migrationId} does not carry the finishToken of its Prepare2 answer`);
-      }
+      requireSourceToken(job, req.finishToken, 'recover_not_from_source', `recovery of migration ${req.migrationId}`, 'recover its stream');
       const entry = this.ctx.domains.find(job.record.domain);
       const monitor = entry?.run?.monitor;
       if (job.terminal) {
@@ -773,5 +757,16 @@ export class DestinationSide {
     this.closed = true;
     for (const timer of this.leases.values()) clearTimeout(timer);
     this.leases.clear();
+  }
+}
+
+/**
+ * Only the source that got the Prepare2 answer may end or recover the migration: its call must
+ * carry that answer's finishToken (403 `code` otherwise). A record without one was prepared
+ * before agents had finishTokens (an upgrade mid-migration).
+ */
+function requireSourceToken(job: DestinationJob, token: string | undefined, code: string, what: string, may: string): void {
+  if (job.record.finishToken !== undefined && !secretsMatch(token, job.record.finishToken)) {
+    throw new AgentError(403, code, `${what} does not carry the finishToken of its Prepare2 answer: only the source that prepared it may ${may}`);
   }
 }

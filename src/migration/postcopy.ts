@@ -3,7 +3,9 @@ import type { MigrationStats, PostcopyState, SourceJob } from './jobs.js';
 import { streamUriFromPeer } from './params.js';
 import { PeerRefusedError } from './peer-client.js';
 import type { MigrationContext } from './protocol.js';
-import { toStats } from './stream-follower.js';
+import { statsOf } from './stream-follower.js';
+import { sleep } from './finish2-exchange.js';
+import { Wakeup } from './wakeup.js';
 
 const POLL_MS = 250;
 /**
@@ -86,14 +88,14 @@ export class PostcopySource {
     };
     let brokeAt: number | undefined;
     let nextAttemptAt = 0;
-    let wake: (() => void) | undefined;
+    const wakeup = new Wakeup();
     let operatorAsked = false;
     this.wakers.set(job.id, () => {
       operatorAsked = true;
-      wake?.();
+      wakeup.wake();
     });
     const unsubscribe = monitor.onMigrationEvent((e) => {
-      if (e.kind === 'status') wake?.();
+      if (e.kind === 'status') wakeup.wake();
     });
     try {
       for (;;) {
@@ -109,13 +111,13 @@ export class PostcopySource {
           if (monitor.isClosed) return { kind: 'monitor-closed' };
           await breakHung(`qemu did not answer query-migrate within ${QUERY_TIMEOUT_MS / 1000}s (${(err as Error).message})`);
           // Never a busy loop: an error reply comes back at once.
-          await new Promise((r) => setTimeout(r, POLL_MS));
+          await sleep(POLL_MS);
           continue;
         }
         const now = Date.now();
         switch (info.status) {
           case 'completed':
-            jobs.setStats(job, { ...toStats(info), ...policyFigures(job.record.stats), postcopy: { ...pc, state: 'active' } });
+            jobs.setStats(job, { ...statsOf(info, job.record.stats), ...policyFigures(job.record.stats), postcopy: { ...pc, state: 'active' } });
             return { kind: 'completed', info, endedAt: now };
           case 'failed':
           case 'cancelled':
@@ -188,15 +190,8 @@ export class PostcopySource {
             break;
         }
         const previous = job.record.stats;
-        jobs.setStats(job, { ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status }), ...policyFigures(previous), postcopy: { ...pc } });
-        await new Promise<void>((resolve) => {
-          const timer = setTimeout(resolve, POLL_MS);
-          wake = () => {
-            clearTimeout(timer);
-            resolve();
-          };
-        });
-        wake = undefined;
+        jobs.setStats(job, { ...statsOf(info, previous), ...policyFigures(previous), postcopy: { ...pc } });
+        await wakeup.sleep(POLL_MS);
       }
     } finally {
       unsubscribe();

@@ -4,6 +4,7 @@ import { AUTO_CONVERGE_ENGAGED } from './params.js';
 import { ConvergencePolicy, type ConvergenceAction } from './convergence.js';
 import { EtaCountdown } from './forecast.js';
 import { streamAddressOf } from './stream-sockets.js';
+import { Wakeup } from './wakeup.js';
 import type { JobRegistry, JobTimings, MigrationStats, SourceJob } from './jobs.js';
 
 const POLL_MS = 250;
@@ -68,9 +69,7 @@ export async function followStream(
   const policy = new ConvergencePolicy(job.record.options, Date.now());
   let tunedDowntimeMs = job.record.options.downtimeLimitMs;
   const countdown = new EtaCountdown();
-  let wake: (() => void) | undefined;
-  // An event that arrives while query-migrate is in flight must still cut the next wait short.
-  let eventPending = false;
+  const wakeup = new Wakeup();
   let stoppedAt: number | undefined;
   let completing = false;
   const createdAt = Date.parse(job.record.createdAt);
@@ -81,13 +80,11 @@ export async function followStream(
     if (e.kind === 'stopped') stoppedAt = e.atMs;
     else {
       if (e.status === 'active') streaming();
-      eventPending = true;
-      wake?.();
+      wakeup.wake();
     }
   });
   try {
     for (;;) {
-      eventPending = false;
       let info: MigrationInfo;
       try {
         info = await monitor.queryMigrate();
@@ -107,7 +104,7 @@ export async function followStream(
           }, Date.now())
         : undefined;
       jobs.setStats(job, {
-        ...(info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status }),
+        ...statsOf(info, previous),
         downtimeLimitMs: policy.downtimeLimitMs,
         convergence: policy.state(),
         ...(eta !== undefined ? { etaMs: eta } : {}),
@@ -150,14 +147,7 @@ export async function followStream(
         if (info.status === 'cancelled' || job.record.cancelRequested) throw new StreamEnded('cancelled', 'cancelled', 'the stream was cancelled');
         throw new StreamEnded('failed', 'stream_failed', `the stream failed: ${info.errorDesc ?? 'no reason given by qemu'}`);
       }
-      if (eventPending) continue;
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, POLL_MS);
-        wake = () => {
-          clearTimeout(timer);
-          resolve();
-        };
-      });
+      await wakeup.sleep(POLL_MS);
     }
   } finally {
     unsubscribe();
@@ -223,7 +213,12 @@ export async function qemuFigures(monitor: MigrationMonitor | undefined, info: M
   };
 }
 
-export function toStats(info: MigrationInfo): MigrationStats {
+/** The stats of a sample; one without RAM figures (a cancelled or failed stream reports none) keeps the last ones seen. */
+export function statsOf(info: MigrationInfo, previous: MigrationStats | undefined): MigrationStats {
+  return info.ram || !previous ? toStats(info) : { ...previous, qemuStatus: info.status };
+}
+
+function toStats(info: MigrationInfo): MigrationStats {
   const ram = info.ram;
   const transferred = ram?.transferredBytes ?? 0;
   const total = ram?.totalBytes ?? 0;

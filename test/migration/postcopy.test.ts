@@ -8,11 +8,37 @@ import t from 'tap';
 import { parseSerialLog } from '../../src/guest/image.js';
 import { resetOutgoingStream, streamAddressOf } from '../../src/migration/stream-sockets.js';
 import { assertOwnedBy, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
-import { waitFor, waitForJobEnd } from '../helpers/agents.js';
+import { waitFor, waitForJobEnd, type TestAgent } from '../helpers/agents.js';
+import type { JobRecord } from '../../src/migration/jobs.js';
+import type { MigrationOptions } from '../../src/migration/params.js';
+import type { Test } from 'tap';
 
 /** All of its 4 MiB rewritten continuously: no pre-copy over a few MiB/s converges. */
 const BUSY = { fillMiB: 4, hotMiB: 4, reportEvery: 64 };
 const POSTCOPY_CAPABLE = { b: { qemuUser: 'root' } } as const;
+
+/**
+ * A migration of `domain` from a to b at 2 MiB/s, switched to postcopy by a caller as soon as it
+ * streams: most of the guest's memory still follows, for several seconds. The source job once qemu
+ * reports postcopy-active.
+ */
+async function switchedAtOnce(a: TestAgent, b: TestAgent, domain: string, options: Partial<MigrationOptions> = {}): Promise<JobRecord> {
+  const { job } = await a.client.perform({ domain, destination: b.url, bandwidthMiBps: 2, allowPostcopy: true, completionTimeoutPerGiBSeconds: 0, ...options });
+  await waitFor('the stream to run', async () => ((await a.client.job(job.id)).phase === 'streaming' ? true : null), { timeoutMs: 30_000 });
+  await a.client.complete(job.id, 'postcopy');
+  return waitFor('postcopy', async () => {
+    const j = await a.client.job(job.id);
+    return j.stats?.qemuStatus === 'postcopy-active' ? j : null;
+  }, { timeoutMs: 10_000 });
+}
+
+/** The guest arrived whole: its job completed on b too, b alone runs it, the same boot, never rebooted. */
+async function assertArrivedWhole(t: Test, a: TestAgent, b: TestAgent, job: JobRecord, guest: { serialLog: string }, boot: { passes: number; bootId: number }): Promise<void> {
+  t.equal(b.app.agent.migrations.jobs.require(job.id).record.status, 'completed', 'the destination job completed');
+  await assertOwnedBy(t, b, a, job.domain);
+  t.equal((await waitForPasses(b, job.domain, boot.passes)).bootId, boot.bootId, 'same guest, running on the destination');
+  t.equal(parseSerialLog(await fs.readFile(guest.serialLog, 'utf8')).boots.length, 1, 'never rebooted');
+}
 
 async function unprivilegedUserfaultfd(): Promise<boolean> {
   return (await fs.readFile('/proc/sys/vm/unprivileged_userfaultfd', 'utf8').catch(() => '0')).trim() === '1';
@@ -30,12 +56,8 @@ t.test('with allowPostcopy a guest that never converges switches to postcopy onc
   t.ok(job.phaseHistory.some((p) => p.phase === 'postcopy'), 'the source passed through phase postcopy');
   t.ok(job.timings.postcopyMs! > 0, `${job.timings.postcopyMs} ms in postcopy`);
   t.ok(job.timings.qemuDowntimeMs! > 0 && job.timings.qemuDowntimeMs! < 1000, `qemu's downtime ${job.timings.qemuDowntimeMs} ms`);
-  const incoming = b.app.agent.migrations.jobs.require(job.id).record;
-  t.equal(incoming.status, 'completed');
-  t.ok(incoming.phaseHistory.some((p) => p.phase === 'postcopy-active'), 'the destination ran the guest in postcopy-active');
-  await assertOwnedBy(t, b, a, 'pc1');
-  t.equal((await waitForPasses(b, 'pc1', boot.passes)).bootId, boot.bootId, 'same guest, running on the destination');
-  t.equal(parseSerialLog(await fs.readFile(guest.serialLog, 'utf8')).boots.length, 1, 'never rebooted');
+  t.ok(b.app.agent.migrations.jobs.require(job.id).record.phaseHistory.some((p) => p.phase === 'postcopy-active'), 'the destination ran the guest in postcopy-active');
+  await assertArrivedWhole(t, a, b, job, guest, boot);
   await b.client.lifecycle('pc1', 'destroy');
 });
 
@@ -62,15 +84,8 @@ t.test('a caller completes a stream by postcopy (POST /jobs/{id}/complete); from
 t.test('a postcopy stream whose connection is reset is recovered by the agents, and completes', async (t) => {
   const { dir, a, b } = await twoAgents(t, POSTCOPY_CAPABLE);
   const { guest, boot } = await startGuest(a, dir, 'pc3', BUSY);
-  // Switched at once at 2 MiB/s: most of the guest's memory still follows, for several seconds.
-  const { job: started } = await a.client.perform({ domain: 'pc3', destination: b.url, bandwidthMiBps: 2, allowPostcopy: true, completionTimeoutPerGiBSeconds: 0 });
-  await waitFor('the stream to run', async () => ((await a.client.job(started.id)).phase === 'streaming' ? true : null), { timeoutMs: 30_000 });
-  await a.client.complete(started.id, 'postcopy');
-  const inPostcopy = await waitFor('postcopy', async () => {
-    const j = await a.client.job(started.id);
-    return j.stats?.qemuStatus === 'postcopy-active' ? j : null;
-  }, { timeoutMs: 10_000 });
-  const { host, port } = streamAddressOf(inPostcopy.uri!);
+  const started = await switchedAtOnce(a, b, 'pc3');
+  const { host, port } = streamAddressOf(started.uri!);
   await resetOutgoingStream(host, port);
   const broken = await waitFor('the break to be seen', async () => {
     const j = await a.client.job(started.id);
@@ -80,11 +95,7 @@ t.test('a postcopy stream whose connection is reset is recovered by the agents, 
   const job = await waitForJobEnd(a.client, started.id, 'the migration', 90_000);
   t.equal(job.status, 'completed', `completed (${job.error?.message ?? ''})`);
   t.ok(job.stats!.postcopy!.recoveries >= 1, `${job.stats!.postcopy!.recoveries} recovery`);
-  const incoming = b.app.agent.migrations.jobs.require(job.id).record;
-  t.equal(incoming.status, 'completed');
-  await assertOwnedBy(t, b, a, 'pc3');
-  t.equal((await waitForPasses(b, 'pc3', boot.passes)).bootId, boot.bootId, 'same guest, running on the destination');
-  t.equal(parseSerialLog(await fs.readFile(guest.serialLog, 'utf8')).boots.length, 1, 'never rebooted');
+  await assertArrivedWhole(t, a, b, job, guest, boot);
   await b.client.lifecycle('pc3', 'destroy');
 });
 
@@ -130,10 +141,7 @@ t.test('a destination whose qemu cannot take postcopy refuses it in Prepare2 (40
 t.test("the destination's qemu killed in postcopy: the guest is lost; both jobs fail and say so, and the source's copy is kept, never resumed", async (t) => {
   const { dir, a, b } = await twoAgents(t, POSTCOPY_CAPABLE);
   await startGuest(a, dir, 'pc7', BUSY);
-  const { job: started } = await a.client.perform({ domain: 'pc7', destination: b.url, bandwidthMiBps: 2, allowPostcopy: true, completionTimeoutPerGiBSeconds: 0 });
-  await waitFor('the stream to run', async () => ((await a.client.job(started.id)).phase === 'streaming' ? true : null), { timeoutMs: 30_000 });
-  await a.client.complete(started.id, 'postcopy');
-  await waitFor('postcopy', async () => ((await a.client.job(started.id)).stats?.qemuStatus === 'postcopy-active' ? true : null), { timeoutMs: 10_000 });
+  const started = await switchedAtOnce(a, b, 'pc7');
   process.kill(b.app.agent.domains.find('pc7')!.run!.record.pid, 'SIGKILL');
   const job = await waitFor('the source job to end', async () => {
     const j = await a.client.job(started.id);
@@ -151,16 +159,10 @@ t.test("the destination's qemu killed in postcopy: the guest is lost; both jobs 
 t.test('a broken postcopy stream whose destination agent is gone: recovery gives up at its bound, and an operator gives the guest up (resolve aborted); the copy here is kept, never resumed', async (t) => {
   const { dir, a, b } = await twoAgents(t, POSTCOPY_CAPABLE);
   await startGuest(a, dir, 'pc8', BUSY);
-  const { job: started } = await a.client.perform({ domain: 'pc8', destination: b.url, bandwidthMiBps: 2, allowPostcopy: true, completionTimeoutPerGiBSeconds: 0, postcopyRecoverySeconds: 2 });
-  await waitFor('the stream to run', async () => ((await a.client.job(started.id)).phase === 'streaming' ? true : null), { timeoutMs: 30_000 });
-  await a.client.complete(started.id, 'postcopy');
-  const inPostcopy = await waitFor('postcopy', async () => {
-    const j = await a.client.job(started.id);
-    return j.stats?.qemuStatus === 'postcopy-active' ? j : null;
-  }, { timeoutMs: 10_000 });
+  const started = await switchedAtOnce(a, b, 'pc8', { postcopyRecoverySeconds: 2 });
   // The destination's agent goes away (its qemu stays), then the stream breaks: nobody answers /recover2.
   await b.app.close();
-  const { host, port } = streamAddressOf(inPostcopy.uri!);
+  const { host, port } = streamAddressOf(started.uri!);
   await resetOutgoingStream(host, port);
   const gaveUp = await waitFor('recovery to give up', async () => {
     const j = await a.client.job(started.id);
