@@ -17,7 +17,7 @@ const CANCEL_SETTLE_MS = 5000;
 const PAGE_BYTES = 4096;
 /**
  * qemu 7.2 reports `completed` a moment before it has computed the stream's total time and
- * downtime (query-migrate then says 0): asked again this often, this many times.
+ * downtime (query-migrate then says 0 for both): asked again this often, this many times.
  */
 const FIGURES_RETRY_MS = 5;
 const FIGURES_RETRIES = 100;
@@ -194,21 +194,25 @@ async function carryOut(action: ConvergenceAction, policy: ConvergencePolicy, mo
 }
 
 /**
- * qemu's figures of a completed stream for the job's timings, asked again while they still read
- * 0 (see FIGURES_RETRY_MS); a figure still 0 after that is left out of the record, never stored
- * as 0. Asked while Finish2 is under way or after it, so the wait is not part of the guest's pause.
+ * qemu's figures of a completed stream for the job's timings, asked again while the total time
+ * still reads 0 (see FIGURES_RETRY_MS). qemu computes the total time and the downtime in one step,
+ * so once the total is there a downtime of 0 is real: a pause under a millisecond, which qemu
+ * counts in whole ones. A total still 0 after the retries is left out of the record with its
+ * downtime, never stored as 0. Asked while Finish2 is under way or after it, so the wait is not
+ * part of the guest's pause.
  */
 export async function qemuFigures(monitor: MigrationMonitor | undefined, info: MigrationInfo): Promise<Pick<JobTimings, 'qemuTotalMs' | 'qemuDowntimeMs' | 'qemuSetupMs'>> {
   let figures = info;
-  for (let i = 0; monitor && i < FIGURES_RETRIES && !(figures.totalTimeMs && figures.downtimeMs); i++) {
+  for (let i = 0; monitor && i < FIGURES_RETRIES && !figures.totalTimeMs; i++) {
     await new Promise((r) => setTimeout(r, FIGURES_RETRY_MS));
     const again = await monitor.queryMigrate().catch(() => undefined);
     if (again?.status !== 'completed') break;
     figures = again;
   }
+  const computed = (figures.totalTimeMs ?? 0) > 0;
   return {
-    ...(figures.totalTimeMs ? { qemuTotalMs: figures.totalTimeMs } : {}),
-    ...(figures.downtimeMs ? { qemuDowntimeMs: figures.downtimeMs } : {}),
+    ...(computed ? { qemuTotalMs: figures.totalTimeMs } : {}),
+    ...(computed && figures.downtimeMs !== undefined ? { qemuDowntimeMs: figures.downtimeMs } : {}),
     ...(figures.setupTimeMs !== undefined ? { qemuSetupMs: figures.setupTimeMs } : {}),
   };
 }

@@ -14,9 +14,10 @@ t.test('migrate A -> B -> A repeatedly; the guest keeps running and never reboot
     const { job } = await from.client.perform({ domain: 'vm1', destination: to.url }, true);
     t.equal(job.status, 'completed', `round ${round}: source job completed`);
     t.equal(job.role, 'source');
-    // qemu's figures of a stream that ran are never 0 (7.2 says 0 for a moment after `completed`).
+    // qemu's stream time of a stream that ran is never 0 (7.2 says 0 for a moment after `completed`);
+    // its downtime, counted in whole milliseconds, may be 0 for this small guest.
     const { prepare2Ms, firstByteMs, streamEndToRunningMs, aroundStreamMs, qemuTotalMs } = job.timings;
-    t.ok(qemuTotalMs! > 0 && job.timings.qemuDowntimeMs! > 0, `round ${round}: qemu's stream time ${qemuTotalMs} ms and downtime ${job.timings.qemuDowntimeMs} ms recorded`);
+    t.ok(qemuTotalMs! > 0 && job.timings.qemuDowntimeMs! >= 0, `round ${round}: qemu's stream time ${qemuTotalMs} ms and downtime ${job.timings.qemuDowntimeMs} ms recorded`);
     // The control plane's cost, step by step: request -> Prepare2 answered -> first byte -> ... -> running there.
     t.ok(prepare2Ms! > 0 && prepare2Ms! <= firstByteMs! && firstByteMs! < job.timings.totalMs!, `round ${round}: Prepare2 answered at ${prepare2Ms} ms, first byte at ${firstByteMs} ms`);
     t.ok(streamEndToRunningMs! >= 0 && streamEndToRunningMs! < job.timings.totalMs!, `round ${round}: stream end -> running there ${streamEndToRunningMs} ms`);

@@ -55,7 +55,7 @@ t.test('with allowPostcopy a guest that never converges switches to postcopy onc
   t.equal(job.stats?.convergence?.autoConverge, 'held', 'the guest was never throttled: postcopy came instead');
   t.ok(job.phaseHistory.some((p) => p.phase === 'postcopy'), 'the source passed through phase postcopy');
   t.ok(job.timings.postcopyMs! > 0, `${job.timings.postcopyMs} ms in postcopy`);
-  t.ok(job.timings.qemuDowntimeMs! > 0 && job.timings.qemuDowntimeMs! < 1000, `qemu's downtime ${job.timings.qemuDowntimeMs} ms`);
+  t.ok(job.timings.qemuDowntimeMs! >= 0 && job.timings.qemuDowntimeMs! < 1000, `qemu's downtime ${job.timings.qemuDowntimeMs} ms`);
   t.ok(b.app.agent.migrations.jobs.require(job.id).record.phaseHistory.some((p) => p.phase === 'postcopy-active'), 'the destination ran the guest in postcopy-active');
   await assertArrivedWhole(t, a, b, job, guest, boot);
   await b.client.lifecycle('pc1', 'destroy');
