@@ -755,7 +755,7 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
    * Start qemu for `entry` (paused, -S; with -incoming defer when asked). The runtime record is
    * written as soon as the pid is known, so a restarted agent can find the process again.
    */
-  async launch(entry: DomainEntry, opts: { incoming: boolean }): Promise<RunningQemu> {
+  async launch(entry: DomainEntry, opts: { incoming: boolean; after?: Promise<unknown> }): Promise<RunningQemu> {
     // Memory the host cannot give now: the guest would start and be killed by the OOM killer later, or take others with it.
     const availableKiB = await memAvailableKiB();
     if (availableKiB !== undefined && entry.def.memoryKiB > availableKiB) {
@@ -789,7 +789,7 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
         ...(hugepagesPath ? { hugepagesPath } : {}),
       };
       const argv = [...buildArgv(entry.def, host, { incoming: opts.incoming }), ...QEMU_SANDBOX_ARGS];
-      const { record, qmp } = await launchQemu({
+      const { record, qmp } = await (opts.after ?? Promise.resolve()).then(() => launchQemu({
         binary: host.qemuBinary,
         argv,
         logPath: path.join(this.opts.store.dir('logs'), `${entry.name}.log`),
@@ -798,7 +798,7 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
         passFds: files.fds,
         plainFds: files.plainFds,
         credentials,
-      }).catch(async (err: unknown) => {
+      })).catch(async (err: unknown) => {
         files.close();
         if (entry.def.hugepages) await releaseHugepages(entry.uuid);
         if (!(err instanceof QemuStartError)) throw err;

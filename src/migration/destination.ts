@@ -106,7 +106,7 @@ export class DestinationSide {
     let job: DestinationJob | undefined;
     try {
       const listen = await this.choosePort(req.migrationId, req.desturi);
-      job = await jobs.create(
+      const created = jobs.create(
         {
           id: req.migrationId,
           role: 'destination',
@@ -119,7 +119,14 @@ export class DestinationSide {
         },
         'starting-incoming',
       );
-      const { monitor } = await domains.launch(entry, { incoming: true });
+      // The record precedes qemu's start, which waits for its write; the host-side preparation
+      // (the guest's files opened and checked) runs meanwhile.
+      const launched = domains.launch(entry, { incoming: true, after: created });
+      const [recordWritten, qemuStarted] = await Promise.allSettled([created, launched]);
+      if (recordWritten.status === 'rejected') throw recordWritten.reason;
+      job = recordWritten.value;
+      if (qemuStarted.status === 'rejected') throw qemuStarted.reason;
+      const { monitor } = qemuStarted.value;
       const listenUri = `tcp:${listen.host}:${listen.port}`;
       // Written while qemu is set up: the phase precedes its action, the answer below; a restart
       // that finds it before qemu listens waits under a lease that ends the empty qemu all the same.
@@ -319,9 +326,9 @@ export class DestinationSide {
     };
   }
 
-  /** Finish2(rc=0): wait for the stream's tail, take ownership durably, then resume the guest. */
+  /** Finish2(rc=0): wait for the stream's tail, take ownership durably, resume the guest, answer. */
   private async handOver(job: DestinationJob, entry: MigratingDomain): Promise<void> {
-    const { jobs, config } = this.ctx;
+    const { jobs, config, log } = this.ctx;
     const status = await this.waitIncomingComplete(job, entry.run!.monitor, config.incomingTimeoutSeconds * 1000);
     if (status !== 'completed') {
       await this.abort(job, entry, { code: 'incoming_incomplete', message: `the source said the stream completed, but here it is ${status}` }, 'failed', 0);
@@ -330,23 +337,37 @@ export class DestinationSide {
     this.clearLease(job);
     await jobs.setPhase(job, 'taking-over', { finish: { rc: 0, attempts: 1 } });
     await this.ctx.hold('finish2', job.id);
-    await this.completeHandOver(job, entry);
+    if (!(await this.commitArrival(job, entry))) return;
+    // Answered without waiting for the job's last write: the guest runs here, and `taking-over`
+    // on disk completes the hand-over after any restart. The record says `done` in memory at
+    // once, so a Finish2 asked again meanwhile is answered the same.
+    this.closeHandOver(job, entry).catch((err: unknown) => log.error({ err, migration: job.id }, 'could not record the finished hand-over; a restart completes it'));
   }
 
   /** From phase `taking-over` (also after a restart): the guest is this host's; start it and close the job. */
   async completeHandOver(job: DestinationJob, entry: MigratingDomain): Promise<void> {
-    const { jobs, domains, log } = this.ctx;
+    if (await this.commitArrival(job, entry)) await this.closeHandOver(job, entry);
+  }
+
+  /** The arrival stored as this host's and the guest resumed; false when that failed and the job was aborted. */
+  private async commitArrival(job: DestinationJob, entry: MigratingDomain): Promise<boolean> {
+    const { domains, log } = this.ctx;
     const { options } = job.record;
     try {
       await domains.commitIncoming(entry, { persist: options.persistDestination, paused: options.paused });
+      return true;
     } catch (err) {
       // No running copy exists here, so aborting is safe and tells the source to resume its own.
       log.error({ err, migration: job.id }, 'hand-over failed');
       await this.abort(job, entry, { code: 'resume_failed', message: (err as Error).message }, 'failed', 0);
-      return;
+      return false;
     }
-    await jobs.end(job, 'completed', undefined, { finish: { rc: 0, attempts: 1, outcome: 'finished' } });
-    log.info({ migration: job.id, domain: entry.name }, 'incoming migration finished; guest owned here');
+  }
+
+  /** The job's record is updated in memory before this returns its promise (JobRegistry.end). */
+  private closeHandOver(job: DestinationJob, entry: MigratingDomain): Promise<void> {
+    const ended = this.ctx.jobs.end(job, 'completed', undefined, { finish: { rc: 0, attempts: 1, outcome: 'finished' } });
+    return ended.then(() => this.ctx.log.info({ migration: job.id, domain: entry.name }, 'incoming migration finished; guest owned here'));
   }
 
   private async waitIncomingComplete(job: DestinationJob, monitor: MigrationMonitor, timeoutMs: number): Promise<string> {

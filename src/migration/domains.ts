@@ -39,8 +39,12 @@ export interface MigrationDomains<E extends MigratingDomain = MigratingDomain> {
   isActive(entry: E): boolean;
   /** Resolves once the domain's qemu is attached to or known gone; false when the agent shuts down first. */
   settled(name: string): Promise<boolean>;
-  /** Starts the domain's qemu; `incoming`: waiting for a stream (-incoming defer). */
-  launch(entry: E, opts: { incoming: boolean }): Promise<{ readonly monitor: MigrationMonitor }>;
+  /**
+   * Starts the domain's qemu; `incoming`: waiting for a stream (-incoming defer). `after`: what
+   * must be done before qemu is executed (its job record's write): the host-side preparation
+   * runs meanwhile, and a rejected `after` starts no qemu.
+   */
+  launch(entry: E, opts: { incoming: boolean; after?: Promise<unknown> }): Promise<{ readonly monitor: MigrationMonitor }>;
   /** Ends the domain's qemu (an incoming one that will not be taken over). */
   stopQemu(entry: E, reason: 'failed'): Promise<void>;
   /** Calls `listener` with the name of each domain whose qemu ended; returns the unsubscribe. */

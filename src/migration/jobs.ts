@@ -278,7 +278,10 @@ export class JobRegistry {
     job.record.stats = stats;
   }
 
-  /** Close the job (phase `done`), with `patch` in the same write. */
+  /**
+   * Close the job (phase `done`), with `patch` in the same write. The record in memory changes
+   * at the call, before the write: what answers from memory (GET /jobs, Finish2) says so at once.
+   */
   async end<R extends JobRecord>(job: Job<R>, status: Exclude<JobStatus, 'running'>, error?: { code: string; message: string }, patch: JobPatch = {}): Promise<void> {
     const endedAt = new Date().toISOString();
     const totalMs = Date.parse(endedAt) - Date.parse(job.record.createdAt);

@@ -393,8 +393,12 @@ export class SourceSide {
   /** The destination owns the guest: end the paused source copy. `answered`: the Finish2 exchange, recorded with the phase. */
   private async confirm(job: SourceJob, entry: MigratingDomain | undefined, answered: JobPatch = {}): Promise<void> {
     const { jobs, domains, log } = this.ctx;
-    await jobs.setPhase(job, 'confirmed', answered);
-    if (entry) await domains.commitOutgoing(entry, { undefine: job.record.options.undefineSource });
+    // The copy ends while `confirmed` is written: after a crash before that write, `asking-outcome`'s
+    // rule asks the destination again, and its answer stays `finished` (it is durable there).
+    await Promise.all([
+      jobs.setPhase(job, 'confirmed', answered),
+      entry ? domains.commitOutgoing(entry, { undefine: job.record.options.undefineSource }) : undefined,
+    ]);
     await jobs.end(job, 'completed');
     log.info({ migration: job.id, domain: job.record.domain, timings: job.record.timings }, 'migration completed');
   }

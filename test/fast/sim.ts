@@ -430,8 +430,9 @@ class SimDomains implements MigrationDomains<SimEntry> {
     return true;
   }
 
-  async launch(entry: SimEntry, opts: { incoming: boolean }): Promise<{ monitor: MigrationMonitor }> {
+  async launch(entry: SimEntry, opts: { incoming: boolean; after?: Promise<unknown> }): Promise<{ monitor: MigrationMonitor }> {
     await this.agent.step();
+    await opts.after;
     const qemu = this.agent.host.startQemu(
       { domain: entry.name, uuid: entry.uuid, xml: entry.xml, persistent: entry.persistent, incoming: opts.incoming },
       { running: !opts.incoming, holdsGuest: !opts.incoming },
