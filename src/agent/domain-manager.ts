@@ -989,22 +989,29 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
   }
 
   /**
-   * The arrival succeeded: the guest is this host's. The definition that arrived is kept (stored
-   * when the domain is persistent or `persist`: keeping the old one stored would let it win after
-   * the next restart), the runtime record no longer says incoming, the guest runs unless `paused`,
-   * and only then the claim ends. A throw leaves the claim (and any borrowed definition) in place
-   * for release.
+   * The arrival succeeded: the guest is this host's. It runs first (unless `paused`): the pause
+   * the guest sees ends before any write. Then the definition that arrived is kept (stored when
+   * the domain is persistent or `persist`: keeping the old one stored would let it win after the
+   * next restart), the runtime record no longer says incoming, and only then the claim ends
+   * (unless `keepClaim`). Resolves once the guest runs; `stored` once that is written. The writes
+   * are queued on the domain's lock as the guest resumes, so a lifecycle call or a migration that
+   * comes after waits for them instead of finding the domain still claimed. A throw before the
+   * guest runs leaves the claim (and any borrowed definition) in place for release, and nothing
+   * written; after a failed write the job's phase (`taking-over`) does it all again.
    */
-  async commitIncoming(entry: DomainEntry, opts: { persist: boolean; paused: boolean; keepClaim?: boolean }): Promise<void> {
+  async commitIncoming(entry: DomainEntry, opts: { persist: boolean; paused: boolean; keepClaim?: boolean }): Promise<{ stored: Promise<void> }> {
     const run = entry.run;
     if (!run) throw new Error('the incoming qemu is gone');
-    if (opts.persist || entry.persistent) await this.makePersistent(entry);
+    if (!opts.paused) await run.qmp.execute('cont');
     this.claims.keepArrival(entry);
     run.incoming = false;
-    // One write for both: the domain persistent, its qemu no longer incoming.
-    await this.saveRuntime(entry, run);
-    if (!opts.paused) await run.qmp.execute('cont');
-    if (!opts.keepClaim) this.claims.end(entry);
+    const stored = this.withLock(entry.name, async () => {
+      if (opts.persist || entry.persistent) await this.makePersistent(entry);
+      // One write for both: the domain persistent, its qemu no longer incoming.
+      await this.saveRuntime(entry, run);
+      if (!opts.keepClaim) this.claims.end(entry);
+    });
+    return { stored };
   }
 
   /** A claim kept past commitIncoming (a postcopy arrival, until its stream ends) ends. */

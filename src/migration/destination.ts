@@ -337,34 +337,47 @@ export class DestinationSide {
     this.clearLease(job);
     await jobs.setPhase(job, 'taking-over', { finish: { rc: 0, attempts: 1 } });
     await this.ctx.hold('finish2', job.id);
-    if (!(await this.commitArrival(job, entry))) return;
-    // Answered without waiting for the job's last write: the guest runs here, and `taking-over`
-    // on disk completes the hand-over after any restart. The record says `done` in memory at
-    // once, so a Finish2 asked again meanwhile is answered the same.
+    const arrival = await this.commitArrival(job, entry);
+    if (!arrival) return;
+    await arrival.stored;
+    // Answered without waiting for the job's last write (nor the history pruning): the record says
+    // `done` in memory at once, and `taking-over` on disk completes the hand-over after a restart.
     this.closeHandOver(job, entry).catch((err: unknown) => log.error({ err, migration: job.id }, 'could not record the finished hand-over; a restart completes it'));
   }
 
   /** From phase `taking-over` (also after a restart): the guest is this host's; start it and close the job. */
   async completeHandOver(job: DestinationJob, entry: MigratingDomain): Promise<void> {
-    if (await this.commitArrival(job, entry)) await this.closeHandOver(job, entry);
+    const arrival = await this.commitArrival(job, entry);
+    if (!arrival) return;
+    await arrival.stored;
+    await this.closeHandOver(job, entry);
   }
 
-  /** The arrival stored as this host's and the guest resumed; false when that failed and the job was aborted. */
-  private async commitArrival(job: DestinationJob, entry: MigratingDomain): Promise<boolean> {
-    const { domains, log } = this.ctx;
+  /**
+   * The guest runs here, so the outcome is `finished` (kept in memory at once: a failed write
+   * after this is carried on by settleCrash, never answered otherwise); `stored` resolves once the
+   * arrival is recorded. Undefined when it could not run and the job was aborted.
+   */
+  private async commitArrival(job: DestinationJob, entry: MigratingDomain): Promise<{ stored: Promise<void> } | undefined> {
+    const { domains, jobs, log } = this.ctx;
     const { options } = job.record;
+    let stored: Promise<void>;
     try {
-      await domains.commitIncoming(entry, { persist: options.persistDestination, paused: options.paused });
-      return true;
+      ({ stored } = await domains.commitIncoming(entry, { persist: options.persistDestination, paused: options.paused }));
     } catch (err) {
+      // The guest ran here already (this is a retry after a failed write): the source's copy is
+      // out of date or gone, so the guest here is never ended for it; settleCrash tries again.
+      if (job.record.finish?.outcome === 'finished') throw err;
       // No running copy exists here, so aborting is safe and tells the source to resume its own.
       log.error({ err, migration: job.id }, 'hand-over failed');
       await this.abort(job, entry, { code: 'resume_failed', message: (err as Error).message }, 'failed', 0);
-      return false;
+      return undefined;
     }
+    jobs.keep(job, { finish: { rc: 0, attempts: 1, outcome: 'finished' } });
+    return { stored };
   }
 
-  /** The job's record is updated in memory before this returns its promise (JobRegistry.end). */
+  /** The job's record says `done` in memory before this returns its promise (JobRegistry.end). */
   private closeHandOver(job: DestinationJob, entry: MigratingDomain): Promise<void> {
     const ended = this.ctx.jobs.end(job, 'completed', undefined, { finish: { rc: 0, attempts: 1, outcome: 'finished' } });
     return ended.then(() => this.ctx.log.info({ migration: job.id, domain: entry.name }, 'incoming migration finished; guest owned here'));
@@ -617,7 +630,8 @@ export class DestinationSide {
     if (job.record.arrivalCommitted) return;
     try {
       // The claim lasts until the stream ends: no lifecycle call or new migration may end a qemu that still pulls pages.
-      await domains.commitIncoming(entry, { persist: job.record.options.persistDestination, paused: job.record.options.paused, keepClaim: true });
+      const { stored } = await domains.commitIncoming(entry, { persist: job.record.options.persistDestination, paused: job.record.options.paused, keepClaim: true });
+      await stored;
     } catch (err) {
       log.error({ err, migration: job.id }, 'the guest could not be resumed after the switch to postcopy');
       await jobs.update(job, { waiting: `the guest could not be resumed after the switch to postcopy: ${(err as Error).message}; resume it by hand (POST /domains/${entry.name}/resume)` });

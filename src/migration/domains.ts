@@ -58,10 +58,11 @@ export interface MigrationDomains<E extends MigratingDomain = MigratingDomain> {
   /** After an agent restart: the claim of a job whose record says it owns the domain. */
   restoreClaim(entry: E, jobId: string, role: 'source' | 'destination'): void;
   /**
-   * The arrival succeeded: the guest is this host's (runs unless `paused`); the claim ends, or,
-   * with `keepClaim` (a postcopy still pulling pages), lasts until endClaim.
+   * The arrival succeeded: the guest is this host's. Resolves once it runs (unless `paused`);
+   * `stored` once that is recorded here, and the claim ends then, or, with `keepClaim` (a postcopy
+   * still pulling pages), lasts until endClaim.
    */
-  commitIncoming(entry: E, opts: { persist: boolean; paused: boolean; keepClaim?: boolean }): Promise<void>;
+  commitIncoming(entry: E, opts: { persist: boolean; paused: boolean; keepClaim?: boolean }): Promise<{ stored: Promise<void> }>;
   /** The claim kept by commitIncoming ends: the domain takes lifecycle calls again. */
   endClaim(entry: E): void;
   /** The departure succeeded: the paused copy here ends (and its definition when `undefine` or transient). */

@@ -273,6 +273,14 @@ export class JobRegistry {
     await this.save(job);
   }
 
+  /**
+   * A change kept in memory and written with the next write: what is decided before it can be
+   * recorded (a Finish2 outcome once the guest runs here), so that answers from memory say it.
+   */
+  keep(job: Job, patch: JobPatch): void {
+    job.record = { ...job.record, ...patch } as JobRecord;
+  }
+
   /** Stats change every poll; they are kept in memory and written with the next phase change. */
   setStats(job: Job, stats: MigrationStats): void {
     job.record.stats = stats;

@@ -338,7 +338,8 @@ class SimMonitor implements MigrationMonitor {
 
   resume(): Promise<void> {
     return this.command(() => {
-      if (this.qemu.migration !== 'completed' && this.qemu.record.incoming) throw new Error('the incoming stream has not completed');
+      // An incoming qemu runs once it has the guest's state: its stream completed, or switched to postcopy.
+      if (!this.qemu.holdsGuest && !this.qemu.migration.startsWith('postcopy-')) throw new Error('the incoming stream has not completed');
       this.qemu.running = true;
     });
   }
@@ -476,20 +477,28 @@ class SimDomains implements MigrationDomains<SimEntry> {
     this.claims.restore(entry, jobId, role);
   }
 
-  async commitIncoming(entry: SimEntry, opts: { persist: boolean; paused: boolean; keepClaim?: boolean }): Promise<void> {
+  async commitIncoming(entry: SimEntry, opts: { persist: boolean; paused: boolean; keepClaim?: boolean }): Promise<{ stored: Promise<void> }> {
     await this.agent.step();
     const run = entry.run;
     if (!run) throw new Error('the incoming qemu is gone');
     if (this.agent.host.world.handOverFails) throw new Error('injected: the arrived guest cannot run here');
-    if (opts.persist || entry.persistent) {
-      this.agent.host.definitions.set(entry.name, entry.xml);
-      entry.persistent = true;
-    }
-    this.claims.keepArrival(entry);
-    run.qemu.record = { ...run.qemu.record, incoming: false, persistent: entry.persistent, xml: entry.xml };
-    await this.agent.step();
     if (!opts.paused) await run.monitor.resume();
-    if (!opts.keepClaim) this.claims.end(entry);
+    this.claims.keepArrival(entry);
+    const stored = (async () => {
+      await this.agent.step();
+      if (this.agent.host.world.arrivalRecordsFail > 0) {
+        this.agent.host.world.arrivalRecordsFail--;
+        throw new Error('injected: the arrival could not be recorded');
+      }
+      if (opts.persist || entry.persistent) {
+        this.agent.host.definitions.set(entry.name, entry.xml);
+        entry.persistent = true;
+      }
+      run.qemu.record = { ...run.qemu.record, incoming: false, persistent: entry.persistent, xml: entry.xml };
+      await this.agent.step();
+      if (!opts.keepClaim) this.claims.end(entry);
+    })();
+    return { stored };
   }
 
   endClaim(entry: SimEntry): void {
@@ -700,6 +709,8 @@ export class SimWorld {
   streamsBreak = false;
   /** A destination cannot run the guest that arrived (its resume fails). */
   handOverFails = false;
+  /** The writes of an arrival that already runs fail this many more times (a full disk, for a while). */
+  arrivalRecordsFail = 0;
   /** Steps of STREAM_STEP_MS a stream takes (longer ones leave time to switch to postcopy). */
   streamSteps = STREAM_STEPS;
   writeHook?: WriteHook;

@@ -29,7 +29,7 @@ const FAULTS = {
 type FaultName = keyof typeof FAULTS;
 
 /** How the migration was going when the fault struck. */
-const PATHS = ['completes', 'stream breaks', 'cancelled while streaming', 'hand-over fails', 'switched to postcopy'] as const;
+const PATHS = ['completes', 'stream breaks', 'cancelled while streaming', 'hand-over fails', 'arrival not recorded twice', 'switched to postcopy'] as const;
 type PathName = (typeof PATHS)[number];
 
 const GUEST_STATES = ['running', 'paused'] as const;
@@ -88,6 +88,8 @@ export async function run(s: Scenario): Promise<Outcome> {
   await b.startAgent();
   if (s.path === 'stream breaks') world.streamsBreak = true;
   if (s.path === 'hand-over fails') world.handOverFails = true;
+  // The guest runs on b, but its definition and runtime record cannot be written, twice.
+  if (s.path === 'arrival not recorded twice') world.arrivalRecordsFail = 2;
   // Long enough a stream (600 ms) for the caller's complete, asked at the streaming write, to be seen by a poll (every 250 ms) before it ends.
   if (s.path === 'switched to postcopy') world.streamSteps = 60;
 
