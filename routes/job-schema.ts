@@ -29,6 +29,7 @@ export const jobSchema = {
       description: "an operator's decision for a source job whose Finish2 outcome stayed unknown (POST /jobs/{id}/resolve)",
       properties: { outcome: { type: 'string', enum: ['finished', 'aborted'] }, reason: { type: 'string' }, at: { type: 'string', format: 'date-time' } },
     },
+    resumedAt: { type: 'string', format: 'date-time', description: 'destination: when the arrived guest resumed here' },
     createdAt: { type: 'string', format: 'date-time' },
     updatedAt: { type: 'string', format: 'date-time' },
     endedAt: { type: 'string', format: 'date-time' },

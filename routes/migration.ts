@@ -217,6 +217,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
               outcome: { type: 'string', enum: ['finished', 'aborted'] },
               state: { type: 'string' },
               postcopy: { type: 'boolean', description: 'the stream switched to postcopy here: the guest ran here, the source copy is out of date' },
+              runningForMs: { type: 'integer', minimum: 0, description: 'how long the guest had run here when this answer was made' },
               error: { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' } } },
             },
           },

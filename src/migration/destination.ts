@@ -316,12 +316,14 @@ export class DestinationSide {
 
   private finishAnswer(job: DestinationJob): Finish2Response {
     const { record } = job;
+    const resumedAt = record.resumedAt === undefined ? undefined : Date.parse(record.resumedAt);
     const outcome = record.finish?.outcome ?? (record.status === 'completed' ? 'finished' : 'aborted');
     return {
       migrationId: record.id,
       outcome,
       ...(outcome === 'finished' ? { state: record.options.paused ? 'paused' : 'running' } : {}),
       ...(record.phaseHistory.some((h) => h.phase === 'postcopy-active') ? { postcopy: true } : {}),
+      ...(resumedAt !== undefined ? { runningForMs: Date.now() - resumedAt } : {}),
       ...(record.error ? { error: record.error } : {}),
     };
   }
@@ -373,7 +375,7 @@ export class DestinationSide {
       await this.abort(job, entry, { code: 'resume_failed', message: (err as Error).message }, 'failed', 0);
       return undefined;
     }
-    jobs.keep(job, { finish: { rc: 0, attempts: 1, outcome: 'finished' } });
+    jobs.keep(job, { finish: { rc: 0, attempts: 1, outcome: 'finished' }, ...(!options.paused && !job.record.resumedAt ? { resumedAt: new Date().toISOString() } : {}) });
     return { stored };
   }
 

@@ -9,6 +9,15 @@ const FINISH_RETRY_MS = [250, 500, 1000, 2000, 5000];
 export type Finish2Outcome = { answer: Finish2Response; finish: NonNullable<SourceJobRecord['finish']> };
 
 /**
+ * When the guest resumed at the destination, on this host's clock: the answer's arrival less how
+ * long the guest had run there by then (a peer's figure, so never before the guest paused here).
+ */
+export function guestResumedAt(answeredAt: number, pausedAt: number, runningForMs: number | undefined): number {
+  const ranFor = Number.isFinite(runningForMs) ? Math.max(0, runningForMs!) : 0;
+  return Math.max(pausedAt, answeredAt - ranFor);
+}
+
+/**
  * The source's Finish2 calls: after a completed stream, asked until the destination answers
  * (the guest's owner is its word); after a failure, a few tries. A job waiting for an answer
  * can be woken by an operator's resolution.

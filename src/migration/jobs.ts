@@ -125,13 +125,15 @@ export interface DestinationJobRecord extends JobRecordCommon {
   phaseHistory: Array<{ phase: DestinationPhase; at: string }>;
   /** In postcopy: the arrival was committed (the guest is this host's and runs) while the stream goes on. */
   arrivalCommitted?: boolean;
+  /** When the arrived guest resumed here (Finish2's answer says how long ago). */
+  resumedAt?: string;
 }
 
 /** A job's record, tagged by its role: each role has phases (and a few fields) of its own. */
 export type JobRecord = SourceJobRecord | DestinationJobRecord;
 
 /** A patch of a record: the common fields, plus the source's own. */
-export type JobPatch = Partial<Omit<JobRecordCommon, 'id'>> & Partial<Pick<SourceJobRecord, 'runningBeforeMigration' | 'resolution'>> & Partial<Pick<DestinationJobRecord, 'arrivalCommitted'>>;
+export type JobPatch = Partial<Omit<JobRecordCommon, 'id'>> & Partial<Pick<SourceJobRecord, 'runningBeforeMigration' | 'resolution'>> & Partial<Pick<DestinationJobRecord, 'arrivalCommitted' | 'resumedAt'>>;
 
 /**
  * The pauses before each new attempt to carry on a job whose run threw (a bug, a failed write),

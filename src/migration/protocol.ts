@@ -77,6 +77,8 @@ export interface Finish2Response {
    * (absent or false: it never ran here, and an aborted migration leaves the source's copy whole).
    */
   postcopy?: boolean;
+  /** How long the guest had run here when this answer was made (it resumes before the arrival's writes and the answer). */
+  runningForMs?: number;
   error?: { code: string; message: string };
 }
 

@@ -7,7 +7,7 @@ import { PeerRefusedError } from './peer-client.js';
 import { isLoopback, type AgentConfig } from '../config.js';
 import { isSourceJob, settled, type JobPatch, type SourceJob } from './jobs.js';
 import type { MigratingDomain } from './domains.js';
-import { Finish2Exchange, sleep } from './finish2-exchange.js';
+import { Finish2Exchange, guestResumedAt, sleep } from './finish2-exchange.js';
 import { followStream, qemuFigures, StreamEnded, type PostcopySwitch, type StreamCompletion } from './stream-follower.js';
 import { PostcopySource, type PostcopyEnd } from './postcopy.js';
 import type { Finish2Response } from './protocol.js';
@@ -374,11 +374,11 @@ export class SourceSide {
     if (!outcome) return; // agent shutting down: the job stays in `asking-outcome` for the next start
     const { answer, finish } = outcome;
     if (answer.outcome === 'finished') {
-      const running = Date.now();
+      const running = guestResumedAt(Date.now(), pausedAt, answer.runningForMs);
       const timings = {
         ...job.record.timings,
         switchoverMs: running - pausedAt,
-        ...(completion ? { streamEndToRunningMs: running - completion.endedAt, ...(await (figures ?? qemuFigures(undefined, completion.info))) } : {}),
+        ...(completion ? { streamEndToRunningMs: Math.max(0, running - completion.endedAt), ...(await (figures ?? qemuFigures(undefined, completion.info))) } : {}),
       };
       await this.confirm(job, entry, { waiting: undefined, finish, timings });
     } else {

@@ -31,6 +31,9 @@ t.test('migrate A -> B -> A repeatedly; the guest keeps running and never reboot
     t.equal(destJob.status, 'completed', `round ${round}: destination job completed`);
     t.equal(destJob.role, 'destination');
     t.equal(destJob.finish?.outcome, 'finished');
+    // Resumed before its records were written and Finish2 answered; the source's switch-over counts to that moment.
+    const resumedAt = destJob.role === 'destination' && destJob.resumedAt ? Date.parse(destJob.resumedAt) : NaN;
+    t.ok(resumedAt >= Date.parse(destJob.createdAt) && resumedAt <= Date.parse(destJob.endedAt!), `round ${round}: the destination recorded when the guest resumed there`);
 
     t.notOk(processMatches(fromPid), 'source qemu ended');
     await assertOwnedBy(t, to, from, 'vm1');
