@@ -17,7 +17,7 @@ import { channelLimit, destinationCapabilities, destinationParameters, offerTran
 
 const { rounds, params, accel: accelMode } = benchOptions();
 // The stream the agents' defaults agree on between two agents of this host: raw streams the same.
-const transport = offerTransport(DEFAULT_OPTIONS, channelLimit(os.availableParallelism()));
+const transport = offerTransport(DEFAULT_OPTIONS, channelLimit(os.availableParallelism(), false));
 
 
 async function main(): Promise<void> {

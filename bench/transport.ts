@@ -9,7 +9,7 @@
  * Raw: a destination qemu (-incoming defer) set up by hand over QMP (multifd and its channel
  * count on both ends before migrate-incoming), migrate, wait for both ends, `cont` there, end
  * the source qemu: qemu's own defaults (`raw-qemu-defaults`, max-bandwidth 128 MiB/s on 7.2) and
- * hand-tuned ones, unthrottled, on one plain stream and on 2 and 4 multifd channels. Agent: POST
+ * hand-tuned ones, unthrottled, on one plain stream and on 2, 4 and 8 multifd channels. Agent: POST
  * /perform?wait=true with the options of each configuration. Same argv builder, same guest
  * program, same loopback addresses; the guest not being measured is paused, so the two never
  * compete for the machine's cores. --bandwidth caps every configuration's stream (max-bandwidth);
@@ -57,8 +57,10 @@ const ALL: Setup[] = [
   { kind: 'raw', name: 'raw-plain', channels: 0 },
   { kind: 'raw', name: 'raw-multifd-2', channels: 2 },
   { kind: 'raw', name: 'raw-multifd-4', channels: 4 },
+  { kind: 'raw', name: 'raw-multifd-8', channels: 8 },
   { kind: 'agent', name: 'agent-default', options: {} },
   { kind: 'agent', name: 'agent-1-channel', options: { multifdChannels: 1 } },
+  { kind: 'agent', name: 'agent-2-channels', options: { multifdChannels: 2 } },
   { kind: 'agent', name: 'agent-zstd', options: { compression: 'zstd' } },
   { kind: 'agent', name: 'agent-xbzrle', options: { xbzrle: true } },
 ];

@@ -354,7 +354,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(valueOption('--incoming-timeout <seconds>', 'lease of a prepared destination').argParser(wholeNumber(1)).default(DEFAULTS.incomingTimeoutSeconds))
     .addOption(valueOption('--max-incoming <n>', 'concurrent incoming migrations').argParser(wholeNumber(1)).default(DEFAULTS.maxIncoming))
     .addOption(valueOption('--max-outgoing <n>', 'concurrent outgoing migrations').argParser(wholeNumber(1)).default(DEFAULTS.maxOutgoing))
-    .addOption(valueOption('--migration-channels <n>', `the most parallel stream connections (multifd) one migration uses here, either way; 1: never multifd (default: one per core, at most 8; a migration uses the lower of both agents')`).argParser(boundedNumber(1, MAX_MULTIFD_CHANNELS)))
+    .addOption(valueOption('--migration-channels <n>', `the most parallel stream connections (multifd) one migration uses here, either way; 1: never multifd (default: 8; with --tls one per core, at most 8; a migration uses the lower of both agents')`).argParser(boundedNumber(1, MAX_MULTIFD_CHANNELS)))
     .addOption(valueOption('--max-domains <n>', 'domains this agent holds at most, defined and arriving').argParser(wholeNumber(1)).default(DEFAULTS.maxDomains))
     .addOption(valueOption('--max-log-size <MiB>', "a guest's serial or chardev log file over this is truncated").argParser(wholeNumber(1)).default(DEFAULTS.maxLogBytes / 1024 / 1024))
     .addOption(valueOption('--job-history <n>', 'ended migration jobs kept per domain').argParser(wholeNumber(1)).default(DEFAULTS.jobHistory))

@@ -50,7 +50,7 @@ export interface AgentConfig {
   /** How many migrations may run at once on this agent, in each direction. */
   maxIncoming: number;
   maxOutgoing: number;
-  /** The most multifd channels one migration uses here (the link's cap); absent: one per core, at most 8. */
+  /** The most multifd channels one migration uses here (the link's cap); absent: 8, with TLS one per core (at most 8). */
   migrationChannels?: number;
   /** Ended jobs kept per domain (newest first); older records are removed. */
   jobHistory: number;

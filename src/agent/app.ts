@@ -209,7 +209,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
   });
   await domains.init();
   const accelProbe = new BackgroundAccelProbe(app, config, qemu, accel);
-  const migrationChannels = channelLimit(os.availableParallelism(), config.migrationChannels);
+  const migrationChannels = channelLimit(os.availableParallelism(), tls !== undefined, config.migrationChannels);
   const hostInfo = (): HostInfo => ({
     uuid: identity.uuid,
     hostname: os.hostname(),

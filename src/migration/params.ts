@@ -201,17 +201,19 @@ export interface StreamTransport {
 /** What an agent older than the agreement streams: the destination's answer has no transport. */
 export const PLAIN_STREAM: StreamTransport = { multifd: false, channels: 1, compression: 'none' };
 
-/** KubeVirt's parallel migration connections: past this, more channels only add threads. */
+/** KubeVirt's parallel migration connections, and where this project's measurements stopped gaining. */
 const DEFAULT_CHANNEL_CAP = 8;
 
 /**
- * An agent's channel limit, for both directions: one channel per core of this host (each
- * channel's thread copies, and with TLS encrypts, on a core of its own), at most 8, unless the
- * operator set one (--migration-channels: the link's cap, which no NIC speed tells: it is the
- * path's). A migration uses the lower of the two agents' limits (agreeTransport).
+ * An agent's channel limit, for both directions, unless the operator set one
+ * (--migration-channels: the link's cap, which no NIC speed tells: it is the path's). A plain
+ * stream's channel mostly waits on its socket (qemu hands the kernel guest pages, no copy of its
+ * own), so channels are not bound by cores: 8, which on a 2-core host streamed faster than 4,
+ * 2 or 1 (README, The transport). Under TLS each channel encrypts on a core: one per core, at
+ * most 8. A migration uses the lower of the two agents' limits (agreeTransport).
  */
-export function channelLimit(cores: number, configured?: number): number {
-  return configured ?? Math.max(1, Math.min(cores, DEFAULT_CHANNEL_CAP));
+export function channelLimit(cores: number, tls: boolean, configured?: number): number {
+  return configured ?? (tls ? Math.max(1, Math.min(cores, DEFAULT_CHANNEL_CAP)) : DEFAULT_CHANNEL_CAP);
 }
 
 function transportOf(channels: number, compression: StreamCompression): StreamTransport {

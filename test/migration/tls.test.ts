@@ -2,6 +2,7 @@
 // the fleet's CA (mutual TLS), and qemu's stream runs over TLS too.
 import t from 'tap';
 import { execFile } from 'node:child_process';
+import os from 'node:os';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -41,6 +42,8 @@ async function tlsPair(t: TestContext) {
 t.test('a migration A->B->A over mutual TLS, with a TLS stream; each agent has its own operator token', async (t) => {
   const { dir, a, b } = await tlsPair(t);
   t.match(a.url, /^https:/);
+  // Each TLS channel encrypts on a core: one per core (a plain stream's default is 8).
+  t.equal((await a.client.host()).migrationChannels, Math.min(os.availableParallelism(), 8), 'a TLS agent streams on one channel per core');
   const { boot } = await startGuest(a, dir, 'vm1');
 
   let passes = boot.passes;
