@@ -118,8 +118,21 @@ export async function migrateRaw(source: RawGuest, dest: RawGuest, uri: string, 
   await source.qmp.execute('migrate-set-parameters', setup.sourceParameters);
   await source.qmp.execute('migrate', { uri });
   const info = await waitMigration(source.qmp, 600_000);
+  // Asked while the destination finishes, as the agent asks them while Finish2 is under way.
+  const figures = streamFigures(source.qmp, info);
   await waitMigration(dest.qmp, 600_000);
   await dest.qmp.execute('cont');
+  const final = await figures;
   await killQemu(source.record, { qmp: source.qmp, graceMs: 3000 });
-  return info;
+  return final;
+}
+
+/** qemu 7.2 says `completed` a moment before it has computed the total time (0 until then): asked again, as the agent does (qemuFigures). */
+async function streamFigures(qmp: QmpClient, info: RawStreamInfo): Promise<RawStreamInfo> {
+  let figures = info;
+  for (let i = 0; i < 100 && !figures['total-time']; i++) {
+    await new Promise((r) => setTimeout(r, 5));
+    figures = await qmp.execute<RawStreamInfo>('query-migrate');
+  }
+  return figures;
 }
