@@ -34,6 +34,9 @@ import { applyPinning, checkCpuVendor, checkPinning, prepareHugepages, releaseHu
 import { DisplayPorts } from './display-ports.js';
 import { DomainClaims } from './claims.js';
 
+/** The pauses before writing an arrived guest's records again after a failed write (a full disk, say). */
+const ARRIVAL_RECORD_RETRY_MS = [250, 1000, 5000, 30_000];
+
 /**
  * Host policy, not guest ABI (so not part of the domain's argv): qemu's seccomp filter refuses
  * obsolete syscalls, setuid and friends, fork/exec and scheduler/affinity changes. Whatever a
@@ -995,23 +998,40 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
    * next restart), the runtime record no longer says incoming, and only then the claim ends
    * (unless `keepClaim`). Resolves once the guest runs; `stored` once that is written. The writes
    * are queued on the domain's lock as the guest resumes, so a lifecycle call or a migration that
-   * comes after waits for them instead of finding the domain still claimed. A throw before the
-   * guest runs leaves the claim (and any borrowed definition) in place for release, and nothing
-   * written; after a failed write the job's phase (`taking-over`) does it all again.
+   * comes after waits for them instead of finding the domain still claimed; a failed one is made
+   * again (the guest runs here already) until the agent stops, when `stored` rejects. A throw
+   * before the guest runs leaves the claim (and any borrowed definition) in place for release,
+   * and nothing written.
    */
   async commitIncoming(entry: DomainEntry, opts: { persist: boolean; paused: boolean; keepClaim?: boolean }): Promise<{ stored: Promise<void> }> {
     const run = entry.run;
     if (!run) throw new Error('the incoming qemu is gone');
     if (!opts.paused) await run.qmp.execute('cont');
     this.claims.keepArrival(entry);
+    // What GET /domains says at once; the writes below record it.
     run.incoming = false;
-    const stored = this.withLock(entry.name, async () => {
-      if (opts.persist || entry.persistent) await this.makePersistent(entry);
-      // One write for both: the domain persistent, its qemu no longer incoming.
-      await this.saveRuntime(entry, run);
-      if (!opts.keepClaim) this.claims.end(entry);
-    });
+    if (opts.persist) entry.persistent = true;
+    const stored = this.withLock(entry.name, () => this.recordArrival(entry, run, opts));
     return { stored };
+  }
+
+  private async recordArrival(entry: DomainEntry, run: RunningQemu, opts: { keepClaim?: boolean }): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        if (entry.persistent) await this.opts.store.saveDefinition(entry.name, entry.xml);
+        // One write for both: the domain persistent, its qemu no longer incoming.
+        await this.saveRuntime(entry, run);
+        if (!opts.keepClaim) this.claims.end(entry);
+        return;
+      } catch (err) {
+        if (this.detaching.signal.aborted) throw err;
+        this.opts.log.error({ err, domain: entry.name, attempt }, 'could not record the arrived guest, which runs here; trying again');
+        const pauseMs = ARRIVAL_RECORD_RETRY_MS[Math.min(attempt, ARRIVAL_RECORD_RETRY_MS.length - 1)]!;
+        await sleep(pauseMs, undefined, { signal: this.detaching.signal }).catch(() => {
+          throw err;
+        });
+      }
+    }
   }
 
   /** A claim kept past commitIncoming (a postcopy arrival, until its stream ends) ends. */
@@ -1029,12 +1049,6 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
   /** The job failed: the claim ends, the domain is as before it (DomainClaims.release). */
   release(entry: DomainEntry): void {
     if (this.claims.release(entry)) void this.forget(entry, false);
-  }
-
-  /** The definition stored; the runtime record that says so is commitIncoming's to write. */
-  private async makePersistent(entry: DomainEntry): Promise<void> {
-    await this.opts.store.saveDefinition(entry.name, entry.xml);
-    entry.persistent = true;
   }
 
   /** Forget a domain that is not running (transient after it stopped, or undefine after migrating away). */

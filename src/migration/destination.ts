@@ -341,18 +341,16 @@ export class DestinationSide {
     await this.ctx.hold('finish2', job.id);
     const arrival = await this.commitArrival(job, entry);
     if (!arrival) return;
-    await arrival.stored;
-    // Answered without waiting for the job's last write (nor the history pruning): the record says
-    // `done` in memory at once, and `taking-over` on disk completes the hand-over after a restart.
-    this.closeHandOver(job, entry).catch((err: unknown) => log.error({ err, migration: job.id }, 'could not record the finished hand-over; a restart completes it'));
+    // Answered once the guest runs: the source may end its copy now. The job says `done` in
+    // memory at once; on disk `taking-over` stays until the arrival's records are written (its
+    // rule writes them after a restart), then `done` follows, and the history's pruning.
+    this.closeHandOver(job, entry, arrival.stored).catch((err: unknown) => log.error({ err, migration: job.id }, 'could not record the finished hand-over; a restart completes it'));
   }
 
   /** From phase `taking-over` (also after a restart): the guest is this host's; start it and close the job. */
   async completeHandOver(job: DestinationJob, entry: MigratingDomain): Promise<void> {
     const arrival = await this.commitArrival(job, entry);
-    if (!arrival) return;
-    await arrival.stored;
-    await this.closeHandOver(job, entry);
+    if (arrival) await this.closeHandOver(job, entry, arrival.stored);
   }
 
   /**
@@ -379,9 +377,9 @@ export class DestinationSide {
     return { stored };
   }
 
-  /** The job's record says `done` in memory before this returns its promise (JobRegistry.end). */
-  private closeHandOver(job: DestinationJob, entry: MigratingDomain): Promise<void> {
-    const ended = this.ctx.jobs.end(job, 'completed', undefined, { finish: { rc: 0, attempts: 1, outcome: 'finished' } });
+  /** The job's record says `done` in memory before this returns its promise (JobRegistry.end); on disk once `stored` is. */
+  private closeHandOver(job: DestinationJob, entry: MigratingDomain, stored: Promise<void>): Promise<void> {
+    const ended = this.ctx.jobs.end(job, 'completed', undefined, { finish: { rc: 0, attempts: 1, outcome: 'finished' } }, stored);
     return ended.then(() => this.ctx.log.info({ migration: job.id, domain: entry.name }, 'incoming migration finished; guest owned here'));
   }
 
@@ -519,7 +517,11 @@ export class DestinationSide {
       const entry = domains.find(job.record.domain);
       const phase = job.record.phase;
       if (phase === 'done') return;
-      if (phase === 'taking-over' && entry) return this.completeHandOver(job, entry);
+      if (phase === 'taking-over' && entry) {
+        // Claimed until the arrival is recorded: no lifecycle call comes in between.
+        if (entry.run) domains.restoreClaim(entry, job.id, 'destination');
+        return this.completeHandOver(job, entry);
+      }
       // The guest is this host's since the switch (its claim ended then): follow the stream to its end.
       if (phase === 'postcopy-active') {
         if (entry?.run) domains.restoreClaim(entry, job.id, 'destination');

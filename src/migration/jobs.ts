@@ -184,6 +184,8 @@ export function isDestinationJob(job: Job): job is DestinationJob {
  */
 export class JobRegistry {
   private readonly jobs = new Map<string, Job>();
+  /** What a job's next writes wait for (see end's `after`); a rejected one fails them. */
+  private readonly gates = new Map<string, Promise<unknown>>();
   private readonly store: RecordStore;
   private readonly history: number;
   readonly locks = new KeyedMutex();
@@ -291,8 +293,17 @@ export class JobRegistry {
   /**
    * Close the job (phase `done`), with `patch` in the same write. The record in memory changes
    * at the call, before the write: what answers from memory (GET /jobs, Finish2) says so at once.
+   * `after`: what must be on disk before `done` is (the job's writes wait for it, and none is
+   * made if it fails).
    */
-  async end<R extends JobRecord>(job: Job<R>, status: Exclude<JobStatus, 'running'>, error?: { code: string; message: string }, patch: JobPatch = {}): Promise<void> {
+  async end<R extends JobRecord>(job: Job<R>, status: Exclude<JobStatus, 'running'>, error?: { code: string; message: string }, patch: JobPatch = {}, after?: Promise<unknown>): Promise<void> {
+    if (after) {
+      this.gates.set(job.id, after);
+      const open = () => {
+        if (this.gates.get(job.id) === after) this.gates.delete(job.id);
+      };
+      after.then(open, open);
+    }
     const endedAt = new Date().toISOString();
     const totalMs = Date.parse(endedAt) - Date.parse(job.record.createdAt);
     const timings = { ...job.record.timings, ...patch.timings, totalMs };
@@ -348,6 +359,7 @@ export class JobRegistry {
   }
 
   private async save(job: Job): Promise<void> {
+    await this.gates.get(job.id);
     await this.store.saveRecord('jobs', job.id, job.record);
   }
 }

@@ -152,14 +152,16 @@ export async function run(s: Scenario): Promise<Outcome> {
     if (a.qemus.size !== 1 || b.qemus.size !== 0 || copy?.running !== (s.guest === 'running')) problems.push('after a refused Perform the guest is not as it was');
     return { scenario: s, reached, problems, owner: 'a', ms: Date.now() - started };
   }
-  // Settled: the faults healed, both agents run, and no job of either is running.
+  // Settled: the faults healed, both agents run, no job of either is running, and no domain is
+  // claimed (an arrival's records may still be written after its job ended in memory).
   const deadline = Date.now() + SETTLE_TIMEOUT_MS;
   for (;;) {
     await new Promise((r) => setTimeout(r, 10));
     await Promise.all(restarts);
     const agents = [a.agent, b.agent];
     const running = agents.flatMap((ag) => (ag?.alive ? [...ag.service.jobs.running('source'), ...ag.service.jobs.running('destination')] : [{}]));
-    if (running.length === 0 && !world.linkDown) break;
+    const claimed = agents.some((ag) => ag?.domains.find('vm')?.activeJob);
+    if (running.length === 0 && !claimed && !world.linkDown) break;
     if (Date.now() > deadline) {
       const jobs = agents.map((ag) => ag?.service.jobs.list().map((j) => `${j.record.role} ${j.record.status} in ${j.record.phase}${j.record.waiting ? ` (${j.record.waiting})` : ''}`).join(', '));
       const errors = agents.flatMap((ag) => ag?.errors.slice(0, 2) ?? []);

@@ -2,7 +2,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { startAgent } from '../helpers/agents.js';
+import { startAgent, waitFor } from '../helpers/agents.js';
 import { assertOwnedBy, startGuest, twoAgents } from '../helpers/migration.js';
 
 t.test('ended jobs beyond --job-history are removed per domain, at job end and at start', async (t) => {
@@ -23,8 +23,11 @@ t.test('ended jobs beyond --job-history are removed per domain, at job end and a
     t.same(vm1Jobs.sort(), ids.slice(1).sort(), `${agent.url}: the newest two of vm1's three jobs are kept`);
     t.ok((await agent.client.jobs()).some((j) => j.id === other.id), `${agent.url}: another domain's job is its own count`);
     await t.rejects(agent.client.job(ids[0]!), { status: 404, code: 'job_not_found' });
-    const files = await fs.readdir(path.join(agent.config.stateDir, 'jobs'));
-    t.same(files.sort(), [...ids.slice(1), other.id].map((id) => `${id}.json`).sort(), 'and so are the files');
+    // A destination prunes after it answered Finish2: its files follow a moment later.
+    const kept = [...ids.slice(1), other.id].map((id) => `${id}.json`).sort();
+    const readFiles = async () => (await fs.readdir(path.join(agent.config.stateDir, 'jobs'))).sort();
+    await waitFor(`${agent.url}: old job files removed`, async () => JSON.stringify(await readFiles()) === JSON.stringify(kept), { timeoutMs: 5000 }).catch(() => undefined);
+    t.same(await readFiles(), kept, 'and so are the files');
   }
 
   // Finish2 replayed for the removed job: b runs vm1, so "no such migration" would be a lie.
