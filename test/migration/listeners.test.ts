@@ -1,4 +1,5 @@
 import t from 'tap';
+import { waitFor } from '../helpers/agents.js';
 import { guestQmp, startGuest, twoAgents } from '../helpers/migration.js';
 
 // More than EventEmitter's default of 10 listeners, the point where Node warns of a leak.
@@ -22,6 +23,12 @@ t.test("a migration's listeners end with its job: many arrivals leave no listene
     // Paused arrivals: a dozen TCG guests must not compete for the CPUs.
     const { job } = await a.client.perform({ domain: name, destination: b.url, paused: true }, true);
     t.equal(job.status, 'completed', `${name} migrated`);
+    // The destination's job ends just after its answer (its last write follows it): a leak stays, so a bounded wait tells them apart.
+    await waitFor(
+      `${name}'s listeners on the destination gone`,
+      () => guestQmp(b, name).eventListenerCount === qmpListeners && b.app.agent.domains.listenerCount('exit') === exitListeners.b,
+      { timeoutMs: 5000, intervalMs: 10 },
+    ).catch(() => undefined);
     t.equal(guestQmp(b, name).eventListenerCount, qmpListeners, `${name}'s QMP client on the destination carries no job listener`);
     t.same(
       { a: a.app.agent.domains.listenerCount('exit'), b: b.app.agent.domains.listenerCount('exit') },
