@@ -8,6 +8,8 @@ import { buildArgv, normalizeDomainXml, type DomainDef } from '../src/domain/ind
 import { launchQemu, killQemu, type QemuProcessRecord } from '../src/qemu/process.js';
 import { probeQemu, resolveAccel } from '../src/qemu/host.js';
 import type { QmpClient } from '../src/qemu/qmp.js';
+import { QmpMigrationMonitor } from '../src/qemu/migration-monitor.js';
+import { qemuFigures } from '../src/migration/stream-follower.js';
 import type { AgentConfig } from '../src/config.js';
 import { GUEST_STATE_RUNNING, guestMemoryMiB, readGuestStatus, type GuestParams } from '../src/guest/image.js';
 import { startAgent, testGuest, type TestAgent } from '../test/helpers/agents.js';
@@ -118,21 +120,13 @@ export async function migrateRaw(source: RawGuest, dest: RawGuest, uri: string, 
   await source.qmp.execute('migrate-set-parameters', setup.sourceParameters);
   await source.qmp.execute('migrate', { uri });
   const info = await waitMigration(source.qmp, 600_000);
-  // Asked while the destination finishes, as the agent asks them while Finish2 is under way.
-  const figures = streamFigures(source.qmp, info);
+  // qemu's figures as the agent reads them (asked again while they still read 0), and while the
+  // destination finishes, as the agent asks them while Finish2 is under way.
+  const monitor = new QmpMigrationMonitor(source.qmp);
+  const figures = monitor.queryMigrate().then((again) => qemuFigures(monitor, again));
   await waitMigration(dest.qmp, 600_000);
   await dest.qmp.execute('cont');
-  const final = await figures;
+  const { qemuTotalMs, qemuDowntimeMs } = await figures;
   await killQemu(source.record, { qmp: source.qmp, graceMs: 3000 });
-  return final;
-}
-
-/** qemu 7.2 says `completed` a moment before it has computed the total time (0 until then): asked again, as the agent does (qemuFigures). */
-async function streamFigures(qmp: QmpClient, info: RawStreamInfo): Promise<RawStreamInfo> {
-  let figures = info;
-  for (let i = 0; i < 100 && !figures['total-time']; i++) {
-    await new Promise((r) => setTimeout(r, 5));
-    figures = await qmp.execute<RawStreamInfo>('query-migrate');
-  }
-  return figures;
+  return { ...info, 'total-time': qemuTotalMs ?? 0, ...(qemuDowntimeMs !== undefined ? { downtime: qemuDowntimeMs } : {}) };
 }

@@ -354,9 +354,9 @@ export class DestinationSide {
   }
 
   /**
-   * The guest runs here, so the outcome is `finished` (kept in memory at once: a failed write
-   * after this is carried on by settleCrash, never answered otherwise); `stored` resolves once the
-   * arrival is recorded. Undefined when it could not run and the job was aborted.
+   * The guest runs here, so the outcome is `finished`, kept in memory at once (the job's next
+   * write carries it); `stored` resolves once the arrival is recorded (commitIncoming makes a
+   * failed write again). Undefined when it could not run and the job was aborted.
    */
   private async commitArrival(job: DestinationJob, entry: MigratingDomain): Promise<{ stored: Promise<void> } | undefined> {
     const { domains, jobs, log } = this.ctx;
@@ -365,9 +365,6 @@ export class DestinationSide {
     try {
       ({ stored } = await domains.commitIncoming(entry, { persist: options.persistDestination, paused: options.paused }));
     } catch (err) {
-      // The guest ran here already (this is a retry after a failed write): the source's copy is
-      // out of date or gone, so the guest here is never ended for it; settleCrash tries again.
-      if (job.record.finish?.outcome === 'finished') throw err;
       // No running copy exists here, so aborting is safe and tells the source to resume its own.
       log.error({ err, migration: job.id }, 'hand-over failed');
       await this.abort(job, entry, { code: 'resume_failed', message: (err as Error).message }, 'failed', 0);
@@ -379,7 +376,8 @@ export class DestinationSide {
 
   /** The job's record says `done` in memory before this returns its promise (JobRegistry.end); on disk once `stored` is. */
   private closeHandOver(job: DestinationJob, entry: MigratingDomain, stored: Promise<void>): Promise<void> {
-    const ended = this.ctx.jobs.end(job, 'completed', undefined, { finish: { rc: 0, attempts: 1, outcome: 'finished' } }, stored);
+    // The outcome is the record's already (commitArrival).
+    const ended = this.ctx.jobs.end(job, 'completed', undefined, {}, stored);
     return ended.then(() => this.ctx.log.info({ migration: job.id, domain: entry.name }, 'incoming migration finished; guest owned here'));
   }
 
