@@ -37,6 +37,7 @@ COPY bin bin
 COPY routes routes
 COPY src src
 COPY openapi openapi
+COPY scripts/build-native.sh scripts/
 RUN npm run build
 # npm packs them too; after the build, so a change of the README does not compile again.
 COPY LICENSE README.md ./

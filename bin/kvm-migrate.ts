@@ -13,7 +13,7 @@ import { runDemo } from '../src/cli/demo.js';
 import { EXIT, EXIT_CODES_HELP, UsageError } from '../src/cli/exit-codes.js';
 import { chooseHostAccel } from '../src/qemu/accel-probe.js';
 import { HOLD_POINTS } from '../src/migration/holds.js';
-import { DEFAULT_OPTIONS, MAX_MULTIFD_CHANNELS, type StreamCompression } from '../src/migration/params.js';
+import { DEFAULT_OPTIONS, MAX_MULTIFD_CHANNELS, ONE_STREAM_MIBPS, type StreamCompression } from '../src/migration/params.js';
 import { version } from '../src/agent/version.js';
 import type { TlsFiles } from '../src/agent/tls.js';
 
@@ -126,6 +126,7 @@ interface AgentOptions {
   qemuBinary?: string;
   qemuUser: string;
   qemuUids: string;
+  postcopy: boolean;
   debugHold?: string[];
   network?: string[];
   graphicsListen?: string[];
@@ -183,6 +184,7 @@ async function agentAction(o: AgentOptions, cmd: Command): Promise<number> {
       qemuBinary: o.qemuBinary,
       qemuUser: o.qemuUser,
       qemuUids: parseUidRange(o.qemuUids),
+      ...(o.postcopy === false ? { refusePostcopy: true } : {}),
       maxIncoming: o.maxIncoming,
       maxOutgoing: o.maxOutgoing,
       ...(o.migrationChannels !== undefined ? { migrationChannels: o.migrationChannels } : {}),
@@ -253,7 +255,7 @@ async function migrateAction(domain: string, o: MigrateOptions, cmd: Command): P
     ...(o.dirtyLimit !== undefined ? { dirtyLimitMiBps: o.dirtyLimit } : {}),
     ...(o.completionTimeoutPerGib !== undefined ? { completionTimeoutPerGiBSeconds: o.completionTimeoutPerGib } : {}),
     ...(o.deadlineAction !== undefined ? { deadlineAction: o.deadlineAction } : {}),
-    ...(o.allowPostcopy ? { allowPostcopy: true } : {}),
+    ...(o.allowPostcopy !== undefined ? { allowPostcopy: o.allowPostcopy } : {}),
     ...(o.postcopyRecovery !== undefined ? { postcopyRecoverySeconds: o.postcopyRecovery } : {}),
     ...(o.progressTimeout !== undefined ? { progressTimeoutSeconds: o.progressTimeout } : {}),
     ...(o.desturi ? { desturi: o.desturi } : {}),
@@ -362,6 +364,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
     .addOption(valueOption('--qemu-binary <path>', 'qemu-system-x86_64 to run (default: from PATH)'))
     .addOption(valueOption('--qemu-user <who>', "whom qemu runs as: dynamic (a user id of its own per qemu, from --qemu-uids), an account name, or root").default(DEFAULTS.qemuUser))
     .addOption(valueOption('--qemu-uids <first-last>', 'the user ids --qemu-user dynamic hands out (no account may use them)').default(`${DEFAULTS.qemuUids.first}-${DEFAULTS.qemuUids.last}`))
+    .addOption(new Option('--no-postcopy', `this host's qemus receive no postcopy stream: none is handed userfaultfd (${ENV_PREFIX}NO_POSTCOPY set: the same); a migration that asks for postcopy is refused, a default one streams without it`).env(envName('no-postcopy')))
     .addOption(new Option('--debug-hold <point>', `fault-injection rigs only: stop at ${HOLD_POINTS.join('|')} until STATE_DIR/hold.POINT is removed (repeatable; ${ENV_PREFIX}DEBUG_HOLD: comma-separated)`).argParser(collect).hideHelp())
     .addHelpText('after', '\nThe agent keeps running until SIGTERM or SIGINT; guests outlive it.')
     .action((o: AgentOptions, cmd: Command) => run(agentAction(o, cmd)));
@@ -383,8 +386,9 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
       .option('--no-auto-converge', "convergence never throttles the guest's vCPUs")
       .addOption(valueOption('--dirty-limit <MiB/s>', 'convergence throttles by a per-vCPU dirty-rate limit instead (KVM with a dirty ring only; else auto-converge)').argParser(wholeNumber(1)))
       .addOption(valueOption('--completion-timeout-per-gib <seconds>', `the completion deadline per GiB of guest RAM (default ${DEFAULT_OPTIONS.completionTimeoutPerGiBSeconds}; 0 = none)`).argParser(wholeNumber(0)))
-      .addOption(valueOption('--deadline-action <action>', `at the deadline: pause (the guest pauses for the rest of the copy), postcopy (needs --allow-postcopy; its default) or abort (default ${DEFAULT_OPTIONS.deadlineAction})`).argParser(oneOf(['pause', 'abort', 'postcopy'] as const)))
+      .addOption(valueOption('--deadline-action <action>', `at the deadline: pause (the guest pauses for the rest of the copy), postcopy (needs --allow-postcopy; the default where the stream is set up for postcopy) or abort (the default otherwise)`).argParser(oneOf(['pause', 'abort', 'postcopy'] as const)))
       .option('--allow-postcopy', 'the stream may switch to postcopy (once the downtime schedule is spent, at the deadline, or `kvm-migrate complete`); one plain stream; the destination must support it')
+      .option('--no-allow-postcopy', `never postcopy (by default it is armed where the stream is one plain stream anyway, e.g. --bandwidth at most ${ONE_STREAM_MIBPS}, and the destination can take it)`)
       .addOption(valueOption('--postcopy-recovery <seconds>', `how long the agents recover a broken postcopy stream by themselves (default ${DEFAULT_OPTIONS.postcopyRecoverySeconds})`).argParser(wholeNumber(1)))
       .addOption(valueOption('--multifd-channels <n>', 'at most this many parallel stream connections (default: the agents choose, the lower of their limits; 1: one plain stream)').argParser(boundedNumber(1, MAX_MULTIFD_CHANNELS)))
       .addOption(valueOption('--compress <method>', "compress the stream's pages: none or zstd (both agents agree; see the README's Benchmark for when it pays)").argParser(oneOf(['none', 'zstd'] as const)))

@@ -26,6 +26,12 @@ export default async function hostRoutes(app: FastifyInstance): Promise<void> {
               migrationAddress: { type: 'string' },
               migrationPorts: { type: 'string' },
               migrationChannels: { type: 'integer', description: 'the most multifd channels one migration uses here, either way (--migration-channels; default one per core, at most 8); a migration uses the lower of both agents\' figures' },
+              postcopy: {
+                type: 'object',
+                description: 'whether this host\'s qemus can receive a postcopy stream (qemu needs userfaultfd; --no-postcopy refuses it), and how they are let',
+                required: ['receives', 'how'],
+                properties: { receives: { type: 'boolean' }, how: { type: 'string' } },
+              },
               accelProbe: {
                 type: 'object',
                 description:

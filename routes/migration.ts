@@ -71,7 +71,7 @@ export default async function migrationRoutes(app: FastifyInstance): Promise<voi
             downtimeLimitMs: migrationOptionsSchema.properties.downtimeLimitMs,
             maxDowntimeMs: migrationOptionsSchema.properties.maxDowntimeMs,
             deadlineAction: migrationOptionsSchema.properties.deadlineAction,
-            allowPostcopy: { type: 'boolean', description: 'the migration would allow postcopy' },
+            allowPostcopy: { type: 'boolean', description: 'as for a migration: true, false, or absent (postcopy armed where the stream would be one plain stream)' },
             completionTimeoutPerGiBSeconds: migrationOptionsSchema.properties.completionTimeoutPerGiBSeconds,
             progressTimeoutSeconds: migrationOptionsSchema.properties.progressTimeoutSeconds,
           },

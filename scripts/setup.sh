@@ -14,6 +14,8 @@ need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v ip >/dev/null || need+=(iproute2)
 command -v as >/dev/null || need+=(binutils)
+# The postcopy preload for qemu 7.2 (scripts/build-native.sh, src/qemu/userfaultfd-preload.c).
+command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v openssl >/dev/null || need+=(openssl)
 # A guest's <tpm>: swtpm emulates it, swtpm_setup manufactures it; the TPM tests read its state with tpm2-tools.

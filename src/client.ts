@@ -1,3 +1,4 @@
+import type { HostInfo } from './host-info.js';
 import { Agent, request } from 'undici';
 import type { JobRecord } from './migration/jobs.js';
 import type { Forecast } from './migration/forecast.js';
@@ -61,7 +62,7 @@ export class AgentClient {
   }
 
   host() {
-    return this.call<{ uuid: string; accelerator: string; qemuVersion: string; hostname: string; qemuUser: string; migrationChannels: number }>('GET', '/host');
+    return this.call<Pick<HostInfo, 'uuid' | 'accelerator' | 'qemuVersion' | 'hostname' | 'qemuUser' | 'migrationChannels' | 'postcopy'>>('GET', '/host');
   }
   define(xml: string) {
     return this.call<DomainInfo>('POST', '/domains', xml, 'application/xml');
@@ -90,7 +91,7 @@ export class AgentClient {
   job(id: string) {
     return this.call<JobRecord>('GET', `/jobs/${encodeURIComponent(id)}`);
   }
-  forecast(req: { domain: string; destination?: string; bandwidthMiBps?: number; downtimeLimitMs?: number }) {
+  forecast(req: { domain: string; destination?: string; bandwidthMiBps?: number; downtimeLimitMs?: number; allowPostcopy?: boolean }) {
     return this.call<Forecast>('POST', '/forecast', req);
   }
 

@@ -45,6 +45,8 @@ export interface AgentConfig {
   qemuBinary?: string;
   /** Whom qemu runs as (see src/agent/qemu-user.ts): dynamic (a user id per qemu), root, or an account. */
   qemuUser: QemuUserSetting;
+  /** This host's qemus never receive a postcopy stream (none is handed userfaultfd): --no-postcopy. */
+  refusePostcopy?: boolean;
   /** The user ids `dynamic` hands out. */
   qemuUids: UidRange;
   /** How many migrations may run at once on this agent, in each direction. */

@@ -21,6 +21,8 @@ export interface HostInfo {
   migrationPorts: string;
   /** The most multifd channels one migration uses here, either way (see params.ts channelLimit). */
   migrationChannels: number;
+  /** Whether this host's qemus can receive a postcopy stream, and how (see src/qemu/userfaultfd.ts). */
+  postcopy: { receives: boolean; how: string };
   quarantined: StateStore['quarantined'];
   accelProbe: AccelProbeReport;
 }

@@ -1,3 +1,4 @@
+import { describeUserfaultfdAccess, userfaultfdAccess } from '../qemu/userfaultfd.js';
 import { mkdir } from 'node:fs/promises';
 import { isIP } from 'node:net';
 import type { TLSSocket } from 'node:tls';
@@ -191,6 +192,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
   // KVM counts as usable only if qemu opens it as the user it will run as.
   const qemu = await probeQemu(config.qemuBinary, qemuUsers.probeCredentials());
   const accel = resolveAccel(config.accel, qemu.kvmUsable);
+  const userfaultfd = await userfaultfdAccess({ qemuPrivileged: qemuUsers.mode === 'agent' && process.getuid?.() === 0, refused: config.refusePostcopy === true });
   const xmlPool = new XmlPool();
   const domains = new DomainManager({
     store,
@@ -202,6 +204,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     maxLogBytes: config.maxLogBytes,
     logCheckIntervalMs: config.logCheckIntervalMs,
     qemuUsers,
+    userfaultfd,
     networks: config.networks ?? {},
     graphicsListen: config.graphicsListen ?? [],
     ...(tls ? { tlsDir: store.dir('tls') } : {}),
@@ -225,10 +228,11 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     migrationAddress: config.migrationAddress,
     migrationPorts: `${config.migrationPorts.low}-${config.migrationPorts.high}`,
     migrationChannels,
+    postcopy: { receives: userfaultfd.via !== 'none', how: describeUserfaultfdAccess(userfaultfd) },
     quarantined: store.quarantined,
     accelProbe: accelProbe.report,
   });
-  const migrations = new MigrationService({ config, store, domains, hostInfo, log: app.log, tls });
+  const migrations = new MigrationService({ config, store, domains, hostInfo, log: app.log, tls, userfaultfd });
   await migrations.init();
   app.decorate('agent', { config, store, qemu, domains, migrations, hostInfo });
 

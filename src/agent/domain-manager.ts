@@ -21,6 +21,7 @@ import type { QemuHostInfo } from '../qemu/host.js';
 import type { FirmwareSizes } from '../migration/protocol.js';
 import type { MigrationDomains } from '../migration/domains.js';
 import { QmpMigrationMonitor, type MigrationMonitor } from '../qemu/migration-monitor.js';
+import { openUserfaultfdDevice, type UserfaultfdAccess } from '../qemu/userfaultfd.js';
 import { killSwtpm, launchSwtpm, prepareTpmState, releaseTpmState, SwtpmStartError, type SwtpmRecord } from '../qemu/swtpm.js';
 import { StateStore, isObject } from '../store/state-store.js';
 import { checkAllowedPaths, openGuestFiles, sharedWrittenFile, type PathRoots } from './paths.js';
@@ -162,6 +163,8 @@ export interface DomainManagerOptions {
   logCheckIntervalMs?: number;
   /** Whom each qemu runs as. */
   qemuUsers: QemuUsers;
+  /** How a qemu that receives a postcopy may use userfaultfd. */
+  userfaultfd: UserfaultfdAccess;
   /** With TLS: the agent's stream credentials (the store's tls/), which each qemu gets a copy of. */
   tlsDir?: string;
   /** Where request XML is parsed and normalized (worker threads). */
@@ -758,7 +761,7 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
    * Start qemu for `entry` (paused, -S; with -incoming defer when asked). The runtime record is
    * written as soon as the pid is known, so a restarted agent can find the process again.
    */
-  async launch(entry: DomainEntry, opts: { incoming: boolean; after?: Promise<unknown> }): Promise<RunningQemu> {
+  async launch(entry: DomainEntry, opts: { incoming: boolean; after?: Promise<unknown>; postcopy?: boolean }): Promise<RunningQemu> {
     // Memory the host cannot give now: the guest would start and be killed by the OOM killer later, or take others with it.
     const availableKiB = await memAvailableKiB();
     if (availableKiB !== undefined && entry.def.memoryKiB > availableKiB) {
@@ -792,16 +795,24 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
         ...(hugepagesPath ? { hugepagesPath } : {}),
       };
       const argv = [...buildArgv(entry.def, host, { incoming: opts.incoming }), ...QEMU_SANDBOX_ARGS];
-      const { record, qmp } = await (opts.after ?? Promise.resolve()).then(() => launchQemu({
-        binary: host.qemuBinary,
-        argv,
-        logPath: path.join(this.opts.store.dir('logs'), `${entry.name}.log`),
-        pidfilePath: host.pidfilePath,
-        qmpSocketPath: host.qmpSocketPath,
-        passFds: files.fds,
-        plainFds: files.plainFds,
-        credentials,
-      })).catch(async (err: unknown) => {
+      const access = this.opts.userfaultfd;
+      const { record, qmp } = await (opts.after ?? Promise.resolve()).then(() => {
+        // Opened for this qemu alone, and closed here once it holds its own copy.
+        const deviceFd = opts.postcopy && access.via === 'device' ? openUserfaultfdDevice() : undefined;
+        return launchQemu({
+          binary: host.qemuBinary,
+          argv,
+          logPath: path.join(this.opts.store.dir('logs'), `${entry.name}.log`),
+          pidfilePath: host.pidfilePath,
+          qmpSocketPath: host.qmpSocketPath,
+          passFds: files.fds,
+          plainFds: files.plainFds,
+          credentials,
+          ...(deviceFd !== undefined && access.via === 'device' ? { userfaultfd: { deviceFd, preload: access.preload } } : {}),
+        }).finally(() => {
+          if (deviceFd !== undefined) fsSync.closeSync(deviceFd);
+        });
+      }).catch(async (err: unknown) => {
         files.close();
         if (entry.def.hugepages) await releaseHugepages(entry.uuid);
         if (!(err instanceof QemuStartError)) throw err;

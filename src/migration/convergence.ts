@@ -1,5 +1,5 @@
 import {
-  DEFAULT_OPTIONS,
+  DEFAULT_DEADLINE_ACTION,
   ESCALATE_AFTER_MS,
   QEMU_DEFAULT_DOWNTIME_MS,
   type DeadlineAction,
@@ -50,7 +50,7 @@ export interface ConvergenceState {
 
 type Options = Pick<
   MigrationOptions,
-  'progressTimeoutSeconds' | 'maxDowntimeMs' | 'downtimeLimitMs' | 'autoConverge' | 'dirtyLimitMiBps' | 'completionTimeoutPerGiBSeconds' | 'deadlineAction' | 'allowPostcopy'
+  'progressTimeoutSeconds' | 'maxDowntimeMs' | 'downtimeLimitMs' | 'autoConverge' | 'dirtyLimitMiBps' | 'completionTimeoutPerGiBSeconds' | 'deadlineAction'
 >;
 
 /**
@@ -92,20 +92,22 @@ export class ConvergencePolicy {
   private readonly state_: ConvergenceState;
   private readonly allowPostcopy: boolean;
 
-  constructor(options: Options, now: number) {
+  /** `postcopyArmed`: the stream may switch to postcopy (see params.ts postcopyArmed). */
+  constructor(options: Options, now: number, postcopyArmed: boolean) {
     this.progressTimeoutMs = options.progressTimeoutSeconds * 1000;
     this.downtimeLimitMs = options.downtimeLimitMs ?? QEMU_DEFAULT_DOWNTIME_MS;
     this.maxDowntimeMs = options.maxDowntimeMs ?? this.downtimeLimitMs;
     // Records written before the deadline existed have none: they keep their old behaviour.
     this.perGiBMs = (options.completionTimeoutPerGiBSeconds ?? 0) * 1000;
-    this.allowPostcopy = options.allowPostcopy === true;
+    this.allowPostcopy = postcopyArmed;
     this.started = now;
     this.lastProgressAt = now;
     this.lastMovedAt = now;
     this.state_ = {
       step: 'live',
       autoConverge: options.autoConverge ? 'held' : 'off',
-      deadlineAction: options.deadlineAction ?? DEFAULT_OPTIONS.deadlineAction,
+      // The switch is the ladder's last rung where the stream can take it; else the guest stays safe here.
+      deadlineAction: options.deadlineAction ?? (postcopyArmed ? 'postcopy' : DEFAULT_DEADLINE_ACTION),
       ...(options.dirtyLimitMiBps ? { dirtyLimit: { mibPerSec: options.dirtyLimitMiBps, state: 'not-yet' as const } } : {}),
     };
   }

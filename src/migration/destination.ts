@@ -100,8 +100,12 @@ export class DestinationSide {
       throw conflict('accelerator_mismatch', `the guest runs on ${req.source.accelerator} at the source but would run on ${accelerator} here`);
     }
     await domains.checkFirmwareSizes({ uuid: def.uuid, def }, req.firmware);
+    const postcopy = this.ctx.userfaultfd;
+    // Asked for by the caller: refused before any qemu starts where this host cannot take it.
+    if (req.options.allowPostcopy && postcopy.via === 'none') throw postcopyUnavailable(postcopy.reason);
     // A source older than the agreement offers nothing and streams plain.
-    const transport = req.transport ? acceptTransport(req.transport, this.ctx.hostInfo().migrationChannels) : PLAIN_STREAM;
+    let transport = req.transport ? acceptTransport(req.transport, this.ctx.hostInfo().migrationChannels, postcopy.via !== 'none') : PLAIN_STREAM;
+    const receivesPostcopy = req.options.allowPostcopy === true || transport.postcopy === true;
     const entry = domains.beginIncoming(xml, def, req.migrationId);
     let job: DestinationJob | undefined;
     try {
@@ -121,7 +125,7 @@ export class DestinationSide {
       );
       // The record precedes qemu's start, which waits for its write; the host-side preparation
       // (the guest's files opened and checked) runs meanwhile.
-      const launched = domains.launch(entry, { incoming: true, after: created });
+      const launched = domains.launch(entry, { incoming: true, after: created, postcopy: receivesPostcopy });
       const [recordWritten, qemuStarted] = await Promise.allSettled([created, launched]);
       if (recordWritten.status === 'rejected') throw recordWritten.reason;
       job = recordWritten.value;
@@ -136,12 +140,18 @@ export class DestinationSide {
         // takes them in order, one round trip.
         const transportSet = Promise.all([
           monitor.setCapabilities(destinationCapabilities(transport)),
-          ...(req.options.allowPostcopy ? [this.enablePostcopy(monitor)] : []),
+          ...(receivesPostcopy ? [this.enablePostcopy(monitor, req.options.allowPostcopy === true)] : []),
           monitor.setParameters(destinationParameters(transport)),
         ]);
-        if (this.ctx.streamTls || req.options.allowPostcopy) {
+        if (this.ctx.streamTls || receivesPostcopy) {
           // What may be refused for a reason of its own (postcopy, the TLS files) is, before qemu listens.
-          await transportSet;
+          const [, postcopyTaken] = await transportSet;
+          if (postcopyTaken === false) {
+            // Only offered: the stream goes on without postcopy, and the record says so before the answer does.
+            transport = { ...transport, postcopy: false };
+            await recorded;
+            await jobs.update(job!, { transport });
+          }
           if (this.ctx.streamTls) await monitor.useTls(await domains.qemuTlsDir(entry), 'server');
           await monitor.listenIncoming(listenUri);
         } else {
@@ -162,17 +172,18 @@ export class DestinationSide {
     }
   }
 
-  /** A source that may switch to postcopy needs this qemu to take it: refused before the stream, with the reason and the fix. */
-  private async enablePostcopy(monitor: MigrationMonitor): Promise<void> {
+  /**
+   * A source that may switch to postcopy needs this qemu to take it. Asked for (`required`): refused
+   * before the stream, with qemu's reason. Only offered: false, and the stream goes on without it.
+   */
+  private async enablePostcopy(monitor: MigrationMonitor, required: boolean): Promise<boolean> {
     try {
       await monitor.setCapabilities(POSTCOPY_CAPABILITY);
+      return true;
     } catch (err) {
-      throw conflict(
-        'postcopy_unavailable',
-        `this host's qemu cannot receive a postcopy stream (qemu: ${(err as Error).message}). qemu 7.2 takes the pages it lacks through ` +
-          'the userfaultfd system call, which this kernel allows a process without CAP_SYS_PTRACE only with sysctl vm.unprivileged_userfaultfd=1 ' +
-          '(or qemu running as root, --qemu-user root, which gives a guest that takes over its qemu the host). Migrate without allowPostcopy, or allow it here',
-      );
+      if (required) throw postcopyUnavailable(`qemu: ${(err as Error).message}`);
+      this.ctx.log.warn({ err: (err as Error).message }, 'this qemu cannot take postcopy: the stream is offered without it');
+      return false;
     }
   }
 
@@ -806,4 +817,8 @@ function requireSourceToken(job: DestinationJob, token: string | undefined, code
   if (job.record.finishToken !== undefined && !secretsMatch(token, job.record.finishToken)) {
     throw new AgentError(403, code, `${what} does not carry the finishToken of its Prepare2 answer: only the source that prepared it may ${may}`);
   }
+}
+
+function postcopyUnavailable(why: string) {
+  return conflict('postcopy_unavailable', `this host's qemu cannot receive a postcopy stream: ${why}. Migrate without allowPostcopy, or allow postcopy here`);
 }

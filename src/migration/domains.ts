@@ -42,9 +42,10 @@ export interface MigrationDomains<E extends MigratingDomain = MigratingDomain> {
   /**
    * Starts the domain's qemu; `incoming`: waiting for a stream (-incoming defer). `after`: what
    * must be done before qemu is executed (its job record's write): the host-side preparation
-   * runs meanwhile, and a rejected `after` starts no qemu.
+   * runs meanwhile, and a rejected `after` starts no qemu. `postcopy`: an incoming qemu that may
+   * receive a postcopy gets what it needs for userfaultfd here (see src/qemu/userfaultfd.ts).
    */
-  launch(entry: E, opts: { incoming: boolean; after?: Promise<unknown> }): Promise<{ readonly monitor: MigrationMonitor }>;
+  launch(entry: E, opts: { incoming: boolean; after?: Promise<unknown>; postcopy?: boolean }): Promise<{ readonly monitor: MigrationMonitor }>;
   /** Ends the domain's qemu (an incoming one that will not be taken over). */
   stopQemu(entry: E, reason: 'failed'): Promise<void>;
   /** Calls `listener` with the name of each domain whose qemu ended; returns the unsubscribe. */

@@ -1,4 +1,4 @@
-import { DEFAULT_OPTIONS, ESCALATE_AFTER_MS, QEMU_DEFAULT_DOWNTIME_MS, type MigrationOptions } from './params.js';
+import { DEFAULT_DEADLINE_ACTION, DEFAULT_OPTIONS, ESCALATE_AFTER_MS, QEMU_DEFAULT_DOWNTIME_MS, type DeadlineAction, type MigrationOptions } from './params.js';
 import type { JobRecord } from './jobs.js';
 
 /**
@@ -28,7 +28,7 @@ export type ForecastStrategy =
   /** Pre-copy switches over within this downtime limit (the caller's, or one the schedule raises it to). */
   | { kind: 'precopy'; downtimeLimitMs: number }
   /** Pre-copy does not converge: the deadline action runs at `atMs` from the stream's start; pause and finish pauses the guest about `pauseMs`. */
-  | { kind: 'deadline'; action: MigrationOptions['deadlineAction']; atMs: number; pauseMs?: number }
+  | { kind: 'deadline'; action: DeadlineAction; atMs: number; pauseMs?: number }
   /**
    * Pre-copy does not converge and postcopy is allowed: the stream switches after one pass and
    * the downtime schedule (`atMs`), and the rest of memory follows in about `postcopyMs` while the
@@ -111,7 +111,7 @@ export function lastStreamRate(jobs: readonly JobRecord[], destination: string):
 export type ForecastOptions = Partial<Pick<MigrationOptions, 'bandwidthMiBps' | 'downtimeLimitMs' | 'maxDowntimeMs' | 'deadlineAction' | 'completionTimeoutPerGiBSeconds' | 'progressTimeoutSeconds' | 'allowPostcopy'>>;
 
 /** The convergence policy's ladder (src/migration/convergence.ts) as the model sees it: the downtime schedule, then the deadline. */
-function policyStrategy(p: { memoryBytes: number; dirtyRateBytesPerSec: number; options: ForecastOptions }, rate: number, precopy: PrecopyForecast): ForecastStrategy {
+function policyStrategy(p: { memoryBytes: number; dirtyRateBytesPerSec: number; options: ForecastOptions; postcopyArmed: boolean }, rate: number, precopy: PrecopyForecast): ForecastStrategy {
   const o = { ...DEFAULT_OPTIONS, ...p.options };
   const start = o.downtimeLimitMs ?? QEMU_DEFAULT_DOWNTIME_MS;
   if (precopy.converges) return { kind: 'precopy', downtimeLimitMs: start };
@@ -119,7 +119,7 @@ function policyStrategy(p: { memoryBytes: number; dirtyRateBytesPerSec: number; 
   if (forecastPrecopy({ memoryBytes: p.memoryBytes, dirtyRateBytesPerSec: p.dirtyRateBytesPerSec, streamRateBytesPerSec: rate, downtimeLimitMs: top }).converges) {
     return { kind: 'precopy', downtimeLimitMs: top };
   }
-  if (o.allowPostcopy) {
+  if (p.postcopyArmed) {
     // The policy's rungs: the first pass, then a stall of ESCALATE_AFTER_MS before each doubling of the downtime limit and before the switch.
     const doublings = Math.max(0, Math.ceil(Math.log2(top / start)));
     const atMs = Math.round((p.memoryBytes / rate) * 1000 + (doublings + 1) * ESCALATE_AFTER_MS);
@@ -130,7 +130,7 @@ function policyStrategy(p: { memoryBytes: number; dirtyRateBytesPerSec: number; 
   if (o.completionTimeoutPerGiBSeconds > 0) {
     const atMs = Math.round((o.completionTimeoutPerGiBSeconds * 1000 * p.memoryBytes) / 1024 ** 3);
     // Paused, the guest dirties nothing: the rest is at most all of its memory.
-    return o.deadlineAction === 'pause' ? { kind: 'deadline', action: 'pause', atMs, pauseMs: Math.round((p.memoryBytes / rate) * 1000) } : { kind: 'deadline', action: o.deadlineAction, atMs };
+    return o.deadlineAction === 'pause' ? { kind: 'deadline', action: 'pause', atMs, pauseMs: Math.round((p.memoryBytes / rate) * 1000) } : { kind: 'deadline', action: o.deadlineAction ?? DEFAULT_DEADLINE_ACTION, atMs };
   }
   return { kind: 'progress-timeout', afterMs: o.progressTimeoutSeconds * 1000 };
 }
@@ -156,6 +156,8 @@ export function buildForecast(p: {
   dirtyRateBytesPerSec: number;
   measuredForMs: number;
   options: ForecastOptions;
+  /** The stream would be set up for postcopy (see params.ts offerTransport); default: allowPostcopy. */
+  postcopyArmed?: boolean;
   lastRateBytesPerSec?: number;
 }): Forecast {
   const downtimeLimitMs = p.options.downtimeLimitMs ?? QEMU_DEFAULT_DOWNTIME_MS;
@@ -169,7 +171,7 @@ export function buildForecast(p: {
   }
   const precopy = forecastPrecopy({ memoryBytes: p.memoryBytes, dirtyRateBytesPerSec: p.dirtyRateBytesPerSec, streamRateBytesPerSec: rate, downtimeLimitMs });
   const mib = (b: number) => (b / 1048576).toFixed(1);
-  const strategy = policyStrategy(p, rate, precopy);
+  const strategy = policyStrategy({ ...p, postcopyArmed: p.postcopyArmed ?? p.options.allowPostcopy === true }, rate, precopy);
   const verdict = precopy.converges
     ? `pre-copy converges in ${precopy.iterations} pass(es): about ${precopy.predictedTotalMs} ms, the guest paused about ${precopy.predictedDowntimeMs} ms`
     : `pre-copy does not converge within a ${downtimeLimitMs} ms downtime limit: the guest dirties ${mib(p.dirtyRateBytesPerSec)} MiB/s against a stream of ${mib(rate)} MiB/s; ` +

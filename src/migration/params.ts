@@ -44,17 +44,21 @@ export interface MigrationOptions {
    * At the completion deadline: `pause` stops the guest so the rest of its memory copies without
    * being dirtied again (it runs on at the destination after a long pause), `abort` cancels the
    * stream (the guest keeps running here; not_converging), `postcopy` switches the stream to
-   * postcopy (needs allowPostcopy; the default when it is given).
+   * postcopy (needs allowPostcopy; the default when it is given). Absent: postcopy where the
+   * stream is set up for it (the transport's `postcopy`), else abort (DEFAULT_DEADLINE_ACTION).
    */
-  deadlineAction: DeadlineAction;
+  deadlineAction?: DeadlineAction;
   /**
    * The stream may switch to postcopy: the guest runs on at the destination at once and pulls
    * the pages it still lacks from the source. Convergence switches once the downtime schedule is
    * spent (instead of throttling the guest), at the deadline, or on POST /jobs/{id}/complete.
    * qemu 7.2 carries postcopy on one plain stream only (no multifd, no compression), and the
-   * destination's qemu needs userfaultfd (409 postcopy_unavailable otherwise).
+   * destination's qemu needs userfaultfd. `true`: one plain stream, and a destination that
+   * cannot take postcopy refuses the migration (409 postcopy_unavailable). `false`: never.
+   * Absent: where the stream is one plain stream anyway (see offerTransport) and the destination
+   * can take it, the policy may switch to postcopy as its last resort (the transport's `postcopy`).
    */
-  allowPostcopy: boolean;
+  allowPostcopy?: boolean;
   /**
    * A postcopy stream that broke (both qemus pause, neither copy is whole) is recovered by the
    * agents, attempt after attempt, for this long from the break; then the job waits for an
@@ -90,6 +94,9 @@ export function tuningParameters(t: StreamTuning): Record<string, number> {
 
 export type DeadlineAction = 'pause' | 'abort' | 'postcopy';
 
+/** At the deadline of a stream not set up for postcopy, unless the caller said otherwise: the guest is safe where it is. */
+export const DEFAULT_DEADLINE_ACTION: DeadlineAction = 'abort';
+
 export const DEFAULT_OPTIONS: MigrationOptions = {
   live: true,
   paused: false,
@@ -103,10 +110,15 @@ export const DEFAULT_OPTIONS: MigrationOptions = {
   maxDowntimeMs: 1000,
   // KubeVirt's completionTimeoutPerGiB.
   completionTimeoutPerGiBSeconds: 150,
-  deadlineAction: 'abort',
-  allowPostcopy: false,
   postcopyRecoverySeconds: 300,
 };
+
+/**
+ * A bandwidth cap at or below this is one plain stream's work: multifd gains nothing under it. One
+ * stream carried 1.4 GiB/s on this project's 2-core test host (README, The transport); QEMU's
+ * own figure for one stream is about 1.2 GiB/s (10 Gbit/s, CPU bound).
+ */
+export const ONE_STREAM_MIBPS = 512;
 
 /**
  * The most channels a caller may ask for (qemu takes up to 255): each is a connection and a
@@ -130,11 +142,13 @@ export const migrationOptionsSchema = {
     maxDowntimeMs: { type: 'integer', minimum: 1, maximum: 2000000, default: DEFAULT_OPTIONS.maxDowntimeMs, description: 'the top of the downtime-limit schedule' },
     dirtyLimitMiBps: { type: 'integer', minimum: 1, maximum: 1048576, description: 'throttle step as a per-vCPU dirty-rate limit (KVM with a dirty ring only; else auto-converge)' },
     completionTimeoutPerGiBSeconds: { type: 'integer', minimum: 0, maximum: 86400, default: DEFAULT_OPTIONS.completionTimeoutPerGiBSeconds },
-    deadlineAction: { type: 'string', enum: ['pause', 'abort', 'postcopy'], description: "at the completion deadline; default abort, or postcopy when allowPostcopy is given; postcopy needs allowPostcopy" },
+    deadlineAction: { type: 'string', enum: ['pause', 'abort', 'postcopy'], description: 'at the completion deadline; default postcopy where the stream is set up for it (allowPostcopy, or the transport armed it), else abort; postcopy needs allowPostcopy' },
     allowPostcopy: {
       type: 'boolean',
-      default: DEFAULT_OPTIONS.allowPostcopy,
-      description: 'the stream may switch to postcopy (convergence, the deadline, POST /jobs/{id}/complete); one plain stream (qemu 7.2 has no multifd postcopy); the destination must support it (409 postcopy_unavailable)',
+      description:
+        'true: the stream may switch to postcopy (convergence, the deadline, POST /jobs/{id}/complete), on one plain stream (qemu 7.2 has no multifd postcopy), ' +
+        'and a destination that cannot take it refuses (409 postcopy_unavailable); false: never; absent: postcopy is armed where the stream is one plain stream anyway ' +
+        `(one channel, or bandwidthMiBps at most ${ONE_STREAM_MIBPS}) and the destination can take it (the job's transport.postcopy says whether it was)`,
     },
     postcopyRecoverySeconds: {
       type: 'integer',
@@ -174,6 +188,7 @@ export const streamTransportSchema = {
     multifd: { type: 'boolean', description: "qemu's multifd capability; false: one plain stream" },
     channels: { type: 'integer', minimum: 1, maximum: MAX_MULTIFD_CHANNELS },
     compression: { type: 'string', enum: ['none', 'zstd'] },
+    postcopy: { type: 'boolean', description: 'both qemus have postcopy-ram on: the stream may switch to postcopy; in an offer, asked for (the answer says whether the destination could); absent: false' },
   },
 } as const;
 
@@ -196,6 +211,11 @@ export interface StreamTransport {
   multifd: boolean;
   channels: number;
   compression: StreamCompression;
+  /**
+   * Both qemus have postcopy-ram on: the stream may switch to postcopy. In an offer: asked for
+   * (the destination answers whether it could); absent: false.
+   */
+  postcopy?: boolean;
 }
 
 /** What an agent older than the agreement streams: the destination's answer has no transport. */
@@ -221,12 +241,27 @@ function transportOf(channels: number, compression: StreamCompression): StreamTr
   return { multifd: channels > 1 || compression !== 'none', channels, compression };
 }
 
-/** What the source offers: the caller's channels (or its limit), capped at its limit; xbzrle keeps one plain stream. */
+/**
+ * What the source offers: the caller's channels (or its limit), capped at its limit; xbzrle keeps
+ * one plain stream. Postcopy: asked for with allowPostcopy, and, unless the caller said false,
+ * wherever the stream is one plain stream anyway: on one channel, or under a bandwidth cap one
+ * stream carries. There it costs nothing until the policy needs it, and it is what finishes a
+ * guest that rewrites its memory faster than the link takes it (qemu 7.2 cannot combine it
+ * with multifd, so a fast link keeps multifd and its policy has no postcopy).
+ */
 export function offerTransport(o: MigrationOptions, limit: number): StreamTransport {
   // qemu 7.2 sends multifd pages without xbzrle (with multifd on, xbzrle would cache and never
   // encode), and its postcopy runs on the one plain stream.
-  const channels = o.xbzrle || o.allowPostcopy ? 1 : Math.min(o.multifdChannels ?? limit, limit);
-  return transportOf(channels, o.compression);
+  if (o.allowPostcopy === true) return { ...transportOf(1, o.compression), postcopy: true };
+  const slowLink = o.bandwidthMiBps !== undefined && o.bandwidthMiBps <= ONE_STREAM_MIBPS && o.multifdChannels === undefined;
+  const channels = o.xbzrle || slowLink ? 1 : Math.min(o.multifdChannels ?? limit, limit);
+  const offer = transportOf(channels, o.compression);
+  return o.allowPostcopy === undefined && !offer.multifd ? { ...offer, postcopy: true } : offer;
+}
+
+/** The stream may switch to postcopy: asked for, or armed by the transport's agreement. */
+export function postcopyArmed(o: Pick<MigrationOptions, 'allowPostcopy'>, t: StreamTransport | undefined): boolean {
+  return o.allowPostcopy === true || t?.postcopy === true;
 }
 
 /** Options qemu 7.2 cannot combine, refused before anything is sent. */
@@ -247,9 +282,13 @@ export function migrationOptions(asked: Partial<MigrationOptions>): MigrationOpt
   return { ...DEFAULT_OPTIONS, ...(asked.allowPostcopy && asked.deadlineAction === undefined ? { deadlineAction: 'postcopy' as const } : {}), ...asked };
 }
 
-/** The destination's answer to an offer: the lower channel count of the two agents, the offer's compression. */
-export function acceptTransport(offer: StreamTransport, limit: number): StreamTransport {
-  return transportOf(Math.min(offer.channels, limit), offer.compression);
+/**
+ * The destination's answer to an offer: the lower channel count of the two agents, the offer's
+ * compression; postcopy where offered and `postcopy` (this host's qemu can take it).
+ */
+export function acceptTransport(offer: StreamTransport, limit: number, postcopy: boolean): StreamTransport {
+  const answer = transportOf(Math.min(offer.channels, limit), offer.compression);
+  return offer.postcopy && !answer.multifd ? { ...answer, postcopy } : answer;
 }
 
 /**
@@ -267,10 +306,12 @@ export function agreedTransport(offer: StreamTransport, answer: unknown): Stream
   }
   const a = (typeof answer === 'object' && answer !== null ? answer : {}) as Partial<StreamTransport>;
   const channels = a.channels;
-  if (typeof channels !== 'number' || !Number.isInteger(channels) || channels < 1 || channels > offer.channels || a.compression !== offer.compression || a.multifd !== transportOf(channels, offer.compression).multifd) {
+  const postcopyAllowed = a.postcopy === undefined || a.postcopy === false || (a.postcopy === true && offer.postcopy === true && channels === 1);
+  if (typeof channels !== 'number' || !Number.isInteger(channels) || channels < 1 || channels > offer.channels || a.compression !== offer.compression || a.multifd !== transportOf(channels, offer.compression).multifd || !postcopyAllowed) {
     throw new PeerProtocolError(`the destination answered a stream transport its offer does not allow: ${JSON.stringify(answer).slice(0, 200)} (offered ${JSON.stringify(offer)})`);
   }
-  return transportOf(channels, offer.compression);
+  const agreed = transportOf(channels, offer.compression);
+  return offer.postcopy ? { ...agreed, postcopy: a.postcopy === true } : agreed;
 }
 
 /*
@@ -299,7 +340,7 @@ export function sourceCapabilities(o: MigrationOptions, t: StreamTransport): Arr
   return [
     { capability: 'events', state: true },
     // Set on both ends before the stream starts; the switch itself is migrate-start-postcopy.
-    { capability: 'postcopy-ram', state: o.allowPostcopy === true },
+    { capability: 'postcopy-ram', state: postcopyArmed(o, t) },
     { capability: 'auto-converge', state: o.autoConverge },
     // The destination reads xbzrle pages whatever its own capability says.
     { capability: 'xbzrle', state: o.xbzrle },

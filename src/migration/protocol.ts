@@ -1,3 +1,4 @@
+import type { UserfaultfdAccess } from '../qemu/userfaultfd.js';
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../log.js';
 import type { AgentConfig } from '../config.js';
@@ -100,6 +101,8 @@ export interface MigrationContext {
   hold: (point: HoldPoint, migrationId: string) => Promise<void>;
   /** With TLS, both ends' qemu stream over TLS too (DomainManager.qemuTlsDir gives each its credentials). */
   streamTls: boolean;
+  /** Whether (and how) this host's qemus receive a postcopy stream. */
+  userfaultfd: UserfaultfdAccess;
 }
 
 export type { JobRecord };

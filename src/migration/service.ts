@@ -8,6 +8,7 @@ import { isDestinationJob, isSourceJob, JobRegistry, type Job } from './jobs.js'
 import { PeerClient } from './peer-client.js';
 import { incomingStreamBytes, resetOutgoingStream } from './stream-sockets.js';
 import type { TlsMaterial } from '../agent/tls.js';
+import type { UserfaultfdAccess } from '../qemu/userfaultfd.js';
 import { holdAt } from './holds.js';
 import { DestinationSide } from './destination.js';
 import { SourceSide, type PerformRequest } from './source.js';
@@ -30,6 +31,7 @@ export class MigrationService {
     log: Logger;
     /** The agent's certificate material, when it runs with TLS. */
     tls?: TlsMaterial;
+    userfaultfd: UserfaultfdAccess;
     /** The fast tier's in-process peers and stream sockets; an agent calls peers over HTTP and asks the kernel. */
     peers?: PeerCalls;
     incomingBytes?: MigrationContext['incomingBytes'];
@@ -47,6 +49,7 @@ export class MigrationService {
       incomingBytes: opts.incomingBytes ?? incomingStreamBytes,
       resetStream: opts.resetStream ?? resetOutgoingStream,
       streamTls: opts.tls !== undefined,
+      userfaultfd: opts.userfaultfd,
       hold: (point, migrationId) => holdAt(point, holds, opts.config.stateDir, migrationId),
     };
     this.source = new SourceSide(this.ctx);

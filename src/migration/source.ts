@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { AgentError, conflict } from '../errors.js';
 import { POSTCOPY_STREAM_STATUSES, type MigrationMonitor } from '../qemu/migration-monitor.js';
 import { SOURCE_OBLIGATIONS } from './phases.js';
-import { agreedTransport, checkTransportOptions, migrationOptions, offerTransport, sourceCapabilities, sourceParameters, parseDestUri, PeerProtocolError, streamUriFromPeer, tuningParameters, type MigrationOptions, type StreamTuning } from './params.js';
+import { agreedTransport, checkTransportOptions, migrationOptions, offerTransport, postcopyArmed, sourceCapabilities, sourceParameters, parseDestUri, PeerProtocolError, streamUriFromPeer, tuningParameters, type MigrationOptions, type StreamTuning } from './params.js';
 import { PeerRefusedError } from './peer-client.js';
 import { isLoopback, type AgentConfig } from '../config.js';
 import { isSourceJob, settled, type JobPatch, type SourceJob } from './jobs.js';
@@ -344,6 +344,12 @@ export class SourceSide {
           body = older;
           continue;
         }
+        // An agent older than postcopy in the offer: asked again without it (the stream then has none, unless allowPostcopy asked for it).
+        if (body.transport?.postcopy !== undefined && err instanceof PeerRefusedError && err.unknownProperties.includes('postcopy')) {
+          const { postcopy: _postcopy, ...offer } = body.transport;
+          body = { ...body, transport: offer };
+          continue;
+        }
         const retryAfter = err instanceof PeerRefusedError && err.peerStatus === 503 ? err.retryAfterSeconds ?? 5 : undefined;
         if (retryAfter === undefined || Date.now() + retryAfter * 1000 > deadline || job.record.cancelRequested) throw err;
         await this.ctx.jobs.update(job, { waiting: `destination busy (attempt ${attempt}); retrying Prepare2 in ${retryAfter}s` });
@@ -477,6 +483,8 @@ export class SourceSide {
       dirtyRateBytesPerSec,
       measuredForMs: Date.now() - started,
       options: { ...req.options },
+      // Where the destination can take it (its GET /host says whether).
+      postcopyArmed: offerTransport(migrationOptions(req.options ?? {}), this.ctx.hostInfo().migrationChannels).postcopy === true,
       lastRateBytesPerSec: req.destination ? lastStreamRate(jobs.list().map((j) => j.record), req.destination) : undefined,
     });
   }
@@ -532,9 +540,10 @@ export class SourceSide {
     const job = this.ctx.jobs.require(id);
     if (!isSourceJob(job)) throw conflict('not_completable', 'only the source side of a migration completes its stream', { job: id });
     if (job.terminal) throw conflict('job_ended', `job ${id} already ${job.record.status}`, { job: id });
-    const chosen = mode ?? (job.record.options.allowPostcopy ? 'postcopy' : 'pause');
-    if (chosen === 'postcopy' && !job.record.options.allowPostcopy) {
-      throw conflict('postcopy_not_allowed', `job ${id} was started without allowPostcopy: its stream is not set up for postcopy (use mode pause)`, { job: id });
+    const armed = postcopyArmed(job.record.options, job.record.transport);
+    const chosen = mode ?? (armed ? 'postcopy' : 'pause');
+    if (chosen === 'postcopy' && !armed) {
+      throw conflict('postcopy_not_allowed', `job ${id}'s stream is not set up for postcopy (transport ${JSON.stringify(job.record.transport ?? {})}; allowPostcopy arms it): use mode pause`, { job: id });
     }
     if (SOURCE_OBLIGATIONS[job.record.phase].decides !== 'source' || job.record.cancelRequested) {
       throw conflict('too_late_to_complete', `job ${id} is past the stream or cancelled (phase ${job.record.phase})`, { job: id });

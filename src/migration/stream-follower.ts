@@ -1,6 +1,6 @@
 import type { Logger } from '../log.js';
 import { TERMINAL_STREAM_STATUSES, type MigrationInfo, type MigrationMonitor } from '../qemu/migration-monitor.js';
-import { AUTO_CONVERGE_ENGAGED } from './params.js';
+import { AUTO_CONVERGE_ENGAGED, postcopyArmed } from './params.js';
 import { ConvergencePolicy, type ConvergenceAction } from './convergence.js';
 import { EtaCountdown } from './forecast.js';
 import { streamAddressOf } from './stream-sockets.js';
@@ -66,7 +66,7 @@ export async function followStream(
   const { jobs, log } = deps;
   let cancelledAt: number | undefined;
   let connectionsReset = false;
-  const policy = new ConvergencePolicy(job.record.options, Date.now());
+  const policy = new ConvergencePolicy(job.record.options, Date.now(), postcopyArmed(job.record.options, job.record.transport));
   let tunedDowntimeMs = job.record.options.downtimeLimitMs;
   const countdown = new EtaCountdown();
   const wakeup = new Wakeup();

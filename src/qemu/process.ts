@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
+import type { UserfaultfdGrant } from './userfaultfd.js';
 import { QmpClient, type QmpConnectOptions } from './qmp.js';
 
 export interface QemuLaunch {
@@ -27,6 +28,8 @@ export interface QemuLaunch {
   plainFds?: number[];
   /** Whom qemu runs as; absent: the agent's own user. */
   credentials?: QemuCredentials;
+  /** /dev/userfaultfd, opened, for a qemu that receives a postcopy (see userfaultfd.ts): given last, with its preload. */
+  userfaultfd?: UserfaultfdGrant;
 }
 
 /** The ids a qemu is started with (set before exec, so qemu itself never changes user). */
@@ -83,7 +86,10 @@ export async function launchQemu(l: QemuLaunch): Promise<{ record: QemuProcessRe
   try {
     fs.writeSync(logFd, `${new Date().toISOString()} starting: ${[l.binary, ...argv].join(' ')}\n`);
     logStart = fs.fstatSync(logFd).size;
-    child = spawnDetached(l.binary, argv, logFd, [...(l.passFds ?? []), ...(l.plainFds ?? [])], l.credentials);
+    const fds = [...(l.passFds ?? []), ...(l.plainFds ?? [])];
+    // The preload finds the device by its number in qemu (stdio takes 0-2).
+    const env = l.userfaultfd ? { LD_PRELOAD: l.userfaultfd.preload, KVM_MIGRATE_USERFAULTFD_FD: String(3 + fds.length) } : undefined;
+    child = spawnDetached(l.binary, argv, logFd, l.userfaultfd ? [...fds, l.userfaultfd.deviceFd] : fds, l.credentials, env);
   } finally {
     // The child holds its own copy of the descriptor.
     fs.closeSync(logFd);
@@ -211,14 +217,14 @@ export async function waitForExit(rec: ProcessIdentity, timeoutMs: number): Prom
 }
 
 /** Starts a process that outlives the agent, its output appended to logFd, as `credentials` when given. */
-export function spawnDetached(binary: string, argv: string[], logFd: number, passFds: number[], credentials: QemuCredentials | undefined) {
+export function spawnDetached(binary: string, argv: string[], logFd: number, passFds: number[], credentials: QemuCredentials | undefined, env?: Record<string, string>) {
   // A raw descriptor, not execa's `{file}`: that pipes through this process, so qemu's output
   // (and qemu itself, on EPIPE) would depend on the agent staying alive. execa's types list
   // only descriptors up to 9, but any number is handed to spawn() unchanged.
   const fd = logFd as 3;
   const stdio = ['ignore', fd, fd, ...passFds] as unknown as ['ignore', 3, 3];
   // libuv drops the supplementary groups when it sets the ids: the group given is all qemu has.
-  return execa(binary, argv, { detached: true, cleanup: false, stdio, reject: false, ...credentials });
+  return execa(binary, argv, { detached: true, cleanup: false, stdio, reject: false, ...credentials, ...(env ? { env } : {}) });
 }
 
 function controlArgs(l: QemuLaunch): string[] {

@@ -9,6 +9,7 @@
  * it makes from then on never returns (as a killed process never continues), and calls to it fail
  * as unreachable until the next incarnation starts on the same host.
  */
+import type { UserfaultfdAccess } from '../../src/qemu/userfaultfd.js';
 import { EventEmitter } from 'node:events';
 import { AgentError } from '../../src/errors.js';
 import { parseDomainXml } from '../../src/domain/parse.js';
@@ -536,6 +537,8 @@ export class SimHost {
   agent?: SimAgent;
   /** Its agents' channel limit (GET /host migrationChannels). */
   migrationChannels = 2;
+  /** Whether its qemus receive postcopy. */
+  userfaultfd: UserfaultfdAccess = { via: 'privileged' };
   /** All qemus ever started here, for the checks. */
   readonly everStarted: SimQemu[] = [];
 
@@ -592,6 +595,7 @@ export class SimAgent {
       store: this.recordStore(),
       domains: this.domains,
       hostInfo: () => ({ uuid: `host-${host.name}`, hostname: host.name, migrationChannels: host.migrationChannels }) as HostInfo,
+      userfaultfd: host.userfaultfd,
       log,
       peers: this.peerCalls(),
       incomingBytes: async (address, port) => {

@@ -8,15 +8,17 @@ import t from 'tap';
 import { randomUUID } from 'node:crypto';
 import { AgentError } from '../../src/errors.js';
 import type { Prepare2Request, Prepare2Response } from '../../src/migration/protocol.js';
-import type { MigrationOptions } from '../../src/migration/params.js';
+import { ONE_STREAM_MIBPS, type MigrationOptions } from '../../src/migration/params.js';
+import type { UserfaultfdAccess } from '../../src/qemu/userfaultfd.js';
 import { SimWorld, simDomainXml, type SimAgent, type SimHost } from './sim.js';
 
-async function world(channels: { a: number; b: number }) {
+async function world(channels: { a: number; b: number }, bUserfaultfd?: UserfaultfdAccess) {
   const w = new SimWorld();
   const a = w.addHost('a', '127.0.0.2');
   const b = w.addHost('b', '127.0.0.3');
   a.migrationChannels = channels.a;
   b.migrationChannels = channels.b;
+  if (bUserfaultfd) b.userfaultfd = bUserfaultfd;
   const uuid = randomUUID();
   const xml = simDomainXml('vm', uuid);
   a.definitions.set('vm', xml);
@@ -63,7 +65,7 @@ t.test('both ends stream on the lower of the two agents\' channel limits, each q
   // Back, asking for one channel: the qemu that arrived with multifd on is turned off again.
   const back = await migrate(b, a, { multifdChannels: 1 });
   t.equal(back.status, 'completed');
-  t.same(back.transport, { multifd: false, channels: 1, compression: 'none' });
+  t.same(back.transport, { multifd: false, channels: 1, compression: 'none', postcopy: true }, 'one plain stream, set up for postcopy (it costs nothing until needed)');
   t.equal(arrived.capabilities.get('multifd'), false, 'multifd set off on the source, not left from its arrival');
 });
 
@@ -110,5 +112,62 @@ t.test('xbzrle with compression or more than one channel is refused before anyth
   }
   const ended = await migrate(a, b, { xbzrle: true });
   t.equal(ended.status, 'completed');
-  t.same(ended.transport, { multifd: false, channels: 1, compression: 'none' }, 'xbzrle streams on one plain stream');
+  t.same(ended.transport, { multifd: false, channels: 1, compression: 'none', postcopy: true }, 'xbzrle streams on one plain stream');
+});
+
+t.test('postcopy by default: armed on one plain stream (a bandwidth cap one stream carries), both qemus set to it; a fast link keeps multifd without it', async (t) => {
+  const { a, b } = await world({ a: 2, b: 2 });
+  const slow = await migrate(a, b, { bandwidthMiBps: ONE_STREAM_MIBPS });
+  t.equal(slow.status, 'completed');
+  t.same(slow.transport, { multifd: false, channels: 1, compression: 'none', postcopy: true }, `at ${ONE_STREAM_MIBPS} MiB/s: one plain stream, postcopy armed`);
+  t.same(b.agent!.service.jobs.get(slow.id)!.record.transport, slow.transport, 'the destination records the same');
+  const arrived = onlyQemu(b);
+  t.equal(arrived.capabilities.get('postcopy-ram'), true, "the destination's qemu takes postcopy");
+  const fast = await migrate(b, a, { bandwidthMiBps: ONE_STREAM_MIBPS + 1 });
+  t.equal(fast.status, 'completed');
+  t.same(fast.transport, { multifd: true, channels: 2, compression: 'none' }, 'above it: multifd, no postcopy (qemu 7.2 has no multifd postcopy)');
+  t.equal(arrived.capabilities.get('postcopy-ram'), false, 'postcopy set off on the source, not left from its arrival');
+  const never = await migrate(a, b, { bandwidthMiBps: 32, allowPostcopy: false });
+  t.same(never.transport, { multifd: false, channels: 1, compression: 'none' }, 'allowPostcopy false: never armed');
+  t.equal(onlyQemu(b).capabilities.get('postcopy-ram'), undefined, 'nor asked of the destination');
+});
+
+t.test('a destination that cannot receive postcopy answers the offer without it: the stream runs pre-copy only; asked for with allowPostcopy, it refuses before any qemu', async (t) => {
+  const { a, b } = await world({ a: 2, b: 2 }, { via: 'none', reason: 'no userfaultfd here' });
+  const asked = await migrate(a, b, { bandwidthMiBps: 32, allowPostcopy: true });
+  t.equal(asked.status, 'failed');
+  t.equal(asked.error?.code, 'postcopy_unavailable');
+  t.match(asked.error?.message, /no userfaultfd here/, "the destination's reason");
+  t.equal(b.qemus.size, 0, 'no qemu was started there');
+  t.equal(onlyQemu(a).running, true, 'the guest runs on the source');
+  const offered = await migrate(a, b, { bandwidthMiBps: 32 });
+  t.equal(offered.status, 'completed');
+  t.same(offered.transport, { multifd: false, channels: 1, compression: 'none', postcopy: false }, 'offered, answered without it');
+  t.notOk(onlyQemu(b).capabilities.get('postcopy-ram'), 'the destination qemu was not set to postcopy');
+});
+
+t.test('a destination older than postcopy in the offer is asked again without it; an answer arming postcopy that was not offered is a broken peer', async (t) => {
+  const { a, b } = await world({ a: 2, b: 2 });
+  const seen: Prepare2Request[] = [];
+  const handle = b.agent!.handle.bind(b.agent!);
+  b.agent!.handle = async (path: string, body: unknown) => {
+    const req = body as Prepare2Request;
+    if (path === '/prepare2') {
+      seen.push(req);
+      if (req.transport?.postcopy !== undefined) throw new AgentError(400, 'unknown_property', 'unknown body property: postcopy', { unknownProperties: ['postcopy'] });
+    }
+    return handle(path, body);
+  };
+  const older = await migrate(a, b, { bandwidthMiBps: 32 });
+  t.equal(older.status, 'completed');
+  t.same(seen.map((r) => r.transport?.postcopy), [true, undefined], 'the offer with postcopy, refused, then without it');
+  t.same(older.transport, { multifd: false, channels: 1, compression: 'none', postcopy: false }, 'offered, and not taken');
+  const handleA = a.agent!.handle.bind(a.agent!);
+  a.agent!.handle = async (path: string, body: unknown) => {
+    const answer = await handleA(path, body);
+    return path === '/prepare2' ? { ...(answer as Prepare2Response), transport: { multifd: false, channels: 1, compression: 'none', postcopy: true } } : answer;
+  };
+  const broken = await migrate(b, a, { bandwidthMiBps: 32, allowPostcopy: false });
+  t.equal(broken.status, 'failed');
+  t.equal(broken.error?.code, 'bad_peer_answer');
 });

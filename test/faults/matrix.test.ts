@@ -46,7 +46,7 @@ function holdFor(phase: Phase): { host: 'A' | 'B'; point: string } | null {
   return null;
 }
 
-async function startHost(t: TestContext, rig: TwoHostRig, which: 'A' | 'B', dir: string, holds: string[], more: string[] = []): Promise<Host> {
+async function startHost(t: TestContext, rig: TwoHostRig, which: 'A' | 'B', dir: string, holds: string[]): Promise<Host> {
   const stateDir = path.join(dir, which);
   const spawnArgs = {
     host: '0.0.0.0',
@@ -56,7 +56,7 @@ async function startHost(t: TestContext, rig: TwoHostRig, which: 'A' | 'B', dir:
     allowPath: dir,
     token: TOKEN,
     // Plain HTTP between the hosts: each names the other as its peer.
-    extra: ['--migration-address', which === 'A' ? rig.wireA : rig.wireB, '--peer', `http://${which === 'A' ? rig.wireB : rig.wireA}:7100`, '--incoming-timeout', String(INCOMING_TIMEOUT_S), ...more, ...holds.flatMap((h) => ['--debug-hold', h])],
+    extra: ['--migration-address', which === 'A' ? rig.wireA : rig.wireB, '--peer', `http://${which === 'A' ? rig.wireB : rig.wireA}:7100`, '--incoming-timeout', String(INCOMING_TIMEOUT_S), ...holds.flatMap((h) => ['--debug-hold', h])],
   };
   return { agent: await spawnAgent(t, spawnArgs), stateDir, spawnArgs };
 }
@@ -96,8 +96,7 @@ async function runCell(t: Test, fault: Fault, phase: Phase): Promise<string> {
   const hold = holdFor(phase);
   const postcopy = phase === 'in postcopy';
   const A = await startHost(t, rig, 'A', dir, hold?.host === 'A' ? [hold.point] : []);
-  // qemu 7.2 receives postcopy only where it may use userfaultfd (see test/migration/postcopy.test.ts).
-  const B = await startHost(t, rig, 'B', dir, hold?.host === 'B' ? [hold.point] : [], postcopy ? ['--qemu-user', 'root'] : []);
+  const B = await startHost(t, rig, 'B', dir, hold?.host === 'B' ? [hold.point] : []);
   const guest = await testGuest(dir, 'vm', GUEST);
   await A.agent.client.define(guest.xml);
   await A.agent.client.lifecycle('vm', 'start');

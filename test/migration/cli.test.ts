@@ -49,7 +49,7 @@ t.test('kvm-migrate migrate: progress while it runs, a summary and exit 0 when c
 });
 
 t.test('kvm-migrate complete and recover: a running migration finished by postcopy from the CLI; recover refused when nothing is broken', async (t) => {
-  const { dir, a, b } = await twoAgents(t, { a: { token: 'cli-token' }, b: { token: 'cli-token', qemuUser: 'root' } });
+  const { dir, a, b } = await twoAgents(t, { a: { token: 'cli-token' }, b: { token: 'cli-token' } });
   await a.client.define((await testGuest(dir, 'vm2', { fillMiB: 4, hotMiB: 4, reportEvery: 64 })).xml);
   await a.client.lifecycle('vm2', 'start');
   await waitForPasses(a, 'vm2', 0);

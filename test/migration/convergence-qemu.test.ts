@@ -30,9 +30,10 @@ t.test('deadline action abort: the stream is cancelled at the deadline (not_conv
   const { boot } = await startGuest(a, dir, 'busy2', BUSY);
   // The throttle step first (no downtime schedule), as a dirty limit, which qemu refuses here:
   // this agent's guests never run with a KVM dirty ring. The first pass takes ~6 s at 4 MiB/s;
-  // 670 s per GiB of this 23 MiB guest puts the deadline at ~15 s, after the throttle step.
+  // 670 s per GiB of this 23 MiB guest puts the deadline at ~15 s, after the throttle step. Without
+  // postcopy, which this slow a stream would have by default (and switch to instead of throttling).
   const { job } = await a.client.perform(
-    { domain: 'busy2', destination: b.url, bandwidthMiBps: 4, maxDowntimeMs: 300, dirtyLimitMiBps: 1, completionTimeoutPerGiBSeconds: 670, deadlineAction: 'abort' },
+    { domain: 'busy2', destination: b.url, bandwidthMiBps: 4, maxDowntimeMs: 300, dirtyLimitMiBps: 1, completionTimeoutPerGiBSeconds: 670, deadlineAction: 'abort', allowPostcopy: false },
     true,
   );
   t.equal(job.status, 'failed');

@@ -232,9 +232,9 @@ t.test('a guest that never converges: the stream is cancelled after the progress
   const { dir, a, b } = await twoAgents(t);
   // 4 MiB rewritten continuously against a 1 MiB/s stream: what remains can never reach a new low.
   const { boot } = await startGuest(a, dir, 'vm7', { fillMiB: 8, hotMiB: 4, reportEvery: 64 });
-  // No convergence step and no completion deadline: the progress timeout alone ends it (with the
-  // ladder on, a raised downtime limit and the throttle can make even this guest converge).
-  const { job } = await a.client.perform({ domain: 'vm7', destination: b.url, bandwidthMiBps: 1, progressTimeoutSeconds: 3, completionTimeoutPerGiBSeconds: 0, autoConverge: false, maxDowntimeMs: 300 }, true);
+  // No convergence step, no postcopy and no completion deadline: the progress timeout alone ends it
+  // (with the ladder on, a raised downtime limit and the throttle can make even this guest converge).
+  const { job } = await a.client.perform({ domain: 'vm7', destination: b.url, bandwidthMiBps: 1, progressTimeoutSeconds: 3, completionTimeoutPerGiBSeconds: 0, autoConverge: false, maxDowntimeMs: 300, allowPostcopy: false }, true);
   t.equal(job.status, 'failed');
   t.equal(job.error?.code, 'not_converging');
   t.match(job.error?.message, /no progress for 3s/);

@@ -69,8 +69,12 @@ t.test('a forecast before migrating: measured dirty rate, the stream rate it exp
   const busy = await a.client.forecast({ domain: 'busy', bandwidthMiBps: 1, downtimeLimitMs: 100 });
   t.ok(busy.dirtyRateBytesPerSec > 1048576, `the busy guest dirties ${(busy.dirtyRateBytesPerSec / 1048576).toFixed(0)} MiB/s`);
   t.equal(busy.precopy?.converges, false, 'over 1 MiB/s it does not converge');
-  t.equal(busy.strategy?.kind, 'deadline', 'the policy will end it at its deadline');
-  t.match(busy.verdict, /does not converge/);
+  t.equal(busy.strategy?.kind, 'postcopy', 'by default a stream under 1 MiB/s is set up for postcopy, and the policy switches');
+  t.match(busy.verdict, /does not converge.*switches to postcopy/);
+  const precopyOnly = await a.client.forecast({ domain: 'busy', bandwidthMiBps: 1, downtimeLimitMs: 100, allowPostcopy: false });
+  t.equal(precopyOnly.strategy?.kind, 'deadline', 'without postcopy the policy ends it at its deadline');
+  const fastLink = await a.client.forecast({ domain: 'busy', bandwidthMiBps: 1024, downtimeLimitMs: 1 });
+  t.not(fastLink.strategy?.kind, 'postcopy', `over ${1024} MiB/s the stream is multifd, without postcopy (${fastLink.strategy?.kind})`);
 
   const { job } = await a.client.perform({ domain: 'quiet', destination: b.url }, true);
   t.equal(job.status, 'completed');
