@@ -294,9 +294,16 @@ export class JobRegistry {
    * Close the job (phase `done`), with `patch` in the same write. The record in memory changes
    * at the call, before the write: what answers from memory (GET /jobs, Finish2) says so at once.
    * `after`: what must be on disk before `done` is (the job's writes wait for it, and none is
-   * made if it fails).
+   * made if it fails). `via`: phases passed through in the same write (kept in the history).
    */
-  async end<R extends JobRecord>(job: Job<R>, status: Exclude<JobStatus, 'running'>, error?: { code: string; message: string }, patch: JobPatch = {}, after?: Promise<unknown>): Promise<void> {
+  async end<R extends JobRecord>(
+    job: Job<R>,
+    status: Exclude<JobStatus, 'running'>,
+    error?: { code: string; message: string },
+    patch: JobPatch = {},
+    after?: Promise<unknown>,
+    via: readonly R['phase'][] = [],
+  ): Promise<void> {
     if (after) {
       this.gates.set(job.id, after);
       const open = () => {
@@ -315,7 +322,7 @@ export class JobRegistry {
       waiting: undefined,
       ...(error ? { error } : {}),
       timings,
-    });
+    }, via);
     job.emit('end', job.record);
     await this.prune(job.record.domain);
   }

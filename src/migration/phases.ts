@@ -19,7 +19,7 @@ export const SOURCE_PHASES = [
   'postcopy', // migrate-start-postcopy issued: the destination runs the guest; pages it lacks stream from here
   'stream-completed', // the stream completed; the source guest is paused (postmigrate)
   'asking-outcome', // Finish2(rc=0) sent; outcome not yet known: the source stays paused
-  'confirmed', // the destination owns the guest; the source qemu is being ended
+  'confirmed', // the destination owns the guest; the source qemu ended (passed inside the write of done; an older agent wrote it on its own)
   'rolling-back', // the stream failed or the destination aborted: Finish2(rc!=0), resume the source
   'done', // terminal
 ] as const;

@@ -188,11 +188,15 @@ export class SourceSide {
       end = await this.postcopy.follow(job, monitor);
     }
     if (end.kind === 'closing') return;
+    // Whether the stream had completed before this qemu ended (this agent may have ended it, and
+    // died before writing so), only the destination's qemu knows: it is asked as after a completed
+    // stream (rc=0, until it answers), and answers from its qemu (completed, or the guest lost).
+    const qemuGone = end.kind === 'monitor-closed';
     if (end.kind === 'monitor-closed') end = { kind: 'failed', code: 'source_qemu_ended', message: 'the source qemu ended during postcopy: the pages it had not sent yet are lost with it' };
     const body = { migrationId: job.id, uuid: job.record.uuid, finishToken: job.record.finishToken };
     let answer: Finish2Response;
     let finish: NonNullable<SourceJob['record']['finish']>;
-    if (end.kind === 'completed') {
+    if (end.kind === 'completed' || qemuGone) {
       const outcome = await this.finish2.until(job, { ...body, rc: 0 });
       if (!outcome) return;
       ({ answer, finish } = outcome);
@@ -396,16 +400,17 @@ export class SourceSide {
     }
   }
 
-  /** The destination owns the guest: end the paused source copy. `answered`: the Finish2 exchange, recorded with the phase. */
+  /**
+   * The destination owns the guest: end the paused source copy, then one write, through
+   * `confirmed` to `done`. After a crash before it, the phase on disk (`asking-outcome`,
+   * `postcopy`) has its rule ask the destination again, whose answer stays `finished` (it is
+   * durable there), and ending a copy already gone is a no-op. `answered`: the Finish2 exchange,
+   * recorded with it.
+   */
   private async confirm(job: SourceJob, entry: MigratingDomain | undefined, answered: JobPatch = {}): Promise<void> {
     const { jobs, domains, log } = this.ctx;
-    // The copy ends while `confirmed` is written: after a crash before that write, `asking-outcome`'s
-    // rule asks the destination again, and its answer stays `finished` (it is durable there).
-    await Promise.all([
-      jobs.setPhase(job, 'confirmed', answered),
-      entry ? domains.commitOutgoing(entry, { undefine: job.record.options.undefineSource }) : undefined,
-    ]);
-    await jobs.end(job, 'completed');
+    if (entry) await domains.commitOutgoing(entry, { undefine: job.record.options.undefineSource });
+    await jobs.end(job, 'completed', undefined, answered, undefined, ['confirmed']);
     log.info({ migration: job.id, domain: job.record.domain, timings: job.record.timings }, 'migration completed');
   }
 

@@ -73,6 +73,8 @@ const KILL_WAIT_MS = 15_000;
 // migration's end), so look soon at first, then back off.
 const EXIT_POLL_FIRST_MS = 2;
 const EXIT_POLL_MAX_MS = 25;
+/** Once its monitor socket closed, qemu is within a millisecond or two of gone. */
+const EXIT_POLL_WOKEN_MS = 1;
 const LOG_TAIL_BYTES = 4096;
 const QMP_CHARDEV_ID = 'kvmm-qmp';
 
@@ -160,7 +162,7 @@ export async function killQemu(rec: QemuProcessRecord, opts?: { graceMs?: number
     const quitSent =
       qmp !== undefined && !qmp.isClosed && (await qmp.execute('quit', undefined, { timeoutMs: Math.max(graceMs, 1) }).then(() => true, () => false));
     if (!quitSent) signal(rec, 'SIGTERM');
-    if (!(await waitForExit(rec, Math.max(deadline - Date.now(), 0)))) {
+    if (!(await waitForExit(rec, Math.max(deadline - Date.now(), 0), qmp?.closed))) {
       signal(rec, 'SIGKILL');
       if (!(await waitForExit(rec, KILL_WAIT_MS))) throw new Error(`qemu pid ${rec.pid} is still alive ${KILL_WAIT_MS} ms after SIGKILL`);
     }
@@ -206,12 +208,22 @@ export async function endPidfileOwner(pidfilePath: string): Promise<number | nul
   return owner.pid;
 }
 
-/** Polls /proc until the recorded qemu is gone; false if it still runs after timeoutMs. */
-export async function waitForExit(rec: ProcessIdentity, timeoutMs: number): Promise<boolean> {
+/**
+ * Polls /proc until the recorded qemu is gone; false if it still runs after timeoutMs. `wake`:
+ * a sign the exit is near (qemu's monitor socket closing, which comes at its end): the polls
+ * start again from the shortest.
+ */
+export async function waitForExit(rec: ProcessIdentity, timeoutMs: number, wake?: Promise<unknown>): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
+  let woken = false;
+  const near = wake?.then(() => {
+    woken = true;
+  });
   for (let pollMs = EXIT_POLL_FIRST_MS; processMatches(rec); pollMs = Math.min(pollMs * 2, EXIT_POLL_MAX_MS)) {
     if (Date.now() >= deadline) return false;
-    await sleep(pollMs);
+    const wasWoken = woken;
+    await (near && !wasWoken ? Promise.race([sleep(pollMs), near]) : sleep(pollMs));
+    if (woken && !wasWoken) pollMs = EXIT_POLL_WOKEN_MS / 2;
   }
   return true;
 }

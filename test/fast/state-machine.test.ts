@@ -62,9 +62,12 @@ const PERSISTED = {
 /**
  * The source passes `prepared` inside the write of `streaming`, and `stream-completed` inside the
  * write of `asking-outcome`: a record left in one of them is that write, as an agent that stopped
- * between the two would leave it (or an older agent, which wrote each on its own).
+ * between the two would leave it (or an older agent, which wrote each on its own). It passes
+ * `confirmed` inside the write of `done`, made once its copy has ended: a death there is taken
+ * as the write lost, which leaves the record before it (`asking-outcome`, `postcopy`) with the
+ * copy gone.
  */
-const PASSED_INSIDE: Partial<Record<Phase, Phase>> = { prepared: 'streaming', 'stream-completed': 'asking-outcome' };
+const PASSED_INSIDE: Partial<Record<Phase, Phase>> = { prepared: 'streaming', 'stream-completed': 'asking-outcome', confirmed: 'done' };
 
 function enteredPhase(record: JobRecord, phase: Phase): JobRecord | undefined {
   if (record.phase === phase) return record;
@@ -112,8 +115,9 @@ export async function run(s: Scenario): Promise<Outcome> {
       setTimeout(() => a.agent?.service.complete(record.id, 'postcopy').catch(() => undefined), 0);
     }
     if (reached || host !== roleHost || record.role !== s.role) return undefined;
-    const stored = enteredPhase(record, s.phase);
-    if (!stored) return undefined;
+    const entered = enteredPhase(record, s.phase);
+    if (!entered) return undefined;
+    const stored = s.phase === 'confirmed' ? (host.records.get(record.id) as JobRecord) : entered;
     // A record left in prepared or stream-completed exists only on disk: only a death there leaves it.
     if (stored !== record && fault.kind !== 'die') return undefined;
     reached = true;
