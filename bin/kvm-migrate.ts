@@ -428,7 +428,7 @@ function buildProgram(run: (code: Promise<number>) => void): Command {
   tokenOptions(
     program
       .command('complete')
-      .description('complete a running migration now: switch it to postcopy (started with --allow-postcopy), or pause the guest so the rest copies')
+      .description('complete a running migration now: switch it to postcopy (where its stream is set up for it: --allow-postcopy, or by default on one plain stream), or pause the guest so the rest copies')
       .argument('<job>', 'the job id on the source agent')
       .addOption(valueOption('--on <url>', 'the source agent').makeOptionMandatory())
       .addOption(valueOption('--mode <mode>', 'postcopy or pause (default: postcopy where the migration allows it, else pause)').argParser(oneOf(['postcopy', 'pause'] as const)))

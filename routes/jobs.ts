@@ -50,11 +50,11 @@ export default async function jobRoutes(app: FastifyInstance): Promise<void> {
       schema: {
         summary: 'Complete a running migration now (source side): switch it to postcopy, or pause the guest so the rest copies',
         description:
-          '`postcopy` (the default when the migration was started with allowPostcopy): the guest runs on at the destination ' +
+          '`postcopy` (the default where the stream is set up for it: allowPostcopy, or the job\'s transport.postcopy): the guest runs on at the destination ' +
           'at once and pulls the pages it lacks from the source; from then the migration cannot be cancelled. `pause` (the ' +
           'default otherwise): the guest pauses here until the rest of its memory has copied, then runs at the destination. ' +
           'Carried out within a quarter second. Refused once the stream has completed (409 too_late_to_complete), and postcopy ' +
-          'without allowPostcopy (409 postcopy_not_allowed).',
+          'on a stream not set up for it (409 postcopy_not_allowed).',
         tags: ['jobs'],
         params: idParams,
         body: {

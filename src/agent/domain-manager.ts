@@ -716,7 +716,7 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
       if (entry.run) throw conflict('domain_active', `domain ${name} is already running`, { domain: name });
       // Again at start: symlinks and --allow-path may have changed since the definition.
       await this.checkPaths(entry.def);
-      const run = await this.launch(entry, { incoming: false });
+      const { run } = await this.launch(entry, { incoming: false });
       await this.applyBalloonTarget(entry, run.qmp);
       await run.qmp.execute('cont');
       return entry;
@@ -761,7 +761,7 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
    * Start qemu for `entry` (paused, -S; with -incoming defer when asked). The runtime record is
    * written as soon as the pid is known, so a restarted agent can find the process again.
    */
-  async launch(entry: DomainEntry, opts: { incoming: boolean; after?: Promise<unknown>; postcopy?: boolean }): Promise<RunningQemu> {
+  async launch(entry: DomainEntry, opts: { incoming: boolean; after?: Promise<unknown>; postcopy?: boolean; recordLater?: boolean }): Promise<{ run: RunningQemu; recorded: Promise<void> }> {
     // Memory the host cannot give now: the guest would start and be killed by the OOM killer later, or take others with it.
     const availableKiB = await memAvailableKiB();
     if (availableKiB !== undefined && entry.def.memoryKiB > availableKiB) {
@@ -831,13 +831,25 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
         outputFds: files.outputs,
         ...(swtpm ? { swtpm } : {}),
       };
-      try {
-        await this.saveRuntime(entry, run);
-      } catch (err) {
-        await killQemu(record, { qmp, graceMs: 1000 });
-        throw err;
+      const written = this.saveRuntime(entry, run);
+      if (!opts.recordLater) {
+        try {
+          await written;
+        } catch (err) {
+          await killQemu(record, { qmp, graceMs: 1000 });
+          throw err;
+        }
       }
       this.watch(entry, run);
+      // `recordLater`: the record is written while the caller sets qemu up (an incoming one, for
+      // its stream), and a failed write ends it. A restart before the write lands finds the qemu
+      // by its pidfile and ends it, as any that never got a record.
+      const recorded = written.catch(async (err: unknown) => {
+        await this.stopQemu(entry, 'start_failed');
+        throw err;
+      });
+      // Awaited by the caller after the steps below; until then a failure must not go unhandled.
+      recorded.catch(() => undefined);
       swtpm = undefined;
       tapsMade = false; // the qemu runs: they go when it ends
       await this.applyBalloonStatsPeriod(entry, qmp);
@@ -848,7 +860,7 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
         await this.stopQemu(entry, 'start_failed');
         throw new AgentError(500, 'pinning_failed', `could not pin the threads of ${entry.name}'s qemu: ${(err as Error).message}`, { domain: entry.name });
       }
-      return run;
+      return { run, recorded };
     } finally {
       if (swtpm) await this.endSwtpm(entry.uuid, swtpm, opts.incoming);
       this.opts.qemuUsers.release(credentials);

@@ -17,6 +17,8 @@ const INCOMING_TAIL_POLL_MS = 100;
 
 /** Beyond the source's own recovery bound: how long a destination waits for a recovery before it ends its job. */
 const POSTCOPY_GRACE_MS = 60_000;
+/** Finish2 rc!=0 in postcopy: how long the stream may still complete from what is in flight. */
+const SOURCE_ENDED_TAIL_MS = 2000;
 /** query-migrate on a destination whose main loop may wait for a page: its answer is not waited for longer. */
 const RECOVER_QUERY_TIMEOUT_MS = 3000;
 
@@ -110,6 +112,10 @@ export class DestinationSide {
     let job: DestinationJob | undefined;
     try {
       const listen = await this.choosePort(req.migrationId, req.desturi);
+      const listenUri = `tcp:${listen.host}:${listen.port}`;
+      // One write, through starting-incoming to listening, before qemu starts: the phase precedes
+      // its action (qemu listening, then the answer). A restart that finds it with no qemu ends the
+      // job at once; one that finds qemu not yet listening waits under a lease that ends it all the same.
       const created = jobs.create(
         {
           id: req.migrationId,
@@ -120,21 +126,19 @@ export class DestinationSide {
           peer: { hostUuid: req.source.hostUuid, hostname: req.source.hostname },
           finishToken: newFinishToken(),
           transport,
+          uri: listenUri,
         },
-        'starting-incoming',
+        'listening',
+        ['starting-incoming'],
       );
       // The record precedes qemu's start, which waits for its write; the host-side preparation
       // (the guest's files opened and checked) runs meanwhile.
-      const launched = domains.launch(entry, { incoming: true, after: created, postcopy: receivesPostcopy });
+      const launched = domains.launch(entry, { incoming: true, after: created, postcopy: receivesPostcopy, recordLater: true });
       const [recordWritten, qemuStarted] = await Promise.allSettled([created, launched]);
       if (recordWritten.status === 'rejected') throw recordWritten.reason;
       job = recordWritten.value;
       if (qemuStarted.status === 'rejected') throw qemuStarted.reason;
-      const { monitor } = qemuStarted.value;
-      const listenUri = `tcp:${listen.host}:${listen.port}`;
-      // Written while qemu is set up: the phase precedes its action, the answer below; a restart
-      // that finds it before qemu listens waits under a lease that ends the empty qemu all the same.
-      const recorded = jobs.setPhase(job, 'listening', { uri: listenUri });
+      const { run: { monitor }, recorded } = qemuStarted.value;
       const setUp = (async () => {
         // Before migrate-incoming: qemu opens its multifd listeners with it. Sent together: qemu
         // takes them in order, one round trip.
@@ -149,7 +153,6 @@ export class DestinationSide {
           if (postcopyTaken === false) {
             // Only offered: the stream goes on without postcopy, and the record says so before the answer does.
             transport = { ...transport, postcopy: false };
-            await recorded;
             await jobs.update(job!, { transport });
           }
           if (this.ctx.streamTls) await monitor.useTls(await domains.qemuTlsDir(entry), 'server');
@@ -159,7 +162,8 @@ export class DestinationSide {
         }
       })();
       this.followIncoming(job, entry);
-      await settled(recorded, setUp);
+      // Its runtime record is written meanwhile: the answer waits for both.
+      await settled(setUp, recorded);
       this.armBound(job);
       await this.ctx.hold('prepare2', job.id);
       log.info({ migration: job.id, domain: def.name, uri: listenUri }, 'prepared incoming migration');
@@ -739,11 +743,15 @@ export class DestinationSide {
    * never ended by Finish2 (it ran the guest since the switch).
    */
   private async finishPostcopy(job: DestinationJob, req: Finish2Request): Promise<Finish2Response> {
+    const monitor = this.ctx.domains.find(job.record.domain)?.run?.monitor;
     if (req.rc !== 0) {
-      await this.postcopyGuestEnded(job, `the source cannot complete the postcopy stream (rc=${req.rc}: ${req.error ?? 'no reason given'})`);
+      // The source can send nothing more; its stream may have completed all the same (its qemu
+      // ended after it), which only this qemu can tell: the tail in flight is given a moment.
+      const status = monitor ? await this.waitIncomingComplete(job, monitor, SOURCE_ENDED_TAIL_MS) : 'gone';
+      if (status === 'completed') await this.endPostcopy(job);
+      else await this.postcopyGuestEnded(job, `the source cannot complete the postcopy stream (rc=${req.rc}: ${req.error ?? 'no reason given'}), and it is ${status} here`);
       return this.finishAnswer(job);
     }
-    const monitor = this.ctx.domains.find(job.record.domain)?.run?.monitor;
     const status = monitor ? await this.waitIncomingComplete(job, monitor, 10_000) : 'gone';
     if (status === 'completed') await this.endPostcopy(job);
     else if (status === 'failed' || status === 'gone') await this.postcopyGuestEnded(job, status === 'gone' ? 'its qemu ended during postcopy' : 'the postcopy stream failed');

@@ -44,8 +44,10 @@ export interface MigrationDomains<E extends MigratingDomain = MigratingDomain> {
    * must be done before qemu is executed (its job record's write): the host-side preparation
    * runs meanwhile, and a rejected `after` starts no qemu. `postcopy`: an incoming qemu that may
    * receive a postcopy gets what it needs for userfaultfd here (see src/qemu/userfaultfd.ts).
+   * `recordLater`: it resolves once qemu answers, its runtime record (`recorded`) still being
+   * written; a failed write ends the qemu.
    */
-  launch(entry: E, opts: { incoming: boolean; after?: Promise<unknown>; postcopy?: boolean }): Promise<{ readonly monitor: MigrationMonitor }>;
+  launch(entry: E, opts: { incoming: boolean; after?: Promise<unknown>; postcopy?: boolean; recordLater?: boolean }): Promise<{ readonly run: { readonly monitor: MigrationMonitor }; recorded: Promise<void> }>;
   /** Ends the domain's qemu (an incoming one that will not be taken over). */
   stopQemu(entry: E, reason: 'failed'): Promise<void>;
   /** Calls `listener` with the name of each domain whose qemu ended; returns the unsubscribe. */

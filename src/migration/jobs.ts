@@ -178,6 +178,13 @@ export function isDestinationJob(job: Job): job is DestinationJob {
   return job.record.role === 'destination';
 }
 
+/** The phases of a role's jobs. */
+export type JobPhase<Role extends JobRole> = Extract<JobRecord, { role: Role }>['phase'];
+
+/** What a new job is created with. */
+export type NewJobFields<Role extends JobRole> = Pick<JobRecordCommon, 'id' | 'domain' | 'uuid' | 'options' | 'peer'> &
+  Partial<Pick<JobRecordCommon, 'finishToken' | 'transport' | 'uri'>> & { role: Role } & (Role extends 'source' ? { runningBeforeMigration?: boolean } : unknown);
+
 /**
  * All migration jobs of this agent, both roles, keyed by migration id. Phase changes go
  * through here so they are validated against the phase model and written before acting.
@@ -224,11 +231,28 @@ export class JobRegistry {
     return this.list().filter((j) => j.record.role === role && !j.terminal);
   }
 
+  /** The job, once its record is written (in `phase`, passing through `via` in the same write). */
   async create<Role extends JobRole>(
-    fields: Pick<JobRecordCommon, 'id' | 'domain' | 'uuid' | 'options' | 'peer'> & Partial<Pick<JobRecordCommon, 'finishToken' | 'transport'>> &
-      { role: Role } & (Role extends 'source' ? { runningBeforeMigration?: boolean } : unknown),
-    phase: Extract<JobRecord, { role: Role }>['phase'],
+    fields: NewJobFields<Role>,
+    phase: JobPhase<Role>,
+    via: readonly JobPhase<Role>[] = [],
   ): Promise<Job<Extract<JobRecord, { role: Role }>>> {
+    const { job, written } = this.begin<Role>(fields, phase, via);
+    try {
+      await written;
+    } catch (err) {
+      this.jobs.delete(job.id);
+      throw err;
+    }
+    return job;
+  }
+
+  /**
+   * The job registered at once (admission counts it from this moment), and its first write
+   * started: for a job whose first step may start while that write is under way. A failed write
+   * leaves the job registered, for its own run to end it.
+   */
+  begin<Role extends JobRole>(fields: NewJobFields<Role>, phase: JobPhase<Role>, via: readonly JobPhase<Role>[] = []): { job: Job<Extract<JobRecord, { role: Role }>>; written: Promise<void> } {
     const now = new Date().toISOString();
     const job = new Job({
       ...fields,
@@ -236,18 +260,11 @@ export class JobRegistry {
       phase,
       createdAt: now,
       updatedAt: now,
-      phaseHistory: [{ phase, at: now }],
+      phaseHistory: [...via, phase].map((p) => ({ phase: p, at: now })),
       timings: {},
     } as unknown as Extract<JobRecord, { role: Role }>);
-    // Registered before the write, so that admission counts it from the first moment.
     this.jobs.set(job.id, job);
-    try {
-      await this.save(job);
-    } catch (err) {
-      this.jobs.delete(job.id);
-      throw err;
-    }
-    return job;
+    return { job, written: this.save(job) };
   }
 
   /**

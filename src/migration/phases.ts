@@ -25,7 +25,7 @@ export const SOURCE_PHASES = [
 ] as const;
 
 export const DESTINATION_PHASES = [
-  'starting-incoming', // the incoming qemu is being started
+  'starting-incoming', // the incoming qemu is being started (passed inside the write of listening, made before it starts; an older agent wrote it on its own)
   'listening', // qemu listens (-incoming defer + migrate-incoming); the lease runs
   'receiving', // the stream is under way; the stream watch runs
   'received', // the stream completed; the guest is paused here, waiting for Finish2

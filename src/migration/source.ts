@@ -91,6 +91,7 @@ export class SourceSide {
         // Checked and claimed in one step; a refusal before the job exists gives the claim back.
         const run = domains.beginOutgoing(entry, migrationId);
         let job: SourceJob;
+        let written: Promise<void>;
         try {
           const runningBeforeMigration = await run.monitor.guestRunning().catch(() => false);
           // No await between this count and jobs.create registering the job: concurrent Performs cannot all slip in.
@@ -102,26 +103,30 @@ export class SourceSide {
           const options: MigrationOptions = { ...migrationOptions(req.options ?? {}), ...(req.desturi ? { desturi: req.desturi } : {}) };
           // A guest paused here arrives paused, whatever the flags say (as libvirt keeps it).
           if (!runningBeforeMigration) options.paused = true;
-          job = await jobs.create(
+          // Prepare2 goes out while `preparing` is written: a destination prepared for a job that no
+          // record here names (this agent died first) is ended by its lease, as one whose source vanished.
+          ({ job, written } = jobs.begin(
             { id: migrationId, role: 'source', domain: entry.name, uuid: entry.uuid, options, peer: { url: destination.toString() }, runningBeforeMigration },
             'preparing',
-          );
+          ));
         } catch (err) {
           domains.release(entry);
           throw err;
         }
         // Errors are handled inside (a throw that escapes is carried on by settleCrash); this only keeps one from taking the agent down.
-        void this.run(job, entry, run.monitor).catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'migration job crashed'));
+        void this.run(job, entry, run.monitor, written).catch((err: unknown) => this.ctx.log.error({ err, migration: job.id }, 'migration job crashed'));
+        // Answered once the job is on disk; if it cannot be written, its run rolls it back.
+        await written;
         return job;
       });
     });
   }
 
-  private async run(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor): Promise<void> {
+  private async run(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor, written: Promise<void>): Promise<void> {
     const { log } = this.ctx;
     let completion: StreamCompletion | PostcopySwitch;
     try {
-      completion = await this.prepareAndStream(job, entry, monitor);
+      completion = await this.prepareAndStream(job, entry, monitor, written);
     } catch (err) {
       // Past the phase write the stream may be in postcopy (a throw after the switch): forward only.
       if (job.record.phase === 'postcopy') {
@@ -189,15 +194,15 @@ export class SourceSide {
     }
     if (end.kind === 'closing') return;
     // Whether the stream had completed before this qemu ended (this agent may have ended it, and
-    // died before writing so), only the destination's qemu knows: it is asked as after a completed
-    // stream (rc=0, until it answers), and answers from its qemu (completed, or the guest lost).
+    // died before writing so), only the destination's qemu knows: it is told (rc=1) until it
+    // answers, and answers from its qemu (completed, or the guest lost).
     const qemuGone = end.kind === 'monitor-closed';
     if (end.kind === 'monitor-closed') end = { kind: 'failed', code: 'source_qemu_ended', message: 'the source qemu ended during postcopy: the pages it had not sent yet are lost with it' };
     const body = { migrationId: job.id, uuid: job.record.uuid, finishToken: job.record.finishToken };
     let answer: Finish2Response;
     let finish: NonNullable<SourceJob['record']['finish']>;
     if (end.kind === 'completed' || qemuGone) {
-      const outcome = await this.finish2.until(job, { ...body, rc: 0 });
+      const outcome = await this.finish2.until(job, end.kind === 'completed' ? { ...body, rc: 0 } : { ...body, rc: 1, error: end.message });
       if (!outcome) return;
       ({ answer, finish } = outcome);
     } else {
@@ -263,8 +268,8 @@ export class SourceSide {
     return this.recovery.recover(job);
   }
 
-  /** Prepare2, QMP set-up and the stream, to its completion. */
-  private async prepareAndStream(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor): Promise<StreamCompletion | PostcopySwitch> {
+  /** Prepare2, QMP set-up and the stream, to its completion. `written`: the job's first record, written meanwhile. */
+  private async prepareAndStream(job: SourceJob, entry: MigratingDomain, monitor: MigrationMonitor, written: Promise<void>): Promise<StreamCompletion | PostcopySwitch> {
     const { jobs } = this.ctx;
     const { options, peer } = job.record;
     const started = Date.now();
@@ -299,6 +304,10 @@ export class SourceSide {
       throw err;
     }
     const { uri, host: streamHost } = stream;
+    // Long written by now (Prepare2 starts a qemu); a job never recorded streams nothing, and its
+    // rollback's Finish2 carries the token, which ends the destination's qemu at once.
+    jobs.keep(job, { finishToken: prepared.finishToken });
+    await written;
     // One write for both phases, made while qemu is set up: both precede the same action,
     // `migrate`, and both roll back alike (the set-up is qemu's own, local, state).
     const recorded = jobs.setPhase(job, 'streaming', {

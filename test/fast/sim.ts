@@ -432,7 +432,8 @@ class SimDomains implements MigrationDomains<SimEntry> {
     return true;
   }
 
-  async launch(entry: SimEntry, opts: { incoming: boolean; after?: Promise<unknown> }): Promise<{ monitor: MigrationMonitor }> {
+  /** The simulated host keeps its qemus (and their records) itself: nothing is left to write. */
+  async launch(entry: SimEntry, opts: { incoming: boolean; after?: Promise<unknown> }): Promise<{ run: { monitor: MigrationMonitor }; recorded: Promise<void> }> {
     await this.agent.step();
     await opts.after;
     const qemu = this.agent.host.startQemu(
@@ -440,7 +441,7 @@ class SimDomains implements MigrationDomains<SimEntry> {
       { running: !opts.incoming, holdsGuest: !opts.incoming },
     );
     entry.run = { monitor: new SimMonitor(qemu, this.agent), qemu };
-    return entry.run;
+    return { run: entry.run, recorded: Promise.resolve() };
   }
 
   async stopQemu(entry: SimEntry): Promise<void> {

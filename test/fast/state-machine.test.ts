@@ -65,13 +65,17 @@ const PERSISTED = {
  * between the two would leave it (or an older agent, which wrote each on its own). It passes
  * `confirmed` inside the write of `done`, made once its copy has ended: a death there is taken
  * as the write lost, which leaves the record before it (`asking-outcome`, `postcopy`) with the
- * copy gone.
+ * copy gone. The destination passes `starting-incoming` inside the write of `listening`, made
+ * before its qemu starts.
  */
-const PASSED_INSIDE: Partial<Record<Phase, Phase>> = { prepared: 'streaming', 'stream-completed': 'asking-outcome', confirmed: 'done' };
+const PASSED_INSIDE: { source: Partial<Record<Phase, Phase>>; destination: Partial<Record<Phase, Phase>> } = {
+  source: { prepared: 'streaming', 'stream-completed': 'asking-outcome', confirmed: 'done' },
+  destination: { 'starting-incoming': 'listening' },
+};
 
 function enteredPhase(record: JobRecord, phase: Phase): JobRecord | undefined {
   if (record.phase === phase) return record;
-  if (record.role === 'source' && PASSED_INSIDE[phase] === record.phase) {
+  if (PASSED_INSIDE[record.role][phase] === record.phase) {
     return { ...record, phase, phaseHistory: record.phaseHistory.filter((h) => h.phase !== record.phase) } as JobRecord;
   }
   return undefined;
@@ -228,7 +232,7 @@ if (!process.env.FAST_TIER_ONLY) t.test('from every persisted phase, under every
     for (const phase of PERSISTED[role]) {
       for (const fault of Object.keys(FAULTS) as FaultName[]) {
         // A record left in prepared or stream-completed exists only on disk: only a death there leaves it.
-        if (PASSED_INSIDE[phase] && FAULTS[fault].kind !== 'die') continue;
+        if (PASSED_INSIDE[role][phase] && FAULTS[fault].kind !== 'die') continue;
         if (!reached.some((o) => o.scenario.role === role && o.scenario.phase === phase && o.scenario.fault === fault)) missed.push(`${role} ${phase} / ${fault}`);
       }
     }
