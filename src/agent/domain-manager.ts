@@ -798,7 +798,7 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
       const access = this.opts.userfaultfd;
       const { record, qmp } = await (opts.after ?? Promise.resolve()).then(() => {
         // Opened for this qemu alone, and closed here once it holds its own copy.
-        const deviceFd = opts.postcopy && access.via === 'device' ? openUserfaultfdDevice() : undefined;
+        const userfaultfd = opts.postcopy && access.via === 'device' ? { deviceFd: openUserfaultfdDevice(), preload: access.preload } : undefined;
         return launchQemu({
           binary: host.qemuBinary,
           argv,
@@ -808,9 +808,9 @@ export class DomainManager extends EventEmitter implements MigrationDomains<Doma
           passFds: files.fds,
           plainFds: files.plainFds,
           credentials,
-          ...(deviceFd !== undefined && access.via === 'device' ? { userfaultfd: { deviceFd, preload: access.preload } } : {}),
+          ...(userfaultfd ? { userfaultfd } : {}),
         }).finally(() => {
-          if (deviceFd !== undefined) fsSync.closeSync(deviceFd);
+          if (userfaultfd) fsSync.closeSync(userfaultfd.deviceFd);
         });
       }).catch(async (err: unknown) => {
         files.close();

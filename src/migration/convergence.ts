@@ -90,7 +90,7 @@ export class ConvergencePolicy {
   private readonly perGiBMs: number;
   private deadlineAt: number | undefined;
   private readonly state_: ConvergenceState;
-  private readonly allowPostcopy: boolean;
+  private readonly postcopyArmed: boolean;
 
   /** `postcopyArmed`: the stream may switch to postcopy (see params.ts postcopyArmed). */
   constructor(options: Options, now: number, postcopyArmed: boolean) {
@@ -99,7 +99,7 @@ export class ConvergencePolicy {
     this.maxDowntimeMs = options.maxDowntimeMs ?? this.downtimeLimitMs;
     // Records written before the deadline existed have none: they keep their old behaviour.
     this.perGiBMs = (options.completionTimeoutPerGiBSeconds ?? 0) * 1000;
-    this.allowPostcopy = postcopyArmed;
+    this.postcopyArmed = postcopyArmed;
     this.started = now;
     this.lastProgressAt = now;
     this.lastMovedAt = now;
@@ -133,7 +133,7 @@ export class ConvergencePolicy {
     // A small guest's deadline can come before the stream stalled at all: the rungs below go first.
     if (!paused && this.deadlineAt !== undefined && now >= this.deadlineAt && moving && this.ladderSpent()) {
       if (this.state_.deadlineAction === 'abort') return this.giveUp('deadline');
-      if (this.state_.deadlineAction === 'postcopy' && this.allowPostcopy) return this.switchToPostcopy();
+      if (this.state_.deadlineAction === 'postcopy' && this.postcopyArmed) return this.switchToPostcopy();
       this.state_.step = 'paused';
       this.lastProgressAt = now;
       return { kind: 'pause' };
@@ -196,7 +196,7 @@ export class ConvergencePolicy {
   /** Every rung below the deadline is taken (or not asked for). */
   private ladderSpent(): boolean {
     const s = this.state_;
-    const throttleLeft = !this.allowPostcopy && (s.dirtyLimit?.state === 'not-yet' || (s.autoConverge === 'held' && s.dirtyLimit?.state !== 'applied'));
+    const throttleLeft = !this.postcopyArmed && (s.dirtyLimit?.state === 'not-yet' || (s.autoConverge === 'held' && s.dirtyLimit?.state !== 'applied'));
     return this.downtimeLimitMs >= this.maxDowntimeMs && !throttleLeft;
   }
 
@@ -208,7 +208,7 @@ export class ConvergencePolicy {
       s.step = 'downtime-raised';
       return { kind: 'raise-downtime', downtimeLimitMs: this.downtimeLimitMs };
     }
-    if (this.allowPostcopy) return this.switchToPostcopy();
+    if (this.postcopyArmed) return this.switchToPostcopy();
     if (s.dirtyLimit?.state === 'not-yet') {
       s.step = 'throttled';
       return { kind: 'limit-dirty-rate', mibPerSec: s.dirtyLimit.mibPerSec };

@@ -2,7 +2,7 @@ import { AgentError, badRequest, conflict } from '../errors.js';
 import { secretsMatch } from '../secrets.js';
 import { POSTCOPY_STREAM_STATUSES, type MigrationMonitor } from '../qemu/migration-monitor.js';
 import type { MigratingDomain } from './domains.js';
-import { acceptTransport, DEFAULT_OPTIONS, destinationCapabilities, destinationParameters, parseDestUri, PLAIN_STREAM, POSTCOPY_CAPABILITY, type StreamTransport } from './params.js';
+import { acceptTransport, DEFAULT_OPTIONS, postcopyArmed, destinationCapabilities, destinationParameters, parseDestUri, PLAIN_STREAM, POSTCOPY_CAPABILITY, type StreamTransport } from './params.js';
 import type { RecoverRequest, RecoverResponse } from './postcopy.js';
 import { Wakeup } from './wakeup.js';
 import { pickPort, portIsFree } from './ports.js';
@@ -107,7 +107,7 @@ export class DestinationSide {
     if (req.options.allowPostcopy && postcopy.via === 'none') throw postcopyUnavailable(postcopy.reason);
     // A source older than the agreement offers nothing and streams plain.
     let transport = req.transport ? acceptTransport(req.transport, this.ctx.hostInfo().migrationChannels, postcopy.via !== 'none') : PLAIN_STREAM;
-    const receivesPostcopy = req.options.allowPostcopy === true || transport.postcopy === true;
+    const receivesPostcopy = postcopyArmed(req.options, transport);
     const entry = domains.beginIncoming(xml, def, req.migrationId);
     let job: DestinationJob | undefined;
     try {
@@ -142,15 +142,16 @@ export class DestinationSide {
       const setUp = (async () => {
         // Before migrate-incoming: qemu opens its multifd listeners with it. Sent together: qemu
         // takes them in order, one round trip.
+        const postcopySet = receivesPostcopy ? this.enablePostcopy(monitor, req.options.allowPostcopy === true) : undefined;
         const transportSet = Promise.all([
           monitor.setCapabilities(destinationCapabilities(transport)),
-          ...(receivesPostcopy ? [this.enablePostcopy(monitor, req.options.allowPostcopy === true)] : []),
+          postcopySet,
           monitor.setParameters(destinationParameters(transport)),
         ]);
         if (this.ctx.streamTls || receivesPostcopy) {
           // What may be refused for a reason of its own (postcopy, the TLS files) is, before qemu listens.
-          const [, postcopyTaken] = await transportSet;
-          if (postcopyTaken === false) {
+          await transportSet;
+          if ((await postcopySet) === false) {
             // Only offered: the stream goes on without postcopy, and the record says so before the answer does.
             transport = { ...transport, postcopy: false };
             await jobs.update(job!, { transport });

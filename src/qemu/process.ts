@@ -219,11 +219,11 @@ export async function waitForExit(rec: ProcessIdentity, timeoutMs: number, wake?
   const near = wake?.then(() => {
     woken = true;
   });
-  for (let pollMs = EXIT_POLL_FIRST_MS; processMatches(rec); pollMs = Math.min(pollMs * 2, EXIT_POLL_MAX_MS)) {
+  for (let pollMs = EXIT_POLL_FIRST_MS; processMatches(rec); ) {
     if (Date.now() >= deadline) return false;
-    const wasWoken = woken;
-    await (near && !wasWoken ? Promise.race([sleep(pollMs), near]) : sleep(pollMs));
-    if (woken && !wasWoken) pollMs = EXIT_POLL_WOKEN_MS / 2;
+    const before = woken;
+    await (near && !before ? Promise.race([sleep(pollMs), near]) : sleep(pollMs));
+    pollMs = woken && !before ? EXIT_POLL_WOKEN_MS : Math.min(pollMs * 2, EXIT_POLL_MAX_MS);
   }
   return true;
 }
