@@ -37,6 +37,10 @@ async function main(): Promise<void> {
     // End-to-end minus qemu's own stream time (when qemu reports one): the cost around the stream.
     const agentAroundMs: number[] = [];
     const rawAroundMs: number[] = [];
+    // Per round: to the destination listening, to the first byte, stream end to running, and
+    // (agent only) the caller's own trip outside the job's totalMs.
+    const agentSteps: number[][] = [];
+    const rawSteps: number[][] = [];
     // The first two rounds (one each way) are warm-ups, not counted: the run's first migration
     // is 3-4x slower inside qemu's own stream time, whichever side goes first (a host effect).
     const warmUp = 2;
@@ -59,9 +63,11 @@ async function main(): Promise<void> {
         .slice(0, -1)
         .map((p, i) => `${p.phase} ${at[i + 1]! - at[i]!}`)
         .join(', ');
+      const { prepare2Ms, firstByteMs, streamEndToRunningMs } = job.timings;
+      if (round >= warmUp) agentSteps.push([prepare2Ms ?? NaN, firstByteMs ?? NaN, streamEndToRunningMs ?? NaN, ms - (job.timings.totalMs ?? NaN)]);
       return (
         `agent ${ms.toFixed(0)} ms (qemu stream ${job.timings.qemuTotalMs} ms, downtime ${job.timings.qemuDowntimeMs} ms, ` +
-        `switch-over ${job.timings.switchoverMs} ms; phases ms: ${phases})`
+        `switch-over ${job.timings.switchoverMs} ms; listening ${prepare2Ms}, first byte ${firstByteMs}, stream end to running ${streamEndToRunningMs}; phases ms: ${phases})`
       );
     };
     const measureRaw = async (round: number) => {
@@ -76,11 +82,16 @@ async function main(): Promise<void> {
         destinationParameters: destinationParameters(transport),
       });
       const ms = performance.now() - t0;
+      const { steps } = info;
+      if (round >= warmUp) rawSteps.push([steps.listeningAt - t0, steps.streamingAt - t0, steps.runningAt - steps.streamEndAt, NaN]);
       raw = dest;
       await raw.qmp.execute('stop');
       if (round >= warmUp) rawMs.push(ms);
       if (round >= warmUp && info['total-time']) rawAroundMs.push(ms - info['total-time']);
-      return `raw ${ms.toFixed(0)} ms (qemu stream ${info['total-time']} ms, downtime ${info.downtime} ms)`;
+      return (
+        `raw ${ms.toFixed(0)} ms (qemu stream ${info['total-time']} ms, downtime ${info.downtime} ms; listening ${(steps.listeningAt - t0).toFixed(0)}, ` +
+        `first byte ${(steps.streamingAt - t0).toFixed(0)}, stream end to running ${(steps.runningAt - steps.streamEndAt).toFixed(0)})`
+      );
     };
 
     await raw.qmp.execute('stop');
@@ -97,6 +108,12 @@ async function main(): Promise<void> {
     process.stdout.write(
       `around the stream (end-to-end minus qemu's total-time; rounds where qemu reported one): ` +
         `agent median ${median(agentAroundMs).toFixed(0)} ms (n=${agentAroundMs.length}), raw median ${median(rawAroundMs).toFixed(0)} ms (n=${rawAroundMs.length})\n`,
+    );
+    const stepMedians = (steps: number[][]) => [0, 1, 2, 3].map((i) => median(steps.map((s) => s[i]!)).toFixed(0));
+    const [a, r] = [stepMedians(agentSteps), stepMedians(rawSteps)];
+    process.stdout.write(
+      `steps, medians (agent / raw, ms): destination listening ${a[0]} / ${r[0]}, first byte ${a[1]} / ${r[1]}, ` +
+        `stream end to running ${a[2]} / ${r[2]}; the caller's trip outside the job ${a[3]}\n`,
     );
   });
 }

@@ -28,6 +28,18 @@ export interface RawStreamInfo {
   ram?: { transferred: number };
 }
 
+/** When a raw migration reached each step (performance.now()), to set beside a job's timings. */
+export interface RawSteps {
+  /** The destination qemu listening (migrate-incoming answered): the agent's Prepare2 answer. */
+  listeningAt: number;
+  /** `migrate` answered on the source: the agent's first byte. */
+  streamingAt: number;
+  /** The source saw the stream completed. */
+  streamEndAt: number;
+  /** `cont` answered on the destination. */
+  runningAt: number;
+}
+
 /** Until the test guest has filled its RAM (every round then moves the same data). */
 export async function waitGuestFilled(qmp: QmpClient): Promise<void> {
   for (let i = 0; i < 6000; i++) {
@@ -112,21 +124,30 @@ export interface RawSetup {
  * source streams to it; once both ends completed the guest runs on `dest` and the source qemu is
  * ended. The source's stream figures.
  */
-export async function migrateRaw(source: RawGuest, dest: RawGuest, uri: string, setup: RawSetup): Promise<RawStreamInfo> {
+export async function migrateRaw(source: RawGuest, dest: RawGuest, uri: string, setup: RawSetup): Promise<RawStreamInfo & { steps: RawSteps }> {
   await dest.qmp.execute('migrate-set-capabilities', { capabilities: setup.destinationCapabilities });
   await dest.qmp.execute('migrate-set-parameters', setup.destinationParameters);
   await dest.qmp.execute('migrate-incoming', { uri });
+  const listeningAt = performance.now();
   await source.qmp.execute('migrate-set-capabilities', { capabilities: setup.sourceCapabilities });
   await source.qmp.execute('migrate-set-parameters', setup.sourceParameters);
   await source.qmp.execute('migrate', { uri });
+  const streamingAt = performance.now();
   const info = await waitMigration(source.qmp, 600_000);
+  const streamEndAt = performance.now();
   // qemu's figures as the agent reads them (asked again while they still read 0), and while the
   // destination finishes, as the agent asks them while Finish2 is under way.
   const monitor = new QmpMigrationMonitor(source.qmp);
   const figures = monitor.queryMigrate().then((again) => qemuFigures(monitor, again));
   await waitMigration(dest.qmp, 600_000);
   await dest.qmp.execute('cont');
+  const runningAt = performance.now();
   const { qemuTotalMs, qemuDowntimeMs } = await figures;
   await killQemu(source.record, { qmp: source.qmp, graceMs: 3000 });
-  return { ...info, 'total-time': qemuTotalMs ?? 0, ...(qemuDowntimeMs !== undefined ? { downtime: qemuDowntimeMs } : {}) };
+  return {
+    ...info,
+    'total-time': qemuTotalMs ?? 0,
+    ...(qemuDowntimeMs !== undefined ? { downtime: qemuDowntimeMs } : {}),
+    steps: { listeningAt, streamingAt, streamEndAt, runningAt },
+  };
 }

@@ -312,6 +312,7 @@ async function assemble(app: FastifyInstance, config: ReturnType<typeof validate
     await migrations.close();
     await domains.close();
     await xmlPool.close();
+    await store.close();
     lock.release();
   });
   return app;

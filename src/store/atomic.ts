@@ -51,7 +51,7 @@ async function replaceFile(file: string, data: string | Buffer): Promise<void> {
   await syncDir(dir);
 }
 
-async function syncDir(dir: string): Promise<void> {
+export async function syncDir(dir: string): Promise<void> {
   const handle = await fs.open(dir, 'r');
   try {
     await handle.sync();

@@ -2,6 +2,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { writeFileAtomic, removeDurably } from './atomic.js';
+import { RecordPool, readPoolDir } from './record-pool.js';
 import type { QemuProcessRecord } from '../qemu/process.js';
 import type { SwtpmRecord } from '../qemu/swtpm.js';
 
@@ -20,9 +21,10 @@ export interface QuarantinedFile {
  * The agent's durable state below --state-dir:
  *   host.json             the host's persisted identity
  *   domains/<name>.xml    definitions (normalized XML)
- *   runtime/<name>.json   what is needed to find a running qemu again (pid, start time, socket)
- *   jobs/<id>.json        migration job records
- *   taps/<name>.json      the taps the agent made for a domain's qemu, until it deleted them
+ *   runtime/              what is needed to find a running qemu again (pid, start time, socket), by domain
+ *   jobs/                 migration job records, by job id
+ *   taps/                 the taps the agent made for a domain's qemu, until it deleted them
+ *                         (these three: record pools, see record-pool.ts; `<id>.json` of older agents is read too)
  *   run/                  QMP sockets and pidfiles
  *   logs/                 qemu logs
  *   quarantine/           corrupt files set aside at load
@@ -34,9 +36,13 @@ export interface QuarantinedFile {
 /** The records a job registry keeps: StateStore on disk, or the fast tier's in memory. */
 export type RecordStore = Pick<StateStore, 'saveRecord' | 'removeRecord' | 'loadRecords'>;
 
+type RecordKind = 'runtime' | 'jobs' | 'taps';
+const RECORD_KINDS: readonly RecordKind[] = ['runtime', 'jobs', 'taps'];
+
 export class StateStore {
   readonly root: string;
   readonly quarantined: QuarantinedFile[] = [];
+  private readonly pools = new Map<RecordKind, RecordPool>();
 
   constructor(root: string) {
     this.root = root;
@@ -65,6 +71,17 @@ export class StateStore {
         if (entry.startsWith('.') && entry.endsWith('.tmp')) await fs.rm(path.join(this.dir(kind), entry), { force: true });
       }
     }
+    for (const kind of RECORD_KINDS) {
+      const pool = new RecordPool(this.dir(kind));
+      const { damaged } = await pool.load();
+      for (const { file, reason } of damaged) await this.quarantine(file, reason);
+      this.pools.set(kind, pool);
+    }
+  }
+
+  /** Finish the record writes under way and close the record files. */
+  async close(): Promise<void> {
+    await Promise.all([...this.pools.values()].map((pool) => pool.close()));
   }
 
   async hostIdentity(): Promise<{ uuid: string }> {
@@ -94,25 +111,41 @@ export class StateStore {
     return out;
   }
 
-  // --- runtime records and jobs: JSON documents keyed by a file-safe id ---
-  async saveRecord(kind: 'runtime' | 'jobs' | 'taps', id: string, value: unknown): Promise<void> {
-    await writeFileAtomic(path.join(this.dir(kind), `${id}.json`), JSON.stringify(value, null, 2) + '\n');
+  // --- runtime records, jobs and taps: JSON values keyed by id, each write one flush ---
+  saveRecord(kind: RecordKind, id: string, value: unknown): Promise<void> {
+    return this.pool(kind).save(id, value);
   }
-  async removeRecord(kind: 'runtime' | 'jobs' | 'taps', id: string): Promise<void> {
-    await removeDurably(path.join(this.dir(kind), `${id}.json`));
+  removeRecord(kind: RecordKind, id: string): Promise<void> {
+    return this.pool(kind).remove(id);
   }
-  /** One record, or null when there is none (or it was set aside as unreadable). */
-  loadRecord<T>(kind: 'runtime' | 'jobs' | 'taps', id: string, valid: (v: unknown) => boolean): Promise<T | null> {
-    return this.readJson<T>(path.join(this.dir(kind), `${id}.json`), valid);
+  /** One record, or null when there is none (or it was set aside as not of the expected shape). */
+  async loadRecord<T>(kind: RecordKind, id: string, valid: (v: unknown) => boolean): Promise<T | null> {
+    return (await this.checked<T>(kind, id, valid)) ?? null;
   }
-  async loadRecords<T>(kind: 'runtime' | 'jobs' | 'taps', valid: (v: unknown) => boolean): Promise<Array<{ id: string; value: T }>> {
+  /** Every record of `kind`; one not of the expected shape is set aside (quarantine) instead. */
+  async loadRecords<T>(kind: RecordKind, valid: (v: unknown) => boolean): Promise<Array<{ id: string; value: T }>> {
     const out: Array<{ id: string; value: T }> = [];
-    for (const entry of (await fs.readdir(this.dir(kind))).sort()) {
-      if (!entry.endsWith('.json')) continue;
-      const value = await this.readJson<T>(path.join(this.dir(kind), entry), valid);
-      if (value) out.push({ id: entry.slice(0, -5), value });
+    for (const id of this.pool(kind).ids()) {
+      const value = await this.checked<T>(kind, id, valid);
+      if (value !== undefined) out.push({ id, value });
     }
     return out;
+  }
+
+  private async checked<T>(kind: RecordKind, id: string, valid: (v: unknown) => boolean): Promise<T | undefined> {
+    const pool = this.pool(kind);
+    const value = pool.get(id);
+    if (value === undefined || valid(value)) return value as T | undefined;
+    const file = pool.fileOf(id)!;
+    pool.forget(id);
+    await this.quarantine(file, 'the record does not have the expected shape');
+    return undefined;
+  }
+
+  private pool(kind: RecordKind): RecordPool {
+    const pool = this.pools.get(kind);
+    if (!pool) throw new Error(`state store: ${kind} records used before init()`);
+    return pool;
   }
 
   /** Set a file aside (e.g. a definition that no longer parses) so the agent can go on. */
@@ -159,17 +192,12 @@ export async function readSwtpmRecords(stateDir: string): Promise<SwtpmRecord[]>
 }
 
 async function readRuntimeRecords(stateDir: string): Promise<Array<{ process?: QemuProcessRecord; swtpm?: SwtpmRecord }>> {
-  const dir = path.join(stateDir, 'runtime');
-  const out: Array<{ process?: QemuProcessRecord; swtpm?: SwtpmRecord }> = [];
-  for (const f of await fs.readdir(dir).catch(() => [] as string[])) {
-    if (!f.endsWith('.json')) continue;
-    try {
-      out.push(JSON.parse(await fs.readFile(path.join(dir, f), 'utf8')) as { process?: QemuProcessRecord; swtpm?: SwtpmRecord });
-    } catch {
-      // a record being rewritten, or not one
-    }
-  }
-  return out;
+  return (await readPoolDir(path.join(stateDir, 'runtime'))).flatMap(({ value }) => (isObject(value) ? [value as { process?: QemuProcessRecord; swtpm?: SwtpmRecord }] : []));
+}
+
+/** The records of one kind below a state directory, read without an agent: for tools and tests. */
+export async function readRecords(stateDir: string, kind: RecordKind): Promise<Array<{ id: string; value: unknown }>> {
+  return readPoolDir(path.join(stateDir, kind));
 }
 
 export function isObject(v: unknown): v is Record<string, unknown> {

@@ -1,6 +1,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
+import { readRecords } from '../../src/store/state-store.js';
 import { waitFor, waitForJobEnd } from '../helpers/agents.js';
 import { assertOwnedBy, startGuest, twoAgents, waitForPasses } from '../helpers/migration.js';
 
@@ -12,8 +13,8 @@ t.test('a cancel answered between Prepare2 and migrate wins: the job ends cancel
   await waitFor('source holding before migrate', () => fs.access(hold).then(() => true));
   const cancelled = await a.client.cancel(job.id);
   t.equal(cancelled.cancelRequested, true, 'answered 202 with the cancel recorded');
-  const onDisk = JSON.parse(await fs.readFile(path.join(a.config.stateDir, 'jobs', `${job.id}.json`), 'utf8')) as { cancelRequested?: boolean };
-  t.equal(onDisk.cancelRequested, true, 'written to the job record before the answer');
+  const onDisk = (await readRecords(a.config.stateDir, 'jobs')).find((r) => r.id === job.id)?.value as { cancelRequested?: boolean } | undefined;
+  t.equal(onDisk?.cancelRequested, true, 'written to the job record before the answer');
   await fs.rm(hold);
   const ended = await a.app.agent.migrations.jobs.waitForEnd(a.app.agent.migrations.jobs.require(job.id), 60_000);
   t.equal(ended.status, 'cancelled');

@@ -2,6 +2,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import { processMatches } from '../../src/qemu/process.js';
+import { StateStore } from '../../src/store/state-store.js';
 import { parseSerialLog } from '../../src/guest/image.js';
 import { freePort, spawnAgent, TEST_TOKEN, testGuest, waitFor, waitForJobEnd } from '../helpers/agents.js';
 import { runCli } from '../helpers/cli.js';
@@ -208,10 +209,12 @@ t.test("an operator's decision written just before the source agent died is carr
 
   // The crash comes right after the decision was written, before it was acted on.
   await a.kill9();
-  const recordPath = path.join(stateDir, 'jobs', `${job.id}.json`);
-  const record = JSON.parse(await fs.readFile(recordPath, 'utf8')) as SourceJobRecord;
+  const store = new StateStore(stateDir);
+  await store.init();
+  const record = (await store.loadRecord<SourceJobRecord>('jobs', job.id, () => true))!;
   record.resolution = { outcome: 'aborted', reason: 'checked hostB: no guest there', at: new Date().toISOString() };
-  await fs.writeFile(recordPath, JSON.stringify(record));
+  await store.saveRecord('jobs', job.id, record);
+  await store.close();
 
   const restarted = await spawnAgent(t, opts);
   const ended = (await waitForJobEnd(restarted.client, job.id, 'the recovered job carried out the decision')) as SourceJobRecord;

@@ -1,7 +1,6 @@
 /** Job records are kept per domain up to --job-history; a Finish2 replay for a removed one is not mistaken for "never ran here". */
-import { promises as fs } from 'node:fs';
-import path from 'node:path';
 import t from 'tap';
+import { readRecords } from '../../src/store/state-store.js';
 import { startAgent, waitFor } from '../helpers/agents.js';
 import { assertOwnedBy, startGuest, twoAgents } from '../helpers/migration.js';
 
@@ -23,11 +22,11 @@ t.test('ended jobs beyond --job-history are removed per domain, at job end and a
     t.same(vm1Jobs.sort(), ids.slice(1).sort(), `${agent.url}: the newest two of vm1's three jobs are kept`);
     t.ok((await agent.client.jobs()).some((j) => j.id === other.id), `${agent.url}: another domain's job is its own count`);
     await t.rejects(agent.client.job(ids[0]!), { status: 404, code: 'job_not_found' });
-    // A destination prunes after it answered Finish2: its files follow a moment later.
-    const kept = [...ids.slice(1), other.id].map((id) => `${id}.json`).sort();
-    const readFiles = async () => (await fs.readdir(path.join(agent.config.stateDir, 'jobs'))).sort();
-    await waitFor(`${agent.url}: old job files removed`, async () => JSON.stringify(await readFiles()) === JSON.stringify(kept), { timeoutMs: 5000 }).catch(() => undefined);
-    t.same(await readFiles(), kept, 'and so are the files');
+    // A destination prunes after it answered Finish2: its records on disk follow a moment later.
+    const kept = [...ids.slice(1), other.id].sort();
+    const readIds = async () => (await readRecords(agent.config.stateDir, 'jobs')).map((r) => r.id).sort();
+    await waitFor(`${agent.url}: old job records removed`, async () => JSON.stringify(await readIds()) === JSON.stringify(kept), { timeoutMs: 5000 }).catch(() => undefined);
+    t.same(await readIds(), kept, 'and so are the records on disk');
   }
 
   // Finish2 replayed for the removed job: b runs vm1, so "no such migration" would be a lie.
@@ -41,6 +40,6 @@ t.test('ended jobs beyond --job-history are removed per domain, at job end and a
   await a.app.close();
   const a2 = await startAgent(t, dir, 'a', { listenHost: '127.0.0.2', migrationAddress: '127.0.0.2', jobHistory: 1 });
   t.same((await a2.client.jobs()).filter((j) => j.domain === 'vm1').map((j) => j.id), [ids[2]], 'one left for vm1 after the restart');
-  t.same(await fs.readdir(path.join(a2.config.stateDir, 'jobs')).then((f) => f.sort()), [`${ids[2]}.json`, `${other.id}.json`].sort());
+  t.same((await readRecords(a2.config.stateDir, 'jobs')).map((r) => r.id).sort(), [ids[2], other.id].sort());
   for (const name of ['vm1', 'vm2']) await b.client.lifecycle(name, 'destroy');
 });

@@ -2,7 +2,7 @@
 // consistent with the moves the model allows, documented row by row in docs/protocol.md, and
 // records written under the roles' former phase names read under today's.
 import { readFileSync } from 'node:fs';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -56,14 +56,16 @@ t.test('docs/protocol.md has a row for every phase, with the code\'s rules word 
 t.test('records written under the former phase names are read under today\'s', async (t) => {
   const root = await mkdtemp(path.join(tmpdir(), 'km-phases-'));
   t.teardown(() => rm(root, { recursive: true, force: true }));
-  const store = new StateStore(root);
-  await store.init();
+  await mkdir(path.join(root, 'jobs'), { recursive: true });
   const record = (id: string, role: string, phase: string, history: string[]) => ({
     id, role, domain: 'vm', uuid: '6d2c5f3e-2a1b-4c3d-9e8f-0a1b2c3d4e5f', status: 'running', phase, options: {}, peer: {},
     createdAt: '2026-01-01T00:00:00.000Z', updatedAt: '2026-01-01T00:00:00.000Z', phaseHistory: history.map((p) => ({ phase: p, at: '2026-01-01T00:00:00.000Z' })), timings: {},
   });
   await writeFile(path.join(root, 'jobs', 'src.json'), JSON.stringify(record('src', 'source', 'finishing', ['preparing', 'prepared', 'streaming', 'stream-completed', 'finishing'])));
   await writeFile(path.join(root, 'jobs', 'dst.json'), JSON.stringify(record('dst', 'destination', 'finishing', ['preparing', 'prepared', 'receiving', 'received', 'finishing'])));
+  const store = new StateStore(root);
+  await store.init();
+  t.teardown(() => store.close());
   const jobs = new JobRegistry(store, 10);
   await jobs.load();
   t.equal(jobs.require('src').record.phase, 'asking-outcome');
