@@ -3,24 +3,37 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 
 /**
- * The last change issued to each file, still under way: the next one on that file waits for it.
- * Two overlapping writes would otherwise race to their renames, and the older content could land
- * last (a job record going back a phase).
+ * Changes applied per key in the order issued: each waits for the last one issued on its key.
+ * Two overlapping writes would otherwise race (to their renames, or to one record's slots), and
+ * the older content could land last (a job record going back a phase).
  */
-const pending = new Map<string, Promise<void>>();
+export class ChangeQueue {
+  private readonly pending = new Map<string, Promise<void>>();
 
-/** Runs `change` on `file` after every change issued on it before, in the order issued. */
+  /** Runs `change` after every change issued on `key` before. */
+  run(key: string, change: () => Promise<void>): Promise<void> {
+    const previous = this.pending.get(key) ?? Promise.resolve();
+    // A failed change fails its own caller; the next one runs all the same.
+    const next = previous.catch(() => undefined).then(change);
+    this.pending.set(key, next);
+    const forget = () => {
+      if (this.pending.get(key) === next) this.pending.delete(key);
+    };
+    next.then(forget, forget);
+    return next;
+  }
+
+  /** Settles once every change issued so far has. */
+  async idle(): Promise<void> {
+    await Promise.allSettled([...this.pending.values()]);
+  }
+}
+
+/** The files' changes, keyed by absolute path. */
+const fileChanges = new ChangeQueue();
+
 function inOrder(file: string, change: () => Promise<void>): Promise<void> {
-  const key = path.resolve(file);
-  const previous = pending.get(key) ?? Promise.resolve();
-  // A failed change fails its own caller; the next one runs all the same.
-  const next = previous.catch(() => undefined).then(change);
-  pending.set(key, next);
-  const forget = () => {
-    if (pending.get(key) === next) pending.delete(key);
-  };
-  next.then(forget, forget);
-  return next;
+  return fileChanges.run(path.resolve(file), change);
 }
 
 /**
@@ -35,13 +48,7 @@ export function writeFileAtomic(file: string, data: string | Buffer): Promise<vo
 async function replaceFile(file: string, data: string | Buffer): Promise<void> {
   const dir = path.dirname(file);
   const tmp = path.join(dir, `.${path.basename(file)}.${randomBytes(6).toString('hex')}.tmp`);
-  const handle = await fs.open(tmp, 'wx', 0o600);
-  try {
-    await handle.writeFile(data);
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
+  await writeNewFileSynced(tmp, data);
   try {
     await fs.rename(tmp, file);
   } catch (err) {
@@ -49,6 +56,17 @@ async function replaceFile(file: string, data: string | Buffer): Promise<void> {
     throw err;
   }
   await syncDir(dir);
+}
+
+/** Create `file` (it must not exist) with `data`, and fsync it; its directory entry is the caller's to flush. */
+export async function writeNewFileSynced(file: string, data: string | Buffer): Promise<void> {
+  const handle = await fs.open(file, 'wx', 0o600);
+  try {
+    await handle.writeFile(data);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
 }
 
 export async function syncDir(dir: string): Promise<void> {

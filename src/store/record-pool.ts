@@ -3,7 +3,7 @@ import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { crc32 } from 'node:zlib';
-import { removeDurably, syncDir } from './atomic.js';
+import { ChangeQueue, removeDurably, syncDir, writeNewFileSynced } from './atomic.js';
 
 /**
  * The records of one kind (jobs, runtime, taps), each rewritten with a single flush.
@@ -108,37 +108,106 @@ interface PoolFile {
   seq: bigint;
 }
 
+/** A record in the pool: its file, its version (which copy wins if two files hold it) and its value as JSON. */
 interface Placed extends PoolFile {
   version: number;
+  text: string;
 }
 
 /** A record an older agent wrote as `<id>.json` (temp file and rename): moved into the pool at its next save. */
 interface Legacy {
   legacyFile: string;
   version: 0;
+  text: string;
 }
 
-export interface PooledRecord {
-  id: string;
-  value: unknown;
-  /** Where it is: what to set aside when its value is not what the caller expects. */
+/** A file that cannot be read, for the caller to set aside. */
+export interface DamagedFile {
   file: string;
+  reason: string;
 }
 
-export interface LoadedPool {
-  records: PooledRecord[];
-  /** Files that cannot be read, for the caller to set aside. */
-  damaged: Array<{ file: string; reason: string }>;
+/** What a pool directory holds, read without changing anything. */
+interface PoolDirContent {
+  /** Each record's newest copy: in the pool, else an older agent's `<id>.json`. */
+  records: Map<string, Placed | Legacy>;
+  /** Older copies of a record (a crash while it moved to bigger slots): free to reuse. */
+  superseded: PoolFile[];
+  spares: PoolFile[];
+  /** Blank files too short to be two slots (a crash while making one). */
+  cutShort: string[];
+  /** `<id>.json` files whose record is in the pool already (a crash before they were removed). */
+  movedLegacy: string[];
+  damaged: DamagedFile[];
+}
+
+/** A file's bytes, or null when it is gone (removed since the directory was listed: a reader beside a live agent). */
+async function readIfPresent(file: string): Promise<Buffer | null> {
+  try {
+    return await fs.readFile(file);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw err;
+  }
+}
+
+async function scanPoolDir(dir: string): Promise<PoolDirContent> {
+  const content: PoolDirContent = { records: new Map(), superseded: [], spares: [], cutShort: [], movedLegacy: [], damaged: [] };
+  const entries = (await fs.readdir(dir)).sort();
+  for (const entry of entries.filter((e) => e.endsWith(RECORD_FILE_SUFFIX))) {
+    const file = path.join(dir, entry);
+    const bytes = await readIfPresent(file);
+    if (!bytes) continue;
+    const read = parseRecordFile(bytes);
+    if (read.kind === 'damaged') {
+      content.damaged.push({ file, reason: read.reason });
+    } else if (read.kind === 'blank') {
+      if (read.slotBytes >= MIN_SLOT_BYTES) content.spares.push({ file, slotBytes: read.slotBytes, newestIndex: 1, seq: -1n });
+      else content.cutShort.push(file);
+    } else {
+      const at: PoolFile = { file, slotBytes: read.slotBytes, newestIndex: read.newest.index, seq: read.newest.seq };
+      const { payload } = read.newest;
+      if ('free' in payload) {
+        content.spares.push(at);
+        continue;
+      }
+      // Only pool records are in the map yet: legacy ones come after.
+      const other = content.records.get(payload.id) as Placed | undefined;
+      if (other && other.version >= payload.version) {
+        content.superseded.push(at);
+        continue;
+      }
+      if (other) content.superseded.push(other);
+      content.records.set(payload.id, { ...at, version: payload.version, text: JSON.stringify(payload.record) });
+    }
+  }
+  for (const entry of entries.filter((e) => e.endsWith('.json'))) {
+    const id = entry.slice(0, -'.json'.length);
+    const legacyFile = path.join(dir, entry);
+    if (content.records.has(id)) {
+      content.movedLegacy.push(legacyFile);
+      continue;
+    }
+    const text = (await readIfPresent(legacyFile))?.toString('utf8');
+    if (text === undefined) continue;
+    try {
+      JSON.parse(text);
+    } catch (err) {
+      content.damaged.push({ file: legacyFile, reason: `not valid JSON: ${(err as Error).message}` });
+      continue;
+    }
+    content.records.set(id, { legacyFile, version: 0, text });
+  }
+  return content;
 }
 
 export class RecordPool {
   readonly dir: string;
+  /** Each record's place and its value as last saved: what `get` answers without reading the disk. */
   private readonly placed = new Map<string, Placed | Legacy>();
-  /** Each record's value as last saved, as JSON: what `get` answers without reading the disk. */
-  private readonly texts = new Map<string, string>();
   private readonly spares: PoolFile[] = [];
-  /** Per record id, the last change issued: the next waits for it, so the last issued stays. */
-  private readonly pending = new Map<string, Promise<void>>();
+  /** Per record id: the last change issued stays. */
+  private readonly changes = new ChangeQueue();
   private readonly handles = new Map<string, { handle: Promise<FileHandle>; busy: number }>();
   private refillTimer: NodeJS.Timeout | undefined;
   private refilling: Promise<void> | undefined;
@@ -149,77 +218,28 @@ export class RecordPool {
   }
 
   /**
-   * Index the directory: pool files and legacy `<id>.json` files. Returns every record found,
-   * and the files that cannot be read, for the caller to set aside.
+   * Index the directory (pool files and legacy `<id>.json` files), tidy what a crash left, and
+   * return the files that cannot be read, for the caller to set aside.
    */
-  async load(): Promise<LoadedPool> {
-    const damaged: LoadedPool['damaged'] = [];
-    const found = new Map<string, Placed & { text: string }>();
-    for (const entry of (await fs.readdir(this.dir)).sort()) {
-      if (!entry.endsWith(RECORD_FILE_SUFFIX)) continue;
-      const file = path.join(this.dir, entry);
-      const content = parseRecordFile(await fs.readFile(file));
-      if (content.kind === 'damaged') {
-        damaged.push({ file, reason: content.reason });
-        continue;
-      }
-      if (content.kind === 'blank') {
-        // A spare, or one whose making a crash cut short: only whole spares are kept.
-        if (content.slotBytes >= MIN_SLOT_BYTES) this.spares.push({ file, slotBytes: content.slotBytes, newestIndex: 1, seq: -1n });
-        else await fs.rm(file, { force: true });
-        continue;
-      }
-      const { newest, slotBytes } = content;
-      const at: PoolFile = { file, slotBytes, newestIndex: newest.index, seq: newest.seq };
-      if ('free' in newest.payload) {
-        this.spares.push(at);
-        continue;
-      }
-      const { id, version, record } = newest.payload;
-      const other = found.get(id);
-      // Two files with one record: a crash while it moved to bigger slots. The newer stays.
-      if (other && other.version >= version) {
-        await this.free(at);
-        continue;
-      }
-      if (other) await this.free(other);
-      found.set(id, { ...at, version, text: JSON.stringify(record) });
-    }
-    for (const [id, { text, ...at }] of found) {
-      this.placed.set(id, at);
-      this.texts.set(id, text);
-    }
-    for (const entry of (await fs.readdir(this.dir)).sort()) {
-      if (!entry.endsWith('.json')) continue;
-      const id = entry.slice(0, -'.json'.length);
-      const legacyFile = path.join(this.dir, entry);
-      if (this.placed.has(id)) {
-        // Moved into the pool; the crash came before the old file was removed.
-        await removeDurably(legacyFile);
-        continue;
-      }
-      const text = await fs.readFile(legacyFile, 'utf8');
-      try {
-        JSON.parse(text);
-      } catch (err) {
-        damaged.push({ file: legacyFile, reason: `not valid JSON: ${(err as Error).message}` });
-        continue;
-      }
-      this.placed.set(id, { legacyFile, version: 0 });
-      this.texts.set(id, text);
-    }
+  async load(): Promise<DamagedFile[]> {
+    const content = await scanPoolDir(this.dir);
+    for (const [id, at] of content.records) this.placed.set(id, at);
+    this.spares.push(...content.spares);
+    for (const at of content.superseded) await this.free(at);
+    for (const file of content.cutShort) await fs.rm(file, { force: true });
+    for (const file of content.movedLegacy) await removeDurably(file);
     this.scheduleRefill();
-    return { records: [...this.texts.keys()].sort().map((id) => ({ id, value: this.get(id), file: this.fileOf(id)! })), damaged };
+    return content.damaged;
   }
 
   /** The record's value as last saved (a copy), or undefined. */
   get(id: string): unknown {
-    const text = this.texts.get(id);
+    const text = this.placed.get(id)?.text;
     return text === undefined ? undefined : JSON.parse(text);
   }
 
   ids(): string[] {
-    return [...this.texts.keys()].sort();
+    return [...this.placed.keys()].sort();
   }
 
   /** The file holding record `id`: what to set aside when its value is not what the caller expects. */
@@ -232,22 +252,20 @@ export class RecordPool {
   forget(id: string): void {
     const file = this.fileOf(id);
     this.placed.delete(id);
-    this.texts.delete(id);
     if (file) void this.closeHandle(file);
   }
 
   /** Write `value` as record `id`, durably, after every change issued on `id` before. */
   save(id: string, value: unknown): Promise<void> {
-    return this.inOrder(id, () => this.write(id, value));
+    return this.changes.run(id, () => this.write(id, value));
   }
 
   /** Remove record `id` durably (a no-op when there is none). */
   remove(id: string): Promise<void> {
-    return this.inOrder(id, async () => {
+    return this.changes.run(id, async () => {
       const at = this.placed.get(id);
       if (!at) return;
       this.placed.delete(id);
-      this.texts.delete(id);
       if ('legacyFile' in at) await removeDurably(at.legacyFile);
       else await this.free(at);
     });
@@ -257,22 +275,10 @@ export class RecordPool {
   async close(): Promise<void> {
     this.closed = true;
     clearTimeout(this.refillTimer);
-    await Promise.allSettled([...this.pending.values(), this.refilling]);
+    await Promise.allSettled([this.changes.idle(), this.refilling]);
     const handles = [...this.handles.values()];
     this.handles.clear();
     await Promise.allSettled(handles.map(async (h) => (await h.handle).close()));
-  }
-
-  private inOrder(id: string, change: () => Promise<void>): Promise<void> {
-    const previous = this.pending.get(id) ?? Promise.resolve();
-    // A failed change fails its own caller; the next one runs all the same.
-    const next = previous.catch(() => undefined).then(change);
-    this.pending.set(id, next);
-    const forget = () => {
-      if (this.pending.get(id) === next) this.pending.delete(id);
-    };
-    next.then(forget, forget);
-    return next;
   }
 
   private async write(id: string, value: unknown): Promise<void> {
@@ -281,14 +287,12 @@ export class RecordPool {
     const text = JSON.stringify(value);
     const payload = Buffer.from(`{"id":${JSON.stringify(id)},"version":${version},"record":${text}}`);
     if (at && !('legacyFile' in at) && HEADER_BYTES + payload.length <= at.slotBytes) {
-      this.placed.set(id, { ...(await this.writeSlot(at, payload)), version });
-      this.texts.set(id, text);
+      this.placed.set(id, { ...(await this.writeSlot(at, payload)), version, text });
       return;
     }
     const target = this.takeSpare(payload.length);
     const written = target ? await this.writeSlot(target, payload) : await this.makeFile(payload);
-    this.placed.set(id, { ...written, version });
-    this.texts.set(id, text);
+    this.placed.set(id, { ...written, version, text });
     // The record is whole in its new file before its old one lets go of it.
     if (at && 'legacyFile' in at) await removeDurably(at.legacyFile);
     else if (at) await this.free(at);
@@ -308,9 +312,9 @@ export class RecordPool {
 
   /** Mark `at` free (one flush) and keep it as a spare, or delete it when there are enough. */
   private async free(at: PoolFile): Promise<void> {
-    const freed = await this.writeSlot(at, Buffer.from(JSON.stringify({ free: true })));
+    const { file, slotBytes, newestIndex, seq } = await this.writeSlot(at, Buffer.from(JSON.stringify({ free: true })));
     if (this.spares.length < SPARES_KEPT) {
-      this.spares.push(freed);
+      this.spares.push({ file, slotBytes, newestIndex, seq });
       return;
     }
     // Free on disk already: should the unlink be lost, the file comes back as a spare.
@@ -338,13 +342,7 @@ export class RecordPool {
     const file = path.join(this.dir, `${randomBytes(8).toString('hex')}${RECORD_FILE_SUFFIX}`);
     const bytes = Buffer.alloc(2 * slotBytes);
     first?.copy(bytes, 0);
-    const handle = await fs.open(file, 'wx', 0o600);
-    try {
-      await handle.writeFile(bytes);
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
+    await writeNewFileSynced(file, bytes);
     await syncDir(this.dir);
     return file;
   }
@@ -410,24 +408,6 @@ export class RecordPool {
 
 /** The records of a pool directory, read without a pool (and without changing anything). */
 export async function readPoolDir(dir: string): Promise<Array<{ id: string; value: unknown }>> {
-  const newest = new Map<string, { version: number; value: unknown }>();
-  const entries = (await fs.readdir(dir).catch(() => [] as string[])).sort();
-  for (const entry of entries) {
-    if (!entry.endsWith(RECORD_FILE_SUFFIX)) continue;
-    const bytes = await fs.readFile(path.join(dir, entry)).catch(() => null);
-    const content = bytes && parseRecordFile(bytes);
-    if (content?.kind !== 'valid' || 'free' in content.newest.payload) continue;
-    const { id, version, record } = content.newest.payload;
-    if ((newest.get(id)?.version ?? -1) < version) newest.set(id, { version, value: record });
-  }
-  for (const entry of entries) {
-    const id = entry.slice(0, -'.json'.length);
-    if (!entry.endsWith('.json') || newest.has(id)) continue;
-    try {
-      newest.set(id, { version: 0, value: JSON.parse(await fs.readFile(path.join(dir, entry), 'utf8')) });
-    } catch {
-      // being rewritten, or not a record
-    }
-  }
-  return [...newest].map(([id, { value }]) => ({ id, value }));
+  const { records } = await scanPoolDir(dir).catch(() => ({ records: new Map<string, Placed | Legacy>() }));
+  return [...records].map(([id, { text }]) => ({ id, value: JSON.parse(text) }));
 }

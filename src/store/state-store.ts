@@ -73,8 +73,7 @@ export class StateStore {
     }
     for (const kind of RECORD_KINDS) {
       const pool = new RecordPool(this.dir(kind));
-      const { damaged } = await pool.load();
-      for (const { file, reason } of damaged) await this.quarantine(file, reason);
+      for (const { file, reason } of await pool.load()) await this.quarantine(file, reason);
       this.pools.set(kind, pool);
     }
   }
