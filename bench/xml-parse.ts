@@ -10,7 +10,6 @@ import { normalizeDomainXml } from '../src/domain/index.js';
 import { MAX_DOMAIN_XML_BYTES } from '../routes/domains.js';
 import { median } from './harness.js';
 import { WORST_SHAPES } from '../test/helpers/worst-xml.js';
-import { WARM_UP_XML } from '../src/agent/xml-warm-up.js';
 
 const { values } = parseArgs({ options: { rounds: { type: 'string', default: '20' } } });
 const rounds = Number(values.rounds);
@@ -32,14 +31,6 @@ function once(xml: string): { ms: number; outcome: string } {
     outcome = `refused (${err.code})`;
   }
   return { ms: Number(process.hrtime.bigint() - started) / 1e6, outcome };
-}
-
-// A common guest, first in this fresh process (the parser's code not compiled yet), then warm:
-// what XmlPool's thread warm-up (src/agent/xml-warm-up.ts) spares a define or Prepare2.
-{
-  const cold = once(WARM_UP_XML).ms;
-  const warm = Array.from({ length: 60 }, () => once(WARM_UP_XML).ms);
-  console.log(`common guest (${(Buffer.byteLength(WARM_UP_XML) / 1024).toFixed(1)} KiB): first parse ${cold.toFixed(1)} ms, parses 2-61 median ${median(warm.slice(0, 10)).toFixed(1)} ms for the first ten, ${median(warm.slice(-10)).toFixed(1)} ms for the last ten`);
 }
 
 let worst = 0;

@@ -51,10 +51,8 @@ export class XmlPool {
     private readonly limits: XmlPoolLimits = XML_POOL_DEFAULTS,
     worker: URL = XML_WORKER,
   ) {
-    // One thread always, started now and warmed (xml-warm-up.ts): a fresh one takes ~0.1-0.2 s to
-    // load its modules, which a define or Prepare2 after a quiet minute would wait for. Idle, it
-    // does not keep the process alive (piscina unrefs it). Threads beyond it end after a quiet minute.
-    this.pool = new Piscina({ filename: worker.href, minThreads: 1, maxThreads: limits.threads, idleTimeout: 60_000 });
+    // No thread while idle: an agent that fails to start leaves none behind, and an idle one holds no memory for them.
+    this.pool = new Piscina({ filename: worker.href, minThreads: 0, maxThreads: limits.threads, idleTimeout: 60_000 });
   }
 
   async normalize(xml: string, host: Pick<NormalizeHost, 'machineAliases' | 'knownMachines' | 'firmwares'>): Promise<{ xml: string; def: DomainDef }> {
@@ -96,11 +94,6 @@ export class XmlPool {
     }
     if ('refused' in answer) throw DomainXmlError.of(answer.refused);
     return answer.normalized;
-  }
-
-  /** Threads started, ready or starting. */
-  get threads(): number {
-    return this.pool.threads.length;
   }
 
   async close(): Promise<void> {

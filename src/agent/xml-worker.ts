@@ -1,9 +1,8 @@
 /** A worker thread of XmlPool: parse + normalize of one request's domain XML, off the event loop. */
 import { randomBytes } from 'node:crypto';
-import { isMainThread, type MessagePort } from 'node:worker_threads';
+import type { MessagePort } from 'node:worker_threads';
 import { DomainXmlError, type XmlBlocker } from '../errors.js';
 import { normalizeDomainXml, type DomainDef, type FirmwareDescriptor } from '../domain/index.js';
-import { warmUpParser } from './xml-warm-up.js';
 
 export interface XmlTask {
   xml: string;
@@ -26,7 +25,3 @@ export default function normalizeInWorker(task: XmlTask): XmlAnswer {
     throw err;
   }
 }
-
-// The parser's code compiled before the first request needs it (see xml-warm-up.ts); only in a
-// pool's thread, not in a thread that imports this module for its types or its function.
-if (!isMainThread) warmUpParser();
